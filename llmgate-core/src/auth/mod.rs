@@ -1,0 +1,123 @@
+//! Who is calling: API keys, their cache, and the [`AuthUsageLayer`] middleware.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use llmgate_core::auth::{AuthUsageLayer, KeyCache};
+//! use llmgate_core::storage::MemoryStore;
+//! use llmgate_core::usage::UsageRecorder;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let store = Arc::new(MemoryStore::new());
+//! let (recorder, writer) = UsageRecorder::start(store.clone());
+//! let layer = AuthUsageLayer::new(KeyCache::new(store), recorder);
+//! // ServiceBuilder::new().layer(layer).service(your_service) …
+//! # drop(layer); writer.shutdown().await; }
+//! ```
+
+mod cache;
+mod future;
+mod key;
+mod layer;
+mod service;
+
+use http::HeaderMap;
+
+pub use cache::KeyCache;
+pub use future::ResponseFuture;
+pub use key::{now_millis, KeyHash, KeyRecord, Role, Secret, KEY_PREFIX, KEY_RANDOM_LEN};
+pub use layer::AuthUsageLayer;
+pub use service::AuthUsage;
+
+/// Why a request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// No key in any of the accepted headers.
+    #[error("no API key")]
+    Missing,
+    /// No such key.
+    #[error("unknown API key")]
+    Unknown,
+    /// The key was revoked.
+    #[error("revoked API key")]
+    Revoked,
+    /// The key is past its expiry.
+    #[error("expired API key")]
+    Expired,
+    /// The key's role may not use this route.
+    #[error("key role {role:?} may not use this route")]
+    Forbidden {
+        /// The caller's role.
+        role: Role,
+    },
+    /// The request body is over the limit.
+    #[error("request body over {limit} bytes")]
+    BodyTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The request body could not be read.
+    #[error("request body unreadable: {0}")]
+    BodyRead(String),
+    /// The key store failed.
+    #[error("key store failed: {0}")]
+    Storage(String),
+}
+
+/// The authenticated caller, put into the request's extensions by [`AuthUsageLayer`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The key's id.
+    pub key_id: String,
+    /// The key's name.
+    pub name: String,
+    /// The key's role.
+    pub role: Role,
+}
+
+/// The key a request presents: `Authorization: Bearer <key>`, `api-key: <key>` (Azure
+/// OpenAI's header) or `x-api-key: <key>`, in that order.
+pub fn key_from_headers(headers: &HeaderMap) -> Option<Secret> {
+    let bearer = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        });
+    let plain = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    bearer
+        .or_else(|| plain("api-key"))
+        .or_else(|| plain("x-api-key"))
+        .filter(|key| !key.is_empty())
+        .map(Secret::new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| (http::HeaderName::from_static(k), HeaderValue::from_static(v)))
+            .collect()
+    }
+
+    #[test]
+    fn reads_all_three_header_forms() {
+        let expect = Some(Secret::new("sk-lg-abc"));
+        assert_eq!(key_from_headers(&headers(&[("authorization", "Bearer sk-lg-abc")])), expect);
+        assert_eq!(key_from_headers(&headers(&[("authorization", "bearer  sk-lg-abc ")])), expect);
+        assert_eq!(key_from_headers(&headers(&[("api-key", "sk-lg-abc")])), expect);
+        assert_eq!(key_from_headers(&headers(&[("x-api-key", "sk-lg-abc")])), expect);
+    }
+
+    #[test]
+    fn ignores_other_schemes_and_empty_values() {
+        assert_eq!(key_from_headers(&headers(&[("authorization", "Basic dXNlcjpwYXNz")])), None);
+        assert_eq!(key_from_headers(&headers(&[("authorization", "Bearer ")])), None);
+        assert_eq!(key_from_headers(&headers(&[("api-key", "")])), None);
+        assert_eq!(key_from_headers(&HeaderMap::new()), None);
+    }
+}

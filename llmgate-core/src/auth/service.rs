@@ -1,0 +1,172 @@
+//! [`AuthUsage`]: the middleware service.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response};
+use http_body::Body;
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
+use tower::{Service, ServiceExt};
+
+use super::layer::Shared;
+use super::{key_from_headers, now_millis, AuthError, Caller, ResponseFuture};
+use crate::error::ApiError;
+use crate::usage::{inspect_request, AuthUsageBody, RequestPlan, UsageBody, UsageGuard};
+use crate::BoxError;
+
+/// The service built by [`AuthUsageLayer`](super::AuthUsageLayer).
+#[derive(Clone, Debug)]
+pub struct AuthUsage<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> AuthUsage<S> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
+        Self { inner, shared }
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for AuthUsage<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send + 'static,
+    ReqBody: Body<Data = Bytes> + From<Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+{
+    type Response = Response<AuthUsageBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<ResBody, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        // The ready service goes with this request; a clone waits for the next one.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let shared = self.shared.clone();
+        ResponseFuture::new(handle(shared, inner, request))
+    }
+}
+
+fn refuse<B>(err: AuthError) -> Response<AuthUsageBody<B>> {
+    ApiError::from(err).into_response::<Full<Bytes>>().map(Either::Right)
+}
+
+async fn handle<S, ReqBody, ResBody>(
+    shared: Arc<Shared>,
+    inner: S,
+    mut request: Request<ReqBody>,
+) -> Result<Response<AuthUsageBody<ResBody>>, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ReqBody: Body<Data = Bytes> + From<Bytes>,
+    ReqBody::Error: Into<BoxError>,
+{
+    let started = Instant::now();
+    let at = now_millis();
+    let Some(secret) = key_from_headers(request.headers()) else {
+        return Ok(refuse(AuthError::Missing));
+    };
+    let key = match shared.keys.lookup(&secret).await {
+        Ok(Some(key)) => key,
+        Ok(None) => return Ok(refuse(AuthError::Unknown)),
+        Err(err) => {
+            tracing::error!(error = %err, "key lookup failed");
+            return Ok(refuse(err));
+        }
+    };
+    if key.revoked_at.is_some() {
+        return Ok(refuse(AuthError::Revoked));
+    }
+    if !key.is_active(at) {
+        return Ok(refuse(AuthError::Expired));
+    }
+    if shared.required_role.is_some_and(|role| role != key.role) {
+        return Ok(refuse(AuthError::Forbidden { role: key.role }));
+    }
+    request.extensions_mut().insert(Caller {
+        key_id: key.id.clone(),
+        name: key.name.clone(),
+        role: key.role,
+    });
+
+    let Some(recorder) = &shared.recorder else {
+        let response = inner.oneshot(request).await?;
+        return Ok(response.map(|body| Either::Left(UsageBody::passthrough(body))));
+    };
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let mut guard = UsageGuard::new(recorder.clone(), &key.id, method.as_str(), &path, at, started);
+
+    let (request, plan) = match read_request(request, shared.max_body_bytes, guard.counts_tokens()).await {
+        Ok(read) => read,
+        Err(err) => {
+            let refusal = ApiError::from(err);
+            guard.set_status(refusal.status.as_u16());
+            guard.set_no_tokens();
+            return Ok(refusal.into_response::<Full<Bytes>>().map(Either::Right));
+        }
+    };
+
+    let response = inner.oneshot(request).await?;
+    let status = response.status();
+    guard.set_status(status.as_u16());
+    if !status.is_success() || matches!(method, Method::GET | Method::HEAD | Method::DELETE) {
+        // Nothing was generated; a usage object in the body still overrides this.
+        guard.set_no_tokens();
+    }
+    let (mut parts, body) = response.into_parts();
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let body = UsageBody::tracked(body, guard, content_type, plan);
+    if body.edits() {
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
+    Ok(Response::from_parts(parts, Either::Left(body)))
+}
+
+/// Reads a request body (within the limit) to learn its model and streaming options,
+/// and rebuilds the request, asking the upstream for stream usage where needed.
+async fn read_request<B>(
+    request: Request<B>,
+    limit: usize,
+    keep_for_counting: bool,
+) -> Result<(Request<B>, RequestPlan), AuthError>
+where
+    B: Body<Data = Bytes> + From<Bytes>,
+    B::Error: Into<BoxError>,
+{
+    if matches!(*request.method(), Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS) {
+        return Ok((request, RequestPlan::default()));
+    }
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(AuthError::BodyTooLarge { limit });
+    }
+    let (mut parts, body) = request.into_parts();
+    let bytes = match Limited::new(body, limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(err) if err.is::<LengthLimitError>() => return Err(AuthError::BodyTooLarge { limit }),
+        Err(err) => return Err(AuthError::BodyRead(err.to_string())),
+    };
+    let original_len = bytes.len();
+    let (bytes, plan) = inspect_request(parts.uri.path(), bytes, keep_for_counting);
+    if bytes.len() != original_len || declared.is_some() {
+        parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    }
+    Ok((Request::from_parts(parts, B::from(bytes)), plan))
+}

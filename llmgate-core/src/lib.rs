@@ -1,0 +1,70 @@
+//! # llmgate-core
+//!
+//! Per-key API authentication and exact per-key usage accounting for OpenAI-compatible
+//! services, as a tower layer — plus the proxy, storage and settings the `llmgate`
+//! gateway is built from.
+//!
+//! ## Quick start: put the layer in front of a service
+//!
+//! ```
+//! use std::sync::Arc;
+//! use llmgate_core::auth::{AuthUsageLayer, KeyCache, KeyRecord, Role, Secret};
+//! use llmgate_core::storage::{KeyStore, MemoryStore, UsageStore};
+//! use llmgate_core::usage::UsageRecorder;
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let store = Arc::new(MemoryStore::new());
+//! let secret = Secret::generate();
+//! let key = KeyRecord::new("alice", Role::User, &secret);
+//! store.insert_key(&key, &secret.hash()).await.unwrap();
+//!
+//! let (recorder, writer) = UsageRecorder::start(store.clone());
+//! let service = ServiceBuilder::new()
+//!     .layer(AuthUsageLayer::new(KeyCache::new(store.clone()), recorder.clone()))
+//!     .service(service_fn(|_req: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+//!         let body = r#"{"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}"#;
+//!         Ok::<_, std::convert::Infallible>(
+//!             http::Response::builder()
+//!                 .header("content-type", "application/json")
+//!                 .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+//!                 .unwrap(),
+//!         )
+//!     }));
+//!
+//! let request = http::Request::post("/v1/chat/completions")
+//!     .header("authorization", format!("Bearer {}", secret.expose()))
+//!     .body(http_body_util::Full::new(bytes::Bytes::from(r#"{"model":"m"}"#)))
+//!     .unwrap();
+//! let response = service.oneshot(request).await.unwrap();
+//! assert_eq!(response.status(), 200);
+//! http_body_util::BodyExt::collect(response.into_body()).await.unwrap();
+//!
+//! writer.shutdown().await; // writes everything queued
+//! let usage = store.totals_for_key(&key.id).await.unwrap();
+//! assert_eq!((usage.requests, usage.total_tokens()), (1, 8));
+//! # }
+//! ```
+//!
+//! ## Map
+//! - [`auth`]: keys ([`auth::Secret`], [`auth::KeyRecord`]), the [`auth::KeyCache`], and
+//!   [`auth::AuthUsageLayer`].
+//! - [`usage`]: reading tokens from JSON and SSE bodies, the [`usage::UsageRecorder`]
+//!   queue and its batch writer.
+//! - [`proxy`]: the forwarding [`proxy::Proxy`] service.
+//! - [`storage`]: the [`storage::KeyStore`] and [`storage::UsageStore`] traits and their
+//!   backends.
+//! - [`error`]: the OpenAI-shaped [`error::ApiError`].
+//! - [`config`]: [`config::GatewayConfig`].
+
+#![warn(missing_docs)]
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod proxy;
+pub mod storage;
+pub mod usage;
+
+/// The error type of bodies and services that can fail in many ways.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

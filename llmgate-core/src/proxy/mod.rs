@@ -1,0 +1,279 @@
+//! Forwarding to the upstream model server through a pooled hyper client.
+//!
+//! [`Proxy`] is a plain tower `Service`: put [`AuthUsageLayer`](crate::auth::AuthUsageLayer)
+//! in front of it and you have the gateway's request path. Response bodies stream
+//! through as they arrive; failures become OpenAI-shaped 502/504 responses.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, Uri};
+use http_body::Body;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Either, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tower::Service;
+
+use crate::auth::Secret;
+use crate::error::ApiError;
+use crate::BoxError;
+
+/// Why a request could not be forwarded.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The upstream could not be reached or broke off.
+    #[error("upstream unreachable: {0}")]
+    Unreachable(String),
+    /// The upstream did not answer in time.
+    #[error("upstream did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The request could not be turned into an upstream request.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+}
+
+/// The body of a proxied response: the upstream's, streamed, or the gateway's error.
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+#[cfg(feature = "tls")]
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+#[cfg(not(feature = "tls"))]
+type Connector = HttpConnector;
+
+/// Where and how to forward.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// The upstream's base URL, e.g. `http://127.0.0.1:8000` (a trailing `/v1` is
+    /// accepted: `https://api.openai.com/v1` works as well).
+    pub upstream: Uri,
+    /// A key of the gateway's own, sent upstream as `Authorization: Bearer`.
+    pub upstream_key: Option<Secret>,
+    /// How long to wait for the upstream's response headers.
+    pub timeout: Duration,
+}
+
+impl ProxyConfig {
+    /// Forward to `upstream` with no key and a 10-minute timeout.
+    pub fn new(upstream: Uri) -> Self {
+        Self { upstream, upstream_key: None, timeout: Duration::from_secs(600) }
+    }
+}
+
+/// Forwards requests to the upstream. Cheap to clone; clones share one connection pool.
+#[derive(Clone)]
+pub struct Proxy {
+    client: Client<Connector, UnsyncBoxBody<Bytes, BoxError>>,
+    target: Arc<Target>,
+}
+
+struct Target {
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
+    base_path: String,
+    authorization: Option<HeaderValue>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("upstream", &format_args!("{}://{}{}", self.target.scheme, self.target.authority, self.target.base_path))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    /// A proxy to the configured upstream.
+    pub fn new(config: ProxyConfig) -> Result<Self, ProxyError> {
+        let parts = config.upstream.into_parts();
+        let scheme = parts
+            .scheme
+            .ok_or_else(|| ProxyError::BadRequest("the upstream URL needs http:// or https://".into()))?;
+        if scheme != http::uri::Scheme::HTTP && scheme != http::uri::Scheme::HTTPS {
+            return Err(ProxyError::BadRequest(format!("unsupported upstream scheme '{scheme}'")));
+        }
+        #[cfg(not(feature = "tls"))]
+        if scheme == http::uri::Scheme::HTTPS {
+            return Err(ProxyError::BadRequest("https upstreams need the 'tls' feature".into()));
+        }
+        let authority = parts
+            .authority
+            .ok_or_else(|| ProxyError::BadRequest("the upstream URL needs a host".into()))?;
+        let path = parts.path_and_query.as_ref().map_or("", |pq| pq.path()).trim_end_matches('/');
+        // Requests arrive as /v1/...; a base that already ends in /v1 must not double it.
+        let base_path = path.strip_suffix("/v1").unwrap_or(path).to_owned();
+        let authorization = config
+            .upstream_key
+            .map(|key| {
+                let mut value = HeaderValue::try_from(format!("Bearer {}", key.expose()))
+                    .map_err(|_| ProxyError::BadRequest("the upstream key has invalid characters".into()))?;
+                value.set_sensitive(true);
+                Ok::<_, ProxyError>(value)
+            })
+            .transpose()?;
+
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        http.enforce_http(false);
+        #[cfg(feature = "tls")]
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        #[cfg(not(feature = "tls"))]
+        let connector = http;
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector);
+        Ok(Self {
+            client,
+            target: Arc::new(Target { scheme, authority, base_path, authorization, timeout: config.timeout }),
+        })
+    }
+
+    fn upstream_uri(&self, uri: &Uri) -> Result<Uri, ProxyError> {
+        let path_and_query = uri.path_and_query().map_or("/", |pq| pq.as_str());
+        Uri::builder()
+            .scheme(self.target.scheme.clone())
+            .authority(self.target.authority.clone())
+            .path_and_query(format!("{}{}", self.target.base_path, path_and_query))
+            .build()
+            .map_err(|e| ProxyError::BadRequest(e.to_string()))
+    }
+}
+
+/// Headers that belong to one connection, not to the request (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+        .collect();
+    for name in listed.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+impl<B> Service<Request<B>> for Proxy
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let (mut parts, body) = request.into_parts();
+        let uri = match self.upstream_uri(&parts.uri) {
+            Ok(uri) => uri,
+            Err(err) => return Box::pin(async move { Ok(error_response(err)) }),
+        };
+        parts.uri = uri;
+        parts.version = http::Version::HTTP_11;
+        let headers = &mut parts.headers;
+        strip_hop_by_hop(headers);
+        // The client's key is for the gateway only.
+        for name in [header::AUTHORIZATION, HeaderName::from_static("api-key"), HeaderName::from_static("x-api-key")] {
+            headers.remove(name);
+        }
+        headers.remove(header::HOST);
+        // Usage is read from the body, so ask for it uncompressed.
+        headers.remove(header::ACCEPT_ENCODING);
+        if let Some(auth) = &self.target.authorization {
+            headers.insert(header::AUTHORIZATION, auth.clone());
+        }
+        let request = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
+        let pending = self.client.request(request);
+        let timeout = self.target.timeout;
+        Box::pin(async move {
+            let response = match tokio::time::timeout(timeout, pending).await {
+                Ok(Ok(response)) => response,
+                Ok(Err(err)) => {
+                    tracing::warn!(error = %err, source = ?std::error::Error::source(&err), "upstream request failed");
+                    return Ok(error_response(ProxyError::Unreachable(err.to_string())));
+                }
+                Err(_) => {
+                    tracing::warn!(?timeout, "upstream timed out");
+                    return Ok(error_response(ProxyError::Timeout(timeout)));
+                }
+            };
+            let (mut parts, body) = response.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            Ok(Response::from_parts(parts, Either::Left(body)))
+        })
+    }
+}
+
+fn error_response(err: ProxyError) -> Response<ProxyBody> {
+    ApiError::from(err).into_response::<Full<Bytes>>().map(Either::Right)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn proxy(upstream: &str) -> Proxy {
+        Proxy::new(ProxyConfig::new(upstream.parse().unwrap())).unwrap()
+    }
+
+    #[test]
+    fn joins_the_upstream_base_and_the_request_path() {
+        let uri: Uri = "/v1/chat/completions?x=1".parse().unwrap();
+        for (base, expected) in [
+            ("http://127.0.0.1:8000", "http://127.0.0.1:8000/v1/chat/completions?x=1"),
+            ("http://127.0.0.1:8000/", "http://127.0.0.1:8000/v1/chat/completions?x=1"),
+            ("https://api.example.com/v1", "https://api.example.com/v1/chat/completions?x=1"),
+            ("http://h/openai/v1/", "http://h/openai/v1/chat/completions?x=1"),
+        ] {
+            assert_eq!(proxy(base).upstream_uri(&uri).unwrap().to_string(), expected, "{base}");
+        }
+    }
+
+    #[test]
+    fn refuses_upstreams_without_scheme_or_host() {
+        assert!(Proxy::new(ProxyConfig::new("/relative".parse().unwrap())).is_err());
+        assert!(Proxy::new(ProxyConfig::new("ftp://host/".parse().unwrap())).is_err());
+    }
+
+    #[test]
+    fn drops_hop_by_hop_headers_and_those_named_in_connection() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-private"));
+        headers.insert("x-private", HeaderValue::from_static("1"));
+        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1);
+        assert!(headers.contains_key(header::CONTENT_TYPE));
+    }
+}

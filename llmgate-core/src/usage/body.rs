@@ -1,0 +1,251 @@
+//! The response body wrapper that reads usage as the bytes go by.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Either, Full};
+use pin_project_lite::pin_project;
+
+use super::json::JsonCollector;
+use super::sse::SseExtractor;
+use super::{RequestPlan, UsageGuard};
+
+/// The body [`AuthUsageLayer`](crate::auth::AuthUsageLayer) answers with: the inner
+/// service's body wrapped in a [`UsageBody`], or the layer's own error.
+pub type AuthUsageBody<B> = Either<UsageBody<B>, Full<Bytes>>;
+
+pin_project! {
+    /// A response body that reads the response's token usage on its way to the client
+    /// and settles the request's usage record when it ends or is dropped.
+    pub struct UsageBody<B> {
+        #[pin]
+        inner: B,
+        tracking: Option<Box<Tracking>>,
+    }
+}
+
+impl<B> std::fmt::Debug for UsageBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UsageBody").field("tracking", &self.tracking.is_some()).finish_non_exhaustive()
+    }
+}
+
+struct Tracking {
+    guard: UsageGuard,
+    extractor: Extractor,
+    /// Edited SSE events waiting to go out.
+    ready: VecDeque<Bytes>,
+    /// The inner body has ended; only `ready` is left.
+    inner_done: bool,
+    counting: Option<std::sync::Arc<serde_json::Value>>,
+}
+
+enum Extractor {
+    /// Not a body with usage in it (audio, an error page, …): just count the request.
+    Nothing,
+    Json(JsonCollector),
+    Sse(SseExtractor),
+}
+
+impl<B> UsageBody<B> {
+    /// A body that is passed through untouched (no usage recording).
+    pub(crate) fn passthrough(inner: B) -> Self {
+        Self { inner, tracking: None }
+    }
+
+    /// A body whose usage is read according to its content type.
+    pub(crate) fn tracked(inner: B, mut guard: UsageGuard, content_type: &str, plan: RequestPlan) -> Self {
+        let mime = content_type.split(';').next().unwrap_or("").trim();
+        let extractor = if mime.eq_ignore_ascii_case("text/event-stream") {
+            let collect_text = plan.for_counting.is_some() && guard.counts_tokens();
+            Extractor::Sse(SseExtractor::new(plan.strip_stream_usage, collect_text))
+        } else if mime.eq_ignore_ascii_case("application/json") || mime.ends_with("+json") {
+            Extractor::Json(JsonCollector::default())
+        } else {
+            Extractor::Nothing
+        };
+        guard.set_model(plan.model.as_deref());
+        Self {
+            inner,
+            tracking: Some(Box::new(Tracking {
+                guard,
+                extractor,
+                ready: VecDeque::new(),
+                inner_done: false,
+                counting: plan.for_counting,
+            })),
+        }
+    }
+
+    /// Whether the body may differ from the upstream's (its length is then unknown).
+    pub(crate) fn edits(&self) -> bool {
+        self.tracking
+            .as_ref()
+            .is_some_and(|t| matches!(&t.extractor, Extractor::Sse(sse) if sse.edits()))
+    }
+}
+
+impl Tracking {
+    /// The body is complete: read the usage and hand the record over.
+    fn settle(&mut self) {
+        match &mut self.extractor {
+            Extractor::Nothing => {}
+            Extractor::Json(json) => {
+                let (usage, model) = json.finish();
+                self.guard.set_model(model.as_deref());
+                if let Some(usage) = usage {
+                    self.guard.set_usage(usage);
+                }
+            }
+            Extractor::Sse(sse) => {
+                sse.finish(&mut self.ready);
+                self.guard.set_model(sse.model());
+                if let Some(usage) = sse.usage() {
+                    self.guard.set_usage(usage);
+                }
+            }
+        }
+        self.note_missing_usage();
+    }
+
+    /// The client went away before the end: record what was seen.
+    fn abandon(&mut self) {
+        if let Extractor::Sse(sse) = &self.extractor {
+            self.guard.set_model(sse.model());
+            if let Some(usage) = sse.usage() {
+                self.guard.set_usage(usage);
+            }
+        }
+        self.note_missing_usage();
+    }
+
+    fn note_missing_usage(&mut self) {
+        if self.guard.has_usage() {
+            return;
+        }
+        if let (Some(request), Extractor::Sse(sse)) = (self.counting.take(), &self.extractor) {
+            if let Some(text) = sse.text() {
+                self.guard.count_later(request, text.to_owned());
+            }
+        }
+    }
+}
+
+impl Drop for Tracking {
+    fn drop(&mut self) {
+        if !self.inner_done {
+            self.abandon();
+        }
+        // The guard's own Drop sends the record.
+    }
+}
+
+impl<B> Body for UsageBody<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let mut this = self.project();
+        let Some(tracking) = this.tracking.as_mut() else {
+            return this.inner.poll_frame(cx);
+        };
+        loop {
+            if let Some(data) = tracking.ready.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+            if tracking.inner_done {
+                // Settled: dropping the tracking now sends the record.
+                *this.tracking = None;
+                return Poll::Ready(None);
+            }
+            match ready!(this.inner.as_mut().poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    let data = match frame.into_data() {
+                        Ok(data) => data,
+                        Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                    };
+                    match &mut tracking.extractor {
+                        Extractor::Nothing => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                        Extractor::Json(json) => {
+                            json.observe(&data);
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        }
+                        Extractor::Sse(sse) if sse.edits() => sse.edit(&data, &mut tracking.ready),
+                        Extractor::Sse(sse) => {
+                            sse.observe(&data);
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        }
+                    }
+                }
+                Some(Err(err)) => {
+                    // The upstream broke off mid-body; the drop records what was seen.
+                    *this.tracking = None;
+                    return Poll::Ready(Some(Err(err)));
+                }
+                None => {
+                    tracking.inner_done = true;
+                    tracking.settle();
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.tracking {
+            None => self.inner.is_end_stream(),
+            // Report the end only after poll_frame has settled the record.
+            Some(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.edits() {
+            SizeHint::default()
+        } else {
+            self.inner.size_hint()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::now_millis;
+    use crate::storage::{MemoryStore, UsageStore};
+    use crate::usage::UsageRecorder;
+    use http_body_util::{BodyExt, StreamBody};
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    #[tokio::test]
+    async fn a_finished_json_body_records_its_usage_once() {
+        let store = Arc::new(MemoryStore::new());
+        let (recorder, _writer) = UsageRecorder::start(store.clone());
+        let mut guard = UsageGuard::new(recorder.clone(), "k", "POST", "/v1/chat/completions", now_millis(), Instant::now());
+        guard.set_status(200);
+        let json = r#"{"model":"m","usage":{"prompt_tokens":4,"completion_tokens":6,"total_tokens":10}}"#;
+        let frames = json
+            .as_bytes()
+            .chunks(7)
+            .map(|c| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::copy_from_slice(c))))
+            .collect::<Vec<_>>();
+        let body = StreamBody::new(futures_util::stream::iter(frames));
+        let tracked = UsageBody::tracked(body, guard, "application/json; charset=utf-8", RequestPlan::default());
+        let received = tracked.collect().await.unwrap().to_bytes();
+        assert_eq!(received, json.as_bytes());
+        recorder.flush().await;
+        let rows = store.requests("k", None, 10).await.unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!((rows[0].prompt_tokens, rows[0].completion_tokens), (Some(4), Some(6)));
+        assert_eq!(rows[0].model.as_deref(), Some("m"));
+    }
+}

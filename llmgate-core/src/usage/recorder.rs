@@ -1,0 +1,321 @@
+//! The queue between the request path and the usage store.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::{TokenCounter, TokenUsage};
+use crate::storage::{RequestRecord, UsageStore};
+
+/// The most records written in one transaction.
+const MAX_BATCH: usize = 1024;
+
+enum Message {
+    Record(Box<Pending>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// A record whose tokens the writer must still count.
+struct Pending {
+    record: RequestRecord,
+    count: Option<(Arc<Value>, String)>,
+}
+
+/// Hands finished requests to the background [`UsageWriter`]. Cheap to clone; sending
+/// never waits.
+#[derive(Clone)]
+pub struct UsageRecorder {
+    tx: mpsc::UnboundedSender<Message>,
+    counts_tokens: bool,
+}
+
+impl std::fmt::Debug for UsageRecorder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UsageRecorder")
+            .field("counts_tokens", &self.counts_tokens)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The background task that writes usage records in batches. Call
+/// [`UsageWriter::shutdown`] on the way out so that nothing queued is lost.
+#[derive(Debug)]
+pub struct UsageWriter {
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl UsageRecorder {
+    /// Starts the writer on the current Tokio runtime.
+    pub fn start(store: Arc<dyn UsageStore>) -> (Self, UsageWriter) {
+        Self::start_with_counter(store, None)
+    }
+
+    /// Starts the writer with a [`TokenCounter`] for streams whose upstream sent no usage.
+    pub fn start_with_counter(
+        store: Arc<dyn UsageStore>,
+        counter: Option<Arc<dyn TokenCounter>>,
+    ) -> (Self, UsageWriter) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let counts_tokens = counter.is_some();
+        let task = tokio::spawn(run_writer(rx, stop_rx, store, counter));
+        (Self { tx, counts_tokens }, UsageWriter { stop: Some(stop_tx), task })
+    }
+
+    /// Waits until every record handed over before this call is in the store.
+    pub async fn flush(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Message::Flush(done)).is_ok() {
+            let _ = wait.await;
+        }
+    }
+
+    pub(crate) fn counts_tokens(&self) -> bool {
+        self.counts_tokens
+    }
+
+    fn send(&self, pending: Pending) {
+        if self.tx.send(Message::Record(Box::new(pending))).is_err() {
+            tracing::error!("usage writer has stopped; a usage record was lost");
+        }
+    }
+}
+
+impl UsageWriter {
+    /// Stops taking records, writes everything queued, and returns.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Err(err) = (&mut self.task).await {
+            tracing::error!(error = %err, "usage writer failed");
+        }
+    }
+}
+
+async fn run_writer(
+    mut rx: mpsc::UnboundedReceiver<Message>,
+    mut stop: oneshot::Receiver<()>,
+    store: Arc<dyn UsageStore>,
+    counter: Option<Arc<dyn TokenCounter>>,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    loop {
+        tokio::select! {
+            received = rx.recv_many(&mut batch, MAX_BATCH) => {
+                if received == 0 {
+                    return;
+                }
+                write(&mut batch, store.as_ref(), counter.as_deref(), false).await;
+            }
+            _ = &mut stop => {
+                rx.close();
+                while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+                    write(&mut batch, store.as_ref(), counter.as_deref(), true).await;
+                }
+                return;
+            }
+        }
+    }
+}
+
+async fn write(
+    batch: &mut Vec<Message>,
+    store: &dyn UsageStore,
+    counter: Option<&dyn TokenCounter>,
+    stopping: bool,
+) {
+    let mut records = Vec::with_capacity(batch.len());
+    let mut flushes = Vec::new();
+    for message in batch.drain(..) {
+        match message {
+            Message::Record(pending) => records.push(settle_count(*pending, counter).await),
+            Message::Flush(done) => flushes.push(done),
+        }
+    }
+    let mut delay = Duration::from_millis(50);
+    let mut attempts = 0;
+    while !records.is_empty() {
+        match store.record(&records).await {
+            Ok(()) => break,
+            Err(err) => {
+                attempts += 1;
+                if stopping && attempts >= 5 {
+                    tracing::error!(error = %err, lost = records.len(), "usage store failed while shutting down; records lost");
+                    break;
+                }
+                tracing::warn!(error = %err, pending = records.len(), "usage store failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    for done in flushes {
+        let _ = done.send(());
+    }
+}
+
+async fn settle_count(pending: Pending, counter: Option<&dyn TokenCounter>) -> RequestRecord {
+    let Pending { mut record, count } = pending;
+    if let (Some(counter), Some((request, completion))) = (counter, count) {
+        match counter.count(&request, &completion).await {
+            Ok(usage) => {
+                record.prompt_tokens = Some(usage.prompt_tokens);
+                record.completion_tokens = Some(usage.completion_tokens);
+            }
+            Err(err) => tracing::warn!(error = %err, "token counter failed; tokens recorded as unknown"),
+        }
+    }
+    record
+}
+
+/// Held by a request from the moment its key is accepted; settles exactly one record,
+/// when the response body ends or when it is dropped (the client went away).
+pub(crate) struct UsageGuard {
+    recorder: UsageRecorder,
+    record: Option<RequestRecord>,
+    started: Instant,
+    /// The request as JSON and the streamed text, for the token counter.
+    count: Option<(Arc<Value>, String)>,
+}
+
+impl UsageGuard {
+    pub(crate) fn new(
+        recorder: UsageRecorder,
+        key_id: &str,
+        method: &str,
+        path: &str,
+        at: DateTime<Utc>,
+        started: Instant,
+    ) -> Self {
+        let record = RequestRecord {
+            at,
+            key_id: key_id.to_owned(),
+            method: method.to_owned(),
+            path: path.to_owned(),
+            model: None,
+            // Until a response arrives: the client closed the request.
+            status: 499,
+            prompt_tokens: None,
+            completion_tokens: None,
+            latency_ms: 0,
+        };
+        Self { recorder, record: Some(record), started, count: None }
+    }
+
+    fn record(&mut self) -> &mut RequestRecord {
+        self.record.as_mut().expect("a guard settles once")
+    }
+
+    pub(crate) fn counts_tokens(&self) -> bool {
+        self.recorder.counts_tokens()
+    }
+
+    pub(crate) fn set_status(&mut self, status: u16) {
+        self.record().status = status;
+    }
+
+    pub(crate) fn set_model(&mut self, model: Option<&str>) {
+        if let Some(model) = model {
+            let record = self.record();
+            if record.model.is_none() {
+                record.model = Some(model.to_owned());
+            }
+        }
+    }
+
+    pub(crate) fn set_usage(&mut self, usage: TokenUsage) {
+        let record = self.record();
+        record.prompt_tokens = Some(usage.prompt_tokens);
+        record.completion_tokens = Some(usage.completion_tokens);
+    }
+
+    /// Tokens are known to be zero (no generation happened).
+    pub(crate) fn set_no_tokens(&mut self) {
+        self.set_usage(TokenUsage::default());
+    }
+
+    /// Let the writer count tokens, if it has a counter and the upstream reported none.
+    pub(crate) fn count_later(&mut self, request: Arc<Value>, completion: String) {
+        self.count = Some((request, completion));
+    }
+
+    pub(crate) fn has_usage(&self) -> bool {
+        self.record.as_ref().is_some_and(|r| r.prompt_tokens.is_some())
+    }
+}
+
+impl Drop for UsageGuard {
+    fn drop(&mut self) {
+        if let Some(mut record) = self.record.take() {
+            record.latency_ms = self.started.elapsed().as_millis() as u64;
+            let count = if record.prompt_tokens.is_none() { self.count.take() } else { None };
+            self.recorder.send(Pending { record, count });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::now_millis;
+    use crate::storage::MemoryStore;
+    use crate::BoxError;
+
+    fn guard(recorder: &UsageRecorder, key: &str) -> UsageGuard {
+        UsageGuard::new(recorder.clone(), key, "POST", "/v1/chat/completions", now_millis(), Instant::now())
+    }
+
+    #[tokio::test]
+    async fn every_guard_becomes_one_record_and_shutdown_drains_the_queue() {
+        let store = Arc::new(MemoryStore::new());
+        let (recorder, writer) = UsageRecorder::start(store.clone());
+        for i in 0..2_500u64 {
+            let mut g = guard(&recorder, "k");
+            g.set_status(200);
+            g.set_usage(TokenUsage { prompt_tokens: i % 7, completion_tokens: 1 });
+        }
+        drop(guard(&recorder, "k")); // a client that left before the answer
+        writer.shutdown().await;
+        let totals = store.totals_for_key("k").await.unwrap();
+        assert_eq!(totals.requests, 2_501);
+        assert_eq!(totals.completion_tokens, 2_500);
+        assert_eq!(totals.prompt_tokens, (0..2_500u64).map(|i| i % 7).sum::<u64>());
+        assert_eq!(totals.requests_without_usage, 1);
+        let rows = store.requests("k", None, 1).await.unwrap();
+        assert_eq!(rows[0].status, 499);
+    }
+
+    struct Words;
+    #[async_trait::async_trait]
+    impl TokenCounter for Words {
+        async fn count(&self, request: &Value, completion: &str) -> Result<TokenUsage, BoxError> {
+            let prompt = request["prompt"].as_str().ok_or("no prompt")?;
+            Ok(TokenUsage {
+                prompt_tokens: prompt.split_whitespace().count() as u64,
+                completion_tokens: completion.split_whitespace().count() as u64,
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_counter_fills_in_missing_usage_in_the_background() {
+        let store = Arc::new(MemoryStore::new());
+        let (recorder, _writer) = UsageRecorder::start_with_counter(store.clone(), Some(Arc::new(Words)));
+        let mut g = guard(&recorder, "k");
+        g.count_later(Arc::new(serde_json::json!({"prompt": "one two three"})), "four five".into());
+        drop(g);
+        let mut failing = guard(&recorder, "k");
+        failing.count_later(Arc::new(serde_json::json!({})), "x".into());
+        drop(failing);
+        recorder.flush().await;
+        let totals = store.totals_for_key("k").await.unwrap();
+        assert_eq!((totals.prompt_tokens, totals.completion_tokens), (3, 2));
+        assert_eq!(totals.requests_without_usage, 1, "a failed count stays unknown, not zero");
+    }
+}
