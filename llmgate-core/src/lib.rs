@@ -66,5 +66,8 @@ pub mod proxy;
 pub mod storage;
 pub mod usage;
 
+#[cfg(any(test, feature = "test-util"))]
+pub mod test_util;
+
 /// The error type of bodies and services that can fail in many ways.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

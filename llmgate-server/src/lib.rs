@@ -1,1 +1,62 @@
+//! The `llmgate` binary's parts: command line, settings, the HTTP app and its routes.
+//! `main.rs` only parses and dispatches.
 
+pub mod app;
+pub mod cli;
+pub mod commands;
+pub mod routes;
+pub mod settings;
+
+use clap::Parser;
+
+use cli::{Cli, Command};
+
+/// Exit status for bad flags or settings.
+pub const EXIT_USAGE: i32 = 2;
+
+/// Parses the command line and runs it; returns the process's exit status.
+pub async fn main_with_args(args: Vec<std::ffi::OsString>) -> i32 {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(err) if !err.use_stderr() => {
+            // --help or --version
+            let _ = err.print();
+            return 0;
+        }
+        Err(err) => {
+            let rendered = err.render().to_string();
+            let first = rendered.lines().next().unwrap_or("error: bad arguments");
+            eprintln!("{first} (see 'llmgate --help')");
+            return EXIT_USAGE;
+        }
+    };
+    let serve_args = match &cli.command {
+        Command::Serve(args) => Some(args),
+        _ => None,
+    };
+    let config = match settings::load(&cli, serve_args) {
+        Ok(config) => config,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return EXIT_USAGE;
+        }
+    };
+    let outcome = match cli.command {
+        Command::Serve(_) => commands::serve::run(config).await,
+        Command::Keys(command) => match commands::open_store(&config).await {
+            Ok(store) => commands::keys::run(store.as_ref(), command).await,
+            Err(e) => Err(e),
+        },
+        Command::Usage { json } => match commands::open_store(&config).await {
+            Ok(store) => commands::usage::run(store.as_ref(), store.as_ref(), json).await,
+            Err(e) => Err(e),
+        },
+    };
+    match outcome {
+        Ok(()) => 0,
+        Err(message) => {
+            eprintln!("error: {message}");
+            1
+        }
+    }
+}

@@ -133,6 +133,18 @@ pub trait UsageStore: Send + Sync {
     ) -> Result<Vec<RequestRecord>, StorageError>;
 }
 
+impl std::fmt::Debug for dyn KeyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("dyn KeyStore")
+    }
+}
+
+impl std::fmt::Debug for dyn UsageStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("dyn UsageStore")
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod contract {
     //! The behaviour every backend must show; each backend's tests call these.

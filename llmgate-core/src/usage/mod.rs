@@ -12,12 +12,14 @@ mod body;
 mod counter;
 mod json;
 mod recorder;
+mod report;
 mod request;
 mod sse;
 
 pub use body::{AuthUsageBody, UsageBody};
 pub use counter::TokenCounter;
 pub use recorder::{UsageRecorder, UsageWriter};
+pub use report::{usage_report, KeyUsage};
 
 pub(crate) use recorder::UsageGuard;
 pub(crate) use request::{inspect_request, RequestPlan};

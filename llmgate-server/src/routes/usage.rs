@@ -1,0 +1,92 @@
+//! Usage: `/admin/usage…` for admins, `/v1/me/usage` for any key.
+
+use axum::extract::{Path, Query, State};
+use axum::{Extension, Json};
+use chrono::{DateTime, Utc};
+use llmgate_core::auth::Caller;
+use llmgate_core::error::ApiError;
+use llmgate_core::storage::RequestRecord;
+use llmgate_core::usage::{usage_report, KeyUsage};
+use serde::Deserialize;
+
+use super::HandlerError;
+use crate::app::AppState;
+
+/// `GET /admin/usage`: every key's totals.
+pub async fn all(State(state): State<AppState>) -> Result<Json<Vec<KeyUsage>>, HandlerError> {
+    state.recorder.flush().await;
+    Ok(Json(usage_report(state.keys.store().as_ref(), state.usage.as_ref()).await?))
+}
+
+async fn usage_of(state: &AppState, key_id: &str) -> Result<KeyUsage, HandlerError> {
+    state.recorder.flush().await;
+    let keys = state.keys.store().list_keys().await?;
+    let key = keys
+        .iter()
+        .find(|k| k.id == key_id)
+        .ok_or_else(|| ApiError::not_found(format!("No key with id '{key_id}'.")))?;
+    Ok(KeyUsage::new(key, state.usage.totals_for_key(key_id).await?))
+}
+
+/// `GET /admin/usage/{key_id}`
+pub async fn one(State(state): State<AppState>, Path(key_id): Path<String>) -> Result<Json<KeyUsage>, HandlerError> {
+    Ok(Json(usage_of(&state, &key_id).await?))
+}
+
+/// `GET /v1/me/usage`: the caller's own totals.
+pub async fn me(State(state): State<AppState>, Extension(caller): Extension<Caller>) -> Result<Json<KeyUsage>, HandlerError> {
+    Ok(Json(usage_of(&state, &caller.key_id).await?))
+}
+
+/// Query of `GET /admin/usage/{key_id}/requests`.
+#[derive(Debug, Deserialize)]
+pub struct RequestsQuery {
+    since: Option<String>,
+    limit: Option<String>,
+}
+
+/// `GET /admin/usage/{key_id}/requests?since=&limit=`: one row per request, newest first.
+pub async fn requests(
+    State(state): State<AppState>,
+    Path(key_id): Path<String>,
+    Query(query): Query<RequestsQuery>,
+) -> Result<Json<Vec<RequestRecord>>, HandlerError> {
+    let since = query
+        .since
+        .as_deref()
+        .map(parse_since)
+        .transpose()
+        .map_err(ApiError::bad_request)?;
+    let limit = match query.limit.as_deref() {
+        None => 100,
+        Some(raw) => raw
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=10_000).contains(n))
+            .ok_or_else(|| ApiError::bad_request("limit must be a whole number from 1 to 10000."))?,
+    };
+    usage_of(&state, &key_id).await?;
+    Ok(Json(state.usage.requests(&key_id, since, limit).await?))
+}
+
+/// `since` as RFC 3339 (`2026-11-26T10:00:00Z`) or Unix seconds.
+fn parse_since(raw: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(secs) = raw.parse::<i64>() {
+        return DateTime::from_timestamp(secs, 0).ok_or_else(|| format!("since={raw} is out of range."));
+    }
+    DateTime::parse_from_rfc3339(raw)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|_| format!("since must be a time like 2026-11-26T10:00:00Z or Unix seconds, not '{raw}'."))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_takes_rfc3339_and_unix_seconds() {
+        assert_eq!(parse_since("1700000000").unwrap().timestamp(), 1_700_000_000);
+        assert_eq!(parse_since("2023-11-14T22:13:20Z").unwrap().timestamp(), 1_700_000_000);
+        assert!(parse_since("yesterday").unwrap_err().contains("2026-11-26T10:00:00Z"));
+    }
+}

@@ -1,0 +1,53 @@
+//! Settings in layers: the config file, then LLMGATE_* variables and flags (clap reads
+//! both; flags win), each over the defaults.
+
+use std::path::Path;
+
+use llmgate_core::config::GatewayConfig;
+
+use crate::cli::{Cli, ServeArgs};
+
+/// Builds and validates the settings. The error is one line that says what to fix.
+pub fn load(cli: &Cli, serve: Option<&ServeArgs>) -> Result<GatewayConfig, String> {
+    let mut config = match &cli.config {
+        Some(path) => read_file(path)?,
+        None => GatewayConfig::default(),
+    };
+    if let Some(dir) = &cli.data_dir {
+        config.data_dir = dir.clone();
+    }
+    if let Some(args) = serve {
+        if let Some(upstream) = &args.upstream {
+            config.upstream = Some(upstream.clone());
+        }
+        if let Some(listen) = args.listen {
+            config.listen = listen;
+        }
+        if let Some(key) = &args.upstream_key {
+            config.upstream_key = Some(key.clone());
+        }
+        if let Some(secs) = args.upstream_timeout_secs {
+            config.upstream_timeout_secs = secs;
+        }
+        if let Some(bytes) = args.max_body_bytes {
+            config.max_body_bytes = bytes;
+        }
+        if let Some(ms) = args.key_cache_ttl_ms {
+            config.key_cache_ttl_ms = ms;
+        }
+        config.validate().map_err(|e| e.to_string())?;
+    }
+    Ok(config)
+}
+
+fn read_file(path: &Path) -> Result<GatewayConfig, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| {
+        let line = e
+            .span()
+            .map(|span| text[..span.start].matches('\n').count() + 1)
+            .map_or(String::new(), |line| format!(", line {line}"));
+        format!("config file {}{line}: {}", path.display(), e.message().trim())
+    })
+}
