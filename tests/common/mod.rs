@@ -1,1 +1,155 @@
+//! Helpers for llmgate's integration tests: a gateway on a real socket in front of the
+//! mock upstream, with an admin and a user key.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use llmgate_core::auth::{KeyCache, KeyRecord, Role, Secret};
+use llmgate_core::proxy::{Proxy, ProxyConfig};
+use llmgate_core::storage::{KeyStore, SqliteStore};
+use llmgate_core::usage::{UsageRecorder, UsageWriter};
+pub use llmgate_core::test_util::{MockUpstream, SeenRequest};
+use llmgate_server::app::{app, AppState};
+use serde_json::Value;
+
+/// Options for [`Gateway::start`].
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Upstream URL (default: the mock's).
+    pub upstream: Option<String>,
+    /// Request body limit.
+    pub max_body_bytes: usize,
+    /// Upstream timeout.
+    pub timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { upstream: None, max_body_bytes: 16 * 1024 * 1024, timeout: Duration::from_secs(30) }
+    }
+}
+
+/// A running gateway with a SQLite store in a temporary directory.
+#[derive(Debug)]
+pub struct Gateway {
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+    /// An admin key.
+    pub admin: Secret,
+    /// A user key named "alice".
+    pub alice: Secret,
+    /// Alice's key id.
+    pub alice_id: String,
+    /// The store.
+    pub store: Arc<SqliteStore>,
+    /// The mock upstream.
+    pub upstream: MockUpstream,
+    /// An HTTP client.
+    pub http: reqwest::Client,
+    writer: Option<UsageWriter>,
+    server: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+    /// The database file.
+    pub db_path: PathBuf,
+}
+
+impl Gateway {
+    /// A gateway with default options in front of a fresh mock.
+    pub async fn start() -> Self {
+        Self::start_with(Options::default()).await
+    }
+
+    /// A gateway with the given options.
+    pub async fn start_with(options: Options) -> Self {
+        let upstream = MockUpstream::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let db_path = dir.path().join("llmgate.db");
+        let store = Arc::new(SqliteStore::open(&db_path).await.unwrap());
+        let admin = add_key(store.as_ref(), "root", Role::Admin).await.0;
+        let (alice, alice_id) = add_key(store.as_ref(), "alice", Role::User).await;
+
+        let upstream_url = options.upstream.clone().unwrap_or_else(|| upstream.url.clone());
+        let mut proxy_config = ProxyConfig::new(upstream_url.parse().unwrap());
+        proxy_config.timeout = options.timeout;
+        let proxy = Proxy::new(proxy_config).unwrap();
+        let (recorder, writer) = UsageRecorder::start(store.clone());
+        let state = AppState { keys: KeyCache::new(store.clone()), usage: store.clone(), recorder };
+        let router = app(state, proxy, options.max_body_bytes);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: SocketAddr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, router).await.unwrap();
+        });
+        Self {
+            url: format!("http://{addr}"),
+            admin,
+            alice,
+            alice_id,
+            store,
+            upstream,
+            http: reqwest::Client::new(),
+            writer: Some(writer),
+            server,
+            _dir: dir,
+            db_path,
+        }
+    }
+
+    /// Stops the server and writes all queued usage.
+    pub async fn stop(&mut self) {
+        self.server.abort();
+        if let Some(writer) = self.writer.take() {
+            writer.shutdown().await;
+        }
+    }
+
+    /// A POST with a bearer key and a JSON body.
+    pub fn post(&self, path: &str, key: &Secret, body: &Value) -> reqwest::RequestBuilder {
+        self.http.post(format!("{}{path}", self.url)).bearer_auth(key.expose()).json(body)
+    }
+
+    /// A GET with a bearer key.
+    pub fn get(&self, path: &str, key: &Secret) -> reqwest::RequestBuilder {
+        self.http.get(format!("{}{path}", self.url)).bearer_auth(key.expose())
+    }
+
+    /// `GET /admin/usage/{key_id}` as JSON.
+    pub async fn usage_of(&self, key_id: &str) -> Value {
+        let response = self.get(&format!("/admin/usage/{key_id}"), &self.admin).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
+    }
+
+    /// Waits until a key's request count reaches `n` (records settle as bodies end).
+    pub async fn wait_for_requests(&self, key_id: &str, n: u64) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let usage = self.usage_of(key_id).await;
+            if usage["requests"].as_u64() == Some(n) {
+                return usage;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "usage never reached {n} requests: {usage}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Adds a key to a store; returns its secret and id.
+pub async fn add_key(store: &dyn KeyStore, name: &str, role: Role) -> (Secret, String) {
+    let secret = Secret::generate();
+    let record = KeyRecord::new(name, role, &secret);
+    store.insert_key(&record, &secret.hash()).await.unwrap();
+    (secret, record.id)
+}
+
+/// The body of an OpenAI-shaped error, checked for shape.
+pub async fn openai_error(response: reqwest::Response) -> Value {
+    let body: Value = response.json().await.expect("error body is JSON");
+    let error = &body["error"];
+    assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(error["type"].is_string(), "{body}");
+    assert!(error.get("param").is_some() && error.get("code").is_some(), "{body}");
+    body
+}

@@ -89,7 +89,8 @@ impl<B> UsageBody<B> {
 }
 
 impl Tracking {
-    /// The body is complete: read the usage and hand the record over.
+    /// The body is complete, or dropped (hyper stops polling once a body of known
+    /// length is sent; a client may leave): read what usage there is.
     fn settle(&mut self) {
         match &mut self.extractor {
             Extractor::Nothing => {}
@@ -111,17 +112,6 @@ impl Tracking {
         self.note_missing_usage();
     }
 
-    /// The client went away before the end: record what was seen.
-    fn abandon(&mut self) {
-        if let Extractor::Sse(sse) = &self.extractor {
-            self.guard.set_model(sse.model());
-            if let Some(usage) = sse.usage() {
-                self.guard.set_usage(usage);
-            }
-        }
-        self.note_missing_usage();
-    }
-
     fn note_missing_usage(&mut self) {
         if self.guard.has_usage() {
             return;
@@ -137,7 +127,7 @@ impl Tracking {
 impl Drop for Tracking {
     fn drop(&mut self) {
         if !self.inner_done {
-            self.abandon();
+            self.settle();
         }
         // The guard's own Drop sends the record.
     }
