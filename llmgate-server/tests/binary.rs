@@ -1,0 +1,251 @@
+//! The built `llmgate` binary, driven as a person would: serve, the keys and usage
+//! subcommands on the same data directory, signals, restarts, bad input.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use llmgate_core::test_util::{MockUpstream, REPLY};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_llmgate");
+
+struct Server {
+    child: Child,
+    url: String,
+    /// The admin key, when this start created one.
+    created_admin_key: Option<String>,
+}
+
+async fn serve(data_dir: &Path, upstream: &str, env: &[(&str, &str)]) -> Server {
+    let mut command = Command::new(BIN);
+    command
+        .args(["serve", "--upstream", upstream, "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .env("LLMGATE_LOG", "warn")
+        .env_remove("LLMGATE_ADMIN_KEY")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().expect("llmgate starts");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut created_admin_key = None;
+    let url = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(key) = line.trim().strip_prefix("sk-lg-") {
+                created_admin_key = Some(format!("sk-lg-{key}"));
+            }
+            if let Some(rest) = line.strip_prefix("llmgate listening on ") {
+                return rest.split_whitespace().next().unwrap().to_owned();
+            }
+        }
+        panic!("llmgate exited before listening");
+    })
+    .await
+    .expect("llmgate listens within 20 s");
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Server { child, url, created_admin_key }
+}
+
+async fn cli(data_dir: &Path, args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(BIN)
+        .args(args)
+        .env("LLMGATE_DATA_DIR", data_dir)
+        .env("LLMGATE_LOG", "warn")
+        .output()
+        .await
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8(output.stdout).unwrap(),
+        String::from_utf8(output.stderr).unwrap(),
+    )
+}
+
+async fn terminate(mut server: Server) {
+    let pid = server.child.id().unwrap().to_string();
+    let status = Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();
+    assert!(status.success());
+    let exit = tokio::time::timeout(Duration::from_secs(10), server.child.wait()).await.unwrap().unwrap();
+    assert!(exit.success(), "a graceful stop exits 0, got {exit}");
+}
+
+fn chat() -> Value {
+    json!({"model": "mock-model", "messages": [{"role": "user", "content": "hello there"}]})
+}
+
+#[tokio::test]
+async fn serve_keys_usage_revocation_and_restart_end_to_end() {
+    let upstream = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let http = reqwest::Client::new();
+
+    let server = serve(&data, &upstream.url, &[]).await;
+    let admin = server.created_admin_key.clone().expect("the first start prints an admin key");
+
+    // The CLI works on the same data directory while the server runs; --data-dir goes
+    // anywhere on the line.
+    let (code, out, err) = cli(&data, &["keys", "create", "alice", "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    let alice: Value = serde_json::from_str(&out).unwrap();
+    let alice_key = alice["key"].as_str().unwrap().to_owned();
+    let data_arg = data.to_str().unwrap();
+    let (code, out, _) = cli(Path::new("/nonexistent"), &["--data-dir", data_arg, "keys", "list"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("alice") && out.contains("admin"), "{out}");
+    assert!(!out.contains(&alice_key[10..]), "a listing never shows a secret");
+
+    let url = format!("{}/v1/chat/completions", server.url);
+    let response = http.post(&url).bearer_auth(&alice_key).json(&chat()).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.unwrap();
+    let mut streamed = chat();
+    streamed["stream"] = json!(true);
+    let stream = http.post(&url).header("x-api-key", &alice_key).json(&streamed).send().await.unwrap();
+    assert_eq!(stream.status(), 200);
+    assert!(!stream.text().await.unwrap().contains("usage"));
+
+    // `llmgate usage` sees the server's records.
+    let expected_tokens = 2 * answer["usage"]["total_tokens"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, out, err) = cli(&data, &["usage", "--json"]).await;
+        assert_eq!(code, 0, "{err}");
+        let report: Value = serde_json::from_str(&out).unwrap();
+        let row = report.as_array().unwrap().iter().find(|r| r["name"] == "alice").unwrap().clone();
+        if row["requests"] == 2 {
+            assert_eq!(row["total_tokens"], expected_tokens);
+            break;
+        }
+        assert!(Instant::now() < deadline, "usage never showed both requests: {row}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, table, _) = cli(&data, &["usage"]).await;
+    assert!(table.contains("alice") && table.contains(&expected_tokens.to_string()), "{table}");
+
+    // A revocation by name from the CLI reaches the running server within a second.
+    let (code, out, err) = cli(&data, &["keys", "revoke", "alice", "--data-dir", data_arg]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("Revoked"));
+    let revoked_at = Instant::now();
+    let mut accepted_meanwhile = 0;
+    loop {
+        let response = http.post(&url).bearer_auth(&alice_key).json(&chat()).send().await.unwrap();
+        if response.status() == 401 {
+            break;
+        }
+        response.bytes().await.unwrap();
+        accepted_meanwhile += 1;
+        assert!(revoked_at.elapsed() < Duration::from_secs(1), "still accepted 1 s after revocation");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+
+    terminate(server).await;
+
+    // A restart keeps keys and usage, and does not make a new admin key.
+    let server = serve(&data, &upstream.url, &[]).await;
+    assert!(server.created_admin_key.is_none());
+    let usage: Value = http
+        .get(format!("{}/admin/usage/{}", server.url, alice["id"].as_str().unwrap()))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let requests = 2 + accepted_meanwhile;
+    assert_eq!(usage["requests"], requests, "accepted requests count; refused ones do not");
+    assert_eq!(usage["total_tokens"], expected_tokens / 2 * requests);
+    assert_eq!(usage["completion_tokens"], requests * REPLY.len() as u64);
+    assert_eq!(usage["revoked"], true);
+    terminate(server).await;
+}
+
+#[tokio::test]
+async fn an_admin_key_from_the_environment_is_used_instead_of_a_generated_one() {
+    let upstream = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = format!("sk-lg-{}", "A1b2C3d4".repeat(5));
+    let server = serve(dir.path(), &upstream.url, &[("LLMGATE_ADMIN_KEY", &key)]).await;
+    assert!(server.created_admin_key.is_none());
+    let response = reqwest::Client::new()
+        .get(format!("{}/admin/keys", server.url))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let keys: Value = response.json().await.unwrap();
+    assert_eq!(keys[0]["role"], "admin");
+    terminate(server).await;
+}
+
+async fn fails_with_one_line(args: &[&str], env: &[(&str, &str)], mentions: &str) {
+    let mut command = Command::new(BIN);
+    command.args(args).env_remove("LLMGATE_UPSTREAM").env("LLMGATE_LOG", "warn");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let output = tokio::time::timeout(Duration::from_secs(20), command.output()).await.unwrap().unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{args:?} printed more than one line: {stderr}");
+    assert!(stderr.contains(mentions), "{args:?}: '{stderr}' does not mention '{mentions}'");
+}
+
+#[tokio::test]
+async fn bad_flags_and_settings_exit_2_with_one_line_that_says_what_to_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    fails_with_one_line(&["serve", "--data-dir", data], &[], "--upstream").await;
+    fails_with_one_line(&["serve", "--upstream", "localhost:8000", "--data-dir", data], &[], "http://").await;
+    fails_with_one_line(&["serve", "--upstream", "http://h", "--listen", "nowhere"], &[], "nowhere").await;
+    fails_with_one_line(&["serve", "--frobnicate"], &[], "--frobnicate").await;
+    fails_with_one_line(&["serve", "--upstream", "http://h", "--upstream-timeout-secs", "0", "--data-dir", data], &[], "upstream_timeout_secs").await;
+    fails_with_one_line(&["serve", "--data-dir", data], &[("LLMGATE_UPSTREAM", "ftp://x")], "ftp://x").await;
+
+    let config = dir.path().join("llmgate.toml");
+    std::fs::write(&config, "listen = \"127.0.0.1:0\"\nupstrem = \"http://h\"\n").unwrap();
+    fails_with_one_line(&["serve", "--config", config.to_str().unwrap()], &[], "line 2").await;
+    fails_with_one_line(&["serve", "--config", "/no/such/file.toml"], &[], "/no/such/file.toml").await;
+}
+
+#[tokio::test]
+async fn settings_come_from_the_file_then_the_environment_then_flags() {
+    let upstream = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("llmgate.toml");
+    std::fs::write(
+        &config,
+        format!("upstream = \"http://127.0.0.1:1\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n", dir.path().join("from-file").display()),
+    )
+    .unwrap();
+    // The environment's upstream beats the file's; the file's data_dir is used.
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .env("LLMGATE_UPSTREAM", &upstream.url)
+        .env("LLMGATE_LOG", "warn")
+        .env_remove("LLMGATE_DATA_DIR")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let listening = loop {
+        let line = lines.next_line().await.unwrap().expect("listening line");
+        if line.starts_with("llmgate listening on") {
+            break line;
+        }
+    };
+    assert!(listening.contains(&upstream.url), "{listening}");
+    assert!(dir.path().join("from-file/llmgate.db").exists());
+    child.kill().await.unwrap();
+}
