@@ -18,7 +18,9 @@ async fn every_key_header_form_is_accepted_and_none_reaches_the_upstream() {
     let url = format!("{}/v1/chat/completions", gw.url);
     let key = gw.alice.expose();
     let requests = [
-        gw.http.post(&url).header("authorization", format!("Bearer {key}")),
+        gw.http
+            .post(&url)
+            .header("authorization", format!("Bearer {key}")),
         gw.http.post(&url).header("api-key", key),
         gw.http.post(&url).header("x-api-key", key),
     ];
@@ -43,9 +45,13 @@ async fn missing_unknown_and_malformed_keys_get_openai_401s() {
     let url = format!("{}/v1/chat/completions", gw.url);
     let attempts = [
         gw.http.post(&url),
-        gw.http.post(&url).bearer_auth("sk-lg-0000000000000000000000000000000000000000"),
+        gw.http
+            .post(&url)
+            .bearer_auth("sk-lg-0000000000000000000000000000000000000000"),
         gw.http.post(&url).bearer_auth("not-a-key"),
-        gw.http.post(&url).header("authorization", format!("Basic {}", gw.alice.expose())),
+        gw.http
+            .post(&url)
+            .header("authorization", format!("Basic {}", gw.alice.expose())),
     ];
     for attempt in attempts {
         let response = attempt.json(&chat("hi")).send().await.unwrap();
@@ -55,13 +61,23 @@ async fn missing_unknown_and_malformed_keys_get_openai_401s() {
         assert_eq!(body["error"]["code"], "invalid_api_key");
         assert_eq!(body["error"]["type"], "invalid_request_error");
     }
-    assert!(gw.upstream.seen().is_empty(), "refused requests never reach the upstream");
+    assert!(
+        gw.upstream.seen().is_empty(),
+        "refused requests never reach the upstream"
+    );
 }
 
 #[tokio::test]
 async fn a_revoked_key_is_refused_on_the_very_next_request() {
     let gw = Gateway::start().await;
-    assert_eq!(gw.post("/v1/chat/completions", &gw.alice, &chat("hi")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        gw.post("/v1/chat/completions", &gw.alice, &chat("hi"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     let revoke = gw
         .http
         .delete(format!("{}/admin/keys/{}", gw.url, gw.alice_id))
@@ -70,10 +86,17 @@ async fn a_revoked_key_is_refused_on_the_very_next_request() {
         .await
         .unwrap();
     assert_eq!(revoke.status(), 200);
-    let response = gw.post("/v1/chat/completions", &gw.alice, &chat("hi")).send().await.unwrap();
+    let response = gw
+        .post("/v1/chat/completions", &gw.alice, &chat("hi"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 401);
     let body = openai_error(response).await;
-    assert!(body["error"]["message"].as_str().unwrap().contains("revoked"));
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("revoked"));
 }
 
 #[tokio::test]
@@ -83,12 +106,23 @@ async fn json_responses_are_counted_exactly_per_key_and_endpoint() {
     for (i, text) in ["one", "one two three", "a b c d e f g"].iter().enumerate() {
         let mut body = chat(text);
         body["max_tokens"] = json!(i + 2);
-        let response: Value = gw.post("/v1/chat/completions", &gw.alice, &body).send().await.unwrap().json().await.unwrap();
+        let response: Value = gw
+            .post("/v1/chat/completions", &gw.alice, &body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         expected.0 += response["usage"]["prompt_tokens"].as_u64().unwrap();
         expected.1 += response["usage"]["completion_tokens"].as_u64().unwrap();
     }
     let completion: Value = gw
-        .post("/v1/completions", &gw.alice, &json!({"model": "m", "prompt": "say it"}))
+        .post(
+            "/v1/completions",
+            &gw.alice,
+            &json!({"model": "m", "prompt": "say it"}),
+        )
         .send()
         .await
         .unwrap()
@@ -106,19 +140,42 @@ async fn json_responses_are_counted_exactly_per_key_and_endpoint() {
     assert_eq!(usage["completion_tokens"], expected.1);
     assert_eq!(usage["total_tokens"], expected.0 + expected.1);
     assert_eq!(usage["requests_without_usage"], 0);
-    assert_eq!(usage["endpoints"], json!({"/v1/chat/completions": 3, "/v1/completions": 1, "/v1/models": 1}));
+    assert_eq!(
+        usage["endpoints"],
+        json!({"/v1/chat/completions": 3, "/v1/completions": 1, "/v1/models": 1})
+    );
     assert!(usage["last_request_at"].is_string());
 
     // The admin's own view of everyone, and nobody else's usage moved.
-    let all: Value = gw.get("/admin/usage", &gw.admin).send().await.unwrap().json().await.unwrap();
-    let alice = all.as_array().unwrap().iter().find(|k| k["name"] == "alice").unwrap();
+    let all: Value = gw
+        .get("/admin/usage", &gw.admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let alice = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == "alice")
+        .unwrap();
     assert_eq!(alice["total_tokens"], expected.0 + expected.1);
-    let root = all.as_array().unwrap().iter().find(|k| k["name"] == "root").unwrap();
+    let root = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == "root")
+        .unwrap();
     assert_eq!(root["requests"], 0);
 
     // One row per request, with model and tokens.
     let rows: Value = gw
-        .get(&format!("/admin/usage/{}/requests?limit=2", gw.alice_id), &gw.admin)
+        .get(
+            &format!("/admin/usage/{}/requests?limit=2", gw.alice_id),
+            &gw.admin,
+        )
         .send()
         .await
         .unwrap()
@@ -131,12 +188,18 @@ async fn json_responses_are_counted_exactly_per_key_and_endpoint() {
     assert_eq!(rows[1]["path"], "/v1/completions");
     assert_eq!(rows[1]["model"], "m");
     assert_eq!(rows[1]["status"], 200);
-    assert_eq!(rows[1]["completion_tokens"], completion["usage"]["completion_tokens"]);
+    assert_eq!(
+        rows[1]["completion_tokens"],
+        completion["usage"]["completion_tokens"]
+    );
 }
 
 async fn read_stream(response: reqwest::Response) -> String {
     assert_eq!(response.status(), 200);
-    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
     String::from_utf8(response.bytes().await.unwrap().to_vec()).unwrap()
 }
 
@@ -144,19 +207,41 @@ async fn read_stream(response: reqwest::Response) -> String {
 async fn a_stream_without_include_usage_is_counted_and_reaches_the_client_unchanged() {
     let gw = Gateway::start().await;
     for path in ["/v1/chat/completions", "/v1/completions"] {
-        let mut body = if path == "/v1/chat/completions" { chat("tell me a story") } else { json!({"model": "mock-model", "prompt": "tell me a story"}) };
+        let mut body = if path == "/v1/chat/completions" {
+            chat("tell me a story")
+        } else {
+            json!({"model": "mock-model", "prompt": "tell me a story"})
+        };
         body["stream"] = json!(true);
-        let through_gateway = read_stream(gw.post(path, &gw.alice, &body).send().await.unwrap()).await;
-        let direct = read_stream(gw.http.post(format!("{}{path}", gw.upstream.url)).json(&body).send().await.unwrap()).await;
-        assert_eq!(through_gateway, direct, "the client sees exactly the upstream's stream without usage");
+        let through_gateway =
+            read_stream(gw.post(path, &gw.alice, &body).send().await.unwrap()).await;
+        let direct = read_stream(
+            gw.http
+                .post(format!("{}{path}", gw.upstream.url))
+                .json(&body)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(
+            through_gateway, direct,
+            "the client sees exactly the upstream's stream without usage"
+        );
         assert!(!through_gateway.contains("usage"));
         // The gateway did ask the upstream for usage.
-        let asked = gw.upstream.seen().into_iter().find(|s| s.uri == path).unwrap();
+        let asked = gw
+            .upstream
+            .seen()
+            .into_iter()
+            .find(|s| s.uri == path)
+            .unwrap();
         let asked: Value = serde_json::from_slice(&asked.body).unwrap();
         assert_eq!(asked["stream_options"]["include_usage"], true);
     }
     let usage = gw.wait_for_requests(&gw.alice_id, 2).await;
-    let prompt = mock_prompt_tokens(&chat("tell me a story")) + mock_prompt_tokens(&json!({"prompt": "tell me a story"}));
+    let prompt = mock_prompt_tokens(&chat("tell me a story"))
+        + mock_prompt_tokens(&json!({"prompt": "tell me a story"}));
     assert_eq!(usage["prompt_tokens"], prompt);
     assert_eq!(usage["completion_tokens"], 2 * REPLY.len() as u64);
     assert_eq!(usage["requests_without_usage"], 0);
@@ -168,9 +253,18 @@ async fn a_stream_with_include_usage_keeps_its_usage_chunk() {
     let mut body = chat("count me");
     body["stream"] = json!(true);
     body["stream_options"] = json!({"include_usage": true});
-    let seen = read_stream(gw.post("/v1/chat/completions", &gw.alice, &body).send().await.unwrap()).await;
+    let seen = read_stream(
+        gw.post("/v1/chat/completions", &gw.alice, &body)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     let usage = json!({"prompt_tokens": mock_prompt_tokens(&body), "completion_tokens": REPLY.len(), "total_tokens": mock_prompt_tokens(&body) + REPLY.len() as u64});
-    assert_eq!(seen, stream_events(true, "mock-model", &REPLY, Some(usage)).concat());
+    assert_eq!(
+        seen,
+        stream_events(true, "mock-model", &REPLY, Some(usage)).concat()
+    );
     let recorded = gw.wait_for_requests(&gw.alice_id, 1).await;
     assert_eq!(recorded["prompt_tokens"], mock_prompt_tokens(&body));
     assert_eq!(recorded["completion_tokens"], REPLY.len());
@@ -182,13 +276,32 @@ async fn a_stream_whose_upstream_sends_no_usage_is_counted_with_unknown_tokens()
     gw.upstream.without_stream_usage();
     let mut body = chat("no usage here");
     body["stream"] = json!(true);
-    let seen = read_stream(gw.post("/v1/chat/completions", &gw.alice, &body).send().await.unwrap()).await;
-    assert_eq!(seen, stream_events(true, "mock-model", &REPLY, None).concat());
+    let seen = read_stream(
+        gw.post("/v1/chat/completions", &gw.alice, &body)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        seen,
+        stream_events(true, "mock-model", &REPLY, None).concat()
+    );
     let usage = gw.wait_for_requests(&gw.alice_id, 1).await;
     assert_eq!(usage["requests_without_usage"], 1);
     assert_eq!(usage["total_tokens"], 0);
-    let rows: Value = gw.get(&format!("/admin/usage/{}/requests", gw.alice_id), &gw.admin).send().await.unwrap().json().await.unwrap();
-    assert!(rows[0]["prompt_tokens"].is_null(), "unknown, not zero: {rows}");
+    let rows: Value = gw
+        .get(&format!("/admin/usage/{}/requests", gw.alice_id), &gw.admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        rows[0]["prompt_tokens"].is_null(),
+        "unknown, not zero: {rows}"
+    );
     assert!(rows[0]["completion_tokens"].is_null());
 }
 
@@ -198,7 +311,11 @@ async fn a_client_that_leaves_mid_stream_is_still_counted() {
     gw.upstream.set_chunk_delay(Duration::from_millis(300));
     let mut body = chat("long story");
     body["stream"] = json!(true);
-    let response = gw.post("/v1/chat/completions", &gw.alice, &body).send().await.unwrap();
+    let response = gw
+        .post("/v1/chat/completions", &gw.alice, &body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     let mut stream = response.bytes_stream();
     let first = stream.next().await.unwrap().unwrap();
@@ -206,9 +323,19 @@ async fn a_client_that_leaves_mid_stream_is_still_counted() {
     drop(stream); // the client hangs up after the first chunk
     let usage = gw.wait_for_requests(&gw.alice_id, 1).await;
     assert_eq!(usage["endpoints"]["/v1/chat/completions"], 1);
-    let rows: Value = gw.get(&format!("/admin/usage/{}/requests", gw.alice_id), &gw.admin).send().await.unwrap().json().await.unwrap();
+    let rows: Value = gw
+        .get(&format!("/admin/usage/{}/requests", gw.alice_id), &gw.admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(rows[0]["status"], 200);
-    assert!(rows[0]["latency_ms"].as_u64().unwrap() < 1_500, "settled when the client left, not when the stream would have ended");
+    assert!(
+        rows[0]["latency_ms"].as_u64().unwrap() < 1_500,
+        "settled when the client left, not when the stream would have ended"
+    );
 }
 
 #[tokio::test]
@@ -216,38 +343,75 @@ async fn an_unreachable_upstream_is_a_502_in_openai_shape() {
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let dead = format!("http://{}", closed.local_addr().unwrap());
     drop(closed);
-    let gw = Gateway::start_with(Options { upstream: Some(dead), ..Options::default() }).await;
-    let response = gw.post("/v1/chat/completions", &gw.alice, &chat("hi")).send().await.unwrap();
+    let gw = Gateway::start_with(Options {
+        upstream: Some(dead),
+        ..Options::default()
+    })
+    .await;
+    let response = gw
+        .post("/v1/chat/completions", &gw.alice, &chat("hi"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 502);
     let body = openai_error(response).await;
     assert_eq!(body["error"]["code"], "upstream_unavailable");
-    assert!(!body["error"]["message"].as_str().unwrap().contains("127.0.0.1"), "no internals: {body}");
+    assert!(
+        !body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("127.0.0.1"),
+        "no internals: {body}"
+    );
     let usage = gw.wait_for_requests(&gw.alice_id, 1).await;
     assert_eq!(usage["total_tokens"], 0);
-    assert_eq!(usage["requests_without_usage"], 0, "a failed request used no tokens");
+    assert_eq!(
+        usage["requests_without_usage"], 0,
+        "a failed request used no tokens"
+    );
 }
 
 #[tokio::test]
 async fn a_slow_upstream_times_out_with_a_504() {
-    let gw = Gateway::start_with(Options { timeout: Duration::from_millis(300), ..Options::default() }).await;
+    let gw = Gateway::start_with(Options {
+        timeout: Duration::from_millis(300),
+        ..Options::default()
+    })
+    .await;
     gw.upstream.set_response_delay(Duration::from_secs(3));
-    let response = gw.post("/v1/chat/completions", &gw.alice, &chat("hi")).send().await.unwrap();
+    let response = gw
+        .post("/v1/chat/completions", &gw.alice, &chat("hi"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 504);
-    assert_eq!(openai_error(response).await["error"]["code"], "upstream_timeout");
+    assert_eq!(
+        openai_error(response).await["error"]["code"],
+        "upstream_timeout"
+    );
 }
 
 #[tokio::test]
 async fn an_oversized_body_is_refused_with_413_and_never_forwarded() {
-    let gw = Gateway::start_with(Options { max_body_bytes: 1024, ..Options::default() }).await;
+    let gw = Gateway::start_with(Options {
+        max_body_bytes: 1024,
+        ..Options::default()
+    })
+    .await;
     let big = chat(&"word ".repeat(1000));
-    let response = gw.post("/v1/chat/completions", &gw.alice, &big).send().await.unwrap();
+    let response = gw
+        .post("/v1/chat/completions", &gw.alice, &big)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 413);
     let body = openai_error(response).await;
     assert_eq!(body["error"]["code"], "request_too_large");
     assert!(body["error"]["message"].as_str().unwrap().contains("1024"));
 
     // Without a Content-Length (chunked), the limit still holds.
-    let chunks = futures_util::stream::iter(vec![Ok::<_, std::io::Error>(big.to_string().into_bytes())]);
+    let chunks =
+        futures_util::stream::iter(vec![Ok::<_, std::io::Error>(big.to_string().into_bytes())]);
     let response = gw
         .http
         .post(format!("{}/v1/chat/completions", gw.url))
@@ -260,7 +424,14 @@ async fn an_oversized_body_is_refused_with_413_and_never_forwarded() {
     assert!(gw.upstream.seen().is_empty());
 
     // A body under the limit still goes through.
-    assert_eq!(gw.post("/v1/chat/completions", &gw.alice, &chat("small")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        gw.post("/v1/chat/completions", &gw.alice, &chat("small"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 }
 
 #[tokio::test]
@@ -278,7 +449,13 @@ async fn invalid_json_is_forwarded_unchanged_and_answered_by_the_upstream() {
         .unwrap();
     assert_eq!(response.status(), 400);
     let body = openai_error(response).await;
-    assert!(body["error"]["message"].as_str().unwrap().contains("parse the JSON"), "the upstream's own answer: {body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("parse the JSON"),
+        "the upstream's own answer: {body}"
+    );
     assert_eq!(gw.upstream.seen()[0].body, raw.as_bytes());
     let usage = gw.wait_for_requests(&gw.alice_id, 1).await;
     assert_eq!(usage["total_tokens"], 0);
@@ -287,16 +464,44 @@ async fn invalid_json_is_forwarded_unchanged_and_answered_by_the_upstream() {
 #[tokio::test]
 async fn admin_routes_need_an_admin_key() {
     let gw = Gateway::start().await;
-    for (method, path) in [("GET", "/admin/usage"), ("GET", "/admin/keys"), ("POST", "/admin/keys")] {
-        let request = gw.http.request(method.parse().unwrap(), format!("{}{path}", gw.url));
-        let response = request.try_clone().unwrap().bearer_auth(gw.alice.expose()).json(&json!({"name": "x"})).send().await.unwrap();
+    for (method, path) in [
+        ("GET", "/admin/usage"),
+        ("GET", "/admin/keys"),
+        ("POST", "/admin/keys"),
+    ] {
+        let request = gw
+            .http
+            .request(method.parse().unwrap(), format!("{}{path}", gw.url));
+        let response = request
+            .try_clone()
+            .unwrap()
+            .bearer_auth(gw.alice.expose())
+            .json(&json!({"name": "x"}))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 403, "{method} {path}");
-        assert_eq!(openai_error(response).await["error"]["code"], "insufficient_permissions");
+        assert_eq!(
+            openai_error(response).await["error"]["code"],
+            "insufficient_permissions"
+        );
         let response = request.send().await.unwrap();
         assert_eq!(response.status(), 401, "{method} {path} without a key");
     }
-    assert_eq!(gw.get("/admin/usage", &gw.admin).send().await.unwrap().status(), 200);
-    let health = gw.http.get(format!("{}/healthz", gw.url)).send().await.unwrap();
+    assert_eq!(
+        gw.get("/admin/usage", &gw.admin)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let health = gw
+        .http
+        .get(format!("{}/healthz", gw.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(health.status(), 200);
     let unknown = gw.get("/nope", &gw.alice).send().await.unwrap();
     assert_eq!(unknown.status(), 404);
@@ -306,44 +511,115 @@ async fn admin_routes_need_an_admin_key() {
 #[tokio::test]
 async fn any_key_reads_its_own_usage() {
     let gw = Gateway::start().await;
-    gw.post("/v1/chat/completions", &gw.alice, &chat("hi")).send().await.unwrap().bytes().await.unwrap();
+    gw.post("/v1/chat/completions", &gw.alice, &chat("hi"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
     gw.wait_for_requests(&gw.alice_id, 1).await;
-    let mine: Value = gw.get("/v1/me/usage", &gw.alice).send().await.unwrap().json().await.unwrap();
+    let mine: Value = gw
+        .get("/v1/me/usage", &gw.alice)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(mine["name"], "alice");
     assert_eq!(mine["requests"], 1);
-    assert_eq!(mine["total_tokens"], mock_prompt_tokens(&chat("hi")) + REPLY.len() as u64);
+    assert_eq!(
+        mine["total_tokens"],
+        mock_prompt_tokens(&chat("hi")) + REPLY.len() as u64
+    );
     // Reading usage is not itself counted as usage.
-    let again: Value = gw.get("/v1/me/usage", &gw.alice).send().await.unwrap().json().await.unwrap();
+    let again: Value = gw
+        .get("/v1/me/usage", &gw.alice)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(again["requests"], 1);
 }
 
 #[tokio::test]
 async fn keys_created_over_the_admin_api_work_at_once_and_list_without_secrets() {
     let gw = Gateway::start().await;
-    let created = gw.post("/admin/keys", &gw.admin, &json!({"name": "bob", "role": "user"})).send().await.unwrap();
+    let created = gw
+        .post(
+            "/admin/keys",
+            &gw.admin,
+            &json!({"name": "bob", "role": "user"}),
+        )
+        .send()
+        .await
+        .unwrap();
     assert_eq!(created.status(), 201);
     let created: Value = created.json().await.unwrap();
     let secret = created["key"].as_str().unwrap().to_owned();
     assert!(secret.starts_with("sk-lg-") && secret.len() >= 38);
     let bob = llmgate_core::auth::Secret::new(secret.clone());
-    assert_eq!(gw.post("/v1/chat/completions", &bob, &chat("hi")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        gw.post("/v1/chat/completions", &bob, &chat("hi"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 
-    let list = gw.get("/admin/keys", &gw.admin).send().await.unwrap().text().await.unwrap();
-    assert!(!list.contains(&secret[10..]), "a listing never shows a secret");
+    let list = gw
+        .get("/admin/keys", &gw.admin)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !list.contains(&secret[10..]),
+        "a listing never shows a secret"
+    );
     let list: Value = serde_json::from_str(&list).unwrap();
-    let listed = list.as_array().unwrap().iter().find(|k| k["name"] == "bob").unwrap();
+    let listed = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == "bob")
+        .unwrap();
     assert_eq!(listed["prefix"], &secret[..10]);
     assert_eq!(listed["role"], "user");
 
-    let duplicate = gw.post("/admin/keys", &gw.admin, &json!({"name": "bob"})).send().await.unwrap();
+    let duplicate = gw
+        .post("/admin/keys", &gw.admin, &json!({"name": "bob"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(duplicate.status(), 409);
     openai_error(duplicate).await;
-    for bad in [json!({"name": ""}), json!({"name": "x", "role": "owner"}), json!({"nom": "x"})] {
-        let response = gw.post("/admin/keys", &gw.admin, &bad).send().await.unwrap();
+    for bad in [
+        json!({"name": ""}),
+        json!({"name": "x", "role": "owner"}),
+        json!({"nom": "x"}),
+    ] {
+        let response = gw
+            .post("/admin/keys", &gw.admin, &bad)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 400, "{bad}");
         openai_error(response).await;
     }
-    let missing = gw.http.delete(format!("{}/admin/keys/key_nope", gw.url)).bearer_auth(gw.admin.expose()).send().await.unwrap();
+    let missing = gw
+        .http
+        .delete(format!("{}/admin/keys/key_nope", gw.url))
+        .bearer_auth(gw.admin.expose())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(missing.status(), 404);
 }
 
@@ -357,7 +633,11 @@ async fn usage_stays_exact_under_concurrent_load() {
             body["stream"] = json!(true);
             gw.post("/v1/chat/completions", &gw.alice, &body)
         } else {
-            gw.post("/v1/chat/completions", &gw.alice, &chat("concurrent request"))
+            gw.post(
+                "/v1/chat/completions",
+                &gw.alice,
+                &chat("concurrent request"),
+            )
         };
         tasks.push(tokio::spawn(async move {
             let response = request.send().await.unwrap();
@@ -378,11 +658,22 @@ async fn usage_stays_exact_under_concurrent_load() {
 async fn bad_query_parameters_get_a_clear_400() {
     let gw = Gateway::start().await;
     for query in ["since=yesterday", "limit=0", "limit=lots"] {
-        let response = gw.get(&format!("/admin/usage/{}/requests?{query}", gw.alice_id), &gw.admin).send().await.unwrap();
+        let response = gw
+            .get(
+                &format!("/admin/usage/{}/requests?{query}", gw.alice_id),
+                &gw.admin,
+            )
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 400, "{query}");
         openai_error(response).await;
     }
-    let response = gw.get("/admin/usage/key_unknown", &gw.admin).send().await.unwrap();
+    let response = gw
+        .get("/admin/usage/key_unknown", &gw.admin)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 404);
 }
 
@@ -390,11 +681,21 @@ async fn bad_query_parameters_get_a_clear_400() {
 async fn stopping_drains_the_queue_and_a_new_store_sees_everything() {
     let mut gw = Gateway::start().await;
     for _ in 0..20 {
-        gw.post("/v1/chat/completions", &gw.alice, &chat("persist me")).send().await.unwrap().bytes().await.unwrap();
+        gw.post("/v1/chat/completions", &gw.alice, &chat("persist me"))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
     }
     gw.stop().await;
-    let reopened = llmgate_core::storage::SqliteStore::open(&gw.db_path).await.unwrap();
-    let totals = llmgate_core::storage::UsageStore::totals_for_key(&reopened, &gw.alice_id).await.unwrap();
+    let reopened = llmgate_core::storage::SqliteStore::open(&gw.db_path)
+        .await
+        .unwrap();
+    let totals = llmgate_core::storage::UsageStore::totals_for_key(&reopened, &gw.alice_id)
+        .await
+        .unwrap();
     assert_eq!(totals.requests, 20);
     assert_eq!(totals.completion_tokens, 20 * REPLY.len() as u64);
 }

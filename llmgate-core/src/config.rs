@@ -72,9 +72,27 @@ impl GatewayConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.upstream_uri()?;
         let ranges: [(&'static str, u64, u64, u64, &'static str); 3] = [
-            ("upstream_timeout_secs", self.upstream_timeout_secs, 1, 86_400, "between 1 and 86400"),
-            ("max_body_bytes", self.max_body_bytes, 1, 1 << 32, "between 1 and 4294967296"),
-            ("key_cache_ttl_ms", self.key_cache_ttl_ms, 0, 60_000, "between 0 and 60000"),
+            (
+                "upstream_timeout_secs",
+                self.upstream_timeout_secs,
+                1,
+                86_400,
+                "between 1 and 86400",
+            ),
+            (
+                "max_body_bytes",
+                self.max_body_bytes,
+                1,
+                1 << 32,
+                "between 1 and 4294967296",
+            ),
+            (
+                "key_cache_ttl_ms",
+                self.key_cache_ttl_ms,
+                0,
+                60_000,
+                "between 0 and 60000",
+            ),
         ];
         for (name, value, min, max, rule) in ranges {
             if value < min || value > max {
@@ -86,13 +104,19 @@ impl GatewayConfig {
 
     /// The upstream as a URI.
     pub fn upstream_uri(&self) -> Result<Uri, ConfigError> {
-        let raw = self.upstream.as_deref().ok_or(ConfigError::MissingUpstream)?;
-        let uri: Uri = raw
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| ConfigError::BadUpstream(raw.into(), e.to_string()))?;
+        let raw = self
+            .upstream
+            .as_deref()
+            .ok_or(ConfigError::MissingUpstream)?;
+        let uri: Uri = raw.parse().map_err(|e: http::uri::InvalidUri| {
+            ConfigError::BadUpstream(raw.into(), e.to_string())
+        })?;
         match (uri.scheme_str(), uri.host()) {
             (Some("http" | "https"), Some(_)) => Ok(uri),
-            _ => Err(ConfigError::BadUpstream(raw.into(), "it needs http:// or https:// and a host".into())),
+            _ => Err(ConfigError::BadUpstream(
+                raw.into(),
+                "it needs http:// or https:// and a host".into(),
+            )),
         }
     }
 
@@ -118,7 +142,10 @@ mod tests {
     #[test]
     fn defaults_work_once_an_upstream_is_given() {
         let mut config = GatewayConfig::default();
-        assert!(matches!(config.validate(), Err(ConfigError::MissingUpstream)));
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::MissingUpstream)
+        ));
         config.upstream = Some("http://127.0.0.1:8000".into());
         config.validate().unwrap();
         assert_eq!(config.listen.port(), 8080);
@@ -126,14 +153,25 @@ mod tests {
 
     #[test]
     fn errors_name_the_option_to_fix() {
-        let config = GatewayConfig { upstream: Some("localhost:8000".into()), ..Default::default() };
-        assert!(config.validate().unwrap_err().to_string().contains("http://"));
+        let config = GatewayConfig {
+            upstream: Some("localhost:8000".into()),
+            ..Default::default()
+        };
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("http://"));
         let config = GatewayConfig {
             upstream: Some("http://h".into()),
             upstream_timeout_secs: 0,
             ..Default::default()
         };
-        assert!(config.validate().unwrap_err().to_string().contains("upstream_timeout_secs"));
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("upstream_timeout_secs"));
     }
 
     #[test]

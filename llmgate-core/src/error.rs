@@ -65,17 +65,32 @@ impl ApiError {
 
     /// 400: the request itself is wrong.
     pub fn bad_request(message: impl Into<Cow<'static, str>>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", None, message)
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            None,
+            message,
+        )
     }
 
     /// 404: no such resource.
     pub fn not_found(message: impl Into<Cow<'static, str>>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "invalid_request_error", Some("not_found"), message)
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            Some("not_found"),
+            message,
+        )
     }
 
     /// 409: the request conflicts with existing state.
     pub fn conflict(message: impl Into<Cow<'static, str>>) -> Self {
-        Self::new(StatusCode::CONFLICT, "invalid_request_error", Some("conflict"), message)
+        Self::new(
+            StatusCode::CONFLICT,
+            "invalid_request_error",
+            Some("conflict"),
+            message,
+        )
     }
 
     /// 500: something on our side failed; details are in the gateway's log.
@@ -106,7 +121,10 @@ impl ApiError {
         let mut response = Response::new(B::from(self.body()));
         *response.status_mut() = self.status;
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         if self.status == StatusCode::UNAUTHORIZED {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
@@ -178,7 +196,10 @@ impl From<ProxyError> for ApiError {
                 StatusCode::GATEWAY_TIMEOUT,
                 "server_error",
                 Some("upstream_timeout"),
-                format!("The model server did not answer within {} s.", after.as_secs_f64()),
+                format!(
+                    "The model server did not answer within {} s.",
+                    after.as_secs_f64()
+                ),
             ),
             ProxyError::BadRequest(_) => Self::bad_request("The request could not be forwarded."),
         }
@@ -208,12 +229,17 @@ mod tests {
         assert_eq!(body["error"]["type"], "invalid_request_error");
         assert_eq!(body["error"]["code"], "invalid_api_key");
         assert!(body["error"]["param"].is_null());
-        assert!(body["error"]["message"].as_str().unwrap().contains("API key"));
+        assert!(body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("API key"));
     }
 
     #[test]
     fn storage_details_never_reach_the_client() {
-        let err = ApiError::from(StorageError::Database("disk I/O error at /secret/path".into()));
+        let err = ApiError::from(StorageError::Database(
+            "disk I/O error at /secret/path".into(),
+        ));
         let body = String::from_utf8(err.body().to_vec()).unwrap();
         assert!(!body.contains("/secret/path"));
         assert_eq!(err.status, StatusCode::INTERNAL_SERVER_ERROR);

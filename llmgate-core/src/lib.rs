@@ -47,15 +47,15 @@
 //! ```
 //!
 //! ## Map
-//! - [`auth`]: keys ([`auth::Secret`], [`auth::KeyRecord`]), the [`auth::KeyCache`], and
+//! - [`auth`] — keys ([`auth::Secret`], [`auth::KeyRecord`]), the [`auth::KeyCache`], and
 //!   [`auth::AuthUsageLayer`].
-//! - [`usage`]: reading tokens from JSON and SSE bodies, the [`usage::UsageRecorder`]
+//! - [`usage`] — reading tokens from JSON and SSE bodies, the [`usage::UsageRecorder`]
 //!   queue and its batch writer.
-//! - [`proxy`]: the forwarding [`proxy::Proxy`] service.
-//! - [`storage`]: the [`storage::KeyStore`] and [`storage::UsageStore`] traits and their
+//! - [`proxy`] — the forwarding [`proxy::Proxy`] service.
+//! - [`storage`] — the [`storage::KeyStore`] and [`storage::UsageStore`] traits and their
 //!   backends.
-//! - [`error`]: the OpenAI-shaped [`error::ApiError`].
-//! - [`config`]: [`config::GatewayConfig`].
+//! - [`error`] — the OpenAI-shaped [`error::ApiError`].
+//! - [`config`] — [`config::GatewayConfig`].
 
 #![warn(missing_docs)]
 

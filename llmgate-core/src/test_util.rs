@@ -66,13 +66,17 @@ type MockBody = UnsyncBoxBody<Bytes, Infallible>;
 impl MockUpstream {
     /// Starts the mock on a free port.
     pub async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind mock upstream");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind mock upstream");
         let addr = listener.local_addr().expect("local addr");
         let state = Arc::new(State::default());
         let served = state.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let state = served.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| handle(state.clone(), req));
@@ -82,7 +86,12 @@ impl MockUpstream {
                 });
             }
         });
-        Self { url: format!("http://{addr}"), addr, state, task }
+        Self {
+            url: format!("http://{addr}"),
+            addr,
+            state,
+            task,
+        }
     }
 
     /// Every request received so far.
@@ -97,12 +106,16 @@ impl MockUpstream {
 
     /// Pause between stream chunks.
     pub fn set_chunk_delay(&self, delay: Duration) {
-        self.state.chunk_delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
+        self.state
+            .chunk_delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// Pause before answering at all.
     pub fn set_response_delay(&self, delay: Duration) {
-        self.state.response_delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
+        self.state
+            .response_delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 }
 
@@ -131,9 +144,16 @@ pub fn mock_prompt_tokens(request: &Value) -> u64 {
     }
 }
 
-async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<MockBody>, Infallible> {
+async fn handle(
+    state: Arc<State>,
+    req: Request<Incoming>,
+) -> Result<Response<MockBody>, Infallible> {
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
     state.seen.lock().unwrap().push(SeenRequest {
         method: parts.method.clone(),
         uri: parts.uri.to_string(),
@@ -152,7 +172,10 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Mo
         ));
     }
     if parts.method != Method::POST {
-        return Ok(json_response(StatusCode::NOT_FOUND, json!({"error": {"message": "not found", "type": "invalid_request_error", "param": null, "code": null}})));
+        return Ok(json_response(
+            StatusCode::NOT_FOUND,
+            json!({"error": {"message": "not found", "type": "invalid_request_error", "param": null, "code": null}}),
+        ));
     }
     let Ok(request) = serde_json::from_slice::<Value>(&body) else {
         return Ok(json_response(
@@ -162,7 +185,10 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Mo
     };
     let model = request["model"].as_str().unwrap_or("mock-model").to_owned();
     let prompt_tokens = mock_prompt_tokens(&request);
-    let max = request["max_tokens"].as_u64().unwrap_or(REPLY.len() as u64).min(REPLY.len() as u64) as usize;
+    let max = request["max_tokens"]
+        .as_u64()
+        .unwrap_or(REPLY.len() as u64)
+        .min(REPLY.len() as u64) as usize;
     let reply = &REPLY[..max];
     match path {
         "/v1/chat/completions" | "/v1/completions" => {
@@ -172,7 +198,13 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Mo
                 let include_usage = request["stream_options"]["include_usage"] == json!(true)
                     && !state.no_stream_usage.load(Ordering::SeqCst);
                 let delay = Duration::from_millis(state.chunk_delay_ms.load(Ordering::SeqCst));
-                return Ok(stream(chat, &model, reply, include_usage.then_some(usage), delay));
+                return Ok(stream(
+                    chat,
+                    &model,
+                    reply,
+                    include_usage.then_some(usage),
+                    delay,
+                ));
             }
             let text: String = reply.concat();
             let choice = if chat {
@@ -180,7 +212,11 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Mo
             } else {
                 json!({"index": 0, "text": text, "finish_reason": "stop"})
             };
-            let object = if chat { "chat.completion" } else { "text_completion" };
+            let object = if chat {
+                "chat.completion"
+            } else {
+                "text_completion"
+            };
             Ok(json_response(
                 StatusCode::OK,
                 json!({"id": "mock-1", "object": object, "created": 1, "model": model, "choices": [choice], "usage": usage}),
@@ -193,14 +229,21 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Mo
                 json!({"object": "list", "model": model, "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}], "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}),
             ))
         }
-        _ => Ok(json_response(StatusCode::NOT_FOUND, json!({"error": {"message": "not found", "type": "invalid_request_error", "param": null, "code": null}}))),
+        _ => Ok(json_response(
+            StatusCode::NOT_FOUND,
+            json!({"error": {"message": "not found", "type": "invalid_request_error", "param": null, "code": null}}),
+        )),
     }
 }
 
 /// The SSE events the mock sends, as OpenAI does: with `usage: null` in every chunk and
 /// a final usage chunk when usage was asked for.
 pub fn stream_events(chat: bool, model: &str, reply: &[&str], usage: Option<Value>) -> Vec<String> {
-    let object = if chat { "chat.completion.chunk" } else { "text_completion" };
+    let object = if chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
     let chunk = |choice: Value, usage_field: Option<Value>| {
         let mut value = json!({"id": "mock-1", "object": object, "created": 1, "model": model, "choices": [choice]});
         if let Some(u) = usage_field {
@@ -212,7 +255,11 @@ pub fn stream_events(chat: bool, model: &str, reply: &[&str], usage: Option<Valu
     let mut events = Vec::new();
     for (i, word) in reply.iter().enumerate() {
         let choice = if chat {
-            let delta = if i == 0 { json!({"role": "assistant", "content": word}) } else { json!({"content": word}) };
+            let delta = if i == 0 {
+                json!({"role": "assistant", "content": word})
+            } else {
+                json!({"content": word})
+            };
             json!({"index": 0, "delta": delta, "finish_reason": null})
         } else {
             json!({"index": 0, "text": word, "finish_reason": null})
@@ -226,16 +273,26 @@ pub fn stream_events(chat: bool, model: &str, reply: &[&str], usage: Option<Valu
     };
     events.push(chunk(last, nul));
     if let Some(usage) = usage {
-        let mut value = json!({"id": "mock-1", "object": object, "created": 1, "model": model, "choices": []});
+        let mut value =
+            json!({"id": "mock-1", "object": object, "created": 1, "model": model, "choices": []});
         value["usage"] = usage;
         events.push(value);
     }
-    let mut out: Vec<String> = events.into_iter().map(|e| format!("data: {e}\n\n")).collect();
+    let mut out: Vec<String> = events
+        .into_iter()
+        .map(|e| format!("data: {e}\n\n"))
+        .collect();
     out.push("data: [DONE]\n\n".to_owned());
     out
 }
 
-fn stream(chat: bool, model: &str, reply: &[&str], usage: Option<Value>, delay: Duration) -> Response<MockBody> {
+fn stream(
+    chat: bool,
+    model: &str,
+    reply: &[&str],
+    usage: Option<Value>,
+    delay: Duration,
+) -> Response<MockBody> {
     let events = stream_events(chat, model, reply, usage);
     let body = futures_util::stream::iter(events).then(move |event| async move {
         if !delay.is_zero() {

@@ -27,14 +27,20 @@ pub struct AppState {
 pub fn app(state: AppState, proxy: Proxy, max_body_bytes: usize) -> Router {
     let keys = state.keys.clone();
     let gateway = ServiceBuilder::new()
-        .layer(AuthUsageLayer::new(keys.clone(), state.recorder.clone()).max_body_bytes(max_body_bytes))
+        .layer(
+            AuthUsageLayer::new(keys.clone(), state.recorder.clone())
+                .max_body_bytes(max_body_bytes),
+        )
         .service(proxy);
     let admin = Router::new()
         .route("/usage", get(routes::usage::all))
         .route("/usage/{key_id}", get(routes::usage::one))
         .route("/usage/{key_id}/requests", get(routes::usage::requests))
         .route("/keys", get(routes::keys::list).post(routes::keys::create))
-        .route("/keys/{key_id}", axum::routing::delete(routes::keys::revoke))
+        .route(
+            "/keys/{key_id}",
+            axum::routing::delete(routes::keys::revoke),
+        )
         .layer(AuthUsageLayer::auth_only(keys.clone()).require_role(Role::Admin));
     let me = Router::new()
         .route("/v1/me/usage", get(routes::usage::me))

@@ -51,7 +51,12 @@ pub struct ServeArgs {
     pub listen: Option<SocketAddr>,
 
     /// Key the gateway sends to the upstream (for a hosted API)
-    #[arg(long, env = "LLMGATE_UPSTREAM_KEY", value_name = "KEY", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "LLMGATE_UPSTREAM_KEY",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
     pub upstream_key: Option<String>,
 
     /// Seconds to wait for the upstream's response headers [default: 600]

@@ -48,6 +48,10 @@ fn read_file(path: &Path) -> Result<GatewayConfig, String> {
             .span()
             .map(|span| text[..span.start].matches('\n').count() + 1)
             .map_or(String::new(), |line| format!(", line {line}"));
-        format!("config file {}{line}: {}", path.display(), e.message().trim())
+        format!(
+            "config file {}{line}: {}",
+            path.display(),
+            e.message().trim()
+        )
     })
 }

@@ -22,7 +22,14 @@ struct Server {
 async fn serve(data_dir: &Path, upstream: &str, env: &[(&str, &str)]) -> Server {
     let mut command = Command::new(BIN);
     command
-        .args(["serve", "--upstream", upstream, "--listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "serve",
+            "--upstream",
+            upstream,
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(data_dir)
         .env("LLMGATE_LOG", "warn")
         .env_remove("LLMGATE_ADMIN_KEY")
@@ -50,7 +57,11 @@ async fn serve(data_dir: &Path, upstream: &str, env: &[(&str, &str)]) -> Server 
     .expect("llmgate listens within 20 s");
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Server { child, url, created_admin_key }
+    Server {
+        child,
+        url,
+        created_admin_key,
+    }
 }
 
 async fn cli(data_dir: &Path, args: &[&str]) -> (i32, String, String) {
@@ -70,9 +81,16 @@ async fn cli(data_dir: &Path, args: &[&str]) -> (i32, String, String) {
 
 async fn terminate(mut server: Server) {
     let pid = server.child.id().unwrap().to_string();
-    let status = Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
     assert!(status.success());
-    let exit = tokio::time::timeout(Duration::from_secs(10), server.child.wait()).await.unwrap().unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(10), server.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(exit.success(), "a graceful stop exits 0, got {exit}");
 }
 
@@ -88,7 +106,10 @@ async fn serve_keys_usage_revocation_and_restart_end_to_end() {
     let http = reqwest::Client::new();
 
     let server = serve(&data, &upstream.url, &[]).await;
-    let admin = server.created_admin_key.clone().expect("the first start prints an admin key");
+    let admin = server
+        .created_admin_key
+        .clone()
+        .expect("the first start prints an admin key");
 
     // The CLI works on the same data directory while the server runs; --data-dir goes
     // anywhere on the line.
@@ -97,18 +118,37 @@ async fn serve_keys_usage_revocation_and_restart_end_to_end() {
     let alice: Value = serde_json::from_str(&out).unwrap();
     let alice_key = alice["key"].as_str().unwrap().to_owned();
     let data_arg = data.to_str().unwrap();
-    let (code, out, _) = cli(Path::new("/nonexistent"), &["--data-dir", data_arg, "keys", "list"]).await;
+    let (code, out, _) = cli(
+        Path::new("/nonexistent"),
+        &["--data-dir", data_arg, "keys", "list"],
+    )
+    .await;
     assert_eq!(code, 0);
     assert!(out.contains("alice") && out.contains("admin"), "{out}");
-    assert!(!out.contains(&alice_key[10..]), "a listing never shows a secret");
+    assert!(
+        !out.contains(&alice_key[10..]),
+        "a listing never shows a secret"
+    );
 
     let url = format!("{}/v1/chat/completions", server.url);
-    let response = http.post(&url).bearer_auth(&alice_key).json(&chat()).send().await.unwrap();
+    let response = http
+        .post(&url)
+        .bearer_auth(&alice_key)
+        .json(&chat())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     let answer: Value = response.json().await.unwrap();
     let mut streamed = chat();
     streamed["stream"] = json!(true);
-    let stream = http.post(&url).header("x-api-key", &alice_key).json(&streamed).send().await.unwrap();
+    let stream = http
+        .post(&url)
+        .header("x-api-key", &alice_key)
+        .json(&streamed)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(stream.status(), 200);
     assert!(!stream.text().await.unwrap().contains("usage"));
 
@@ -119,16 +159,28 @@ async fn serve_keys_usage_revocation_and_restart_end_to_end() {
         let (code, out, err) = cli(&data, &["usage", "--json"]).await;
         assert_eq!(code, 0, "{err}");
         let report: Value = serde_json::from_str(&out).unwrap();
-        let row = report.as_array().unwrap().iter().find(|r| r["name"] == "alice").unwrap().clone();
+        let row = report
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == "alice")
+            .unwrap()
+            .clone();
         if row["requests"] == 2 {
             assert_eq!(row["total_tokens"], expected_tokens);
             break;
         }
-        assert!(Instant::now() < deadline, "usage never showed both requests: {row}");
+        assert!(
+            Instant::now() < deadline,
+            "usage never showed both requests: {row}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (_, table, _) = cli(&data, &["usage"]).await;
-    assert!(table.contains("alice") && table.contains(&expected_tokens.to_string()), "{table}");
+    assert!(
+        table.contains("alice") && table.contains(&expected_tokens.to_string()),
+        "{table}"
+    );
 
     // A revocation by name from the CLI reaches the running server within a second.
     let (code, out, err) = cli(&data, &["keys", "revoke", "alice", "--data-dir", data_arg]).await;
@@ -137,13 +189,22 @@ async fn serve_keys_usage_revocation_and_restart_end_to_end() {
     let revoked_at = Instant::now();
     let mut accepted_meanwhile = 0;
     loop {
-        let response = http.post(&url).bearer_auth(&alice_key).json(&chat()).send().await.unwrap();
+        let response = http
+            .post(&url)
+            .bearer_auth(&alice_key)
+            .json(&chat())
+            .send()
+            .await
+            .unwrap();
         if response.status() == 401 {
             break;
         }
         response.bytes().await.unwrap();
         accepted_meanwhile += 1;
-        assert!(revoked_at.elapsed() < Duration::from_secs(1), "still accepted 1 s after revocation");
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(1),
+            "still accepted 1 s after revocation"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 
@@ -153,7 +214,11 @@ async fn serve_keys_usage_revocation_and_restart_end_to_end() {
     let server = serve(&data, &upstream.url, &[]).await;
     assert!(server.created_admin_key.is_none());
     let usage: Value = http
-        .get(format!("{}/admin/usage/{}", server.url, alice["id"].as_str().unwrap()))
+        .get(format!(
+            "{}/admin/usage/{}",
+            server.url,
+            alice["id"].as_str().unwrap()
+        ))
         .bearer_auth(&admin)
         .send()
         .await
@@ -162,7 +227,10 @@ async fn serve_keys_usage_revocation_and_restart_end_to_end() {
         .await
         .unwrap();
     let requests = 2 + accepted_meanwhile;
-    assert_eq!(usage["requests"], requests, "accepted requests count; refused ones do not");
+    assert_eq!(
+        usage["requests"], requests,
+        "accepted requests count; refused ones do not"
+    );
     assert_eq!(usage["total_tokens"], expected_tokens / 2 * requests);
     assert_eq!(usage["completion_tokens"], requests * REPLY.len() as u64);
     assert_eq!(usage["revoked"], true);
@@ -190,15 +258,28 @@ async fn an_admin_key_from_the_environment_is_used_instead_of_a_generated_one() 
 
 async fn fails_with_one_line(args: &[&str], env: &[(&str, &str)], mentions: &str) {
     let mut command = Command::new(BIN);
-    command.args(args).env_remove("LLMGATE_UPSTREAM").env("LLMGATE_LOG", "warn");
+    command
+        .args(args)
+        .env_remove("LLMGATE_UPSTREAM")
+        .env("LLMGATE_LOG", "warn");
     for (k, v) in env {
         command.env(k, v);
     }
-    let output = tokio::time::timeout(Duration::from_secs(20), command.output()).await.unwrap().unwrap();
+    let output = tokio::time::timeout(Duration::from_secs(20), command.output())
+        .await
+        .unwrap()
+        .unwrap();
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
-    assert_eq!(stderr.trim().lines().count(), 1, "{args:?} printed more than one line: {stderr}");
-    assert!(stderr.contains(mentions), "{args:?}: '{stderr}' does not mention '{mentions}'");
+    assert_eq!(
+        stderr.trim().lines().count(),
+        1,
+        "{args:?} printed more than one line: {stderr}"
+    );
+    assert!(
+        stderr.contains(mentions),
+        "{args:?}: '{stderr}' does not mention '{mentions}'"
+    );
 }
 
 #[tokio::test]
@@ -206,16 +287,58 @@ async fn bad_flags_and_settings_exit_2_with_one_line_that_says_what_to_fix() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap();
     fails_with_one_line(&["serve", "--data-dir", data], &[], "--upstream").await;
-    fails_with_one_line(&["serve", "--upstream", "localhost:8000", "--data-dir", data], &[], "http://").await;
-    fails_with_one_line(&["serve", "--upstream", "http://h", "--listen", "nowhere"], &[], "nowhere").await;
+    fails_with_one_line(
+        &["serve", "--upstream", "localhost:8000", "--data-dir", data],
+        &[],
+        "http://",
+    )
+    .await;
+    fails_with_one_line(
+        &["serve", "--upstream", "http://h", "--listen", "nowhere"],
+        &[],
+        "nowhere",
+    )
+    .await;
     fails_with_one_line(&["serve", "--frobnicate"], &[], "--frobnicate").await;
-    fails_with_one_line(&["serve", "--upstream", "http://h", "--upstream-timeout-secs", "0", "--data-dir", data], &[], "upstream_timeout_secs").await;
-    fails_with_one_line(&["serve", "--data-dir", data], &[("LLMGATE_UPSTREAM", "ftp://x")], "ftp://x").await;
+    fails_with_one_line(
+        &[
+            "serve",
+            "--upstream",
+            "http://h",
+            "--upstream-timeout-secs",
+            "0",
+            "--data-dir",
+            data,
+        ],
+        &[],
+        "upstream_timeout_secs",
+    )
+    .await;
+    fails_with_one_line(
+        &["serve", "--data-dir", data],
+        &[("LLMGATE_UPSTREAM", "ftp://x")],
+        "ftp://x",
+    )
+    .await;
 
     let config = dir.path().join("llmgate.toml");
-    std::fs::write(&config, "listen = \"127.0.0.1:0\"\nupstrem = \"http://h\"\n").unwrap();
-    fails_with_one_line(&["serve", "--config", config.to_str().unwrap()], &[], "line 2").await;
-    fails_with_one_line(&["serve", "--config", "/no/such/file.toml"], &[], "/no/such/file.toml").await;
+    std::fs::write(
+        &config,
+        "listen = \"127.0.0.1:0\"\nupstrem = \"http://h\"\n",
+    )
+    .unwrap();
+    fails_with_one_line(
+        &["serve", "--config", config.to_str().unwrap()],
+        &[],
+        "line 2",
+    )
+    .await;
+    fails_with_one_line(
+        &["serve", "--config", "/no/such/file.toml"],
+        &[],
+        "/no/such/file.toml",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -225,7 +348,10 @@ async fn settings_come_from_the_file_then_the_environment_then_flags() {
     let config = dir.path().join("llmgate.toml");
     std::fs::write(
         &config,
-        format!("upstream = \"http://127.0.0.1:1\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n", dir.path().join("from-file").display()),
+        format!(
+            "upstream = \"http://127.0.0.1:1\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n",
+            dir.path().join("from-file").display()
+        ),
     )
     .unwrap();
     // The environment's upstream beats the file's; the file's data_dir is used.

@@ -9,8 +9,8 @@ use std::time::Duration;
 use llmgate_core::auth::{KeyCache, KeyRecord, Role, Secret};
 use llmgate_core::proxy::{Proxy, ProxyConfig};
 use llmgate_core::storage::{KeyStore, SqliteStore};
-use llmgate_core::usage::{UsageRecorder, UsageWriter};
 pub use llmgate_core::test_util::{MockUpstream, SeenRequest};
+use llmgate_core::usage::{UsageRecorder, UsageWriter};
 use llmgate_server::app::{app, AppState};
 use serde_json::Value;
 
@@ -27,7 +27,11 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self { upstream: None, max_body_bytes: 16 * 1024 * 1024, timeout: Duration::from_secs(30) }
+        Self {
+            upstream: None,
+            max_body_bytes: 16 * 1024 * 1024,
+            timeout: Duration::from_secs(30),
+        }
     }
 }
 
@@ -70,12 +74,19 @@ impl Gateway {
         let admin = add_key(store.as_ref(), "root", Role::Admin).await.0;
         let (alice, alice_id) = add_key(store.as_ref(), "alice", Role::User).await;
 
-        let upstream_url = options.upstream.clone().unwrap_or_else(|| upstream.url.clone());
+        let upstream_url = options
+            .upstream
+            .clone()
+            .unwrap_or_else(|| upstream.url.clone());
         let mut proxy_config = ProxyConfig::new(upstream_url.parse().unwrap());
         proxy_config.timeout = options.timeout;
         let proxy = Proxy::new(proxy_config).unwrap();
         let (recorder, writer) = UsageRecorder::start(store.clone());
-        let state = AppState { keys: KeyCache::new(store.clone()), usage: store.clone(), recorder };
+        let state = AppState {
+            keys: KeyCache::new(store.clone()),
+            usage: store.clone(),
+            recorder,
+        };
         let router = app(state, proxy, options.max_body_bytes);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
@@ -107,17 +118,26 @@ impl Gateway {
 
     /// A POST with a bearer key and a JSON body.
     pub fn post(&self, path: &str, key: &Secret, body: &Value) -> reqwest::RequestBuilder {
-        self.http.post(format!("{}{path}", self.url)).bearer_auth(key.expose()).json(body)
+        self.http
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(key.expose())
+            .json(body)
     }
 
     /// A GET with a bearer key.
     pub fn get(&self, path: &str, key: &Secret) -> reqwest::RequestBuilder {
-        self.http.get(format!("{}{path}", self.url)).bearer_auth(key.expose())
+        self.http
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(key.expose())
     }
 
     /// `GET /admin/usage/{key_id}` as JSON.
     pub async fn usage_of(&self, key_id: &str) -> Value {
-        let response = self.get(&format!("/admin/usage/{key_id}"), &self.admin).send().await.unwrap();
+        let response = self
+            .get(&format!("/admin/usage/{key_id}"), &self.admin)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 200);
         response.json().await.unwrap()
     }
@@ -130,7 +150,10 @@ impl Gateway {
             if usage["requests"].as_u64() == Some(n) {
                 return usage;
             }
-            assert!(tokio::time::Instant::now() < deadline, "usage never reached {n} requests: {usage}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "usage never reached {n} requests: {usage}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -148,8 +171,14 @@ pub async fn add_key(store: &dyn KeyStore, name: &str, role: Role) -> (Secret, S
 pub async fn openai_error(response: reqwest::Response) -> Value {
     let body: Value = response.json().await.expect("error body is JSON");
     let error = &body["error"];
-    assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(
+        error["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
     assert!(error["type"].is_string(), "{body}");
-    assert!(error.get("param").is_some() && error.get("code").is_some(), "{body}");
+    assert!(
+        error.get("param").is_some() && error.get("code").is_some(),
+        "{body}"
+    );
     body
 }

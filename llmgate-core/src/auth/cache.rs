@@ -22,7 +22,9 @@ pub struct KeyCache {
 
 impl std::fmt::Debug for KeyCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeyCache").field("entries", &self.entries.entry_count()).finish()
+        f.debug_struct("KeyCache")
+            .field("entries", &self.entries.entry_count())
+            .finish()
     }
 }
 
@@ -34,7 +36,10 @@ impl KeyCache {
 
     /// A cache whose answers live for `ttl`.
     pub fn with_ttl(store: Arc<dyn KeyStore>, ttl: Duration) -> Self {
-        let entries = Cache::builder().max_capacity(100_000).time_to_live(ttl).build();
+        let entries = Cache::builder()
+            .max_capacity(100_000)
+            .time_to_live(ttl)
+            .build();
         Self { store, entries }
     }
 
@@ -49,7 +54,10 @@ impl KeyCache {
         let store = &self.store;
         self.entries
             .try_get_with(hash, async move {
-                store.key_by_hash(&hash).await.map(|found| found.map(Arc::new))
+                store
+                    .key_by_hash(&hash)
+                    .await
+                    .map(|found| found.map(Arc::new))
             })
             .await
             .map_err(|err| AuthError::Storage(err.to_string()))
@@ -75,11 +83,23 @@ mod tests {
         let record = KeyRecord::new("a", Role::User, &secret);
         store.insert_key(&record, &secret.hash()).await.unwrap();
         let cache = KeyCache::with_ttl(store.clone(), Duration::from_millis(100));
-        assert!(cache.lookup(&secret).await.unwrap().unwrap().revoked_at.is_none());
+        assert!(cache
+            .lookup(&secret)
+            .await
+            .unwrap()
+            .unwrap()
+            .revoked_at
+            .is_none());
 
         store.revoke_key(&record.id, now_millis()).await.unwrap();
         tokio::time::sleep(Duration::from_millis(250)).await;
-        assert!(cache.lookup(&secret).await.unwrap().unwrap().revoked_at.is_some());
+        assert!(cache
+            .lookup(&secret)
+            .await
+            .unwrap()
+            .unwrap()
+            .revoked_at
+            .is_some());
 
         let other = Secret::generate();
         let second = KeyRecord::new("b", Role::User, &other);

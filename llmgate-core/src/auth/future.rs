@@ -12,19 +12,23 @@ use crate::usage::AuthUsageBody;
 /// accounting. The request's usage guard lives inside: dropping the future (the client
 /// left before the answer) still records the request.
 pub struct ResponseFuture<B, E> {
-    inner: Pin<Box<dyn Future<Output = Result<Response<AuthUsageBody<B>>, E>> + Send>>,
+    inner: Pin<Box<dyn Future<Output = Outcome<B, E>> + Send>>,
 }
+
+type Outcome<B, E> = Result<Response<AuthUsageBody<B>>, E>;
 
 impl<B, E> ResponseFuture<B, E> {
     pub(crate) fn new(
-        inner: impl Future<Output = Result<Response<AuthUsageBody<B>>, E>> + Send + 'static,
+        inner: impl Future<Output = Outcome<B, E>> + Send + 'static,
     ) -> Self {
-        Self { inner: Box::pin(inner) }
+        Self {
+            inner: Box::pin(inner),
+        }
     }
 }
 
 impl<B, E> Future for ResponseFuture<B, E> {
-    type Output = Result<Response<AuthUsageBody<B>>, E>;
+    type Output = Outcome<B, E>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.inner.as_mut().poll(cx)

@@ -111,7 +111,9 @@ impl std::str::FromStr for Role {
         match s {
             "user" => Ok(Role::User),
             "admin" => Ok(Role::Admin),
-            other => Err(format!("unknown role '{other}': expected 'user' or 'admin'")),
+            other => Err(format!(
+                "unknown role '{other}': expected 'user' or 'admin'"
+            )),
         }
     }
 }
@@ -139,7 +141,10 @@ impl KeyRecord {
     /// A record for a new key, with a fresh id.
     pub fn new(name: impl Into<String>, role: Role, secret: &Secret) -> Self {
         Self {
-            id: format!("key_{}", Alphanumeric.sample_string(&mut rand::thread_rng(), 16)),
+            id: format!(
+                "key_{}",
+                Alphanumeric.sample_string(&mut rand::thread_rng(), 16)
+            ),
             name: name.into(),
             role,
             prefix: secret.public_prefix(),
@@ -178,7 +183,11 @@ mod tests {
     fn debug_and_display_never_show_the_key() {
         let key = Secret::generate();
         let random_tail = &key.expose()[PUBLIC_PREFIX_LEN..];
-        for shown in [format!("{key:?}"), format!("{key}"), format!("{:?}", key.hash())] {
+        for shown in [
+            format!("{key:?}"),
+            format!("{key}"),
+            format!("{:?}", key.hash()),
+        ] {
             assert!(!shown.contains(random_tail), "{shown}");
         }
         assert!(format!("{key}").starts_with("sk-lg-"));

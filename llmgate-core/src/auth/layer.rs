@@ -69,7 +69,9 @@ impl AuthUsageLayer {
             max_body_bytes: arc.max_body_bytes,
         });
         change(&mut shared);
-        Self { shared: Arc::new(shared) }
+        Self {
+            shared: Arc::new(shared),
+        }
     }
 }
 

@@ -84,7 +84,12 @@ pub fn key_from_headers(headers: &HeaderMap) -> Option<Secret> {
             let (scheme, token) = v.trim().split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
         });
-    let plain = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    let plain = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
     bearer
         .or_else(|| plain("api-key"))
         .or_else(|| plain("x-api-key"))
@@ -100,23 +105,46 @@ mod tests {
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         pairs
             .iter()
-            .map(|(k, v)| (http::HeaderName::from_static(k), HeaderValue::from_static(v)))
+            .map(|(k, v)| {
+                (
+                    http::HeaderName::from_static(k),
+                    HeaderValue::from_static(v),
+                )
+            })
             .collect()
     }
 
     #[test]
     fn reads_all_three_header_forms() {
         let expect = Some(Secret::new("sk-lg-abc"));
-        assert_eq!(key_from_headers(&headers(&[("authorization", "Bearer sk-lg-abc")])), expect);
-        assert_eq!(key_from_headers(&headers(&[("authorization", "bearer  sk-lg-abc ")])), expect);
-        assert_eq!(key_from_headers(&headers(&[("api-key", "sk-lg-abc")])), expect);
-        assert_eq!(key_from_headers(&headers(&[("x-api-key", "sk-lg-abc")])), expect);
+        assert_eq!(
+            key_from_headers(&headers(&[("authorization", "Bearer sk-lg-abc")])),
+            expect
+        );
+        assert_eq!(
+            key_from_headers(&headers(&[("authorization", "bearer  sk-lg-abc ")])),
+            expect
+        );
+        assert_eq!(
+            key_from_headers(&headers(&[("api-key", "sk-lg-abc")])),
+            expect
+        );
+        assert_eq!(
+            key_from_headers(&headers(&[("x-api-key", "sk-lg-abc")])),
+            expect
+        );
     }
 
     #[test]
     fn ignores_other_schemes_and_empty_values() {
-        assert_eq!(key_from_headers(&headers(&[("authorization", "Basic dXNlcjpwYXNz")])), None);
-        assert_eq!(key_from_headers(&headers(&[("authorization", "Bearer ")])), None);
+        assert_eq!(
+            key_from_headers(&headers(&[("authorization", "Basic dXNlcjpwYXNz")])),
+            None
+        );
+        assert_eq!(
+            key_from_headers(&headers(&[("authorization", "Bearer ")])),
+            None
+        );
         assert_eq!(key_from_headers(&headers(&[("api-key", "")])), None);
         assert_eq!(key_from_headers(&HeaderMap::new()), None);
     }

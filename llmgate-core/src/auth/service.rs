@@ -56,7 +56,9 @@ where
 }
 
 fn refuse<B>(err: AuthError) -> Response<AuthUsageBody<B>> {
-    ApiError::from(err).into_response::<Full<Bytes>>().map(Either::Right)
+    ApiError::from(err)
+        .into_response::<Full<Bytes>>()
+        .map(Either::Right)
 }
 
 async fn handle<S, ReqBody, ResBody>(
@@ -103,17 +105,25 @@ where
     };
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
-    let mut guard = UsageGuard::new(recorder.clone(), &key.id, method.as_str(), &path, at, started);
+    let mut guard = UsageGuard::new(
+        recorder.clone(),
+        &key.id,
+        method.as_str(),
+        &path,
+        at,
+        started,
+    );
 
-    let (request, plan) = match read_request(request, shared.max_body_bytes, guard.counts_tokens()).await {
-        Ok(read) => read,
-        Err(err) => {
-            let refusal = ApiError::from(err);
-            guard.set_status(refusal.status.as_u16());
-            guard.set_no_tokens();
-            return Ok(refusal.into_response::<Full<Bytes>>().map(Either::Right));
-        }
-    };
+    let (request, plan) =
+        match read_request(request, shared.max_body_bytes, guard.counts_tokens()).await {
+            Ok(read) => read,
+            Err(err) => {
+                let refusal = ApiError::from(err);
+                guard.set_status(refusal.status.as_u16());
+                guard.set_no_tokens();
+                return Ok(refusal.into_response::<Full<Bytes>>().map(Either::Right));
+            }
+        };
 
     let response = inner.oneshot(request).await?;
     let status = response.status();
@@ -146,7 +156,10 @@ where
     B: Body<Data = Bytes> + From<Bytes>,
     B::Error: Into<BoxError>,
 {
-    if matches!(*request.method(), Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS) {
+    if matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
+    ) {
         return Ok((request, RequestPlan::default()));
     }
     let declared = request
@@ -166,7 +179,9 @@ where
     let original_len = bytes.len();
     let (bytes, plan) = inspect_request(parts.uri.path(), bytes, keep_for_counting);
     if bytes.len() != original_len || declared.is_some() {
-        parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
     }
     Ok((Request::from_parts(parts, B::from(bytes)), plan))
 }

@@ -64,7 +64,11 @@ pub struct ProxyConfig {
 impl ProxyConfig {
     /// Forward to `upstream` with no key and a 10-minute timeout.
     pub fn new(upstream: Uri) -> Self {
-        Self { upstream, upstream_key: None, timeout: Duration::from_secs(600) }
+        Self {
+            upstream,
+            upstream_key: None,
+            timeout: Duration::from_secs(600),
+        }
     }
 }
 
@@ -86,7 +90,13 @@ struct Target {
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Proxy")
-            .field("upstream", &format_args!("{}://{}{}", self.target.scheme, self.target.authority, self.target.base_path))
+            .field(
+                "upstream",
+                &format_args!(
+                    "{}://{}{}",
+                    self.target.scheme, self.target.authority, self.target.base_path
+                ),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -95,27 +105,37 @@ impl Proxy {
     /// A proxy to the configured upstream.
     pub fn new(config: ProxyConfig) -> Result<Self, ProxyError> {
         let parts = config.upstream.into_parts();
-        let scheme = parts
-            .scheme
-            .ok_or_else(|| ProxyError::BadRequest("the upstream URL needs http:// or https://".into()))?;
+        let scheme = parts.scheme.ok_or_else(|| {
+            ProxyError::BadRequest("the upstream URL needs http:// or https://".into())
+        })?;
         if scheme != http::uri::Scheme::HTTP && scheme != http::uri::Scheme::HTTPS {
-            return Err(ProxyError::BadRequest(format!("unsupported upstream scheme '{scheme}'")));
+            return Err(ProxyError::BadRequest(format!(
+                "unsupported upstream scheme '{scheme}'"
+            )));
         }
         #[cfg(not(feature = "tls"))]
         if scheme == http::uri::Scheme::HTTPS {
-            return Err(ProxyError::BadRequest("https upstreams need the 'tls' feature".into()));
+            return Err(ProxyError::BadRequest(
+                "https upstreams need the 'tls' feature".into(),
+            ));
         }
         let authority = parts
             .authority
             .ok_or_else(|| ProxyError::BadRequest("the upstream URL needs a host".into()))?;
-        let path = parts.path_and_query.as_ref().map_or("", |pq| pq.path()).trim_end_matches('/');
+        let path = parts
+            .path_and_query
+            .as_ref()
+            .map_or("", |pq| pq.path())
+            .trim_end_matches('/');
         // Requests arrive as /v1/...; a base that already ends in /v1 must not double it.
         let base_path = path.strip_suffix("/v1").unwrap_or(path).to_owned();
         let authorization = config
             .upstream_key
             .map(|key| {
-                let mut value = HeaderValue::try_from(format!("Bearer {}", key.expose()))
-                    .map_err(|_| ProxyError::BadRequest("the upstream key has invalid characters".into()))?;
+                let mut value =
+                    HeaderValue::try_from(format!("Bearer {}", key.expose())).map_err(|_| {
+                        ProxyError::BadRequest("the upstream key has invalid characters".into())
+                    })?;
                 value.set_sensitive(true);
                 Ok::<_, ProxyError>(value)
             })
@@ -139,7 +159,13 @@ impl Proxy {
             .build(connector);
         Ok(Self {
             client,
-            target: Arc::new(Target { scheme, authority, base_path, authorization, timeout: config.timeout }),
+            target: Arc::new(Target {
+                scheme,
+                authority,
+                base_path,
+                authorization,
+                timeout: config.timeout,
+            }),
         })
     }
 
@@ -203,7 +229,11 @@ where
         let headers = &mut parts.headers;
         strip_hop_by_hop(headers);
         // The client's key is for the gateway only.
-        for name in [header::AUTHORIZATION, HeaderName::from_static("api-key"), HeaderName::from_static("x-api-key")] {
+        for name in [
+            header::AUTHORIZATION,
+            HeaderName::from_static("api-key"),
+            HeaderName::from_static("x-api-key"),
+        ] {
             headers.remove(name);
         }
         headers.remove(header::HOST);
@@ -235,7 +265,9 @@ where
 }
 
 fn error_response(err: ProxyError) -> Response<ProxyBody> {
-    ApiError::from(err).into_response::<Full<Bytes>>().map(Either::Right)
+    ApiError::from(err)
+        .into_response::<Full<Bytes>>()
+        .map(Either::Right)
 }
 
 #[cfg(test)]
@@ -250,12 +282,28 @@ mod tests {
     fn joins_the_upstream_base_and_the_request_path() {
         let uri: Uri = "/v1/chat/completions?x=1".parse().unwrap();
         for (base, expected) in [
-            ("http://127.0.0.1:8000", "http://127.0.0.1:8000/v1/chat/completions?x=1"),
-            ("http://127.0.0.1:8000/", "http://127.0.0.1:8000/v1/chat/completions?x=1"),
-            ("https://api.example.com/v1", "https://api.example.com/v1/chat/completions?x=1"),
-            ("http://h/openai/v1/", "http://h/openai/v1/chat/completions?x=1"),
+            (
+                "http://127.0.0.1:8000",
+                "http://127.0.0.1:8000/v1/chat/completions?x=1",
+            ),
+            (
+                "http://127.0.0.1:8000/",
+                "http://127.0.0.1:8000/v1/chat/completions?x=1",
+            ),
+            (
+                "https://api.example.com/v1",
+                "https://api.example.com/v1/chat/completions?x=1",
+            ),
+            (
+                "http://h/openai/v1/",
+                "http://h/openai/v1/chat/completions?x=1",
+            ),
         ] {
-            assert_eq!(proxy(base).upstream_uri(&uri).unwrap().to_string(), expected, "{base}");
+            assert_eq!(
+                proxy(base).upstream_uri(&uri).unwrap().to_string(),
+                expected,
+                "{base}"
+            );
         }
     }
 
@@ -268,10 +316,19 @@ mod tests {
     #[test]
     fn drops_hop_by_hop_headers_and_those_named_in_connection() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-private"));
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
         headers.insert("x-private", HeaderValue::from_static("1"));
-        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);
         assert!(headers.contains_key(header::CONTENT_TYPE));

@@ -37,7 +37,10 @@ impl KeyStore for MemoryStore {
         if keys.iter().any(|(h, _)| h == hash) {
             return Err(StorageError::Conflict("this key already exists".into()));
         }
-        if keys.iter().any(|(_, k)| k.revoked_at.is_none() && k.name == record.name) {
+        if keys
+            .iter()
+            .any(|(_, k)| k.revoked_at.is_none() && k.name == record.name)
+        {
             return Err(StorageError::Conflict(format!(
                 "an active key named '{}' already exists",
                 record.name
@@ -53,12 +56,21 @@ impl KeyStore for MemoryStore {
     }
 
     async fn list_keys(&self) -> Result<Vec<KeyRecord>, StorageError> {
-        Ok(self.keys.lock().unwrap().iter().map(|(_, k)| k.clone()).collect())
+        Ok(self
+            .keys
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, k)| k.clone())
+            .collect())
     }
 
     async fn revoke_key(&self, id: &str, at: DateTime<Utc>) -> Result<bool, StorageError> {
         let mut keys = self.keys.lock().unwrap();
-        match keys.iter_mut().find(|(_, k)| k.id == id && k.revoked_at.is_none()) {
+        match keys
+            .iter_mut()
+            .find(|(_, k)| k.id == id && k.revoked_at.is_none())
+        {
             Some((_, key)) => {
                 key.revoked_at = Some(at);
                 Ok(true)
@@ -73,7 +85,11 @@ impl UsageStore for MemoryStore {
     async fn record(&self, batch: &[RequestRecord]) -> Result<(), StorageError> {
         let mut usage = self.usage.lock().unwrap();
         for record in batch {
-            usage.totals.entry(record.key_id.clone()).or_default().add(record);
+            usage
+                .totals
+                .entry(record.key_id.clone())
+                .or_default()
+                .add(record);
             usage.rows.push(record.clone());
         }
         Ok(())
@@ -81,11 +97,22 @@ impl UsageStore for MemoryStore {
 
     async fn totals(&self) -> Result<BTreeMap<String, UsageTotals>, StorageError> {
         let usage = self.usage.lock().unwrap();
-        Ok(usage.totals.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        Ok(usage
+            .totals
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
     }
 
     async fn totals_for_key(&self, key_id: &str) -> Result<UsageTotals, StorageError> {
-        Ok(self.usage.lock().unwrap().totals.get(key_id).cloned().unwrap_or_default())
+        Ok(self
+            .usage
+            .lock()
+            .unwrap()
+            .totals
+            .get(key_id)
+            .cloned()
+            .unwrap_or_default())
     }
 
     async fn requests(
@@ -102,7 +129,7 @@ impl UsageStore for MemoryStore {
             .filter(|r| r.key_id == key_id && since.is_none_or(|s| r.at >= s))
             .cloned()
             .collect();
-        rows.sort_by(|a, b| b.at.cmp(&a.at));
+        rows.sort_by_key(|r| std::cmp::Reverse(r.at));
         rows.truncate(limit as usize);
         Ok(rows)
     }

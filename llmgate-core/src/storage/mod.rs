@@ -159,7 +159,11 @@ pub(crate) mod contract {
 
         let found = store.key_by_hash(&secret.hash()).await.unwrap().unwrap();
         assert_eq!(found, record);
-        assert!(store.key_by_hash(&Secret::generate().hash()).await.unwrap().is_none());
+        assert!(store
+            .key_by_hash(&Secret::generate().hash())
+            .await
+            .unwrap()
+            .is_none());
 
         let other = Secret::generate();
         let clash = KeyRecord::new("alice", Role::Admin, &other);
@@ -174,8 +178,20 @@ pub(crate) mod contract {
         assert!(revoked.revoked_at.is_some());
         // The name is free again once its key is revoked.
         store.insert_key(&clash, &other.hash()).await.unwrap();
-        let names: Vec<_> = store.list_keys().await.unwrap().into_iter().map(|k| (k.name, k.role)).collect();
-        assert_eq!(names, [("alice".to_string(), Role::User), ("alice".to_string(), Role::Admin)]);
+        let names: Vec<_> = store
+            .list_keys()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|k| (k.name, k.role))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("alice".to_string(), Role::User),
+                ("alice".to_string(), Role::Admin)
+            ]
+        );
     }
 
     fn row(key: &str, path: &str, at_ms: i64, tokens: Option<(u64, u64)>) -> RequestRecord {
@@ -203,7 +219,10 @@ pub(crate) mod contract {
             ])
             .await
             .unwrap();
-        store.record(&[row("k1", chat, 4_000, Some((1, 0)))]).await.unwrap();
+        store
+            .record(&[row("k1", chat, 4_000, Some((1, 0)))])
+            .await
+            .unwrap();
 
         let k1 = store.totals_for_key("k1").await.unwrap();
         assert_eq!(k1.requests, 4);
@@ -218,7 +237,10 @@ pub(crate) mod contract {
         let all = store.totals().await.unwrap();
         assert_eq!(all.len(), 2);
         assert_eq!(all["k2"].requests, 1);
-        assert_eq!(store.totals_for_key("nobody").await.unwrap(), UsageTotals::default());
+        assert_eq!(
+            store.totals_for_key("nobody").await.unwrap(),
+            UsageTotals::default()
+        );
 
         let rows = store.requests("k1", None, 10).await.unwrap();
         assert_eq!(rows.len(), 4);

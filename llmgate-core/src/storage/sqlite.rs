@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 use sqlx::{Row, SqlitePool};
 
 use super::{KeyStore, RequestRecord, StorageError, UsageStore, UsageTotals};
@@ -134,10 +136,12 @@ impl KeyStore for SqliteStore {
     }
 
     async fn key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StorageError> {
-        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = ?"))
-            .bind(&hash.0[..])
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = ?"
+        ))
+        .bind(&hash.0[..])
+        .fetch_optional(&self.pool)
+        .await?;
         row.as_ref().map(key_from_row).transpose()
     }
 
@@ -151,11 +155,12 @@ impl KeyStore for SqliteStore {
     }
 
     async fn revoke_key(&self, id: &str, at: DateTime<Utc>) -> Result<bool, StorageError> {
-        let done = sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
-            .bind(millis(at))
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
+        let done =
+            sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
+                .bind(millis(at))
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
         Ok(done.rows_affected() > 0)
     }
 }
@@ -243,8 +248,10 @@ impl UsageStore for SqliteStore {
         for row in &rows {
             let key_id: String = row.try_get("key_id")?;
             if let Some(t) = all.get_mut(&key_id) {
-                t.endpoints
-                    .insert(row.try_get("path")?, row.try_get::<i64, _>("requests")? as u64);
+                t.endpoints.insert(
+                    row.try_get("path")?,
+                    row.try_get::<i64, _>("requests")? as u64,
+                );
             }
         }
         Ok(all)
@@ -267,9 +274,10 @@ impl UsageStore for SqliteStore {
             .fetch_all(&self.pool)
             .await?;
         for row in &rows {
-            totals
-                .endpoints
-                .insert(row.try_get("path")?, row.try_get::<i64, _>("requests")? as u64);
+            totals.endpoints.insert(
+                row.try_get("path")?,
+                row.try_get::<i64, _>("requests")? as u64,
+            );
         }
         Ok(totals)
     }
@@ -345,7 +353,10 @@ mod tests {
             store.close().await;
         }
         let store = SqliteStore::open(&path).await.unwrap();
-        assert_eq!(store.key_by_hash(&secret.hash()).await.unwrap(), Some(record));
+        assert_eq!(
+            store.key_by_hash(&secret.hash()).await.unwrap(),
+            Some(record)
+        );
         let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
             .fetch_one(&store.pool)
             .await

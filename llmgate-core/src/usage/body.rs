@@ -29,7 +29,9 @@ pin_project! {
 
 impl<B> std::fmt::Debug for UsageBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UsageBody").field("tracking", &self.tracking.is_some()).finish_non_exhaustive()
+        f.debug_struct("UsageBody")
+            .field("tracking", &self.tracking.is_some())
+            .finish_non_exhaustive()
     }
 }
 
@@ -53,11 +55,19 @@ enum Extractor {
 impl<B> UsageBody<B> {
     /// A body that is passed through untouched (no usage recording).
     pub(crate) fn passthrough(inner: B) -> Self {
-        Self { inner, tracking: None }
+        Self {
+            inner,
+            tracking: None,
+        }
     }
 
     /// A body whose usage is read according to its content type.
-    pub(crate) fn tracked(inner: B, mut guard: UsageGuard, content_type: &str, plan: RequestPlan) -> Self {
+    pub(crate) fn tracked(
+        inner: B,
+        mut guard: UsageGuard,
+        content_type: &str,
+        plan: RequestPlan,
+    ) -> Self {
         let mime = content_type.split(';').next().unwrap_or("").trim();
         let extractor = if mime.eq_ignore_ascii_case("text/event-stream") {
             let collect_text = plan.for_counting.is_some() && guard.counts_tokens();
@@ -220,22 +230,38 @@ mod tests {
     async fn a_finished_json_body_records_its_usage_once() {
         let store = Arc::new(MemoryStore::new());
         let (recorder, _writer) = UsageRecorder::start(store.clone());
-        let mut guard = UsageGuard::new(recorder.clone(), "k", "POST", "/v1/chat/completions", now_millis(), Instant::now());
+        let mut guard = UsageGuard::new(
+            recorder.clone(),
+            "k",
+            "POST",
+            "/v1/chat/completions",
+            now_millis(),
+            Instant::now(),
+        );
         guard.set_status(200);
-        let json = r#"{"model":"m","usage":{"prompt_tokens":4,"completion_tokens":6,"total_tokens":10}}"#;
+        let json =
+            r#"{"model":"m","usage":{"prompt_tokens":4,"completion_tokens":6,"total_tokens":10}}"#;
         let frames = json
             .as_bytes()
             .chunks(7)
             .map(|c| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::copy_from_slice(c))))
             .collect::<Vec<_>>();
         let body = StreamBody::new(futures_util::stream::iter(frames));
-        let tracked = UsageBody::tracked(body, guard, "application/json; charset=utf-8", RequestPlan::default());
+        let tracked = UsageBody::tracked(
+            body,
+            guard,
+            "application/json; charset=utf-8",
+            RequestPlan::default(),
+        );
         let received = tracked.collect().await.unwrap().to_bytes();
         assert_eq!(received, json.as_bytes());
         recorder.flush().await;
         let rows = store.requests("k", None, 10).await.unwrap();
         assert_eq!(rows.len(), 1);
-        assert_eq!((rows[0].prompt_tokens, rows[0].completion_tokens), (Some(4), Some(6)));
+        assert_eq!(
+            (rows[0].prompt_tokens, rows[0].completion_tokens),
+            (Some(4), Some(6))
+        );
         assert_eq!(rows[0].model.as_deref(), Some("m"));
     }
 }

@@ -52,7 +52,10 @@ impl JsonCollector {
             }
         };
         match serde_json::from_slice::<Peek>(&body) {
-            Ok(peek) => (peek.usage.as_ref().and_then(TokenUsage::from_usage_object), peek.model),
+            Ok(peek) => (
+                peek.usage.as_ref().and_then(TokenUsage::from_usage_object),
+                peek.model,
+            ),
             Err(_) => (None, None),
         }
     }
@@ -70,7 +73,13 @@ mod tests {
             collector.observe(&Bytes::copy_from_slice(part));
         }
         let (usage, model) = collector.finish();
-        assert_eq!(usage, Some(TokenUsage { prompt_tokens: 5, completion_tokens: 2 }));
+        assert_eq!(
+            usage,
+            Some(TokenUsage {
+                prompt_tokens: 5,
+                completion_tokens: 2
+            })
+        );
         assert_eq!(model.as_deref(), Some("gemma"));
     }
 

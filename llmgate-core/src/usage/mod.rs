@@ -45,13 +45,19 @@ impl TokenUsage {
         let completion = field("completion_tokens").or_else(|| field("output_tokens"));
         let total = field("total_tokens");
         match (prompt, completion, total) {
-            (Some(p), Some(c), _) => Some(Self { prompt_tokens: p, completion_tokens: c }),
+            (Some(p), Some(c), _) => Some(Self {
+                prompt_tokens: p,
+                completion_tokens: c,
+            }),
             // Embeddings report only prompt and total tokens.
             (Some(p), None, t) => Some(Self {
                 prompt_tokens: p,
                 completion_tokens: t.map_or(0, |t| t.saturating_sub(p)),
             }),
-            (None, Some(c), _) => Some(Self { prompt_tokens: 0, completion_tokens: c }),
+            (None, Some(c), _) => Some(Self {
+                prompt_tokens: 0,
+                completion_tokens: c,
+            }),
             (None, None, _) => None,
         }
     }
@@ -67,17 +73,26 @@ mod tests {
         let chat = json!({"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21});
         assert_eq!(
             TokenUsage::from_usage_object(&chat),
-            Some(TokenUsage { prompt_tokens: 9, completion_tokens: 12 })
+            Some(TokenUsage {
+                prompt_tokens: 9,
+                completion_tokens: 12
+            })
         );
         let responses = json!({"input_tokens": 4, "output_tokens": 6, "total_tokens": 10});
         assert_eq!(
             TokenUsage::from_usage_object(&responses),
-            Some(TokenUsage { prompt_tokens: 4, completion_tokens: 6 })
+            Some(TokenUsage {
+                prompt_tokens: 4,
+                completion_tokens: 6
+            })
         );
         let embeddings = json!({"prompt_tokens": 8, "total_tokens": 8});
         assert_eq!(
             TokenUsage::from_usage_object(&embeddings),
-            Some(TokenUsage { prompt_tokens: 8, completion_tokens: 0 })
+            Some(TokenUsage {
+                prompt_tokens: 8,
+                completion_tokens: 0
+            })
         );
         assert_eq!(TokenUsage::from_usage_object(&Value::Null), None);
         assert_eq!(TokenUsage::from_usage_object(&json!({})), None);

@@ -64,7 +64,13 @@ impl UsageRecorder {
         let (stop_tx, stop_rx) = oneshot::channel();
         let counts_tokens = counter.is_some();
         let task = tokio::spawn(run_writer(rx, stop_rx, store, counter));
-        (Self { tx, counts_tokens }, UsageWriter { stop: Some(stop_tx), task })
+        (
+            Self { tx, counts_tokens },
+            UsageWriter {
+                stop: Some(stop_tx),
+                task,
+            },
+        )
     }
 
     /// Waits until every record handed over before this call is in the store.
@@ -168,7 +174,9 @@ async fn settle_count(pending: Pending, counter: Option<&dyn TokenCounter>) -> R
                 record.prompt_tokens = Some(usage.prompt_tokens);
                 record.completion_tokens = Some(usage.completion_tokens);
             }
-            Err(err) => tracing::warn!(error = %err, "token counter failed; tokens recorded as unknown"),
+            Err(err) => {
+                tracing::warn!(error = %err, "token counter failed; tokens recorded as unknown")
+            }
         }
     }
     record
@@ -205,7 +213,12 @@ impl UsageGuard {
             completion_tokens: None,
             latency_ms: 0,
         };
-        Self { recorder, record: Some(record), started, count: None }
+        Self {
+            recorder,
+            record: Some(record),
+            started,
+            count: None,
+        }
     }
 
     fn record(&mut self) -> &mut RequestRecord {
@@ -246,7 +259,9 @@ impl UsageGuard {
     }
 
     pub(crate) fn has_usage(&self) -> bool {
-        self.record.as_ref().is_some_and(|r| r.prompt_tokens.is_some())
+        self.record
+            .as_ref()
+            .is_some_and(|r| r.prompt_tokens.is_some())
     }
 }
 
@@ -254,7 +269,11 @@ impl Drop for UsageGuard {
     fn drop(&mut self) {
         if let Some(mut record) = self.record.take() {
             record.latency_ms = self.started.elapsed().as_millis() as u64;
-            let count = if record.prompt_tokens.is_none() { self.count.take() } else { None };
+            let count = if record.prompt_tokens.is_none() {
+                self.count.take()
+            } else {
+                None
+            };
             self.recorder.send(Pending { record, count });
         }
     }
@@ -268,7 +287,14 @@ mod tests {
     use crate::BoxError;
 
     fn guard(recorder: &UsageRecorder, key: &str) -> UsageGuard {
-        UsageGuard::new(recorder.clone(), key, "POST", "/v1/chat/completions", now_millis(), Instant::now())
+        UsageGuard::new(
+            recorder.clone(),
+            key,
+            "POST",
+            "/v1/chat/completions",
+            now_millis(),
+            Instant::now(),
+        )
     }
 
     #[tokio::test]
@@ -278,14 +304,20 @@ mod tests {
         for i in 0..2_500u64 {
             let mut g = guard(&recorder, "k");
             g.set_status(200);
-            g.set_usage(TokenUsage { prompt_tokens: i % 7, completion_tokens: 1 });
+            g.set_usage(TokenUsage {
+                prompt_tokens: i % 7,
+                completion_tokens: 1,
+            });
         }
         drop(guard(&recorder, "k")); // a client that left before the answer
         writer.shutdown().await;
         let totals = store.totals_for_key("k").await.unwrap();
         assert_eq!(totals.requests, 2_501);
         assert_eq!(totals.completion_tokens, 2_500);
-        assert_eq!(totals.prompt_tokens, (0..2_500u64).map(|i| i % 7).sum::<u64>());
+        assert_eq!(
+            totals.prompt_tokens,
+            (0..2_500u64).map(|i| i % 7).sum::<u64>()
+        );
         assert_eq!(totals.requests_without_usage, 1);
         let rows = store.requests("k", None, 1).await.unwrap();
         assert_eq!(rows[0].status, 499);
@@ -306,9 +338,13 @@ mod tests {
     #[tokio::test]
     async fn a_counter_fills_in_missing_usage_in_the_background() {
         let store = Arc::new(MemoryStore::new());
-        let (recorder, _writer) = UsageRecorder::start_with_counter(store.clone(), Some(Arc::new(Words)));
+        let (recorder, _writer) =
+            UsageRecorder::start_with_counter(store.clone(), Some(Arc::new(Words)));
         let mut g = guard(&recorder, "k");
-        g.count_later(Arc::new(serde_json::json!({"prompt": "one two three"})), "four five".into());
+        g.count_later(
+            Arc::new(serde_json::json!({"prompt": "one two three"})),
+            "four five".into(),
+        );
         drop(g);
         let mut failing = guard(&recorder, "k");
         failing.count_later(Arc::new(serde_json::json!({})), "x".into());
@@ -316,6 +352,9 @@ mod tests {
         recorder.flush().await;
         let totals = store.totals_for_key("k").await.unwrap();
         assert_eq!((totals.prompt_tokens, totals.completion_tokens), (3, 2));
-        assert_eq!(totals.requests_without_usage, 1, "a failed count stays unknown, not zero");
+        assert_eq!(
+            totals.requests_without_usage, 1,
+            "a failed count stays unknown, not zero"
+        );
     }
 }

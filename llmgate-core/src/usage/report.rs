@@ -56,7 +56,10 @@ impl KeyUsage {
 }
 
 /// Every key (revoked ones too: their history stays), oldest first, with its usage.
-pub async fn usage_report(keys: &dyn KeyStore, usage: &dyn UsageStore) -> Result<Vec<KeyUsage>, StorageError> {
+pub async fn usage_report(
+    keys: &dyn KeyStore,
+    usage: &dyn UsageStore,
+) -> Result<Vec<KeyUsage>, StorageError> {
     let mut totals = usage.totals().await?;
     Ok(keys
         .list_keys()

@@ -42,7 +42,11 @@ fn supports_stream_options(path: &str) -> bool {
 /// Reads the request body; returns the body to forward (changed only when the gateway
 /// asks the upstream for stream usage) and the plan. A body that is not JSON is
 /// forwarded unchanged: the upstream answers it.
-pub(crate) fn inspect_request(path: &str, body: Bytes, keep_for_counting: bool) -> (Bytes, RequestPlan) {
+pub(crate) fn inspect_request(
+    path: &str,
+    body: Bytes,
+    keep_for_counting: bool,
+) -> (Bytes, RequestPlan) {
     let Ok(peek) = serde_json::from_slice::<Peek<'_>>(&body) else {
         return (body, RequestPlan::default());
     };
@@ -110,7 +114,10 @@ mod tests {
 
         let body = json!({"stream": true, "stream_options": {"include_usage": false, "x": 1}});
         let (sent, plan) = inspect("/v1/completions", body);
-        assert_eq!(sent["stream_options"], json!({"include_usage": true, "x": 1}));
+        assert_eq!(
+            sent["stream_options"],
+            json!({"include_usage": true, "x": 1})
+        );
         assert!(plan.strip_stream_usage);
     }
 

@@ -184,7 +184,10 @@ impl SseExtractor {
             return Some(event.clone());
         };
         if self.model.is_none() {
-            self.model = chunk.get("model").and_then(Value::as_str).map(str::to_owned);
+            self.model = chunk
+                .get("model")
+                .and_then(Value::as_str)
+                .map(str::to_owned);
         }
         if let Some(text) = &mut self.text {
             gather_text(&chunk, text);
@@ -261,44 +264,83 @@ mod tests {
 
     #[test]
     fn finds_usage_in_a_stream_the_client_asked_for() {
-        let stream = format!("{}{}{}data: [DONE]\n\n", chunk("Hi", ",\"usage\":null"), chunk("!", ",\"usage\":null"), USAGE_CHUNK);
+        let stream = format!(
+            "{}{}{}data: [DONE]\n\n",
+            chunk("Hi", ",\"usage\":null"),
+            chunk("!", ",\"usage\":null"),
+            USAGE_CHUNK
+        );
         let mut extractor = SseExtractor::new(false, false);
         let seen = run(&mut extractor, &[stream.as_bytes()]);
         assert_eq!(seen, stream.as_bytes(), "passed through unchanged");
-        assert_eq!(extractor.usage(), Some(TokenUsage { prompt_tokens: 7, completion_tokens: 2 }));
+        assert_eq!(
+            extractor.usage(),
+            Some(TokenUsage {
+                prompt_tokens: 7,
+                completion_tokens: 2
+            })
+        );
         assert_eq!(extractor.model(), Some("m"));
     }
 
     #[test]
     fn strips_what_the_gateway_asked_for_even_across_frame_boundaries() {
-        let upstream = format!("{}{}{}data: [DONE]\n\n", chunk("Hi", ",\"usage\":null"), chunk("!", ",\"usage\":null"), USAGE_CHUNK);
+        let upstream = format!(
+            "{}{}{}data: [DONE]\n\n",
+            chunk("Hi", ",\"usage\":null"),
+            chunk("!", ",\"usage\":null"),
+            USAGE_CHUNK
+        );
         let client_expects = format!("{}{}data: [DONE]\n\n", chunk("Hi", ""), chunk("!", ""));
         let bytes = upstream.as_bytes();
         // Every split point, including inside `data:` and inside the JSON.
         for cut in 1..bytes.len() {
             let mut extractor = SseExtractor::new(true, true);
             let seen = run(&mut extractor, &[&bytes[..cut], &bytes[cut..]]);
-            assert_eq!(String::from_utf8(seen).unwrap(), client_expects, "cut at {cut}");
-            assert_eq!(extractor.usage(), Some(TokenUsage { prompt_tokens: 7, completion_tokens: 2 }));
+            assert_eq!(
+                String::from_utf8(seen).unwrap(),
+                client_expects,
+                "cut at {cut}"
+            );
+            assert_eq!(
+                extractor.usage(),
+                Some(TokenUsage {
+                    prompt_tokens: 7,
+                    completion_tokens: 2
+                })
+            );
             assert_eq!(extractor.text(), Some("Hi!"));
         }
     }
 
     #[test]
     fn keeps_crlf_line_endings_and_other_fields() {
-        let upstream = b"event: message\r\ndata: {\"choices\":[{\"text\":\"a\"}],\"usage\":null}\r\n\r\n";
+        let upstream =
+            b"event: message\r\ndata: {\"choices\":[{\"text\":\"a\"}],\"usage\":null}\r\n\r\n";
         let mut extractor = SseExtractor::new(true, false);
         let seen = run(&mut extractor, &[upstream]);
-        assert_eq!(seen, b"event: message\r\ndata: {\"choices\":[{\"text\":\"a\"}]}\r\n\r\n");
+        assert_eq!(
+            seen,
+            b"event: message\r\ndata: {\"choices\":[{\"text\":\"a\"}]}\r\n\r\n"
+        );
     }
 
     #[test]
     fn usage_on_the_last_content_chunk_is_counted_and_removed() {
-        let upstream = chunk("end", ",\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}");
+        let upstream = chunk(
+            "end",
+            ",\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}",
+        );
         let mut extractor = SseExtractor::new(true, false);
         let seen = run(&mut extractor, &[upstream.as_bytes()]);
         assert_eq!(String::from_utf8(seen).unwrap(), chunk("end", ""));
-        assert_eq!(extractor.usage(), Some(TokenUsage { prompt_tokens: 3, completion_tokens: 1 }));
+        assert_eq!(
+            extractor.usage(),
+            Some(TokenUsage {
+                prompt_tokens: 3,
+                completion_tokens: 1
+            })
+        );
     }
 
     #[test]

@@ -15,20 +15,41 @@ pub const ADMIN_KEY_ENV: &str = "LLMGATE_ADMIN_KEY";
 
 /// Runs the gateway until SIGINT or SIGTERM, then drains the usage queue.
 pub async fn run(config: GatewayConfig) -> Result<(), String> {
-    let proxy = Proxy::new(config.proxy().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    let proxy =
+        Proxy::new(config.proxy().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
     let store = super::open_store(&config).await?;
-    ensure_admin_key(store.as_ref(), std::env::var(ADMIN_KEY_ENV).ok(), config.listen).await?;
+    ensure_admin_key(
+        store.as_ref(),
+        std::env::var(ADMIN_KEY_ENV).ok(),
+        config.listen,
+    )
+    .await?;
 
     let (recorder, writer) = UsageRecorder::start(store.clone());
-    let keys = KeyCache::with_ttl(store.clone(), Duration::from_millis(config.key_cache_ttl_ms));
-    let state = AppState { keys, usage: store.clone(), recorder };
+    let keys = KeyCache::with_ttl(
+        store.clone(),
+        Duration::from_millis(config.key_cache_ttl_ms),
+    );
+    let state = AppState {
+        keys,
+        usage: store.clone(),
+        recorder,
+    };
     let router = app(state, proxy, config.max_body_bytes as usize);
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .map_err(|e| format!("cannot listen on {}: {e} (choose another --listen address)", config.listen))?;
+        .map_err(|e| {
+            format!(
+                "cannot listen on {}: {e} (choose another --listen address)",
+                config.listen
+            )
+        })?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
-    println!("llmgate listening on http://{local} (upstream {})", config.upstream.as_deref().unwrap_or("-"));
+    println!(
+        "llmgate listening on http://{local} (upstream {})",
+        config.upstream.as_deref().unwrap_or("-")
+    );
     tracing::info!(%local, "listening");
 
     axum::serve(listener, router)
@@ -72,12 +93,21 @@ pub async fn ensure_admin_key(
                 "{ADMIN_KEY_ENV} must be 'sk-lg-' followed by at least 32 letters or digits"
             ));
         }
-        match store.key_by_hash(&secret.hash()).await.map_err(|e| e.to_string())? {
+        match store
+            .key_by_hash(&secret.hash())
+            .await
+            .map_err(|e| e.to_string())?
+        {
             Some(key) if key.revoked_at.is_some() => {
-                return Err(format!("{ADMIN_KEY_ENV} names a key that was revoked; set a new one"));
+                return Err(format!(
+                    "{ADMIN_KEY_ENV} names a key that was revoked; set a new one"
+                ));
             }
             Some(key) if key.role != Role::Admin => {
-                return Err(format!("{ADMIN_KEY_ENV} names a key whose role is '{}', not admin", key.role.as_str()));
+                return Err(format!(
+                    "{ADMIN_KEY_ENV} names a key whose role is '{}', not admin",
+                    key.role.as_str()
+                ));
             }
             Some(_) => {}
             None => {
@@ -91,13 +121,23 @@ pub async fn ensure_admin_key(
         }
         return Ok(());
     }
-    if keys.iter().any(|k| k.role == Role::Admin && k.revoked_at.is_none()) {
+    if keys
+        .iter()
+        .any(|k| k.role == Role::Admin && k.revoked_at.is_none())
+    {
         return Ok(());
     }
     let secret = Secret::generate();
     let record = KeyRecord::new(free_name(&keys, "admin"), Role::Admin, &secret);
-    store.insert_key(&record, &secret.hash()).await.map_err(|e| e.to_string())?;
-    let host = if listen.ip().is_unspecified() { "127.0.0.1".to_string() } else { listen.ip().to_string() };
+    store
+        .insert_key(&record, &secret.hash())
+        .await
+        .map_err(|e| e.to_string())?;
+    let host = if listen.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        listen.ip().to_string()
+    };
     println!(
         "\nCreated the first admin key. It is shown only this once; keep it safe:\n\n    {}\n\n\
          Create a key for each user with:\n    curl -X POST http://{host}:{port}/admin/keys -H 'Authorization: Bearer <admin key>' -d '{{\"name\":\"alice\"}}'\n\
@@ -109,10 +149,15 @@ pub async fn ensure_admin_key(
 }
 
 fn free_name(keys: &[KeyRecord], base: &str) -> String {
-    let taken = |name: &str| keys.iter().any(|k| k.revoked_at.is_none() && k.name == name);
+    let taken = |name: &str| {
+        keys.iter()
+            .any(|k| k.revoked_at.is_none() && k.name == name)
+    };
     if !taken(base) {
         return base.to_owned();
     }
-    (2..).map(|n| format!("{base}-{n}")).find(|n| !taken(n)).expect("some name is free")
+    (2..)
+        .map(|n| format!("{base}-{n}"))
+        .find(|n| !taken(n))
+        .expect("some name is free")
 }
-

@@ -7,7 +7,10 @@ use llmgate_core::usage::usage_report;
 pub async fn run(keys: &dyn KeyStore, usage: &dyn UsageStore, as_json: bool) -> Result<(), String> {
     let report = usage_report(keys, usage).await.map_err(|e| e.to_string())?;
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&report).expect("usage serializes"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("usage serializes")
+        );
         return Ok(());
     }
     println!(
@@ -28,7 +31,9 @@ pub async fn run(keys: &dyn KeyStore, usage: &dyn UsageStore, as_json: bool) -> 
             row.prompt_tokens,
             row.completion_tokens,
             row.total_tokens,
-            row.last_request_at.map_or("-".to_owned(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string()),
+            row.last_request_at.map_or("-".to_owned(), |t| t
+                .format("%Y-%m-%d %H:%M:%S")
+                .to_string()),
         );
     }
     Ok(())

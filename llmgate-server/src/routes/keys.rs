@@ -73,7 +73,9 @@ pub struct CreatedKey {
 pub fn validate_name(name: &str) -> Result<(), ApiError> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name.chars().all(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | '.' | '@' | ' '))
+        && name
+            .chars()
+            .all(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | '.' | '@' | ' '))
         && !name.starts_with("key_")
         && name.trim() == name;
     if ok {
@@ -102,7 +104,11 @@ pub async fn create(
     let secret = Secret::generate();
     let mut record = KeyRecord::new(request.name, request.role, &secret);
     record.expires_at = request.expires_at;
-    state.keys.store().insert_key(&record, &secret.hash()).await?;
+    state
+        .keys
+        .store()
+        .insert_key(&record, &secret.hash())
+        .await?;
     // An unknown-key answer for this secret may be cached: forget it.
     state.keys.invalidate_all();
     tracing::info!(key_id = %record.id, name = %record.name, role = record.role.as_str(), "key created");

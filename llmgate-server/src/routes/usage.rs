@@ -15,7 +15,9 @@ use crate::app::AppState;
 /// `GET /admin/usage`: every key's totals.
 pub async fn all(State(state): State<AppState>) -> Result<Json<Vec<KeyUsage>>, HandlerError> {
     state.recorder.flush().await;
-    Ok(Json(usage_report(state.keys.store().as_ref(), state.usage.as_ref()).await?))
+    Ok(Json(
+        usage_report(state.keys.store().as_ref(), state.usage.as_ref()).await?,
+    ))
 }
 
 async fn usage_of(state: &AppState, key_id: &str) -> Result<KeyUsage, HandlerError> {
@@ -25,16 +27,25 @@ async fn usage_of(state: &AppState, key_id: &str) -> Result<KeyUsage, HandlerErr
         .iter()
         .find(|k| k.id == key_id)
         .ok_or_else(|| ApiError::not_found(format!("No key with id '{key_id}'.")))?;
-    Ok(KeyUsage::new(key, state.usage.totals_for_key(key_id).await?))
+    Ok(KeyUsage::new(
+        key,
+        state.usage.totals_for_key(key_id).await?,
+    ))
 }
 
 /// `GET /admin/usage/{key_id}`
-pub async fn one(State(state): State<AppState>, Path(key_id): Path<String>) -> Result<Json<KeyUsage>, HandlerError> {
+pub async fn one(
+    State(state): State<AppState>,
+    Path(key_id): Path<String>,
+) -> Result<Json<KeyUsage>, HandlerError> {
     Ok(Json(usage_of(&state, &key_id).await?))
 }
 
 /// `GET /v1/me/usage`: the caller's own totals.
-pub async fn me(State(state): State<AppState>, Extension(caller): Extension<Caller>) -> Result<Json<KeyUsage>, HandlerError> {
+pub async fn me(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<KeyUsage>, HandlerError> {
     Ok(Json(usage_of(&state, &caller.key_id).await?))
 }
 
@@ -63,7 +74,9 @@ pub async fn requests(
             .parse::<u32>()
             .ok()
             .filter(|n| (1..=10_000).contains(n))
-            .ok_or_else(|| ApiError::bad_request("limit must be a whole number from 1 to 10000."))?,
+            .ok_or_else(|| {
+                ApiError::bad_request("limit must be a whole number from 1 to 10000.")
+            })?,
     };
     usage_of(&state, &key_id).await?;
     Ok(Json(state.usage.requests(&key_id, since, limit).await?))
@@ -72,11 +85,14 @@ pub async fn requests(
 /// `since` as RFC 3339 (`2026-11-26T10:00:00Z`) or Unix seconds.
 fn parse_since(raw: &str) -> Result<DateTime<Utc>, String> {
     if let Ok(secs) = raw.parse::<i64>() {
-        return DateTime::from_timestamp(secs, 0).ok_or_else(|| format!("since={raw} is out of range."));
+        return DateTime::from_timestamp(secs, 0)
+            .ok_or_else(|| format!("since={raw} is out of range."));
     }
     DateTime::parse_from_rfc3339(raw)
         .map(|t| t.with_timezone(&Utc))
-        .map_err(|_| format!("since must be a time like 2026-11-26T10:00:00Z or Unix seconds, not '{raw}'."))
+        .map_err(|_| {
+            format!("since must be a time like 2026-11-26T10:00:00Z or Unix seconds, not '{raw}'.")
+        })
 }
 
 #[cfg(test)]
@@ -85,8 +101,16 @@ mod tests {
 
     #[test]
     fn since_takes_rfc3339_and_unix_seconds() {
-        assert_eq!(parse_since("1700000000").unwrap().timestamp(), 1_700_000_000);
-        assert_eq!(parse_since("2023-11-14T22:13:20Z").unwrap().timestamp(), 1_700_000_000);
-        assert!(parse_since("yesterday").unwrap_err().contains("2026-11-26T10:00:00Z"));
+        assert_eq!(
+            parse_since("1700000000").unwrap().timestamp(),
+            1_700_000_000
+        );
+        assert_eq!(
+            parse_since("2023-11-14T22:13:20Z").unwrap().timestamp(),
+            1_700_000_000
+        );
+        assert!(parse_since("yesterday")
+            .unwrap_err()
+            .contains("2026-11-26T10:00:00Z"));
     }
 }
