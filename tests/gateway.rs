@@ -339,6 +339,25 @@ async fn a_client_that_leaves_mid_stream_is_still_counted() {
 }
 
 #[tokio::test]
+async fn a_client_that_leaves_before_a_json_answer_is_read_is_charged_its_tokens() {
+    let gw = Gateway::start().await;
+    gw.upstream.set_chunk_delay(Duration::from_millis(300));
+    let response = gw
+        .post("/v1/chat/completions", &gw.alice, &chat("quick question"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    drop(response); // headers arrived; the client hangs up before the body
+    let usage = gw.wait_for_requests(&gw.alice_id, 1).await;
+    assert_eq!(
+        usage["prompt_tokens"],
+        mock_prompt_tokens(&chat("quick question"))
+    );
+    assert_eq!(usage["completion_tokens"], REPLY.len());
+}
+
+#[tokio::test]
 async fn an_unreachable_upstream_is_a_502_in_openai_shape() {
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let dead = format!("http://{}", closed.local_addr().unwrap());

@@ -104,7 +104,7 @@ impl MockUpstream {
         self.state.no_stream_usage.store(true, Ordering::SeqCst);
     }
 
-    /// Pause between stream chunks.
+    /// Pause between stream chunks (and between the halves of a JSON answer).
     pub fn set_chunk_delay(&self, delay: Duration) {
         self.state
             .chunk_delay_ms
@@ -217,10 +217,26 @@ async fn handle(
             } else {
                 "text_completion"
             };
-            Ok(json_response(
-                StatusCode::OK,
-                json!({"id": "mock-1", "object": object, "created": 1, "model": model, "choices": [choice], "usage": usage}),
-            ))
+            let answer = json!({"id": "mock-1", "object": object, "created": 1, "model": model, "choices": [choice], "usage": usage});
+            let delay = Duration::from_millis(state.chunk_delay_ms.load(Ordering::SeqCst));
+            if delay.is_zero() {
+                return Ok(json_response(StatusCode::OK, answer));
+            }
+            // Headers first, then the body in two halves with a pause between.
+            let text = answer.to_string();
+            let (head, tail) = text.split_at(text.len() / 2);
+            let parts = vec![
+                (Bytes::from(head.to_owned()), Duration::ZERO),
+                (Bytes::from(tail.to_owned()), delay),
+            ];
+            let body = futures_util::stream::iter(parts).then(|(part, pause)| async move {
+                tokio::time::sleep(pause).await;
+                Ok::<_, Infallible>(Frame::data(part))
+            });
+            Ok(Response::builder()
+                .header("content-type", "application/json")
+                .body(StreamBody::new(body).boxed_unsync())
+                .expect("valid response"))
         }
         "/v1/embeddings" => {
             let tokens = request["input"].as_str().map_or(0, words);

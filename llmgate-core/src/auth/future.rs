@@ -18,9 +18,7 @@ pub struct ResponseFuture<B, E> {
 type Outcome<B, E> = Result<Response<AuthUsageBody<B>>, E>;
 
 impl<B, E> ResponseFuture<B, E> {
-    pub(crate) fn new(
-        inner: impl Future<Output = Outcome<B, E>> + Send + 'static,
-    ) -> Self {
+    pub(crate) fn new(inner: impl Future<Output = Outcome<B, E>> + Send + 'static) -> Self {
         Self {
             inner: Box::pin(inner),
         }

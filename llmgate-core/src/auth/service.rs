@@ -70,6 +70,7 @@ where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     ReqBody: Body<Data = Bytes> + From<Bytes>,
     ReqBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
 {
     let started = Instant::now();
     let at = now_millis();

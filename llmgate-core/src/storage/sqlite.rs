@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::{Row, SqlitePool};
+use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 
 use super::{KeyStore, RequestRecord, StorageError, UsageStore, UsageTotals};
 use crate::auth::{KeyHash, KeyRecord, Role};
@@ -177,23 +177,24 @@ impl UsageStore for SqliteStore {
             per_key.entry(&record.key_id).or_default().add(record);
         }
         let mut tx = self.pool.begin().await?;
-        for r in batch {
-            sqlx::query(
+        // Multi-row inserts: one statement per 100 rows, not one round trip per row.
+        for rows in batch.chunks(100) {
+            let mut insert = QueryBuilder::<Sqlite>::new(
                 "INSERT INTO usage_requests \
-                 (at, key_id, method, path, model, status, prompt_tokens, completion_tokens, latency_ms) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(millis(r.at))
-            .bind(&r.key_id)
-            .bind(&r.method)
-            .bind(&r.path)
-            .bind(&r.model)
-            .bind(i64::from(r.status))
-            .bind(r.prompt_tokens.map(|t| t as i64))
-            .bind(r.completion_tokens.map(|t| t as i64))
-            .bind(r.latency_ms as i64)
-            .execute(&mut *tx)
-            .await?;
+                 (at, key_id, method, path, model, status, prompt_tokens, completion_tokens, latency_ms) ",
+            );
+            insert.push_values(rows, |mut row, r| {
+                row.push_bind(millis(r.at))
+                    .push_bind(&r.key_id)
+                    .push_bind(&r.method)
+                    .push_bind(&r.path)
+                    .push_bind(&r.model)
+                    .push_bind(i64::from(r.status))
+                    .push_bind(r.prompt_tokens.map(|t| t as i64))
+                    .push_bind(r.completion_tokens.map(|t| t as i64))
+                    .push_bind(r.latency_ms as i64);
+            });
+            insert.build().execute(&mut *tx).await?;
         }
         for (key_id, t) in &per_key {
             sqlx::query(

@@ -5,9 +5,10 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
+use std::time::Duration;
+
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{Either, Full};
-use pin_project_lite::pin_project;
+use http_body_util::{BodyExt, Either, Full};
 
 use super::json::JsonCollector;
 use super::sse::SseExtractor;
@@ -17,14 +18,18 @@ use super::{RequestPlan, UsageGuard};
 /// service's body wrapped in a [`UsageBody`], or the layer's own error.
 pub type AuthUsageBody<B> = Either<UsageBody<B>, Full<Bytes>>;
 
-pin_project! {
-    /// A response body that reads the response's token usage on its way to the client
-    /// and settles the request's usage record when it ends or is dropped.
-    pub struct UsageBody<B> {
-        #[pin]
-        inner: B,
-        tracking: Option<Box<Tracking>>,
-    }
+/// How long a JSON answer whose client has gone is still read for its usage.
+const BACKGROUND_READ_LIMIT: Duration = Duration::from_secs(600);
+
+/// A response body that reads the response's token usage on its way to the client
+/// and settles the request's usage record when it ends or is dropped.
+pub struct UsageBody<B> {
+    /// `None` only once handed to a background read.
+    inner: Option<Pin<Box<B>>>,
+    tracking: Option<Box<Tracking>>,
+    /// For a JSON answer dropped before its end (the client left while the upstream was
+    /// sending it): reads the rest in the background so its tokens still count.
+    finish_in_background: Option<fn(Pin<Box<B>>, Box<Tracking>)>,
 }
 
 impl<B> std::fmt::Debug for UsageBody<B> {
@@ -56,8 +61,9 @@ impl<B> UsageBody<B> {
     /// A body that is passed through untouched (no usage recording).
     pub(crate) fn passthrough(inner: B) -> Self {
         Self {
-            inner,
+            inner: Some(Box::pin(inner)),
             tracking: None,
+            finish_in_background: None,
         }
     }
 
@@ -67,7 +73,10 @@ impl<B> UsageBody<B> {
         mut guard: UsageGuard,
         content_type: &str,
         plan: RequestPlan,
-    ) -> Self {
+    ) -> Self
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+    {
         let mime = content_type.split(';').next().unwrap_or("").trim();
         let extractor = if mime.eq_ignore_ascii_case("text/event-stream") {
             let collect_text = plan.for_counting.is_some() && guard.counts_tokens();
@@ -78,8 +87,11 @@ impl<B> UsageBody<B> {
             Extractor::Nothing
         };
         guard.set_model(plan.model.as_deref());
+        let finish_in_background = matches!(extractor, Extractor::Json(_))
+            .then_some(read_rest_for_usage::<B> as fn(Pin<Box<B>>, Box<Tracking>));
         Self {
-            inner,
+            inner: Some(Box::pin(inner)),
+            finish_in_background,
             tracking: Some(Box::new(Tracking {
                 guard,
                 extractor,
@@ -143,6 +155,42 @@ impl Drop for Tracking {
     }
 }
 
+impl<B> Drop for UsageBody<B> {
+    fn drop(&mut self) {
+        let unfinished = self.tracking.as_ref().is_some_and(|t| !t.inner_done);
+        if let (true, Some(read_rest)) = (unfinished, self.finish_in_background) {
+            if let (Some(inner), Some(tracking)) = (self.inner.take(), self.tracking.take()) {
+                read_rest(inner, tracking);
+            }
+        }
+    }
+}
+
+/// Reads what is left of a JSON answer after its client went away, then settles.
+fn read_rest_for_usage<B>(mut inner: Pin<Box<B>>, mut tracking: Box<Tracking>)
+where
+    B: Body<Data = Bytes> + Send + 'static,
+{
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return; // dropping the tracking settles with what was seen
+    };
+    runtime.spawn(async move {
+        let _ = tokio::time::timeout(BACKGROUND_READ_LIMIT, async {
+            while let Some(frame) = inner.frame().await {
+                let Ok(frame) = frame else { return };
+                if let (Ok(data), Extractor::Json(json)) =
+                    (frame.into_data(), &mut tracking.extractor)
+                {
+                    json.observe(&data);
+                }
+            }
+            tracking.inner_done = true;
+            tracking.settle();
+        })
+        .await;
+    });
+}
+
 impl<B> Body for UsageBody<B>
 where
     B: Body<Data = Bytes>,
@@ -154,9 +202,12 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let mut this = self.project();
+        let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
         let Some(tracking) = this.tracking.as_mut() else {
-            return this.inner.poll_frame(cx);
+            return inner.as_mut().poll_frame(cx);
         };
         loop {
             if let Some(data) = tracking.ready.pop_front() {
@@ -164,10 +215,10 @@ where
             }
             if tracking.inner_done {
                 // Settled: dropping the tracking now sends the record.
-                *this.tracking = None;
+                this.tracking = None;
                 return Poll::Ready(None);
             }
-            match ready!(this.inner.as_mut().poll_frame(cx)) {
+            match ready!(inner.as_mut().poll_frame(cx)) {
                 Some(Ok(frame)) => {
                     let data = match frame.into_data() {
                         Ok(data) => data,
@@ -188,7 +239,7 @@ where
                 }
                 Some(Err(err)) => {
                     // The upstream broke off mid-body; the drop records what was seen.
-                    *this.tracking = None;
+                    this.tracking = None;
                     return Poll::Ready(Some(Err(err)));
                 }
                 None => {
@@ -200,18 +251,18 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.tracking {
-            None => self.inner.is_end_stream(),
+        match (&self.inner, &self.tracking) {
+            (Some(inner), None) => inner.is_end_stream(),
+            (None, _) => true,
             // Report the end only after poll_frame has settled the record.
-            Some(_) => false,
+            (Some(_), Some(_)) => false,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.edits() {
-            SizeHint::default()
-        } else {
-            self.inner.size_hint()
+        match &self.inner {
+            Some(inner) if !self.edits() => inner.size_hint(),
+            _ => SizeHint::default(),
         }
     }
 }
