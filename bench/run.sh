@@ -4,8 +4,10 @@
 #   2. a bare reverse proxy (nginx, keepalive to the upstream),
 #   3. llmgate with auth and usage recording on,
 # all against the same fixed-response upstream (nginx returning a chat completion with a
-# usage object), in one run. Then checks that llmgate's usage counts are exact: requests
-# recorded == requests the upstream served during llmgate's run, tokens == requests × 16.
+# usage object), in one run (wrk, fixed duration). Then checks that llmgate's usage is
+# exact under load: ab sends exactly N requests over 32 keep-alive connections and waits
+# for every answer; llmgate must record exactly N requests and N × 16 tokens, and the
+# upstream must have served exactly N.
 #
 #   bench/run.sh [seconds per run, default 15] [connections, default 32]
 #
@@ -19,9 +21,10 @@ mkdir -p "$OUT"
 WORK="$(mktemp -d)"
 trap 'kill $(jobs -p) 2>/dev/null || true; [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
-if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk >/dev/null
+if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null || ! command -v ab >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk apache2-utils >/dev/null
 fi
+EXACT_N="${EXACT_N:-50000}"
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 
 cargo build --release -q -p llmgate-server
@@ -84,20 +87,22 @@ run() { # name url
 }
 run direct  "http://127.0.0.1:$UPSTREAM_PORT/v1/chat/completions"
 run nginx   "http://127.0.0.1:$PROXY_PORT/v1/chat/completions"
-# llmgate's usage before its measured run (the warm-up is counted too).
-usage_requests() {
+run llmgate "http://127.0.0.1:$GATEWAY_PORT/v1/chat/completions"
+
+# Exactness: a fixed number of requests, every one answered.
+usage_of() {
   curl -sf "http://127.0.0.1:$GATEWAY_PORT/admin/usage/$KEY_ID" -H "Authorization: Bearer $ADMIN" |
     sed -nE "s/.*\"$1\":([0-9]+).*/\1/p"
 }
-wrk -t1 -c"$CONNECTIONS" -d2s -s "$WORK/post.lua" "http://127.0.0.1:$GATEWAY_PORT/v1/chat/completions" >/dev/null
-sleep 0.5
-REQ_BEFORE=$(usage_requests requests); TOK_BEFORE=$(usage_requests total_tokens)
+printf '%s' '{"model":"bench","messages":[{"role":"user","content":"Say something short."}]}' > "$WORK/body.json"
+REQ_BEFORE=$(usage_of requests); TOK_BEFORE=$(usage_of total_tokens)
 UP_BEFORE=$(wc -l < "$WORK/logs/upstream.log")
-wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$WORK/post.lua" "http://127.0.0.1:$GATEWAY_PORT/v1/chat/completions" > "$WORK/llmgate.txt"
-sleep 0.5
-UP_AFTER=$(wc -l < "$WORK/logs/upstream.log")
-REQ_AFTER=$(usage_requests requests); TOK_AFTER=$(usage_requests total_tokens)
-SERVED=$((UP_AFTER - UP_BEFORE)); RECORDED=$((REQ_AFTER - REQ_BEFORE)); TOKENS=$((TOK_AFTER - TOK_BEFORE))
+ab -q -k -n "$EXACT_N" -c "$CONNECTIONS" -p "$WORK/body.json" -T application/json \
+   -H "Authorization: Bearer $KEY" "http://127.0.0.1:$GATEWAY_PORT/v1/chat/completions" > "$WORK/ab.txt"
+COMPLETE=$(sed -nE 's/^Complete requests:[[:space:]]+([0-9]+).*/\1/p' "$WORK/ab.txt")
+FAILED=$(sed -nE 's/^Failed requests:[[:space:]]+([0-9]+).*/\1/p' "$WORK/ab.txt")
+SERVED=$(( $(wc -l < "$WORK/logs/upstream.log") - UP_BEFORE ))
+RECORDED=$(( $(usage_of requests) - REQ_BEFORE )); TOKENS=$(( $(usage_of total_tokens) - TOK_BEFORE ))
 
 field() { # file pattern
   case "$2" in
@@ -109,7 +114,9 @@ field() { # file pattern
 }
 DIRECT=$(field "$WORK/direct.txt" rps); NGINX_RPS=$(field "$WORK/nginx.txt" rps); GATE=$(field "$WORK/llmgate.txt" rps)
 RATIO=$(awk -v g="$GATE" -v n="$NGINX_RPS" 'BEGIN { printf "%.2f", g / n }')
-EXACT=no; [ "$RECORDED" -eq "$SERVED" ] && [ "$TOKENS" -eq $((SERVED * 16)) ] && EXACT=yes
+EXACT=no
+[ "$COMPLETE" -eq "$EXACT_N" ] && [ "$FAILED" -eq 0 ] && [ "$SERVED" -eq "$EXACT_N" ] &&
+  [ "$RECORDED" -eq "$EXACT_N" ] && [ "$TOKENS" -eq $((EXACT_N * 16)) ] && EXACT=yes
 {
   echo "Run: $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, wrk -t1 -c$CONNECTIONS -d${DURATION}s, POST /v1/chat/completions"
   echo
@@ -121,7 +128,8 @@ EXACT=no; [ "$RECORDED" -eq "$SERVED" ] && [ "$TOKENS" -eq $((SERVED * 16)) ] &&
   echo
   echo "llmgate / nginx requests/s: **$RATIO** (bar: ≥ 0.80)"
   echo
-  echo "Usage exact under load: **$EXACT** — upstream served $SERVED requests during llmgate's run;"
-  echo "llmgate recorded $RECORDED requests and $TOKENS tokens (expected $((SERVED * 16)))."
+  echo "Usage exact under load: **$EXACT** — ab sent $EXACT_N requests over $CONNECTIONS connections"
+  echo "($COMPLETE complete, $FAILED failed); the upstream served $SERVED; llmgate recorded"
+  echo "$RECORDED requests and $TOKENS tokens (expected $((EXACT_N * 16)))."
 } | tee "$OUT/results.md"
 [ "$EXACT" = yes ]

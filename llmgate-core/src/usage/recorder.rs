@@ -5,14 +5,16 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 
 use super::{TokenCounter, TokenUsage};
 use crate::storage::{RequestRecord, UsageStore};
 
 /// The most records written in one transaction.
-const MAX_BATCH: usize = 1024;
+const MAX_BATCH: usize = 4096;
+/// How long the writer lets records gather before a write.
+const LINGER: Duration = Duration::from_millis(50);
 
 enum Message {
     Record(Box<Pending>),
@@ -30,6 +32,7 @@ struct Pending {
 #[derive(Clone)]
 pub struct UsageRecorder {
     tx: mpsc::UnboundedSender<Message>,
+    flush_wanted: Arc<Notify>,
     counts_tokens: bool,
 }
 
@@ -63,9 +66,21 @@ impl UsageRecorder {
         let (tx, rx) = mpsc::unbounded_channel();
         let (stop_tx, stop_rx) = oneshot::channel();
         let counts_tokens = counter.is_some();
-        let task = tokio::spawn(run_writer(rx, stop_rx, store, counter));
+        let flush_wanted = Arc::new(Notify::new());
+        let task = tokio::spawn(run_writer(
+            rx,
+            stop_rx,
+            flush_wanted.clone(),
+            store,
+            counter,
+        ));
+        let recorder = Self {
+            tx,
+            flush_wanted,
+            counts_tokens,
+        };
         (
-            Self { tx, counts_tokens },
+            recorder,
             UsageWriter {
                 stop: Some(stop_tx),
                 task,
@@ -77,6 +92,7 @@ impl UsageRecorder {
     pub async fn flush(&self) {
         let (done, wait) = oneshot::channel();
         if self.tx.send(Message::Flush(done)).is_ok() {
+            self.flush_wanted.notify_one();
             let _ = wait.await;
         }
     }
@@ -107,26 +123,42 @@ impl UsageWriter {
 async fn run_writer(
     mut rx: mpsc::UnboundedReceiver<Message>,
     mut stop: oneshot::Receiver<()>,
+    flush_wanted: Arc<Notify>,
     store: Arc<dyn UsageStore>,
     counter: Option<Arc<dyn TokenCounter>>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    loop {
+    let mut stopping = false;
+    while !stopping {
         tokio::select! {
             received = rx.recv_many(&mut batch, MAX_BATCH) => {
                 if received == 0 {
                     return;
                 }
-                write(&mut batch, store.as_ref(), counter.as_deref(), false).await;
             }
-            _ = &mut stop => {
-                rx.close();
-                while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-                    write(&mut batch, store.as_ref(), counter.as_deref(), true).await;
+            _ = &mut stop => stopping = true,
+        }
+        // Let a batch gather without being woken per record, unless someone waits on a
+        // flush: under load that is one transaction per LINGER instead of one per wake-up.
+        let waiting_on_flush = batch.iter().any(|m| matches!(m, Message::Flush(_)));
+        if !stopping && !waiting_on_flush && batch.len() < MAX_BATCH {
+            tokio::select! {
+                _ = tokio::time::sleep(LINGER) => {}
+                _ = flush_wanted.notified() => {}
+                _ = &mut stop => stopping = true,
+            }
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(message) => batch.push(message),
+                    Err(_) => break,
                 }
-                return;
             }
         }
+        write(&mut batch, store.as_ref(), counter.as_deref(), false).await;
+    }
+    rx.close();
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        write(&mut batch, store.as_ref(), counter.as_deref(), true).await;
     }
 }
 
