@@ -170,6 +170,18 @@ impl Proxy {
     }
 
     fn upstream_uri(&self, uri: &Uri) -> Result<Uri, ProxyError> {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.target.scheme.clone());
+        parts.authority = Some(self.target.authority.clone());
+        if self.target.base_path.is_empty() {
+            // The common case: no string building, the request's path is reused as is.
+            parts.path_and_query = Some(
+                uri.path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| "/".parse().expect("valid")),
+            );
+            return Uri::from_parts(parts).map_err(|e| ProxyError::BadRequest(e.to_string()));
+        }
         let path_and_query = uri.path_and_query().map_or("/", |pq| pq.as_str());
         Uri::builder()
             .scheme(self.target.scheme.clone())

@@ -2,7 +2,6 @@
 
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
-use serde_json::Value;
 
 use super::TokenUsage;
 
@@ -22,7 +21,27 @@ pub(crate) struct JsonCollector {
 #[derive(Deserialize)]
 struct Peek {
     model: Option<String>,
-    usage: Option<Value>,
+    usage: Option<UsageFields>,
+}
+
+/// The `usage` object's counts, read without building a JSON tree.
+#[derive(Deserialize)]
+struct UsageFields {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    total_tokens: Option<u64>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+}
+
+impl UsageFields {
+    fn token_usage(&self) -> Option<TokenUsage> {
+        TokenUsage::from_counts(
+            self.prompt_tokens.or(self.input_tokens),
+            self.completion_tokens.or(self.output_tokens),
+            self.total_tokens,
+        )
+    }
 }
 
 impl JsonCollector {
@@ -53,7 +72,7 @@ impl JsonCollector {
         };
         match serde_json::from_slice::<Peek>(&body) {
             Ok(peek) => (
-                peek.usage.as_ref().and_then(TokenUsage::from_usage_object),
+                peek.usage.as_ref().and_then(UsageFields::token_usage),
                 peek.model,
             ),
             Err(_) => (None, None),

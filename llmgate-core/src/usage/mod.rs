@@ -41,9 +41,18 @@ impl TokenUsage {
     pub fn from_usage_object(usage: &Value) -> Option<Self> {
         let usage = usage.as_object()?;
         let field = |name: &str| usage.get(name).and_then(Value::as_u64);
-        let prompt = field("prompt_tokens").or_else(|| field("input_tokens"));
-        let completion = field("completion_tokens").or_else(|| field("output_tokens"));
-        let total = field("total_tokens");
+        Self::from_counts(
+            field("prompt_tokens").or_else(|| field("input_tokens")),
+            field("completion_tokens").or_else(|| field("output_tokens")),
+            field("total_tokens"),
+        )
+    }
+
+    pub(crate) fn from_counts(
+        prompt: Option<u64>,
+        completion: Option<u64>,
+        total: Option<u64>,
+    ) -> Option<Self> {
         match (prompt, completion, total) {
             (Some(p), Some(c), _) => Some(Self {
                 prompt_tokens: p,

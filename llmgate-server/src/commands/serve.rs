@@ -8,6 +8,8 @@ use llmgate_core::proxy::Proxy;
 use llmgate_core::storage::KeyStore;
 use llmgate_core::usage::UsageRecorder;
 
+use axum::serve::ListenerExt;
+
 use crate::app::{app, AppState};
 
 /// The environment variable that supplies the first admin key instead of generating one.
@@ -52,6 +54,10 @@ pub async fn run(config: GatewayConfig) -> Result<(), String> {
     );
     tracing::info!(%local, "listening");
 
+    // No Nagle delay: streamed tokens are small writes that must go out at once.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown_signal())
         .await
