@@ -62,7 +62,9 @@
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod hub;
 pub mod proxy;
+pub mod runner;
 pub mod storage;
 pub mod usage;
 

@@ -29,8 +29,11 @@ pub struct UsageBody<B> {
     tracking: Option<Box<Tracking>>,
     /// For a JSON answer dropped before its end (the client left while the upstream was
     /// sending it): reads the rest in the background so its tokens still count.
-    finish_in_background: Option<fn(Pin<Box<B>>, Box<Tracking>)>,
+    finish_in_background: Option<ReadRest<B>>,
 }
+
+/// Takes over a dropped body and its accounting.
+type ReadRest<B> = fn(Pin<Box<B>>, Box<Tracking>);
 
 impl<B> std::fmt::Debug for UsageBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -88,7 +91,7 @@ impl<B> UsageBody<B> {
         };
         guard.set_model(plan.model.as_deref());
         let finish_in_background = matches!(extractor, Extractor::Json(_))
-            .then_some(read_rest_for_usage::<B> as fn(Pin<Box<B>>, Box<Tracking>));
+            .then_some(read_rest_for_usage::<B> as ReadRest<B>);
         Self {
             inner: Some(Box::pin(inner)),
             finish_in_background,

@@ -1,0 +1,502 @@
+//! llama-cpp-python's OpenAI-compatible server, in a virtual environment llmgate
+//! manages, built for the chosen backend.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+use super::http::LocalHttp;
+use super::process::{Launch, RestartPolicy, Supervisor};
+use super::{Backend, ModelRunner, ModelSpec, RunnerError, RunnerStatus};
+
+/// The llama-cpp-python release llmgate installs.
+pub const LLAMA_CPP_PYTHON_VERSION: &str = "0.3.36";
+
+/// Written into a virtual environment once it is complete: which backend it was built
+/// for, so it is reused for that backend only.
+const MARKER: &str = "llmgate-env.json";
+
+/// Started instead of `python -m llama_cpp.server`: it stops the server when llmgate's
+/// process is gone (even after a SIGKILL, which llmgate cannot intercept), then runs the
+/// server module as `-m` would.
+const BOOTSTRAP: &str = r#"
+import os, runpy, sys, threading, time
+parent = os.getppid()
+def watch_parent():
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent:
+            os._exit(0)
+threading.Thread(target=watch_parent, daemon=True).start()
+sys.argv = ["llama_cpp.server"] + sys.argv[1:]
+runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
+"#;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Marker {
+    backend: Backend,
+    llama_cpp_python: String,
+    cmake_args: Option<String>,
+}
+
+/// A ready virtual environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PythonEnv {
+    /// The environment's directory.
+    pub dir: PathBuf,
+    /// The backend it was built for.
+    pub backend: Backend,
+}
+
+impl PythonEnv {
+    /// Its Python interpreter.
+    pub fn python(&self) -> PathBuf {
+        python_in(&self.dir)
+    }
+}
+
+fn python_in(dir: &Path) -> PathBuf {
+    if cfg!(windows) {
+        dir.join("Scripts").join("python.exe")
+    } else {
+        dir.join("bin").join("python")
+    }
+}
+
+/// Creates and reuses llmgate's virtual environments: one per backend, under `root`.
+/// Built wheels are kept in `wheel_cache` (per backend) so a new environment does not
+/// compile llama.cpp again.
+#[derive(Debug, Clone)]
+pub struct PythonEnvManager {
+    /// Where the environments live (`<data dir>/python` by default).
+    pub root: PathBuf,
+    /// Where built wheels are kept (`~/.cache/llmgate/wheels` by default).
+    pub wheel_cache: PathBuf,
+    /// The Python that creates environments (`python3` by default).
+    pub base_python: PathBuf,
+}
+
+impl PythonEnvManager {
+    /// The environment directory for a backend.
+    pub fn env_dir(&self, backend: Backend) -> PathBuf {
+        self.root.join(format!("llama-cpp-python-{backend}"))
+    }
+
+    /// The `pip install` (or `pip wheel`) environment for a backend: `CMAKE_ARGS` and
+    /// `FORCE_CMAKE` for GPU and BLAS builds.
+    pub fn build_env(backend: Backend) -> Vec<(String, String)> {
+        match backend.cmake_args() {
+            Some(args) => vec![("CMAKE_ARGS".into(), args.into()), ("FORCE_CMAKE".into(), "1".into())],
+            None => vec![],
+        }
+    }
+
+    /// An environment for `backend`, reused when one was built for it; otherwise built
+    /// (with progress lines to `say`). An environment built for another backend is
+    /// never used: it is rebuilt.
+    pub async fn ensure(&self, backend: Backend, say: &(dyn Fn(&str) + Send + Sync)) -> Result<PythonEnv, RunnerError> {
+        let dir = self.env_dir(backend);
+        let wanted = Marker {
+            backend,
+            llama_cpp_python: LLAMA_CPP_PYTHON_VERSION.into(),
+            cmake_args: backend.cmake_args().map(str::to_owned),
+        };
+        match read_marker(&dir) {
+            Some(found) if found == wanted && python_in(&dir).exists() => {
+                return Ok(PythonEnv { dir, backend });
+            }
+            Some(found) => {
+                say(&format!(
+                    "The environment in {} was built for {} (llama-cpp-python {}); rebuilding it for {backend}.",
+                    dir.display(),
+                    found.backend,
+                    found.llama_cpp_python
+                ));
+                remove_dir(&dir)?;
+            }
+            None if dir.exists() => {
+                say(&format!("{} is incomplete; creating it again.", dir.display()));
+                remove_dir(&dir)?;
+            }
+            None => {}
+        }
+        self.create(&dir, backend, say).await?;
+        let marker = serde_json::to_vec_pretty(&wanted).expect("marker serializes");
+        std::fs::write(dir.join(MARKER), marker).map_err(|e| setup_err("the environment marker", e.to_string()))?;
+        Ok(PythonEnv { dir, backend })
+    }
+
+    async fn create(&self, dir: &Path, backend: Backend, say: &(dyn Fn(&str) + Send + Sync)) -> Result<(), RunnerError> {
+        std::fs::create_dir_all(&self.root).map_err(|e| setup_err("the environment directory", e.to_string()))?;
+        say(&format!("Creating a Python environment in {}…", dir.display()));
+        run(
+            Command::new(&self.base_python).arg("-m").arg("venv").arg(dir),
+            say,
+            &format!("a virtual environment (is {} a Python 3.9+ with venv?)", self.base_python.display()),
+        )
+        .await?;
+        let python = python_in(dir);
+        let wheels = self.wheel_cache.join(backend.as_str());
+        std::fs::create_dir_all(&wheels).map_err(|e| setup_err("the wheel cache", e.to_string()))?;
+        if !has_wheel(&wheels) {
+            say(&format!(
+                "Building llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} for {backend} (compiling llama.cpp takes 5 to 20 minutes; it is done once and cached in {})…",
+                wheels.display()
+            ));
+            // --no-cache-dir: pip's own wheel cache does not know the backend and would
+            // hand a CPU build to a CUDA environment.
+            run(
+                Command::new(&python)
+                    .args(["-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "--progress-bar", "off", "-w"])
+                    .arg(&wheels)
+                    .arg(format!("llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"))
+                    .envs(Self::build_env(backend)),
+                say,
+                &format!("llama-cpp-python for {backend}{}", build_hint(backend)),
+            )
+            .await?;
+        }
+        say(&format!("Installing llama-cpp-python[server] {LLAMA_CPP_PYTHON_VERSION} ({backend})…"));
+        run(
+            Command::new(&python)
+                .args(["-m", "pip", "install", "--progress-bar", "off", "--find-links"])
+                .arg(&wheels)
+                .arg(format!("llama-cpp-python[server]=={LLAMA_CPP_PYTHON_VERSION}"))
+                .envs(Self::build_env(backend)),
+            say,
+            "llama-cpp-python's server dependencies (is PyPI reachable?)",
+        )
+        .await?;
+        if backend.offloads_to_gpu() {
+            let output = Command::new(&python)
+                .args(["-c", "import llama_cpp; print(llama_cpp.llama_supports_gpu_offload())"])
+                .output()
+                .await
+                .map_err(|e| setup_err("the GPU check", e.to_string()))?;
+            if String::from_utf8_lossy(&output.stdout).trim() != "True" {
+                return Err(setup_err(
+                    &format!("llama-cpp-python for {backend}"),
+                    format!("the build has no GPU offload, so it would silently run on the CPU{}", build_hint(backend)),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn build_hint(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Cpu => " (a C/C++ compiler is needed)",
+        Backend::Cuda => " (needs the CUDA toolkit: nvcc on PATH or CUDACXX set)",
+        Backend::Metal => " (needs macOS with Xcode command-line tools)",
+        Backend::Openblas => " (needs OpenBLAS headers, e.g. apt-get install libopenblas-dev)",
+    }
+}
+
+fn setup_err(what: &str, reason: String) -> RunnerError {
+    RunnerError::Setup { what: what.to_owned(), reason }
+}
+
+fn read_marker(dir: &Path) -> Option<Marker> {
+    serde_json::from_slice(&std::fs::read(dir.join(MARKER)).ok()?).ok()
+}
+
+fn remove_dir(dir: &Path) -> Result<(), RunnerError> {
+    std::fs::remove_dir_all(dir).map_err(|e| setup_err(&format!("removing {}", dir.display()), e.to_string()))
+}
+
+fn has_wheel(dir: &Path) -> bool {
+    let prefix = format!("llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}-");
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.flatten().any(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with(&prefix) && name.ends_with(".whl")
+        })
+    })
+}
+
+/// Runs a set-up command, passing its output to `say` line by line; the error carries
+/// the last lines.
+async fn run(command: &mut Command, say: &(dyn Fn(&str) + Send + Sync), what: &str) -> Result<(), RunnerError> {
+    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    let mut child = command.spawn().map_err(|e| setup_err(what, e.to_string()))?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    for stream in [child.stdout.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>), child.stderr.take().map(|s| Box::new(s) as _)]
+        .into_iter()
+        .flatten()
+    {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stream).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = tx.send(line);
+            }
+        });
+    }
+    drop(tx);
+    let mut tail = std::collections::VecDeque::new();
+    while let Some(line) = rx.recv().await {
+        say(&format!("  {line}"));
+        if tail.len() == 8 {
+            tail.pop_front();
+        }
+        tail.push_back(line);
+    }
+    let status = child.wait().await.map_err(|e| setup_err(what, e.to_string()))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(setup_err(what, format!("{status}; last output: {}", Vec::from(tail).join(" | "))))
+    }
+}
+
+/// `python -m llama_cpp.server` for one model, supervised.
+#[derive(Debug, Clone)]
+pub struct LlamaCppPythonRunner {
+    env: PythonEnv,
+    spec: ModelSpec,
+    port: Arc<std::sync::Mutex<Option<u16>>>,
+    supervisor: Supervisor,
+    policy: RestartPolicy,
+    http: LocalHttp,
+}
+
+impl LlamaCppPythonRunner {
+    /// A runner for `spec` in a ready environment (see [`PythonEnvManager::ensure`]).
+    pub fn new(env: PythonEnv, spec: ModelSpec) -> Self {
+        Self {
+            env,
+            spec,
+            port: Arc::default(),
+            supervisor: Supervisor::new("llama-cpp-python"),
+            policy: RestartPolicy::default(),
+            http: LocalHttp::default(),
+        }
+    }
+
+    /// Replaces the restart policy.
+    pub fn with_policy(mut self, policy: RestartPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// The supervised process (its pid, its state).
+    pub fn supervisor(&self) -> &Supervisor {
+        &self.supervisor
+    }
+
+    /// The server's command-line arguments (after the bootstrap).
+    pub fn server_args(spec: &ModelSpec, port: u16) -> Vec<String> {
+        let mut args = vec![
+            "--model".to_owned(),
+            spec.model.to_string_lossy().into_owned(),
+            "--model_alias".to_owned(),
+            spec.alias(),
+            // Never reachable without the gateway.
+            "--host".to_owned(),
+            "127.0.0.1".to_owned(),
+            "--port".to_owned(),
+            port.to_string(),
+            // Otherwise any new request (a health probe included) cuts a running stream short.
+            "--interrupt_requests".to_owned(),
+            "false".to_owned(),
+        ];
+        if spec.backend.offloads_to_gpu() {
+            args.extend(["--n_gpu_layers".to_owned(), "-1".to_owned()]);
+        }
+        if let Some(format) = &spec.chat_format {
+            args.extend(["--chat_format".to_owned(), format.clone()]);
+        }
+        if let Some(n_ctx) = spec.n_ctx {
+            args.extend(["--n_ctx".to_owned(), n_ctx.to_string()]);
+        }
+        args
+    }
+
+    /// How the process is started on `port`.
+    pub fn launch(&self, port: u16) -> Launch {
+        let mut args = vec!["-c".to_owned(), BOOTSTRAP.to_owned()];
+        args.extend(Self::server_args(&self.spec, port));
+        Launch {
+            program: self.env.python(),
+            args,
+            env: vec![("PYTHONUNBUFFERED".into(), "1".into())],
+            ready_url: format!("http://127.0.0.1:{port}/v1/models"),
+            ready_timeout: self.spec.ready_timeout,
+        }
+    }
+}
+
+/// A free port on 127.0.0.1 (the OS picks; the listener is closed again at once).
+pub(crate) fn free_port() -> Result<u16, RunnerError> {
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| RunnerError::Failed(format!("no free port: {e}")))
+}
+
+/// The configured port, checked to be free, or a free one.
+pub(crate) fn choose_port(wanted: Option<u16>) -> Result<u16, RunnerError> {
+    match wanted {
+        Some(port) => match std::net::TcpListener::bind(("127.0.0.1", port)) {
+            Ok(_) => Ok(port),
+            Err(_) => Err(RunnerError::PortInUse(port)),
+        },
+        None => free_port(),
+    }
+}
+
+#[async_trait]
+impl ModelRunner for LlamaCppPythonRunner {
+    fn kind(&self) -> &'static str {
+        "llama-cpp-python"
+    }
+
+    async fn start(&self) -> Result<(), RunnerError> {
+        if !self.spec.model.is_file() {
+            return Err(RunnerError::ModelMissing(self.spec.model.clone()));
+        }
+        let port = choose_port(self.spec.port)?;
+        *self.port.lock().unwrap() = Some(port);
+        self.supervisor.start(self.launch(port), self.policy).await
+    }
+
+    fn base_url(&self) -> Option<String> {
+        self.port.lock().unwrap().map(|port| format!("http://127.0.0.1:{port}"))
+    }
+
+    fn status(&self) -> RunnerStatus {
+        self.supervisor.status()
+    }
+
+    async fn healthy(&self) -> bool {
+        let Some(base) = self.base_url() else { return false };
+        self.http
+            .get_status(&format!("{base}/v1/models"), Duration::from_secs(5))
+            .await
+            .is_ok_and(|s| s.is_success())
+    }
+
+    fn log_tail(&self, lines: usize) -> Vec<String> {
+        self.supervisor.log_tail(lines)
+    }
+
+    async fn stop(&self) {
+        self.supervisor.stop().await;
+    }
+
+    async fn count_tokens(&self, text: &str) -> Result<u64, RunnerError> {
+        let base = self.base_url().ok_or(RunnerError::NotRunning)?;
+        let answer = self
+            .http
+            .post_json(&format!("{base}/extras/tokenize/count"), &json!({"input": text}), Duration::from_secs(30))
+            .await
+            .map_err(RunnerError::Http)?;
+        answer["count"].as_u64().ok_or_else(|| RunnerError::Http(format!("unexpected tokenize answer: {answer}")))
+    }
+
+    fn chat_format(&self) -> Option<String> {
+        self.spec.chat_format.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(backend: Backend) -> ModelSpec {
+        ModelSpec { backend, ..ModelSpec::new("/models/gemma-3-270m-q4_k_m.gguf") }
+    }
+
+    fn value_of<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+        args.iter().position(|a| a == flag).map(|i| args[i + 1].as_str())
+    }
+
+    #[test]
+    fn the_server_binds_loopback_and_never_interrupts_streams() {
+        let args = LlamaCppPythonRunner::server_args(&spec(Backend::Cpu), 41234);
+        assert_eq!(value_of(&args, "--host"), Some("127.0.0.1"));
+        assert_eq!(value_of(&args, "--port"), Some("41234"));
+        assert_eq!(value_of(&args, "--interrupt_requests"), Some("false"));
+        assert_eq!(value_of(&args, "--chat_format"), Some("gemma"));
+        assert_eq!(value_of(&args, "--model_alias"), Some("gemma-3-270m-q4_k_m"));
+        assert_eq!(value_of(&args, "--n_gpu_layers"), None, "no offload on the CPU backend");
+    }
+
+    #[test]
+    fn gpu_backends_offload_every_layer_and_cpu_ones_do_not() {
+        for backend in [Backend::Cuda, Backend::Metal] {
+            let args = LlamaCppPythonRunner::server_args(&spec(backend), 1);
+            assert_eq!(value_of(&args, "--n_gpu_layers"), Some("-1"), "{backend}");
+        }
+        let args = LlamaCppPythonRunner::server_args(&spec(Backend::Openblas), 1);
+        assert_eq!(value_of(&args, "--n_gpu_layers"), None);
+    }
+
+    #[test]
+    fn each_backend_builds_with_its_own_cmake_args() {
+        assert!(PythonEnvManager::build_env(Backend::Cpu).is_empty());
+        let cuda = PythonEnvManager::build_env(Backend::Cuda);
+        assert!(cuda.contains(&("CMAKE_ARGS".into(), "-DGGML_CUDA=on".into())));
+        assert!(cuda.contains(&("FORCE_CMAKE".into(), "1".into())));
+        let metal = PythonEnvManager::build_env(Backend::Metal);
+        assert!(metal.contains(&("CMAKE_ARGS".into(), "-DGGML_METAL=on".into())));
+        let blas = PythonEnvManager::build_env(Backend::Openblas);
+        assert!(blas.contains(&("CMAKE_ARGS".into(), "-DGGML_BLAS=ON -DGGML_BLAS_VENDOR=OpenBLAS".into())));
+    }
+
+    #[test]
+    fn environments_are_kept_apart_per_backend() {
+        let manager = PythonEnvManager { root: "/d/python".into(), wheel_cache: "/c".into(), base_python: "python3".into() };
+        assert_ne!(manager.env_dir(Backend::Cpu), manager.env_dir(Backend::Cuda));
+        assert!(manager.env_dir(Backend::Cuda).ends_with("llama-cpp-python-cuda"));
+    }
+
+    #[tokio::test]
+    async fn an_environment_built_for_another_backend_is_never_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let manager = PythonEnvManager {
+            root: dir.path().join("python"),
+            wheel_cache: dir.path().join("wheels"),
+            // A Python that cannot make environments: reaching creation fails fast.
+            base_python: dir.path().join("no-python"),
+        };
+        // An environment claiming to be the CPU build sits where the CUDA one belongs.
+        let cuda_dir = manager.env_dir(Backend::Cuda);
+        std::fs::create_dir_all(cuda_dir.join("bin")).unwrap();
+        std::fs::write(cuda_dir.join("bin/python"), "").unwrap();
+        let cpu_marker = Marker { backend: Backend::Cpu, llama_cpp_python: LLAMA_CPP_PYTHON_VERSION.into(), cmake_args: None };
+        std::fs::write(cuda_dir.join(MARKER), serde_json::to_vec(&cpu_marker).unwrap()).unwrap();
+
+        let said = std::sync::Mutex::new(Vec::<String>::new());
+        let result = manager.ensure(Backend::Cuda, &|line| said.lock().unwrap().push(line.to_owned())).await;
+        assert!(matches!(result, Err(RunnerError::Setup { .. })), "{result:?}");
+        let said = said.into_inner().unwrap().join("\n");
+        assert!(said.contains("was built for cpu") && said.contains("rebuilding it for cuda"), "{said}");
+        assert!(!cuda_dir.join(MARKER).exists(), "the mismatched environment is gone");
+
+        // A matching marker is reused without any set-up.
+        std::fs::create_dir_all(cuda_dir.join("bin")).unwrap();
+        std::fs::write(cuda_dir.join("bin/python"), "").unwrap();
+        let cuda_marker = Marker { backend: Backend::Cuda, llama_cpp_python: LLAMA_CPP_PYTHON_VERSION.into(), cmake_args: Some("-DGGML_CUDA=on".into()) };
+        std::fs::write(cuda_dir.join(MARKER), serde_json::to_vec(&cuda_marker).unwrap()).unwrap();
+        let env = manager.ensure(Backend::Cuda, &|_| {}).await.unwrap();
+        assert_eq!(env, PythonEnv { dir: cuda_dir, backend: Backend::Cuda });
+    }
+
+    #[test]
+    fn a_port_in_use_is_refused_with_a_clear_error() {
+        let taken = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let err = choose_port(Some(port)).unwrap_err();
+        assert!(err.to_string().contains(&format!("port {port}")), "{err}");
+        assert_ne!(choose_port(None).unwrap(), 0);
+    }
+}

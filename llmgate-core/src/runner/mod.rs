@@ -1,0 +1,236 @@
+//! Model servers whose life the gateway manages.
+//!
+//! A [`ModelRunner`] starts a model server for a [`ModelSpec`], reports its base URL,
+//! health and [`RunnerStatus`], keeps a tail of its log, stops it, and counts tokens
+//! with the model's own tokenizer (for streams whose server reports no usage).
+//!
+//! Runners, one file each:
+//! - [`LlamaCppPythonRunner`]: `python -m llama_cpp.server` in a virtual environment
+//!   llmgate manages, for the `cpu`, `cuda`, `metal` and `openblas` backends;
+//! - [`LlamaServerRunner`]: llama.cpp's `llama-server` binary;
+//! - [`ExternalRunner`]: an OpenAI-compatible server that is already running.
+//!
+//! Processes are supervised by [`process::Supervisor`]: readiness with a timeout,
+//! captured output, restarts with backoff, and SIGTERM-then-SIGKILL on stop.
+
+mod chat_template;
+mod external;
+mod http;
+mod llama_cpp_python;
+mod llama_server;
+pub mod process;
+mod token_counter;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+pub use chat_template::format_chat_prompt;
+pub use external::ExternalRunner;
+pub use llama_cpp_python::{LlamaCppPythonRunner, PythonEnv, PythonEnvManager, LLAMA_CPP_PYTHON_VERSION};
+pub use llama_server::LlamaServerRunner;
+pub use process::RunnerStatus;
+pub use token_counter::RunnerTokenCounter;
+
+/// Why a runner could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    /// Setting up the runtime (virtual environment, packages) failed.
+    #[error("setting up {what} failed: {reason}")]
+    Setup {
+        /// What was being set up.
+        what: String,
+        /// What went wrong, with what to do about it.
+        reason: String,
+    },
+    /// The model file does not exist.
+    #[error("model file {0} does not exist")]
+    ModelMissing(PathBuf),
+    /// The requested port is taken.
+    #[error("port {0} on 127.0.0.1 is already in use; choose another one or leave it unset")]
+    PortInUse(u16),
+    /// The server did not become ready, or crashed too often.
+    #[error("the model server failed: {0}")]
+    Failed(String),
+    /// The operation needs a running server.
+    #[error("the model server is not running")]
+    NotRunning,
+    /// Talking to the model server failed.
+    #[error("model server request failed: {0}")]
+    Http(String),
+}
+
+/// The compute backend llama.cpp is built for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Plain CPU.
+    #[default]
+    Cpu,
+    /// NVIDIA GPUs (needs the CUDA toolkit to build).
+    Cuda,
+    /// Apple GPUs.
+    Metal,
+    /// CPU with OpenBLAS for prompt processing.
+    Openblas,
+}
+
+impl Backend {
+    /// Every backend.
+    pub const ALL: [Backend; 4] = [Backend::Cpu, Backend::Cuda, Backend::Metal, Backend::Openblas];
+
+    /// `cpu`, `cuda`, `metal` or `openblas`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Cpu => "cpu",
+            Backend::Cuda => "cuda",
+            Backend::Metal => "metal",
+            Backend::Openblas => "openblas",
+        }
+    }
+
+    /// `CMAKE_ARGS` that build llama.cpp for this backend.
+    pub fn cmake_args(self) -> Option<&'static str> {
+        match self {
+            Backend::Cpu => None,
+            Backend::Cuda => Some("-DGGML_CUDA=on"),
+            Backend::Metal => Some("-DGGML_METAL=on"),
+            Backend::Openblas => Some("-DGGML_BLAS=ON -DGGML_BLAS_VENDOR=OpenBLAS"),
+        }
+    }
+
+    /// Whether layers are offloaded to a GPU.
+    pub fn offloads_to_gpu(self) -> bool {
+        matches!(self, Backend::Cuda | Backend::Metal)
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Backend::ALL
+            .into_iter()
+            .find(|b| b.as_str().eq_ignore_ascii_case(s))
+            .ok_or_else(|| format!("unknown backend '{s}': expected cpu, cuda, metal or openblas"))
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelSpec {
+    /// The GGUF file.
+    pub model: PathBuf,
+    /// The name clients see in `/v1/models` (default: the file name without `.gguf`).
+    pub alias: Option<String>,
+    /// llama-cpp-python's `--chat_format` (e.g. `gemma`, `chatml`); `None` lets the
+    /// server guess from the GGUF metadata.
+    pub chat_format: Option<String>,
+    /// Context length; `None` for the server's default.
+    pub n_ctx: Option<u32>,
+    /// The backend.
+    pub backend: Backend,
+    /// A fixed port on 127.0.0.1; `None` picks a free one.
+    pub port: Option<u16>,
+    /// How long to wait for the server to answer.
+    pub ready_timeout: Duration,
+}
+
+impl ModelSpec {
+    /// A spec for a model file with defaults: CPU, a free port, 120 s to get ready, and
+    /// the chat format guessed from the file name ([`default_chat_format`]).
+    pub fn new(model: impl Into<PathBuf>) -> Self {
+        let model = model.into();
+        Self {
+            chat_format: default_chat_format(&model),
+            model,
+            alias: None,
+            n_ctx: None,
+            backend: Backend::Cpu,
+            port: None,
+            ready_timeout: Duration::from_secs(120),
+        }
+    }
+
+    /// The model name clients see.
+    pub fn alias(&self) -> String {
+        self.alias.clone().unwrap_or_else(|| {
+            self.model
+                .file_stem()
+                .map_or_else(|| "model".to_owned(), |s| s.to_string_lossy().into_owned())
+        })
+    }
+}
+
+/// The chat format to use when none is configured. Gemma GGUFs need `gemma`: with the
+/// template llama-cpp-python 0.3.x guesses from their metadata, chat requests come back
+/// empty. Other models: let the server decide.
+pub fn default_chat_format(model: &std::path::Path) -> Option<String> {
+    let name = model.file_name()?.to_string_lossy().to_ascii_lowercase();
+    name.contains("gemma").then(|| "gemma".to_owned())
+}
+
+/// A model server the gateway starts, watches and stops.
+#[async_trait]
+pub trait ModelRunner: Send + Sync {
+    /// The runner's kind, e.g. `llama-cpp-python`.
+    fn kind(&self) -> &'static str;
+    /// Starts the server; returns once it answers (or fails).
+    async fn start(&self) -> Result<(), RunnerError>;
+    /// Where the OpenAI-compatible API is, e.g. `http://127.0.0.1:41234`.
+    fn base_url(&self) -> Option<String>;
+    /// The current state.
+    fn status(&self) -> RunnerStatus;
+    /// Whether the server answers right now.
+    async fn healthy(&self) -> bool;
+    /// The last `lines` lines of the server's output.
+    fn log_tail(&self, lines: usize) -> Vec<String>;
+    /// Stops the server (SIGTERM, then SIGKILL after a grace period).
+    async fn stop(&self);
+    /// Tokens in `text` by the model's tokenizer, including any BOS token the server
+    /// adds to a prompt.
+    async fn count_tokens(&self, text: &str) -> Result<u64, RunnerError>;
+    /// The chat format prompts are built with, for counting prompt tokens.
+    fn chat_format(&self) -> Option<String> {
+        None
+    }
+}
+
+impl fmt::Debug for dyn ModelRunner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ModelRunner({}, {:?})", self.kind(), self.status())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backends_parse_and_know_their_build_flags() {
+        assert_eq!("CUDA".parse::<Backend>().unwrap(), Backend::Cuda);
+        assert!("rocm".parse::<Backend>().unwrap_err().contains("cpu, cuda, metal or openblas"));
+        assert_eq!(Backend::Cuda.cmake_args(), Some("-DGGML_CUDA=on"));
+        assert_eq!(Backend::Metal.cmake_args(), Some("-DGGML_METAL=on"));
+        assert_eq!(Backend::Openblas.cmake_args(), Some("-DGGML_BLAS=ON -DGGML_BLAS_VENDOR=OpenBLAS"));
+        assert_eq!(Backend::Cpu.cmake_args(), None);
+        assert!(Backend::Cuda.offloads_to_gpu() && Backend::Metal.offloads_to_gpu());
+        assert!(!Backend::Cpu.offloads_to_gpu() && !Backend::Openblas.offloads_to_gpu());
+    }
+
+    #[test]
+    fn gemma_models_get_the_gemma_chat_format() {
+        let spec = ModelSpec::new("/m/gemma-3-270m-q4_k_m.gguf");
+        assert_eq!(spec.chat_format.as_deref(), Some("gemma"));
+        assert_eq!(spec.alias(), "gemma-3-270m-q4_k_m");
+        assert_eq!(ModelSpec::new("/m/qwen2.5-0.5b.gguf").chat_format, None);
+    }
+}
