@@ -10,12 +10,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::Secret;
 use crate::proxy::ProxyConfig;
+use crate::runner::Backend;
 
 /// A setting that cannot work, with what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// No upstream was given.
-    #[error("no upstream: pass --upstream URL (or set LLMGATE_UPSTREAM, or `upstream` in the config file)")]
+    #[error("no upstream: pass --upstream URL or --model MODEL (or set LLMGATE_UPSTREAM / LLMGATE_MODEL, or `upstream` / `model` in the config file)")]
     MissingUpstream,
     /// The upstream is not an http(s) URL.
     #[error("upstream '{0}' is not a URL like http://127.0.0.1:8000: {1}")]
@@ -51,6 +52,53 @@ pub struct GatewayConfig {
     /// How long a key lookup is cached, in milliseconds; a key revoked by another
     /// process is refused after at most this long.
     pub key_cache_ttl_ms: u64,
+    /// A model to run instead of forwarding to `upstream`: a GGUF path or a Hugging Face
+    /// repo id (`owner/name` or `owner/name:file.gguf`).
+    pub model: Option<String>,
+    /// Which model server runs it.
+    pub runner: RunnerKind,
+    /// The backend llama.cpp is built for.
+    pub backend: Backend,
+    /// The chat format (llama-cpp-python's `--chat_format`); by default `gemma` for
+    /// Gemma models and the server's own guess for others.
+    pub chat_format: Option<String>,
+    /// Context length for the model; the server's default when unset.
+    pub n_ctx: Option<u32>,
+    /// Seconds the model server may take to load the model.
+    pub model_ready_timeout_secs: u64,
+    /// The Python that creates llmgate's virtual environments.
+    pub python: PathBuf,
+    /// Where the virtual environments live (default: `<data_dir>/python`).
+    pub python_env_dir: Option<PathBuf>,
+    /// Where built wheels and the default model are cached (default:
+    /// `$XDG_CACHE_HOME/llmgate` or `~/.cache/llmgate`).
+    pub cache_dir: Option<PathBuf>,
+    /// The `llama-server` binary for `runner = "llama-server"` (default: from `PATH`).
+    pub llama_server: Option<PathBuf>,
+}
+
+/// Which program serves a local model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunnerKind {
+    /// `python -m llama_cpp.server` in a managed virtual environment.
+    #[default]
+    LlamaCppPython,
+    /// llama.cpp's `llama-server` binary.
+    LlamaServer,
+}
+
+impl std::str::FromStr for RunnerKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "llama-cpp-python" => Ok(Self::LlamaCppPython),
+            "llama-server" => Ok(Self::LlamaServer),
+            other => Err(format!(
+                "unknown runner '{other}': expected llama-cpp-python or llama-server"
+            )),
+        }
+    }
 }
 
 impl Default for GatewayConfig {
@@ -63,6 +111,16 @@ impl Default for GatewayConfig {
             max_body_bytes: 16 * 1024 * 1024,
             data_dir: PathBuf::from("llmgate-data"),
             key_cache_ttl_ms: 500,
+            model: None,
+            runner: RunnerKind::default(),
+            backend: Backend::default(),
+            chat_format: None,
+            n_ctx: None,
+            model_ready_timeout_secs: 300,
+            python: PathBuf::from("python3"),
+            python_env_dir: None,
+            cache_dir: None,
+            llama_server: None,
         }
     }
 }
@@ -70,8 +128,10 @@ impl Default for GatewayConfig {
 impl GatewayConfig {
     /// Checks every option; the error says what to fix.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.upstream_uri()?;
-        let ranges: [(&'static str, u64, u64, u64, &'static str); 3] = [
+        if self.model.is_none() || self.upstream.is_some() {
+            self.upstream_uri()?;
+        }
+        let ranges: [(&'static str, u64, u64, u64, &'static str); 4] = [
             (
                 "upstream_timeout_secs",
                 self.upstream_timeout_secs,
@@ -92,6 +152,13 @@ impl GatewayConfig {
                 0,
                 60_000,
                 "between 0 and 60000",
+            ),
+            (
+                "model_ready_timeout_secs",
+                self.model_ready_timeout_secs,
+                1,
+                86_400,
+                "between 1 and 86400",
             ),
         ];
         for (name, value, min, max, rule) in ranges {
@@ -132,6 +199,29 @@ impl GatewayConfig {
     /// The SQLite database file.
     pub fn database_path(&self) -> PathBuf {
         self.data_dir.join("llmgate.db")
+    }
+
+    /// Where the virtual environments live.
+    pub fn python_env_dir(&self) -> PathBuf {
+        self.python_env_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("python"))
+    }
+
+    /// Where wheels and the default model are cached.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.cache_dir.clone().unwrap_or_else(default_cache_dir)
+    }
+}
+
+/// `$XDG_CACHE_HOME/llmgate`, else `~/.cache/llmgate`, else `./.llmgate-cache`.
+pub fn default_cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("llmgate");
+    }
+    match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".cache").join("llmgate"),
+        None => PathBuf::from(".llmgate-cache"),
     }
 }
 

@@ -26,8 +26,17 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the gateway in front of an OpenAI-compatible upstream
+    /// Set up everything and run: the model server (default: Gemma 3 270M on the CPU)
+    /// and the gateway in front of it, on port 8080
+    Up(ServeArgs),
+    /// Run the gateway in front of an OpenAI-compatible upstream, or of a --model
     Serve(ServeArgs),
+    /// Download a model from Hugging Face into the local cache
+    Pull {
+        /// owner/name, or owner/name:file.gguf (without a file, a Q4_K_M GGUF is picked)
+        #[arg(value_name = "REPO[:FILE]")]
+        model: String,
+    },
     /// Create, list and revoke API keys
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -70,6 +79,50 @@ pub struct ServeArgs {
     /// How long key lookups are cached, in milliseconds [default: 500]
     #[arg(long, env = "LLMGATE_KEY_CACHE_TTL_MS", value_name = "MS")]
     pub key_cache_ttl_ms: Option<u64>,
+
+    /// The model to run.
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+/// Options for a model llmgate runs itself.
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// A GGUF file or a Hugging Face repo (owner/name or owner/name:file.gguf) to run
+    #[arg(long, env = "LLMGATE_MODEL", value_name = "MODEL")]
+    pub model: Option<String>,
+
+    /// Backend llama.cpp is built for: cpu, cuda, metal or openblas [default: cpu]
+    #[arg(long, env = "LLMGATE_BACKEND", value_name = "BACKEND")]
+    pub backend: Option<llmgate_core::runner::Backend>,
+
+    /// Chat format, e.g. gemma or chatml [default: gemma for Gemma models]
+    #[arg(long, env = "LLMGATE_CHAT_FORMAT", value_name = "FORMAT")]
+    pub chat_format: Option<String>,
+
+    /// Context length [default: the server's]
+    #[arg(long, env = "LLMGATE_N_CTX", value_name = "TOKENS")]
+    pub n_ctx: Option<u32>,
+
+    /// Model server: llama-cpp-python or llama-server [default: llama-cpp-python]
+    #[arg(long, env = "LLMGATE_RUNNER", value_name = "RUNNER")]
+    pub runner: Option<llmgate_core::config::RunnerKind>,
+
+    /// Python used to create llmgate's virtual environments [default: python3]
+    #[arg(long, env = "LLMGATE_PYTHON", value_name = "PYTHON")]
+    pub python: Option<PathBuf>,
+
+    /// Where the virtual environments live [default: DATA_DIR/python]
+    #[arg(long, env = "LLMGATE_PYTHON_ENV_DIR", value_name = "DIR")]
+    pub python_env_dir: Option<PathBuf>,
+
+    /// Where built wheels and the default model are cached [default: ~/.cache/llmgate]
+    #[arg(long, env = "LLMGATE_CACHE_DIR", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// Seconds the model server may take to load the model [default: 300]
+    #[arg(long, env = "LLMGATE_MODEL_READY_TIMEOUT_SECS", value_name = "SECS")]
+    pub model_ready_timeout_secs: Option<u64>,
 }
 
 /// `llmgate keys …`

@@ -30,11 +30,12 @@ pub async fn main_with_args(args: Vec<std::ffi::OsString>) -> i32 {
             return EXIT_USAGE;
         }
     };
-    let serve_args = match &cli.command {
-        Command::Serve(args) => Some(args),
-        _ => None,
+    let (serve_args, up) = match &cli.command {
+        Command::Serve(args) => (Some(args), false),
+        Command::Up(args) => (Some(args), true),
+        _ => (None, false),
     };
-    let config = match settings::load(&cli, serve_args) {
+    let config = match settings::load(&cli, serve_args, up) {
         Ok(config) => config,
         Err(message) => {
             eprintln!("error: {message}");
@@ -42,7 +43,9 @@ pub async fn main_with_args(args: Vec<std::ffi::OsString>) -> i32 {
         }
     };
     let outcome = match cli.command {
-        Command::Serve(_) => commands::serve::run(config).await,
+        Command::Serve(_) => commands::serve::run(config, false).await,
+        Command::Up(_) => commands::serve::run(config, true).await,
+        Command::Pull { model } => commands::model::pull(&config, &model).await,
         Command::Keys(command) => match commands::open_store(&config).await {
             Ok(store) => commands::keys::run(store.as_ref(), command).await,
             Err(e) => Err(e),

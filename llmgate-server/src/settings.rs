@@ -7,8 +7,11 @@ use llmgate_core::config::GatewayConfig;
 
 use crate::cli::{Cli, ServeArgs};
 
+/// What `--model` means when `llmgate up` is given none: Gemma 3 270M, Q4_K_M.
+pub const DEFAULT_MODEL: &str = "default";
+
 /// Builds and validates the settings. The error is one line that says what to fix.
-pub fn load(cli: &Cli, serve: Option<&ServeArgs>) -> Result<GatewayConfig, String> {
+pub fn load(cli: &Cli, serve: Option<&ServeArgs>, up: bool) -> Result<GatewayConfig, String> {
     let mut config = match &cli.config {
         Some(path) => read_file(path)?,
         None => GatewayConfig::default(),
@@ -34,6 +37,38 @@ pub fn load(cli: &Cli, serve: Option<&ServeArgs>) -> Result<GatewayConfig, Strin
         }
         if let Some(ms) = args.key_cache_ttl_ms {
             config.key_cache_ttl_ms = ms;
+        }
+        let model = &args.model;
+        if let Some(m) = &model.model {
+            config.model = Some(m.clone());
+        }
+        if let Some(backend) = model.backend {
+            config.backend = backend;
+        }
+        if let Some(format) = &model.chat_format {
+            config.chat_format = Some(format.clone());
+        }
+        if let Some(n_ctx) = model.n_ctx {
+            config.n_ctx = Some(n_ctx);
+        }
+        if let Some(runner) = model.runner {
+            config.runner = runner;
+        }
+        if let Some(python) = &model.python {
+            config.python = python.clone();
+        }
+        if let Some(dir) = &model.python_env_dir {
+            config.python_env_dir = Some(dir.clone());
+        }
+        if let Some(dir) = &model.cache_dir {
+            config.cache_dir = Some(dir.clone());
+        }
+        if let Some(secs) = model.model_ready_timeout_secs {
+            config.model_ready_timeout_secs = secs;
+        }
+        if up && config.model.is_none() && config.upstream.is_none() {
+            // `up` runs the default model; `serve` needs to be told what to front.
+            config.model = Some(DEFAULT_MODEL.to_owned());
         }
         config.validate().map_err(|e| e.to_string())?;
     }

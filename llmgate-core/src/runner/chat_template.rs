@@ -94,7 +94,10 @@ mod tests {
 
     #[test]
     fn chatml_prompts_keep_the_system_message() {
-        let messages = [json!({"role": "system", "content": "Be brief."}), json!({"role": "user", "content": "Hi"})];
+        let messages = [
+            json!({"role": "system", "content": "Be brief."}),
+            json!({"role": "user", "content": "Hi"}),
+        ];
         assert_eq!(
             format_chat_prompt("chatml", &messages).unwrap(),
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"

@@ -18,7 +18,10 @@ pub struct ExternalRunner {
 impl ExternalRunner {
     /// A runner for the server at `base_url`.
     pub fn new(base_url: impl Into<String>) -> Self {
-        Self { base_url: base_url.into().trim_end_matches('/').to_owned(), http: LocalHttp::default() }
+        Self {
+            base_url: base_url.into().trim_end_matches('/').to_owned(),
+            http: LocalHttp::default(),
+        }
     }
 
     fn models_url(&self) -> String {
@@ -47,7 +50,10 @@ impl ModelRunner for ExternalRunner {
 
     async fn healthy(&self) -> bool {
         // A hosted API may want a key for /v1/models: any HTTP answer means it is up.
-        self.http.get_status(&self.models_url(), Duration::from_secs(5)).await.is_ok()
+        self.http
+            .get_status(&self.models_url(), Duration::from_secs(5))
+            .await
+            .is_ok()
     }
 
     fn log_tail(&self, _lines: usize) -> Vec<String> {
@@ -57,6 +63,8 @@ impl ModelRunner for ExternalRunner {
     async fn stop(&self) {}
 
     async fn count_tokens(&self, _text: &str) -> Result<u64, RunnerError> {
-        Err(RunnerError::Http("an external server offers no tokenizer".into()))
+        Err(RunnerError::Http(
+            "an external server offers no tokenizer".into(),
+        ))
     }
 }

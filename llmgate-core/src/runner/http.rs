@@ -17,12 +17,20 @@ pub(crate) struct LocalHttp {
 
 impl Default for LocalHttp {
     fn default() -> Self {
-        Self { client: Client::builder(TokioExecutor::new()).build_http() }
+        Self {
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
     }
 }
 
 impl LocalHttp {
-    async fn send(&self, method: Method, url: &str, body: Option<&Value>, timeout: Duration) -> Result<(StatusCode, Bytes), String> {
+    async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        body: Option<&Value>,
+        timeout: Duration,
+    ) -> Result<(StatusCode, Bytes), String> {
         let mut request = Request::builder().method(method).uri(url);
         let body = match body {
             Some(json) => {
@@ -33,9 +41,18 @@ impl LocalHttp {
         };
         let request = request.body(body).map_err(|e| e.to_string())?;
         let exchange = async {
-            let response = self.client.request(request).await.map_err(|e| e.to_string())?;
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|e| e.to_string())?;
             let status = response.status();
-            let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
             Ok((status, body))
         };
         tokio::time::timeout(timeout, exchange)
@@ -44,15 +61,29 @@ impl LocalHttp {
     }
 
     /// `GET url`: the status, or why there was none.
-    pub(crate) async fn get_status(&self, url: &str, timeout: Duration) -> Result<StatusCode, String> {
-        self.send(Method::GET, url, None, timeout).await.map(|(status, _)| status)
+    pub(crate) async fn get_status(
+        &self,
+        url: &str,
+        timeout: Duration,
+    ) -> Result<StatusCode, String> {
+        self.send(Method::GET, url, None, timeout)
+            .await
+            .map(|(status, _)| status)
     }
 
     /// `POST url` with a JSON body; the JSON answer of a 2xx response.
-    pub(crate) async fn post_json(&self, url: &str, body: &Value, timeout: Duration) -> Result<Value, String> {
+    pub(crate) async fn post_json(
+        &self,
+        url: &str,
+        body: &Value,
+        timeout: Duration,
+    ) -> Result<Value, String> {
         let (status, bytes) = self.send(Method::POST, url, Some(body), timeout).await?;
         if !status.is_success() {
-            return Err(format!("{url} answered {status}: {}", String::from_utf8_lossy(&bytes)));
+            return Err(format!(
+                "{url} answered {status}: {}",
+                String::from_utf8_lossy(&bytes)
+            ));
         }
         serde_json::from_slice(&bytes).map_err(|e| format!("{url} answered invalid JSON: {e}"))
     }

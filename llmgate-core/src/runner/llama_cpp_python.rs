@@ -93,7 +93,10 @@ impl PythonEnvManager {
     /// `FORCE_CMAKE` for GPU and BLAS builds.
     pub fn build_env(backend: Backend) -> Vec<(String, String)> {
         match backend.cmake_args() {
-            Some(args) => vec![("CMAKE_ARGS".into(), args.into()), ("FORCE_CMAKE".into(), "1".into())],
+            Some(args) => vec![
+                ("CMAKE_ARGS".into(), args.into()),
+                ("FORCE_CMAKE".into(), "1".into()),
+            ],
             None => vec![],
         }
     }
@@ -101,7 +104,11 @@ impl PythonEnvManager {
     /// An environment for `backend`, reused when one was built for it; otherwise built
     /// (with progress lines to `say`). An environment built for another backend is
     /// never used: it is rebuilt.
-    pub async fn ensure(&self, backend: Backend, say: &(dyn Fn(&str) + Send + Sync)) -> Result<PythonEnv, RunnerError> {
+    pub async fn ensure(
+        &self,
+        backend: Backend,
+        say: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<PythonEnv, RunnerError> {
         let dir = self.env_dir(backend);
         let wanted = Marker {
             backend,
@@ -122,29 +129,49 @@ impl PythonEnvManager {
                 remove_dir(&dir)?;
             }
             None if dir.exists() => {
-                say(&format!("{} is incomplete; creating it again.", dir.display()));
+                say(&format!(
+                    "{} is incomplete; creating it again.",
+                    dir.display()
+                ));
                 remove_dir(&dir)?;
             }
             None => {}
         }
         self.create(&dir, backend, say).await?;
         let marker = serde_json::to_vec_pretty(&wanted).expect("marker serializes");
-        std::fs::write(dir.join(MARKER), marker).map_err(|e| setup_err("the environment marker", e.to_string()))?;
+        std::fs::write(dir.join(MARKER), marker)
+            .map_err(|e| setup_err("the environment marker", e.to_string()))?;
         Ok(PythonEnv { dir, backend })
     }
 
-    async fn create(&self, dir: &Path, backend: Backend, say: &(dyn Fn(&str) + Send + Sync)) -> Result<(), RunnerError> {
-        std::fs::create_dir_all(&self.root).map_err(|e| setup_err("the environment directory", e.to_string()))?;
-        say(&format!("Creating a Python environment in {}…", dir.display()));
+    async fn create(
+        &self,
+        dir: &Path,
+        backend: Backend,
+        say: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<(), RunnerError> {
+        std::fs::create_dir_all(&self.root)
+            .map_err(|e| setup_err("the environment directory", e.to_string()))?;
+        say(&format!(
+            "Creating a Python environment in {}…",
+            dir.display()
+        ));
         run(
-            Command::new(&self.base_python).arg("-m").arg("venv").arg(dir),
+            Command::new(&self.base_python)
+                .arg("-m")
+                .arg("venv")
+                .arg(dir),
             say,
-            &format!("a virtual environment (is {} a Python 3.9+ with venv?)", self.base_python.display()),
+            &format!(
+                "a virtual environment (is {} a Python 3.9+ with venv?)",
+                self.base_python.display()
+            ),
         )
         .await?;
         let python = python_in(dir);
         let wheels = self.wheel_cache.join(backend.as_str());
-        std::fs::create_dir_all(&wheels).map_err(|e| setup_err("the wheel cache", e.to_string()))?;
+        std::fs::create_dir_all(&wheels)
+            .map_err(|e| setup_err("the wheel cache", e.to_string()))?;
         if !has_wheel(&wheels) {
             say(&format!(
                 "Building llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} for {backend} (compiling llama.cpp takes 5 to 20 minutes; it is done once and cached in {})…",
@@ -154,7 +181,16 @@ impl PythonEnvManager {
             // hand a CPU build to a CUDA environment.
             run(
                 Command::new(&python)
-                    .args(["-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "--progress-bar", "off", "-w"])
+                    .args([
+                        "-m",
+                        "pip",
+                        "wheel",
+                        "--no-deps",
+                        "--no-cache-dir",
+                        "--progress-bar",
+                        "off",
+                        "-w",
+                    ])
                     .arg(&wheels)
                     .arg(format!("llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"))
                     .envs(Self::build_env(backend)),
@@ -163,12 +199,23 @@ impl PythonEnvManager {
             )
             .await?;
         }
-        say(&format!("Installing llama-cpp-python[server] {LLAMA_CPP_PYTHON_VERSION} ({backend})…"));
+        say(&format!(
+            "Installing llama-cpp-python[server] {LLAMA_CPP_PYTHON_VERSION} ({backend})…"
+        ));
         run(
             Command::new(&python)
-                .args(["-m", "pip", "install", "--progress-bar", "off", "--find-links"])
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--progress-bar",
+                    "off",
+                    "--find-links",
+                ])
                 .arg(&wheels)
-                .arg(format!("llama-cpp-python[server]=={LLAMA_CPP_PYTHON_VERSION}"))
+                .arg(format!(
+                    "llama-cpp-python[server]=={LLAMA_CPP_PYTHON_VERSION}"
+                ))
                 .envs(Self::build_env(backend)),
             say,
             "llama-cpp-python's server dependencies (is PyPI reachable?)",
@@ -176,14 +223,20 @@ impl PythonEnvManager {
         .await?;
         if backend.offloads_to_gpu() {
             let output = Command::new(&python)
-                .args(["-c", "import llama_cpp; print(llama_cpp.llama_supports_gpu_offload())"])
+                .args([
+                    "-c",
+                    "import llama_cpp; print(llama_cpp.llama_supports_gpu_offload())",
+                ])
                 .output()
                 .await
                 .map_err(|e| setup_err("the GPU check", e.to_string()))?;
             if String::from_utf8_lossy(&output.stdout).trim() != "True" {
                 return Err(setup_err(
                     &format!("llama-cpp-python for {backend}"),
-                    format!("the build has no GPU offload, so it would silently run on the CPU{}", build_hint(backend)),
+                    format!(
+                        "the build has no GPU offload, so it would silently run on the CPU{}",
+                        build_hint(backend)
+                    ),
                 ));
             }
         }
@@ -201,7 +254,10 @@ fn build_hint(backend: Backend) -> &'static str {
 }
 
 fn setup_err(what: &str, reason: String) -> RunnerError {
-    RunnerError::Setup { what: what.to_owned(), reason }
+    RunnerError::Setup {
+        what: what.to_owned(),
+        reason,
+    }
 }
 
 fn read_marker(dir: &Path) -> Option<Marker> {
@@ -209,7 +265,8 @@ fn read_marker(dir: &Path) -> Option<Marker> {
 }
 
 fn remove_dir(dir: &Path) -> Result<(), RunnerError> {
-    std::fs::remove_dir_all(dir).map_err(|e| setup_err(&format!("removing {}", dir.display()), e.to_string()))
+    std::fs::remove_dir_all(dir)
+        .map_err(|e| setup_err(&format!("removing {}", dir.display()), e.to_string()))
 }
 
 fn has_wheel(dir: &Path) -> bool {
@@ -224,13 +281,29 @@ fn has_wheel(dir: &Path) -> bool {
 
 /// Runs a set-up command, passing its output to `say` line by line; the error carries
 /// the last lines.
-async fn run(command: &mut Command, say: &(dyn Fn(&str) + Send + Sync), what: &str) -> Result<(), RunnerError> {
-    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
-    let mut child = command.spawn().map_err(|e| setup_err(what, e.to_string()))?;
+async fn run(
+    command: &mut Command,
+    say: &(dyn Fn(&str) + Send + Sync),
+    what: &str,
+) -> Result<(), RunnerError> {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = command
+        .spawn()
+        .map_err(|e| setup_err(what, e.to_string()))?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    for stream in [child.stdout.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>), child.stderr.take().map(|s| Box::new(s) as _)]
-        .into_iter()
-        .flatten()
+    for stream in [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+        child.stderr.take().map(|s| Box::new(s) as _),
+    ]
+    .into_iter()
+    .flatten()
     {
         let tx = tx.clone();
         tokio::spawn(async move {
@@ -249,11 +322,17 @@ async fn run(command: &mut Command, say: &(dyn Fn(&str) + Send + Sync), what: &s
         }
         tail.push_back(line);
     }
-    let status = child.wait().await.map_err(|e| setup_err(what, e.to_string()))?;
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| setup_err(what, e.to_string()))?;
     if status.success() {
         Ok(())
     } else {
-        Err(setup_err(what, format!("{status}; last output: {}", Vec::from(tail).join(" | "))))
+        Err(setup_err(
+            what,
+            format!("{status}; last output: {}", Vec::from(tail).join(" | ")),
+        ))
     }
 }
 
@@ -369,7 +448,10 @@ impl ModelRunner for LlamaCppPythonRunner {
     }
 
     fn base_url(&self) -> Option<String> {
-        self.port.lock().unwrap().map(|port| format!("http://127.0.0.1:{port}"))
+        self.port
+            .lock()
+            .unwrap()
+            .map(|port| format!("http://127.0.0.1:{port}"))
     }
 
     fn status(&self) -> RunnerStatus {
@@ -377,7 +459,9 @@ impl ModelRunner for LlamaCppPythonRunner {
     }
 
     async fn healthy(&self) -> bool {
-        let Some(base) = self.base_url() else { return false };
+        let Some(base) = self.base_url() else {
+            return false;
+        };
         self.http
             .get_status(&format!("{base}/v1/models"), Duration::from_secs(5))
             .await
@@ -396,10 +480,16 @@ impl ModelRunner for LlamaCppPythonRunner {
         let base = self.base_url().ok_or(RunnerError::NotRunning)?;
         let answer = self
             .http
-            .post_json(&format!("{base}/extras/tokenize/count"), &json!({"input": text}), Duration::from_secs(30))
+            .post_json(
+                &format!("{base}/extras/tokenize/count"),
+                &json!({"input": text}),
+                Duration::from_secs(30),
+            )
             .await
             .map_err(RunnerError::Http)?;
-        answer["count"].as_u64().ok_or_else(|| RunnerError::Http(format!("unexpected tokenize answer: {answer}")))
+        answer["count"]
+            .as_u64()
+            .ok_or_else(|| RunnerError::Http(format!("unexpected tokenize answer: {answer}")))
     }
 
     fn chat_format(&self) -> Option<String> {
@@ -412,11 +502,16 @@ mod tests {
     use super::*;
 
     fn spec(backend: Backend) -> ModelSpec {
-        ModelSpec { backend, ..ModelSpec::new("/models/gemma-3-270m-q4_k_m.gguf") }
+        ModelSpec {
+            backend,
+            ..ModelSpec::new("/models/gemma-3-270m-q4_k_m.gguf")
+        }
     }
 
     fn value_of<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
-        args.iter().position(|a| a == flag).map(|i| args[i + 1].as_str())
+        args.iter()
+            .position(|a| a == flag)
+            .map(|i| args[i + 1].as_str())
     }
 
     #[test]
@@ -426,8 +521,15 @@ mod tests {
         assert_eq!(value_of(&args, "--port"), Some("41234"));
         assert_eq!(value_of(&args, "--interrupt_requests"), Some("false"));
         assert_eq!(value_of(&args, "--chat_format"), Some("gemma"));
-        assert_eq!(value_of(&args, "--model_alias"), Some("gemma-3-270m-q4_k_m"));
-        assert_eq!(value_of(&args, "--n_gpu_layers"), None, "no offload on the CPU backend");
+        assert_eq!(
+            value_of(&args, "--model_alias"),
+            Some("gemma-3-270m-q4_k_m")
+        );
+        assert_eq!(
+            value_of(&args, "--n_gpu_layers"),
+            None,
+            "no offload on the CPU backend"
+        );
     }
 
     #[test]
@@ -449,14 +551,26 @@ mod tests {
         let metal = PythonEnvManager::build_env(Backend::Metal);
         assert!(metal.contains(&("CMAKE_ARGS".into(), "-DGGML_METAL=on".into())));
         let blas = PythonEnvManager::build_env(Backend::Openblas);
-        assert!(blas.contains(&("CMAKE_ARGS".into(), "-DGGML_BLAS=ON -DGGML_BLAS_VENDOR=OpenBLAS".into())));
+        assert!(blas.contains(&(
+            "CMAKE_ARGS".into(),
+            "-DGGML_BLAS=ON -DGGML_BLAS_VENDOR=OpenBLAS".into()
+        )));
     }
 
     #[test]
     fn environments_are_kept_apart_per_backend() {
-        let manager = PythonEnvManager { root: "/d/python".into(), wheel_cache: "/c".into(), base_python: "python3".into() };
-        assert_ne!(manager.env_dir(Backend::Cpu), manager.env_dir(Backend::Cuda));
-        assert!(manager.env_dir(Backend::Cuda).ends_with("llama-cpp-python-cuda"));
+        let manager = PythonEnvManager {
+            root: "/d/python".into(),
+            wheel_cache: "/c".into(),
+            base_python: "python3".into(),
+        };
+        assert_ne!(
+            manager.env_dir(Backend::Cpu),
+            manager.env_dir(Backend::Cuda)
+        );
+        assert!(manager
+            .env_dir(Backend::Cuda)
+            .ends_with("llama-cpp-python-cuda"));
     }
 
     #[tokio::test]
@@ -472,23 +586,58 @@ mod tests {
         let cuda_dir = manager.env_dir(Backend::Cuda);
         std::fs::create_dir_all(cuda_dir.join("bin")).unwrap();
         std::fs::write(cuda_dir.join("bin/python"), "").unwrap();
-        let cpu_marker = Marker { backend: Backend::Cpu, llama_cpp_python: LLAMA_CPP_PYTHON_VERSION.into(), cmake_args: None };
-        std::fs::write(cuda_dir.join(MARKER), serde_json::to_vec(&cpu_marker).unwrap()).unwrap();
+        let cpu_marker = Marker {
+            backend: Backend::Cpu,
+            llama_cpp_python: LLAMA_CPP_PYTHON_VERSION.into(),
+            cmake_args: None,
+        };
+        std::fs::write(
+            cuda_dir.join(MARKER),
+            serde_json::to_vec(&cpu_marker).unwrap(),
+        )
+        .unwrap();
 
         let said = std::sync::Mutex::new(Vec::<String>::new());
-        let result = manager.ensure(Backend::Cuda, &|line| said.lock().unwrap().push(line.to_owned())).await;
-        assert!(matches!(result, Err(RunnerError::Setup { .. })), "{result:?}");
+        let result = manager
+            .ensure(Backend::Cuda, &|line| {
+                said.lock().unwrap().push(line.to_owned())
+            })
+            .await;
+        assert!(
+            matches!(result, Err(RunnerError::Setup { .. })),
+            "{result:?}"
+        );
         let said = said.into_inner().unwrap().join("\n");
-        assert!(said.contains("was built for cpu") && said.contains("rebuilding it for cuda"), "{said}");
-        assert!(!cuda_dir.join(MARKER).exists(), "the mismatched environment is gone");
+        assert!(
+            said.contains("was built for cpu") && said.contains("rebuilding it for cuda"),
+            "{said}"
+        );
+        assert!(
+            !cuda_dir.join(MARKER).exists(),
+            "the mismatched environment is gone"
+        );
 
         // A matching marker is reused without any set-up.
         std::fs::create_dir_all(cuda_dir.join("bin")).unwrap();
         std::fs::write(cuda_dir.join("bin/python"), "").unwrap();
-        let cuda_marker = Marker { backend: Backend::Cuda, llama_cpp_python: LLAMA_CPP_PYTHON_VERSION.into(), cmake_args: Some("-DGGML_CUDA=on".into()) };
-        std::fs::write(cuda_dir.join(MARKER), serde_json::to_vec(&cuda_marker).unwrap()).unwrap();
+        let cuda_marker = Marker {
+            backend: Backend::Cuda,
+            llama_cpp_python: LLAMA_CPP_PYTHON_VERSION.into(),
+            cmake_args: Some("-DGGML_CUDA=on".into()),
+        };
+        std::fs::write(
+            cuda_dir.join(MARKER),
+            serde_json::to_vec(&cuda_marker).unwrap(),
+        )
+        .unwrap();
         let env = manager.ensure(Backend::Cuda, &|_| {}).await.unwrap();
-        assert_eq!(env, PythonEnv { dir: cuda_dir, backend: Backend::Cuda });
+        assert_eq!(
+            env,
+            PythonEnv {
+                dir: cuda_dir,
+                backend: Backend::Cuda
+            }
+        );
     }
 
     #[test]

@@ -68,7 +68,8 @@ fn is_executable(path: &Path) -> bool {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        path.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
     }
     #[cfg(not(unix))]
     path.is_file()
@@ -93,11 +94,16 @@ impl ModelRunner for LlamaServerRunner {
             ready_url: format!("http://127.0.0.1:{port}/health"),
             ready_timeout: self.spec.ready_timeout,
         };
-        self.supervisor.start(launch, RestartPolicy::default()).await
+        self.supervisor
+            .start(launch, RestartPolicy::default())
+            .await
     }
 
     fn base_url(&self) -> Option<String> {
-        self.port.lock().unwrap().map(|port| format!("http://127.0.0.1:{port}"))
+        self.port
+            .lock()
+            .unwrap()
+            .map(|port| format!("http://127.0.0.1:{port}"))
     }
 
     fn status(&self) -> RunnerStatus {
@@ -105,8 +111,13 @@ impl ModelRunner for LlamaServerRunner {
     }
 
     async fn healthy(&self) -> bool {
-        let Some(base) = self.base_url() else { return false };
-        self.http.get_status(&format!("{base}/health"), Duration::from_secs(5)).await.is_ok_and(|s| s.is_success())
+        let Some(base) = self.base_url() else {
+            return false;
+        };
+        self.http
+            .get_status(&format!("{base}/health"), Duration::from_secs(5))
+            .await
+            .is_ok_and(|s| s.is_success())
     }
 
     fn log_tail(&self, lines: usize) -> Vec<String> {
@@ -122,7 +133,11 @@ impl ModelRunner for LlamaServerRunner {
         // llama-server's /tokenize adds no BOS by default; a prompt gets one.
         let answer = self
             .http
-            .post_json(&format!("{base}/tokenize"), &json!({"content": text, "add_special": true}), Duration::from_secs(30))
+            .post_json(
+                &format!("{base}/tokenize"),
+                &json!({"content": text, "add_special": true}),
+                Duration::from_secs(30),
+            )
             .await
             .map_err(RunnerError::Http)?;
         answer["tokens"]
@@ -139,7 +154,10 @@ mod tests {
 
     #[test]
     fn offloads_on_gpu_backends_and_binds_loopback() {
-        let spec = ModelSpec { backend: Backend::Cuda, ..ModelSpec::new("/m/x.gguf") };
+        let spec = ModelSpec {
+            backend: Backend::Cuda,
+            ..ModelSpec::new("/m/x.gguf")
+        };
         let args = LlamaServerRunner::server_args(&spec, 9000);
         let joined = args.join(" ");
         assert!(joined.contains("--host 127.0.0.1 --port 9000"), "{joined}");

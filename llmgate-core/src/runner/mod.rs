@@ -14,6 +14,7 @@
 //! captured output, restarts with backoff, and SIGTERM-then-SIGKILL on stop.
 
 mod chat_template;
+mod default_model;
 mod external;
 mod http;
 mod llama_cpp_python;
@@ -29,8 +30,14 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 pub use chat_template::format_chat_prompt;
+pub use default_model::{
+    default_model_from_pypi, default_model_path, DEFAULT_MODEL_FILE, DEFAULT_MODEL_PACKAGE,
+    DEFAULT_MODEL_REPO,
+};
 pub use external::ExternalRunner;
-pub use llama_cpp_python::{LlamaCppPythonRunner, PythonEnv, PythonEnvManager, LLAMA_CPP_PYTHON_VERSION};
+pub use llama_cpp_python::{
+    LlamaCppPythonRunner, PythonEnv, PythonEnvManager, LLAMA_CPP_PYTHON_VERSION,
+};
 pub use llama_server::LlamaServerRunner;
 pub use process::RunnerStatus;
 pub use token_counter::RunnerTokenCounter;
@@ -80,7 +87,12 @@ pub enum Backend {
 
 impl Backend {
     /// Every backend.
-    pub const ALL: [Backend; 4] = [Backend::Cpu, Backend::Cuda, Backend::Metal, Backend::Openblas];
+    pub const ALL: [Backend; 4] = [
+        Backend::Cpu,
+        Backend::Cuda,
+        Backend::Metal,
+        Backend::Openblas,
+    ];
 
     /// `cpu`, `cuda`, `metal` or `openblas`.
     pub fn as_str(self) -> &'static str {
@@ -217,10 +229,16 @@ mod tests {
     #[test]
     fn backends_parse_and_know_their_build_flags() {
         assert_eq!("CUDA".parse::<Backend>().unwrap(), Backend::Cuda);
-        assert!("rocm".parse::<Backend>().unwrap_err().contains("cpu, cuda, metal or openblas"));
+        assert!("rocm"
+            .parse::<Backend>()
+            .unwrap_err()
+            .contains("cpu, cuda, metal or openblas"));
         assert_eq!(Backend::Cuda.cmake_args(), Some("-DGGML_CUDA=on"));
         assert_eq!(Backend::Metal.cmake_args(), Some("-DGGML_METAL=on"));
-        assert_eq!(Backend::Openblas.cmake_args(), Some("-DGGML_BLAS=ON -DGGML_BLAS_VENDOR=OpenBLAS"));
+        assert_eq!(
+            Backend::Openblas.cmake_args(),
+            Some("-DGGML_BLAS=ON -DGGML_BLAS_VENDOR=OpenBLAS")
+        );
         assert_eq!(Backend::Cpu.cmake_args(), None);
         assert!(Backend::Cuda.offloads_to_gpu() && Backend::Metal.offloads_to_gpu());
         assert!(!Backend::Cpu.offloads_to_gpu() && !Backend::Openblas.offloads_to_gpu());

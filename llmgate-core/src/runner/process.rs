@@ -130,7 +130,9 @@ impl Supervisor {
             match &*status.borrow_and_update() {
                 RunnerStatus::Ready => return Ok(()),
                 RunnerStatus::Failed { reason } => return Err(RunnerError::Failed(reason.clone())),
-                RunnerStatus::Stopped => return Err(RunnerError::Failed("stopped while starting".into())),
+                RunnerStatus::Stopped => {
+                    return Err(RunnerError::Failed("stopped while starting".into()))
+                }
                 RunnerStatus::Starting | RunnerStatus::Restarting { .. } => {}
             }
             if status.changed().await.is_err() {
@@ -157,7 +159,10 @@ impl Supervisor {
     /// The last `lines` lines of output (stdout and stderr, interleaved as they came).
     pub fn log_tail(&self, lines: usize) -> Vec<String> {
         let log = self.shared.log.lock().unwrap();
-        log.iter().skip(log.len().saturating_sub(lines)).cloned().collect()
+        log.iter()
+            .skip(log.len().saturating_sub(lines))
+            .cloned()
+            .collect()
     }
 
     /// Stops the process (SIGTERM to its process group, SIGKILL after the grace period)
@@ -188,7 +193,11 @@ impl Shared {
 
     fn recent_output(&self) -> String {
         let log = self.log.lock().unwrap();
-        let tail: Vec<&str> = log.iter().skip(log.len().saturating_sub(5)).map(String::as_str).collect();
+        let tail: Vec<&str> = log
+            .iter()
+            .skip(log.len().saturating_sub(5))
+            .map(String::as_str)
+            .collect();
         if tail.is_empty() {
             "no output".to_owned()
         } else {
@@ -211,7 +220,9 @@ async fn supervise(shared: Arc<Shared>, launch: Launch, policy: RestartPolicy) {
         let mut child = match spawn(&shared, &launch) {
             Ok(child) => child,
             Err(err) => {
-                shared.set(RunnerStatus::Failed { reason: format!("cannot start {}: {err}", launch.program.display()) });
+                shared.set(RunnerStatus::Failed {
+                    reason: format!("cannot start {}: {err}", launch.program.display()),
+                });
                 return;
             }
         };
@@ -254,14 +265,20 @@ async fn supervise(shared: Arc<Shared>, launch: Launch, policy: RestartPolicy) {
         shared.push_line(format!("[llmgate] the server {reason}"));
         let now = Instant::now();
         exits.push_back(now);
-        while exits.front().is_some_and(|t| now.duration_since(*t) > policy.window) {
+        while exits
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > policy.window)
+        {
             exits.pop_front();
         }
         let attempt = exits.len() as u32;
         let reason = format!("{reason}; {}", shared.recent_output());
         if attempt > policy.max_restarts {
             shared.set(RunnerStatus::Failed {
-                reason: format!("exited {attempt} times within {} s: {reason}", policy.window.as_secs()),
+                reason: format!(
+                    "exited {attempt} times within {} s: {reason}",
+                    policy.window.as_secs()
+                ),
             });
             return;
         }
@@ -294,7 +311,11 @@ fn spawn(shared: &Arc<Shared>, launch: &Launch) -> std::io::Result<Child> {
     command.process_group(0);
     let mut child = command.spawn()?;
     *shared.pid.lock().unwrap() = child.id();
-    shared.push_line(format!("[llmgate] started {} (pid {})", launch.program.display(), child.id().unwrap_or(0)));
+    shared.push_line(format!(
+        "[llmgate] started {} (pid {})",
+        launch.program.display(),
+        child.id().unwrap_or(0)
+    ));
     if let Some(out) = child.stdout.take() {
         tokio::spawn(capture(shared.clone(), out));
     }
@@ -328,7 +349,10 @@ async fn wait_ready(http: &LocalHttp, launch: &Launch, child: &mut Child) -> Res
         if let Ok(Some(status)) = child.try_wait() {
             return Err(Readiness::Exited(describe_exit(Ok(status))));
         }
-        if let Ok(status) = http.get_status(&launch.ready_url, Duration::from_secs(2)).await {
+        if let Ok(status) = http
+            .get_status(&launch.ready_url, Duration::from_secs(2))
+            .await
+        {
             if status.is_success() {
                 return Ok(());
             }

@@ -46,7 +46,11 @@ impl TokenCounter for RunnerTokenCounter {
         } else {
             match &request["prompt"] {
                 Value::String(p) => p.clone(),
-                Value::Array(parts) => parts.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(""),
+                Value::Array(parts) => parts
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(""),
                 _ => String::new(),
             }
         };
@@ -55,8 +59,14 @@ impl TokenCounter for RunnerTokenCounter {
         let completion_tokens = if completion.is_empty() {
             0
         } else {
-            self.runner.count_tokens(completion).await?.saturating_sub(bos)
+            self.runner
+                .count_tokens(completion)
+                .await?
+                .saturating_sub(bos)
         };
-        Ok(TokenUsage { prompt_tokens, completion_tokens })
+        Ok(TokenUsage {
+            prompt_tokens,
+            completion_tokens,
+        })
     }
 }

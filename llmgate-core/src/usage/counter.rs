@@ -16,3 +16,9 @@ pub trait TokenCounter: Send + Sync {
     /// `completion` is the text the stream delivered.
     async fn count(&self, request: &Value, completion: &str) -> Result<TokenUsage, BoxError>;
 }
+
+impl std::fmt::Debug for dyn TokenCounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("dyn TokenCounter")
+    }
+}

@@ -1,6 +1,7 @@
 //! What each subcommand does.
 
 pub mod keys;
+pub mod model;
 pub mod serve;
 pub mod usage;
 

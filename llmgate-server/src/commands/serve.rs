@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use llmgate_core::auth::{KeyCache, KeyRecord, Role, Secret};
 use llmgate_core::config::GatewayConfig;
-use llmgate_core::proxy::Proxy;
+use llmgate_core::proxy::{Proxy, ProxyConfig};
 use llmgate_core::storage::KeyStore;
 use llmgate_core::usage::UsageRecorder;
 
@@ -15,19 +15,78 @@ use crate::app::{app, AppState};
 /// The environment variable that supplies the first admin key instead of generating one.
 pub const ADMIN_KEY_ENV: &str = "LLMGATE_ADMIN_KEY";
 
-/// Runs the gateway until SIGINT or SIGTERM, then drains the usage queue.
-pub async fn run(config: GatewayConfig) -> Result<(), String> {
-    let proxy =
-        Proxy::new(config.proxy().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+/// Runs the gateway until SIGINT or SIGTERM, then drains the usage queue and stops the
+/// model server. With a model (`up`, or `serve --model`), sets it up and runs it first.
+pub async fn run(config: GatewayConfig, up: bool) -> Result<(), String> {
     let store = super::open_store(&config).await?;
-    ensure_admin_key(
-        store.as_ref(),
-        std::env::var(ADMIN_KEY_ENV).ok(),
-        config.listen,
-    )
-    .await?;
+    let first_run = store
+        .list_keys()
+        .await
+        .map_err(|e| e.to_string())?
+        .is_empty();
+    let admin_key = ensure_admin_key(store.as_ref(), std::env::var(ADMIN_KEY_ENV).ok()).await?;
 
-    let (recorder, writer) = UsageRecorder::start(store.clone());
+    // Bind first: a taken port is reported before minutes of model set-up.
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot listen on {}: {e} (choose another --listen address)",
+                config.listen
+            )
+        })?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+
+    let model = match &config.model {
+        Some(_) => Some(super::model::start_model(&config).await?),
+        None => None,
+    };
+    let result = serve(
+        &config,
+        up && first_run,
+        admin_key,
+        store.clone(),
+        listener,
+        local,
+        model.as_ref(),
+    )
+    .await;
+    if let Some(model) = model {
+        super::model::step("Stopping the model server");
+        model.runner.stop().await;
+    }
+    store.close().await;
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve(
+    config: &GatewayConfig,
+    first_up: bool,
+    admin_key: Option<Secret>,
+    store: std::sync::Arc<llmgate_core::storage::SqliteStore>,
+    listener: tokio::net::TcpListener,
+    local: std::net::SocketAddr,
+    model: Option<&super::model::RunningModel>,
+) -> Result<(), String> {
+    let mut proxy_config = match model {
+        Some(model) => {
+            let base = model
+                .runner
+                .base_url()
+                .ok_or("the model server has no address")?;
+            ProxyConfig::new(
+                base.parse()
+                    .map_err(|e| format!("bad model server address {base}: {e}"))?,
+            )
+        }
+        None => config.proxy().map_err(|e| e.to_string())?,
+    };
+    proxy_config.timeout = Duration::from_secs(config.upstream_timeout_secs);
+    let proxy = Proxy::new(proxy_config).map_err(|e| e.to_string())?;
+
+    let counter = model.and_then(|m| m.counter.clone());
+    let (recorder, writer) = UsageRecorder::start_with_counter(store.clone(), counter);
     let keys = KeyCache::with_ttl(
         store.clone(),
         Duration::from_millis(config.key_cache_ttl_ms),
@@ -39,34 +98,72 @@ pub async fn run(config: GatewayConfig) -> Result<(), String> {
     };
     let router = app(state, proxy, config.max_body_bytes as usize);
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| {
-            format!(
-                "cannot listen on {}: {e} (choose another --listen address)",
-                config.listen
-            )
-        })?;
-    let local = listener.local_addr().map_err(|e| e.to_string())?;
-    println!(
-        "llmgate listening on http://{local} (upstream {})",
-        config.upstream.as_deref().unwrap_or("-")
-    );
+    let user_key = if first_up {
+        let secret = Secret::generate();
+        let record = KeyRecord::new("default", Role::User, &secret);
+        store
+            .insert_key(&record, &secret.hash())
+            .await
+            .map_err(|e| e.to_string())?;
+        Some(secret)
+    } else {
+        None
+    };
+    let model_name = model.map(|m| m.runner.kind());
+    print_welcome(local, admin_key.as_ref(), user_key.as_ref(), model_name);
+    let upstream = match model {
+        Some(m) => format!("model server {}", m.runner.base_url().unwrap_or_default()),
+        None => format!("upstream {}", config.upstream.as_deref().unwrap_or("-")),
+    };
+    println!("llmgate listening on http://{local} ({upstream})");
     tracing::info!(%local, "listening");
 
     // No Nagle delay: streamed tokens are small writes that must go out at once.
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, router)
+    let served = axum::serve(listener, router)
         .with_graceful_shutdown(shutdown_signal())
         .await
-        .map_err(|e| format!("server failed: {e}"))?;
+        .map_err(|e| format!("server failed: {e}"));
     tracing::info!("shutting down: writing queued usage");
     writer.shutdown().await;
-    store.close().await;
-    tracing::info!("stopped");
-    Ok(())
+    served
+}
+
+fn print_welcome(
+    local: std::net::SocketAddr,
+    admin: Option<&Secret>,
+    user: Option<&Secret>,
+    model: Option<&str>,
+) {
+    let host = if local.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        local.ip().to_string()
+    };
+    let base = format!("http://{host}:{}", local.port());
+    if let Some(admin) = admin {
+        println!(
+            "\nCreated the first admin key. It is shown only this once; keep it safe:\n\n    {}\n\n\
+             Create a key for each user with:\n    curl -X POST {base}/admin/keys -H 'Authorization: Bearer <admin key>' -d '{{\"name\":\"alice\"}}'\n\
+             or: llmgate keys create alice\n",
+            admin.expose(),
+        );
+    }
+    if let Some(user) = user {
+        println!(
+            "A user key named 'default' for calling the model (shown only this once):\n\n    {}\n",
+            user.expose()
+        );
+    }
+    if model.is_some() {
+        let key = user.map_or("<key>", |k| k.expose());
+        println!(
+            "Call it like OpenAI:\n    curl {base}/v1/chat/completions -H 'Authorization: Bearer {key}' \\\n         -H 'content-type: application/json' -d '{{\"model\":\"any\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'\n\
+             or from Python:\n    from openai import OpenAI\n    client = OpenAI(base_url=\"{base}/v1\", api_key=\"{key}\")\n"
+        );
+    }
 }
 
 async fn shutdown_signal() {
@@ -85,12 +182,11 @@ async fn shutdown_signal() {
 }
 
 /// On first start there is no admin key: take the operator's (`LLMGATE_ADMIN_KEY`) or
-/// create one and print it, once.
+/// create one; a created key is returned, to be shown once.
 pub async fn ensure_admin_key(
     store: &dyn KeyStore,
     from_env: Option<String>,
-    listen: std::net::SocketAddr,
-) -> Result<(), String> {
+) -> Result<Option<Secret>, String> {
     let keys = store.list_keys().await.map_err(|e| e.to_string())?;
     if let Some(raw) = from_env {
         let secret = Secret::new(raw.trim());
@@ -125,13 +221,13 @@ pub async fn ensure_admin_key(
                 tracing::info!("admin key from {ADMIN_KEY_ENV} stored");
             }
         }
-        return Ok(());
+        return Ok(None);
     }
     if keys
         .iter()
         .any(|k| k.role == Role::Admin && k.revoked_at.is_none())
     {
-        return Ok(());
+        return Ok(None);
     }
     let secret = Secret::generate();
     let record = KeyRecord::new(free_name(&keys, "admin"), Role::Admin, &secret);
@@ -139,19 +235,7 @@ pub async fn ensure_admin_key(
         .insert_key(&record, &secret.hash())
         .await
         .map_err(|e| e.to_string())?;
-    let host = if listen.ip().is_unspecified() {
-        "127.0.0.1".to_string()
-    } else {
-        listen.ip().to_string()
-    };
-    println!(
-        "\nCreated the first admin key. It is shown only this once; keep it safe:\n\n    {}\n\n\
-         Create a key for each user with:\n    curl -X POST http://{host}:{port}/admin/keys -H 'Authorization: Bearer <admin key>' -d '{{\"name\":\"alice\"}}'\n\
-         or: llmgate keys create alice\n",
-        secret.expose(),
-        port = listen.port(),
-    );
-    Ok(())
+    Ok(Some(secret))
 }
 
 fn free_name(keys: &[KeyRecord], base: &str) -> String {
