@@ -1,0 +1,243 @@
+//! `llmgate up` with the real llama-cpp-python server and the real Gemma 3 270M model,
+//! driven by the official `openai` Python package.
+//!
+//! Slow the first time on a machine: llmgate builds llama-cpp-python (cached in
+//! `~/.cache/llmgate/wheels`) and this test creates a Python environment with `openai`
+//! (`~/.cache/llmgate/test-python`). Later runs reuse both and take about a minute.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use llmgate_core::config::default_cache_dir;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_llmgate");
+
+/// A Python with the `openai` package, created once and reused.
+async fn python_with_openai() -> PathBuf {
+    let dir = default_cache_dir().join("test-python");
+    let python = dir.join("bin/python");
+    let ready = Command::new(&python)
+        .args(["-c", "import openai"])
+        .status()
+        .await
+        .is_ok_and(|s| s.success());
+    if !ready {
+        let made = Command::new("python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(&dir)
+            .status()
+            .await
+            .unwrap();
+        assert!(made.success(), "python3 -m venv failed");
+        let installed = Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "openai>=1.40,<3",
+            ])
+            .status()
+            .await
+            .unwrap();
+        assert!(installed.success(), "pip install openai failed");
+    }
+    python
+}
+
+fn key_after(lines: &[String], marker: &str) -> String {
+    let at = lines
+        .iter()
+        .position(|l| l.contains(marker))
+        .unwrap_or_else(|| panic!("no '{marker}' in {lines:#?}"));
+    lines[at..]
+        .iter()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("sk-lg-")
+                .map(|k| format!("sk-lg-{k}"))
+        })
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_openai_sdk_works_unchanged_against_a_real_model_and_usage_is_exact() {
+    let python = python_with_openai().await;
+    let data = tempfile::tempdir().unwrap();
+    let envs = default_cache_dir().join("test-envs");
+    let mut server = Command::new(BIN)
+        .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data.path())
+        .arg("--python-env-dir")
+        .arg(&envs)
+        .env("LLMGATE_LOG", "warn")
+        .env_remove("LLMGATE_ADMIN_KEY")
+        .env_remove("LLMGATE_MODEL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(server.stdout.take().unwrap()).lines();
+    let mut lines = Vec::new();
+    // Up to 30 minutes: the very first run on a machine compiles llama.cpp.
+    let url = tokio::time::timeout(Duration::from_secs(1800), async {
+        while let Some(line) = out.next_line().await.unwrap() {
+            if let Some(rest) = line.strip_prefix("llmgate listening on ") {
+                return rest.split_whitespace().next().unwrap().to_owned();
+            }
+            lines.push(line);
+        }
+        panic!("llmgate up exited before listening: {lines:#?}");
+    })
+    .await
+    .expect("llmgate up is ready");
+    tokio::spawn(async move { while let Ok(Some(_)) = out.next_line().await {} });
+    let admin = key_after(&lines, "first admin key");
+    let user = key_after(&lines, "user key named 'default'");
+
+    let output = Command::new(&python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/openai_sdk_check.py"))
+        .arg(format!("{url}/v1"))
+        .arg(&user)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "the SDK run failed: {stderr}");
+    let seen: Value = serde_json::from_slice(&output.stdout).unwrap();
+    eprintln!("SDK saw: {seen:#}");
+
+    assert_eq!(
+        seen["bad_key"], "AuthenticationError",
+        "a bad key raises the SDK's AuthenticationError"
+    );
+    assert_eq!(seen["bad_key_code"], "invalid_api_key");
+    assert_eq!(seen["models"].as_array().unwrap().len(), 1);
+    let chat_text = seen["chat_text"].as_str().unwrap();
+    assert!(
+        !chat_text.trim().is_empty(),
+        "the gemma chat format gives real answers"
+    );
+    assert_eq!(
+        seen["chat_stream_text"], seen["chat_text"],
+        "temperature 0: the stream says the same"
+    );
+    assert_eq!(
+        seen["chat_stream_had_usage"], false,
+        "the client did not ask for usage and gets none"
+    );
+    assert_eq!(seen["completion_stream_text"], seen["completion_text"]);
+
+    // What the gateway recorded, request by request (newest first).
+    let http = reqwest::Client::new();
+    let me: Value = http
+        .get(format!("{url}/v1/me/usage"))
+        .bearer_auth(&user)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rows: Value = http
+        .get(format!(
+            "{url}/admin/usage/{}/requests",
+            me["key_id"].as_str().unwrap()
+        ))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rows: Vec<&Value> = rows.as_array().unwrap().iter().rev().collect();
+    let paths: Vec<&str> = rows.iter().map(|r| r["path"].as_str().unwrap()).collect();
+    assert_eq!(
+        paths,
+        [
+            "/v1/models",
+            "/v1/chat/completions",
+            "/v1/chat/completions",
+            "/v1/completions",
+            "/v1/completions"
+        ],
+        "every SDK call is one request row; the refused one is not"
+    );
+    assert!(rows.iter().all(|r| r["status"] == 200));
+    let tokens = |row: &Value| {
+        (
+            row["prompt_tokens"].as_u64().unwrap(),
+            row["completion_tokens"].as_u64().unwrap(),
+        )
+    };
+    let usage = |u: &Value| {
+        (
+            u["prompt_tokens"].as_u64().unwrap(),
+            u["completion_tokens"].as_u64().unwrap(),
+        )
+    };
+
+    // Non-streamed: exactly the usage the SDK saw.
+    assert_eq!(tokens(rows[1]), usage(&seen["chat_usage"]));
+    assert_eq!(tokens(rows[3]), usage(&seen["completion_usage"]));
+    // Streamed (llama-cpp-python sends no usage): counted with the model's tokenizer.
+    let (chat_prompt, chat_completion) = tokens(rows[2]);
+    let (text_prompt, text_completion) = tokens(rows[4]);
+    eprintln!(
+        "streamed vs non-streamed tokens: chat prompt {chat_prompt} vs {}, chat completion {chat_completion} vs {}; \
+         completion prompt {text_prompt} vs {}, completion {text_completion} vs {}",
+        seen["chat_usage"]["prompt_tokens"],
+        seen["chat_usage"]["completion_tokens"],
+        seen["completion_usage"]["prompt_tokens"],
+        seen["completion_usage"]["completion_tokens"],
+    );
+    assert_eq!(
+        chat_prompt,
+        usage(&seen["chat_usage"]).0,
+        "the gemma template is rebuilt exactly"
+    );
+    assert_eq!(text_prompt, usage(&seen["completion_usage"]).0);
+    assert!(
+        chat_completion.abs_diff(usage(&seen["chat_usage"]).1) <= 1,
+        "{chat_completion}"
+    );
+    assert!(
+        text_completion.abs_diff(usage(&seen["completion_usage"]).1) <= 1,
+        "{text_completion}"
+    );
+    assert_eq!(me["requests"], 5);
+    assert_eq!(me["requests_without_usage"], 0);
+
+    // A graceful stop takes the model server with it.
+    let pid = server.id().unwrap().to_string();
+    Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), server.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let server_python = envs.join("llama-cpp-python-cpu/bin/python");
+    let leftover = Command::new("pgrep")
+        .arg("-f")
+        .arg(&server_python)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        leftover.stdout.is_empty(),
+        "no process of this run is left: {}",
+        String::from_utf8_lossy(&leftover.stdout)
+    );
+}
