@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use llmgate_core::runner::process::RestartPolicy;
-use llmgate_core::runner::{Backend, LlamaCppPythonRunner, ModelRunner, ModelSpec, PythonEnv, RunnerError, RunnerStatus};
+use llmgate_core::runner::{
+    Backend, LlamaCppPythonRunner, ModelRunner, ModelSpec, PythonEnv, RunnerError, RunnerStatus,
+};
 
 /// A virtual environment whose `llama_cpp.server` is the stand-in.
 fn fake_env(dir: &Path) -> PythonEnv {
@@ -31,7 +33,10 @@ fn fake_env(dir: &Path) -> PythonEnv {
         include_str!("fixtures/fake_llama_cpp_server.py"),
     )
     .unwrap();
-    PythonEnv { dir: env, backend: Backend::Cpu }
+    PythonEnv {
+        dir: env,
+        backend: Backend::Cpu,
+    }
 }
 
 fn model(dir: &Path, mode: &str) -> PathBuf {
@@ -65,7 +70,10 @@ async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
 #[tokio::test]
 async fn starts_answers_counts_tokens_and_stops_without_leaving_a_process() {
     let dir = tempfile::tempdir().unwrap();
-    let runner = LlamaCppPythonRunner::new(fake_env(dir.path()), ModelSpec::new(model(dir.path(), "ok")));
+    let runner = LlamaCppPythonRunner::new(
+        fake_env(dir.path()),
+        ModelSpec::new(model(dir.path(), "ok")),
+    );
     runner.start().await.unwrap();
     assert_eq!(runner.status(), RunnerStatus::Ready);
     assert!(runner.healthy().await);
@@ -73,7 +81,10 @@ async fn starts_answers_counts_tokens_and_stops_without_leaving_a_process() {
     assert!(base.starts_with("http://127.0.0.1:"), "{base}");
     assert_eq!(runner.count_tokens("three little words").await.unwrap(), 4);
     let log = runner.log_tail(20).join("\n");
-    assert!(log.contains("--interrupt_requests false"), "the real flags reach the server: {log}");
+    assert!(
+        log.contains("--interrupt_requests false"),
+        "the real flags reach the server: {log}"
+    );
 
     let pid = runner.supervisor().pid().unwrap();
     assert!(alive(pid));
@@ -86,31 +97,52 @@ async fn starts_answers_counts_tokens_and_stops_without_leaving_a_process() {
 #[tokio::test]
 async fn a_server_that_never_answers_fails_after_the_readiness_timeout() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = ModelSpec { ready_timeout: Duration::from_secs(2), ..ModelSpec::new(model(dir.path(), "never-ready")) };
+    let spec = ModelSpec {
+        ready_timeout: Duration::from_secs(2),
+        ..ModelSpec::new(model(dir.path(), "never-ready"))
+    };
     let runner = LlamaCppPythonRunner::new(fake_env(dir.path()), spec).with_policy(quick_policy());
     let started = Instant::now();
     let err = runner.start().await.unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(10));
-    assert!(err.to_string().contains("did not answer") && err.to_string().contains("within 2 s"), "{err}");
+    assert!(
+        err.to_string().contains("did not answer") && err.to_string().contains("within 2 s"),
+        "{err}"
+    );
     assert!(matches!(runner.status(), RunnerStatus::Failed { .. }));
-    assert!(runner.supervisor().pid().is_none(), "the hung process was killed");
+    assert!(
+        runner.supervisor().pid().is_none(),
+        "the hung process was killed"
+    );
 }
 
 #[tokio::test]
 async fn a_crashed_server_is_restarted() {
     let dir = tempfile::tempdir().unwrap();
-    let runner = LlamaCppPythonRunner::new(fake_env(dir.path()), ModelSpec::new(model(dir.path(), "crash-once")))
-        .with_policy(quick_policy());
+    let runner = LlamaCppPythonRunner::new(
+        fake_env(dir.path()),
+        ModelSpec::new(model(dir.path(), "crash-once")),
+    )
+    .with_policy(quick_policy());
     runner.start().await.unwrap();
     let first = runner.supervisor().pid().unwrap();
     let mut states = runner.supervisor().subscribe();
     // It crashes a second after start, then comes back on the same address.
-    states.wait_for(|s| matches!(s, RunnerStatus::Restarting { .. })).await.unwrap();
-    states.wait_for(|s| *s == RunnerStatus::Ready).await.unwrap();
+    states
+        .wait_for(|s| matches!(s, RunnerStatus::Restarting { .. }))
+        .await
+        .unwrap();
+    states
+        .wait_for(|s| *s == RunnerStatus::Ready)
+        .await
+        .unwrap();
     let second = runner.supervisor().pid().unwrap();
     assert_ne!(first, second);
     assert!(runner.healthy().await);
-    assert!(runner.log_tail(50).join("\n").contains("exited"), "the crash is in the log");
+    assert!(
+        runner.log_tail(50).join("\n").contains("exited"),
+        "the crash is in the log"
+    );
     runner.stop().await;
     assert!(!alive(second));
 }
@@ -118,10 +150,16 @@ async fn a_crashed_server_is_restarted() {
 #[tokio::test]
 async fn a_server_that_keeps_crashing_is_given_up_with_its_last_output() {
     let dir = tempfile::tempdir().unwrap();
-    let runner = LlamaCppPythonRunner::new(fake_env(dir.path()), ModelSpec::new(model(dir.path(), "crash-always")))
-        .with_policy(quick_policy());
+    let runner = LlamaCppPythonRunner::new(
+        fake_env(dir.path()),
+        ModelSpec::new(model(dir.path(), "crash-always")),
+    )
+    .with_policy(quick_policy());
     let err = runner.start().await.unwrap_err().to_string();
-    assert!(err.contains("exited 3 times") && err.contains("cannot load model"), "{err}");
+    assert!(
+        err.contains("exited 3 times") && err.contains("cannot load model"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -130,10 +168,22 @@ async fn a_port_in_use_is_a_clear_error_and_a_missing_model_too() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
     let env = fake_env(dir.path());
-    let spec = ModelSpec { port: Some(port), ..ModelSpec::new(model(dir.path(), "ok")) };
-    let err = LlamaCppPythonRunner::new(env.clone(), spec).start().await.unwrap_err();
-    assert!(matches!(err, RunnerError::PortInUse(p) if p == port), "{err}");
-    let err = LlamaCppPythonRunner::new(env, ModelSpec::new(dir.path().join("absent.gguf"))).start().await.unwrap_err();
+    let spec = ModelSpec {
+        port: Some(port),
+        ..ModelSpec::new(model(dir.path(), "ok"))
+    };
+    let err = LlamaCppPythonRunner::new(env.clone(), spec)
+        .start()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, RunnerError::PortInUse(p) if p == port),
+        "{err}"
+    );
+    let err = LlamaCppPythonRunner::new(env, ModelSpec::new(dir.path().join("absent.gguf")))
+        .start()
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("absent.gguf"), "{err}");
 }
 
@@ -145,8 +195,22 @@ async fn the_server_goes_when_its_parent_is_killed() {
     let env = fake_env(dir.path());
     let runner = LlamaCppPythonRunner::new(env.clone(), ModelSpec::new(model(dir.path(), "ok")));
     let launch = runner.launch(0);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let args: Vec<String> = launch.args.iter().map(|a| if a == "0" { port.to_string() } else { a.clone() }).collect();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let args: Vec<String> = launch
+        .args
+        .iter()
+        .map(|a| {
+            if a == "0" {
+                port.to_string()
+            } else {
+                a.clone()
+            }
+        })
+        .collect();
     let mut parent = tokio::process::Command::new("sh")
         .arg("-c")
         .arg("\"$@\" & echo $!; wait")
@@ -158,9 +222,14 @@ async fn the_server_goes_when_its_parent_is_killed() {
         .unwrap();
     let mut out = tokio::io::BufReader::new(parent.stdout.take().unwrap());
     let mut line = String::new();
-    tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line).await.unwrap();
+    tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line)
+        .await
+        .unwrap();
     let server: u32 = line.trim().parse().unwrap();
-    wait_until("the server to answer", || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()).await;
+    wait_until("the server to answer", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+    .await;
     parent.start_kill().unwrap(); // SIGKILL
     parent.wait().await.unwrap();
     wait_until("the orphaned server to exit", || !alive(server)).await;

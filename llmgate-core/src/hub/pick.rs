@@ -50,7 +50,12 @@ impl SplitPart<'_> {
     /// Every part's name, first to last.
     pub(crate) fn all(&self) -> Vec<String> {
         (1..=self.count)
-            .map(|i| format!("{}-{i:05}-of-{:05}{}", self.prefix, self.count, self.extension))
+            .map(|i| {
+                format!(
+                    "{}-{i:05}-of-{:05}{}",
+                    self.prefix, self.count, self.extension
+                )
+            })
             .collect()
     }
 }
@@ -149,14 +154,22 @@ mod tests {
         ]);
         assert_eq!(pick_gguf(&files).as_deref(), Some("model-Q4_K_M.gguf"));
         let lower = names(&["gemma-3-270m-q8_0.gguf", "gemma-3-270m-q4_k_m.gguf"]);
-        assert_eq!(pick_gguf(&lower).as_deref(), Some("gemma-3-270m-q4_k_m.gguf"));
+        assert_eq!(
+            pick_gguf(&lower).as_deref(),
+            Some("gemma-3-270m-q4_k_m.gguf")
+        );
         let dotted = names(&["llama.Q5_K_M.gguf", "llama.Q4_K_M.gguf"]);
         assert_eq!(pick_gguf(&dotted).as_deref(), Some("llama.Q4_K_M.gguf"));
     }
 
     #[test]
     fn then_other_four_bit_then_fewest_bits_then_name() {
-        let four = names(&["m-Q8_0.gguf", "m-IQ4_XS.gguf", "m-Q4_0.gguf", "m-Q4_K_S.gguf"]);
+        let four = names(&[
+            "m-Q8_0.gguf",
+            "m-IQ4_XS.gguf",
+            "m-Q4_0.gguf",
+            "m-Q4_K_S.gguf",
+        ]);
         assert_eq!(pick_gguf(&four).as_deref(), Some("m-Q4_K_S.gguf"));
         let legacy = names(&["m-Q8_0.gguf", "m-IQ4_XS.gguf", "m-Q4_0.gguf"]);
         assert_eq!(pick_gguf(&legacy).as_deref(), Some("m-Q4_0.gguf"));
@@ -165,7 +178,10 @@ mod tests {
         let unnamed = names(&["zeta.gguf", "alpha.gguf"]);
         assert_eq!(pick_gguf(&unnamed).as_deref(), Some("alpha.gguf"));
         // A quantisation-looking model name is not a quantisation.
-        let qwen = names(&["qwen2-7b-instruct-fp16.gguf", "qwen2-7b-instruct-q5_k_m.gguf"]);
+        let qwen = names(&[
+            "qwen2-7b-instruct-fp16.gguf",
+            "qwen2-7b-instruct-q5_k_m.gguf",
+        ]);
         assert_eq!(
             pick_gguf(&qwen).as_deref(),
             Some("qwen2-7b-instruct-q5_k_m.gguf")
@@ -203,10 +219,7 @@ mod tests {
         assert_eq!(pick_gguf(&files).as_deref(), Some("model-Q8_0.gguf"));
         let alone = names(&["mmproj-model-f16.gguf"]);
         assert_eq!(pick_gguf(&alone).as_deref(), Some("mmproj-model-f16.gguf"));
-        assert_eq!(
-            pick_gguf(&names(&["model.safetensors", "README.md"])),
-            None
-        );
+        assert_eq!(pick_gguf(&names(&["model.safetensors", "README.md"])), None);
         assert_eq!(pick_gguf(&[]), None);
     }
 }

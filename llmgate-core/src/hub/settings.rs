@@ -116,7 +116,10 @@ mod tests {
     fn defaults_are_the_public_hub_and_the_home_cache() {
         let s = settings(&[("HOME", "/home/ada")]);
         assert_eq!(s.endpoint, "https://huggingface.co");
-        assert_eq!(s.cache_dir, PathBuf::from("/home/ada/.cache/huggingface/hub"));
+        assert_eq!(
+            s.cache_dir,
+            PathBuf::from("/home/ada/.cache/huggingface/hub")
+        );
         assert_eq!(s.token, None);
         assert!(!s.offline);
         assert_eq!(s.chunk_size, DEFAULT_CHUNK_SIZE);

@@ -113,7 +113,9 @@ mod tests {
     #[test]
     fn repository_with_and_without_file() {
         assert_eq!(
-            "Qwen/Qwen2.5-0.5B-Instruct-GGUF".parse::<ModelSource>().unwrap(),
+            "Qwen/Qwen2.5-0.5B-Instruct-GGUF"
+                .parse::<ModelSource>()
+                .unwrap(),
             hub("Qwen/Qwen2.5-0.5B-Instruct-GGUF", None)
         );
         assert_eq!(
@@ -172,7 +174,16 @@ mod tests {
 
     #[test]
     fn nonsense_is_refused_with_a_hint() {
-        for text in ["", "  ", "gpt2", "a/b/c", "owner/", "/", "o/m:", "bad name/x"] {
+        for text in [
+            "",
+            "  ",
+            "gpt2",
+            "a/b/c",
+            "owner/",
+            "/",
+            "o/m:",
+            "bad name/x",
+        ] {
             let result = text.parse::<ModelSource>();
             if text == "/" {
                 // "/" is a path (the root): the runner will say it is not a file.
