@@ -375,3 +375,62 @@ async fn settings_come_from_the_file_then_the_environment_then_flags() {
     assert!(dir.path().join("from-file/llmgate.db").exists());
     child.kill().await.unwrap();
 }
+
+#[tokio::test]
+async fn pull_downloads_from_the_hub_and_explains_what_it_picked_or_what_is_wrong() {
+    use llmgate_core::hub::mock::{random_gguf, MockHub};
+    let hub = MockHub::start().await;
+    let content = random_gguf(200_000);
+    hub.add_file("acme/tiny-GGUF", "tiny-Q8_0.gguf", random_gguf(1000));
+    hub.add_file("acme/tiny-GGUF", "tiny-Q4_K_M.gguf", content.clone());
+    let home = tempfile::tempdir().unwrap();
+    let pull = |args: Vec<String>, offline: bool| {
+        let mut command = Command::new(BIN);
+        command
+            .arg("pull")
+            .args(args)
+            .env("HF_ENDPOINT", &hub.url)
+            .env("HF_HOME", home.path())
+            .env_remove("HF_TOKEN")
+            .env("LLMGATE_LOG", "warn");
+        if offline {
+            command.env("HF_HUB_OFFLINE", "1");
+        } else {
+            command.env_remove("HF_HUB_OFFLINE");
+        }
+        command.output()
+    };
+
+    let output = pull(vec!["acme/tiny-GGUF".into()], false).await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("picked tiny-Q4_K_M.gguf"), "{stderr}");
+    let path = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        content.to_vec(),
+        "the printed path holds the file"
+    );
+
+    // Offline, the cached file is still found.
+    let output = pull(vec!["acme/tiny-GGUF:tiny-Q4_K_M.gguf".into()], true)
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(String::from_utf8(output.stdout).unwrap().trim(), path);
+
+    for (model, mentions) in [
+        ("acme/missing-GGUF", "acme/missing-GGUF"),
+        ("acme/tiny-GGUF:nope.gguf", "tiny-Q4_K_M.gguf"),
+        ("./local.gguf", "local path"),
+    ] {
+        let output = pull(vec![model.into()], false).await.unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{model}: {stderr}");
+        assert!(stderr.contains(mentions), "{model}: {stderr}");
+    }
+}
