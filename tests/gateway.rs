@@ -718,3 +718,34 @@ async fn stopping_drains_the_queue_and_a_new_store_sees_everything() {
     assert_eq!(totals.requests, 20);
     assert_eq!(totals.completion_tokens, 20 * REPLY.len() as u64);
 }
+
+#[tokio::test]
+async fn the_system_report_shows_cpu_memory_and_no_gpu_to_admins_only() {
+    let gw = Gateway::start().await;
+    let response = gw.get("/admin/system", &gw.admin).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let report: Value = response.json().await.unwrap();
+    let cores = report["cpu"]["cores"].as_u64().unwrap();
+    assert!(cores >= 1);
+    assert_eq!(
+        report["cpu"]["per_core_percent"].as_array().unwrap().len() as u64,
+        cores
+    );
+    let usage = report["cpu"]["usage_percent"].as_f64().unwrap();
+    assert!((0.0..=100.0).contains(&usage), "{usage}");
+    assert!(report["memory"]["total_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(
+        report["gateway"]["pid"].as_u64().unwrap(),
+        u64::from(std::process::id())
+    );
+    assert!(
+        report["model_server"].is_null(),
+        "this gateway runs no model"
+    );
+    if !std::path::Path::new("/proc/driver/nvidia").exists() {
+        assert_eq!(report["gpu"]["message"], "no GPU found");
+        assert_eq!(report["gpu"]["devices"], json!([]));
+    }
+    let refused = gw.get("/admin/system", &gw.alice).send().await.unwrap();
+    assert_eq!(refused.status(), 403);
+}

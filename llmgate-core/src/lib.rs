@@ -66,6 +66,7 @@ pub mod hub;
 pub mod proxy;
 pub mod runner;
 pub mod storage;
+pub mod system;
 pub mod usage;
 
 #[cfg(any(test, feature = "test-util"))]

@@ -6,7 +6,9 @@ use axum::routing::get;
 use axum::Router;
 use llmgate_core::auth::{AuthUsageLayer, KeyCache, Role};
 use llmgate_core::proxy::Proxy;
+use llmgate_core::runner::ModelRunner;
 use llmgate_core::storage::UsageStore;
+use llmgate_core::system::SystemMonitor;
 use llmgate_core::usage::UsageRecorder;
 use tower::ServiceBuilder;
 
@@ -21,6 +23,33 @@ pub struct AppState {
     pub usage: Arc<dyn UsageStore>,
     /// The queue of usage records (flushed before usage is read).
     pub recorder: UsageRecorder,
+    /// CPU, memory and GPU.
+    pub system: Arc<SystemMonitor>,
+    /// The model server llmgate runs, if any.
+    pub model: Option<Arc<dyn ModelRunner>>,
+}
+
+impl AppState {
+    /// State for a gateway that runs no model itself.
+    pub fn new(
+        keys: KeyCache,
+        usage: Arc<dyn UsageStore>,
+        recorder: UsageRecorder,
+    ) -> Result<Self, String> {
+        Ok(Self {
+            keys,
+            usage,
+            recorder,
+            system: Arc::new(SystemMonitor::new()?),
+            model: None,
+        })
+    }
+
+    /// With the model server llmgate runs.
+    pub fn with_model(mut self, model: Arc<dyn ModelRunner>) -> Self {
+        self.model = Some(model);
+        self
+    }
 }
 
 /// The gateway: `/v1/*` proxied with auth and usage, the admin API, `/healthz`.
@@ -37,6 +66,7 @@ pub fn app(state: AppState, proxy: Proxy, max_body_bytes: usize) -> Router {
         .route("/usage/{key_id}", get(routes::usage::one))
         .route("/usage/{key_id}/requests", get(routes::usage::requests))
         .route("/keys", get(routes::keys::list).post(routes::keys::create))
+        .route("/system", get(routes::system::report))
         .route(
             "/keys/{key_id}",
             axum::routing::delete(routes::keys::revoke),

@@ -82,11 +82,7 @@ impl Gateway {
         proxy_config.timeout = options.timeout;
         let proxy = Proxy::new(proxy_config).unwrap();
         let (recorder, writer) = UsageRecorder::start(store.clone());
-        let state = AppState {
-            keys: KeyCache::new(store.clone()),
-            usage: store.clone(),
-            recorder,
-        };
+        let state = AppState::new(KeyCache::new(store.clone()), store.clone(), recorder).unwrap();
         let router = app(state, proxy, options.max_body_bytes);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();

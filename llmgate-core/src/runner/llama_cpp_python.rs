@@ -476,6 +476,10 @@ impl ModelRunner for LlamaCppPythonRunner {
         self.supervisor.stop().await;
     }
 
+    fn pid(&self) -> Option<u32> {
+        self.supervisor.pid()
+    }
+
     async fn count_tokens(&self, text: &str) -> Result<u64, RunnerError> {
         let base = self.base_url().ok_or(RunnerError::NotRunning)?;
         let answer = self

@@ -128,6 +128,10 @@ impl ModelRunner for LlamaServerRunner {
         self.supervisor.stop().await;
     }
 
+    fn pid(&self) -> Option<u32> {
+        self.supervisor.pid()
+    }
+
     async fn count_tokens(&self, text: &str) -> Result<u64, RunnerError> {
         let base = self.base_url().ok_or(RunnerError::NotRunning)?;
         // llama-server's /tokenize adds no BOS by default; a prompt gets one.

@@ -214,6 +214,11 @@ pub trait ModelRunner: Send + Sync {
     fn chat_format(&self) -> Option<String> {
         None
     }
+
+    /// The server's process id, when llmgate runs it.
+    fn pid(&self) -> Option<u32> {
+        None
+    }
 }
 
 impl fmt::Debug for dyn ModelRunner {

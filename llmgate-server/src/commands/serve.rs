@@ -91,11 +91,10 @@ async fn serve(
         store.clone(),
         Duration::from_millis(config.key_cache_ttl_ms),
     );
-    let state = AppState {
-        keys,
-        usage: store.clone(),
-        recorder,
-    };
+    let mut state = AppState::new(keys, store.clone(), recorder)?;
+    if let Some(model) = model {
+        state = state.with_model(model.runner.clone());
+    }
     let router = app(state, proxy, config.max_body_bytes as usize);
 
     let user_key = if first_up {

@@ -1,0 +1,200 @@
+//! The machine's state: CPU (total and per core), memory, the gateway's own process, the
+//! model server's process, and NVIDIA GPUs.
+//!
+//! [`SystemMonitor`] samples with `sysinfo` and, with the `nvml` feature (on by default),
+//! NVML. Where NVML is absent (no NVIDIA driver) the report says "no GPU found": never
+//! an error.
+
+mod gpu;
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use sysinfo::{Pid, ProcessesToUpdate, System};
+
+pub use gpu::{GpuDevice, GpuReport};
+
+/// CPU usage needs two samples; reports closer together than this reuse the last one.
+const MIN_SAMPLE_INTERVAL: Duration = Duration::from_millis(250);
+
+/// One snapshot of the machine.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SystemReport {
+    /// CPU usage.
+    pub cpu: CpuReport,
+    /// Memory of the whole machine.
+    pub memory: MemoryReport,
+    /// The gateway's own process.
+    pub gateway: ProcessReport,
+    /// The model server's process, when llmgate runs one.
+    pub model_server: Option<ProcessReport>,
+    /// GPUs.
+    pub gpu: GpuReport,
+}
+
+/// CPU usage in percent (0–100 per core, and averaged over all cores).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CpuReport {
+    /// Average over all cores.
+    pub usage_percent: f32,
+    /// Each core.
+    pub per_core_percent: Vec<f32>,
+    /// Number of logical cores.
+    pub cores: usize,
+}
+
+/// Memory in bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MemoryReport {
+    /// In use.
+    pub used_bytes: u64,
+    /// Installed.
+    pub total_bytes: u64,
+}
+
+/// One process.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ProcessReport {
+    /// Its id.
+    pub pid: u32,
+    /// Resident memory in bytes.
+    pub memory_bytes: u64,
+    /// CPU usage in percent of one core (above 100 when it uses several).
+    pub cpu_percent: f32,
+}
+
+/// Samples the machine. Cheap to share; sampling takes a lock for a few milliseconds.
+#[derive(Debug)]
+pub struct SystemMonitor {
+    state: Mutex<State>,
+    gpus: gpu::Gpus,
+}
+
+#[derive(Debug)]
+struct State {
+    system: System,
+    sampled: Option<Instant>,
+}
+
+impl SystemMonitor {
+    /// A monitor; NVML (if compiled in) is loaded once, here.
+    pub fn new() -> Result<Self, String> {
+        let system = System::new().map_err(|e| format!("cannot read system information: {e}"))?;
+        Ok(Self {
+            state: Mutex::new(State {
+                system,
+                sampled: None,
+            }),
+            gpus: gpu::Gpus::load(),
+        })
+    }
+
+    /// A report; `model_server` is the model server's process id, if any.
+    pub fn report(&self, model_server: Option<u32>) -> SystemReport {
+        let gateway_pid = std::process::id();
+        let mut state = self.state.lock().unwrap();
+        let pids: Vec<Pid> = std::iter::once(gateway_pid)
+            .chain(model_server)
+            .map(Pid::from_u32)
+            .collect();
+        let stale = state
+            .sampled
+            .is_none_or(|t| t.elapsed() >= MIN_SAMPLE_INTERVAL);
+        if stale {
+            let first = state.sampled.is_none();
+            state.system.refresh_cpu_usage();
+            state.system.refresh_memory();
+            state
+                .system
+                .refresh_processes(ProcessesToUpdate::Some(&pids), true);
+            if first {
+                // The first CPU sample has nothing to compare with: take a second one.
+                std::thread::sleep(sysinfo::MINIMUM_CPU_UPDATE_INTERVAL);
+                state.system.refresh_cpu_usage();
+                state
+                    .system
+                    .refresh_processes(ProcessesToUpdate::Some(&pids), true);
+            }
+            state.sampled = Some(Instant::now());
+        }
+        let system = &state.system;
+        let process = |pid: u32| {
+            system.process(Pid::from_u32(pid)).map(|p| ProcessReport {
+                pid,
+                memory_bytes: p.memory(),
+                cpu_percent: p.cpu_usage(),
+            })
+        };
+        let per_core_percent: Vec<f32> = system.cpus().iter().map(|c| c.usage()).collect();
+        SystemReport {
+            cpu: CpuReport {
+                usage_percent: system.global_cpu_usage(),
+                cores: per_core_percent.len(),
+                per_core_percent,
+            },
+            memory: MemoryReport {
+                used_bytes: system.used_memory(),
+                total_bytes: system.total_memory(),
+            },
+            gateway: process(gateway_pid).unwrap_or(ProcessReport {
+                pid: gateway_pid,
+                memory_bytes: 0,
+                cpu_percent: 0.0,
+            }),
+            model_server: model_server.and_then(process),
+            gpu: self.gpus.report(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_cpu_memory_and_this_process() {
+        let monitor = SystemMonitor::new().unwrap();
+        let report = monitor.report(None);
+        assert!(report.cpu.cores >= 1);
+        assert_eq!(report.cpu.per_core_percent.len(), report.cpu.cores);
+        assert!((0.0..=100.0).contains(&report.cpu.usage_percent));
+        assert!(
+            report.memory.total_bytes > 0 && report.memory.used_bytes <= report.memory.total_bytes
+        );
+        assert_eq!(report.gateway.pid, std::process::id());
+        assert!(
+            report.gateway.memory_bytes > 1024 * 1024,
+            "a running test uses some memory"
+        );
+        assert!(report.model_server.is_none());
+    }
+
+    #[test]
+    fn reports_another_process_by_pid() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let monitor = SystemMonitor::new().unwrap();
+        let report = monitor.report(Some(child.id()));
+        let server = report.model_server.expect("the child is found");
+        assert_eq!(server.pid, child.id());
+        assert!(server.memory_bytes > 0);
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    #[test]
+    fn without_an_nvidia_driver_the_report_says_no_gpu_found() {
+        // This machine (and CI) has no NVIDIA driver.
+        if std::path::Path::new("/proc/driver/nvidia").exists() {
+            return; // a GPU machine: covered by the device check instead
+        }
+        let report = SystemMonitor::new().unwrap().report(None);
+        assert!(report.gpu.devices.is_empty());
+        assert_eq!(report.gpu.message, "no GPU found");
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["gpu"]["message"], "no GPU found");
+    }
+}
