@@ -749,3 +749,160 @@ async fn the_system_report_shows_cpu_memory_and_no_gpu_to_admins_only() {
     let refused = gw.get("/admin/system", &gw.alice).send().await.unwrap();
     assert_eq!(refused.status(), 403);
 }
+
+/// `name{labels} value` lines of a Prometheus/OpenMetrics exposition.
+fn samples(text: &str) -> Vec<(String, std::collections::BTreeMap<String, String>, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|line| {
+            let (series, value) = line.rsplit_once(' ').expect("a sample has a value");
+            let (name, labels) = match series.split_once('{') {
+                Some((name, rest)) => (name, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let labels = labels
+                .split(',')
+                .filter(|l| !l.is_empty())
+                .map(|pair| {
+                    let (k, v) = pair.split_once('=').expect("label=value");
+                    (k.to_owned(), v.trim_matches('"').to_owned())
+                })
+                .collect();
+            (name.to_owned(), labels, value.parse().expect("a number"))
+        })
+        .collect()
+}
+
+fn sample(
+    all: &[(String, std::collections::BTreeMap<String, String>, f64)],
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Option<f64> {
+    all.iter()
+        .find(|(n, l, _)| {
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|(_, _, v)| *v)
+}
+
+#[tokio::test]
+async fn metrics_count_requests_tokens_and_latency_per_key_and_need_an_admin_key() {
+    let gw = Gateway::start().await;
+    assert_eq!(
+        gw.http
+            .get(format!("{}/metrics", gw.url))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        gw.get("/metrics", &gw.alice).send().await.unwrap().status(),
+        403
+    );
+
+    let mut expected_prompt = 0;
+    for i in 0..3 {
+        let mut body = chat("measure me");
+        body["stream"] = json!(i == 2);
+        gw.post("/v1/chat/completions", &gw.alice, &body)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        expected_prompt += mock_prompt_tokens(&chat("measure me"));
+    }
+    gw.get("/v1/models", &gw.alice)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    gw.wait_for_requests(&gw.alice_id, 4).await;
+
+    let response = gw.get("/metrics", &gw.admin).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .contains("openmetrics-text"));
+    let all = samples(&response.text().await.unwrap());
+    let chat_labels = [
+        ("key", "alice"),
+        ("endpoint", "/v1/chat/completions"),
+        ("status", "200"),
+    ];
+    assert_eq!(
+        sample(&all, "llmgate_requests_total", &chat_labels),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(
+            &all,
+            "llmgate_requests_total",
+            &[("key", "alice"), ("endpoint", "/v1/models")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&all, "llmgate_prompt_tokens_total", &[("key", "alice")]),
+        Some(expected_prompt as f64)
+    );
+    assert_eq!(
+        sample(&all, "llmgate_completion_tokens_total", &[("key", "alice")]),
+        Some(3.0 * REPLY.len() as f64)
+    );
+    let chat_endpoint = [("endpoint", "/v1/chat/completions")];
+    assert_eq!(
+        sample(
+            &all,
+            "llmgate_request_duration_seconds_count",
+            &chat_endpoint
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(
+            &all,
+            "llmgate_upstream_duration_seconds_count",
+            &chat_endpoint
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(&all, "llmgate_model_state", &[("state", "none")]),
+        Some(1.0)
+    );
+    assert!(sample(&all, "llmgate_memory_total_bytes", &[]).unwrap() > 0.0);
+    assert!(sample(&all, "llmgate_cpu_usage_percent", &[]).is_some());
+
+    // The counters move with traffic.
+    gw.post("/v1/chat/completions", &gw.alice, &chat("once more"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    gw.wait_for_requests(&gw.alice_id, 5).await;
+    let all = samples(
+        &gw.get("/metrics", &gw.admin)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        sample(&all, "llmgate_requests_total", &chat_labels),
+        Some(4.0)
+    );
+}

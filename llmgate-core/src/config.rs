@@ -75,6 +75,8 @@ pub struct GatewayConfig {
     pub cache_dir: Option<PathBuf>,
     /// The `llama-server` binary for `runner = "llama-server"` (default: from `PATH`).
     pub llama_server: Option<PathBuf>,
+    /// Serve `/metrics` without a key (default: it needs an admin key).
+    pub metrics_public: bool,
 }
 
 /// Which program serves a local model.
@@ -121,6 +123,7 @@ impl Default for GatewayConfig {
             python_env_dir: None,
             cache_dir: None,
             llama_server: None,
+            metrics_public: false,
         }
     }
 }

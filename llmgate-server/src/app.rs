@@ -12,6 +12,7 @@ use llmgate_core::system::SystemMonitor;
 use llmgate_core::usage::UsageRecorder;
 use tower::ServiceBuilder;
 
+use crate::metrics::Metrics;
 use crate::routes;
 
 /// What the handlers share.
@@ -27,6 +28,10 @@ pub struct AppState {
     pub system: Arc<SystemMonitor>,
     /// The model server llmgate runs, if any.
     pub model: Option<Arc<dyn ModelRunner>>,
+    /// Prometheus metrics (also the usage recorder's observer).
+    pub metrics: Arc<Metrics>,
+    /// Serve `/metrics` without a key (default: admin key needed).
+    pub metrics_public: bool,
 }
 
 impl AppState {
@@ -35,6 +40,7 @@ impl AppState {
         keys: KeyCache,
         usage: Arc<dyn UsageStore>,
         recorder: UsageRecorder,
+        metrics: Arc<Metrics>,
     ) -> Result<Self, String> {
         Ok(Self {
             keys,
@@ -42,6 +48,8 @@ impl AppState {
             recorder,
             system: Arc::new(SystemMonitor::new()?),
             model: None,
+            metrics,
+            metrics_public: false,
         })
     }
 
@@ -72,6 +80,12 @@ pub fn app(state: AppState, proxy: Proxy, max_body_bytes: usize) -> Router {
             axum::routing::delete(routes::keys::revoke),
         )
         .layer(AuthUsageLayer::auth_only(keys.clone()).require_role(Role::Admin));
+    let metrics = Router::new().route("/metrics", get(routes::metrics::render));
+    let metrics = if state.metrics_public {
+        metrics
+    } else {
+        metrics.layer(AuthUsageLayer::auth_only(keys.clone()).require_role(Role::Admin))
+    };
     let me = Router::new()
         .route("/v1/me/usage", get(routes::usage::me))
         .layer(AuthUsageLayer::auth_only(keys));
@@ -79,6 +93,7 @@ pub fn app(state: AppState, proxy: Proxy, max_body_bytes: usize) -> Router {
         .route("/healthz", get(routes::health::healthz))
         .nest("/admin", admin)
         .merge(me)
+        .merge(metrics)
         .route_service("/v1/{*path}", gateway)
         .fallback(routes::not_found)
         .with_state(state)

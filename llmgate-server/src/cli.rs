@@ -80,6 +80,10 @@ pub struct ServeArgs {
     #[arg(long, env = "LLMGATE_KEY_CACHE_TTL_MS", value_name = "MS")]
     pub key_cache_ttl_ms: Option<u64>,
 
+    /// Serve /metrics without a key (by default it needs an admin key)
+    #[arg(long, env = "LLMGATE_METRICS_PUBLIC")]
+    pub metrics_public: bool,
+
     /// The model to run.
     #[command(flatten)]
     pub model: ModelArgs,

@@ -4,6 +4,7 @@
 pub mod app;
 pub mod cli;
 pub mod commands;
+pub mod metrics;
 pub mod routes;
 pub mod settings;
 

@@ -38,6 +38,9 @@ pub fn load(cli: &Cli, serve: Option<&ServeArgs>, up: bool) -> Result<GatewayCon
         if let Some(ms) = args.key_cache_ttl_ms {
             config.key_cache_ttl_ms = ms;
         }
+        if args.metrics_public {
+            config.metrics_public = true;
+        }
         let model = &args.model;
         if let Some(m) = &model.model {
             config.model = Some(m.clone());

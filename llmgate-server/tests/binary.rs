@@ -253,6 +253,32 @@ async fn an_admin_key_from_the_environment_is_used_instead_of_a_generated_one() 
     assert_eq!(response.status(), 200);
     let keys: Value = response.json().await.unwrap();
     assert_eq!(keys[0]["role"], "admin");
+    let metrics = reqwest::get(format!("{}/metrics", server.url))
+        .await
+        .unwrap();
+    assert_eq!(
+        metrics.status(),
+        401,
+        "metrics need an admin key by default"
+    );
+    terminate(server).await;
+
+    // --metrics-public opens /metrics to a scraper without a key.
+    let server = serve(
+        dir.path(),
+        &upstream.url,
+        &[("LLMGATE_METRICS_PUBLIC", "true")],
+    )
+    .await;
+    let metrics = reqwest::get(format!("{}/metrics", server.url))
+        .await
+        .unwrap();
+    assert_eq!(metrics.status(), 200);
+    assert!(metrics
+        .text()
+        .await
+        .unwrap()
+        .contains("llmgate_model_state{state=\"none\"} 1"));
     terminate(server).await;
 }
 

@@ -10,8 +10,9 @@ use llmgate_core::auth::{KeyCache, KeyRecord, Role, Secret};
 use llmgate_core::proxy::{Proxy, ProxyConfig};
 use llmgate_core::storage::{KeyStore, SqliteStore};
 pub use llmgate_core::test_util::{MockUpstream, SeenRequest};
-use llmgate_core::usage::{UsageRecorder, UsageWriter};
+use llmgate_core::usage::{RecorderOptions, UsageRecorder, UsageWriter};
 use llmgate_server::app::{app, AppState};
+use llmgate_server::metrics::Metrics;
 use serde_json::Value;
 
 /// Options for [`Gateway::start`].
@@ -81,8 +82,19 @@ impl Gateway {
         let mut proxy_config = ProxyConfig::new(upstream_url.parse().unwrap());
         proxy_config.timeout = options.timeout;
         let proxy = Proxy::new(proxy_config).unwrap();
-        let (recorder, writer) = UsageRecorder::start(store.clone());
-        let state = AppState::new(KeyCache::new(store.clone()), store.clone(), recorder).unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let recording = RecorderOptions {
+            counter: None,
+            observer: Some(metrics.clone()),
+        };
+        let (recorder, writer) = UsageRecorder::start_with(store.clone(), recording);
+        let state = AppState::new(
+            KeyCache::new(store.clone()),
+            store.clone(),
+            recorder,
+            metrics,
+        )
+        .unwrap();
         let router = app(state, proxy, options.max_body_bytes);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();

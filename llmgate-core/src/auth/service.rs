@@ -106,14 +106,7 @@ where
     };
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
-    let mut guard = UsageGuard::new(
-        recorder.clone(),
-        &key.id,
-        method.as_str(),
-        &path,
-        at,
-        started,
-    );
+    let mut guard = UsageGuard::new(recorder.clone(), &key, method.as_str(), &path, at, started);
 
     let (request, plan) =
         match read_request(request, shared.max_body_bytes, guard.counts_tokens()).await {
@@ -128,7 +121,7 @@ where
 
     let response = inner.oneshot(request).await?;
     let status = response.status();
-    guard.set_status(status.as_u16());
+    guard.responded(status.as_u16());
     if !status.is_success() || matches!(method, Method::GET | Method::HEAD | Method::DELETE) {
         // Nothing was generated; a usage object in the body still overrides this.
         guard.set_no_tokens();

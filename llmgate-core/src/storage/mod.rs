@@ -71,6 +71,8 @@ pub struct RequestRecord {
     pub completion_tokens: Option<u64>,
     /// From arrival to the last byte of the answer (or the client leaving).
     pub latency_ms: u64,
+    /// From arrival to the upstream's response headers; `None` when none came.
+    pub first_byte_ms: Option<u64>,
 }
 
 /// A key's usage totals.
@@ -205,6 +207,7 @@ pub(crate) mod contract {
             prompt_tokens: tokens.map(|t| t.0),
             completion_tokens: tokens.map(|t| t.1),
             latency_ms: 5,
+            first_byte_ms: Some(2),
         }
     }
 

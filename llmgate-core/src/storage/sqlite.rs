@@ -181,7 +181,7 @@ impl UsageStore for SqliteStore {
         for rows in batch.chunks(100) {
             let mut insert = QueryBuilder::<Sqlite>::new(
                 "INSERT INTO usage_requests \
-                 (at, key_id, method, path, model, status, prompt_tokens, completion_tokens, latency_ms) ",
+                 (at, key_id, method, path, model, status, prompt_tokens, completion_tokens, latency_ms, first_byte_ms) ",
             );
             insert.push_values(rows, |mut row, r| {
                 row.push_bind(millis(r.at))
@@ -192,7 +192,8 @@ impl UsageStore for SqliteStore {
                     .push_bind(i64::from(r.status))
                     .push_bind(r.prompt_tokens.map(|t| t as i64))
                     .push_bind(r.completion_tokens.map(|t| t as i64))
-                    .push_bind(r.latency_ms as i64);
+                    .push_bind(r.latency_ms as i64)
+                    .push_bind(r.first_byte_ms.map(|ms| ms as i64));
             });
             insert.build().execute(&mut *tx).await?;
         }
@@ -290,7 +291,7 @@ impl UsageStore for SqliteStore {
         limit: u32,
     ) -> Result<Vec<RequestRecord>, StorageError> {
         let rows = sqlx::query(
-            "SELECT at, key_id, method, path, model, status, prompt_tokens, completion_tokens, latency_ms \
+            "SELECT at, key_id, method, path, model, status, prompt_tokens, completion_tokens, latency_ms, first_byte_ms \
              FROM usage_requests WHERE key_id = ? AND at >= ? ORDER BY at DESC, id DESC LIMIT ?",
         )
         .bind(key_id)
@@ -310,6 +311,7 @@ impl UsageStore for SqliteStore {
                     prompt_tokens: tokens(row.try_get("prompt_tokens")?),
                     completion_tokens: tokens(row.try_get("completion_tokens")?),
                     latency_ms: row.try_get::<i64, _>("latency_ms")?.max(0) as u64,
+                    first_byte_ms: tokens(row.try_get("first_byte_ms")?),
                 })
             })
             .collect()

@@ -284,9 +284,15 @@ mod tests {
     async fn a_finished_json_body_records_its_usage_once() {
         let store = Arc::new(MemoryStore::new());
         let (recorder, _writer) = UsageRecorder::start(store.clone());
+        let mut key = crate::auth::KeyRecord::new(
+            "k",
+            crate::auth::Role::User,
+            &crate::auth::Secret::generate(),
+        );
+        key.id = "k".into();
         let mut guard = UsageGuard::new(
             recorder.clone(),
-            "k",
+            &key,
             "POST",
             "/v1/chat/completions",
             now_millis(),

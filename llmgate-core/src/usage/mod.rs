@@ -18,7 +18,7 @@ mod sse;
 
 pub use body::{AuthUsageBody, UsageBody};
 pub use counter::TokenCounter;
-pub use recorder::{UsageRecorder, UsageWriter};
+pub use recorder::{RecorderOptions, UsageObserver, UsageRecorder, UsageWriter};
 pub use report::{usage_report, KeyUsage};
 
 pub(crate) use recorder::UsageGuard;

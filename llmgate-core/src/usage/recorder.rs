@@ -9,6 +9,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 
 use super::{TokenCounter, TokenUsage};
+use crate::auth::KeyRecord;
 use crate::storage::{RequestRecord, UsageStore};
 
 /// The most records written in one transaction.
@@ -24,7 +25,33 @@ enum Message {
 /// A record whose tokens the writer must still count.
 struct Pending {
     record: RequestRecord,
+    key_name: String,
     count: Option<(Arc<Value>, String)>,
+}
+
+/// Sees every finished request, in the background writer (never on the request path):
+/// for metrics.
+pub trait UsageObserver: Send + Sync {
+    /// One finished request, with the name of the key that made it.
+    fn observe(&self, record: &RequestRecord, key_name: &str);
+}
+
+/// Optional parts of a [`UsageRecorder`].
+#[derive(Default)]
+pub struct RecorderOptions {
+    /// Counts tokens of streams whose upstream sent no usage.
+    pub counter: Option<Arc<dyn TokenCounter>>,
+    /// Sees every finished request.
+    pub observer: Option<Arc<dyn UsageObserver>>,
+}
+
+impl std::fmt::Debug for RecorderOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecorderOptions")
+            .field("counter", &self.counter.is_some())
+            .field("observer", &self.observer.is_some())
+            .finish()
+    }
 }
 
 /// Hands finished requests to the background [`UsageWriter`]. Cheap to clone; sending
@@ -55,14 +82,12 @@ pub struct UsageWriter {
 impl UsageRecorder {
     /// Starts the writer on the current Tokio runtime.
     pub fn start(store: Arc<dyn UsageStore>) -> (Self, UsageWriter) {
-        Self::start_with_counter(store, None)
+        Self::start_with(store, RecorderOptions::default())
     }
 
-    /// Starts the writer with a [`TokenCounter`] for streams whose upstream sent no usage.
-    pub fn start_with_counter(
-        store: Arc<dyn UsageStore>,
-        counter: Option<Arc<dyn TokenCounter>>,
-    ) -> (Self, UsageWriter) {
+    /// Starts the writer with a token counter and/or an observer.
+    pub fn start_with(store: Arc<dyn UsageStore>, options: RecorderOptions) -> (Self, UsageWriter) {
+        let RecorderOptions { counter, observer } = options;
         let (tx, rx) = mpsc::unbounded_channel();
         let (stop_tx, stop_rx) = oneshot::channel();
         let counts_tokens = counter.is_some();
@@ -71,8 +96,11 @@ impl UsageRecorder {
             rx,
             stop_rx,
             flush_wanted.clone(),
-            store,
-            counter,
+            Sink {
+                store,
+                counter,
+                observer,
+            },
         ));
         let recorder = Self {
             tx,
@@ -124,8 +152,7 @@ async fn run_writer(
     mut rx: mpsc::UnboundedReceiver<Message>,
     mut stop: oneshot::Receiver<()>,
     flush_wanted: Arc<Notify>,
-    store: Arc<dyn UsageStore>,
-    counter: Option<Arc<dyn TokenCounter>>,
+    sink: Sink,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut stopping = false;
@@ -154,25 +181,35 @@ async fn run_writer(
                 }
             }
         }
-        write(&mut batch, store.as_ref(), counter.as_deref(), false).await;
+        write(&mut batch, &sink, false).await;
     }
     rx.close();
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        write(&mut batch, store.as_ref(), counter.as_deref(), true).await;
+        write(&mut batch, &sink, true).await;
     }
 }
 
-async fn write(
-    batch: &mut Vec<Message>,
-    store: &dyn UsageStore,
-    counter: Option<&dyn TokenCounter>,
-    stopping: bool,
-) {
+/// Where settled records go.
+struct Sink {
+    store: Arc<dyn UsageStore>,
+    counter: Option<Arc<dyn TokenCounter>>,
+    observer: Option<Arc<dyn UsageObserver>>,
+}
+
+async fn write(batch: &mut Vec<Message>, sink: &Sink, stopping: bool) {
+    let store = sink.store.as_ref();
     let mut records = Vec::with_capacity(batch.len());
     let mut flushes = Vec::new();
     for message in batch.drain(..) {
         match message {
-            Message::Record(pending) => records.push(settle_count(*pending, counter).await),
+            Message::Record(pending) => {
+                let key_name = pending.key_name.clone();
+                let record = settle_count(*pending, sink.counter.as_deref()).await;
+                if let Some(observer) = &sink.observer {
+                    observer.observe(&record, &key_name);
+                }
+                records.push(record);
+            }
             Message::Flush(done) => flushes.push(done),
         }
     }
@@ -199,7 +236,9 @@ async fn write(
 }
 
 async fn settle_count(pending: Pending, counter: Option<&dyn TokenCounter>) -> RequestRecord {
-    let Pending { mut record, count } = pending;
+    let Pending {
+        mut record, count, ..
+    } = pending;
     if let (Some(counter), Some((request, completion))) = (counter, count) {
         match counter.count(&request, &completion).await {
             Ok(usage) => {
@@ -219,6 +258,7 @@ async fn settle_count(pending: Pending, counter: Option<&dyn TokenCounter>) -> R
 pub(crate) struct UsageGuard {
     recorder: UsageRecorder,
     record: Option<RequestRecord>,
+    key_name: String,
     started: Instant,
     /// The request as JSON and the streamed text, for the token counter.
     count: Option<(Arc<Value>, String)>,
@@ -227,7 +267,7 @@ pub(crate) struct UsageGuard {
 impl UsageGuard {
     pub(crate) fn new(
         recorder: UsageRecorder,
-        key_id: &str,
+        key: &KeyRecord,
         method: &str,
         path: &str,
         at: DateTime<Utc>,
@@ -235,7 +275,7 @@ impl UsageGuard {
     ) -> Self {
         let record = RequestRecord {
             at,
-            key_id: key_id.to_owned(),
+            key_id: key.id.clone(),
             method: method.to_owned(),
             path: path.to_owned(),
             model: None,
@@ -244,10 +284,12 @@ impl UsageGuard {
             prompt_tokens: None,
             completion_tokens: None,
             latency_ms: 0,
+            first_byte_ms: None,
         };
         Self {
             recorder,
             record: Some(record),
+            key_name: key.name.clone(),
             started,
             count: None,
         }
@@ -263,6 +305,14 @@ impl UsageGuard {
 
     pub(crate) fn set_status(&mut self, status: u16) {
         self.record().status = status;
+    }
+
+    /// The upstream's response headers arrived.
+    pub(crate) fn responded(&mut self, status: u16) {
+        let elapsed = self.started.elapsed().as_millis() as u64;
+        let record = self.record();
+        record.status = status;
+        record.first_byte_ms = Some(elapsed);
     }
 
     pub(crate) fn set_model(&mut self, model: Option<&str>) {
@@ -306,7 +356,12 @@ impl Drop for UsageGuard {
             } else {
                 None
             };
-            self.recorder.send(Pending { record, count });
+            let key_name = std::mem::take(&mut self.key_name);
+            self.recorder.send(Pending {
+                record,
+                key_name,
+                count,
+            });
         }
     }
 }
@@ -319,9 +374,15 @@ mod tests {
     use crate::BoxError;
 
     fn guard(recorder: &UsageRecorder, key: &str) -> UsageGuard {
+        let mut record = KeyRecord::new(
+            "tester",
+            crate::auth::Role::User,
+            &crate::auth::Secret::generate(),
+        );
+        record.id = key.to_owned();
         UsageGuard::new(
             recorder.clone(),
-            key,
+            &record,
             "POST",
             "/v1/chat/completions",
             now_millis(),
@@ -370,8 +431,13 @@ mod tests {
     #[tokio::test]
     async fn a_counter_fills_in_missing_usage_in_the_background() {
         let store = Arc::new(MemoryStore::new());
-        let (recorder, _writer) =
-            UsageRecorder::start_with_counter(store.clone(), Some(Arc::new(Words)));
+        let (recorder, _writer) = UsageRecorder::start_with(
+            store.clone(),
+            RecorderOptions {
+                counter: Some(Arc::new(Words)),
+                observer: None,
+            },
+        );
         let mut g = guard(&recorder, "k");
         g.count_later(
             Arc::new(serde_json::json!({"prompt": "one two three"})),

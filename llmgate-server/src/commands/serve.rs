@@ -1,16 +1,18 @@
 //! `llmgate serve`: the gateway.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use llmgate_core::auth::{KeyCache, KeyRecord, Role, Secret};
 use llmgate_core::config::GatewayConfig;
 use llmgate_core::proxy::{Proxy, ProxyConfig};
 use llmgate_core::storage::KeyStore;
-use llmgate_core::usage::UsageRecorder;
+use llmgate_core::usage::{RecorderOptions, UsageRecorder};
 
 use axum::serve::ListenerExt;
 
 use crate::app::{app, AppState};
+use crate::metrics::Metrics;
 
 /// The environment variable that supplies the first admin key instead of generating one.
 pub const ADMIN_KEY_ENV: &str = "LLMGATE_ADMIN_KEY";
@@ -86,12 +88,18 @@ async fn serve(
     let proxy = Proxy::new(proxy_config).map_err(|e| e.to_string())?;
 
     let counter = model.and_then(|m| m.counter.clone());
-    let (recorder, writer) = UsageRecorder::start_with_counter(store.clone(), counter);
+    let metrics = Arc::new(Metrics::default());
+    let options = RecorderOptions {
+        counter,
+        observer: Some(metrics.clone()),
+    };
+    let (recorder, writer) = UsageRecorder::start_with(store.clone(), options);
     let keys = KeyCache::with_ttl(
         store.clone(),
         Duration::from_millis(config.key_cache_ttl_ms),
     );
-    let mut state = AppState::new(keys, store.clone(), recorder)?;
+    let mut state = AppState::new(keys, store.clone(), recorder, metrics)?;
+    state.metrics_public = config.metrics_public;
     if let Some(model) = model {
         state = state.with_model(model.runner.clone());
     }

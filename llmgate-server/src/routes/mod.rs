@@ -2,6 +2,7 @@
 
 pub mod health;
 pub mod keys;
+pub mod metrics;
 pub mod system;
 pub mod usage;
 

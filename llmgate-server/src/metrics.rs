@@ -1,0 +1,291 @@
+//! Prometheus metrics, with `prometheus-client`: fed by the usage writer (never on the
+//! request path) and by the system monitor at scrape time.
+
+use std::sync::atomic::AtomicU64;
+
+use llmgate_core::runner::RunnerStatus;
+use llmgate_core::storage::RequestRecord;
+use llmgate_core::system::SystemReport;
+use llmgate_core::usage::UsageObserver;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    key: String,
+    endpoint: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyLabels {
+    key: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GpuLabels {
+    gpu: String,
+    name: String,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+type HistogramFamily = Family<EndpointLabels, Histogram, fn() -> Histogram>;
+
+/// Every metric llmgate exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    prompt_tokens: Family<KeyLabels, Counter>,
+    completion_tokens: Family<KeyLabels, Counter>,
+    request_seconds: HistogramFamily,
+    upstream_seconds: HistogramFamily,
+    model_state: Family<StateLabels, Gauge>,
+    cpu_percent: FloatGauge,
+    memory_used: Gauge,
+    memory_total: Gauge,
+    gateway_memory: Gauge,
+    model_memory: Gauge,
+    gpu_utilization: Family<GpuLabels, FloatGauge>,
+    gpu_memory_used: Family<GpuLabels, Gauge>,
+    gpu_memory_total: Family<GpuLabels, Gauge>,
+    gpu_temperature: Family<GpuLabels, FloatGauge>,
+    gpu_power: Family<GpuLabels, FloatGauge>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 1 ms … about 65 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+const MODEL_STATES: [&str; 6] = [
+    "none",
+    "stopped",
+    "starting",
+    "ready",
+    "restarting",
+    "failed",
+];
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("llmgate");
+        let metrics = Self {
+            requests: Family::default(),
+            prompt_tokens: Family::default(),
+            completion_tokens: Family::default(),
+            request_seconds: Family::new_with_constructor(latency_histogram),
+            upstream_seconds: Family::new_with_constructor(latency_histogram),
+            model_state: Family::default(),
+            cpu_percent: FloatGauge::default(),
+            memory_used: Gauge::default(),
+            memory_total: Gauge::default(),
+            gateway_memory: Gauge::default(),
+            model_memory: Gauge::default(),
+            gpu_utilization: Family::default(),
+            gpu_memory_used: Family::default(),
+            gpu_memory_total: Family::default(),
+            gpu_temperature: Family::default(),
+            gpu_power: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "requests",
+            "Requests by key name, endpoint and status",
+            metrics.requests.clone(),
+        );
+        registry.register(
+            "prompt_tokens",
+            "Prompt tokens by key name",
+            metrics.prompt_tokens.clone(),
+        );
+        registry.register(
+            "completion_tokens",
+            "Completion tokens by key name",
+            metrics.completion_tokens.clone(),
+        );
+        registry.register_with_unit(
+            "request_duration",
+            "Time from a request's arrival to the last byte of its answer",
+            Unit::Seconds,
+            metrics.request_seconds.clone(),
+        );
+        registry.register_with_unit(
+            "upstream_duration",
+            "Time from a request's arrival to the model server's response headers (time to first token for streams)",
+            Unit::Seconds,
+            metrics.upstream_seconds.clone(),
+        );
+        registry.register(
+            "model_state",
+            "1 for the model server's current state",
+            metrics.model_state.clone(),
+        );
+        registry.register(
+            "cpu_usage_percent",
+            "CPU usage of the machine, all cores",
+            metrics.cpu_percent.clone(),
+        );
+        registry.register_with_unit(
+            "memory_used",
+            "Memory in use on the machine",
+            Unit::Bytes,
+            metrics.memory_used.clone(),
+        );
+        registry.register_with_unit(
+            "memory_total",
+            "Memory installed",
+            Unit::Bytes,
+            metrics.memory_total.clone(),
+        );
+        registry.register_with_unit(
+            "gateway_memory",
+            "Resident memory of the gateway",
+            Unit::Bytes,
+            metrics.gateway_memory.clone(),
+        );
+        registry.register_with_unit(
+            "model_server_memory",
+            "Resident memory of the model server (0 when none runs)",
+            Unit::Bytes,
+            metrics.model_memory.clone(),
+        );
+        registry.register(
+            "gpu_utilization_percent",
+            "GPU utilisation",
+            metrics.gpu_utilization.clone(),
+        );
+        registry.register_with_unit(
+            "gpu_memory_used",
+            "GPU memory in use",
+            Unit::Bytes,
+            metrics.gpu_memory_used.clone(),
+        );
+        registry.register_with_unit(
+            "gpu_memory_total",
+            "GPU memory installed",
+            Unit::Bytes,
+            metrics.gpu_memory_total.clone(),
+        );
+        registry.register(
+            "gpu_temperature_celsius",
+            "GPU temperature",
+            metrics.gpu_temperature.clone(),
+        );
+        registry.register(
+            "gpu_power_watts",
+            "GPU power draw",
+            metrics.gpu_power.clone(),
+        );
+        Self {
+            registry,
+            ..metrics
+        }
+    }
+}
+
+impl UsageObserver for Metrics {
+    fn observe(&self, record: &RequestRecord, key_name: &str) {
+        let endpoint = EndpointLabels {
+            endpoint: record.path.clone(),
+        };
+        self.requests
+            .get_or_create(&RequestLabels {
+                key: key_name.to_owned(),
+                endpoint: record.path.clone(),
+                status: record.status,
+            })
+            .inc();
+        let key = KeyLabels {
+            key: key_name.to_owned(),
+        };
+        self.prompt_tokens
+            .get_or_create(&key)
+            .inc_by(record.prompt_tokens.unwrap_or(0));
+        self.completion_tokens
+            .get_or_create(&key)
+            .inc_by(record.completion_tokens.unwrap_or(0));
+        self.request_seconds
+            .get_or_create(&endpoint)
+            .observe(record.latency_ms as f64 / 1000.0);
+        if let Some(first_byte) = record.first_byte_ms {
+            self.upstream_seconds
+                .get_or_create(&endpoint)
+                .observe(first_byte as f64 / 1000.0);
+        }
+    }
+}
+
+impl Metrics {
+    /// The exposition text, with the gauges brought up to date first.
+    pub fn render(&self, system: &SystemReport, model: Option<&RunnerStatus>) -> String {
+        let state = match model {
+            None => "none",
+            Some(RunnerStatus::Stopped) => "stopped",
+            Some(RunnerStatus::Starting) => "starting",
+            Some(RunnerStatus::Ready) => "ready",
+            Some(RunnerStatus::Restarting { .. }) => "restarting",
+            Some(RunnerStatus::Failed { .. }) => "failed",
+        };
+        for s in MODEL_STATES {
+            self.model_state
+                .get_or_create(&StateLabels {
+                    state: s.to_owned(),
+                })
+                .set(i64::from(s == state));
+        }
+        self.cpu_percent.set(f64::from(system.cpu.usage_percent));
+        self.memory_used.set(system.memory.used_bytes as i64);
+        self.memory_total.set(system.memory.total_bytes as i64);
+        self.gateway_memory.set(system.gateway.memory_bytes as i64);
+        self.model_memory.set(
+            system
+                .model_server
+                .as_ref()
+                .map_or(0, |p| p.memory_bytes as i64),
+        );
+        for gpu in &system.gpu.devices {
+            let labels = GpuLabels {
+                gpu: gpu.index.to_string(),
+                name: gpu.name.clone(),
+            };
+            if let Some(u) = gpu.utilization_percent {
+                self.gpu_utilization
+                    .get_or_create(&labels)
+                    .set(f64::from(u));
+            }
+            if let Some(m) = gpu.memory_used_bytes {
+                self.gpu_memory_used.get_or_create(&labels).set(m as i64);
+            }
+            if let Some(m) = gpu.memory_total_bytes {
+                self.gpu_memory_total.get_or_create(&labels).set(m as i64);
+            }
+            if let Some(t) = gpu.temperature_celsius {
+                self.gpu_temperature
+                    .get_or_create(&labels)
+                    .set(f64::from(t));
+            }
+            if let Some(p) = gpu.power_watts {
+                self.gpu_power.get_or_create(&labels).set(p);
+            }
+        }
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
