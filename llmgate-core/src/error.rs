@@ -202,6 +202,12 @@ impl From<ProxyError> for ApiError {
                 ),
             ),
             ProxyError::BadRequest(_) => Self::bad_request("The request could not be forwarded."),
+            ProxyError::NoUpstream => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("model_not_running"),
+                "No model is running. An admin can start one in the console or with POST /admin/models/run.",
+            ),
         }
     }
 }

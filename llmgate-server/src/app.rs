@@ -6,13 +6,13 @@ use axum::routing::get;
 use axum::Router;
 use llmgate_core::auth::{AuthUsageLayer, KeyCache, Role};
 use llmgate_core::proxy::Proxy;
-use llmgate_core::runner::ModelRunner;
 use llmgate_core::storage::UsageStore;
 use llmgate_core::system::SystemMonitor;
 use llmgate_core::usage::UsageRecorder;
 use tower::ServiceBuilder;
 
 use crate::metrics::Metrics;
+use crate::models::ModelManager;
 use crate::routes;
 
 /// What the handlers share.
@@ -26,8 +26,8 @@ pub struct AppState {
     pub recorder: UsageRecorder,
     /// CPU, memory and GPU.
     pub system: Arc<SystemMonitor>,
-    /// The model server llmgate runs, if any.
-    pub model: Option<Arc<dyn ModelRunner>>,
+    /// The model llmgate runs (or the external upstream it forwards to).
+    pub models: Arc<ModelManager>,
     /// Prometheus metrics (also the usage recorder's observer).
     pub metrics: Arc<Metrics>,
     /// Serve `/metrics` without a key (default: admin key needed).
@@ -41,22 +41,17 @@ impl AppState {
         usage: Arc<dyn UsageStore>,
         recorder: UsageRecorder,
         metrics: Arc<Metrics>,
+        models: Arc<ModelManager>,
     ) -> Result<Self, String> {
         Ok(Self {
             keys,
             usage,
             recorder,
             system: Arc::new(SystemMonitor::new()?),
-            model: None,
+            models,
             metrics,
             metrics_public: false,
         })
-    }
-
-    /// With the model server llmgate runs.
-    pub fn with_model(mut self, model: Arc<dyn ModelRunner>) -> Self {
-        self.model = Some(model);
-        self
     }
 }
 
@@ -75,6 +70,9 @@ pub fn app(state: AppState, proxy: Proxy, max_body_bytes: usize) -> Router {
         .route("/usage/{key_id}/requests", get(routes::usage::requests))
         .route("/keys", get(routes::keys::list).post(routes::keys::create))
         .route("/system", get(routes::system::report))
+        .route("/models", get(routes::models::view))
+        .route("/models/run", axum::routing::post(routes::models::run))
+        .route("/models/stop", axum::routing::post(routes::models::stop))
         .route(
             "/keys/{key_id}",
             axum::routing::delete(routes::keys::revoke),

@@ -5,6 +5,7 @@ pub mod app;
 pub mod cli;
 pub mod commands;
 pub mod metrics;
+pub mod models;
 pub mod routes;
 pub mod settings;
 

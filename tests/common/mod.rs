@@ -7,12 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use llmgate_core::auth::{KeyCache, KeyRecord, Role, Secret};
+use llmgate_core::config::GatewayConfig;
 use llmgate_core::proxy::{Proxy, ProxyConfig};
 use llmgate_core::storage::{KeyStore, SqliteStore};
 pub use llmgate_core::test_util::{MockUpstream, SeenRequest};
 use llmgate_core::usage::{RecorderOptions, UsageRecorder, UsageWriter};
 use llmgate_server::app::{app, AppState};
 use llmgate_server::metrics::Metrics;
+use llmgate_server::models::ModelManager;
 use serde_json::Value;
 
 /// Options for [`Gateway::start`].
@@ -82,6 +84,11 @@ impl Gateway {
         let mut proxy_config = ProxyConfig::new(upstream_url.parse().unwrap());
         proxy_config.timeout = options.timeout;
         let proxy = Proxy::new(proxy_config).unwrap();
+        let gateway_config = GatewayConfig {
+            upstream: Some(upstream_url.clone()),
+            ..GatewayConfig::default()
+        };
+        let models = ModelManager::new(gateway_config, proxy.clone(), false);
         let metrics = Arc::new(Metrics::default());
         let recording = RecorderOptions {
             counter: None,
@@ -93,6 +100,7 @@ impl Gateway {
             store.clone(),
             recorder,
             metrics,
+            models,
         )
         .unwrap();
         let router = app(state, proxy, options.max_body_bytes);

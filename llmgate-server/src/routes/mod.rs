@@ -3,6 +3,7 @@
 pub mod health;
 pub mod keys;
 pub mod metrics;
+pub mod models;
 pub mod system;
 pub mod usage;
 

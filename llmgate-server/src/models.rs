@@ -1,0 +1,311 @@
+//! The model llmgate runs, switchable at run time: set-up and download happen in the
+//! background, with their progress kept for the console, while the gateway keeps
+//! serving.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use llmgate_core::config::GatewayConfig;
+use llmgate_core::hub::DownloadProgress;
+use llmgate_core::proxy::{Proxy, ProxyConfig};
+use llmgate_core::runner::{Backend, ModelRunner, RunnerStatus, RunnerTokenCounter};
+use llmgate_core::usage::{TokenCounter, TokenUsage};
+use llmgate_core::BoxError;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::commands::model::{start_model, Reporter, TerminalReporter};
+
+/// Set-up lines kept for the console.
+const SETUP_LINES: usize = 200;
+
+/// What the console shows about the model.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ModelView {
+    /// The model asked for (path or repo id; `default` for the default model).
+    pub model: Option<String>,
+    /// Its backend.
+    pub backend: Backend,
+    /// The model server's kind, once one runs.
+    pub runner: Option<&'static str>,
+    /// `none`, `setting_up`, `downloading`, `starting`, `ready`, `restarting`, `failed`,
+    /// `stopping`, `stopped`, or `external` (forwarding to `--upstream`).
+    pub state: String,
+    /// What is happening, in words.
+    pub message: String,
+    /// Progress of a download, 0–100.
+    pub percent: Option<f64>,
+    /// Recent set-up lines and model server output.
+    pub log: Vec<String>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    runner: Option<Arc<dyn ModelRunner>>,
+    model: Option<String>,
+    backend: Backend,
+    state: String,
+    message: String,
+    percent: Option<f64>,
+    setup_log: VecDeque<String>,
+    busy: bool,
+}
+
+/// Runs, replaces and stops the model behind the gateway.
+#[derive(Debug)]
+pub struct ModelManager {
+    config: GatewayConfig,
+    proxy: Proxy,
+    /// Also say everything on the terminal (`llmgate up`).
+    echo: Option<TerminalReporter>,
+    inner: Mutex<Inner>,
+}
+
+/// Why a run request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A set-up is already running.
+    #[error("a model is being set up; wait for it to finish or stop it first")]
+    Busy,
+    /// Starting failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl ModelManager {
+    /// A manager switching `proxy`'s upstream. With `echo`, progress is also printed on
+    /// stderr (for `llmgate up`).
+    pub fn new(config: GatewayConfig, proxy: Proxy, echo: bool) -> Arc<Self> {
+        let external = proxy.has_upstream();
+        Arc::new(Self {
+            inner: Mutex::new(Inner {
+                runner: None,
+                model: config.upstream.clone().filter(|_| external),
+                backend: config.backend,
+                state: if external { "external" } else { "none" }.to_owned(),
+                message: if external {
+                    "forwarding to the configured upstream".to_owned()
+                } else {
+                    "no model is running".to_owned()
+                },
+                percent: None,
+                setup_log: VecDeque::new(),
+                busy: false,
+            }),
+            config,
+            proxy,
+            echo: echo.then(TerminalReporter::default),
+        })
+    }
+
+    /// The running model server, if any.
+    pub fn runner(&self) -> Option<Arc<dyn ModelRunner>> {
+        self.inner.lock().unwrap().runner.clone()
+    }
+
+    /// The state for the console.
+    pub fn view(&self) -> ModelView {
+        let inner = self.inner.lock().unwrap();
+        let mut log: Vec<String> = inner.setup_log.iter().cloned().collect();
+        let mut state = inner.state.clone();
+        let mut message = inner.message.clone();
+        if let Some(runner) = &inner.runner {
+            log.extend(runner.log_tail(100));
+            if !inner.busy {
+                (state, message) = match runner.status() {
+                    RunnerStatus::Ready => (
+                        "ready".into(),
+                        format!("serving {}", inner.model.as_deref().unwrap_or("the model")),
+                    ),
+                    RunnerStatus::Starting => ("starting".into(), "loading the model".into()),
+                    RunnerStatus::Restarting { attempt, reason } => {
+                        ("restarting".into(), format!("restart {attempt}: {reason}"))
+                    }
+                    RunnerStatus::Failed { reason } => ("failed".into(), reason),
+                    RunnerStatus::Stopped => ("stopped".into(), "stopped".into()),
+                };
+            }
+        }
+        ModelView {
+            model: inner.model.clone(),
+            backend: inner.backend,
+            runner: inner.runner.as_ref().map(|r| r.kind()),
+            state,
+            message,
+            percent: inner.percent,
+            log,
+        }
+    }
+
+    /// Starts setting up and running `model` on `backend` in the background; the
+    /// previous model (if any) is stopped first.
+    pub fn run(
+        self: &Arc<Self>,
+        model: Option<String>,
+        backend: Option<Backend>,
+    ) -> Result<ModelView, ModelError> {
+        let mut config = self.config.clone();
+        {
+            let mut inner = self.inner.lock().unwrap();
+            if inner.busy {
+                return Err(ModelError::Busy);
+            }
+            inner.busy = true;
+            config.model = model.or(config.model);
+            config.backend = backend.unwrap_or(config.backend);
+            inner.model = config.model.clone();
+            inner.backend = config.backend;
+            inner.state = "setting_up".into();
+            inner.message = "preparing".into();
+            inner.percent = None;
+            inner.setup_log.clear();
+        }
+        let manager = self.clone();
+        tokio::spawn(async move {
+            let _ = manager.run_now(config).await;
+        });
+        Ok(self.view())
+    }
+
+    /// Runs a model and waits until it answers (for `llmgate up` and `serve --model`).
+    pub async fn run_and_wait(self: &Arc<Self>) -> Result<(), ModelError> {
+        {
+            let mut inner = self.inner.lock().unwrap();
+            if inner.busy {
+                return Err(ModelError::Busy);
+            }
+            inner.busy = true;
+            inner.model = self.config.model.clone();
+        }
+        self.run_now(self.config.clone()).await
+    }
+
+    async fn run_now(self: &Arc<Self>, config: GatewayConfig) -> Result<(), ModelError> {
+        let previous = self.inner.lock().unwrap().runner.take();
+        if let Some(previous) = previous {
+            self.proxy.set_upstream(None).ok();
+            self.report_step("Stopping the previous model");
+            previous.stop().await;
+        }
+        let result = start_model(&config, self.as_ref()).await;
+        let mut inner = self.inner.lock().unwrap();
+        inner.busy = false;
+        inner.percent = None;
+        match result {
+            Ok(runner) => {
+                let base = runner.base_url().unwrap_or_default();
+                let upstream = base
+                    .parse()
+                    .map_err(|e| format!("bad model server address {base}: {e}"));
+                let mut proxy_config = match upstream {
+                    Ok(uri) => ProxyConfig::new(uri),
+                    Err(err) => {
+                        inner.state = "failed".into();
+                        inner.message = err.clone();
+                        return Err(ModelError::Failed(err));
+                    }
+                };
+                proxy_config.timeout = std::time::Duration::from_secs(config.upstream_timeout_secs);
+                self.proxy
+                    .set_upstream(Some(proxy_config))
+                    .map_err(|e| ModelError::Failed(e.to_string()))?;
+                inner.runner = Some(runner);
+                inner.state = "ready".into();
+                inner.message = "ready".into();
+                Ok(())
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "the model could not be started");
+                inner.state = "failed".into();
+                inner.message = err.clone();
+                Err(ModelError::Failed(err))
+            }
+        }
+    }
+
+    /// Stops the model; requests then get 503 until another one runs.
+    pub async fn stop(&self) -> ModelView {
+        let runner = {
+            let mut inner = self.inner.lock().unwrap();
+            inner.state = "stopping".into();
+            inner.runner.take()
+        };
+        self.proxy.set_upstream(None).ok();
+        if let Some(runner) = runner {
+            runner.stop().await;
+        }
+        {
+            let mut inner = self.inner.lock().unwrap();
+            inner.state = "stopped".into();
+            inner.message = "no model is running".into();
+        }
+        self.view()
+    }
+
+    fn report_step(&self, message: &str) {
+        self.step(message);
+    }
+
+    fn push_line(inner: &mut Inner, line: String) {
+        if inner.setup_log.len() == SETUP_LINES {
+            inner.setup_log.pop_front();
+        }
+        inner.setup_log.push_back(line);
+    }
+}
+
+impl Reporter for ModelManager {
+    fn step(&self, message: &str) {
+        if let Some(terminal) = &self.echo {
+            terminal.step(message);
+        }
+        tracing::info!("{message}");
+        let mut inner = self.inner.lock().unwrap();
+        let lower = message.to_ascii_lowercase();
+        inner.state = if lower.starts_with("starting") {
+            "starting"
+        } else if lower.contains("hugging face")
+            || lower.starts_with("default model")
+            || lower.starts_with("model:")
+        {
+            "downloading"
+        } else {
+            "setting_up"
+        }
+        .to_owned();
+        inner.message = message.to_owned();
+        Self::push_line(&mut inner, format!("==> {message}"));
+    }
+
+    fn detail(&self, line: &str) {
+        if let Some(terminal) = &self.echo {
+            terminal.detail(line);
+        }
+        let mut inner = self.inner.lock().unwrap();
+        Self::push_line(&mut inner, line.to_owned());
+    }
+
+    fn download(&self, progress: &DownloadProgress) {
+        if let Some(terminal) = &self.echo {
+            terminal.download(progress);
+        }
+        let mut inner = self.inner.lock().unwrap();
+        inner.state = "downloading".into();
+        inner.message = format!("downloading {}", progress.file);
+        inner.percent = progress
+            .total
+            .filter(|t| *t > 0)
+            .map(|total| (progress.downloaded as f64 * 100.0 / total as f64).min(100.0));
+    }
+}
+
+#[async_trait]
+impl TokenCounter for ModelManager {
+    async fn count(&self, request: &Value, completion: &str) -> Result<TokenUsage, BoxError> {
+        let runner = self.runner().ok_or("no model is running")?;
+        RunnerTokenCounter::new(runner)
+            .count(request, completion)
+            .await
+    }
+}
