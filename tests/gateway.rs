@@ -906,3 +906,153 @@ async fn metrics_count_requests_tokens_and_latency_per_key_and_need_an_admin_key
         Some(4.0)
     );
 }
+
+#[tokio::test]
+async fn admins_run_and_stop_a_model_over_http_while_the_gateway_keeps_serving() {
+    let envs = tempfile::tempdir().unwrap();
+    llmgate_tests::fake_llama_cpp_env(envs.path());
+    let model = envs.path().join("tiny.gguf");
+    std::fs::write(&model, "ok").unwrap();
+    let gw = Gateway::start_with(Options {
+        python_env_dir: Some(envs.path().to_owned()),
+        ..Options::default()
+    })
+    .await;
+
+    let view: Value = gw
+        .get("/admin/models", &gw.admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        view["state"], "external",
+        "forwarding to --upstream: {view}"
+    );
+    assert_eq!(
+        gw.get("/admin/models", &gw.alice)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+
+    let bad = gw
+        .post(
+            "/admin/models/run",
+            &gw.admin,
+            &json!({"model": "x", "backend": "tpu"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    assert!(openai_error(bad).await["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("cpu, cuda, metal or openblas"));
+
+    let started = gw
+        .post(
+            "/admin/models/run",
+            &gw.admin,
+            &json!({"model": model, "backend": "cpu"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(started.status(), 202, "set-up runs in the background");
+    let again = gw
+        .post("/admin/models/run", &gw.admin, &json!({"model": model}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 409, "one set-up at a time");
+    // The gateway keeps answering while the model starts.
+    assert_eq!(
+        gw.http
+            .get(format!("{}/healthz", gw.url))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let view = loop {
+        let view: Value = gw
+            .get("/admin/models", &gw.admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if view["state"] == "ready" {
+            break view;
+        }
+        assert_ne!(view["state"], "failed", "{view}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never ready: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(view["runner"], "llama-cpp-python");
+    assert_eq!(view["backend"], "cpu");
+    let log = view["log"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        log.contains("Starting the model server") && log.contains("fake server pid"),
+        "{log}"
+    );
+
+    // Requests now reach the model, not the old upstream.
+    let answer: Value = gw
+        .post("/v1/chat/completions", &gw.alice, &chat("hi"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["choices"][0]["message"]["content"], "fake answer");
+    let system: Value = gw
+        .get("/admin/system", &gw.admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(system["model_server"]["pid"].as_u64().is_some(), "{system}");
+
+    let stopped: Value = gw
+        .post("/admin/models/stop", &gw.admin, &json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stopped["state"], "stopped");
+    let refused = gw
+        .post("/v1/chat/completions", &gw.alice, &chat("hi"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    assert_eq!(
+        openai_error(refused).await["error"]["code"],
+        "model_not_running"
+    );
+}

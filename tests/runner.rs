@@ -6,37 +6,11 @@ use std::time::{Duration, Instant};
 
 use llmgate_core::runner::process::RestartPolicy;
 use llmgate_core::runner::{
-    Backend, LlamaCppPythonRunner, ModelRunner, ModelSpec, PythonEnv, RunnerError, RunnerStatus,
+    LlamaCppPythonRunner, ModelRunner, ModelSpec, PythonEnv, RunnerError, RunnerStatus,
 };
 
-/// A virtual environment whose `llama_cpp.server` is the stand-in.
 fn fake_env(dir: &Path) -> PythonEnv {
-    let env = dir.join("venv");
-    let status = std::process::Command::new("python3")
-        .args(["-m", "venv", "--without-pip"])
-        .arg(&env)
-        .status()
-        .expect("python3 runs");
-    assert!(status.success());
-    let site = std::fs::read_dir(env.join("lib"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path()
-        .join("site-packages/llama_cpp/server");
-    std::fs::create_dir_all(&site).unwrap();
-    std::fs::write(site.join("../__init__.py"), "").unwrap();
-    std::fs::write(site.join("__init__.py"), "").unwrap();
-    std::fs::write(
-        site.join("__main__.py"),
-        include_str!("fixtures/fake_llama_cpp_server.py"),
-    )
-    .unwrap();
-    PythonEnv {
-        dir: env,
-        backend: Backend::Cpu,
-    }
+    llmgate_tests::fake_llama_cpp_env(&dir.join("envs"))
 }
 
 fn model(dir: &Path, mode: &str) -> PathBuf {

@@ -26,6 +26,8 @@ pub struct Options {
     pub max_body_bytes: usize,
     /// Upstream timeout.
     pub timeout: Duration,
+    /// Where the model manager finds Python environments.
+    pub python_env_dir: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -34,6 +36,7 @@ impl Default for Options {
             upstream: None,
             max_body_bytes: 16 * 1024 * 1024,
             timeout: Duration::from_secs(30),
+            python_env_dir: None,
         }
     }
 }
@@ -86,6 +89,8 @@ impl Gateway {
         let proxy = Proxy::new(proxy_config).unwrap();
         let gateway_config = GatewayConfig {
             upstream: Some(upstream_url.clone()),
+            python_env_dir: options.python_env_dir.clone(),
+            model_ready_timeout_secs: 20,
             ..GatewayConfig::default()
         };
         let models = ModelManager::new(gateway_config, proxy.clone(), false);
@@ -197,4 +202,40 @@ pub async fn openai_error(response: reqwest::Response) -> Value {
         "{body}"
     );
     body
+}
+
+/// A ready llama-cpp-python environment for the CPU backend under `root` (as llmgate
+/// lays them out, marker included) whose `llama_cpp.server` is a stand-in
+/// (`tests/fixtures/fake_llama_cpp_server.py`): the real runner code runs, without a
+/// model.
+pub fn fake_llama_cpp_env(root: &std::path::Path) -> llmgate_core::runner::PythonEnv {
+    use llmgate_core::runner::{Backend, PythonEnv, LLAMA_CPP_PYTHON_VERSION};
+    let env = root.join("llama-cpp-python-cpu");
+    let status = std::process::Command::new("python3")
+        .args(["-m", "venv", "--without-pip"])
+        .arg(&env)
+        .status()
+        .expect("python3 runs");
+    assert!(status.success());
+    let site = std::fs::read_dir(env.join("lib"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join("site-packages/llama_cpp/server");
+    std::fs::create_dir_all(&site).unwrap();
+    std::fs::write(site.join("../__init__.py"), "").unwrap();
+    std::fs::write(site.join("__init__.py"), "").unwrap();
+    std::fs::write(
+        site.join("__main__.py"),
+        include_str!("../fixtures/fake_llama_cpp_server.py"),
+    )
+    .unwrap();
+    let marker = serde_json::json!({"backend": "cpu", "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION, "cmake_args": null});
+    std::fs::write(env.join("llmgate-env.json"), marker.to_string()).unwrap();
+    PythonEnv {
+        dir: env,
+        backend: Backend::Cpu,
+    }
 }
