@@ -11,6 +11,7 @@ use llmgate_core::system::SystemMonitor;
 use llmgate_core::usage::UsageRecorder;
 use tower::ServiceBuilder;
 
+use crate::console;
 use crate::metrics::Metrics;
 use crate::models::ModelManager;
 use crate::routes;
@@ -55,7 +56,8 @@ impl AppState {
     }
 }
 
-/// The gateway: `/v1/*` proxied with auth and usage, the admin API, `/healthz`.
+/// The gateway: `/v1/*` proxied with auth and usage, the admin API, `/healthz`, and the
+/// web console at `/` (public: the page holds no data, its API calls carry the key).
 pub fn app(state: AppState, proxy: Proxy, max_body_bytes: usize) -> Router {
     let keys = state.keys.clone();
     let gateway = ServiceBuilder::new()
@@ -92,6 +94,7 @@ pub fn app(state: AppState, proxy: Proxy, max_body_bytes: usize) -> Router {
         .nest("/admin", admin)
         .merge(me)
         .merge(metrics)
+        .merge(console::router())
         .route_service("/v1/{*path}", gateway)
         .fallback(routes::not_found)
         .with_state(state)

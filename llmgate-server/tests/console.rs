@@ -1,0 +1,82 @@
+//! The web console in real headless Chromium: `tests/browser/console.test.mjs`, driven by
+//! playwright-core under Node's test runner, against the built `llmgate` in front of a
+//! mock upstream. Screenshots of each page land in `target/screenshots/` (in
+//! `docs/screenshots/` with `UPDATE_SCREENSHOTS=1`).
+//!
+//! Needs Node.js, Debian's `chromium` and `npm ci` in `tests/browser` (the README's test
+//! command, `scripts/test`, installs them).
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use llmgate_core::test_util::MockUpstream;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+#[tokio::test]
+async fn the_console_works_in_a_real_browser() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let browser_tests = root.join("tests/browser");
+    assert!(
+        browser_tests.join("node_modules/playwright-core").exists(),
+        "run `npm ci` in tests/browser first (scripts/test does)"
+    );
+    let upstream = MockUpstream::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let admin = format!("sk-lg-{}", "Console7Test".repeat(4));
+    let mut server = Command::new(env!("CARGO_BIN_EXE_llmgate"))
+        .args([
+            "serve",
+            "--upstream",
+            &upstream.url,
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(data.path())
+        .env("LLMGATE_ADMIN_KEY", &admin)
+        .env("LLMGATE_LOG", "warn")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
+    let url = loop {
+        let line = lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("llmgate prints where it listens");
+        if let Some(rest) = line.strip_prefix("llmgate listening on ") {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+
+    // The README shows docs/screenshots; refresh them with UPDATE_SCREENSHOTS=1.
+    let screenshots = if std::env::var_os("UPDATE_SCREENSHOTS").is_some() {
+        root.join("docs/screenshots")
+    } else {
+        root.join("target/screenshots")
+    };
+    let run = Command::new("node")
+        .args(["--test", "--test-reporter=spec", "console.test.mjs"])
+        .current_dir(&browser_tests)
+        .env("LLMGATE_URL", &url)
+        .env("LLMGATE_ADMIN_KEY", &admin)
+        .env("SCREENSHOT_DIR", screenshots)
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(240), run)
+        .await
+        .expect("browser tests finish")
+        .unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    eprintln!("{report}");
+    assert!(output.status.success(), "browser tests failed:\n{report}");
+}
