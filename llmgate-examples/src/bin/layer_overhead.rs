@@ -1,0 +1,97 @@
+//! What `AuthUsageLayer` costs per request, in process, without a network: the same
+//! JSON chat completion answered by a trivial service, bare and behind the layer
+//! (auth only, and auth with usage recording to the in-memory store).
+//!
+//! ```text
+//! cargo run --release -p llmgate-examples --bin layer_overhead
+//! ```
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use http_body_util::BodyExt;
+use llmgate_core::auth::{AuthUsageLayer, KeyCache, KeyRecord, Role, Secret};
+use llmgate_core::storage::{KeyStore, MemoryStore};
+use llmgate_core::usage::UsageRecorder;
+use tower::{Layer, Service, ServiceExt};
+
+const ANSWER: &str = r#"{"id":"x","object":"chat.completion","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"The quick brown fox jumps"},"finish_reason":"stop"}],"usage":{"prompt_tokens":11,"completion_tokens":5,"total_tokens":16}}"#;
+const REQUEST: &str =
+    r#"{"model":"m","messages":[{"role":"user","content":"Say something short."}]}"#;
+
+async fn answer(_request: http::Request<Body>) -> Result<http::Response<Body>, Infallible> {
+    Ok(http::Response::builder()
+        .header("content-type", "application/json")
+        .body(Body::from(ANSWER))
+        .unwrap())
+}
+
+fn request(key: &str) -> http::Request<Body> {
+    http::Request::post("/v1/chat/completions")
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json")
+        .body(Body::from(Bytes::from_static(REQUEST.as_bytes())))
+        .unwrap()
+}
+
+async fn measure<S>(name: &str, service: S, key: &str) -> Duration
+where
+    S: Service<http::Request<Body>> + Clone,
+    S::Response: Into<http::Response<BoxedBody>>,
+    S::Error: std::fmt::Debug,
+{
+    let rounds = 200_000u32;
+    let run = |n: u32| {
+        let service = service.clone();
+        async move {
+            let started = Instant::now();
+            for _ in 0..n {
+                let response: http::Response<BoxedBody> =
+                    service.clone().oneshot(request(key)).await.unwrap().into();
+                response.into_body().collect().await.unwrap();
+            }
+            started.elapsed()
+        }
+    };
+    run(20_000).await; // warm-up
+    let elapsed = run(rounds).await;
+    let per = elapsed / rounds;
+    println!("{name:<28} {:>8.2} µs per request", per.as_secs_f64() * 1e6);
+    per
+}
+
+type BoxedBody = http_body_util::combinators::UnsyncBoxBody<Bytes, llmgate_core::BoxError>;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let store = Arc::new(MemoryStore::new());
+    let secret = Secret::generate();
+    store
+        .insert_key(
+            &KeyRecord::new("bench", Role::User, &secret),
+            &secret.hash(),
+        )
+        .await
+        .unwrap();
+    let (recorder, _writer) = UsageRecorder::start(store.clone());
+    let key = secret.expose();
+
+    let bare = tower::service_fn(answer)
+        .map_response(|r: http::Response<Body>| r.map(|b| b.map_err(Into::into).boxed_unsync()));
+    let base = measure("bare service", bare, key).await;
+    let auth = AuthUsageLayer::auth_only(KeyCache::new(store.clone()))
+        .layer(tower::service_fn(answer))
+        .map_response(|r| r.map(|b| b.map_err(Into::into).boxed_unsync()));
+    let auth_only = measure("auth only", auth, key).await;
+    let usage = AuthUsageLayer::new(KeyCache::new(store.clone()), recorder)
+        .layer(tower::service_fn(answer))
+        .map_response(|r| r.map(|b| b.map_err(Into::into).boxed_unsync()));
+    let full = measure("auth + usage", usage, key).await;
+    println!(
+        "layer overhead: auth {:.2} µs, auth + usage {:.2} µs per request",
+        (auth_only.saturating_sub(base)).as_secs_f64() * 1e6,
+        (full.saturating_sub(base)).as_secs_f64() * 1e6
+    );
+}
