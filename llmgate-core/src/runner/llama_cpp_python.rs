@@ -3,8 +3,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -12,7 +10,7 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
-use super::http::LocalHttp;
+use super::local_server::LocalServer;
 use super::process::{Launch, RestartPolicy, Supervisor};
 use super::{Backend, ModelRunner, ModelSpec, RunnerError, RunnerStatus};
 
@@ -341,10 +339,8 @@ async fn run(
 pub struct LlamaCppPythonRunner {
     env: PythonEnv,
     spec: ModelSpec,
-    port: Arc<std::sync::Mutex<Option<u16>>>,
-    supervisor: Supervisor,
+    server: LocalServer,
     policy: RestartPolicy,
-    http: LocalHttp,
 }
 
 impl LlamaCppPythonRunner {
@@ -353,10 +349,8 @@ impl LlamaCppPythonRunner {
         Self {
             env,
             spec,
-            port: Arc::default(),
-            supervisor: Supervisor::new("llama-cpp-python"),
+            server: LocalServer::new("llama-cpp-python", "/v1/models"),
             policy: RestartPolicy::default(),
-            http: LocalHttp::default(),
         }
     }
 
@@ -368,7 +362,7 @@ impl LlamaCppPythonRunner {
 
     /// The supervised process (its pid, its state).
     pub fn supervisor(&self) -> &Supervisor {
-        &self.supervisor
+        self.server.supervisor()
     }
 
     /// The server's command-line arguments (after the bootstrap).
@@ -407,28 +401,9 @@ impl LlamaCppPythonRunner {
             program: self.env.python(),
             args,
             env: vec![("PYTHONUNBUFFERED".into(), "1".into())],
-            ready_url: format!("http://127.0.0.1:{port}/v1/models"),
+            ready_url: self.server.health_url(port),
             ready_timeout: self.spec.ready_timeout,
         }
-    }
-}
-
-/// A free port on 127.0.0.1 (the OS picks; the listener is closed again at once).
-pub(crate) fn free_port() -> Result<u16, RunnerError> {
-    std::net::TcpListener::bind(("127.0.0.1", 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| RunnerError::Failed(format!("no free port: {e}")))
-}
-
-/// The configured port, checked to be free, or a free one.
-pub(crate) fn choose_port(wanted: Option<u16>) -> Result<u16, RunnerError> {
-    match wanted {
-        Some(port) => match std::net::TcpListener::bind(("127.0.0.1", port)) {
-            Ok(_) => Ok(port),
-            Err(_) => Err(RunnerError::PortInUse(port)),
-        },
-        None => free_port(),
     }
 }
 
@@ -439,58 +414,40 @@ impl ModelRunner for LlamaCppPythonRunner {
     }
 
     async fn start(&self) -> Result<(), RunnerError> {
-        if !self.spec.model.is_file() {
-            return Err(RunnerError::ModelMissing(self.spec.model.clone()));
-        }
-        let port = choose_port(self.spec.port)?;
-        *self.port.lock().unwrap() = Some(port);
-        self.supervisor.start(self.launch(port), self.policy).await
+        self.server
+            .start(&self.spec, |port| self.launch(port), self.policy)
+            .await
     }
 
     fn base_url(&self) -> Option<String> {
-        self.port
-            .lock()
-            .unwrap()
-            .map(|port| format!("http://127.0.0.1:{port}"))
+        self.server.base_url()
     }
 
     fn status(&self) -> RunnerStatus {
-        self.supervisor.status()
+        self.server.status()
     }
 
     async fn healthy(&self) -> bool {
-        let Some(base) = self.base_url() else {
-            return false;
-        };
-        self.http
-            .get_status(&format!("{base}/v1/models"), Duration::from_secs(5))
-            .await
-            .is_ok_and(|s| s.is_success())
+        self.server.healthy().await
     }
 
     fn log_tail(&self, lines: usize) -> Vec<String> {
-        self.supervisor.log_tail(lines)
+        self.supervisor().log_tail(lines)
     }
 
     async fn stop(&self) {
-        self.supervisor.stop().await;
+        self.supervisor().stop().await;
     }
 
     fn pid(&self) -> Option<u32> {
-        self.supervisor.pid()
+        self.supervisor().pid()
     }
 
     async fn count_tokens(&self, text: &str) -> Result<u64, RunnerError> {
-        let base = self.base_url().ok_or(RunnerError::NotRunning)?;
         let answer = self
-            .http
-            .post_json(
-                &format!("{base}/extras/tokenize/count"),
-                &json!({"input": text}),
-                Duration::from_secs(30),
-            )
-            .await
-            .map_err(RunnerError::Http)?;
+            .server
+            .post_json("/extras/tokenize/count", &json!({"input": text}))
+            .await?;
         answer["count"]
             .as_u64()
             .ok_or_else(|| RunnerError::Http(format!("unexpected tokenize answer: {answer}")))
@@ -642,14 +599,5 @@ mod tests {
                 backend: Backend::Cuda
             }
         );
-    }
-
-    #[test]
-    fn a_port_in_use_is_refused_with_a_clear_error() {
-        let taken = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
-        let port = taken.local_addr().unwrap().port();
-        let err = choose_port(Some(port)).unwrap_err();
-        assert!(err.to_string().contains(&format!("port {port}")), "{err}");
-        assert_ne!(choose_port(None).unwrap(), 0);
     }
 }

@@ -1,15 +1,12 @@
 //! llama.cpp's own `llama-server` binary.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::json;
 
-use super::http::LocalHttp;
-use super::llama_cpp_python::choose_port;
-use super::process::{Launch, RestartPolicy, Supervisor};
+use super::local_server::LocalServer;
+use super::process::{Launch, RestartPolicy};
 use super::{ModelRunner, ModelSpec, RunnerError, RunnerStatus};
 
 /// `llama-server` for one model, supervised.
@@ -17,9 +14,7 @@ use super::{ModelRunner, ModelSpec, RunnerError, RunnerStatus};
 pub struct LlamaServerRunner {
     binary: PathBuf,
     spec: ModelSpec,
-    port: Arc<std::sync::Mutex<Option<u16>>>,
-    supervisor: Supervisor,
-    http: LocalHttp,
+    server: LocalServer,
 }
 
 impl LlamaServerRunner {
@@ -28,9 +23,7 @@ impl LlamaServerRunner {
         Self {
             binary: binary.into(),
             spec,
-            port: Arc::default(),
-            supervisor: Supervisor::new("llama-server"),
-            http: LocalHttp::default(),
+            server: LocalServer::new("llama-server", "/health"),
         }
     }
 
@@ -82,68 +75,48 @@ impl ModelRunner for LlamaServerRunner {
     }
 
     async fn start(&self) -> Result<(), RunnerError> {
-        if !self.spec.model.is_file() {
-            return Err(RunnerError::ModelMissing(self.spec.model.clone()));
-        }
-        let port = choose_port(self.spec.port)?;
-        *self.port.lock().unwrap() = Some(port);
-        let launch = Launch {
+        let launch = |port| Launch {
             program: self.binary.clone(),
             args: Self::server_args(&self.spec, port),
             env: vec![],
-            ready_url: format!("http://127.0.0.1:{port}/health"),
+            ready_url: self.server.health_url(port),
             ready_timeout: self.spec.ready_timeout,
         };
-        self.supervisor
-            .start(launch, RestartPolicy::default())
+        self.server
+            .start(&self.spec, launch, RestartPolicy::default())
             .await
     }
 
     fn base_url(&self) -> Option<String> {
-        self.port
-            .lock()
-            .unwrap()
-            .map(|port| format!("http://127.0.0.1:{port}"))
+        self.server.base_url()
     }
 
     fn status(&self) -> RunnerStatus {
-        self.supervisor.status()
+        self.server.status()
     }
 
     async fn healthy(&self) -> bool {
-        let Some(base) = self.base_url() else {
-            return false;
-        };
-        self.http
-            .get_status(&format!("{base}/health"), Duration::from_secs(5))
-            .await
-            .is_ok_and(|s| s.is_success())
+        self.server.healthy().await
     }
 
     fn log_tail(&self, lines: usize) -> Vec<String> {
-        self.supervisor.log_tail(lines)
+        self.server.supervisor().log_tail(lines)
     }
 
     async fn stop(&self) {
-        self.supervisor.stop().await;
+        self.server.supervisor().stop().await;
     }
 
     fn pid(&self) -> Option<u32> {
-        self.supervisor.pid()
+        self.server.supervisor().pid()
     }
 
     async fn count_tokens(&self, text: &str) -> Result<u64, RunnerError> {
-        let base = self.base_url().ok_or(RunnerError::NotRunning)?;
         // llama-server's /tokenize adds no BOS by default; a prompt gets one.
         let answer = self
-            .http
-            .post_json(
-                &format!("{base}/tokenize"),
-                &json!({"content": text, "add_special": true}),
-                Duration::from_secs(30),
-            )
-            .await
-            .map_err(RunnerError::Http)?;
+            .server
+            .post_json("/tokenize", &json!({"content": text, "add_special": true}))
+            .await?;
         answer["tokens"]
             .as_array()
             .map(|t| t.len() as u64)

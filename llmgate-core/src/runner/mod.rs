@@ -19,6 +19,7 @@ mod external;
 mod http;
 mod llama_cpp_python;
 mod llama_server;
+mod local_server;
 pub mod process;
 mod token_counter;
 
