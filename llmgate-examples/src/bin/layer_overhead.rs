@@ -89,6 +89,17 @@ async fn main() {
         .layer(tower::service_fn(answer))
         .map_response(|r| r.map(|b| b.map_err(Into::into).boxed_unsync()));
     let full = measure("auth + usage", usage, key).await;
+    let routed_service = AuthUsageLayer::new(
+        KeyCache::new(store.clone()),
+        UsageRecorder::start(store.clone()).0,
+    )
+    .layer(tower::service_fn(answer));
+    let router = axum::Router::new().route_service("/v1/{*path}", routed_service);
+    let routed = tower::ServiceExt::<http::Request<Body>>::map_response(
+        router,
+        |r: axum::response::Response| r.map(|b| b.map_err(Into::into).boxed_unsync()),
+    );
+    measure("axum router + auth + usage", routed, key).await;
     println!(
         "layer overhead: auth {:.2} µs, auth + usage {:.2} µs per request",
         (auth_only.saturating_sub(base)).as_secs_f64() * 1e6,
