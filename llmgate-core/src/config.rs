@@ -21,6 +21,9 @@ pub enum ConfigError {
     /// The upstream is not an http(s) URL.
     #[error("upstream '{0}' is not a URL like http://127.0.0.1:8000: {1}")]
     BadUpstream(String, String),
+    /// The database URL is not a PostgreSQL one.
+    #[error("database_url must start with postgres:// or postgresql:// (leave it unset for the SQLite file in the data directory)")]
+    BadDatabaseUrl,
     /// A number is out of range.
     #[error("{name} must be {rule} (got {value})")]
     OutOfRange {
@@ -77,6 +80,9 @@ pub struct GatewayConfig {
     pub llama_server: Option<PathBuf>,
     /// Serve `/metrics` without a key (default: it needs an admin key).
     pub metrics_public: bool,
+    /// PostgreSQL instead of the SQLite file, e.g. `postgres://llmgate@db/llmgate`, for
+    /// several gateway replicas sharing keys and usage.
+    pub database_url: Option<String>,
 }
 
 /// Which program serves a local model.
@@ -124,6 +130,7 @@ impl Default for GatewayConfig {
             cache_dir: None,
             llama_server: None,
             metrics_public: false,
+            database_url: None,
         }
     }
 }
@@ -134,6 +141,7 @@ impl GatewayConfig {
         if self.model.is_none() || self.upstream.is_some() {
             self.upstream_uri()?;
         }
+        self.validate_database()?;
         let ranges: [(&'static str, u64, u64, u64, &'static str); 4] = [
             (
                 "upstream_timeout_secs",
@@ -170,6 +178,16 @@ impl GatewayConfig {
             }
         }
         Ok(())
+    }
+
+    /// Checks `database_url` (also for the `keys` and `usage` commands).
+    pub fn validate_database(&self) -> Result<(), ConfigError> {
+        match &self.database_url {
+            Some(url) if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) => {
+                Err(ConfigError::BadDatabaseUrl)
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The upstream as a URI.

@@ -18,6 +18,16 @@ pub struct Cli {
     #[arg(long, global = true, env = "LLMGATE_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
+    /// PostgreSQL URL instead of the SQLite file, for several gateway replicas
+    #[arg(
+        long,
+        global = true,
+        env = "LLMGATE_DATABASE_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub database_url: Option<String>,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Command,

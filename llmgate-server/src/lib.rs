@@ -50,11 +50,19 @@ pub async fn main_with_args(args: Vec<std::ffi::OsString>) -> i32 {
         Command::Up(_) => commands::serve::run(config, true).await,
         Command::Pull { model } => commands::model::pull(&config, &model).await,
         Command::Keys(command) => match commands::open_store(&config).await {
-            Ok(store) => commands::keys::run(store.as_ref(), command).await,
+            Ok(store) => {
+                let outcome = commands::keys::run(store.as_ref(), command).await;
+                store.close().await;
+                outcome
+            }
             Err(e) => Err(e),
         },
         Command::Usage { json } => match commands::open_store(&config).await {
-            Ok(store) => commands::usage::run(store.as_ref(), store.as_ref(), json).await,
+            Ok(store) => {
+                let outcome = commands::usage::run(store.as_ref(), store.as_ref(), json).await;
+                store.close().await;
+                outcome
+            }
             Err(e) => Err(e),
         },
     };

@@ -19,6 +19,10 @@ pub fn load(cli: &Cli, serve: Option<&ServeArgs>, up: bool) -> Result<GatewayCon
     if let Some(dir) = &cli.data_dir {
         config.data_dir = dir.clone();
     }
+    if let Some(url) = &cli.database_url {
+        config.database_url = Some(url.clone());
+    }
+    config.validate_database().map_err(|e| e.to_string())?;
     if let Some(args) = serve {
         if let Some(upstream) = &args.upstream {
             config.upstream = Some(upstream.clone());

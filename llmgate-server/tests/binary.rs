@@ -460,3 +460,118 @@ async fn pull_downloads_from_the_hub_and_explains_what_it_picked_or_what_is_wron
         assert!(stderr.contains(mentions), "{model}: {stderr}");
     }
 }
+
+#[tokio::test]
+async fn two_replicas_share_keys_and_usage_through_postgres() {
+    let server_url = std::env::var("LLMGATE_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into());
+    let admin_db = sqlx::PgPool::connect(&server_url).await.expect(
+        "PostgreSQL for the tests (LLMGATE_TEST_POSTGRES or 127.0.0.1:5432, database test)",
+    );
+    let name = format!("llmgate_replicas_{}", rand::random::<u64>());
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin_db)
+        .await
+        .unwrap();
+    let url = format!("{}/{name}", server_url.rsplit_once('/').unwrap().0);
+
+    let upstream = MockUpstream::start().await;
+    let admin = format!("sk-lg-{}", "Replica5Shared".repeat(3));
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let env = [
+        ("LLMGATE_ADMIN_KEY", admin.as_str()),
+        ("LLMGATE_DATABASE_URL", url.as_str()),
+    ];
+    let a = serve(dir_a.path(), &upstream.url, &env).await;
+    let b = serve(dir_b.path(), &upstream.url, &env).await;
+    let http = reqwest::Client::new();
+
+    // A key made on one replica works on the other.
+    let created: Value = http
+        .post(format!("{}/admin/keys", a.url))
+        .bearer_auth(&admin)
+        .json(&json!({"name": "carol"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = created["key"].as_str().unwrap().to_owned();
+    for (replica, times) in [(&a, 3), (&b, 2)] {
+        for _ in 0..times {
+            let response = http
+                .post(format!("{}/v1/chat/completions", replica.url))
+                .bearer_auth(&key)
+                .json(&chat())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            response.bytes().await.unwrap();
+        }
+    }
+    // Usage from both replicas adds up (each writes its own queue to the shared tables).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let usage: Value = http
+            .get(format!(
+                "{}/admin/usage/{}",
+                b.url,
+                created["id"].as_str().unwrap()
+            ))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if usage["requests"] == 5 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "usage never reached 5: {usage}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (code, out, err) = cli(dir_a.path(), &["usage", "--json", "--database-url", &url]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"requests\": 5"), "{out}");
+
+    // A revocation on one replica reaches the other within a second.
+    let revoked = http
+        .delete(format!(
+            "{}/admin/keys/{}",
+            b.url,
+            created["id"].as_str().unwrap()
+        ))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 200);
+    let since = Instant::now();
+    loop {
+        let status = http
+            .get(format!("{}/v1/models", a.url))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if status == 401 {
+            break;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(1),
+            "replica A still accepts a key revoked on B"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+
+    terminate(a).await;
+    terminate(b).await;
+    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .execute(&admin_db)
+        .await
+        .unwrap();
+}

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::{KeyStore, RequestRecord, StorageError, UsageStore, UsageTotals};
+use super::{KeyStore, RequestRecord, Storage, StorageError, UsageStore, UsageTotals};
 use crate::auth::{KeyHash, KeyRecord};
 
 /// Keys and usage in memory.
@@ -134,6 +134,8 @@ impl UsageStore for MemoryStore {
         Ok(rows)
     }
 }
+
+impl Storage for MemoryStore {}
 
 #[cfg(test)]
 mod tests {

@@ -6,6 +6,8 @@
 //! (PostgreSQL) implements the same two traits.
 
 mod memory;
+mod postgres;
+mod sql;
 mod sqlite;
 
 use std::collections::BTreeMap;
@@ -17,6 +19,7 @@ use serde::Serialize;
 use crate::auth::{KeyHash, KeyRecord};
 
 pub use memory::MemoryStore;
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 /// Errors of a storage backend.
@@ -133,6 +136,19 @@ pub trait UsageStore: Send + Sync {
         since: Option<DateTime<Utc>>,
         limit: u32,
     ) -> Result<Vec<RequestRecord>, StorageError>;
+}
+
+/// A backend that keeps both keys and usage: what the `llmgate` binary opens.
+#[async_trait]
+pub trait Storage: KeyStore + UsageStore {
+    /// Closes connections, waiting for them to finish.
+    async fn close(&self) {}
+}
+
+impl std::fmt::Debug for dyn Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("dyn Storage")
+    }
 }
 
 impl std::fmt::Debug for dyn KeyStore {

@@ -13,25 +13,14 @@ use sqlx::sqlite::{
 };
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 
-use super::{KeyStore, RequestRecord, StorageError, UsageStore, UsageTotals};
+use super::sql::{millis, time, tokens};
+use super::{KeyStore, RequestRecord, Storage, StorageError, UsageStore, UsageTotals};
 use crate::auth::{KeyHash, KeyRecord, Role};
 
 /// Keys and usage in a SQLite database.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
-}
-
-impl From<sqlx::Error> for StorageError {
-    fn from(err: sqlx::Error) -> Self {
-        match &err {
-            sqlx::Error::RowNotFound => StorageError::NotFound,
-            sqlx::Error::Database(db) if db.is_unique_violation() => {
-                StorageError::Conflict("an active key with this name already exists".into())
-            }
-            _ => StorageError::Database(err.to_string()),
-        }
-    }
 }
 
 impl SqliteStore {
@@ -70,27 +59,13 @@ impl SqliteStore {
             .map_err(|e| StorageError::Database(format!("migration failed: {e}")))?;
         Ok(Self { pool })
     }
+}
 
-    /// Closes the pool, waiting for connections to finish.
-    pub async fn close(&self) {
+#[async_trait]
+impl Storage for SqliteStore {
+    async fn close(&self) {
         self.pool.close().await;
     }
-}
-
-fn millis(at: DateTime<Utc>) -> i64 {
-    at.timestamp_millis()
-}
-
-fn time(ms: Option<i64>) -> Result<Option<DateTime<Utc>>, StorageError> {
-    ms.map(|ms| {
-        DateTime::from_timestamp_millis(ms)
-            .ok_or_else(|| StorageError::Corrupt(format!("timestamp {ms} out of range")))
-    })
-    .transpose()
-}
-
-fn tokens(value: Option<i64>) -> Option<u64> {
-    value.map(|v| v.max(0) as u64)
 }
 
 fn key_from_row(row: &SqliteRow) -> Result<KeyRecord, StorageError> {

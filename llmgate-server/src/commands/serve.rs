@@ -6,7 +6,7 @@ use std::time::Duration;
 use llmgate_core::auth::{KeyCache, KeyRecord, Role, Secret};
 use llmgate_core::config::GatewayConfig;
 use llmgate_core::proxy::Proxy;
-use llmgate_core::storage::KeyStore;
+use llmgate_core::storage::{KeyStore, Storage};
 use llmgate_core::usage::{RecorderOptions, UsageRecorder};
 
 use axum::serve::ListenerExt;
@@ -75,7 +75,7 @@ async fn serve(
     config: &GatewayConfig,
     first_up: bool,
     admin_key: Option<Secret>,
-    store: Arc<llmgate_core::storage::SqliteStore>,
+    store: Arc<dyn Storage>,
     listener: tokio::net::TcpListener,
     local: std::net::SocketAddr,
     proxy: Proxy,
