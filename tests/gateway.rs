@@ -1056,3 +1056,30 @@ async fn admins_run_and_stop_a_model_over_http_while_the_gateway_keeps_serving()
         "model_not_running"
     );
 }
+
+#[tokio::test]
+async fn an_expired_key_is_refused_and_says_so() {
+    let gw = Gateway::start().await;
+    let secret = llmgate_core::auth::Secret::generate();
+    let mut record =
+        llmgate_core::auth::KeyRecord::new("temp", llmgate_core::auth::Role::User, &secret);
+    record.expires_at = Some(llmgate_core::auth::now_millis() - chrono::Duration::seconds(1));
+    llmgate_core::storage::KeyStore::insert_key(gw.store.as_ref(), &record, &secret.hash())
+        .await
+        .unwrap();
+    let response = gw
+        .post("/v1/chat/completions", &secret, &chat("hi"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    let body = openai_error(response).await;
+    assert_eq!(body["error"]["code"], "invalid_api_key");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("expired"),
+        "{body}"
+    );
+}
