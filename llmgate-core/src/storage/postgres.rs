@@ -3,17 +3,18 @@
 //! time to live (500 ms by default).
 
 use std::collections::BTreeMap;
-use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgPoolOptions, PgRow};
+use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Postgres, QueryBuilder, Row};
 
-use super::sql::{millis, time, tokens};
+use super::sql::{
+    key_from_row, millis, request_from_row, totals_from_row, KEY_COLUMNS, REQUEST_COLUMNS,
+};
 use super::{KeyStore, RequestRecord, Storage, StorageError, UsageStore, UsageTotals};
-use crate::auth::{KeyHash, KeyRecord, Role};
+use crate::auth::{KeyHash, KeyRecord};
 
 /// Keys and usage in a PostgreSQL database.
 #[derive(Debug, Clone)]
@@ -45,21 +46,6 @@ impl Storage for PostgresStore {
         self.pool.close().await;
     }
 }
-
-fn key_from_row(row: &PgRow) -> Result<KeyRecord, StorageError> {
-    let role: String = row.try_get("role")?;
-    Ok(KeyRecord {
-        id: row.try_get("id")?,
-        name: row.try_get("name")?,
-        role: Role::from_str(&role).map_err(StorageError::Corrupt)?,
-        prefix: row.try_get("prefix")?,
-        created_at: time(Some(row.try_get("created_at")?))?.expect("some in, some out"),
-        expires_at: time(row.try_get("expires_at")?)?,
-        revoked_at: time(row.try_get("revoked_at")?)?,
-    })
-}
-
-const KEY_COLUMNS: &str = "id, name, role, prefix, created_at, expires_at, revoked_at";
 
 #[async_trait]
 impl KeyStore for PostgresStore {
@@ -243,48 +229,23 @@ impl UsageStore for PostgresStore {
         since: Option<DateTime<Utc>>,
         limit: u32,
     ) -> Result<Vec<RequestRecord>, StorageError> {
-        let rows = sqlx::query(
-            "SELECT at, key_id, method, path, model, status, prompt_tokens, completion_tokens, latency_ms, first_byte_ms \
-             FROM usage_requests WHERE key_id = $1 AND at >= $2 ORDER BY at DESC, id DESC LIMIT $3",
-        )
+        let rows = sqlx::query(&format!(
+            "SELECT {REQUEST_COLUMNS} \
+             FROM usage_requests WHERE key_id = $1 AND at >= $2 ORDER BY at DESC, id DESC LIMIT $3"
+        ))
         .bind(key_id)
         .bind(since.map(millis).unwrap_or(i64::MIN))
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(RequestRecord {
-                    at: time(Some(row.try_get("at")?))?.expect("some in, some out"),
-                    key_id: row.try_get("key_id")?,
-                    method: row.try_get("method")?,
-                    path: row.try_get("path")?,
-                    model: row.try_get("model")?,
-                    status: row.try_get::<i64, _>("status")? as u16,
-                    prompt_tokens: tokens(row.try_get("prompt_tokens")?),
-                    completion_tokens: tokens(row.try_get("completion_tokens")?),
-                    latency_ms: row.try_get::<i64, _>("latency_ms")?.max(0) as u64,
-                    first_byte_ms: tokens(row.try_get("first_byte_ms")?),
-                })
-            })
-            .collect()
+        rows.iter().map(request_from_row).collect()
     }
-}
-
-fn totals_from_row(row: &PgRow) -> Result<UsageTotals, StorageError> {
-    Ok(UsageTotals {
-        requests: row.try_get::<i64, _>("requests")? as u64,
-        prompt_tokens: row.try_get::<i64, _>("prompt_tokens")? as u64,
-        completion_tokens: row.try_get::<i64, _>("completion_tokens")? as u64,
-        requests_without_usage: row.try_get::<i64, _>("requests_without_usage")? as u64,
-        last_request_at: time(row.try_get("last_request_at")?)?,
-        endpoints: BTreeMap::new(),
-    })
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::auth::Role;
 
     /// The server the tests use: `LLMGATE_TEST_POSTGRES`, else the local one (trust auth).
     fn server_url() -> String {

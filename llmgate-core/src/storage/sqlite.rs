@@ -8,14 +8,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 
-use super::sql::{millis, time, tokens};
+use super::sql::{
+    key_from_row, millis, request_from_row, totals_from_row, KEY_COLUMNS, REQUEST_COLUMNS,
+};
 use super::{KeyStore, RequestRecord, Storage, StorageError, UsageStore, UsageTotals};
-use crate::auth::{KeyHash, KeyRecord, Role};
+use crate::auth::{KeyHash, KeyRecord};
 
 /// Keys and usage in a SQLite database.
 #[derive(Debug, Clone)]
@@ -67,21 +67,6 @@ impl Storage for SqliteStore {
         self.pool.close().await;
     }
 }
-
-fn key_from_row(row: &SqliteRow) -> Result<KeyRecord, StorageError> {
-    let role: String = row.try_get("role")?;
-    Ok(KeyRecord {
-        id: row.try_get("id")?,
-        name: row.try_get("name")?,
-        role: Role::from_str(&role).map_err(StorageError::Corrupt)?,
-        prefix: row.try_get("prefix")?,
-        created_at: time(Some(row.try_get("created_at")?))?.expect("some in, some out"),
-        expires_at: time(row.try_get("expires_at")?)?,
-        revoked_at: time(row.try_get("revoked_at")?)?,
-    })
-}
-
-const KEY_COLUMNS: &str = "id, name, role, prefix, created_at, expires_at, revoked_at";
 
 #[async_trait]
 impl KeyStore for SqliteStore {
@@ -265,49 +250,23 @@ impl UsageStore for SqliteStore {
         since: Option<DateTime<Utc>>,
         limit: u32,
     ) -> Result<Vec<RequestRecord>, StorageError> {
-        let rows = sqlx::query(
-            "SELECT at, key_id, method, path, model, status, prompt_tokens, completion_tokens, latency_ms, first_byte_ms \
-             FROM usage_requests WHERE key_id = ? AND at >= ? ORDER BY at DESC, id DESC LIMIT ?",
-        )
+        let rows = sqlx::query(&format!(
+            "SELECT {REQUEST_COLUMNS} \
+             FROM usage_requests WHERE key_id = ? AND at >= ? ORDER BY at DESC, id DESC LIMIT ?"
+        ))
         .bind(key_id)
         .bind(since.map(millis).unwrap_or(i64::MIN))
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(RequestRecord {
-                    at: time(Some(row.try_get("at")?))?.expect("some in, some out"),
-                    key_id: row.try_get("key_id")?,
-                    method: row.try_get("method")?,
-                    path: row.try_get("path")?,
-                    model: row.try_get("model")?,
-                    status: row.try_get::<i64, _>("status")? as u16,
-                    prompt_tokens: tokens(row.try_get("prompt_tokens")?),
-                    completion_tokens: tokens(row.try_get("completion_tokens")?),
-                    latency_ms: row.try_get::<i64, _>("latency_ms")?.max(0) as u64,
-                    first_byte_ms: tokens(row.try_get("first_byte_ms")?),
-                })
-            })
-            .collect()
+        rows.iter().map(request_from_row).collect()
     }
-}
-
-fn totals_from_row(row: &SqliteRow) -> Result<UsageTotals, StorageError> {
-    Ok(UsageTotals {
-        requests: row.try_get::<i64, _>("requests")? as u64,
-        prompt_tokens: row.try_get::<i64, _>("prompt_tokens")? as u64,
-        completion_tokens: row.try_get::<i64, _>("completion_tokens")? as u64,
-        requests_without_usage: row.try_get::<i64, _>("requests_without_usage")? as u64,
-        last_request_at: time(row.try_get("last_request_at")?)?,
-        endpoints: BTreeMap::new(),
-    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::Secret;
+    use crate::auth::{Role, Secret};
 
     #[tokio::test]
     async fn keys_contract() {
