@@ -208,3 +208,23 @@ async fn the_server_goes_when_its_parent_is_killed() {
     parent.wait().await.unwrap();
     wait_until("the orphaned server to exit", || !alive(server)).await;
 }
+
+#[tokio::test]
+async fn an_external_server_is_healthy_while_it_answers_and_offers_no_tokenizer() {
+    use llmgate_core::runner::ExternalRunner;
+    let upstream = llmgate_core::test_util::MockUpstream::start().await;
+    let runner = ExternalRunner::new(format!("{}/v1/", upstream.url));
+    runner.start().await.unwrap();
+    assert_eq!(runner.base_url().unwrap(), format!("{}/v1", upstream.url));
+    assert!(runner.healthy().await);
+    assert!(
+        upstream.seen().iter().any(|s| s.uri == "/v1/models"),
+        "health is asked at /v1/models"
+    );
+    assert!(runner.count_tokens("x").await.is_err());
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let gone = ExternalRunner::new(format!("http://{}", closed.local_addr().unwrap()));
+    drop(closed);
+    assert!(!gone.healthy().await);
+}

@@ -185,7 +185,7 @@ impl ModelManager {
         let previous = self.inner.lock().unwrap().runner.take();
         if let Some(previous) = previous {
             self.proxy.set_upstream(None).ok();
-            self.report_step("Stopping the previous model");
+            self.step("Stopping the previous model");
             previous.stop().await;
         }
         let result = start_model(&config, self.as_ref()).await;
@@ -241,10 +241,6 @@ impl ModelManager {
             inner.message = "no model is running".into();
         }
         self.view()
-    }
-
-    fn report_step(&self, message: &str) {
-        self.step(message);
     }
 
     fn push_line(inner: &mut Inner, line: String) {

@@ -21,7 +21,7 @@ pub struct AuthUsageLayer {
     pub(crate) shared: Arc<Shared>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Shared {
     pub(crate) keys: KeyCache,
     pub(crate) recorder: Option<UsageRecorder>,
@@ -62,12 +62,7 @@ impl AuthUsageLayer {
     }
 
     fn with(self, change: impl FnOnce(&mut Shared)) -> Self {
-        let mut shared = Arc::try_unwrap(self.shared).unwrap_or_else(|arc| Shared {
-            keys: arc.keys.clone(),
-            recorder: arc.recorder.clone(),
-            required_role: arc.required_role,
-            max_body_bytes: arc.max_body_bytes,
-        });
+        let mut shared = Arc::unwrap_or_clone(self.shared);
         change(&mut shared);
         Self {
             shared: Arc::new(shared),
