@@ -106,29 +106,17 @@ async fn json_responses_are_counted_exactly_per_key_and_endpoint() {
     for (i, text) in ["one", "one two three", "a b c d e f g"].iter().enumerate() {
         let mut body = chat(text);
         body["max_tokens"] = json!(i + 2);
-        let response: Value = gw
-            .post("/v1/chat/completions", &gw.alice, &body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let response: Value = gw.post_json("/v1/chat/completions", &gw.alice, &body).await;
         expected.0 += response["usage"]["prompt_tokens"].as_u64().unwrap();
         expected.1 += response["usage"]["completion_tokens"].as_u64().unwrap();
     }
     let completion: Value = gw
-        .post(
+        .post_json(
             "/v1/completions",
             &gw.alice,
             &json!({"model": "m", "prompt": "say it"}),
         )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .await;
     expected.0 += completion["usage"]["prompt_tokens"].as_u64().unwrap();
     expected.1 += completion["usage"]["completion_tokens"].as_u64().unwrap();
     let models = gw.get("/v1/models", &gw.alice).send().await.unwrap();
@@ -147,14 +135,7 @@ async fn json_responses_are_counted_exactly_per_key_and_endpoint() {
     assert!(usage["last_request_at"].is_string());
 
     // The admin's own view of everyone, and nobody else's usage moved.
-    let all: Value = gw
-        .get("/admin/usage", &gw.admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let all: Value = gw.get_json("/admin/usage", &gw.admin).await;
     let alice = all
         .as_array()
         .unwrap()
@@ -172,16 +153,11 @@ async fn json_responses_are_counted_exactly_per_key_and_endpoint() {
 
     // One row per request, with model and tokens.
     let rows: Value = gw
-        .get(
+        .get_json(
             &format!("/admin/usage/{}/requests?limit=2", gw.alice_id),
             &gw.admin,
         )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .await;
     let rows = rows.as_array().unwrap();
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0]["path"], "/v1/models");
@@ -291,13 +267,8 @@ async fn a_stream_whose_upstream_sends_no_usage_is_counted_with_unknown_tokens()
     assert_eq!(usage["requests_without_usage"], 1);
     assert_eq!(usage["total_tokens"], 0);
     let rows: Value = gw
-        .get(&format!("/admin/usage/{}/requests", gw.alice_id), &gw.admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(&format!("/admin/usage/{}/requests", gw.alice_id), &gw.admin)
+        .await;
     assert!(
         rows[0]["prompt_tokens"].is_null(),
         "unknown, not zero: {rows}"
@@ -324,13 +295,8 @@ async fn a_client_that_leaves_mid_stream_is_still_counted() {
     let usage = gw.wait_for_requests(&gw.alice_id, 1).await;
     assert_eq!(usage["endpoints"]["/v1/chat/completions"], 1);
     let rows: Value = gw
-        .get(&format!("/admin/usage/{}/requests", gw.alice_id), &gw.admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(&format!("/admin/usage/{}/requests", gw.alice_id), &gw.admin)
+        .await;
     assert_eq!(rows[0]["status"], 200);
     assert!(
         rows[0]["latency_ms"].as_u64().unwrap() < 1_500,
@@ -530,22 +496,10 @@ async fn admin_routes_need_an_admin_key() {
 #[tokio::test]
 async fn any_key_reads_its_own_usage() {
     let gw = Gateway::start().await;
-    gw.post("/v1/chat/completions", &gw.alice, &chat("hi"))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    gw.post_drained("/v1/chat/completions", &gw.alice, &chat("hi"))
+        .await;
     gw.wait_for_requests(&gw.alice_id, 1).await;
-    let mine: Value = gw
-        .get("/v1/me/usage", &gw.alice)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let mine: Value = gw.get_json("/v1/me/usage", &gw.alice).await;
     assert_eq!(mine["name"], "alice");
     assert_eq!(mine["requests"], 1);
     assert_eq!(
@@ -553,14 +507,7 @@ async fn any_key_reads_its_own_usage() {
         mock_prompt_tokens(&chat("hi")) + REPLY.len() as u64
     );
     // Reading usage is not itself counted as usage.
-    let again: Value = gw
-        .get("/v1/me/usage", &gw.alice)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let again: Value = gw.get_json("/v1/me/usage", &gw.alice).await;
     assert_eq!(again["requests"], 1);
 }
 
@@ -700,13 +647,8 @@ async fn bad_query_parameters_get_a_clear_400() {
 async fn stopping_drains_the_queue_and_a_new_store_sees_everything() {
     let mut gw = Gateway::start().await;
     for _ in 0..20 {
-        gw.post("/v1/chat/completions", &gw.alice, &chat("persist me"))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        gw.post_drained("/v1/chat/completions", &gw.alice, &chat("persist me"))
+            .await;
     }
     gw.stop().await;
     let reopened = llmgate_core::storage::SqliteStore::open(&gw.db_path)
@@ -809,22 +751,11 @@ async fn metrics_count_requests_tokens_and_latency_per_key_and_need_an_admin_key
     for i in 0..3 {
         let mut body = chat("measure me");
         body["stream"] = json!(i == 2);
-        gw.post("/v1/chat/completions", &gw.alice, &body)
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        gw.post_drained("/v1/chat/completions", &gw.alice, &body)
+            .await;
         expected_prompt += mock_prompt_tokens(&chat("measure me"));
     }
-    gw.get("/v1/models", &gw.alice)
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    gw.get_drained("/v1/models", &gw.alice).await;
     gw.wait_for_requests(&gw.alice_id, 4).await;
 
     let response = gw.get("/metrics", &gw.admin).send().await.unwrap();
@@ -884,13 +815,8 @@ async fn metrics_count_requests_tokens_and_latency_per_key_and_need_an_admin_key
     assert!(sample(&all, "llmgate_cpu_usage_percent", &[]).is_some());
 
     // The counters move with traffic.
-    gw.post("/v1/chat/completions", &gw.alice, &chat("once more"))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    gw.post_drained("/v1/chat/completions", &gw.alice, &chat("once more"))
+        .await;
     gw.wait_for_requests(&gw.alice_id, 5).await;
     let all = samples(
         &gw.get("/metrics", &gw.admin)
@@ -919,14 +845,7 @@ async fn admins_run_and_stop_a_model_over_http_while_the_gateway_keeps_serving()
     })
     .await;
 
-    let view: Value = gw
-        .get("/admin/models", &gw.admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let view: Value = gw.get_json("/admin/models", &gw.admin).await;
     assert_eq!(
         view["state"], "external",
         "forwarding to --upstream: {view}"
@@ -984,14 +903,7 @@ async fn admins_run_and_stop_a_model_over_http_while_the_gateway_keeps_serving()
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let view = loop {
-        let view: Value = gw
-            .get("/admin/models", &gw.admin)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let view: Value = gw.get_json("/admin/models", &gw.admin).await;
         if view["state"] == "ready" {
             break view;
         }
@@ -1018,32 +930,15 @@ async fn admins_run_and_stop_a_model_over_http_while_the_gateway_keeps_serving()
 
     // Requests now reach the model, not the old upstream.
     let answer: Value = gw
-        .post("/v1/chat/completions", &gw.alice, &chat("hi"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .post_json("/v1/chat/completions", &gw.alice, &chat("hi"))
+        .await;
     assert_eq!(answer["choices"][0]["message"]["content"], "fake answer");
-    let system: Value = gw
-        .get("/admin/system", &gw.admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let system: Value = gw.get_json("/admin/system", &gw.admin).await;
     assert!(system["model_server"]["pid"].as_u64().is_some(), "{system}");
 
     let stopped: Value = gw
-        .post("/admin/models/stop", &gw.admin, &json!({}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .post_json("/admin/models/stop", &gw.admin, &json!({}))
+        .await;
     assert_eq!(stopped["state"], "stopped");
     let refused = gw
         .post("/v1/chat/completions", &gw.alice, &chat("hi"))

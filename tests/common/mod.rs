@@ -152,6 +152,50 @@ impl Gateway {
             .bearer_auth(key.expose())
     }
 
+    /// A GET with a bearer key; its JSON answer, whatever the status.
+    pub async fn get_json(&self, path: &str, key: &Secret) -> Value {
+        self.get(path, key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// A POST with a bearer key and a JSON body; its JSON answer, whatever the status.
+    pub async fn post_json(&self, path: &str, key: &Secret, body: &Value) -> Value {
+        self.post(path, key, body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// A GET whose answer is read to the end and dropped.
+    pub async fn get_drained(&self, path: &str, key: &Secret) {
+        self.get(path, key)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+    }
+
+    /// A POST whose answer is read to the end and dropped.
+    pub async fn post_drained(&self, path: &str, key: &Secret, body: &Value) {
+        self.post(path, key, body)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+    }
+
     /// `GET /admin/usage/{key_id}` as JSON.
     pub async fn usage_of(&self, key_id: &str) -> Value {
         let response = self
