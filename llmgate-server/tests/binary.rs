@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 
 use llmgate_core::test_util::{MockUpstream, REPLY};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-const BIN: &str = env!("CARGO_BIN_EXE_llmgate");
+mod common;
+
+use common::{start, BIN};
 
 struct Server {
     child: Child,
@@ -33,34 +34,15 @@ async fn serve(data_dir: &Path, upstream: &str, env: &[(&str, &str)]) -> Server 
         .arg(data_dir)
         .env("LLMGATE_LOG", "warn")
         .env_remove("LLMGATE_ADMIN_KEY")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true);
+        .stderr(Stdio::inherit());
     for (k, v) in env {
         command.env(k, v);
     }
-    let mut child = command.spawn().expect("llmgate starts");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut created_admin_key = None;
-    let url = tokio::time::timeout(Duration::from_secs(20), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(key) = line.trim().strip_prefix("sk-lg-") {
-                created_admin_key = Some(format!("sk-lg-{key}"));
-            }
-            if let Some(rest) = line.strip_prefix("llmgate listening on ") {
-                return rest.split_whitespace().next().unwrap().to_owned();
-            }
-        }
-        panic!("llmgate exited before listening");
-    })
-    .await
-    .expect("llmgate listens within 20 s");
-    // Keep draining stdout so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let started = start(command, Duration::from_secs(20)).await;
     Server {
-        child,
-        url,
-        created_admin_key,
+        created_admin_key: common::key_after(&started.printed, "first admin key"),
+        child: started.child,
+        url: started.url,
     }
 }
 
@@ -80,17 +62,7 @@ async fn cli(data_dir: &Path, args: &[&str]) -> (i32, String, String) {
 }
 
 async fn terminate(mut server: Server) {
-    let pid = server.child.id().unwrap().to_string();
-    let status = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await
-        .unwrap();
-    assert!(status.success());
-    let exit = tokio::time::timeout(Duration::from_secs(10), server.child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let exit = common::terminate(&mut server.child, Duration::from_secs(10)).await;
     assert!(exit.success(), "a graceful stop exits 0, got {exit}");
 }
 
@@ -381,22 +353,14 @@ async fn settings_come_from_the_file_then_the_environment_then_flags() {
     )
     .unwrap();
     // The environment's upstream beats the file's; the file's data_dir is used.
-    let mut child = Command::new(BIN)
+    let mut command = Command::new(BIN);
+    command
         .args(["serve", "--config", config.to_str().unwrap()])
         .env("LLMGATE_UPSTREAM", &upstream.url)
         .env("LLMGATE_LOG", "warn")
-        .env_remove("LLMGATE_DATA_DIR")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let listening = loop {
-        let line = lines.next_line().await.unwrap().expect("listening line");
-        if line.starts_with("llmgate listening on") {
-            break line;
-        }
-    };
+        .env_remove("LLMGATE_DATA_DIR");
+    let started = start(command, Duration::from_secs(20)).await;
+    let (listening, mut child) = (started.listening, started.child);
     assert!(listening.contains(&upstream.url), "{listening}");
     assert!(dir.path().join("from-file/llmgate.db").exists());
     child.kill().await.unwrap();

@@ -7,12 +7,14 @@
 //! command, `scripts/test`, installs them).
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use llmgate_core::test_util::MockUpstream;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
+
+mod common;
+
+use common::{start, BIN};
 
 #[tokio::test]
 async fn the_console_works_in_a_real_browser() {
@@ -25,7 +27,8 @@ async fn the_console_works_in_a_real_browser() {
     let upstream = MockUpstream::start().await;
     let data = tempfile::tempdir().unwrap();
     let admin = format!("sk-lg-{}", "Console7Test".repeat(4));
-    let mut server = Command::new(env!("CARGO_BIN_EXE_llmgate"))
+    let mut command = Command::new(BIN);
+    command
         .args([
             "serve",
             "--upstream",
@@ -36,23 +39,9 @@ async fn the_console_works_in_a_real_browser() {
         ])
         .arg(data.path())
         .env("LLMGATE_ADMIN_KEY", &admin)
-        .env("LLMGATE_LOG", "warn")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
-    let url = loop {
-        let line = lines
-            .next_line()
-            .await
-            .unwrap()
-            .expect("llmgate prints where it listens");
-        if let Some(rest) = line.strip_prefix("llmgate listening on ") {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        .env("LLMGATE_LOG", "warn");
+    let server = start(command, Duration::from_secs(20)).await;
+    let url = server.url.clone();
 
     // The README shows docs/screenshots; refresh them with UPDATE_SCREENSHOTS=1.
     let screenshots = if std::env::var_os("UPDATE_SCREENSHOTS").is_some() {

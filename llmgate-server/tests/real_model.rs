@@ -11,10 +11,11 @@ use std::time::Duration;
 
 use llmgate_core::config::default_cache_dir;
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_llmgate");
+mod common;
+
+use common::{key_after, start, BIN};
 
 /// A Python with the `openai` package, created once and reused.
 async fn python_with_openai() -> PathBuf {
@@ -51,27 +52,13 @@ async fn python_with_openai() -> PathBuf {
     python
 }
 
-fn key_after(lines: &[String], marker: &str) -> String {
-    let at = lines
-        .iter()
-        .position(|l| l.contains(marker))
-        .unwrap_or_else(|| panic!("no '{marker}' in {lines:#?}"));
-    lines[at..]
-        .iter()
-        .find_map(|l| {
-            l.trim()
-                .strip_prefix("sk-lg-")
-                .map(|k| format!("sk-lg-{k}"))
-        })
-        .unwrap()
-}
-
 #[tokio::test]
 async fn the_openai_sdk_works_unchanged_against_a_real_model_and_usage_is_exact() {
     let python = python_with_openai().await;
     let data = tempfile::tempdir().unwrap();
     let envs = default_cache_dir().join("test-envs");
-    let mut server = Command::new(BIN)
+    let mut command = Command::new(BIN);
+    command
         .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data.path())
         .arg("--python-env-dir")
@@ -79,28 +66,13 @@ async fn the_openai_sdk_works_unchanged_against_a_real_model_and_usage_is_exact(
         .env("LLMGATE_LOG", "warn")
         .env_remove("LLMGATE_ADMIN_KEY")
         .env_remove("LLMGATE_MODEL")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(server.stdout.take().unwrap()).lines();
-    let mut lines = Vec::new();
+        .stderr(Stdio::inherit());
     // Up to 30 minutes: the very first run on a machine compiles llama.cpp.
-    let url = tokio::time::timeout(Duration::from_secs(1800), async {
-        while let Some(line) = out.next_line().await.unwrap() {
-            if let Some(rest) = line.strip_prefix("llmgate listening on ") {
-                return rest.split_whitespace().next().unwrap().to_owned();
-            }
-            lines.push(line);
-        }
-        panic!("llmgate up exited before listening: {lines:#?}");
-    })
-    .await
-    .expect("llmgate up is ready");
-    tokio::spawn(async move { while let Ok(Some(_)) = out.next_line().await {} });
-    let admin = key_after(&lines, "first admin key");
-    let user = key_after(&lines, "user key named 'default'");
+    let started = start(command, Duration::from_secs(1800)).await;
+    let (mut server, url) = (started.child, started.url);
+    let admin = key_after(&started.printed, "first admin key").expect("an admin key on first run");
+    let user =
+        key_after(&started.printed, "user key named 'default'").expect("a user key on first run");
 
     let output = Command::new(&python)
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/openai_sdk_check.py"))
@@ -217,16 +189,7 @@ async fn the_openai_sdk_works_unchanged_against_a_real_model_and_usage_is_exact(
     assert_eq!(me["requests_without_usage"], 0);
 
     // A graceful stop takes the model server with it.
-    let pid = server.id().unwrap().to_string();
-    Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await
-        .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(30), server.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let status = common::terminate(&mut server, Duration::from_secs(30)).await;
     assert!(status.success(), "{status}");
     let server_python = envs.join("llama-cpp-python-cpu/bin/python");
     let leftover = Command::new("pgrep")
