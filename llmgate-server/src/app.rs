@@ -1,15 +1,22 @@
-//! The whole HTTP application as one `Router`, so tests can drive it without a socket.
+//! The whole HTTP application as one service, so tests can drive it without a socket.
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
+use axum::body::Body;
+use axum::extract::Request;
+use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
-use llmgate_core::auth::{AuthUsageLayer, KeyCache, Role};
+use llmgate_core::auth::{AuthUsage, AuthUsageLayer, KeyCache, Role};
 use llmgate_core::proxy::Proxy;
 use llmgate_core::storage::UsageStore;
 use llmgate_core::system::SystemMonitor;
 use llmgate_core::usage::UsageRecorder;
-use tower::ServiceBuilder;
+use tower::{Layer, Service};
 
 use crate::console;
 use crate::metrics::Metrics;
@@ -58,14 +65,11 @@ impl AppState {
 
 /// The gateway: `/v1/*` proxied with auth and usage, the admin API, `/healthz`, and the
 /// web console at `/` (public: the page holds no data, its API calls carry the key).
-pub fn app(state: AppState, proxy: Proxy, max_body_bytes: usize) -> Router {
+pub fn app(state: AppState, proxy: Proxy, max_body_bytes: usize) -> App {
     let keys = state.keys.clone();
-    let gateway = ServiceBuilder::new()
-        .layer(
-            AuthUsageLayer::new(keys.clone(), state.recorder.clone())
-                .max_body_bytes(max_body_bytes),
-        )
-        .service(proxy);
+    let gateway = AuthUsageLayer::new(keys.clone(), state.recorder.clone())
+        .max_body_bytes(max_body_bytes)
+        .layer(proxy);
     let admin = Router::new()
         .route("/usage", get(routes::usage::all))
         .route("/usage/{key_id}", get(routes::usage::one))
@@ -87,15 +91,52 @@ pub fn app(state: AppState, proxy: Proxy, max_body_bytes: usize) -> Router {
         metrics.layer(AuthUsageLayer::auth_only(keys.clone()).require_role(Role::Admin))
     };
     let me = Router::new()
-        .route("/v1/me/usage", get(routes::usage::me))
+        .route(ME_USAGE, get(routes::usage::me))
         .layer(AuthUsageLayer::auth_only(keys));
-    Router::new()
+    let router = Router::new()
         .route("/healthz", get(routes::health::healthz))
         .nest("/admin", admin)
         .merge(me)
         .merge(metrics)
         .merge(console::router())
-        .route_service("/v1/{*path}", gateway)
         .fallback(routes::not_found)
-        .with_state(state)
+        .with_state(state);
+    App { gateway, router }
+}
+
+/// The one `/v1/` path llmgate answers itself.
+const ME_USAGE: &str = "/v1/me/usage";
+
+/// Model calls (`/v1/...`) go straight to the metered proxy, the hot path, without a
+/// router in front; everything else to the router.
+#[derive(Clone, Debug)]
+pub struct App {
+    gateway: AuthUsage<Proxy>,
+    router: Router,
+}
+
+impl App {
+    fn is_model_call(path: &str) -> bool {
+        path.len() > "/v1/".len() && path.starts_with("/v1/") && path != ME_USAGE
+    }
+}
+
+impl Service<Request> for App {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // Both are always ready (the proxy's pool waits inside the call).
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        if Self::is_model_call(request.uri().path()) {
+            let response = self.gateway.call(request);
+            Box::pin(async move { Ok(response.await?.map(Body::new)) })
+        } else {
+            Box::pin(self.router.call(request))
+        }
+    }
 }

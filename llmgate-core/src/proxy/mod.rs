@@ -7,21 +7,26 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Request, Response, Uri};
 use http_body::Body;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Either, Full};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tower::Service;
+
+mod pool;
+
+pub use pool::UpstreamBody;
 
 use crate::auth::Secret;
 use crate::error::ApiError;
@@ -45,7 +50,7 @@ pub enum ProxyError {
 }
 
 /// The body of a proxied response: the upstream's, streamed, or the gateway's error.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<UpstreamBody, Full<Bytes>>;
 
 #[cfg(feature = "tls")]
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
@@ -75,19 +80,31 @@ impl ProxyConfig {
     }
 }
 
-/// Forwards requests to the upstream. Cheap to clone; clones share one connection pool
-/// and one upstream, which [`Proxy::set_upstream`] can switch (a model started or
-/// stopped at run time).
+/// Forwards requests to the upstream. Cheap to clone; clones share the connections and
+/// one upstream, which [`Proxy::set_upstream`] can switch (a model started or stopped at
+/// run time).
 #[derive(Clone)]
 pub struct Proxy {
-    client: Client<Connector, UnsyncBoxBody<Bytes, BoxError>>,
-    target: Arc<RwLock<Option<Arc<Target>>>>,
+    shared: Arc<Shared>,
 }
 
+struct Shared {
+    target: RwLock<Option<Arc<Target>>>,
+    /// hyper's pooled client, for `https://` upstreams; made on first use.
+    remote: OnceLock<RemoteClient>,
+}
+
+type RemoteClient = Client<Connector, UnsyncBoxBody<Bytes, BoxError>>;
+
 struct Target {
+    /// For a plain `http://` upstream: connections driven by the requests' own tasks.
+    /// `https://` upstreams (TLS, HTTP/2) go through hyper's pooled client.
+    pool: Option<Arc<pool::Pool>>,
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
     base_path: String,
+    /// The `Host` header for the upstream.
+    host: HeaderValue,
     authorization: Option<HeaderValue>,
     timeout: Duration,
 }
@@ -113,32 +130,43 @@ impl Proxy {
 
     /// A proxy with no upstream yet: requests get 503 until [`Proxy::set_upstream`].
     pub fn without_upstream() -> Self {
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.set_keepalive(Some(Duration::from_secs(60)));
-        http.enforce_http(false);
-        #[cfg(feature = "tls")]
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        #[cfg(not(feature = "tls"))]
-        let connector = http;
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector);
         Self {
-            client,
-            target: Arc::new(RwLock::new(None)),
+            shared: Arc::new(Shared {
+                target: RwLock::new(None),
+                remote: OnceLock::new(),
+            }),
         }
+    }
+
+    fn remote(&self) -> &RemoteClient {
+        self.shared.remote.get_or_init(|| {
+            let mut http = HttpConnector::new();
+            http.set_nodelay(true);
+            http.set_keepalive(Some(Duration::from_secs(60)));
+            http.enforce_http(false);
+            #[cfg(feature = "tls")]
+            let connector = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_webpki_roots()
+                .https_or_http()
+                .enable_http1()
+                .enable_http2()
+                .wrap_connector(http);
+            #[cfg(not(feature = "tls"))]
+            let connector = http;
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .build(connector)
+        })
     }
 
     /// Points every clone at a new upstream, or at none (requests then get 503).
     pub fn set_upstream(&self, config: Option<ProxyConfig>) -> Result<(), ProxyError> {
         let target = config.map(Target::new).transpose()?.map(Arc::new);
-        *self.target.write().unwrap_or_else(|e| e.into_inner()) = target;
+        *self
+            .shared
+            .target
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = target;
         Ok(())
     }
 
@@ -148,7 +176,8 @@ impl Proxy {
     }
 
     fn current(&self) -> Option<Arc<Target>> {
-        self.target
+        self.shared
+            .target
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
@@ -194,40 +223,50 @@ impl Target {
             })
             .transpose()?;
 
+        let pool = (scheme == http::uri::Scheme::HTTP).then(|| pool::Pool::new(&authority));
+        let host = match authority.port() {
+            Some(port) => format!("{}:{port}", authority.host()),
+            None => authority.host().to_owned(),
+        };
+        let host = HeaderValue::try_from(host)
+            .map_err(|_| ProxyError::BadRequest("the upstream host is not valid".into()))?;
         Ok(Self {
+            pool,
             scheme,
             authority,
             base_path,
+            host,
             authorization,
             timeout: config.timeout,
         })
     }
 
+    /// The upstream's path and query for a request's.
+    fn upstream_path(&self, uri: &Uri) -> Result<PathAndQuery, ProxyError> {
+        let path_and_query = uri.path_and_query();
+        if self.base_path.is_empty() {
+            // The common case: no string building, the request's path is reused as is.
+            return Ok(path_and_query
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")));
+        }
+        let path_and_query = path_and_query.map_or("/", |pq| pq.as_str());
+        PathAndQuery::try_from(format!("{}{}", self.base_path, path_and_query))
+            .map_err(|e| ProxyError::BadRequest(e.to_string()))
+    }
+
+    /// The upstream's absolute URI for a request's.
     fn upstream_uri(&self, uri: &Uri) -> Result<Uri, ProxyError> {
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(self.scheme.clone());
         parts.authority = Some(self.authority.clone());
-        if self.base_path.is_empty() {
-            // The common case: no string building, the request's path is reused as is.
-            parts.path_and_query = Some(
-                uri.path_and_query()
-                    .cloned()
-                    .unwrap_or_else(|| "/".parse().expect("valid")),
-            );
-            return Uri::from_parts(parts).map_err(|e| ProxyError::BadRequest(e.to_string()));
-        }
-        let path_and_query = uri.path_and_query().map_or("/", |pq| pq.as_str());
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(format!("{}{}", self.base_path, path_and_query))
-            .build()
-            .map_err(|e| ProxyError::BadRequest(e.to_string()))
+        parts.path_and_query = Some(self.upstream_path(uri)?);
+        Uri::from_parts(parts).map_err(|e| ProxyError::BadRequest(e.to_string()))
     }
 }
 
 /// Headers that belong to one connection, not to the request (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 8] = [
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::PROXY_AUTHENTICATE,
@@ -239,14 +278,32 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
-        .collect();
-    for name in listed.iter().chain(HOP_BY_HOP.iter()) {
+    // One look at each header finds which are there (usually just `Connection:
+    // keep-alive`, often none); only those are removed.
+    let mut present = [false; HOP_BY_HOP.len()];
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[i] = true;
+        }
+    }
+    if present[0] {
+        // Headers that `Connection` names are hop-by-hop as well.
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|name| {
+                !name.eq_ignore_ascii_case("keep-alive") && !name.eq_ignore_ascii_case("close")
+            })
+            .filter_map(|name| HeaderName::try_from(name).ok())
+            .collect();
+        for name in &listed {
+            headers.remove(name);
+        }
+    }
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, there)| *there) {
         headers.remove(name);
     }
 }
@@ -269,7 +326,13 @@ where
             return Box::pin(async move { Ok(error_response(ProxyError::NoUpstream)) });
         };
         let (mut parts, body) = request.into_parts();
-        let uri = match target.upstream_uri(&parts.uri) {
+        // A pooled connection takes the origin form (path and query) and a Host header;
+        // hyper's client takes the absolute URI and sets Host itself.
+        let uri = match &target.pool {
+            Some(_) => target.upstream_path(&parts.uri).map(Uri::from),
+            None => target.upstream_uri(&parts.uri),
+        };
+        let uri = match uri {
             Ok(uri) => uri,
             Err(err) => return Box::pin(async move { Ok(error_response(err)) }),
         };
@@ -285,21 +348,37 @@ where
         ] {
             headers.remove(name);
         }
-        headers.remove(header::HOST);
+        match &target.pool {
+            Some(_) => headers.insert(header::HOST, target.host.clone()),
+            None => headers.remove(header::HOST),
+        };
         // Usage is read from the body, so ask for it uncompressed.
         headers.remove(header::ACCEPT_ENCODING);
         if let Some(auth) = &target.authorization {
             headers.insert(header::AUTHORIZATION, auth.clone());
         }
         let request = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
-        let pending = self.client.request(request);
         let timeout = target.timeout;
+        let sent = match &target.pool {
+            Some(pool) => futures_util::future::Either::Left(pool.clone().send(request)),
+            None => {
+                futures_util::future::Either::Right(self.remote().request(request).map(|sent| {
+                    sent.map(|response| response.map(UpstreamBody::unpooled))
+                        .map_err(|err| {
+                            let source = std::error::Error::source(&err)
+                                .map(|source| format!(" ({source})"))
+                                .unwrap_or_default();
+                            ProxyError::Unreachable(format!("{err}{source}"))
+                        })
+                }))
+            }
+        };
         Box::pin(async move {
-            let response = match tokio::time::timeout(timeout, pending).await {
+            let response = match tokio::time::timeout(timeout, sent).await {
                 Ok(Ok(response)) => response,
                 Ok(Err(err)) => {
-                    tracing::warn!(error = %err, source = ?std::error::Error::source(&err), "upstream request failed");
-                    return Ok(error_response(ProxyError::Unreachable(err.to_string())));
+                    tracing::warn!(error = %err, "upstream request failed");
+                    return Ok(error_response(err));
                 }
                 Err(_) => {
                     tracing::warn!(?timeout, "upstream timed out");

@@ -271,5 +271,18 @@ pub(crate) mod contract {
             .unwrap();
         assert_eq!(since.len(), 3);
         assert_eq!(store.requests("k1", None, 2).await.unwrap().len(), 2);
+
+        // A large batch (written in several multi-row statements) keeps every row.
+        let many: Vec<_> = (0..150)
+            .map(|i| row("k3", chat, 10_000 + i, Some((i as u64, 1))))
+            .collect();
+        store.record(&many).await.unwrap();
+        let k3 = store.totals_for_key("k3").await.unwrap();
+        assert_eq!(k3.requests, 150);
+        assert_eq!(k3.prompt_tokens, (0..150).sum::<u64>());
+        let rows = store.requests("k3", None, 1000).await.unwrap();
+        assert_eq!(rows.len(), 150);
+        assert_eq!(rows[0].at.timestamp_millis(), 10_149);
+        assert_eq!(rows[149].prompt_tokens, Some(0));
     }
 }

@@ -8,10 +8,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::postgres::PgPoolOptions;
-use sqlx::{PgPool, Postgres, QueryBuilder, Row};
+use sqlx::{PgPool, Row};
 
 use super::sql::{
-    key_from_row, millis, request_from_row, totals_from_row, KEY_COLUMNS, REQUEST_COLUMNS,
+    bind_request, key_from_row, millis, request_from_row, totals_from_row, RequestInserts,
+    KEY_COLUMNS, REQUEST_COLUMNS,
 };
 use super::{KeyStore, RequestRecord, Storage, StorageError, UsageStore, UsageTotals};
 use crate::auth::{KeyHash, KeyRecord};
@@ -116,25 +117,10 @@ impl UsageStore for PostgresStore {
             per_key.entry(&record.key_id).or_default().add(record);
         }
         let mut tx = self.pool.begin().await?;
-        // Multi-row inserts: one statement per 100 rows, not one round trip per row.
-        for rows in batch.chunks(100) {
-            let mut insert = QueryBuilder::<Postgres>::new(
-                "INSERT INTO usage_requests \
-                 (at, key_id, method, path, model, status, prompt_tokens, completion_tokens, latency_ms, first_byte_ms) ",
-            );
-            insert.push_values(rows, |mut row, r| {
-                row.push_bind(millis(r.at))
-                    .push_bind(&r.key_id)
-                    .push_bind(&r.method)
-                    .push_bind(&r.path)
-                    .push_bind(&r.model)
-                    .push_bind(i64::from(r.status))
-                    .push_bind(r.prompt_tokens.map(|t| t as i64))
-                    .push_bind(r.completion_tokens.map(|t| t as i64))
-                    .push_bind(r.latency_ms as i64)
-                    .push_bind(r.first_byte_ms.map(|ms| ms as i64));
-            });
-            insert.build().execute(&mut *tx).await?;
+        // Multi-row inserts of fixed sizes, each statement parsed once (see RequestInserts).
+        for (sql, rows) in inserts().runs(batch) {
+            let query = rows.iter().fold(sqlx::query(sql), bind_request);
+            query.execute(&mut *tx).await?;
         }
         for (key_id, t) in &per_key {
             sqlx::query(
@@ -240,6 +226,12 @@ impl UsageStore for PostgresStore {
         .await?;
         rows.iter().map(request_from_row).collect()
     }
+}
+
+/// The request-row inserts in this backend's parameter syntax.
+fn inserts() -> &'static RequestInserts {
+    static INSERTS: std::sync::OnceLock<RequestInserts> = std::sync::OnceLock::new();
+    INSERTS.get_or_init(|| RequestInserts::new(|n| format!("${n}")))
 }
 
 #[cfg(test)]

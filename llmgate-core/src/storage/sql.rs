@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
-use sqlx::{ColumnIndex, Decode, Row, Type};
+use sqlx::query::Query;
+use sqlx::{ColumnIndex, Database, Decode, Encode, Row, Type};
 
 use super::{RequestRecord, StorageError, UsageTotals};
 use crate::auth::{KeyRecord, Role};
@@ -71,7 +72,7 @@ where
     })
 }
 
-/// The columns [`request_from_row`] reads.
+/// The columns [`request_from_row`] reads, in the order [`bind_request`] binds them.
 pub(super) const REQUEST_COLUMNS: &str =
     "at, key_id, method, path, model, status, prompt_tokens, completion_tokens, latency_ms, first_byte_ms";
 
@@ -123,4 +124,94 @@ pub(super) fn time(ms: Option<i64>) -> Result<Option<DateTime<Utc>>, StorageErro
 
 pub(super) fn tokens(value: Option<i64>) -> Option<u64> {
     value.map(|v| v.max(0) as u64)
+}
+
+/// Rows per multi-row insert of request rows. Only these sizes, so that each statement
+/// is parsed once and then found in the connection's statement cache: a batch of any
+/// other size would be parsed anew, which costs more than writing its rows.
+const INSERT_SIZES: [usize; 4] = [64, 16, 4, 1];
+
+/// The multi-row inserts of request rows for one backend, built once.
+pub(super) struct RequestInserts([String; INSERT_SIZES.len()]);
+
+impl RequestInserts {
+    /// `placeholder(n)` writes the n-th (from 1) parameter: `?` or `$n`.
+    pub(super) fn new(placeholder: impl Fn(usize) -> String) -> Self {
+        Self(INSERT_SIZES.map(|rows| {
+            let columns = REQUEST_COLUMNS.split(',').count();
+            let values = (0..rows)
+                .map(|row| {
+                    let params = (1..=columns)
+                        .map(|column| placeholder(row * columns + column))
+                        .collect::<Vec<_>>();
+                    format!("({})", params.join(", "))
+                })
+                .collect::<Vec<_>>();
+            format!(
+                "INSERT INTO usage_requests ({}) VALUES {}",
+                REQUEST_COLUMNS,
+                values.join(", ")
+            )
+        }))
+    }
+
+    /// Splits a batch into runs of the fixed sizes, each with its statement.
+    pub(super) fn runs<'a, T>(
+        &'a self,
+        mut rows: &'a [T],
+    ) -> impl Iterator<Item = (&'a str, &'a [T])> + 'a {
+        std::iter::from_fn(move || {
+            let i = INSERT_SIZES.iter().position(|&size| size <= rows.len())?;
+            let (run, rest) = rows.split_at(INSERT_SIZES[i]);
+            rows = rest;
+            Some((self.0[i].as_str(), run))
+        })
+    }
+}
+
+/// Binds one request row's values, in the order of `REQUEST_COLUMNS`.
+pub(super) fn bind_request<'q, DB>(
+    query: Query<'q, DB, <DB as Database>::Arguments<'q>>,
+    r: &'q RequestRecord,
+) -> Query<'q, DB, <DB as Database>::Arguments<'q>>
+where
+    DB: Database,
+    i64: Encode<'q, DB> + Type<DB>,
+    Option<i64>: Encode<'q, DB> + Type<DB>,
+    &'q str: Encode<'q, DB> + Type<DB>,
+    Option<&'q str>: Encode<'q, DB> + Type<DB>,
+{
+    query
+        .bind(millis(r.at))
+        .bind(r.key_id.as_str())
+        .bind(r.method.as_str())
+        .bind(r.path.as_str())
+        .bind(r.model.as_deref())
+        .bind(i64::from(r.status))
+        .bind(r.prompt_tokens.map(|t| t as i64))
+        .bind(r.completion_tokens.map(|t| t as i64))
+        .bind(r.latency_ms as i64)
+        .bind(r.first_byte_ms.map(|ms| ms as i64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_is_written_in_runs_of_the_fixed_sizes() {
+        let inserts = RequestInserts::new(|n| format!("${n}"));
+        let rows: Vec<u32> = (0..150).collect();
+        let runs: Vec<usize> = inserts.runs(&rows).map(|(_, run)| run.len()).collect();
+        assert_eq!(runs, [64, 64, 16, 4, 1, 1]);
+        assert_eq!(runs.iter().sum::<usize>(), 150);
+        let (sql, _) = inserts.runs(&rows[..1]).next().unwrap();
+        assert_eq!(
+            sql,
+            "INSERT INTO usage_requests (at, key_id, method, path, model, status, prompt_tokens, \
+             completion_tokens, latency_ms, first_byte_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+        );
+        let (sql, _) = inserts.runs(&rows[..4]).next().unwrap();
+        assert!(sql.ends_with("($31, $32, $33, $34, $35, $36, $37, $38, $39, $40)"));
+    }
 }

@@ -227,17 +227,30 @@ where
                         Ok(data) => data,
                         Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
                     };
-                    match &mut tracking.extractor {
-                        Extractor::Nothing => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    let pass = match &mut tracking.extractor {
+                        Extractor::Nothing => Some(data),
                         Extractor::Json(json) => {
                             json.observe(&data);
-                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                            Some(data)
                         }
-                        Extractor::Sse(sse) if sse.edits() => sse.edit(&data, &mut tracking.ready),
+                        Extractor::Sse(sse) if sse.edits() => {
+                            sse.edit(&data, &mut tracking.ready);
+                            None
+                        }
                         Extractor::Sse(sse) => {
                             sse.observe(&data);
-                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                            Some(data)
                         }
+                    };
+                    // A body of known length is over with its last byte: settle now, so
+                    // the server can end the response without polling for the end (it
+                    // drops a body once its length is sent).
+                    if inner.is_end_stream() {
+                        tracking.inner_done = true;
+                        tracking.settle();
+                    }
+                    if let Some(data) = pass {
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
                 }
                 Some(Err(err)) => {
@@ -257,8 +270,8 @@ where
         match (&self.inner, &self.tracking) {
             (Some(inner), None) => inner.is_end_stream(),
             (None, _) => true,
-            // Report the end only after poll_frame has settled the record.
-            (Some(_), Some(_)) => false,
+            // Report the end only once poll_frame has settled the record.
+            (Some(_), Some(tracking)) => tracking.inner_done && tracking.ready.is_empty(),
         }
     }
 
@@ -323,5 +336,50 @@ mod tests {
             (Some(4), Some(6))
         );
         assert_eq!(rows[0].model.as_deref(), Some("m"));
+    }
+
+    /// hyper ends a response whose length is known as soon as the body says it is at its
+    /// end, and drops the body without polling further: the record must be settled by then.
+    #[tokio::test]
+    async fn a_known_length_body_ends_with_its_last_frame_and_is_recorded() {
+        let store = Arc::new(MemoryStore::new());
+        let (recorder, _writer) = UsageRecorder::start(store.clone());
+        let mut key = crate::auth::KeyRecord::new(
+            "k",
+            crate::auth::Role::User,
+            &crate::auth::Secret::generate(),
+        );
+        key.id = "k".into();
+        let mut guard = UsageGuard::new(
+            recorder.clone(),
+            &key,
+            "POST",
+            "/v1/chat/completions",
+            now_millis(),
+            Instant::now(),
+        );
+        guard.set_status(200);
+        let json = r#"{"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}"#;
+        let mut tracked = UsageBody::tracked(
+            Full::new(Bytes::from_static(json.as_bytes())),
+            guard,
+            "application/json",
+            RequestPlan::default(),
+        );
+        assert!(!tracked.is_end_stream());
+        let frame = tracked.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), json.as_bytes());
+        assert!(
+            tracked.is_end_stream(),
+            "the end is known with the last byte"
+        );
+        drop(tracked);
+        recorder.flush().await;
+        let rows = store.requests("k", None, 10).await.unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].prompt_tokens, rows[0].completion_tokens),
+            (Some(3), Some(5))
+        );
     }
 }

@@ -1,0 +1,256 @@
+//! Keep-alive HTTP/1 connections to a plain `http://` upstream (the model server on this
+//! machine or the next), each driven by the task that uses it.
+//!
+//! hyper's pooled client runs every connection as a task of its own and spawns another
+//! per request to put the connection back, so one proxied request wakes three tasks,
+//! often on the other worker thread. Here the request's own task polls the upstream
+//! connection: first while it waits for the response head, then inside the response body
+//! ([`UpstreamBody`]) while the body streams to the client, as nginx serves both sides of
+//! a request from one event loop. When the body has ended the connection goes back to the
+//! pool; a body dropped before its end (the client left) closes it.
+//!
+//! An idle connection is polled by nobody, so one the upstream has closed is noticed when
+//! it is taken out: it is polled once then, and a closed one is thrown away. A request
+//! that a reused connection could not even start to send is sent again on another.
+
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::ProxyError;
+use crate::BoxError;
+
+/// The body type of requests sent upstream.
+pub(crate) type OutBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// At most this many idle connections are kept.
+const MAX_IDLE: usize = 256;
+/// An idle connection older than this is closed rather than reused.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+struct Conn {
+    sender: http1::SendRequest<OutBody>,
+    driver: http1::Connection<TokioIo<TcpStream>, OutBody>,
+    idle_since: Instant,
+}
+
+impl Conn {
+    /// Lets the connection read and write what it can; false once it is closed.
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        Pin::new(&mut self.driver).poll(cx).is_pending()
+    }
+}
+
+/// The idle connections to one upstream address.
+pub(crate) struct Pool {
+    /// `host:port`, as `TcpStream::connect` takes it.
+    address: String,
+    idle: Mutex<Vec<Conn>>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("address", &self.address)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pool {
+    pub(crate) fn new(authority: &http::uri::Authority) -> Arc<Self> {
+        let port = authority.port_u16().unwrap_or(80);
+        let host = authority.host();
+        let address = if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        Arc::new(Self {
+            address,
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Sends `request` (origin-form URI, `Host` set) and returns the response, whose body
+    /// drives the connection until it ends.
+    pub(crate) async fn send(
+        self: Arc<Self>,
+        mut request: Request<OutBody>,
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
+        loop {
+            let (mut conn, reused) = match self.checkout().await {
+                Some(conn) => (conn, true),
+                None => (self.connect().await?, false),
+            };
+            let mut response = std::pin::pin!(conn.sender.try_send_request(request));
+            let mut open = true;
+            let sent = poll_fn(|cx| {
+                if open {
+                    open = conn.drive(cx);
+                }
+                // Once the connection is closed the response has its answer (or error).
+                response.as_mut().poll(cx)
+            })
+            .await;
+            match sent {
+                Ok(response) => {
+                    let conn = open.then_some(conn);
+                    return Ok(response.map(|body| UpstreamBody::pooled(body, conn, self.clone())));
+                }
+                // A reused connection closed before the request went out: another try.
+                Err(mut err) if reused && err.message().is_some() => {
+                    request = err.take_message().expect("checked");
+                }
+                Err(err) => return Err(ProxyError::Unreachable(err.into_error().to_string())),
+            }
+        }
+    }
+
+    /// The most recently used idle connection that is still open.
+    async fn checkout(&self) -> Option<Conn> {
+        loop {
+            let mut conn = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
+            if conn.idle_since.elapsed() > IDLE_TIMEOUT {
+                continue;
+            }
+            // A poll reads a close (or anything unexpected) the upstream sent meanwhile.
+            let open = poll_fn(|cx| Poll::Ready(conn.drive(cx))).await;
+            if open && conn.sender.is_ready() {
+                return Some(conn);
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Conn, ProxyError> {
+        let stream = TcpStream::connect(&self.address).await.map_err(|err| {
+            ProxyError::Unreachable(format!("cannot connect to {}: {err}", self.address))
+        })?;
+        let _ = stream.set_nodelay(true);
+        let (sender, driver) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|err| ProxyError::Unreachable(err.to_string()))?;
+        Ok(Conn {
+            sender,
+            driver,
+            idle_since: Instant::now(),
+        })
+    }
+
+    fn checkin(&self, mut conn: Conn) {
+        let now = Instant::now();
+        conn.idle_since = now;
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        // The oldest are at the front; close those past their time, and any over the cap.
+        let expired = idle
+            .iter()
+            .take_while(|c| now.duration_since(c.idle_since) > IDLE_TIMEOUT)
+            .count();
+        let over = (idle.len() - expired + 1).saturating_sub(MAX_IDLE);
+        idle.drain(..expired + over);
+        idle.push(conn);
+    }
+}
+
+/// The response body of an upstream request: hyper's body, plus the connection it
+/// arrives on, which this body drives and then hands back to the pool at its end.
+pub struct UpstreamBody {
+    inner: Incoming,
+    lease: Option<(Conn, Arc<Pool>)>,
+}
+
+impl std::fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamBody")
+            .field("pooled", &self.lease.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl UpstreamBody {
+    fn pooled(inner: Incoming, conn: Option<Conn>, pool: Arc<Pool>) -> Self {
+        let mut body = Self {
+            inner,
+            lease: conn.map(|conn| (conn, pool)),
+        };
+        if body.inner.is_end_stream() {
+            body.release(None);
+        }
+        body
+    }
+
+    /// A body whose connection hyper's own client drives.
+    pub(crate) fn unpooled(inner: Incoming) -> Self {
+        Self { inner, lease: None }
+    }
+
+    /// The body is complete: the connection goes back to the pool once it is ready for
+    /// the next request (it needs one more poll to get there when it just read the end).
+    fn release(&mut self, cx: Option<&mut Context<'_>>) {
+        let Some((mut conn, pool)) = self.lease.take() else {
+            return;
+        };
+        if !conn.sender.is_ready() {
+            let open = match cx {
+                Some(cx) => conn.drive(cx),
+                None => poll_fn_once(&mut conn),
+            };
+            if !open || !conn.sender.is_ready() {
+                return;
+            }
+        }
+        pool.checkin(conn);
+    }
+}
+
+/// Polls a connection once with a waker that does nothing (no task is waiting on it).
+fn poll_fn_once(conn: &mut Conn) -> bool {
+    conn.drive(&mut Context::from_waker(std::task::Waker::noop()))
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let mut frame = Pin::new(&mut this.inner).poll_frame(cx);
+        if frame.is_pending() {
+            if let Some((conn, _)) = &mut this.lease {
+                if !conn.drive(cx) {
+                    this.lease = None;
+                }
+                frame = Pin::new(&mut this.inner).poll_frame(cx);
+            }
+        }
+        let frame = ready!(frame);
+        match &frame {
+            None => this.release(Some(cx)),
+            Some(Ok(_)) if this.inner.is_end_stream() => this.release(Some(cx)),
+            Some(Ok(_)) => {}
+            Some(Err(_)) => this.lease = None,
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
