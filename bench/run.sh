@@ -6,18 +6,25 @@
 #   4. llmgate with auth and usage recording on,
 # all against the same fixed-response upstream (nginx returning a chat completion with a
 # usage object), in one run (wrk, fixed duration; ROUNDS alternating rounds, median kept,
-# since on a small machine one run varies by ±10%). Then checks that llmgate's usage is
+# since on a small shared machine one run varies by ±20%). For each proxy it also reports
+# the CPU time its process(es) spent per request, read from /proc: a figure that moves
+# far less than requests/s when the machine is noisy. Then checks that llmgate's usage is
 # exact under load: ab sends exactly N requests over 32 keep-alive connections and waits
 # for every answer; llmgate must record exactly N requests and N × 16 tokens, and the
 # upstream must have served exactly N.
 #
-#   bench/run.sh [seconds per run, default 10] [connections, default 32]   (ROUNDS=3)
+#   bench/run.sh [seconds per run, default 10] [connections, default 32]   (ROUNDS=5)
+#
+# WORKERS=N runs nginx with N worker processes and llmgate (and the bare proxy) with N
+# Tokio worker threads (TOKIO_WORKER_THREADS); default: one per core for both.
 #
 # Needs nginx and wrk (installed with apt-get when missing). Writes bench/out/results.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION="${1:-10}"
-ROUNDS="${ROUNDS:-3}"
+ROUNDS="${ROUNDS:-5}"
+WORKERS="${WORKERS:-auto}"
+[ "$WORKERS" != auto ] && export TOKIO_WORKER_THREADS="$WORKERS"
 CONNECTIONS="${2:-32}"
 OUT="bench/out"
 mkdir -p "$OUT"
@@ -69,13 +76,15 @@ nginx_conf proxy "upstream model { server 127.0.0.1:$UPSTREAM_PORT; keepalive 25
       proxy_set_header Connection \"\";
       proxy_set_header Authorization \"\";
     }
-  }" auto
+  }" "$WORKERS"
 
 ADMIN="sk-lg-$(head -c 64 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | head -c 40)"
 export LLMGATE_ADMIN_KEY="$ADMIN" LLMGATE_LOG=warn
 "$LLMGATE" serve --upstream "http://127.0.0.1:$UPSTREAM_PORT" --listen "127.0.0.1:$GATEWAY_PORT" \
   --data-dir "$WORK/data" >"$WORK/llmgate.out" &
+LLMGATE_PID=$!
 "$BARE" "127.0.0.1:$BARE_PORT" "http://127.0.0.1:$UPSTREAM_PORT" >/dev/null &
+BARE_PID=$!
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$GATEWAY_PORT/healthz" >/dev/null && break; sleep 0.1; done
 KEY="$("$LLMGATE" keys create bench --json --data-dir "$WORK/data" | sed -E 's/.*"key":"([^"]+)".*/\1/')"
 KEY_ID="$("$LLMGATE" keys list --json --data-dir "$WORK/data" | grep -B1 '"name": "bench"' | sed -nE 's/.*"id": "([^"]+)".*/\1/p')"
@@ -95,11 +104,27 @@ url_of() {
     llmgate) echo "http://127.0.0.1:$GATEWAY_PORT/v1/chat/completions" ;;
   esac
 }
+# The processes of each proxy, and the CPU time (user + system, in clock ticks) they have used.
+pids_of() {
+  case "$1" in
+    nginx) pgrep -P "$(cat "$WORK/proxy.pid")" | tr '\n' ' ' ;;
+    bare) echo "$BARE_PID" ;;
+    llmgate) echo "$LLMGATE_PID" ;;
+  esac
+}
+cpu_ticks() { local sum=0; for p in $1; do sum=$((sum + $(awk '{ print $14 + $15 }' "/proc/$p/stat"))); done; echo "$sum"; }
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
 TARGETS="direct nginx bare llmgate"
 for t in $TARGETS; do wrk -t1 -c"$CONNECTIONS" -d2s -s "$WORK/post.lua" "$(url_of "$t")" >/dev/null; done  # warm-up
 for round in $(seq "$ROUNDS"); do
   for t in $TARGETS; do
+    pids="$(pids_of "$t")"; before=$(cpu_ticks "$pids")
     wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$WORK/post.lua" "$(url_of "$t")" > "$WORK/$t.$round.txt"
+    requests=$(sed -nE 's/^[[:space:]]+([0-9]+) requests in.*/\1/p' "$WORK/$t.$round.txt")
+    if [ -n "$pids" ]; then
+      awk -v t=$(( $(cpu_ticks "$pids") - before )) -v us="$TICK_US" -v n="$requests" \
+        'BEGIN { printf "%.1f\n", t * us / n }' > "$WORK/$t.$round.cpu"
+    fi
   done
 done
 # The round with the median requests/s stands for each target.
@@ -133,22 +158,29 @@ field() { # file pattern
     errors) grep -E 'Non-2xx|Socket errors' "$1" | tr '\n' ' ' ;;
   esac
 }
+median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 NGINX_RPS=$(field "$WORK/nginx.txt" rps); GATE=$(field "$WORK/llmgate.txt" rps)
 RATIO=$(awk -v g="$GATE" -v n="$NGINX_RPS" 'BEGIN { printf "%.2f", g / n }')
+# Per-round ratios, each from one nginx run and the llmgate run right after it.
+RATIOS=$(for r in $(seq "$ROUNDS"); do
+  awk -v g="$(field "$WORK/llmgate.$r.txt" rps)" -v n="$(field "$WORK/nginx.$r.txt" rps)" 'BEGIN { printf "%.2f ", g / n }'
+done)
+CPU_MEDIAN() { for r in $(seq "$ROUNDS"); do cat "$WORK/$1.$r.cpu"; done | median; }
 EXACT=no
 [ "$COMPLETE" -eq "$EXACT_N" ] && [ "$FAILED" -eq 0 ] && [ "$SERVED" -eq "$EXACT_N" ] &&
   [ "$RECORDED" -eq "$EXACT_N" ] && [ "$TOKENS" -eq $((EXACT_N * 16)) ] && EXACT=yes
 {
-  echo "Run: $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, wrk -t1 -c$CONNECTIONS -d${DURATION}s, POST /v1/chat/completions,"
+  echo "Run: $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, workers: $WORKERS, wrk -t1 -c$CONNECTIONS -d${DURATION}s, POST /v1/chat/completions,"
   echo "median of $ROUNDS alternating rounds (all rounds, requests/s: $(for t in $TARGETS; do echo -n "$t "; for r in $(seq "$ROUNDS"); do echo -n "$(field "$WORK/$t.$r.txt" rps) "; done; done))"
   echo
-  echo "| path | requests/s | p50 | p99 | errors |"
-  echo "|---|---:|---:|---:|---|"
+  echo "| path | requests/s | p50 | p99 | proxy CPU per request (median of rounds) | errors |"
+  echo "|---|---:|---:|---:|---:|---|"
   for n in $TARGETS; do
-    echo "| $n | $(field "$WORK/$n.txt" rps) | $(field "$WORK/$n.txt" p50) | $(field "$WORK/$n.txt" p99) | $(field "$WORK/$n.txt" errors) |"
+    c="-"; [ "$n" != direct ] && c="$(CPU_MEDIAN "$n") µs"
+    echo "| $n | $(field "$WORK/$n.txt" rps) | $(field "$WORK/$n.txt" p50) | $(field "$WORK/$n.txt" p99) | $c | $(field "$WORK/$n.txt" errors) |"
   done
   echo
-  echo "llmgate / nginx requests/s: **$RATIO** (bar: ≥ 0.80)"
+  echo "llmgate / nginx requests/s: **$RATIO** (bar: ≥ 0.80); round by round: $RATIOS"
   echo
   echo "Usage exact under load: **$EXACT** — ab sent $EXACT_N requests over $CONNECTIONS connections"
   echo "($COMPLETE complete, $FAILED failed); the upstream served $SERVED; llmgate recorded"

@@ -198,34 +198,71 @@ impl Default for Metrics {
     }
 }
 
-impl UsageObserver for Metrics {
-    fn observe(&self, record: &RequestRecord, key_name: &str) {
+/// The series one kind of request (key, endpoint, status) counts into.
+struct Series {
+    requests: Counter,
+    prompt_tokens: Counter,
+    completion_tokens: Counter,
+    request_seconds: Histogram,
+    upstream_seconds: Histogram,
+}
+
+impl Series {
+    fn count(&self, record: &RequestRecord) {
+        self.requests.inc();
+        self.prompt_tokens.inc_by(record.prompt_tokens.unwrap_or(0));
+        self.completion_tokens
+            .inc_by(record.completion_tokens.unwrap_or(0));
+        self.request_seconds
+            .observe(record.latency_ms as f64 / 1000.0);
+        if let Some(first_byte) = record.first_byte_ms {
+            self.upstream_seconds.observe(first_byte as f64 / 1000.0);
+        }
+    }
+}
+
+impl Metrics {
+    fn series(&self, record: &RequestRecord, key_name: &str) -> Series {
         let endpoint = EndpointLabels {
             endpoint: record.path.clone(),
         };
-        self.requests
-            .get_or_create(&RequestLabels {
-                key: key_name.to_owned(),
-                endpoint: record.path.clone(),
-                status: record.status,
-            })
-            .inc();
         let key = KeyLabels {
             key: key_name.to_owned(),
         };
-        self.prompt_tokens
-            .get_or_create(&key)
-            .inc_by(record.prompt_tokens.unwrap_or(0));
-        self.completion_tokens
-            .get_or_create(&key)
-            .inc_by(record.completion_tokens.unwrap_or(0));
-        self.request_seconds
-            .get_or_create(&endpoint)
-            .observe(record.latency_ms as f64 / 1000.0);
-        if let Some(first_byte) = record.first_byte_ms {
-            self.upstream_seconds
-                .get_or_create(&endpoint)
-                .observe(first_byte as f64 / 1000.0);
+        let requests = RequestLabels {
+            key: key_name.to_owned(),
+            endpoint: record.path.clone(),
+            status: record.status,
+        };
+        Series {
+            requests: self.requests.get_or_create(&requests).clone(),
+            prompt_tokens: self.prompt_tokens.get_or_create(&key).clone(),
+            completion_tokens: self.completion_tokens.get_or_create(&key).clone(),
+            request_seconds: self.request_seconds.get_or_create(&endpoint).clone(),
+            upstream_seconds: self.upstream_seconds.get_or_create(&endpoint).clone(),
+        }
+    }
+}
+
+impl UsageObserver for Metrics {
+    fn observe(&self, record: &RequestRecord, key_name: &str) {
+        self.series(record, key_name).count(record);
+    }
+
+    /// Consecutive records of the same key, endpoint and status (nearly all of a batch
+    /// under load) share one lookup of their series.
+    fn observe_batch(&self, records: &[RequestRecord], key_names: &[String]) {
+        let mut current: Option<((&str, &str, u16), Series)> = None;
+        for (record, key_name) in records.iter().zip(key_names) {
+            let kind = (key_name.as_str(), record.path.as_str(), record.status);
+            match &current {
+                Some((seen, series)) if *seen == kind => series.count(record),
+                _ => {
+                    let series = self.series(record, key_name);
+                    series.count(record);
+                    current = Some((kind, series));
+                }
+            }
         }
     }
 }
@@ -287,5 +324,65 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(path: &str, status: u16, tokens: u64, latency_ms: u64) -> RequestRecord {
+        RequestRecord {
+            at: chrono::Utc::now(),
+            key_id: "id".into(),
+            method: "POST".into(),
+            path: path.into(),
+            model: None,
+            status,
+            prompt_tokens: Some(tokens),
+            completion_tokens: Some(tokens * 2),
+            latency_ms,
+            first_byte_ms: (status == 200).then_some(latency_ms / 2),
+        }
+    }
+
+    /// The exposition's lines, sorted (series come in hash-map order).
+    fn text(metrics: &Metrics) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &metrics.registry).unwrap();
+        let mut lines: Vec<&str> = out.lines().collect();
+        lines.sort_unstable();
+        lines.join("\n")
+    }
+
+    #[test]
+    fn a_batch_counts_exactly_what_its_records_one_by_one_count() {
+        let chat = "/v1/chat/completions";
+        let records = vec![
+            record(chat, 200, 3, 40),
+            record(chat, 200, 4, 900),
+            record(chat, 200, 5, 10),
+            record("/v1/embeddings", 200, 6, 5),
+            record(chat, 502, 0, 3000),
+            record(chat, 200, 7, 20),
+        ];
+        let names: Vec<String> = ["alice", "alice", "bob", "alice", "alice", "alice"]
+            .map(String::from)
+            .to_vec();
+        let batched = Metrics::default();
+        batched.observe_batch(&records, &names);
+        let single = Metrics::default();
+        for (r, name) in records.iter().zip(&names) {
+            single.observe(r, name);
+        }
+        let text = text(&batched);
+        assert_eq!(text, self::text(&single));
+        assert!(text.contains(
+            r#"llmgate_requests_total{key="alice",endpoint="/v1/chat/completions",status="200"} 3"#
+        ), "{text}");
+        assert!(
+            text.contains(r#"llmgate_prompt_tokens_total{key="alice"} 20"#),
+            "{text}"
+        );
     }
 }

@@ -51,6 +51,10 @@ impl KeyCache {
     /// The record of the key, active or not; `None` when there is no such key.
     pub async fn lookup(&self, secret: &Secret) -> Result<Option<Arc<KeyRecord>>, AuthError> {
         let hash = secret.hash();
+        // The common case, a key seen within the TTL, without setting up a load.
+        if let Some(known) = self.entries.get(&hash).await {
+            return Ok(known);
+        }
         let store = &self.store;
         self.entries
             .try_get_with(hash, async move {

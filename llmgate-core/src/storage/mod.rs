@@ -116,7 +116,12 @@ impl UsageTotals {
             }
         }
         self.last_request_at = self.last_request_at.max(Some(record.at));
-        *self.endpoints.entry(record.path.clone()).or_default() += 1;
+        match self.endpoints.get_mut(&record.path) {
+            Some(count) => *count += 1,
+            None => {
+                self.endpoints.insert(record.path.clone(), 1);
+            }
+        }
     }
 }
 

@@ -120,7 +120,7 @@ impl Tracking {
         match &mut self.extractor {
             Extractor::Nothing => {}
             Extractor::Json(json) => {
-                let (usage, model) = json.finish();
+                let (usage, model) = json.finish(!self.guard.has_model());
                 self.guard.set_model(model.as_deref());
                 if let Some(usage) = usage {
                     self.guard.set_usage(usage);

@@ -34,6 +34,15 @@ struct Pending {
 pub trait UsageObserver: Send + Sync {
     /// One finished request, with the name of the key that made it.
     fn observe(&self, record: &RequestRecord, key_name: &str);
+
+    /// A batch of finished requests, `key_names[i]` naming the key of `records[i]`.
+    /// By default, [`observe`](Self::observe) for each; an observer can do better by
+    /// looking up what consecutive records share once.
+    fn observe_batch(&self, records: &[RequestRecord], key_names: &[String]) {
+        for (record, key_name) in records.iter().zip(key_names) {
+            self.observe(record, key_name);
+        }
+    }
 }
 
 /// Optional parts of a [`UsageRecorder`].
@@ -199,19 +208,20 @@ struct Sink {
 async fn write(batch: &mut Vec<Message>, sink: &Sink, stopping: bool) {
     let store = sink.store.as_ref();
     let mut records = Vec::with_capacity(batch.len());
+    let mut key_names = Vec::with_capacity(batch.len());
     let mut flushes = Vec::new();
     for message in batch.drain(..) {
         match message {
             Message::Record(pending) => {
-                let key_name = pending.key_name.clone();
-                let record = settle_count(*pending, sink.counter.as_deref()).await;
-                if let Some(observer) = &sink.observer {
-                    observer.observe(&record, &key_name);
-                }
+                let (record, key_name) = settle_count(*pending, sink.counter.as_deref()).await;
                 records.push(record);
+                key_names.push(key_name);
             }
             Message::Flush(done) => flushes.push(done),
         }
+    }
+    if let Some(observer) = &sink.observer {
+        observer.observe_batch(&records, &key_names);
     }
     let mut delay = Duration::from_millis(50);
     let mut attempts = 0;
@@ -235,9 +245,14 @@ async fn write(batch: &mut Vec<Message>, sink: &Sink, stopping: bool) {
     }
 }
 
-async fn settle_count(pending: Pending, counter: Option<&dyn TokenCounter>) -> RequestRecord {
+async fn settle_count(
+    pending: Pending,
+    counter: Option<&dyn TokenCounter>,
+) -> (RequestRecord, String) {
     let Pending {
-        mut record, count, ..
+        mut record,
+        count,
+        key_name,
     } = pending;
     if let (Some(counter), Some((request, completion))) = (counter, count) {
         match counter.count(&request, &completion).await {
@@ -250,7 +265,7 @@ async fn settle_count(pending: Pending, counter: Option<&dyn TokenCounter>) -> R
             }
         }
     }
-    record
+    (record, key_name)
 }
 
 /// Held by a request from the moment its key is accepted; settles exactly one record,
@@ -338,6 +353,10 @@ impl UsageGuard {
     /// Let the writer count tokens, if it has a counter and the upstream reported none.
     pub(crate) fn count_later(&mut self, request: Arc<Value>, completion: String) {
         self.count = Some((request, completion));
+    }
+
+    pub(crate) fn has_model(&self) -> bool {
+        self.record.as_ref().is_some_and(|r| r.model.is_some())
     }
 
     pub(crate) fn has_usage(&self) -> bool {
