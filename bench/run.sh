@@ -15,6 +15,7 @@
 #
 #   bench/run.sh [seconds per run, default 10] [connections, default 32]   (ROUNDS=5)
 #
+# BIN_DIR=dir takes llmgate and bare_proxy from dir instead of building them.
 # WORKERS=N runs nginx with N worker processes and llmgate (and the bare proxy) with N
 # Tokio worker threads (TOKIO_WORKER_THREADS); default: one per core for both.
 #
@@ -37,9 +38,12 @@ fi
 EXACT_N="${EXACT_N:-50000}"
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 
-cargo build --release -q -p llmgate-server -p llmgate-examples
-LLMGATE="${CARGO_TARGET_DIR:-target}/release/llmgate"
-BARE="${CARGO_TARGET_DIR:-target}/release/bare_proxy"
+# BIN_DIR=dir: binaries built elsewhere (an older commit, to compare on the same machine).
+if [ -z "${BIN_DIR:-}" ]; then
+  cargo build --release -q -p llmgate-server -p llmgate-examples
+fi
+LLMGATE="${BIN_DIR:-${CARGO_TARGET_DIR:-target}/release}/llmgate"
+BARE="${BIN_DIR:-${CARGO_TARGET_DIR:-target}/release}/bare_proxy"
 
 UPSTREAM_PORT=18001 PROXY_PORT=18002 GATEWAY_PORT=18003 BARE_PORT=18004
 BODY='{"id":"bench","object":"chat.completion","created":1,"model":"bench","choices":[{"index":0,"message":{"role":"assistant","content":"The quick brown fox jumps"},"finish_reason":"stop"}],"usage":{"prompt_tokens":11,"completion_tokens":5,"total_tokens":16}}'
