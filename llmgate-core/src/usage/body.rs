@@ -293,10 +293,16 @@ mod tests {
     use std::sync::Arc;
     use std::time::Instant;
 
-    #[tokio::test]
-    async fn a_finished_json_body_records_its_usage_once() {
+    /// A store, its recorder and writer, and the guard of a request by key `k` that
+    /// got a 200.
+    fn answered_request() -> (
+        Arc<MemoryStore>,
+        UsageRecorder,
+        crate::usage::UsageWriter,
+        UsageGuard,
+    ) {
         let store = Arc::new(MemoryStore::new());
-        let (recorder, _writer) = UsageRecorder::start(store.clone());
+        let (recorder, writer) = UsageRecorder::start(store.clone());
         let mut key = crate::auth::KeyRecord::new(
             "k",
             crate::auth::Role::User,
@@ -312,6 +318,12 @@ mod tests {
             Instant::now(),
         );
         guard.set_status(200);
+        (store, recorder, writer, guard)
+    }
+
+    #[tokio::test]
+    async fn a_finished_json_body_records_its_usage_once() {
+        let (store, recorder, _writer, guard) = answered_request();
         let json =
             r#"{"model":"m","usage":{"prompt_tokens":4,"completion_tokens":6,"total_tokens":10}}"#;
         let frames = json
@@ -342,23 +354,7 @@ mod tests {
     /// end, and drops the body without polling further: the record must be settled by then.
     #[tokio::test]
     async fn a_known_length_body_ends_with_its_last_frame_and_is_recorded() {
-        let store = Arc::new(MemoryStore::new());
-        let (recorder, _writer) = UsageRecorder::start(store.clone());
-        let mut key = crate::auth::KeyRecord::new(
-            "k",
-            crate::auth::Role::User,
-            &crate::auth::Secret::generate(),
-        );
-        key.id = "k".into();
-        let mut guard = UsageGuard::new(
-            recorder.clone(),
-            &key,
-            "POST",
-            "/v1/chat/completions",
-            now_millis(),
-            Instant::now(),
-        );
-        guard.set_status(200);
+        let (store, recorder, _writer, guard) = answered_request();
         let json = r#"{"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}"#;
         let mut tracked = UsageBody::tracked(
             Full::new(Bytes::from_static(json.as_bytes())),
