@@ -94,18 +94,18 @@ impl Pool {
                 None => (self.connect().await?, false),
             };
             let mut response = std::pin::pin!(conn.sender.try_send_request(request));
-            let mut open = true;
+            let mut conn = Some(conn);
             let sent = poll_fn(|cx| {
-                if open {
-                    open = conn.drive(cx);
+                if conn.as_mut().is_some_and(|c| !c.drive(cx)) {
+                    // Closed. Dropping it hands back a request it never took, with an
+                    // error, so the response below is never left waiting.
+                    conn = None;
                 }
-                // Once the connection is closed the response has its answer (or error).
                 response.as_mut().poll(cx)
             })
             .await;
             match sent {
                 Ok(response) => {
-                    let conn = open.then_some(conn);
                     return Ok(response.map(|body| UpstreamBody::pooled(body, conn, self.clone())));
                 }
                 // A reused connection closed before the request went out: another try.
