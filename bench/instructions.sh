@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Instructions per request, counted by valgrind's callgrind: the same figure on every run
-# of the same build, however busy the machine is (requests/s on a small shared machine
+# Instructions per request, counted by valgrind's callgrind: runs of the same build agree
+# within about 1 %, however busy the machine is (requests/s on a small shared machine
 # moves by ±20 % from one run to the next). User-space instructions only; the kernel's
 # share (socket reads and writes) is not counted.
 #

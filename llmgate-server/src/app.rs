@@ -1,20 +1,22 @@
 //! The whole HTTP application as one service, so tests can drive it without a socket.
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::body::Body;
 use axum::extract::Request;
 use axum::response::Response;
+use axum::routing::future::RouteFuture;
 use axum::routing::get;
 use axum::Router;
-use llmgate_core::auth::{AuthUsage, AuthUsageLayer, KeyCache, Role};
-use llmgate_core::proxy::Proxy;
+use futures_util::future::Either;
+use futures_util::FutureExt;
+use llmgate_core::auth::{AuthUsage, AuthUsageLayer, KeyCache, ResponseFuture, Role};
+use llmgate_core::proxy::{Proxy, ProxyBody};
 use llmgate_core::storage::UsageStore;
 use llmgate_core::system::SystemMonitor;
+use llmgate_core::usage::AuthUsageBody;
 use llmgate_core::usage::UsageRecorder;
 use tower::{Layer, Service};
 
@@ -121,10 +123,17 @@ impl App {
     }
 }
 
+/// The gateway's answer, its body boxed into axum's.
+type GatewayFuture = futures_util::future::Map<
+    ResponseFuture<ProxyBody, Infallible>,
+    fn(Result<GatewayResponse, Infallible>) -> Result<Response, Infallible>,
+>;
+type GatewayResponse = http::Response<AuthUsageBody<ProxyBody>>;
+
 impl Service<Request> for App {
     type Response = Response;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+    type Future = Either<GatewayFuture, RouteFuture<Infallible>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         // Both are always ready (the proxy's pool waits inside the call).
@@ -133,10 +142,11 @@ impl Service<Request> for App {
 
     fn call(&mut self, request: Request) -> Self::Future {
         if Self::is_model_call(request.uri().path()) {
-            let response = self.gateway.call(request);
-            Box::pin(async move { Ok(response.await?.map(Body::new)) })
+            let to_axum: fn(Result<GatewayResponse, Infallible>) -> Result<Response, Infallible> =
+                |response| response.map(|response| response.map(Body::new));
+            Either::Left(self.gateway.call(request).map(to_axum))
         } else {
-            Box::pin(self.router.call(request))
+            Either::Right(self.router.call(request))
         }
     }
 }

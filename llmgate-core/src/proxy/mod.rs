@@ -286,15 +286,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
             present[i] = true;
         }
     }
-    let only_keep_alive = || {
-        let mut values = headers.get_all(header::CONNECTION).iter();
-        let first = values.next().map(HeaderValue::as_bytes);
-        values.next().is_none()
-            && first.is_some_and(|v| {
-                v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close")
-            })
-    };
-    if present[0] && !only_keep_alive() {
+    if present[0] {
         // Headers that `Connection` names are hop-by-hop as well.
         let listed: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)

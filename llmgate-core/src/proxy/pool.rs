@@ -201,9 +201,10 @@ impl UpstreamBody {
             return;
         };
         if !conn.sender.is_ready() {
+            // Without a task to wake (the body ended as it was made), a no-op waker.
             let open = match cx {
                 Some(cx) => conn.drive(cx),
-                None => poll_fn_once(&mut conn),
+                None => conn.drive(&mut Context::from_waker(std::task::Waker::noop())),
             };
             if !open || !conn.sender.is_ready() {
                 return;
@@ -211,11 +212,6 @@ impl UpstreamBody {
         }
         pool.checkin(conn);
     }
-}
-
-/// Polls a connection once with a waker that does nothing (no task is waiting on it).
-fn poll_fn_once(conn: &mut Conn) -> bool {
-    conn.drive(&mut Context::from_waker(std::task::Waker::noop()))
 }
 
 impl Body for UpstreamBody {
