@@ -281,7 +281,11 @@ pub fn fake_llama_cpp_env(root: &std::path::Path) -> llmgate_core::runner::Pytho
         include_str!("../fixtures/fake_llama_cpp_server.py"),
     )
     .unwrap();
-    let marker = serde_json::json!({"backend": "cpu", "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION, "cmake_args": null});
+    let marker = serde_json::json!({
+        "backend": "cpu",
+        "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION,
+        "cmake_args": Backend::Cpu.cmake_args(),
+    });
     std::fs::write(env.join("llmgate-env.json"), marker.to_string()).unwrap();
     PythonEnv {
         dir: env,

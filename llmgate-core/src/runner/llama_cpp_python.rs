@@ -44,6 +44,17 @@ struct Marker {
     cmake_args: Option<String>,
 }
 
+impl Marker {
+    /// What an environment or a cached wheel built now for `backend` is.
+    fn for_backend(backend: Backend) -> Self {
+        Self {
+            backend,
+            llama_cpp_python: LLAMA_CPP_PYTHON_VERSION.into(),
+            cmake_args: backend.cmake_args().map(str::to_owned),
+        }
+    }
+}
+
 /// A ready virtual environment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PythonEnv {
@@ -108,11 +119,7 @@ impl PythonEnvManager {
         say: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<PythonEnv, RunnerError> {
         let dir = self.env_dir(backend);
-        let wanted = Marker {
-            backend,
-            llama_cpp_python: LLAMA_CPP_PYTHON_VERSION.into(),
-            cmake_args: backend.cmake_args().map(str::to_owned),
-        };
+        let wanted = Marker::for_backend(backend);
         match read_marker(&dir) {
             Some(found) if found == wanted && python_in(&dir).exists() => {
                 return Ok(PythonEnv { dir, backend });
@@ -136,10 +143,21 @@ impl PythonEnvManager {
             None => {}
         }
         self.create(&dir, backend, say).await?;
-        let marker = serde_json::to_vec_pretty(&wanted).expect("marker serializes");
-        std::fs::write(dir.join(MARKER), marker)
-            .map_err(|e| setup_err("the environment marker", e.to_string()))?;
+        write_marker(&dir, &wanted)?;
         Ok(PythonEnv { dir, backend })
+    }
+
+    /// The cached wheels of `backend`, emptied first when they were built with other
+    /// flags (or by a version of llmgate that did not mark its builds): a wheel is reused
+    /// only for the exact build it was made by.
+    fn wheel_dir(&self, backend: Backend) -> Result<PathBuf, RunnerError> {
+        let wheels = self.wheel_cache.join(backend.as_str());
+        if wheels.exists() && read_marker(&wheels) != Some(Marker::for_backend(backend)) {
+            remove_dir(&wheels)?;
+        }
+        std::fs::create_dir_all(&wheels)
+            .map_err(|e| setup_err("the wheel cache", e.to_string()))?;
+        Ok(wheels)
     }
 
     async fn create(
@@ -167,9 +185,8 @@ impl PythonEnvManager {
         )
         .await?;
         let python = python_in(dir);
-        let wheels = self.wheel_cache.join(backend.as_str());
-        std::fs::create_dir_all(&wheels)
-            .map_err(|e| setup_err("the wheel cache", e.to_string()))?;
+        let wheels = self.wheel_dir(backend)?;
+        let build = Marker::for_backend(backend);
         if !has_wheel(&wheels) {
             say(&format!(
                 "Building llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} for {backend} (compiling llama.cpp takes 5 to 20 minutes; it is done once and cached in {})…",
@@ -196,6 +213,7 @@ impl PythonEnvManager {
                 &format!("llama-cpp-python for {backend}{}", build_hint(backend)),
             )
             .await?;
+            write_marker(&wheels, &build)?;
         }
         say(&format!(
             "Installing llama-cpp-python[server] {LLAMA_CPP_PYTHON_VERSION} ({backend})…"
@@ -260,6 +278,12 @@ fn setup_err(what: &str, reason: String) -> RunnerError {
 
 fn read_marker(dir: &Path) -> Option<Marker> {
     serde_json::from_slice(&std::fs::read(dir.join(MARKER)).ok()?).ok()
+}
+
+fn write_marker(dir: &Path, marker: &Marker) -> Result<(), RunnerError> {
+    let bytes = serde_json::to_vec_pretty(marker).expect("marker serializes");
+    std::fs::write(dir.join(MARKER), bytes)
+        .map_err(|e| setup_err("the build marker", e.to_string()))
 }
 
 fn remove_dir(dir: &Path) -> Result<(), RunnerError> {
@@ -505,17 +529,53 @@ mod tests {
 
     #[test]
     fn each_backend_builds_with_its_own_cmake_args() {
-        assert!(PythonEnvManager::build_env(Backend::Cpu).is_empty());
-        let cuda = PythonEnvManager::build_env(Backend::Cuda);
-        assert!(cuda.contains(&("CMAKE_ARGS".into(), "-DGGML_CUDA=on".into())));
-        assert!(cuda.contains(&("FORCE_CMAKE".into(), "1".into())));
-        let metal = PythonEnvManager::build_env(Backend::Metal);
-        assert!(metal.contains(&("CMAKE_ARGS".into(), "-DGGML_METAL=on".into())));
-        let blas = PythonEnvManager::build_env(Backend::Openblas);
-        assert!(blas.contains(&(
-            "CMAKE_ARGS".into(),
-            "-DGGML_BLAS=ON -DGGML_BLAS_VENDOR=OpenBLAS".into()
-        )));
+        let cmake_args = |backend| {
+            let env = PythonEnvManager::build_env(backend);
+            env.iter()
+                .find(|(name, _)| name == "CMAKE_ARGS")
+                .map(|(_, value)| value.clone())
+        };
+        assert_eq!(
+            cmake_args(Backend::Cpu),
+            Backend::Cpu.cmake_args().map(str::to_owned)
+        );
+        assert!(cmake_args(Backend::Cuda)
+            .unwrap()
+            .starts_with("-DGGML_CUDA=on"));
+        assert!(PythonEnvManager::build_env(Backend::Cuda)
+            .contains(&("FORCE_CMAKE".into(), "1".into())));
+        assert_eq!(cmake_args(Backend::Metal).unwrap(), "-DGGML_METAL=on");
+        assert!(cmake_args(Backend::Openblas)
+            .unwrap()
+            .starts_with("-DGGML_BLAS=ON -DGGML_BLAS_VENDOR=OpenBLAS"));
+    }
+
+    #[test]
+    fn a_wheel_is_reused_only_for_the_build_that_made_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let manager = PythonEnvManager {
+            root: dir.path().join("python"),
+            wheel_cache: dir.path().join("wheels"),
+            base_python: "python3".into(),
+        };
+        let wheel =
+            format!("llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}-py3-none-linux_x86_64.whl");
+        let cpu = dir.path().join("wheels/cpu");
+        // A wheel from before builds were marked (possibly built with AMX): thrown away.
+        std::fs::create_dir_all(&cpu).unwrap();
+        std::fs::write(cpu.join(&wheel), "old").unwrap();
+        assert!(!has_wheel(&manager.wheel_dir(Backend::Cpu).unwrap()));
+
+        // One marked as built by these flags: kept.
+        std::fs::write(cpu.join(&wheel), "new").unwrap();
+        write_marker(&cpu, &Marker::for_backend(Backend::Cpu)).unwrap();
+        assert!(has_wheel(&manager.wheel_dir(Backend::Cpu).unwrap()));
+
+        // One marked with other flags: thrown away.
+        let mut other = Marker::for_backend(Backend::Cpu);
+        other.cmake_args = Some("-DGGML_NATIVE=ON".into());
+        write_marker(&cpu, &other).unwrap();
+        assert!(!has_wheel(&manager.wheel_dir(Backend::Cpu).unwrap()));
     }
 
     #[test]
@@ -581,11 +641,7 @@ mod tests {
         // A matching marker is reused without any set-up.
         std::fs::create_dir_all(cuda_dir.join("bin")).unwrap();
         std::fs::write(cuda_dir.join("bin/python"), "").unwrap();
-        let cuda_marker = Marker {
-            backend: Backend::Cuda,
-            llama_cpp_python: LLAMA_CPP_PYTHON_VERSION.into(),
-            cmake_args: Some("-DGGML_CUDA=on".into()),
-        };
+        let cuda_marker = Marker::for_backend(Backend::Cuda);
         std::fs::write(
             cuda_dir.join(MARKER),
             serde_json::to_vec(&cuda_marker).unwrap(),

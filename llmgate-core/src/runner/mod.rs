@@ -106,12 +106,33 @@ impl Backend {
     }
 
     /// `CMAKE_ARGS` that build llama.cpp for this backend.
+    ///
+    /// On x86-64, llama.cpp is built for the machine it runs on (`-march=native`) but
+    /// without AMX: llama-cpp-python 0.3.36's native AMX kernels die with SIGILL on the
+    /// first token on CPUs that report AMX (Sapphire Rapids and later Xeons, seen in a
+    /// VM), even with the tile permission granted.
     pub fn cmake_args(self) -> Option<&'static str> {
+        macro_rules! with_no_amx {
+            ($args:literal) => {
+                if cfg!(target_arch = "x86_64") {
+                    concat!($args, " ", no_amx!())
+                } else {
+                    $args
+                }
+            };
+        }
+        macro_rules! no_amx {
+            () => {
+                "-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' \
+                 -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'"
+            };
+        }
         match self {
+            Backend::Cpu if cfg!(target_arch = "x86_64") => Some(no_amx!()),
             Backend::Cpu => None,
-            Backend::Cuda => Some("-DGGML_CUDA=on"),
+            Backend::Cuda => Some(with_no_amx!("-DGGML_CUDA=on")),
             Backend::Metal => Some("-DGGML_METAL=on"),
-            Backend::Openblas => Some("-DGGML_BLAS=ON -DGGML_BLAS_VENDOR=OpenBLAS"),
+            Backend::Openblas => Some(with_no_amx!("-DGGML_BLAS=ON -DGGML_BLAS_VENDOR=OpenBLAS")),
         }
     }
 
@@ -239,13 +260,16 @@ mod tests {
             .parse::<Backend>()
             .unwrap_err()
             .contains("cpu, cuda, metal or openblas"));
-        assert_eq!(Backend::Cuda.cmake_args(), Some("-DGGML_CUDA=on"));
-        assert_eq!(Backend::Metal.cmake_args(), Some("-DGGML_METAL=on"));
-        assert_eq!(
-            Backend::Openblas.cmake_args(),
-            Some("-DGGML_BLAS=ON -DGGML_BLAS_VENDOR=OpenBLAS")
-        );
-        assert_eq!(Backend::Cpu.cmake_args(), None);
+        let args = |b: Backend| b.cmake_args().unwrap_or_default();
+        assert!(args(Backend::Cuda).starts_with("-DGGML_CUDA=on"));
+        assert_eq!(args(Backend::Metal), "-DGGML_METAL=on");
+        assert!(args(Backend::Openblas).starts_with("-DGGML_BLAS=ON -DGGML_BLAS_VENDOR=OpenBLAS"));
+        for backend in [Backend::Cpu, Backend::Cuda, Backend::Openblas] {
+            // Each flag is one word for CMake once the shell-style quotes are read.
+            let amx_off = args(backend)
+                .contains("-DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'");
+            assert_eq!(amx_off, cfg!(target_arch = "x86_64"), "{backend}");
+        }
         assert!(Backend::Cuda.offloads_to_gpu() && Backend::Metal.offloads_to_gpu());
         assert!(!Backend::Cpu.offloads_to_gpu() && !Backend::Openblas.offloads_to_gpu());
     }
