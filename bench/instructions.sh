@@ -62,4 +62,5 @@ for target in bare:18024 llmgate:18023; do
   callgrind_control -d "$pid" >/dev/null 2>&1
   total=$(cat "$WORK/$name.$pid".* 2>/dev/null | sed -nE 's/^(summary|totals): ([0-9]+).*/\2/p' | sort -n | tail -n 1)
   echo "| $name | $((total / N)) |"
+  if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$WORK/$name.$pid".* "$KEEP/"; fi
 done

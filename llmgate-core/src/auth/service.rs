@@ -172,7 +172,8 @@ where
     };
     let original_len = bytes.len();
     let (bytes, plan) = inspect_request(parts.uri.path(), bytes, keep_for_counting);
-    if bytes.len() != original_len || declared.is_some() {
+    // A length that was declared and still holds stays as it is.
+    if bytes.len() != original_len || declared != Some(original_len as u64) {
         parts
             .headers
             .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));

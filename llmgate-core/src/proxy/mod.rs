@@ -265,8 +265,11 @@ impl Target {
     }
 }
 
-/// Headers that belong to one connection, not to the request (RFC 9110 §7.6.1).
-static HOP_BY_HOP: [HeaderName; 8] = [
+/// Headers that are not forwarded: first those that belong to one connection, not to the
+/// message (RFC 9110 §7.6.1), then, for requests only, those meant for the gateway: the
+/// client's key, its `Host`, and `Accept-Encoding` (usage is read from the body, so the
+/// gateway asks for it uncompressed).
+static DROPPED: [HeaderName; 13] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::PROXY_AUTHENTICATE,
@@ -275,18 +278,52 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
+    header::AUTHORIZATION,
+    HeaderName::from_static("api-key"),
+    HeaderName::from_static("x-api-key"),
+    header::HOST,
+    header::ACCEPT_ENCODING,
 ];
+/// How many of [`DROPPED`] are hop-by-hop.
+const HOP_BY_HOP: usize = 8;
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One look at each header finds which are there (usually just `Connection:
-    // keep-alive`, often none); only those are removed.
-    let mut present = [false; HOP_BY_HOP.len()];
-    for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
-            present[i] = true;
+/// The index of a header name in [`DROPPED`]: a match on the name's text, which rules
+/// most headers out by their length alone.
+fn dropped_index(name: &str) -> Option<usize> {
+    Some(match name {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-authenticate" => 2,
+        "proxy-authorization" => 3,
+        "te" => 4,
+        "trailer" => 5,
+        "transfer-encoding" => 6,
+        "upgrade" => 7,
+        "authorization" => 8,
+        "api-key" => 9,
+        "x-api-key" => 10,
+        "host" => 11,
+        "accept-encoding" => 12,
+        _ => return None,
+    })
+}
+
+/// Removes the first `count` of [`DROPPED`], and the headers a `Connection` header names.
+/// One pass over the headers finds which are there; only those are looked up to go.
+fn strip_headers(headers: &mut HeaderMap, count: usize) {
+    let mut present = 0u16;
+    let mut names_others = false;
+    for (name, value) in headers.iter() {
+        if let Some(i) = dropped_index(name.as_str()).filter(|&i| i < count) {
+            present |= 1 << i;
+            // Almost always `Connection: keep-alive` (or `close`), which names no header.
+            names_others |= i == 0 && connection_names_headers(value.as_bytes());
         }
     }
-    if present[0] {
+    if present == 0 {
+        return;
+    }
+    if names_others {
         // Headers that `Connection` names are hop-by-hop as well.
         let listed: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -303,9 +340,21 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, there)| *there) {
-        headers.remove(name);
+    for (i, name) in DROPPED.iter().enumerate().take(count) {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
+}
+
+/// Whether a `Connection` value may name headers: anything but a lone `keep-alive` or
+/// `close`.
+fn connection_names_headers(value: &[u8]) -> bool {
+    !(value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close"))
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    strip_headers(headers, HOP_BY_HOP);
 }
 
 impl<B> Service<Request<B>> for Proxy
@@ -322,74 +371,67 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let Some(target) = self.current() else {
-            return Box::pin(async move { Ok(error_response(ProxyError::NoUpstream)) });
-        };
-        let (mut parts, body) = request.into_parts();
-        // A pooled connection takes the origin form (path and query) and a Host header;
-        // hyper's client takes the absolute URI and sets Host itself.
-        let uri = match &target.pool {
-            Some(_) => target.upstream_path(&parts.uri).map(Uri::from),
-            None => target.upstream_uri(&parts.uri),
-        };
-        let uri = match uri {
-            Ok(uri) => uri,
-            Err(err) => return Box::pin(async move { Ok(error_response(err)) }),
-        };
-        parts.uri = uri;
-        parts.version = http::Version::HTTP_11;
-        let headers = &mut parts.headers;
-        strip_hop_by_hop(headers);
-        // The client's key is for the gateway only.
-        for name in [
-            header::AUTHORIZATION,
-            HeaderName::from_static("api-key"),
-            HeaderName::from_static("x-api-key"),
-        ] {
-            headers.remove(name);
-        }
-        match &target.pool {
-            Some(_) => headers.insert(header::HOST, target.host.clone()),
-            None => headers.remove(header::HOST),
-        };
-        // Usage is read from the body, so ask for it uncompressed.
-        headers.remove(header::ACCEPT_ENCODING);
-        if let Some(auth) = &target.authorization {
-            headers.insert(header::AUTHORIZATION, auth.clone());
-        }
-        let request = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
-        let timeout = target.timeout;
-        let sent = match &target.pool {
-            Some(pool) => futures_util::future::Either::Left(pool.clone().send(request)),
-            None => {
-                futures_util::future::Either::Right(self.remote().request(request).map(|sent| {
-                    sent.map(|response| response.map(UpstreamBody::unpooled))
-                        .map_err(|err| {
-                            let source = std::error::Error::source(&err)
-                                .map(|source| format!(" ({source})"))
-                                .unwrap_or_default();
-                            ProxyError::Unreachable(format!("{err}{source}"))
-                        })
-                }))
-            }
-        };
-        Box::pin(async move {
-            let response = match tokio::time::timeout(timeout, sent).await {
-                Ok(Ok(response)) => response,
-                Ok(Err(err)) => {
-                    tracing::warn!(error = %err, "upstream request failed");
-                    return Ok(error_response(err));
-                }
-                Err(_) => {
-                    tracing::warn!(?timeout, "upstream timed out");
-                    return Ok(error_response(ProxyError::Timeout(timeout)));
-                }
-            };
-            let (mut parts, body) = response.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
-            Ok(Response::from_parts(parts, Either::Left(body)))
-        })
+        // Everything happens inside the one boxed future, so that the request and the
+        // upstream call are built in place rather than moved into it.
+        Box::pin(forward(self.clone(), request))
     }
+}
+
+async fn forward<B>(proxy: Proxy, request: Request<B>) -> Result<Response<ProxyBody>, Infallible>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let Some(target) = proxy.current() else {
+        return Ok(error_response(ProxyError::NoUpstream));
+    };
+    let (mut parts, body) = request.into_parts();
+    // A pooled connection takes the origin form (path and query) and a Host header;
+    // hyper's client takes the absolute URI and sets Host itself.
+    let uri = match &target.pool {
+        Some(_) => target.upstream_path(&parts.uri).map(Uri::from),
+        None => target.upstream_uri(&parts.uri),
+    };
+    parts.uri = match uri {
+        Ok(uri) => uri,
+        Err(err) => return Ok(error_response(err)),
+    };
+    parts.version = http::Version::HTTP_11;
+    let headers = &mut parts.headers;
+    strip_headers(headers, DROPPED.len());
+    if target.pool.is_some() {
+        headers.insert(header::HOST, target.host.clone());
+    }
+    if let Some(auth) = &target.authorization {
+        headers.insert(header::AUTHORIZATION, auth.clone());
+    }
+    let request = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
+    let sent = match &target.pool {
+        Some(pool) => futures_util::future::Either::Left(pool.clone().send(request)),
+        None => futures_util::future::Either::Right(proxy.remote().request(request).map(|sent| {
+            sent.map(|response| response.map(UpstreamBody::unpooled))
+                .map_err(|err| {
+                    let source = std::error::Error::source(&err)
+                        .map(|source| format!(" ({source})"))
+                        .unwrap_or_default();
+                    ProxyError::Unreachable(format!("{err}{source}"))
+                })
+        })),
+    };
+    let response = match tokio::time::timeout(target.timeout, sent).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(err)) => {
+            tracing::warn!(error = %err, "upstream request failed");
+            return Ok(error_response(err));
+        }
+        Err(_) => {
+            tracing::warn!(timeout = ?target.timeout, "upstream timed out");
+            return Ok(error_response(ProxyError::Timeout(target.timeout)));
+        }
+    };
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Ok(Response::from_parts(parts, Either::Left(body)))
 }
 
 fn error_response(err: ProxyError) -> Response<ProxyBody> {
@@ -465,5 +507,48 @@ mod tests {
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);
         assert!(headers.contains_key(header::CONTENT_TYPE));
+
+        // A header named by a second `Connection` line, after a plain `keep-alive`.
+        let mut headers = HeaderMap::new();
+        headers.append(header::CONNECTION, HeaderValue::from_static("Keep-Alive"));
+        headers.append(header::CONNECTION, HeaderValue::from_static("x-second"));
+        headers.insert("x-second", HeaderValue::from_static("1"));
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.keys().collect::<Vec<_>>(), ["x-kept"]);
+    }
+
+    #[test]
+    fn a_forwarded_request_loses_the_clients_key_host_and_encoding_but_nothing_else() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("authorization", "Bearer sk-lg-x"),
+            ("api-key", "sk-lg-x"),
+            ("x-api-key", "sk-lg-x"),
+            ("host", "gateway:8080"),
+            ("accept-encoding", "gzip"),
+            ("connection", "keep-alive"),
+            ("te", "trailers"),
+            ("content-type", "application/json"),
+            ("x-request-id", "42"),
+            ("openai-organization", "org"),
+        ] {
+            headers.append(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        let mut response = headers.clone();
+        strip_headers(&mut headers, DROPPED.len());
+        let mut left: Vec<_> = headers.keys().map(|n| n.as_str()).collect();
+        left.sort();
+        assert_eq!(
+            left,
+            ["content-type", "openai-organization", "x-request-id"]
+        );
+        // A response keeps everything but the hop-by-hop headers.
+        strip_hop_by_hop(&mut response);
+        assert_eq!(response.len(), 8);
+        assert!(response.contains_key(header::AUTHORIZATION));
     }
 }

@@ -56,7 +56,10 @@ impl Conn {
 pub(crate) struct Pool {
     /// `host:port`, as `TcpStream::connect` takes it.
     address: String,
-    idle: Mutex<Vec<Conn>>,
+    /// Boxed, so that taking one out and handing it to a response body moves a pointer,
+    /// not the connection's ~700 bytes of state.
+    #[allow(clippy::vec_box)] // each is moved out, into a response body, and back
+    idle: Mutex<Vec<Box<Conn>>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -91,7 +94,9 @@ impl Pool {
         loop {
             let (mut conn, reused) = match self.checkout().await {
                 Some(conn) => (conn, true),
-                None => (self.connect().await?, false),
+                // Rare (the first requests, or after a close): boxed, so that its state
+                // does not make every request's future larger.
+                None => (Box::pin(self.connect()).await?, false),
             };
             let mut response = std::pin::pin!(conn.sender.try_send_request(request));
             let mut conn = Some(conn);
@@ -118,7 +123,7 @@ impl Pool {
     }
 
     /// The most recently used idle connection that is still open.
-    async fn checkout(&self) -> Option<Conn> {
+    async fn checkout(&self) -> Option<Box<Conn>> {
         loop {
             let mut conn = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
             if conn.idle_since.elapsed() > IDLE_TIMEOUT {
@@ -132,7 +137,7 @@ impl Pool {
         }
     }
 
-    async fn connect(&self) -> Result<Conn, ProxyError> {
+    async fn connect(&self) -> Result<Box<Conn>, ProxyError> {
         let stream = TcpStream::connect(&self.address).await.map_err(|err| {
             ProxyError::Unreachable(format!("cannot connect to {}: {err}", self.address))
         })?;
@@ -140,14 +145,14 @@ impl Pool {
         let (sender, driver) = http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|err| ProxyError::Unreachable(err.to_string()))?;
-        Ok(Conn {
+        Ok(Box::new(Conn {
             sender,
             driver,
             idle_since: Instant::now(),
-        })
+        }))
     }
 
-    fn checkin(&self, mut conn: Conn) {
+    fn checkin(&self, mut conn: Box<Conn>) {
         let now = Instant::now();
         conn.idle_since = now;
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
@@ -166,7 +171,7 @@ impl Pool {
 /// arrives on, which this body drives and then hands back to the pool at its end.
 pub struct UpstreamBody {
     inner: Incoming,
-    lease: Option<(Conn, Arc<Pool>)>,
+    lease: Option<(Box<Conn>, Arc<Pool>)>,
 }
 
 impl std::fmt::Debug for UpstreamBody {
@@ -178,7 +183,7 @@ impl std::fmt::Debug for UpstreamBody {
 }
 
 impl UpstreamBody {
-    fn pooled(inner: Incoming, conn: Option<Conn>, pool: Arc<Pool>) -> Self {
+    fn pooled(inner: Incoming, conn: Option<Box<Conn>>, pool: Arc<Pool>) -> Self {
         let mut body = Self {
             inner,
             lease: conn.map(|conn| (conn, pool)),
