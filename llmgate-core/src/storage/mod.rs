@@ -289,5 +289,29 @@ pub(crate) mod contract {
         assert_eq!(rows.len(), 150);
         assert_eq!(rows[0].at.timestamp_millis(), 10_149);
         assert_eq!(rows[149].prompt_tokens, Some(0));
+
+        // A mixed batch of keys, endpoints and models: every row keeps its own values.
+        let paths = [chat, "/v1/completions"];
+        let models = [Some("m"), None, Some("n")];
+        let mixed: Vec<_> = (0..120usize)
+            .map(|i| RequestRecord {
+                model: models[i % 3].map(Into::into),
+                ..row(
+                    ["k4", "k5"][i % 2],
+                    paths[(i / 2) % 2],
+                    20_000 + i as i64,
+                    Some((i as u64, i as u64 + 1)),
+                )
+            })
+            .collect();
+        store.record(&mixed).await.unwrap();
+        for key in ["k4", "k5"] {
+            let rows = store.requests(key, None, 1000).await.unwrap();
+            assert_eq!(rows.len(), 60, "{key}");
+            for r in rows {
+                let i = (r.at.timestamp_millis() - 20_000) as usize;
+                assert_eq!(r, mixed[i], "{key}, row {i}");
+            }
+        }
     }
 }
