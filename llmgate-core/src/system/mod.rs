@@ -185,16 +185,46 @@ mod tests {
         child.wait().unwrap();
     }
 
+    /// Whether this machine has an NVIDIA driver that NVML can load.
+    fn has_nvidia_driver() -> bool {
+        #[cfg(feature = "nvml")]
+        return nvml_wrapper::Nvml::init().is_ok();
+        #[cfg(not(feature = "nvml"))]
+        false
+    }
+
     #[test]
     fn without_an_nvidia_driver_the_report_says_no_gpu_found() {
-        // This machine (and CI) has no NVIDIA driver.
-        if std::path::Path::new("/proc/driver/nvidia").exists() {
-            return; // a GPU machine: covered by the device check instead
+        // The development machine and CI have no NVIDIA driver.
+        if has_nvidia_driver() {
+            return; // a GPU machine: the ignored test below covers it
         }
         let report = SystemMonitor::new().unwrap().report(None);
         assert!(report.gpu.devices.is_empty());
         assert_eq!(report.gpu.message, "no GPU found");
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["gpu"]["message"], "no GPU found");
+    }
+
+    /// On a machine with an NVIDIA GPU and driver:
+    /// `cargo test -p llmgate-core -- --ignored an_nvidia_gpu`.
+    #[test]
+    #[ignore = "needs an NVIDIA GPU and its driver"]
+    fn an_nvidia_gpu_is_reported_with_its_memory_temperature_and_power() {
+        let report = SystemMonitor::new().unwrap().report(None);
+        println!("{}", serde_json::to_string_pretty(&report.gpu).unwrap());
+        assert!(!report.gpu.devices.is_empty(), "{}", report.gpu.message);
+        assert!(report.gpu.message.ends_with("GPU") || report.gpu.message.ends_with("GPUs"));
+        for gpu in &report.gpu.devices {
+            assert!(gpu.name.contains("NVIDIA"), "{}", gpu.name);
+            let total = gpu.memory_total_bytes.expect("total memory");
+            assert!(total >= 1 << 30, "{total} bytes");
+            assert!(gpu.memory_used_bytes.expect("memory in use") <= total);
+            assert!(gpu.utilization_percent.expect("utilisation") <= 100);
+            let celsius = gpu.temperature_celsius.expect("temperature");
+            assert!((1..=120).contains(&celsius), "{celsius} °C");
+            let watts = gpu.power_watts.expect("power draw");
+            assert!(watts > 0.0 && watts < 2000.0, "{watts} W");
+        }
     }
 }
