@@ -377,6 +377,7 @@ where
     }
 }
 
+/// Forwards one request to the upstream set now: 503 with none, 502/504 when it fails.
 async fn forward<B>(proxy: Proxy, request: Request<B>) -> Result<Response<ProxyBody>, Infallible>
 where
     B: Body<Data = Bytes> + Send + 'static,
