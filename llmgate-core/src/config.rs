@@ -42,6 +42,10 @@ pub enum ConfigError {
 pub struct GatewayConfig {
     /// Address the gateway listens on.
     pub listen: SocketAddr,
+    /// Threads that serve requests; by default one per core. On a machine with many
+    /// cores that fronts one model server, a few use less CPU per request: idle threads
+    /// still look for work (docs/benchmarks.md).
+    pub workers: Option<u64>,
     /// Base URL of the OpenAI-compatible upstream.
     pub upstream: Option<String>,
     /// A key the gateway sends to the upstream (for a hosted API).
@@ -113,6 +117,7 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            workers: None,
             upstream: None,
             upstream_key: None,
             upstream_timeout_secs: 600,
@@ -142,7 +147,14 @@ impl GatewayConfig {
             self.upstream_uri()?;
         }
         self.validate_database()?;
-        let ranges: [(&'static str, u64, u64, u64, &'static str); 4] = [
+        let ranges: [(&'static str, u64, u64, u64, &'static str); 5] = [
+            (
+                "workers",
+                self.workers.unwrap_or(1),
+                1,
+                1024,
+                "between 1 and 1024",
+            ),
             (
                 "upstream_timeout_secs",
                 self.upstream_timeout_secs,

@@ -86,6 +86,10 @@ pub struct ServeArgs {
     #[arg(long, env = "LLMGATE_MAX_BODY_BYTES", value_name = "BYTES")]
     pub max_body_bytes: Option<u64>,
 
+    /// Threads that serve requests [default: one per core]
+    #[arg(long, env = "LLMGATE_WORKERS", value_name = "N")]
+    pub workers: Option<u64>,
+
     /// How long key lookups are cached, in milliseconds [default: 500]
     #[arg(long, env = "LLMGATE_KEY_CACHE_TTL_MS", value_name = "MS")]
     pub key_cache_ttl_ms: Option<u64>,

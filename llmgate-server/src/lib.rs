@@ -17,8 +17,9 @@ use cli::{Cli, Command};
 /// Exit status for bad flags or settings.
 pub const EXIT_USAGE: i32 = 2;
 
-/// Parses the command line and runs it; returns the process's exit status.
-pub async fn main_with_args(args: Vec<std::ffi::OsString>) -> i32 {
+/// Parses the command line and runs it on a Tokio runtime with the configured number of
+/// worker threads; returns the process's exit status.
+pub fn main_with_args(args: Vec<std::ffi::OsString>) -> i32 {
     let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(err) if !err.use_stderr() => {
@@ -45,7 +46,26 @@ pub async fn main_with_args(args: Vec<std::ffi::OsString>) -> i32 {
             return EXIT_USAGE;
         }
     };
-    let outcome = match cli.command {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    // `serve` and `up` have refused 0 already; other commands ignore the setting.
+    if let Some(workers) = config.workers.filter(|&n| n > 0) {
+        runtime.worker_threads(workers as usize);
+    }
+    let runtime = match runtime.enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the runtime: {err}");
+            return 1;
+        }
+    };
+    let status = runtime.block_on(run(cli.command, config));
+    // Exit now, as the gateway always has, rather than wait for blocking tasks.
+    runtime.shutdown_background();
+    status
+}
+
+async fn run(command: Command, config: llmgate_core::config::GatewayConfig) -> i32 {
+    let outcome = match command {
         Command::Serve(_) => commands::serve::run(config, false).await,
         Command::Up(_) => commands::serve::run(config, true).await,
         Command::Pull { model } => commands::model::pull(&config, &model).await,

@@ -7,14 +7,13 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() {
+fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_env("LLMGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .init();
-    let status = llmgate_server::main_with_args(std::env::args_os().collect()).await;
+    let status = llmgate_server::main_with_args(std::env::args_os().collect());
     std::process::exit(status);
 }

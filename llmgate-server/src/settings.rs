@@ -39,6 +39,9 @@ pub fn load(cli: &Cli, serve: Option<&ServeArgs>, up: bool) -> Result<GatewayCon
         if let Some(bytes) = args.max_body_bytes {
             config.max_body_bytes = bytes;
         }
+        if let Some(workers) = args.workers {
+            config.workers = Some(workers);
+        }
         if let Some(ms) = args.key_cache_ttl_ms {
             config.key_cache_ttl_ms = ms;
         }

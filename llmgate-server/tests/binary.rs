@@ -318,6 +318,12 @@ async fn bad_flags_and_settings_exit_2_with_one_line_that_says_what_to_fix() {
         "ftp://x",
     )
     .await;
+    fails_with_one_line(
+        &["serve", "--upstream", "http://h", "--data-dir", data],
+        &[("LLMGATE_WORKERS", "0")],
+        "workers",
+    )
+    .await;
 
     let config = dir.path().join("llmgate.toml");
     std::fs::write(
@@ -337,6 +343,56 @@ async fn bad_flags_and_settings_exit_2_with_one_line_that_says_what_to_fix() {
         "/no/such/file.toml",
     )
     .await;
+}
+
+/// The Tokio worker threads of a running process (Tokio names them `tokio-rt-worker`;
+/// older versions `tokio-runtime-worker`, which Linux cuts to 15 bytes).
+#[cfg(target_os = "linux")]
+fn worker_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm"))
+                .is_ok_and(|name| matches!(name.trim(), "tokio-rt-worker" | "tokio-runtime-w"))
+        })
+        .count()
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn workers_sets_how_many_threads_serve_requests() {
+    let upstream = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let default = match std::env::var("TOKIO_WORKER_THREADS") {
+        Ok(n) => n.parse().unwrap(),
+        Err(_) => std::thread::available_parallelism().unwrap().get(),
+    };
+    for (i, (env, expected)) in [
+        (vec![], default),
+        (vec![("LLMGATE_WORKERS", "3")], 3),
+        (vec![("LLMGATE_WORKERS", "1")], 1),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let server = serve(&dir.path().join(i.to_string()), &upstream.url, &env).await;
+        assert_eq!(
+            worker_threads(server.child.id().unwrap()),
+            expected,
+            "{env:?}"
+        );
+        // Requests are served whatever the number.
+        let answer = reqwest::Client::new()
+            .post(format!("{}/v1/chat/completions", server.url))
+            .bearer_auth(server.created_admin_key.as_deref().unwrap())
+            .json(&chat())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+        terminate(server).await;
+    }
 }
 
 #[tokio::test]
