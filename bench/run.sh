@@ -8,9 +8,11 @@
 # usage object), in one run (wrk, fixed duration; ROUNDS alternating rounds, median kept,
 # since on a small shared machine one run varies by ±20%). For each proxy it also reports
 # the CPU time its process(es) spent per request, read from /proc: a figure that moves
-# far less than requests/s when the machine is noisy. Then checks that llmgate's usage is
-# exact under load: ab sends exactly N requests over 32 keep-alive connections and waits
-# for every answer; llmgate must record exactly N requests and N × 16 tokens, and the
+# far less than requests/s when the machine is noisy; and the whole machine's CPU per
+# request and idle share (/proc/stat): on a saturated machine requests/s follow the
+# machine's CPU per request, load generator and upstream included. Then checks that
+# llmgate's usage is exact under load: ab sends exactly N requests over 32 keep-alive
+# connections and waits for every answer; llmgate must record exactly N requests and N × 16 tokens, and the
 # upstream must have served exactly N.
 #
 #   bench/run.sh [seconds per run, default 10] [connections, default 32]   (ROUNDS=5)
@@ -118,13 +120,20 @@ pids_of() {
 }
 cpu_ticks() { local sum=0; for p in $1; do sum=$((sum + $(awk '{ print $14 + $15 }' "/proc/$p/stat"))); done; echo "$sum"; }
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
+# The whole machine's busy and idle time (all CPUs, in clock ticks), from /proc/stat.
+machine_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6 }' /proc/stat; }
 TARGETS="direct nginx bare llmgate"
 for t in $TARGETS; do wrk -t1 -c"$CONNECTIONS" -d2s -s "$WORK/post.lua" "$(url_of "$t")" >/dev/null; done  # warm-up
 for round in $(seq "$ROUNDS"); do
   for t in $TARGETS; do
-    pids="$(pids_of "$t")"; before=$(cpu_ticks "$pids")
+    pids="$(pids_of "$t")"; before=$(cpu_ticks "$pids"); read -r busy0 idle0 <<<"$(machine_ticks)"
     wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$WORK/post.lua" "$(url_of "$t")" > "$WORK/$t.$round.txt"
     requests=$(sed -nE 's/^[[:space:]]+([0-9]+) requests in.*/\1/p' "$WORK/$t.$round.txt")
+    # The machine's CPU per request (load generator and upstream included) and its idle
+    # share: with the machine saturated, requests/s follow the first.
+    read -r busy1 idle1 <<<"$(machine_ticks)"
+    awk -v b=$((busy1 - busy0)) -v i=$((idle1 - idle0)) -v us="$TICK_US" -v n="$requests" \
+      'BEGIN { printf "%.1f %.0f\n", b * us / n, 100 * i / (b + i) }' > "$WORK/$t.$round.machine"
     if [ -n "$pids" ]; then
       awk -v t=$(( $(cpu_ticks "$pids") - before )) -v us="$TICK_US" -v n="$requests" \
         'BEGIN { printf "%.1f\n", t * us / n }' > "$WORK/$t.$round.cpu"
@@ -170,6 +179,7 @@ RATIOS=$(for r in $(seq "$ROUNDS"); do
   awk -v g="$(field "$WORK/llmgate.$r.txt" rps)" -v n="$(field "$WORK/nginx.$r.txt" rps)" 'BEGIN { printf "%.2f ", g / n }'
 done)
 CPU_MEDIAN() { for r in $(seq "$ROUNDS"); do cat "$WORK/$1.$r.cpu"; done | median; }
+MACHINE_MEDIAN() { for r in $(seq "$ROUNDS"); do cut -d' ' -f"$2" "$WORK/$1.$r.machine"; done | median; }
 EXACT=no
 [ "$COMPLETE" -eq "$EXACT_N" ] && [ "$FAILED" -eq 0 ] && [ "$SERVED" -eq "$EXACT_N" ] &&
   [ "$RECORDED" -eq "$EXACT_N" ] && [ "$TOKENS" -eq $((EXACT_N * 16)) ] && EXACT=yes
@@ -177,11 +187,11 @@ EXACT=no
   echo "Run: $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, workers: $WORKERS, wrk -t1 -c$CONNECTIONS -d${DURATION}s, POST /v1/chat/completions,"
   echo "median of $ROUNDS alternating rounds (all rounds, requests/s: $(for t in $TARGETS; do echo -n "$t "; for r in $(seq "$ROUNDS"); do echo -n "$(field "$WORK/$t.$r.txt" rps) "; done; done))"
   echo
-  echo "| path | requests/s | p50 | p99 | proxy CPU per request (median of rounds) | errors |"
-  echo "|---|---:|---:|---:|---:|---|"
+  echo "| path | requests/s | p50 | p99 | proxy CPU per request | machine CPU per request | machine idle | errors |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---|"
   for n in $TARGETS; do
     c="-"; [ "$n" != direct ] && c="$(CPU_MEDIAN "$n") µs"
-    echo "| $n | $(field "$WORK/$n.txt" rps) | $(field "$WORK/$n.txt" p50) | $(field "$WORK/$n.txt" p99) | $c | $(field "$WORK/$n.txt" errors) |"
+    echo "| $n | $(field "$WORK/$n.txt" rps) | $(field "$WORK/$n.txt" p50) | $(field "$WORK/$n.txt" p99) | $c | $(MACHINE_MEDIAN "$n" 1) µs | $(MACHINE_MEDIAN "$n" 2) % | $(field "$WORK/$n.txt" errors) |"
   done
   echo
   echo "llmgate / nginx requests/s: **$RATIO** (bar: ≥ 0.80); round by round: $RATIOS"
