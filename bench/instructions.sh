@@ -6,6 +6,7 @@
 #
 #   bench/instructions.sh [requests, default 4000]
 #   BIN_DIR=dir bench/instructions.sh   (binaries built elsewhere, e.g. an older commit)
+#   KEEP=dir bench/instructions.sh      (keeps the callgrind profiles, for callgrind_annotate)
 #
 # Runs llmgate (auth + usage to SQLite) and the bare proxy (llmgate's Proxy alone on
 # hyper) under callgrind in front of one nginx upstream, warms both up, zeroes the
