@@ -47,7 +47,7 @@ pub fn main_with_args(args: Vec<std::ffi::OsString>) -> i32 {
         }
     };
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    // `serve` and `up` have refused 0 already; other commands ignore the setting.
+    // `serve` and `up` have refused 0 already; for other commands a 0 in the file is ignored.
     if let Some(workers) = config.workers.filter(|&n| n > 0) {
         runtime.worker_threads(workers as usize);
     }
