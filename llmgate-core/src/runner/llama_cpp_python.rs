@@ -50,7 +50,7 @@ impl Marker {
         Self {
             backend,
             llama_cpp_python: LLAMA_CPP_PYTHON_VERSION.into(),
-            cmake_args: backend.cmake_args().map(str::to_owned),
+            cmake_args: backend.cmake_args(),
         }
     }
 }
@@ -99,11 +99,11 @@ impl PythonEnvManager {
     }
 
     /// The `pip install` (or `pip wheel`) environment for a backend: `CMAKE_ARGS` and
-    /// `FORCE_CMAKE` for GPU and BLAS builds.
+    /// `FORCE_CMAKE` whenever the backend has build flags.
     pub fn build_env(backend: Backend) -> Vec<(String, String)> {
         match backend.cmake_args() {
             Some(args) => vec![
-                ("CMAKE_ARGS".into(), args.into()),
+                ("CMAKE_ARGS".into(), args),
                 ("FORCE_CMAKE".into(), "1".into()),
             ],
             None => vec![],
@@ -535,10 +535,7 @@ mod tests {
                 .find(|(name, _)| name == "CMAKE_ARGS")
                 .map(|(_, value)| value.clone())
         };
-        assert_eq!(
-            cmake_args(Backend::Cpu),
-            Backend::Cpu.cmake_args().map(str::to_owned)
-        );
+        assert_eq!(cmake_args(Backend::Cpu), Backend::Cpu.cmake_args());
         assert!(cmake_args(Backend::Cuda)
             .unwrap()
             .starts_with("-DGGML_CUDA=on"));

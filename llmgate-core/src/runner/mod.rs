@@ -111,29 +111,19 @@ impl Backend {
     /// without AMX: llama-cpp-python 0.3.36's native AMX kernels die with SIGILL on the
     /// first token on CPUs that report AMX (Sapphire Rapids and later Xeons, seen in a
     /// VM), even with the tile permission granted.
-    pub fn cmake_args(self) -> Option<&'static str> {
-        macro_rules! with_no_amx {
-            ($args:literal) => {
-                if cfg!(target_arch = "x86_64") {
-                    concat!($args, " ", no_amx!())
-                } else {
-                    $args
-                }
-            };
-        }
-        macro_rules! no_amx {
-            () => {
-                "-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' \
-                 -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'"
-            };
-        }
-        match self {
-            Backend::Cpu if cfg!(target_arch = "x86_64") => Some(no_amx!()),
+    pub fn cmake_args(self) -> Option<String> {
+        const NO_AMX: &str = "-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' \
+             -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'";
+        let backend = match self {
             Backend::Cpu => None,
-            Backend::Cuda => Some(with_no_amx!("-DGGML_CUDA=on")),
-            Backend::Metal => Some("-DGGML_METAL=on"),
-            Backend::Openblas => Some(with_no_amx!("-DGGML_BLAS=ON -DGGML_BLAS_VENDOR=OpenBLAS")),
-        }
+            Backend::Cuda => Some("-DGGML_CUDA=on"),
+            // Apple's GPUs: no x86 flags.
+            Backend::Metal => return Some("-DGGML_METAL=on".to_owned()),
+            Backend::Openblas => Some("-DGGML_BLAS=ON -DGGML_BLAS_VENDOR=OpenBLAS"),
+        };
+        let no_amx = cfg!(target_arch = "x86_64").then_some(NO_AMX);
+        let args: Vec<&str> = backend.into_iter().chain(no_amx).collect();
+        (!args.is_empty()).then(|| args.join(" "))
     }
 
     /// Whether layers are offloaded to a GPU.

@@ -114,6 +114,12 @@ impl<B> UsageBody<B> {
 }
 
 impl Tracking {
+    /// The inner body has ended: read its usage now.
+    fn end(&mut self) {
+        self.inner_done = true;
+        self.settle();
+    }
+
     /// The body is complete, or dropped (hyper stops polling once a body of known
     /// length is sent; a client may leave): read what usage there is.
     fn settle(&mut self) {
@@ -187,8 +193,7 @@ where
                     json.observe(&data);
                 }
             }
-            tracking.inner_done = true;
-            tracking.settle();
+            tracking.end();
         })
         .await;
     });
@@ -246,8 +251,7 @@ where
                     // the server can end the response without polling for the end (it
                     // drops a body once its length is sent).
                     if inner.is_end_stream() {
-                        tracking.inner_done = true;
-                        tracking.settle();
+                        tracking.end();
                     }
                     if let Some(data) = pass {
                         return Poll::Ready(Some(Ok(Frame::data(data))));
@@ -258,10 +262,7 @@ where
                     this.tracking = None;
                     return Poll::Ready(Some(Err(err)));
                 }
-                None => {
-                    tracking.inner_done = true;
-                    tracking.settle();
-                }
+                None => tracking.end(),
             }
         }
     }
