@@ -5,6 +5,7 @@ pub mod app;
 pub mod cli;
 pub mod commands;
 pub mod console;
+pub mod http;
 pub mod metrics;
 pub mod models;
 pub mod routes;

@@ -50,7 +50,11 @@ impl KeyCache {
 
     /// The record of the key, active or not; `None` when there is no such key.
     pub async fn lookup(&self, secret: &Secret) -> Result<Option<Arc<KeyRecord>>, AuthError> {
-        let hash = secret.hash();
+        self.lookup_hash(secret.hash()).await
+    }
+
+    /// The record of the key with this hash (see [`lookup`](Self::lookup)).
+    pub async fn lookup_hash(&self, hash: KeyHash) -> Result<Option<Arc<KeyRecord>>, AuthError> {
         // The common case, a key seen within the TTL, without setting up a load.
         if let Some(known) = self.entries.get(&hash).await {
             return Ok(known);

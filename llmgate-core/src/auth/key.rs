@@ -46,7 +46,7 @@ impl Secret {
 
     /// The SHA-256 hash under which storage knows this key.
     pub fn hash(&self) -> KeyHash {
-        KeyHash(Sha256::digest(self.0.as_bytes()).into())
+        KeyHash::of(&self.0)
     }
 
     /// The short public prefix shown in listings.
@@ -72,6 +72,11 @@ impl fmt::Display for Secret {
 pub struct KeyHash(pub [u8; 32]);
 
 impl KeyHash {
+    /// The hash of a key in clear text (what [`Secret::hash`] gives), without copying it.
+    pub(crate) fn of(key: &str) -> Self {
+        Self(Sha256::digest(key.as_bytes()).into())
+    }
+
     /// Lower-case hex, for stores that keep text.
     pub fn to_hex(&self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()

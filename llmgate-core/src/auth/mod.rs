@@ -77,6 +77,11 @@ pub struct Caller {
 /// The key a request presents: `Authorization: Bearer <key>`, `api-key: <key>` (Azure
 /// OpenAI's header) or `x-api-key: <key>`, in that order.
 pub fn key_from_headers(headers: &HeaderMap) -> Option<Secret> {
+    presented_key(headers).map(Secret::new)
+}
+
+/// The key text a request presents (see [`key_from_headers`]), borrowed from its headers.
+pub(crate) fn presented_key(headers: &HeaderMap) -> Option<&str> {
     let bearer = headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -94,7 +99,6 @@ pub fn key_from_headers(headers: &HeaderMap) -> Option<Secret> {
         .or_else(|| plain("api-key"))
         .or_else(|| plain("x-api-key"))
         .filter(|key| !key.is_empty())
-        .map(Secret::new)
 }
 
 #[cfg(test)]

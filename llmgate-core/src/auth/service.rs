@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use tower::{Service, ServiceExt};
 
 use super::layer::Shared;
-use super::{key_from_headers, now_millis, AuthError, Caller, ResponseFuture};
+use super::{now_millis, presented_key, AuthError, Caller, KeyHash, ResponseFuture};
 use crate::error::ApiError;
 use crate::usage::{inspect_request, AuthUsageBody, RequestPlan, UsageBody, UsageGuard};
 use crate::BoxError;
@@ -74,10 +74,10 @@ where
 {
     let started = Instant::now();
     let at = now_millis();
-    let Some(secret) = key_from_headers(request.headers()) else {
+    let Some(presented) = presented_key(request.headers()) else {
         return Ok(refuse(AuthError::Missing));
     };
-    let key = match shared.keys.lookup(&secret).await {
+    let key = match shared.keys.lookup_hash(KeyHash::of(presented)).await {
         Ok(Some(key)) => key,
         Ok(None) => return Ok(refuse(AuthError::Unknown)),
         Err(err) => {
@@ -106,7 +106,7 @@ where
     };
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
-    let mut guard = UsageGuard::new(recorder.clone(), &key, method.as_str(), &path, at, started);
+    let mut guard = UsageGuard::new(recorder.clone(), &key, method.as_str(), path, at, started);
 
     let (request, plan) =
         match read_request(request, shared.max_body_bytes, guard.counts_tokens()).await {

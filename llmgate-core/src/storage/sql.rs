@@ -135,10 +135,20 @@ const INSERT_SIZES: [usize; 4] = [64, 16, 4, 1];
 pub(super) struct RequestInserts([String; INSERT_SIZES.len()]);
 
 impl RequestInserts {
-    /// `placeholder(n)` writes the n-th (from 1) parameter: `?` or `$n`.
+    /// Inserts into `usage_requests` (`REQUEST_COLUMNS`); `placeholder(n)` writes the
+    /// n-th (from 1) parameter: `?` or `$n`.
     pub(super) fn new(placeholder: impl Fn(usize) -> String) -> Self {
+        Self::for_table("usage_requests", REQUEST_COLUMNS, placeholder)
+    }
+
+    /// Inserts into `table`, naming `column_list` (comma-separated).
+    pub(super) fn for_table(
+        table: &str,
+        column_list: &str,
+        placeholder: impl Fn(usize) -> String,
+    ) -> Self {
+        let columns = column_list.split(',').count();
         Self(INSERT_SIZES.map(|rows| {
-            let columns = REQUEST_COLUMNS.split(',').count();
             let values = (0..rows)
                 .map(|row| {
                     let params = (1..=columns)
@@ -148,8 +158,7 @@ impl RequestInserts {
                 })
                 .collect::<Vec<_>>();
             format!(
-                "INSERT INTO usage_requests ({}) VALUES {}",
-                REQUEST_COLUMNS,
+                "INSERT INTO {table} ({column_list}) VALUES {}",
                 values.join(", ")
             )
         }))

@@ -1,9 +1,10 @@
 //! The embedded default: one SQLite file in the data directory, in WAL mode so the
 //! `llmgate` CLI can read and write it while a server runs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -12,8 +13,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 
 use super::sql::{
-    bind_request, key_from_row, millis, request_from_row, totals_from_row, RequestInserts,
-    KEY_COLUMNS, REQUEST_COLUMNS,
+    key_from_row, millis, request_from_row, totals_from_row, RequestInserts, KEY_COLUMNS,
 };
 use super::{KeyStore, RequestRecord, Storage, StorageError, UsageStore, UsageTotals};
 use crate::auth::{KeyHash, KeyRecord};
@@ -22,6 +22,9 @@ use crate::auth::{KeyHash, KeyRecord};
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// The ids of names (key ids, methods, paths, models) in `usage_names` that this
+    /// process has seen committed. Names are never renumbered or removed.
+    names: Arc<Mutex<HashMap<String, i64>>>,
 }
 
 impl SqliteStore {
@@ -58,7 +61,10 @@ impl SqliteStore {
             .run(&pool)
             .await
             .map_err(|e| StorageError::Database(format!("migration failed: {e}")))?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            names: Arc::default(),
+        })
     }
 }
 
@@ -138,9 +144,23 @@ impl UsageStore for SqliteStore {
             per_key.entry(&record.key_id).or_default().add(record);
         }
         let mut tx = self.pool.begin().await?;
+        let (ids, fresh) = self.name_ids(&mut tx, batch).await?;
+        let mut ids = NameIds::new(ids);
         // Multi-row inserts of fixed sizes, each statement parsed once (see RequestInserts).
         for (sql, rows) in inserts().runs(batch) {
-            let query = rows.iter().fold(sqlx::query(sql), bind_request);
+            let query = rows.iter().fold(sqlx::query(sql), |query, r| {
+                query
+                    .bind(millis(r.at))
+                    .bind(ids.get(0, &r.key_id))
+                    .bind(ids.get(1, &r.method))
+                    .bind(ids.get(2, &r.path))
+                    .bind(r.model.as_deref().map(|model| ids.get(3, model)))
+                    .bind(i64::from(r.status))
+                    .bind(r.prompt_tokens.map(|t| t as i64))
+                    .bind(r.completion_tokens.map(|t| t as i64))
+                    .bind(r.latency_ms as i64)
+                    .bind(r.first_byte_ms.map(|ms| ms as i64))
+            });
             query.execute(&mut *tx).await?;
         }
         for (key_id, t) in &per_key {
@@ -176,6 +196,8 @@ impl UsageStore for SqliteStore {
             }
         }
         tx.commit().await?;
+        // Only committed ids are remembered: a rolled-back name may get another id.
+        self.names.lock().expect("names lock").extend(fresh);
         Ok(())
     }
 
@@ -236,10 +258,17 @@ impl UsageStore for SqliteStore {
         since: Option<DateTime<Utc>>,
         limit: u32,
     ) -> Result<Vec<RequestRecord>, StorageError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {REQUEST_COLUMNS} \
-             FROM usage_requests WHERE key_id = ? AND at >= ? ORDER BY at DESC, id DESC LIMIT ?"
-        ))
+        let rows = sqlx::query(
+            "SELECT r.at, k.name AS key_id, m.name AS method, p.name AS path, mo.name AS model, \
+                    r.status, r.prompt_tokens, r.completion_tokens, r.latency_ms, r.first_byte_ms \
+             FROM usage_rows r \
+             JOIN usage_names k ON k.id = r.key \
+             JOIN usage_names m ON m.id = r.method \
+             JOIN usage_names p ON p.id = r.path \
+             LEFT JOIN usage_names mo ON mo.id = r.model \
+             WHERE r.key = (SELECT id FROM usage_names WHERE name = ?) AND r.at >= ? \
+             ORDER BY r.at DESC, r.id DESC LIMIT ?",
+        )
         .bind(key_id)
         .bind(since.map(millis).unwrap_or(i64::MIN))
         .bind(i64::from(limit))
@@ -249,10 +278,86 @@ impl UsageStore for SqliteStore {
     }
 }
 
-/// The request-row inserts in this backend's parameter syntax.
+impl SqliteStore {
+    /// The id of every name the batch uses, and those of them this process had not seen
+    /// (to remember once the transaction commits). A name new to the database is added.
+    async fn name_ids<'b>(
+        &self,
+        tx: &mut sqlx::SqliteConnection,
+        batch: &'b [RequestRecord],
+    ) -> Result<(HashMap<&'b str, i64>, Vec<(String, i64)>), StorageError> {
+        let mut used = BTreeSet::new();
+        for r in batch {
+            used.extend([r.key_id.as_str(), r.method.as_str(), r.path.as_str()]);
+            used.extend(r.model.as_deref());
+        }
+        let mut ids = HashMap::with_capacity(used.len());
+        let mut missing = Vec::new();
+        {
+            let known = self.names.lock().expect("names lock");
+            for name in used {
+                match known.get(name) {
+                    Some(&id) => {
+                        ids.insert(name, id);
+                    }
+                    None => missing.push(name),
+                }
+            }
+        }
+        let mut fresh = Vec::with_capacity(missing.len());
+        for name in missing {
+            sqlx::query("INSERT INTO usage_names (name) VALUES (?) ON CONFLICT (name) DO NOTHING")
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+            let id: i64 = sqlx::query_scalar("SELECT id FROM usage_names WHERE name = ?")
+                .bind(name)
+                .fetch_one(&mut *tx)
+                .await?;
+            ids.insert(name, id);
+            fresh.push((name.to_owned(), id));
+        }
+        Ok((ids, fresh))
+    }
+}
+
+/// The ids of a batch's names, by column. Consecutive rows mostly repeat a column's
+/// name, so each column remembers its last one before looking in the map.
+struct NameIds<'b> {
+    all: HashMap<&'b str, i64>,
+    last: [(&'b str, i64); 4],
+}
+
+impl<'b> NameIds<'b> {
+    fn new(all: HashMap<&'b str, i64>) -> Self {
+        Self {
+            all,
+            last: [("", 0); 4],
+        }
+    }
+
+    fn get(&mut self, column: usize, name: &'b str) -> i64 {
+        let (last, id) = self.last[column];
+        if last == name && !name.is_empty() {
+            return id;
+        }
+        // Every name of the batch was looked up or added by `name_ids`.
+        let id = self.all.get(name).copied().unwrap_or_default();
+        self.last[column] = (name, id);
+        id
+    }
+}
+
+/// The request-row inserts (into `usage_rows`, names by id).
 fn inserts() -> &'static RequestInserts {
     static INSERTS: std::sync::OnceLock<RequestInserts> = std::sync::OnceLock::new();
-    INSERTS.get_or_init(|| RequestInserts::new(|_| "?".to_owned()))
+    INSERTS.get_or_init(|| {
+        RequestInserts::for_table(
+            "usage_rows",
+            "at, key, method, path, model, status, prompt_tokens, completion_tokens, latency_ms, first_byte_ms",
+            |_| "?".to_owned(),
+        )
+    })
 }
 
 #[cfg(test)]
@@ -268,6 +373,128 @@ mod tests {
     #[tokio::test]
     async fn usage_contract() {
         super::super::contract::usage(&SqliteStore::in_memory().await.unwrap()).await;
+    }
+
+    fn request(key: &str, model: Option<&str>, at_ms: i64) -> RequestRecord {
+        RequestRecord {
+            at: DateTime::from_timestamp_millis(at_ms).unwrap(),
+            key_id: key.into(),
+            method: "POST".into(),
+            path: "/v1/chat/completions".into(),
+            model: model.map(Into::into),
+            status: 200,
+            prompt_tokens: Some(3),
+            completion_tokens: None,
+            latency_ms: 7,
+            first_byte_ms: Some(2),
+        }
+    }
+
+    #[tokio::test]
+    async fn rows_written_before_names_were_numbered_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("llmgate.db");
+        {
+            // The database as the first two migrations left it, with rows in the old table.
+            let pool = SqlitePoolOptions::new()
+                .connect_with(
+                    SqliteConnectOptions::new()
+                        .filename(&path)
+                        .create_if_missing(true),
+                )
+                .await
+                .unwrap();
+            let mut old = sqlx::migrate!("./migrations/sqlite");
+            old.migrations = old
+                .migrations
+                .iter()
+                .filter(|m| m.version <= 2)
+                .cloned()
+                .collect::<Vec<_>>()
+                .into();
+            old.run(&pool).await.unwrap();
+            for (key, model, at) in [
+                ("k1", Some("m"), 1_000),
+                ("k2", None, 2_000),
+                ("k1", None, 3_000),
+            ] {
+                sqlx::query(
+                    "INSERT INTO usage_requests (at, key_id, method, path, model, status, \
+                     prompt_tokens, completion_tokens, latency_ms, first_byte_ms) \
+                     VALUES (?, ?, 'POST', '/v1/chat/completions', ?, 200, 3, NULL, 7, 2)",
+                )
+                .bind(at)
+                .bind(key)
+                .bind(model)
+                .execute(&pool)
+                .await
+                .unwrap();
+            }
+            pool.close().await;
+        }
+        let store = SqliteStore::open(&path).await.unwrap();
+        assert_eq!(
+            store.requests("k1", None, 10).await.unwrap(),
+            [request("k1", None, 3_000), request("k1", Some("m"), 1_000)]
+        );
+        // New rows reuse the names already there, and the old table's name still answers SQL.
+        store
+            .record(&[
+                request("k2", Some("m"), 4_000),
+                request("k3", Some("n"), 5_000),
+            ])
+            .await
+            .unwrap();
+        let names: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM usage_names")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(names, 7, "k1, k2, k3, POST, the path, m and n, each once");
+        let rows: Vec<(String, Option<String>, i64)> = sqlx::query_as(
+            "SELECT key_id, model, at FROM usage_requests WHERE key_id = 'k2' ORDER BY at",
+        )
+        .fetch_all(&store.pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            rows,
+            [
+                ("k2".into(), None, 2_000),
+                ("k2".into(), Some("m".into()), 4_000)
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn two_stores_on_one_file_agree_on_new_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("llmgate.db");
+        let a = SqliteStore::open(&path).await.unwrap();
+        let b = SqliteStore::open(&path).await.unwrap();
+        a.record(&[request("k", Some("m"), 1_000)]).await.unwrap();
+        b.record(&[
+            request("k", Some("m"), 2_000),
+            request("k", Some("x"), 3_000),
+        ])
+        .await
+        .unwrap();
+        a.record(&[request("k", Some("x"), 4_000)]).await.unwrap();
+        let models: Vec<_> = b
+            .requests("k", None, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.model)
+            .collect();
+        assert_eq!(
+            models,
+            [
+                Some("x".into()),
+                Some("x".into()),
+                Some("m".into()),
+                Some("m".into())
+            ]
+        );
     }
 
     #[tokio::test]

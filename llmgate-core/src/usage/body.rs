@@ -314,7 +314,7 @@ mod tests {
             recorder.clone(),
             &key,
             "POST",
-            "/v1/chat/completions",
+            "/v1/chat/completions".to_owned(),
             now_millis(),
             Instant::now(),
         );

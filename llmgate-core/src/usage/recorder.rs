@@ -17,8 +17,11 @@ const MAX_BATCH: usize = 4096;
 /// How long the writer lets records gather before a write.
 const LINGER: Duration = Duration::from_millis(50);
 
+// Records are nearly every message: boxing each would cost an allocation per request,
+// freed on the writer's thread.
+#[allow(clippy::large_enum_variant)]
 enum Message {
-    Record(Box<Pending>),
+    Record(Pending),
     Flush(oneshot::Sender<()>),
 }
 
@@ -67,6 +70,11 @@ impl std::fmt::Debug for RecorderOptions {
 /// never waits.
 #[derive(Clone)]
 pub struct UsageRecorder {
+    // One shared allocation: a clone per request is one reference count, not three.
+    inner: Arc<RecorderInner>,
+}
+
+struct RecorderInner {
     tx: mpsc::UnboundedSender<Message>,
     flush_wanted: Arc<Notify>,
     counts_tokens: bool,
@@ -75,7 +83,7 @@ pub struct UsageRecorder {
 impl std::fmt::Debug for UsageRecorder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UsageRecorder")
-            .field("counts_tokens", &self.counts_tokens)
+            .field("counts_tokens", &self.inner.counts_tokens)
             .finish_non_exhaustive()
     }
 }
@@ -112,9 +120,11 @@ impl UsageRecorder {
             },
         ));
         let recorder = Self {
-            tx,
-            flush_wanted,
-            counts_tokens,
+            inner: Arc::new(RecorderInner {
+                tx,
+                flush_wanted,
+                counts_tokens,
+            }),
         };
         (
             recorder,
@@ -128,18 +138,18 @@ impl UsageRecorder {
     /// Waits until every record handed over before this call is in the store.
     pub async fn flush(&self) {
         let (done, wait) = oneshot::channel();
-        if self.tx.send(Message::Flush(done)).is_ok() {
-            self.flush_wanted.notify_one();
+        if self.inner.tx.send(Message::Flush(done)).is_ok() {
+            self.inner.flush_wanted.notify_one();
             let _ = wait.await;
         }
     }
 
     pub(crate) fn counts_tokens(&self) -> bool {
-        self.counts_tokens
+        self.inner.counts_tokens
     }
 
     fn send(&self, pending: Pending) {
-        if self.tx.send(Message::Record(Box::new(pending))).is_err() {
+        if self.inner.tx.send(Message::Record(pending)).is_err() {
             tracing::error!("usage writer has stopped; a usage record was lost");
         }
     }
@@ -213,7 +223,7 @@ async fn write(batch: &mut Vec<Message>, sink: &Sink, stopping: bool) {
     for message in batch.drain(..) {
         match message {
             Message::Record(pending) => {
-                let (record, key_name) = settle_count(*pending, sink.counter.as_deref()).await;
+                let (record, key_name) = settle_count(pending, sink.counter.as_deref()).await;
                 records.push(record);
                 key_names.push(key_name);
             }
@@ -284,7 +294,7 @@ impl UsageGuard {
         recorder: UsageRecorder,
         key: &KeyRecord,
         method: &str,
-        path: &str,
+        path: String,
         at: DateTime<Utc>,
         started: Instant,
     ) -> Self {
@@ -292,7 +302,7 @@ impl UsageGuard {
             at,
             key_id: key.id.clone(),
             method: method.to_owned(),
-            path: path.to_owned(),
+            path,
             model: None,
             // Until a response arrives: the client closed the request.
             status: 499,
@@ -403,7 +413,7 @@ mod tests {
             recorder.clone(),
             &record,
             "POST",
-            "/v1/chat/completions",
+            "/v1/chat/completions".to_owned(),
             now_millis(),
             Instant::now(),
         )

@@ -9,8 +9,6 @@ use llmgate_core::proxy::Proxy;
 use llmgate_core::storage::{KeyStore, Storage};
 use llmgate_core::usage::{RecorderOptions, UsageRecorder};
 
-use axum::serve::ListenerExt;
-
 use crate::app::{app, AppState};
 use crate::commands::model::Reporter;
 use crate::metrics::Metrics;
@@ -120,20 +118,10 @@ async fn serve(
     println!("llmgate listening on http://{local} ({upstream})");
     tracing::info!(%local, "listening");
 
-    // No Nagle delay: streamed tokens are small writes that must go out at once.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let served = axum::serve(
-        listener,
-        axum::ServiceExt::<axum::extract::Request>::into_make_service(router),
-    )
-    .with_graceful_shutdown(shutdown_signal())
-    .await
-    .map_err(|e| format!("server failed: {e}"));
+    crate::http::serve(listener, router, shutdown_signal()).await;
     tracing::info!("shutting down: writing queued usage");
     writer.shutdown().await;
-    served
+    Ok(())
 }
 
 fn print_welcome(
