@@ -122,7 +122,9 @@ cpu_ticks() { local sum=0; for p in $1; do sum=$((sum + $(awk '{ print $14 + $15
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
 # The whole machine's busy and idle time (all CPUs, in clock ticks), from /proc/stat.
 machine_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6 }' /proc/stat; }
-TARGETS="direct nginx bare llmgate"
+# nginx and llmgate run back to back in each round, so that the round's ratio compares
+# them under the same conditions (the load on a shared machine drifts within seconds).
+TARGETS="direct bare nginx llmgate"
 for t in $TARGETS; do wrk -t1 -c"$CONNECTIONS" -d2s -s "$WORK/post.lua" "$(url_of "$t")" >/dev/null; done  # warm-up
 for round in $(seq "$ROUNDS"); do
   for t in $TARGETS; do
@@ -178,6 +180,7 @@ RATIO=$(awk -v g="$GATE" -v n="$NGINX_RPS" 'BEGIN { printf "%.2f", g / n }')
 RATIOS=$(for r in $(seq "$ROUNDS"); do
   awk -v g="$(field "$WORK/llmgate.$r.txt" rps)" -v n="$(field "$WORK/nginx.$r.txt" rps)" 'BEGIN { printf "%.2f ", g / n }'
 done)
+PAIRED=$(echo "$RATIOS" | tr ' ' '\n' | grep . | median)
 CPU_MEDIAN() { for r in $(seq "$ROUNDS"); do cat "$WORK/$1.$r.cpu"; done | median; }
 MACHINE_MEDIAN() { for r in $(seq "$ROUNDS"); do cut -d' ' -f"$2" "$WORK/$1.$r.machine"; done | median; }
 EXACT=no
@@ -194,7 +197,7 @@ EXACT=no
     echo "| $n | $(field "$WORK/$n.txt" rps) | $(field "$WORK/$n.txt" p50) | $(field "$WORK/$n.txt" p99) | $c | $(MACHINE_MEDIAN "$n" 1) µs | $(MACHINE_MEDIAN "$n" 2) % | $(field "$WORK/$n.txt" errors) |"
   done
   echo
-  echo "llmgate / nginx requests/s: **$RATIO** (bar: ≥ 0.80); round by round: $RATIOS"
+  echo "llmgate / nginx requests/s: **$RATIO** (medians; bar: ≥ 0.80); round by round: $RATIOS(median **$PAIRED**)"
   echo
   echo "Usage exact under load: **$EXACT** — ab sent $EXACT_N requests over $CONNECTIONS connections"
   echo "($COMPLETE complete, $FAILED failed); the upstream served $SERVED; llmgate recorded"

@@ -1,6 +1,7 @@
 //! The `llmgate` binary's parts: command line, settings, the HTTP app and its routes.
 //! `main.rs` only parses and dispatches.
 
+pub mod allocator;
 pub mod app;
 pub mod cli;
 pub mod commands;

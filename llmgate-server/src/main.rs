@@ -8,6 +8,7 @@ use tracing_subscriber::EnvFilter;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
+    llmgate_server::allocator::keep_freed_memory_a_while();
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_env("LLMGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
