@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use moka::future::Cache;
+use moka::sync::Cache;
 
 use super::{AuthError, KeyHash, KeyRecord, Secret};
 use crate::storage::KeyStore;
@@ -55,20 +55,19 @@ impl KeyCache {
 
     /// The record of the key with this hash (see [`lookup`](Self::lookup)).
     pub async fn lookup_hash(&self, hash: KeyHash) -> Result<Option<Arc<KeyRecord>>, AuthError> {
-        // The common case, a key seen within the TTL, without setting up a load.
-        if let Some(known) = self.entries.get(&hash).await {
+        // The common case, a key seen within the TTL: a synchronous read, so a request's
+        // future holds no state for the cache.
+        if let Some(known) = self.entries.get(&hash) {
             return Ok(known);
         }
-        let store = &self.store;
-        self.entries
-            .try_get_with(hash, async move {
-                store
-                    .key_by_hash(&hash)
-                    .await
-                    .map(|found| found.map(Arc::new))
-            })
+        // Boxed: only a miss pays for the store's future. Concurrent misses of one key
+        // each ask the store (once per key and TTL, at most one per request in flight).
+        let found = Box::pin(self.store.key_by_hash(&hash))
             .await
-            .map_err(|err| AuthError::Storage(err.to_string()))
+            .map_err(|err| AuthError::Storage(err.to_string()))?
+            .map(Arc::new);
+        self.entries.insert(hash, found.clone());
+        Ok(found)
     }
 
     /// Forgets everything, so that a change made through this process (a revocation)

@@ -89,7 +89,7 @@ impl<B> UsageBody<B> {
         } else {
             Extractor::Nothing
         };
-        guard.set_model(plan.model.as_deref());
+        guard.set_model_owned(plan.model);
         let finish_in_background = matches!(extractor, Extractor::Json(_))
             .then_some(read_rest_for_usage::<B> as ReadRest<B>);
         Self {
@@ -127,7 +127,7 @@ impl Tracking {
             Extractor::Nothing => {}
             Extractor::Json(json) => {
                 let (usage, model) = json.finish(!self.guard.has_model());
-                self.guard.set_model(model.as_deref());
+                self.guard.set_model_owned(model);
                 if let Some(usage) = usage {
                     self.guard.set_usage(usage);
                 }

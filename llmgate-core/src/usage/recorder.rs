@@ -349,6 +349,14 @@ impl UsageGuard {
         }
     }
 
+    /// [`set_model`](Self::set_model) with a name already owned (no copy).
+    pub(crate) fn set_model_owned(&mut self, model: Option<String>) {
+        let record = self.record();
+        if record.model.is_none() {
+            record.model = model;
+        }
+    }
+
     pub(crate) fn set_usage(&mut self, usage: TokenUsage) {
         let record = self.record();
         record.prompt_tokens = Some(usage.prompt_tokens);
