@@ -324,6 +324,29 @@ async fn a_client_that_leaves_before_a_json_answer_is_read_is_charged_its_tokens
 }
 
 #[tokio::test]
+async fn a_client_that_leaves_before_the_answer_starts_is_recorded_with_its_model() {
+    let gw = Gateway::start().await;
+    gw.upstream.set_response_delay(Duration::from_millis(1_000));
+    let request = gw
+        .post("/v1/chat/completions", &gw.alice, &chat("slow"))
+        .timeout(Duration::from_millis(200))
+        .send()
+        .await;
+    assert!(request.is_err(), "the client gave up before the headers");
+    let usage = gw.wait_for_requests(&gw.alice_id, 1).await;
+    assert_eq!(usage["endpoints"]["/v1/chat/completions"], 1);
+    let rows: Value = gw
+        .get_json(&format!("/admin/usage/{}/requests", gw.alice_id), &gw.admin)
+        .await;
+    assert_eq!(rows[0]["status"], 499);
+    assert_eq!(rows[0]["model"], chat("slow")["model"]);
+    assert!(
+        rows[0]["prompt_tokens"].is_null(),
+        "tokens unknown, not zero"
+    );
+}
+
+#[tokio::test]
 async fn an_unreachable_upstream_is_a_502_in_openai_shape() {
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let dead = format!("http://{}", closed.local_addr().unwrap());

@@ -108,7 +108,7 @@ where
     let path = request.uri().path().to_owned();
     let mut guard = UsageGuard::new(recorder.clone(), &key, method.as_str(), path, at, started);
 
-    let (request, plan) =
+    let (request, mut plan) =
         match read_request(request, shared.max_body_bytes, guard.counts_tokens()).await {
             Ok(read) => read,
             Err(err) => {
@@ -119,6 +119,8 @@ where
             }
         };
 
+    // The model asked for is known now, even if the client leaves before the answer.
+    guard.set_model_owned(plan.model.take());
     let response = inner.oneshot(request).await?;
     let status = response.status();
     guard.responded(status.as_u16());
