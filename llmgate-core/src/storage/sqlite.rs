@@ -18,6 +18,9 @@ use super::sql::{
 use super::{KeyStore, RequestRecord, Storage, StorageError, UsageStore, UsageTotals};
 use crate::auth::{KeyHash, KeyRecord};
 
+/// How many names' ids a store keeps in memory before it starts over.
+const MAX_REMEMBERED_NAMES: usize = 10_000;
+
 /// Keys and usage in a SQLite database.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -25,6 +28,8 @@ pub struct SqliteStore {
     /// The ids of names (key ids, methods, paths, models) in `usage_names` that this
     /// process has seen committed. Names are never renumbered or removed.
     names: Arc<Mutex<HashMap<String, i64>>>,
+    /// At most this many are kept ([`MAX_REMEMBERED_NAMES`]; smaller in tests).
+    names_limit: usize,
 }
 
 impl SqliteStore {
@@ -64,6 +69,7 @@ impl SqliteStore {
         Ok(Self {
             pool,
             names: Arc::default(),
+            names_limit: MAX_REMEMBERED_NAMES,
         })
     }
 }
@@ -197,7 +203,12 @@ impl UsageStore for SqliteStore {
         }
         tx.commit().await?;
         // Only committed ids are remembered: a rolled-back name may get another id.
-        self.names.lock().expect("names lock").extend(fresh);
+        let mut names = self.names.lock().expect("names lock");
+        if names.len() + fresh.len() > self.names_limit {
+            // Clients can make up paths without end; forgotten ids are read again.
+            names.clear();
+        }
+        names.extend(fresh);
         Ok(())
     }
 
@@ -463,6 +474,30 @@ mod tests {
                 ("k2".into(), Some("m".into()), 4_000)
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn names_beyond_the_limit_are_forgotten_and_read_again() {
+        let mut store = SqliteStore::in_memory().await.unwrap();
+        store.names_limit = 4;
+        for i in 0..6 {
+            let mut r = request("k", Some("m"), 1_000 + i);
+            r.path = format!("/v1/made-up/{i}");
+            store.record(&[r]).await.unwrap();
+            assert!(store.names.lock().unwrap().len() <= 4);
+        }
+        let rows = store.requests("k", None, 10).await.unwrap();
+        let paths: Vec<_> = rows.iter().map(|r| r.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            (0..6)
+                .rev()
+                .map(|i| format!("/v1/made-up/{i}"))
+                .collect::<Vec<_>>()
+        );
+        assert!(rows
+            .iter()
+            .all(|r| r.key_id == "k" && r.model.as_deref() == Some("m")));
     }
 
     #[tokio::test]
