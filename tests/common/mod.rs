@@ -111,14 +111,12 @@ impl Gateway {
         let router = app(state, proxy, options.max_body_bytes);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            axum::serve(
-                listener,
-                axum::ServiceExt::<axum::extract::Request>::into_make_service(router),
-            )
-            .await
-            .unwrap();
-        });
+        // Served as `llmgate serve` serves it.
+        let server = tokio::spawn(llmgate_server::http::serve(
+            listener,
+            router,
+            std::future::pending(),
+        ));
         Self {
             url: format!("http://{addr}"),
             admin,
