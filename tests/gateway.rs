@@ -266,9 +266,7 @@ async fn a_stream_whose_upstream_sends_no_usage_is_counted_with_unknown_tokens()
     let usage = gw.wait_for_requests(&gw.alice_id, 1).await;
     assert_eq!(usage["requests_without_usage"], 1);
     assert_eq!(usage["total_tokens"], 0);
-    let rows: Value = gw
-        .get_json(&format!("/admin/usage/{}/requests", gw.alice_id), &gw.admin)
-        .await;
+    let rows = gw.requests_of(&gw.alice_id).await;
     assert!(
         rows[0]["prompt_tokens"].is_null(),
         "unknown, not zero: {rows}"
@@ -294,9 +292,7 @@ async fn a_client_that_leaves_mid_stream_is_still_counted() {
     drop(stream); // the client hangs up after the first chunk
     let usage = gw.wait_for_requests(&gw.alice_id, 1).await;
     assert_eq!(usage["endpoints"]["/v1/chat/completions"], 1);
-    let rows: Value = gw
-        .get_json(&format!("/admin/usage/{}/requests", gw.alice_id), &gw.admin)
-        .await;
+    let rows = gw.requests_of(&gw.alice_id).await;
     assert_eq!(rows[0]["status"], 200);
     assert!(
         rows[0]["latency_ms"].as_u64().unwrap() < 1_500,
@@ -335,9 +331,7 @@ async fn a_client_that_leaves_before_the_answer_starts_is_recorded_with_its_mode
     assert!(request.is_err(), "the client gave up before the headers");
     let usage = gw.wait_for_requests(&gw.alice_id, 1).await;
     assert_eq!(usage["endpoints"]["/v1/chat/completions"], 1);
-    let rows: Value = gw
-        .get_json(&format!("/admin/usage/{}/requests", gw.alice_id), &gw.admin)
-        .await;
+    let rows = gw.requests_of(&gw.alice_id).await;
     assert_eq!(rows[0]["status"], 499);
     assert_eq!(rows[0]["model"], chat("slow")["model"]);
     assert!(

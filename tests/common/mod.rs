@@ -210,6 +210,12 @@ impl Gateway {
         response.json().await.unwrap()
     }
 
+    /// `GET /admin/usage/{key_id}/requests` as JSON: the key's rows, newest first.
+    pub async fn requests_of(&self, key_id: &str) -> Value {
+        self.get_json(&format!("/admin/usage/{key_id}/requests"), &self.admin)
+            .await
+    }
+
     /// Waits until a key's request count reaches `n` (records settle as bodies end).
     pub async fn wait_for_requests(&self, key_id: &str, n: u64) -> Value {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

@@ -120,7 +120,7 @@ where
         };
 
     // The model asked for is known now, even if the client leaves before the answer.
-    guard.set_model_owned(plan.model.take());
+    guard.set_model(plan.model.take());
     let response = inner.oneshot(request).await?;
     let status = response.status();
     guard.responded(status.as_u16());

@@ -1,7 +1,7 @@
 //! The embedded default: one SQLite file in the data directory, in WAL mode so the
 //! `llmgate` CLI can read and write it while a server runs.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -14,6 +14,7 @@ use sqlx::{Row, SqlitePool};
 
 use super::sql::{
     key_from_row, millis, request_from_row, totals_from_row, RequestInserts, KEY_COLUMNS,
+    REQUEST_COLUMNS,
 };
 use super::{KeyStore, RequestRecord, Storage, StorageError, UsageStore, UsageTotals};
 use crate::auth::{KeyHash, KeyRecord};
@@ -150,17 +151,20 @@ impl UsageStore for SqliteStore {
             per_key.entry(&record.key_id).or_default().add(record);
         }
         let mut tx = self.pool.begin().await?;
-        let (ids, fresh) = self.name_ids(&mut tx, batch).await?;
-        let mut ids = NameIds::new(ids);
+        let (mut ids, fresh) = self.name_ids(&mut tx, batch).await?;
         // Multi-row inserts of fixed sizes, each statement parsed once (see RequestInserts).
         for (sql, rows) in inserts().runs(batch) {
             let query = rows.iter().fold(sqlx::query(sql), |query, r| {
+                // Every name of the batch has an id (`name_ids`).
+                let [key, method, path, model] = row_names(r).map(|(column, name)| {
+                    name.map(|name| ids.get(column, name).unwrap_or_default())
+                });
                 query
                     .bind(millis(r.at))
-                    .bind(ids.get(0, &r.key_id))
-                    .bind(ids.get(1, &r.method))
-                    .bind(ids.get(2, &r.path))
-                    .bind(r.model.as_deref().map(|model| ids.get(3, model)))
+                    .bind(key)
+                    .bind(method)
+                    .bind(path)
+                    .bind(model)
                     .bind(i64::from(r.status))
                     .bind(r.prompt_tokens.map(|t| t as i64))
                     .bind(r.completion_tokens.map(|t| t as i64))
@@ -269,17 +273,11 @@ impl UsageStore for SqliteStore {
         since: Option<DateTime<Utc>>,
         limit: u32,
     ) -> Result<Vec<RequestRecord>, StorageError> {
-        let rows = sqlx::query(
-            "SELECT r.at, k.name AS key_id, m.name AS method, p.name AS path, mo.name AS model, \
-                    r.status, r.prompt_tokens, r.completion_tokens, r.latency_ms, r.first_byte_ms \
-             FROM usage_rows r \
-             JOIN usage_names k ON k.id = r.key \
-             JOIN usage_names m ON m.id = r.method \
-             JOIN usage_names p ON p.id = r.path \
-             LEFT JOIN usage_names mo ON mo.id = r.model \
-             WHERE r.key = (SELECT id FROM usage_names WHERE name = ?) AND r.at >= ? \
-             ORDER BY r.at DESC, r.id DESC LIMIT ?",
-        )
+        // The view joins the names back in; its plan searches `usage_rows_key_at`.
+        let rows = sqlx::query(&format!(
+            "SELECT {REQUEST_COLUMNS} \
+             FROM usage_requests WHERE key_id = ? AND at >= ? ORDER BY at DESC, id DESC LIMIT ?"
+        ))
         .bind(key_id)
         .bind(since.map(millis).unwrap_or(i64::MIN))
         .bind(i64::from(limit))
@@ -296,22 +294,20 @@ impl SqliteStore {
         &self,
         tx: &mut sqlx::SqliteConnection,
         batch: &'b [RequestRecord],
-    ) -> Result<(HashMap<&'b str, i64>, Vec<(String, i64)>), StorageError> {
-        let mut used = BTreeSet::new();
-        for r in batch {
-            used.extend([r.key_id.as_str(), r.method.as_str(), r.path.as_str()]);
-            used.extend(r.model.as_deref());
-        }
-        let mut ids = HashMap::with_capacity(used.len());
-        let mut missing = Vec::new();
+    ) -> Result<(NameIds<'b>, Vec<(String, i64)>), StorageError> {
+        let mut ids = NameIds::default();
+        let mut missing = HashSet::new();
         {
             let known = self.names.lock().expect("names lock");
-            for name in used {
-                match known.get(name) {
-                    Some(&id) => {
-                        ids.insert(name, id);
+            for (column, name) in batch.iter().flat_map(row_names) {
+                let Some(name) = name else { continue };
+                if ids.get(column, name).is_none() {
+                    match known.get(name) {
+                        Some(&id) => ids.insert(name, id),
+                        None => {
+                            missing.insert(name);
+                        }
                     }
-                    None => missing.push(name),
                 }
             }
         }
@@ -332,30 +328,38 @@ impl SqliteStore {
     }
 }
 
-/// The ids of a batch's names, by column. Consecutive rows mostly repeat a column's
-/// name, so each column remembers its last one before looking in the map.
+/// A request row's names, by column of `usage_rows`: key, method, path, model.
+fn row_names(r: &RequestRecord) -> [(usize, Option<&str>); 4] {
+    [
+        (0, Some(r.key_id.as_str())),
+        (1, Some(r.method.as_str())),
+        (2, Some(r.path.as_str())),
+        (3, r.model.as_deref()),
+    ]
+}
+
+/// The ids of a batch's names. Consecutive rows mostly repeat a column's name, so each
+/// column remembers its last one before looking in the map.
+#[derive(Default)]
 struct NameIds<'b> {
     all: HashMap<&'b str, i64>,
-    last: [(&'b str, i64); 4],
+    last: [Option<(&'b str, i64)>; 4],
 }
 
 impl<'b> NameIds<'b> {
-    fn new(all: HashMap<&'b str, i64>) -> Self {
-        Self {
-            all,
-            last: [("", 0); 4],
+    fn get(&mut self, column: usize, name: &'b str) -> Option<i64> {
+        match self.last[column] {
+            Some((last, id)) if last == name => Some(id),
+            _ => {
+                let id = *self.all.get(name)?;
+                self.last[column] = Some((name, id));
+                Some(id)
+            }
         }
     }
 
-    fn get(&mut self, column: usize, name: &'b str) -> i64 {
-        let (last, id) = self.last[column];
-        if last == name && !name.is_empty() {
-            return id;
-        }
-        // Every name of the batch was looked up or added by `name_ids`.
-        let id = self.all.get(name).copied().unwrap_or_default();
-        self.last[column] = (name, id);
-        id
+    fn insert(&mut self, name: &'b str, id: i64) {
+        self.all.insert(name, id);
     }
 }
 

@@ -73,7 +73,7 @@ impl<B> UsageBody<B> {
     /// A body whose usage is read according to its content type.
     pub(crate) fn tracked(
         inner: B,
-        mut guard: UsageGuard,
+        guard: UsageGuard,
         content_type: &str,
         plan: RequestPlan,
     ) -> Self
@@ -89,7 +89,6 @@ impl<B> UsageBody<B> {
         } else {
             Extractor::Nothing
         };
-        guard.set_model_owned(plan.model);
         let finish_in_background = matches!(extractor, Extractor::Json(_))
             .then_some(read_rest_for_usage::<B> as ReadRest<B>);
         Self {
@@ -127,7 +126,7 @@ impl Tracking {
             Extractor::Nothing => {}
             Extractor::Json(json) => {
                 let (usage, model) = json.finish(!self.guard.has_model());
-                self.guard.set_model_owned(model);
+                self.guard.set_model(model);
                 if let Some(usage) = usage {
                     self.guard.set_usage(usage);
                 }

@@ -340,20 +340,12 @@ impl UsageGuard {
         record.first_byte_ms = Some(elapsed);
     }
 
-    pub(crate) fn set_model(&mut self, model: Option<&str>) {
-        if let Some(model) = model {
-            let record = self.record();
-            if record.model.is_none() {
-                record.model = Some(model.to_owned());
-            }
-        }
-    }
-
-    /// [`set_model`](Self::set_model) with a name already owned (no copy).
-    pub(crate) fn set_model_owned(&mut self, model: Option<String>) {
+    /// The model of the request, unless one is known already (a name given as `&str` is
+    /// copied only then).
+    pub(crate) fn set_model(&mut self, model: Option<impl Into<String>>) {
         let record = self.record();
         if record.model.is_none() {
-            record.model = model;
+            record.model = model.map(Into::into);
         }
     }
 
