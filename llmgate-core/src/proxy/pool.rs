@@ -9,6 +9,11 @@
 //! a request from one event loop. When the body has ended the connection goes back to the
 //! pool; a body dropped before its end (the client left) closes it.
 //!
+//! A connection is only reused on the Tokio runtime it was opened on: its socket is
+//! registered with that runtime's event loop, and a server with an event loop per
+//! thread (llmgate's, or nginx's shape) keeps each request and its upstream connection
+//! on one thread. On one multi-threaded runtime every connection is every task's.
+//!
 //! An idle connection is polled by nobody, so one the upstream has closed is noticed when
 //! it is taken out: it is polled once then, and a closed one is thrown away. A request
 //! that a reused connection could not even start to send is sent again on another.
@@ -43,6 +48,8 @@ struct Conn {
     sender: http1::SendRequest<OutBody>,
     driver: http1::Connection<TokioIo<TcpStream>, OutBody>,
     idle_since: Instant,
+    /// The runtime whose I/O driver the socket is registered with.
+    runtime: Option<tokio::runtime::Id>,
 }
 
 impl Conn {
@@ -122,10 +129,15 @@ impl Pool {
         }
     }
 
-    /// The most recently used idle connection that is still open.
+    /// The most recently used idle connection of this runtime that is still open.
     async fn checkout(&self) -> Option<Box<Conn>> {
+        let here = current_runtime();
         loop {
-            let mut conn = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
+            let mut conn = {
+                let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+                let at = idle.iter().rposition(|c| c.runtime == here)?;
+                idle.remove(at)
+            };
             if conn.idle_since.elapsed() > IDLE_TIMEOUT {
                 continue;
             }
@@ -149,6 +161,7 @@ impl Pool {
             sender,
             driver,
             idle_since: Instant::now(),
+            runtime: current_runtime(),
         }))
     }
 
@@ -254,4 +267,9 @@ impl Body for UpstreamBody {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// The runtime a connection opened now is registered with.
+fn current_runtime() -> Option<tokio::runtime::Id> {
+    tokio::runtime::Handle::try_current().ok().map(|h| h.id())
 }
