@@ -4,10 +4,17 @@
 
 use std::cell::RefCell;
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::Request;
+use bytes::Bytes;
+use futures_util::future::{BoxFuture, Either};
+use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -73,9 +80,126 @@ struct ConnectionService(RefCell<App>);
 impl hyper::service::Service<hyper::Request<Incoming>> for ConnectionService {
     type Response = <App as Service<Request>>::Response;
     type Error = <App as Service<Request>>::Error;
-    type Future = <App as Service<Request>>::Future;
+    type Future = Either<
+        <App as Service<Request>>::Future,
+        BoxFuture<'static, Result<Self::Response, Self::Error>>,
+    >;
 
     fn call(&self, request: hyper::Request<Incoming>) -> Self::Future {
-        self.0.borrow_mut().call(request.map(Body::new))
+        if request.version() != hyper::Version::HTTP_2 || request.body().is_end_stream() {
+            return Either::Left(self.0.borrow_mut().call(request.map(Body::new)));
+        }
+        // An HTTP/2 request whose body may be left unread (refused before it is read):
+        // what is left of the body is read after the answer has been sent, as nginx
+        // does. Dropped unread, the stream would be reset, and clients such as curl
+        // report a reset as a failure instead of showing the answer (a reset with
+        // NO_ERROR after the answer is allowed, RFC 9113 8.1, but not understood by all).
+        let (parts, body) = request.into_parts();
+        let body = Arc::new(Mutex::new(Some(body)));
+        let request = Request::from_parts(parts, Body::new(SharedBody(body.clone())));
+        let answer = self.0.borrow_mut().call(request);
+        Either::Right(Box::pin(async move {
+            let response = answer.await?;
+            Ok(response.map(|answer| {
+                Body::new(KeepingRequestBody {
+                    answer,
+                    request: body,
+                })
+            }))
+        }))
+    }
+}
+
+/// A request body that the answer keeps too (see [`ConnectionService::call`]).
+type Kept = Arc<Mutex<Option<Incoming>>>;
+
+/// How much of a request body left unread is still read (and thrown away) after the
+/// answer: what a refused upload of any sensible size sends over a local network.
+const UNREAD_BODY_BYTES: usize = 64 * 1024 * 1024;
+/// For how long, at most: a slow client gets a reset instead.
+const UNREAD_BODY_TIME: Duration = Duration::from_secs(2);
+
+/// The request's side of a [`Kept`] body.
+struct SharedBody(Kept);
+
+fn incoming(kept: &Kept) -> std::sync::MutexGuard<'_, Option<Incoming>> {
+    kept.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl http_body::Body for SharedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match &mut *incoming(&self.0) {
+            Some(body) => Pin::new(body).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        incoming(&self.0).as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        incoming(&self.0)
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
+    }
+}
+
+/// An answer's body that holds its request's body until the answer is done with, then
+/// reads what the client still sends of it, within limits.
+struct KeepingRequestBody {
+    answer: Body,
+    request: Kept,
+}
+
+impl Drop for KeepingRequestBody {
+    fn drop(&mut self) {
+        let Some(mut body) = incoming(&self.request).take() else {
+            return;
+        };
+        if body.is_end_stream() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            let mut read = 0;
+            let _ = tokio::time::timeout(UNREAD_BODY_TIME, async {
+                while read <= UNREAD_BODY_BYTES {
+                    match body.frame().await {
+                        Some(Ok(frame)) => read += frame.data_ref().map_or(0, Bytes::len),
+                        _ => break,
+                    }
+                }
+            })
+            .await;
+        });
+    }
+}
+
+impl http_body::Body for KeepingRequestBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.answer).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.answer.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.answer.size_hint()
     }
 }
