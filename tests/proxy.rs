@@ -177,31 +177,38 @@ async fn a_response_dropped_half_read_does_not_hand_its_connection_on() {
     assert_eq!(upstream.connections.load(Ordering::SeqCst), 2);
 }
 
-/// One proxy used from two threads that each run their own event loop (as llmgate's
-/// connection threads do): each loop's requests go over connections opened on that
-/// loop, which keep being reused there. A connection is never handed to another loop:
-/// its answer would only be noticed when its own loop next looks, so one busy thread
-/// would hold up requests on the others.
+/// Runs `work` on a thread of its own, on a single-threaded runtime of its own.
+fn on_own_event_loop<T: Send + 'static>(
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(work)
+    })
+}
+
+/// One proxy used from two threads that each run their own event loop (as a service
+/// with a single-threaded runtime per thread does): each loop's requests go over
+/// connections opened on that loop, which keep being reused there. A connection is never
+/// handed to another loop: its answer would only be noticed when its own loop next
+/// looks, so one busy thread would hold up requests on the others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_event_loop_reuses_its_own_connections() {
     let upstream = upstream(Mode::KeepAlive).await;
     let proxy = Proxy::new(ProxyConfig::new(upstream.url.parse().unwrap())).unwrap();
     let (opened, is_open) = std::sync::mpsc::channel();
-    let busy = std::thread::spawn({
+    let busy = on_own_event_loop({
         let proxy = proxy.clone();
-        move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                for _ in 0..3 {
-                    assert_eq!(call(&proxy, "/v1/models").await.0, 200);
-                }
-                opened.send(()).unwrap();
-                // Busy: this event loop looks at nothing for 2 seconds.
-                std::thread::sleep(Duration::from_secs(2));
-            });
+        async move {
+            for _ in 0..3 {
+                assert_eq!(call(&proxy, "/v1/models").await.0, 200);
+            }
+            opened.send(()).unwrap();
+            // Busy: this event loop looks at nothing for 2 seconds.
+            std::thread::sleep(Duration::from_secs(2));
         }
     });
     tokio::task::spawn_blocking(move || is_open.recv().unwrap())
@@ -209,20 +216,14 @@ async fn each_event_loop_reuses_its_own_connections() {
         .unwrap();
     assert_eq!(upstream.connections.load(Ordering::SeqCst), 1);
 
-    let other = std::thread::spawn({
+    let other = on_own_event_loop({
         let proxy = proxy.clone();
-        move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                let started = std::time::Instant::now();
-                for _ in 0..10 {
-                    assert_eq!(call(&proxy, "/v1/models").await.0, 200);
-                }
-                started.elapsed()
-            })
+        async move {
+            let started = std::time::Instant::now();
+            for _ in 0..10 {
+                assert_eq!(call(&proxy, "/v1/models").await.0, 200);
+            }
+            started.elapsed()
         }
     });
     let took = tokio::task::spawn_blocking(move || other.join().unwrap())

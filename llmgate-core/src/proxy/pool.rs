@@ -10,9 +10,10 @@
 //! pool; a body dropped before its end (the client left) closes it.
 //!
 //! A connection is only reused on the Tokio runtime it was opened on: its socket is
-//! registered with that runtime's event loop, and a server with an event loop per
-//! thread (llmgate's, or nginx's shape) keeps each request and its upstream connection
-//! on one thread. On one multi-threaded runtime every connection is every task's.
+//! registered with that runtime's event loop, which alone tells of its answers. A
+//! service with a single-threaded runtime per thread keeps each request and its
+//! upstream connection on one thread; on one multi-threaded runtime (llmgate's) every
+//! connection is every task's.
 //!
 //! An idle connection is polled by nobody, so one the upstream has closed is noticed when
 //! it is taken out: it is polled once then, and a closed one is thrown away. A request
@@ -49,7 +50,7 @@ struct Conn {
     driver: http1::Connection<TokioIo<TcpStream>, OutBody>,
     idle_since: Instant,
     /// The runtime whose I/O driver the socket is registered with.
-    runtime: Option<tokio::runtime::Id>,
+    runtime: tokio::runtime::Id,
 }
 
 impl Conn {
@@ -269,7 +270,8 @@ impl Body for UpstreamBody {
     }
 }
 
-/// The runtime a connection opened now is registered with.
-fn current_runtime() -> Option<tokio::runtime::Id> {
-    tokio::runtime::Handle::try_current().ok().map(|h| h.id())
+/// The runtime a connection opened now is registered with (a pool is only used on
+/// one: its sockets are Tokio's).
+fn current_runtime() -> tokio::runtime::Id {
+    tokio::runtime::Handle::current().id()
 }
