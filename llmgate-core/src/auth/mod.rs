@@ -84,21 +84,36 @@ pub fn key_from_headers(headers: &HeaderMap) -> Option<Secret> {
 pub(crate) fn presented_key(headers: &HeaderMap) -> Option<&str> {
     let bearer = headers
         .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let (scheme, token) = v.trim().split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-        });
+        .and_then(|v| bearer_token(v.as_bytes()));
     let plain = |name: &str| {
         headers
             .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
+            .and_then(|v| ascii(v.as_bytes().trim_ascii()))
     };
     bearer
         .or_else(|| plain("api-key"))
         .or_else(|| plain("x-api-key"))
         .filter(|key| !key.is_empty())
+}
+
+/// The token of an `Authorization: Bearer <token>` value (the scheme in any case, spaces
+/// around the token ignored); `None` for any other scheme. Read as bytes: this runs on
+/// every request.
+fn bearer_token(value: &[u8]) -> Option<&str> {
+    let (scheme, rest) = value.trim_ascii_start().split_at_checked(6)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer") || rest.first() != Some(&b' ') {
+        return None;
+    }
+    ascii(rest.trim_ascii())
+}
+
+/// The text of header bytes that are all ASCII (a key never has other bytes).
+fn ascii(bytes: &[u8]) -> Option<&str> {
+    if bytes.is_ascii() {
+        std::str::from_utf8(bytes).ok()
+    } else {
+        None
+    }
 }
 
 #[cfg(test)]
@@ -150,6 +165,22 @@ mod tests {
             None
         );
         assert_eq!(key_from_headers(&headers(&[("api-key", "")])), None);
+        assert_eq!(
+            key_from_headers(&headers(&[("authorization", "Bearersk-lg-abc")])),
+            None
+        );
+        assert_eq!(
+            key_from_headers(&headers(&[("authorization", "Bearer\tsk-lg-abc")])),
+            None
+        );
+        // Another scheme falls through to the other headers.
+        assert_eq!(
+            key_from_headers(&headers(&[
+                ("authorization", "Basic dXNlcjpwYXNz"),
+                ("x-api-key", " sk-lg-abc ")
+            ])),
+            Some(Secret::new("sk-lg-abc"))
+        );
         assert_eq!(key_from_headers(&HeaderMap::new()), None);
     }
 }
