@@ -49,8 +49,12 @@ pub fn main_with_args(args: Vec<std::ffi::OsString>) -> i32 {
         }
     };
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    // `serve` and `up` have refused 0 already; for other commands a 0 in the file is ignored.
-    if let Some(workers) = config.workers.filter(|&n| n > 0) {
+    if serve_args.is_some() {
+        // The gateway serves requests on threads of its own (`http::serve_on_loops`);
+        // this runtime runs the rest: accepting, the usage writer, model servers.
+        runtime.worker_threads(1);
+    } else if let Some(workers) = config.workers.filter(|&n| n > 0) {
+        // `serve` and `up` have refused 0 already; for other commands a 0 in the file is ignored.
         runtime.worker_threads(workers as usize);
     }
     let runtime = match runtime.enable_all().build() {

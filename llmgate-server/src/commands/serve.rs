@@ -118,10 +118,23 @@ async fn serve(
     println!("llmgate listening on http://{local} ({upstream})");
     tracing::info!(%local, "listening");
 
-    crate::http::serve(listener, router, shutdown_signal()).await;
+    crate::http::serve_on_loops(listener, router, serving_threads(config), shutdown_signal())
+        .await
+        .map_err(|e| format!("cannot start the threads that serve requests: {e}"))?;
     tracing::info!("shutting down: writing queued usage");
     writer.shutdown().await;
     Ok(())
+}
+
+/// How many threads serve requests: `workers`, else Tokio's `TOKIO_WORKER_THREADS`,
+/// else one per core.
+fn serving_threads(config: &GatewayConfig) -> usize {
+    config
+        .workers
+        .map(|n| n as usize)
+        .or_else(|| std::env::var("TOKIO_WORKER_THREADS").ok()?.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 fn print_welcome(
