@@ -60,6 +60,9 @@ pub struct ModelManager {
     /// Also say everything on the terminal (`llmgate up`).
     echo: Option<TerminalReporter>,
     inner: Mutex<Inner>,
+    /// Where set-ups and model servers run: the runtime that made the manager, not the
+    /// event loop of whichever request asked for a model (those serve requests).
+    runtime: tokio::runtime::Handle,
 }
 
 /// Why a run request was refused.
@@ -75,7 +78,7 @@ pub enum ModelError {
 
 impl ModelManager {
     /// A manager switching `proxy`'s upstream. With `echo`, progress is also printed on
-    /// stderr (for `llmgate up`).
+    /// stderr (for `llmgate up`). Call it on the runtime that is to run the model servers.
     pub fn new(config: GatewayConfig, proxy: Proxy, echo: bool) -> Arc<Self> {
         let external = proxy.has_upstream();
         Arc::new(Self {
@@ -96,6 +99,7 @@ impl ModelManager {
             config,
             proxy,
             echo: echo.then(TerminalReporter::default),
+            runtime: tokio::runtime::Handle::current(),
         })
     }
 
@@ -162,7 +166,7 @@ impl ModelManager {
             inner.setup_log.clear();
         }
         let manager = self.clone();
-        tokio::spawn(async move {
+        self.runtime.spawn(async move {
             let _ = manager.run_now(config).await;
         });
         Ok(self.view())

@@ -394,6 +394,65 @@ async fn workers_sets_how_many_threads_serve_requests() {
     }
 }
 
+/// CPU time (user + system, in clock ticks) of each thread of a running process whose
+/// name starts with `prefix`.
+#[cfg(target_os = "linux")]
+fn cpu_ticks_of_threads(pid: u32, prefix: &str) -> Vec<u64> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm"))
+                .is_ok_and(|name| name.starts_with(prefix))
+        })
+        .map(|task| {
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap();
+            // The fields after the name, which is in parentheses: utime and stime are
+            // the 14th and 15th of the line.
+            let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+            let fields: Vec<&str> = after_name.split(' ').collect();
+            fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+        })
+        .collect()
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn connections_are_spread_over_the_serving_threads() {
+    let upstream = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), &upstream.url, &[("LLMGATE_WORKERS", "2")]).await;
+    let key = server.created_admin_key.clone().unwrap();
+    // Four clients, each with a connection of its own, busy at the same time.
+    let clients = (0..4).map(|_| {
+        let (url, key) = (server.url.clone(), key.clone());
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            for _ in 0..300 {
+                let answer = client
+                    .post(format!("{url}/v1/chat/completions"))
+                    .bearer_auth(&key)
+                    .json(&chat())
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(answer.status(), 200);
+                answer.bytes().await.unwrap();
+            }
+        })
+    });
+    for client in clients.collect::<Vec<_>>() {
+        client.await.unwrap();
+    }
+    let ticks = cpu_ticks_of_threads(server.child.id().unwrap(), "llmgate-serve-");
+    assert_eq!(ticks.len(), 2);
+    assert!(
+        ticks.iter().all(|&t| t > 0),
+        "every serving thread served some of the 1 200 requests: {ticks:?} clock ticks"
+    );
+    terminate(server).await;
+}
+
 #[tokio::test]
 async fn settings_come_from_the_file_then_the_environment_then_flags() {
     let upstream = MockUpstream::start().await;
