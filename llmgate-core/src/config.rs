@@ -42,9 +42,8 @@ pub enum ConfigError {
 pub struct GatewayConfig {
     /// Address the gateway listens on.
     pub listen: SocketAddr,
-    /// Threads that serve requests; by default one per core. On a machine with many
-    /// cores that fronts one model server, a few use less CPU per request: idle threads
-    /// still look for work (docs/benchmarks.md).
+    /// Threads that serve requests, each an event loop of its own; by default one per
+    /// core. More threads than cores cost CPU per request (docs/benchmarks.md).
     pub workers: Option<u64>,
     /// Base URL of the OpenAI-compatible upstream.
     pub upstream: Option<String>,

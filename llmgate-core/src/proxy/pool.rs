@@ -11,9 +11,9 @@
 //!
 //! A connection is only reused on the Tokio runtime it was opened on: its socket is
 //! registered with that runtime's event loop, which alone tells of its answers. A
-//! service with a single-threaded runtime per thread keeps each request and its
-//! upstream connection on one thread; on one multi-threaded runtime (llmgate's) every
-//! connection is every task's.
+//! service with a single-threaded runtime per thread (as `llmgate serve` serves) keeps
+//! each request and its upstream connection on one thread; on one multi-threaded
+//! runtime every connection is every task's.
 //!
 //! An idle connection is polled by nobody, so one the upstream has closed is noticed when
 //! it is taken out: it is polled once then, and a closed one is thrown away. A request
