@@ -45,11 +45,11 @@ pub async fn serve(listener: TcpListener, app: App, shutdown: impl Future<Output
 /// process per core: a connection's requests, its upstream connections and their
 /// wake-ups stay on one thread instead of moving between a shared runtime's workers.
 /// The accept loop (here) hands each new connection to the loop with the fewest open.
-/// Measured on 2 cores: 5–6 % more requests per second and 3–4 % less CPU per request
-/// than a multi-threaded runtime (docs/benchmarks.md).
+/// Compared round by round on 2 cores (`bench/ab.sh`): 5–9 % more requests and 3–8 %
+/// less CPU per request than on one multi-threaded runtime (docs/benchmarks.md).
 ///
-/// Tasks that requests spawn on a loop (a model server started from the console) keep
-/// running there after the shutdown until the process exits.
+/// Tasks that requests spawn on a loop (reading the rest of an answer whose client
+/// left) keep running there after the shutdown, until the process exits.
 pub async fn serve_on_loops(
     listener: TcpListener,
     app: App,
