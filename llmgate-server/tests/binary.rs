@@ -345,18 +345,18 @@ async fn bad_flags_and_settings_exit_2_with_one_line_that_says_what_to_fix() {
     .await;
 }
 
-/// The threads of a running process whose name starts with `prefix` (Linux keeps 15
-/// bytes of a thread's name).
+/// The `/proc` folders of the threads of a running process whose name starts with
+/// `prefix` (Linux keeps 15 bytes of a thread's name).
 #[cfg(target_os = "linux")]
-fn threads_named(pid: u32, prefix: &str) -> usize {
+fn threads_named(pid: u32, prefix: &str) -> Vec<std::path::PathBuf> {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .flatten()
+        .map(|task| task.path())
         .filter(|task| {
-            std::fs::read_to_string(task.path().join("comm"))
-                .is_ok_and(|name| name.starts_with(prefix))
+            std::fs::read_to_string(task.join("comm")).is_ok_and(|name| name.starts_with(prefix))
         })
-        .count()
+        .collect()
 }
 
 #[cfg(target_os = "linux")]
@@ -387,9 +387,13 @@ async fn workers_sets_how_many_threads_serve_requests() {
             .unwrap();
         assert_eq!(answer.status(), 200);
         let pid = server.child.id().unwrap();
-        assert_eq!(threads_named(pid, "llmgate-serve-"), expected, "{env:?}");
+        assert_eq!(
+            threads_named(pid, "llmgate-serve-").len(),
+            expected,
+            "{env:?}"
+        );
         // The rest (accepting, the usage writer) runs on one Tokio worker.
-        assert_eq!(threads_named(pid, "tokio-r"), 1, "{env:?}");
+        assert_eq!(threads_named(pid, "tokio-r").len(), 1, "{env:?}");
         terminate(server).await;
     }
 }
@@ -398,15 +402,10 @@ async fn workers_sets_how_many_threads_serve_requests() {
 /// name starts with `prefix`.
 #[cfg(target_os = "linux")]
 fn cpu_ticks_of_threads(pid: u32, prefix: &str) -> Vec<u64> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-        .filter(|task| {
-            std::fs::read_to_string(task.path().join("comm"))
-                .is_ok_and(|name| name.starts_with(prefix))
-        })
+    threads_named(pid, prefix)
+        .into_iter()
         .map(|task| {
-            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap();
+            let stat = std::fs::read_to_string(task.join("stat")).unwrap();
             // The fields after the name, which is in parentheses: utime and stime are
             // the 14th and 15th of the line.
             let after_name = &stat[stat.rfind(')').unwrap() + 2..];
