@@ -13,20 +13,11 @@ A="$1"; B="$2"; ROUNDS="${3:-12}"; SECS="${4:-4}"
 if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk >/dev/null
 fi
-NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 WORK="$(mktemp -d)"
-trap 'kill $(jobs -p) 2>/dev/null || true; [ -f "$WORK/up.pid" ] && kill "$(cat "$WORK/up.pid")"; rm -rf "$WORK"' EXIT
-BODY='{"id":"bench","object":"chat.completion","created":1,"model":"bench","choices":[{"index":0,"message":{"role":"assistant","content":"The quick brown fox jumps"},"finish_reason":"stop"}],"usage":{"prompt_tokens":11,"completion_tokens":5,"total_tokens":16}}'
-cat > "$WORK/up.conf" <<CONF
-worker_processes 1; pid $WORK/up.pid; error_log $WORK/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off; keepalive_requests 1000000;
-  client_body_temp_path $WORK/b; proxy_temp_path $WORK/p; fastcgi_temp_path $WORK/f; uwsgi_temp_path $WORK/u; scgi_temp_path $WORK/s;
-  server { listen 127.0.0.1:18031; location / { default_type application/json; return 200 '$BODY'; } }
-}
-CONF
-"$NGINX" -c "$WORK/up.conf" -p "$WORK"
+trap 'kill $(jobs -p) 2>/dev/null || true; [ -f "$WORK/upstream.pid" ] && kill "$(cat "$WORK/upstream.pid")"; rm -rf "$WORK"' EXIT
+# shellcheck source=bench/common.sh
+source "$(dirname "$0")/common.sh"
+fixed_upstream 18031
 export LLMGATE_LOG=warn
 start() { # binary, port, name, environment
   # shellcheck disable=SC2086
@@ -34,12 +25,7 @@ start() { # binary, port, name, environment
     "$1" serve --upstream http://127.0.0.1:18031 --listen "127.0.0.1:$2" --data-dir "$WORK/$3" >/dev/null 2>&1 &
   echo $! > "$WORK/$3.pid"
   for _ in $(seq 100); do curl -sf "http://127.0.0.1:$2/healthz" >/dev/null && break; sleep 0.1; done
-  cat > "$WORK/$3.lua" <<LUA
-wrk.method = "POST"
-wrk.body = '{"model":"bench","messages":[{"role":"user","content":"Say something short."}]}'
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer $("$1" keys create bench --json --data-dir "$WORK/$3" | sed -E 's/.*"key":"([^"]+)".*/\1/')"
-LUA
+  wrk_script "$WORK/$3.lua" "$(bench_key "$1" "$WORK/$3")"
 }
 start "$A" 18032 a "${ENV_A:-}"; start "$B" 18033 b "${ENV_B:-}"
 ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }

@@ -23,19 +23,11 @@ if [ -z "${BIN_DIR:-}" ]; then
 fi
 BIN="${BIN_DIR:-${CARGO_TARGET_DIR:-target}/release}"
 WORK="$(mktemp -d)"
-trap 'kill $(jobs -p) 2>/dev/null || true; [ -f "$WORK/up.pid" ] && kill "$(cat "$WORK/up.pid")" 2>/dev/null; rm -rf "$WORK"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; [ -f "$WORK/upstream.pid" ] && kill "$(cat "$WORK/upstream.pid")" 2>/dev/null; rm -rf "$WORK"' EXIT
 
-BODY='{"id":"bench","object":"chat.completion","created":1,"model":"bench","choices":[{"index":0,"message":{"role":"assistant","content":"The quick brown fox jumps"},"finish_reason":"stop"}],"usage":{"prompt_tokens":11,"completion_tokens":5,"total_tokens":16}}'
-cat > "$WORK/up.conf" <<CONF
-worker_processes 1; pid $WORK/up.pid; error_log $WORK/error.log warn;
-events { worker_connections 1024; }
-http {
-  access_log off; keepalive_requests 1000000;
-  client_body_temp_path $WORK/b; proxy_temp_path $WORK/p; fastcgi_temp_path $WORK/f; uwsgi_temp_path $WORK/u; scgi_temp_path $WORK/s;
-  server { listen 127.0.0.1:18021; location / { default_type application/json; return 200 '$BODY'; } }
-}
-CONF
-nginx -c "$WORK/up.conf" -p "$WORK"
+# shellcheck source=bench/common.sh
+source bench/common.sh
+fixed_upstream 18021
 
 export LLMGATE_ADMIN_KEY="sk-lg-$(head -c 64 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | head -c 40)" LLMGATE_LOG=warn
 valgrind -q --tool=callgrind --callgrind-out-file="$WORK/llmgate.%p" \
@@ -43,8 +35,8 @@ valgrind -q --tool=callgrind --callgrind-out-file="$WORK/llmgate.%p" \
 valgrind -q --tool=callgrind --callgrind-out-file="$WORK/bare.%p" \
   "$BIN/bare_proxy" 127.0.0.1:18024 http://127.0.0.1:18021 >/dev/null 2>&1 &
 for _ in $(seq 600); do curl -sf http://127.0.0.1:18023/healthz >/dev/null && curl -s -o /dev/null http://127.0.0.1:18024/ && break; sleep 0.2; done
-KEY="$("$BIN/llmgate" keys create bench --json --data-dir "$WORK/data" | sed -E 's/.*"key":"([^"]+)".*/\1/')"
-printf '%s' '{"model":"bench","messages":[{"role":"user","content":"Say something short."}]}' > "$WORK/body.json"
+KEY="$(bench_key "$BIN/llmgate" "$WORK/data")"
+printf '%s' "$REQUEST" > "$WORK/body.json"
 load() { # port, requests
   ab -q -k -n "$2" -c 4 -p "$WORK/body.json" -T application/json -H "Authorization: Bearer $KEY" \
     "http://127.0.0.1:$1/v1/chat/completions" | sed -nE 's/^(Complete|Failed) requests:[[:space:]]+([0-9]+)/\2/p' | tr '\n' ' '

@@ -18,8 +18,9 @@
 #   bench/run.sh [seconds per run, default 10] [connections, default 32]   (ROUNDS=5)
 #
 # BIN_DIR=dir takes llmgate and bare_proxy from dir instead of building them.
-# WORKERS=N runs nginx with N worker processes and llmgate (and the bare proxy) with N
-# Tokio worker threads (TOKIO_WORKER_THREADS); default: one per core for both.
+# WORKERS=N runs nginx with N worker processes, llmgate with N serving threads and the
+# bare proxy with N Tokio worker threads (both read TOKIO_WORKER_THREADS); default: one
+# per core for all three.
 #
 # Needs nginx and wrk (installed with apt-get when missing). Writes bench/out/results.md.
 set -euo pipefail
@@ -38,7 +39,6 @@ if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null || ! command -v 
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk apache2-utils >/dev/null
 fi
 EXACT_N="${EXACT_N:-50000}"
-NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 
 # BIN_DIR=dir: binaries built elsewhere (an older commit, to compare on the same machine).
 if [ -z "${BIN_DIR:-}" ]; then
@@ -48,31 +48,12 @@ LLMGATE="${BIN_DIR:-${CARGO_TARGET_DIR:-target}/release}/llmgate"
 BARE="${BIN_DIR:-${CARGO_TARGET_DIR:-target}/release}/bare_proxy"
 
 UPSTREAM_PORT=18001 PROXY_PORT=18002 GATEWAY_PORT=18003 BARE_PORT=18004
-BODY='{"id":"bench","object":"chat.completion","created":1,"model":"bench","choices":[{"index":0,"message":{"role":"assistant","content":"The quick brown fox jumps"},"finish_reason":"stop"}],"usage":{"prompt_tokens":11,"completion_tokens":5,"total_tokens":16}}'
+# shellcheck source=bench/common.sh
+source bench/common.sh
 mkdir -p "$WORK/logs"
 # Two nginx instances: the upstream (one worker) and the reverse proxy (one worker per
-# core, as llmgate runs one Tokio worker per core), so neither steals the other's worker.
-nginx_conf() { # name, server block
-  cat > "$WORK/$1.conf" <<CONF
-worker_processes $3;
-pid $WORK/$1.pid;
-error_log $WORK/logs/$1-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $WORK/$1-body; proxy_temp_path $WORK/$1-proxy;
-  fastcgi_temp_path $WORK/$1-fcgi; uwsgi_temp_path $WORK/$1-uwsgi; scgi_temp_path $WORK/$1-scgi;
-  keepalive_requests 1000000;
-  $2
-}
-CONF
-  "$NGINX" -c "$WORK/$1.conf" -p "$WORK"
-}
-nginx_conf upstream "server {
-    listen 127.0.0.1:$UPSTREAM_PORT;
-    access_log $WORK/logs/upstream.log;
-    location / { default_type application/json; return 200 '$BODY'; }
-  }" 1
+# core, as llmgate runs one serving thread per core), so neither steals the other's worker.
+fixed_upstream "$UPSTREAM_PORT" "$WORK/logs/upstream.log"
 nginx_conf proxy "upstream model { server 127.0.0.1:$UPSTREAM_PORT; keepalive 256; }
   server {
     listen 127.0.0.1:$PROXY_PORT;
@@ -92,15 +73,10 @@ LLMGATE_PID=$!
 "$BARE" "127.0.0.1:$BARE_PORT" "http://127.0.0.1:$UPSTREAM_PORT" >/dev/null &
 BARE_PID=$!
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$GATEWAY_PORT/healthz" >/dev/null && break; sleep 0.1; done
-KEY="$("$LLMGATE" keys create bench --json --data-dir "$WORK/data" | sed -E 's/.*"key":"([^"]+)".*/\1/')"
+KEY="$(bench_key "$LLMGATE" "$WORK/data")"
 KEY_ID="$("$LLMGATE" keys list --json --data-dir "$WORK/data" | grep -B1 '"name": "bench"' | sed -nE 's/.*"id": "([^"]+)".*/\1/p')"
 
-cat > "$WORK/post.lua" <<LUA
-wrk.method = "POST"
-wrk.body = '{"model":"bench","messages":[{"role":"user","content":"Say something short."}]}'
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer $KEY"
-LUA
+wrk_script "$WORK/post.lua" "$KEY"
 
 url_of() {
   case "$1" in
@@ -155,7 +131,7 @@ usage_of() {
   curl -sf "http://127.0.0.1:$GATEWAY_PORT/admin/usage/$KEY_ID" -H "Authorization: Bearer $ADMIN" |
     sed -nE "s/.*\"$1\":([0-9]+).*/\1/p"
 }
-printf '%s' '{"model":"bench","messages":[{"role":"user","content":"Say something short."}]}' > "$WORK/body.json"
+printf '%s' "$REQUEST" > "$WORK/body.json"
 REQ_BEFORE=$(usage_of requests); TOK_BEFORE=$(usage_of total_tokens)
 UP_BEFORE=$(wc -l < "$WORK/logs/upstream.log")
 ab -q -k -n "$EXACT_N" -c "$CONNECTIONS" -p "$WORK/body.json" -T application/json \

@@ -116,7 +116,8 @@ impl EventLoop {
                     }
                     graceful.shutdown().await;
                     let _ = done.send(());
-                    // Keep driving what requests spawned here (model server supervision).
+                    // Keep driving what requests spawned here (the rest of an answer
+                    // read for its usage after its client left) until the process exits.
                     std::future::pending::<()>().await;
                 });
             })?;

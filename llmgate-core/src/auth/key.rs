@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Timelike, Utc};
 use rand::distributions::{Alphanumeric, DistString};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -167,16 +167,24 @@ impl KeyRecord {
 
 /// The current time at millisecond precision, the precision storage keeps.
 pub fn now_millis() -> DateTime<Utc> {
-    // One conversion from the system clock (`Utc::now()` and back costs three).
-    let since_epoch = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    DateTime::from_timestamp_millis(since_epoch.as_millis() as i64).expect("now is representable")
+    // Truncated in place: converting to milliseconds and back costs two more date
+    // computations, on every request.
+    let now = Utc::now();
+    now.with_nanosecond(now.nanosecond() / 1_000_000 * 1_000_000)
+        .unwrap_or(now)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn now_is_kept_to_the_millisecond() {
+        let before = Utc::now();
+        let now = now_millis();
+        assert_eq!(now.timestamp_subsec_nanos() % 1_000_000, 0, "{now:?}");
+        assert!(now <= Utc::now() && before - now < chrono::TimeDelta::milliseconds(1));
+    }
 
     #[test]
     fn generated_keys_are_well_formed_and_distinct() {

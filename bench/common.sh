@@ -1,0 +1,52 @@
+# Sourced by the bench scripts (after nginx is installed and WORK is made): what they all
+# need alike, so that every script measures the same upstream with the same request.
+
+# The upstream's answer: a chat completion with a usage object (16 tokens).
+ANSWER='{"id":"bench","object":"chat.completion","created":1,"model":"bench","choices":[{"index":0,"message":{"role":"assistant","content":"The quick brown fox jumps"},"finish_reason":"stop"}],"usage":{"prompt_tokens":11,"completion_tokens":5,"total_tokens":16}}'
+# The request every script sends to it, through the proxy under test.
+REQUEST='{"model":"bench","messages":[{"role":"user","content":"Say something short."}]}'
+NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+
+# nginx_conf NAME SERVER_BLOCKS WORKERS: starts an nginx with these server (and upstream)
+# blocks, its files in $WORK (its pid in $WORK/NAME.pid).
+nginx_conf() {
+  cat > "$WORK/$1.conf" <<CONF
+worker_processes $3;
+pid $WORK/$1.pid;
+error_log $WORK/$1-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/$1-body; proxy_temp_path $WORK/$1-proxy;
+  fastcgi_temp_path $WORK/$1-fcgi; uwsgi_temp_path $WORK/$1-uwsgi; scgi_temp_path $WORK/$1-scgi;
+  keepalive_requests 1000000;
+  $2
+}
+CONF
+  "$NGINX" -c "$WORK/$1.conf" -p "$WORK"
+}
+
+# fixed_upstream PORT [ACCESS_LOG]: an nginx with one worker that answers every request
+# with ANSWER (and logs each one to ACCESS_LOG when given); its pid in $WORK/upstream.pid.
+fixed_upstream() {
+  nginx_conf upstream "server {
+    listen 127.0.0.1:$1;
+    ${2:+access_log $2;}
+    location / { default_type application/json; return 200 '$ANSWER'; }
+  }" 1
+}
+
+# bench_key LLMGATE DATA_DIR: creates a key named bench and prints its secret.
+bench_key() {
+  "$1" keys create bench --json --data-dir "$2" | sed -E 's/.*"key":"([^"]+)".*/\1/'
+}
+
+# wrk_script FILE KEY: a wrk script that POSTs REQUEST with the key.
+wrk_script() {
+  cat > "$1" <<LUA
+wrk.method = "POST"
+wrk.body = '$REQUEST'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $2"
+LUA
+}
