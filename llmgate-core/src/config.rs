@@ -86,7 +86,28 @@ pub struct GatewayConfig {
     /// PostgreSQL instead of the SQLite file, e.g. `postgres://llmgate@db/llmgate`, for
     /// several gateway replicas sharing keys and usage.
     pub database_url: Option<String>,
+    /// Seconds a client may take to send a request's head, from its first byte.
+    pub header_read_timeout_secs: u64,
+    /// Seconds a connection may stay open with no request in flight.
+    pub idle_timeout_secs: u64,
+    /// Connections open at once (default: [`DEFAULT_MAX_CONNECTIONS`], fewer when the
+    /// process may not open enough files for them).
+    pub max_connections: Option<u64>,
+    /// Seconds requests in flight get to finish after SIGTERM/SIGINT before their
+    /// connections are closed.
+    pub shutdown_timeout_secs: u64,
 }
+
+/// Default of [`GatewayConfig::header_read_timeout_secs`]: a real client sends a request
+/// head in one write; nginx allows 60 s, uvicorn's idle limit is 5 s.
+pub const DEFAULT_HEADER_READ_TIMEOUT_SECS: u64 = 10;
+/// Default of [`GatewayConfig::idle_timeout_secs`] (nginx's keep-alive is 75 s; client
+/// pools such as httpx drop idle connections after 5 s).
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 60;
+/// Default of [`GatewayConfig::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: u64 = 10_000;
+/// Default of [`GatewayConfig::shutdown_timeout_secs`].
+pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 30;
 
 /// Which program serves a local model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -135,6 +156,10 @@ impl Default for GatewayConfig {
             llama_server: None,
             metrics_public: false,
             database_url: None,
+            header_read_timeout_secs: DEFAULT_HEADER_READ_TIMEOUT_SECS,
+            idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
+            max_connections: None,
+            shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
         }
     }
 }
@@ -146,7 +171,7 @@ impl GatewayConfig {
             self.upstream_uri()?;
         }
         self.validate_database()?;
-        let ranges: [(&'static str, u64, u64, u64, &'static str); 5] = [
+        let ranges: [(&'static str, u64, u64, u64, &'static str); 9] = [
             (
                 "workers",
                 self.workers.unwrap_or(1),
@@ -181,6 +206,34 @@ impl GatewayConfig {
                 1,
                 86_400,
                 "between 1 and 86400",
+            ),
+            (
+                "header_read_timeout_secs",
+                self.header_read_timeout_secs,
+                1,
+                3_600,
+                "between 1 and 3600",
+            ),
+            (
+                "idle_timeout_secs",
+                self.idle_timeout_secs,
+                1,
+                86_400,
+                "between 1 and 86400",
+            ),
+            (
+                "max_connections",
+                self.max_connections.unwrap_or(1),
+                1,
+                1_000_000,
+                "between 1 and 1000000",
+            ),
+            (
+                "shutdown_timeout_secs",
+                self.shutdown_timeout_secs,
+                0,
+                86_400,
+                "between 0 and 86400",
             ),
         ];
         for (name, value, min, max, rule) in ranges {

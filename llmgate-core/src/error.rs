@@ -202,6 +202,12 @@ impl From<ProxyError> for ApiError {
                 ),
             ),
             ProxyError::BadRequest(_) => Self::bad_request("The request could not be forwarded."),
+            ProxyError::UnsafePath => Self::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("invalid_path"),
+                "The path has a '.' or '..' segment or an encoded slash or backslash; send the endpoint's plain path, e.g. /v1/chat/completions.",
+            ),
             ProxyError::NoUpstream => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",

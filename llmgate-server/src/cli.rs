@@ -94,6 +94,23 @@ pub struct ServeArgs {
     #[arg(long, env = "LLMGATE_KEY_CACHE_TTL_MS", value_name = "MS")]
     pub key_cache_ttl_ms: Option<u64>,
 
+    /// Seconds a client may take to send a request's head [default: 10]
+    #[arg(long, env = "LLMGATE_HEADER_READ_TIMEOUT_SECS", value_name = "SECS")]
+    pub header_read_timeout_secs: Option<u64>,
+
+    /// Seconds a connection may stay open with no request in flight [default: 60]
+    #[arg(long, env = "LLMGATE_IDLE_TIMEOUT_SECS", value_name = "SECS")]
+    pub idle_timeout_secs: Option<u64>,
+
+    /// Connections open at once [default: 10000, fewer if open files are limited]
+    #[arg(long, env = "LLMGATE_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<u64>,
+
+    /// Seconds requests in flight get to finish on SIGTERM before their connections are
+    /// closed [default: 30]
+    #[arg(long, env = "LLMGATE_SHUTDOWN_TIMEOUT_SECS", value_name = "SECS")]
+    pub shutdown_timeout_secs: Option<u64>,
+
     /// Serve /metrics without a key (by default it needs an admin key)
     #[arg(long, env = "LLMGATE_METRICS_PUBLIC")]
     pub metrics_public: bool,

@@ -1,11 +1,12 @@
 //! Serving the [`App`] over TCP: hyper's HTTP/1.1 and HTTP/2 (told apart per
-//! connection), no Nagle delay, and a graceful shutdown that lets requests in flight
-//! finish.
+//! connection), no Nagle delay, bounded connections ([`ConnectionLimits`]: how many, how
+//! slow, how idle) and a graceful shutdown that lets requests in flight finish, up to a
+//! deadline.
 
 use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -20,24 +21,96 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use llmgate_core::config::GatewayConfig;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
 use tower::Service;
 
 use crate::app::App;
+
+/// What one client may hold of the gateway, and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// From the first byte of a request (or of a connection's first bytes) to a whole
+    /// request head: a client that sends its head a byte at a time is cut off.
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// Connections open at once; beyond this the gateway stops accepting until one
+    /// closes (new clients wait in the listen backlog).
+    pub max_connections: usize,
+    /// After SIGTERM, how long requests in flight may take to finish before their
+    /// connections are closed (their usage is still recorded).
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self::from_config(&GatewayConfig::default())
+    }
+}
+
+impl ConnectionLimits {
+    /// The limits `config` sets; `max_connections` unset means as many as the process's
+    /// file descriptors allow (each proxied connection needs two: client and upstream).
+    pub fn from_config(config: &GatewayConfig) -> Self {
+        let by_files = usize::try_from(open_files_limit().saturating_sub(128) / 2)
+            .unwrap_or(usize::MAX)
+            .max(16);
+        Self {
+            header_read_timeout: Duration::from_secs(config.header_read_timeout_secs),
+            idle_timeout: Duration::from_secs(config.idle_timeout_secs),
+            max_connections: config.max_connections.map_or_else(
+                || by_files.min(llmgate_core::config::DEFAULT_MAX_CONNECTIONS as usize),
+                |n| usize::try_from(n).unwrap_or(usize::MAX),
+            ),
+            shutdown_timeout: Duration::from_secs(config.shutdown_timeout_secs),
+        }
+    }
+}
+
+/// The soft limit on open files, raised to the hard limit first (as Go's runtime does):
+/// a gateway holds two descriptors per proxied connection, and the usual soft limit of
+/// 1 024 is reached by a few hundred clients.
+fn open_files_limit() -> u64 {
+    #[cfg(unix)]
+    {
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+            if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+                return hard;
+            }
+            return soft;
+        }
+    }
+    1024
+}
 
 /// Accepts connections until `shutdown` completes, then stops accepting and waits for
 /// the connections to finish what they are doing. Connections are served on the
 /// current runtime (see [`serve_on_loops`] for the gateway's own way).
 pub async fn serve(listener: TcpListener, app: App, shutdown: impl Future<Output = ()>) {
-    let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    serve_with(listener, app, ConnectionLimits::default(), shutdown).await;
+}
+
+/// [`serve`] with the given limits.
+pub async fn serve_with(
+    listener: TcpListener,
+    app: App,
+    limits: ConnectionLimits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let connections = Connections::new(app, limits);
     let mut shutdown = std::pin::pin!(shutdown);
-    while let Some(stream) = accept(&listener, shutdown.as_mut()).await {
-        serve_connection(&builder, &graceful, stream, app.clone(), None);
+    while let Some((stream, slot)) = accept(&listener, &slots, shutdown.as_mut()).await {
+        connections.serve(stream, slot);
     }
     drop(listener);
-    graceful.shutdown().await;
+    connections.shut_down().await;
 }
 
 /// Like [`serve`], but each connection is served by one of `loops` event loops, each a
@@ -54,19 +127,21 @@ pub async fn serve_on_loops(
     listener: TcpListener,
     app: App,
     loops: usize,
+    limits: ConnectionLimits,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let mut started = Vec::with_capacity(loops);
     for i in 0..loops.max(1) {
-        started.push(EventLoop::start(i, app.clone())?);
+        started.push(EventLoop::start(i, app.clone(), limits)?);
     }
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut shutdown = std::pin::pin!(shutdown);
-    while let Some(stream) = accept(&listener, shutdown.as_mut()).await {
+    while let Some((stream, slot)) = accept(&listener, &slots, shutdown.as_mut()).await {
         let target = started
             .iter()
             .min_by_key(|l| l.open.load(Ordering::Relaxed))
             .expect("at least one loop");
-        target.hand_over(stream);
+        target.hand_over(stream, slot);
     }
     drop(listener);
     // Each loop sees its queue close, lets its connections finish, and says so.
@@ -79,14 +154,14 @@ pub async fn serve_on_loops(
 
 /// One serving thread: its queue of new connections and how many it serves.
 struct EventLoop {
-    connections: mpsc::UnboundedSender<std::net::TcpStream>,
+    connections: mpsc::UnboundedSender<(std::net::TcpStream, OwnedSemaphorePermit)>,
     open: Arc<AtomicUsize>,
     finished: oneshot::Receiver<()>,
 }
 
 impl EventLoop {
-    fn start(index: usize, app: App) -> std::io::Result<Self> {
-        let (connections, mut queue) = mpsc::unbounded_channel::<std::net::TcpStream>();
+    fn start(index: usize, app: App, limits: ConnectionLimits) -> std::io::Result<Self> {
+        let (connections, mut queue) = mpsc::unbounded_channel();
         let (done, finished) = oneshot::channel();
         let open = Arc::new(AtomicUsize::new(0));
         let counter = open.clone();
@@ -97,24 +172,18 @@ impl EventLoop {
             .name(format!("llmgate-serve-{index}"))
             .spawn(move || {
                 runtime.block_on(async move {
-                    let graceful = GracefulShutdown::new();
-                    let builder = auto::Builder::new(TokioExecutor::new());
-                    while let Some(stream) = queue.recv().await {
+                    let mut served = Connections::new(app, limits);
+                    served.open = Some(counter.clone());
+                    while let Some((stream, slot)) = queue.recv().await {
                         match TcpStream::from_std(stream) {
-                            Ok(stream) => serve_connection(
-                                &builder,
-                                &graceful,
-                                stream,
-                                app.clone(),
-                                Some(counter.clone()),
-                            ),
+                            Ok(stream) => served.serve(stream, slot),
                             Err(err) => {
                                 counter.fetch_sub(1, Ordering::Relaxed);
                                 tracing::warn!(error = %err, "cannot serve a connection");
                             }
                         }
                     }
-                    graceful.shutdown().await;
+                    served.shut_down().await;
                     let _ = done.send(());
                     // Keep driving what requests spawned here (the rest of an answer
                     // read for its usage after its client left) until the process exits.
@@ -128,7 +197,7 @@ impl EventLoop {
         })
     }
 
-    fn hand_over(&self, stream: TcpStream) {
+    fn hand_over(&self, stream: TcpStream, slot: OwnedSemaphorePermit) {
         let stream = match stream.into_std() {
             Ok(stream) => stream,
             Err(err) => {
@@ -137,25 +206,115 @@ impl EventLoop {
             }
         };
         self.open.fetch_add(1, Ordering::Relaxed);
-        if self.connections.send(stream).is_err() {
+        if self.connections.send((stream, slot)).is_err() {
             self.open.fetch_sub(1, Ordering::Relaxed);
             tracing::error!("a serving thread has stopped; a connection was closed");
         }
     }
 }
 
-/// The next connection, or `None` once `shutdown` completes.
+/// The connections one runtime serves, and how they are stopped.
+struct Connections {
+    app: App,
+    limits: ConnectionLimits,
+    builder: auto::Builder<TokioExecutor>,
+    graceful: GracefulShutdown,
+    tasks: TaskTracker,
+    /// Becomes true when the shutdown deadline has passed: every connection closes.
+    force_close: watch::Sender<bool>,
+    /// Counts down as connections close (the loops' load, for handing out new ones).
+    open: Option<Arc<AtomicUsize>>,
+}
+
+impl Connections {
+    fn new(app: App, limits: ConnectionLimits) -> Self {
+        Self {
+            app,
+            limits,
+            builder: auto::Builder::new(TokioExecutor::new()),
+            graceful: GracefulShutdown::new(),
+            tasks: TaskTracker::new(),
+            force_close: watch::channel(false).0,
+            open: None,
+        }
+    }
+
+    /// Serves one connection on the current runtime until it closes, is idle or slow
+    /// past the limits, or is closed at the shutdown deadline.
+    fn serve(&self, stream: TcpStream, slot: OwnedSemaphorePermit) {
+        let activity = Arc::new(Activity::default());
+        let io = WatchedIo {
+            io: stream,
+            activity: activity.clone(),
+        };
+        let service = ConnectionService {
+            app: RefCell::new(self.app.clone()),
+            activity: activity.clone(),
+        };
+        let connection = self
+            .builder
+            .serve_connection(TokioIo::new(io), service)
+            .into_owned();
+        let connection = self.graceful.watch(connection);
+        let open = self.open.clone();
+        let limits = self.limits;
+        let mut force_close = self.force_close.subscribe();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                result = connection => if let Err(err) = result {
+                    tracing::debug!(error = %err, "connection closed with an error");
+                },
+                reason = activity.watchdog(limits) => {
+                    tracing::debug!(reason, "connection closed");
+                }
+                _ = force_close.wait_for(|closing| *closing) => {
+                    tracing::debug!("connection closed at the shutdown deadline");
+                }
+            }
+            drop(slot);
+            if let Some(open) = open {
+                open.fetch_sub(1, Ordering::Relaxed);
+            }
+        });
+    }
+
+    /// Lets the connections finish their requests, for at most `shutdown_timeout`; then
+    /// closes the rest. Their answers' usage is settled as their bodies are dropped.
+    async fn shut_down(self) {
+        self.tasks.close();
+        let in_time = tokio::time::timeout(self.limits.shutdown_timeout, self.graceful.shutdown())
+            .await
+            .is_ok();
+        if !in_time {
+            tracing::warn!(
+                open = self.tasks.len(),
+                deadline_secs = self.limits.shutdown_timeout.as_secs(),
+                "closing connections still open at the shutdown deadline"
+            );
+            let _ = self.force_close.send(true);
+        }
+        self.tasks.wait().await;
+    }
+}
+
+/// The next connection and its slot, or `None` once `shutdown` completes. Waits for a
+/// slot first: at `max_connections` the gateway leaves new clients in the backlog.
 async fn accept(
     listener: &TcpListener,
+    slots: &Arc<Semaphore>,
     mut shutdown: Pin<&mut impl Future<Output = ()>>,
-) -> Option<TcpStream> {
+) -> Option<(TcpStream, OwnedSemaphorePermit)> {
+    let slot = tokio::select! {
+        slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+        () = &mut shutdown => return None,
+    };
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     // No Nagle delay: streamed tokens are small writes that must go out at once.
                     let _ = stream.set_nodelay(true);
-                    return Some(stream);
+                    return Some((stream, slot));
                 }
                 Err(err) => accept_failed(err).await,
             },
@@ -164,32 +323,9 @@ async fn accept(
     }
 }
 
-/// Serves one connection on the current runtime until it closes; `open` counts down
-/// when it does.
-fn serve_connection(
-    builder: &auto::Builder<TokioExecutor>,
-    graceful: &GracefulShutdown,
-    stream: TcpStream,
-    app: App,
-    open: Option<Arc<AtomicUsize>>,
-) {
-    let service = ConnectionService(RefCell::new(app));
-    let connection = builder
-        .serve_connection(TokioIo::new(stream), service)
-        .into_owned();
-    let connection = graceful.watch(connection);
-    tokio::spawn(async move {
-        if let Err(err) = connection.await {
-            tracing::debug!(error = %err, "connection closed with an error");
-        }
-        if let Some(open) = open {
-            open.fetch_sub(1, Ordering::Relaxed);
-        }
-    });
-}
-
 /// A failed accept: a client that left before it was accepted is nothing; anything
-/// else (out of file descriptors) is logged and waited out instead of spinning.
+/// else (out of file descriptors) is logged and waited out briefly instead of spinning,
+/// and accepting goes on as soon as a descriptor is free.
 async fn accept_failed(err: std::io::Error) {
     use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
     if matches!(
@@ -198,26 +334,159 @@ async fn accept_failed(err: std::io::Error) {
     ) {
         return;
     }
-    tracing::error!(error = %err, "accepting a connection failed; retrying in a second");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tracing::error!(error = %err, "accepting a connection failed; retrying");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+/// What a connection's watchdog needs to know: bytes from the client, and requests
+/// whose answers are not done.
+#[derive(Debug, Default)]
+struct Activity {
+    bytes_read: AtomicU64,
+    /// Requests begun on the connection, ever.
+    requests: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+impl Activity {
+    /// Completes when the connection breaks a limit: no request in flight for
+    /// `idle_timeout`, or bytes of a request head arriving for longer than
+    /// `header_read_timeout` without making a request. Never while a request is in
+    /// flight: a slow model is the upstream timeout's business.
+    async fn watchdog(&self, limits: ConnectionLimits) -> &'static str {
+        let tick = (limits.header_read_timeout.min(limits.idle_timeout) / 4)
+            .clamp(Duration::from_millis(50), Duration::from_secs(5));
+        let mut idle_since = Instant::now();
+        let mut head_since: Option<Instant> = None;
+        let mut bytes_seen = self.bytes_read.load(Ordering::Relaxed);
+        let mut requests_seen = self.requests.load(Ordering::Relaxed);
+        loop {
+            tokio::time::sleep(tick).await;
+            let now = Instant::now();
+            let bytes = self.bytes_read.load(Ordering::Relaxed);
+            let requests = self.requests.load(Ordering::Relaxed);
+            if requests != requests_seen || self.in_flight.load(Ordering::Relaxed) > 0 {
+                // A request came (and maybe went) since the last look.
+                idle_since = now;
+                head_since = None;
+                bytes_seen = bytes;
+                requests_seen = requests;
+                continue;
+            }
+            if bytes != bytes_seen {
+                bytes_seen = bytes;
+                // The first bytes since the last request: a head is on its way. Counted
+                // from the tick before, as they may have come just after it.
+                head_since.get_or_insert(now - tick);
+            }
+            if head_since.is_some_and(|since| now - since >= limits.header_read_timeout) {
+                return "request head not received in time";
+            }
+            if head_since.is_none() && now - idle_since >= limits.idle_timeout {
+                return "idle";
+            }
+        }
+    }
+}
+
+/// The client's socket, counting what it reads for the watchdog.
+struct WatchedIo {
+    io: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for WatchedIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        if read > 0 {
+            self.activity
+                .bytes_read
+                .fetch_add(read as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for WatchedIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// One request in flight on a connection, from its head until its answer's body is
+/// done or dropped.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn new(activity: &Arc<Activity>) -> Self {
+        activity.requests.fetch_add(1, Ordering::Relaxed);
+        activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(activity.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The app as one connection sees it. hyper calls a connection's service from that
 /// connection's task, one call at a time, so the app is borrowed for each call instead
 /// of cloned per request.
-struct ConnectionService(RefCell<App>);
+struct ConnectionService {
+    app: RefCell<App>,
+    activity: Arc<Activity>,
+}
+
+type AppFuture = <App as Service<Request>>::Future;
+type AppResponse = <App as Service<Request>>::Response;
+type AppError = <App as Service<Request>>::Error;
 
 impl hyper::service::Service<hyper::Request<Incoming>> for ConnectionService {
-    type Response = <App as Service<Request>>::Response;
-    type Error = <App as Service<Request>>::Error;
-    type Future = Either<
-        <App as Service<Request>>::Future,
-        BoxFuture<'static, Result<Self::Response, Self::Error>>,
-    >;
+    type Response = AppResponse;
+    type Error = AppError;
+    type Future =
+        InFlightFuture<Either<AppFuture, BoxFuture<'static, Result<AppResponse, AppError>>>>;
 
     fn call(&self, request: hyper::Request<Incoming>) -> Self::Future {
+        let in_flight = Some(InFlight::new(&self.activity));
         if request.version() != hyper::Version::HTTP_2 || request.body().is_end_stream() {
-            return Either::Left(self.0.borrow_mut().call(request.map(Body::new)));
+            let answer = self.app.borrow_mut().call(request.map(Body::new));
+            return InFlightFuture {
+                answer: Either::Left(answer),
+                in_flight,
+            };
         }
         // An HTTP/2 request whose body may be left unread (refused before it is read):
         // what is left of the body is read after the answer has been sent, as nginx
@@ -227,16 +496,73 @@ impl hyper::service::Service<hyper::Request<Incoming>> for ConnectionService {
         let (parts, body) = request.into_parts();
         let body = Arc::new(Mutex::new(Some(body)));
         let request = Request::from_parts(parts, Body::new(SharedBody(body.clone())));
-        let answer = self.0.borrow_mut().call(request);
-        Either::Right(Box::pin(async move {
-            let response = answer.await?;
-            Ok(response.map(|answer| {
-                Body::new(KeepingRequestBody {
-                    answer,
-                    request: body,
-                })
-            }))
-        }))
+        let answer = self.app.borrow_mut().call(request);
+        InFlightFuture {
+            answer: Either::Right(Box::pin(async move {
+                let response = answer.await?;
+                Ok(response.map(|answer| {
+                    Body::new(KeepingRequestBody {
+                        answer,
+                        request: body,
+                    })
+                }))
+            })),
+            in_flight,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An answer on its way; the request counts as in flight until its body is done.
+    struct InFlightFuture<F> {
+        #[pin]
+        answer: F,
+        in_flight: Option<InFlight>,
+    }
+}
+
+impl<F> Future for InFlightFuture<F>
+where
+    F: Future<Output = Result<AppResponse, AppError>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = std::task::ready!(this.answer.poll(cx))?;
+        let in_flight = this.in_flight.take();
+        Poll::Ready(Ok(response.map(|answer| {
+            Body::new(InFlightBody {
+                answer,
+                _in_flight: in_flight,
+            })
+        })))
+    }
+}
+
+/// An answer's body, holding its request's place among those in flight.
+struct InFlightBody {
+    answer: Body,
+    _in_flight: Option<InFlight>,
+}
+
+impl http_body::Body for InFlightBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.answer).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.answer.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.answer.size_hint()
     }
 }
 

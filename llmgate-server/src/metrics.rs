@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicU64;
 use llmgate_core::runner::RunnerStatus;
 use llmgate_core::storage::RequestRecord;
 use llmgate_core::system::SystemReport;
-use llmgate_core::usage::UsageObserver;
+use llmgate_core::usage::{endpoint_label, UsageObserver};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -223,15 +223,18 @@ impl Series {
 
 impl Metrics {
     fn series(&self, record: &RequestRecord, key_name: &str) -> Series {
+        // Known endpoints by name, everything else as `other`: a key holder making up
+        // paths must not grow the exposition without bound.
+        let endpoint_name = endpoint_label(&record.path);
         let endpoint = EndpointLabels {
-            endpoint: record.path.clone(),
+            endpoint: endpoint_name.to_owned(),
         };
         let key = KeyLabels {
             key: key_name.to_owned(),
         };
         let requests = RequestLabels {
             key: key_name.to_owned(),
-            endpoint: record.path.clone(),
+            endpoint: endpoint_name.to_owned(),
             status: record.status,
         };
         Series {
@@ -254,7 +257,11 @@ impl UsageObserver for Metrics {
     fn observe_batch(&self, records: &[RequestRecord], key_names: &[String]) {
         let mut current: Option<((&str, &str, u16), Series)> = None;
         for (record, key_name) in records.iter().zip(key_names) {
-            let kind = (key_name.as_str(), record.path.as_str(), record.status);
+            let kind = (
+                key_name.as_str(),
+                endpoint_label(&record.path),
+                record.status,
+            );
             match &current {
                 Some((seen, series)) if *seen == kind => series.count(record),
                 _ => {
@@ -269,7 +276,12 @@ impl UsageObserver for Metrics {
 
 impl Metrics {
     /// The exposition text, with the gauges brought up to date first.
-    pub fn render(&self, system: &SystemReport, model: Option<&RunnerStatus>) -> String {
+    pub fn render(
+        &self,
+        system: &SystemReport,
+        model: Option<&RunnerStatus>,
+        format: Format,
+    ) -> String {
         let state = match model {
             None => "none",
             Some(RunnerStatus::Stopped) => "stopped",
@@ -323,8 +335,92 @@ impl Metrics {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
-        out
+        match format {
+            Format::OpenMetrics => out,
+            Format::Prometheus => openmetrics_to_prometheus(&out),
+        }
     }
+}
+
+/// The two text formats a scraper may ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Prometheus text format 0.0.4: what every scraper and parser reads.
+    Prometheus,
+    /// OpenMetrics 1.0, for scrapers that ask for it in `Accept`.
+    OpenMetrics,
+}
+
+impl Format {
+    /// What an `Accept` header asks for: OpenMetrics only when it is named with a
+    /// weight above 0 and at least that of `text/plain` (Prometheus itself asks for
+    /// OpenMetrics first).
+    pub fn from_accept(accept: Option<&str>) -> Self {
+        let Some(accept) = accept else {
+            return Self::Prometheus;
+        };
+        let (mut openmetrics, mut plain) = (0.0_f32, 0.0_f32);
+        for range in accept.split(',') {
+            let mut params = range.split(';').map(str::trim);
+            let media = params.next().unwrap_or("").to_ascii_lowercase();
+            let weight = params
+                .filter_map(|p| p.strip_prefix("q="))
+                .find_map(|q| q.parse::<f32>().ok())
+                .unwrap_or(1.0);
+            match media.as_str() {
+                "application/openmetrics-text" => openmetrics = openmetrics.max(weight),
+                "text/plain" | "text/*" | "*/*" => plain = plain.max(weight),
+                _ => {}
+            }
+        }
+        if openmetrics > 0.0 && openmetrics >= plain {
+            Self::OpenMetrics
+        } else {
+            Self::Prometheus
+        }
+    }
+
+    /// The `Content-Type` of an exposition in this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
+            Self::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
+
+/// Rewrites OpenMetrics text (as `prometheus-client` writes it) in the Prometheus 0.0.4
+/// format: a counter's `HELP` and `TYPE` name its `_total` samples, and the `UNIT` and
+/// `EOF` lines, which 0.0.4 does not have, go. Samples are written alike in both.
+fn openmetrics_to_prometheus(text: &str) -> String {
+    let counters: std::collections::HashSet<&str> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(text.len() + counters.len() * 12);
+    for line in text.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|prefix| Some((prefix, line.strip_prefix(prefix)?)));
+        if let Some((prefix, rest)) = meta {
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            if counters.contains(name) && !name.ends_with("_total") {
+                out.push_str(prefix);
+                out.push_str(name);
+                out.push_str("_total ");
+                out.push_str(tail);
+                out.push('\n');
+                continue;
+            }
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]

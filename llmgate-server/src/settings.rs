@@ -45,6 +45,18 @@ pub fn load(cli: &Cli, serve: Option<&ServeArgs>, up: bool) -> Result<GatewayCon
         if let Some(ms) = args.key_cache_ttl_ms {
             config.key_cache_ttl_ms = ms;
         }
+        if let Some(secs) = args.header_read_timeout_secs {
+            config.header_read_timeout_secs = secs;
+        }
+        if let Some(secs) = args.idle_timeout_secs {
+            config.idle_timeout_secs = secs;
+        }
+        if let Some(n) = args.max_connections {
+            config.max_connections = Some(n);
+        }
+        if let Some(secs) = args.shutdown_timeout_secs {
+            config.shutdown_timeout_secs = secs;
+        }
         if args.metrics_public {
             config.metrics_public = true;
         }

@@ -47,6 +47,33 @@ pub enum ProxyError {
     /// No upstream is set (no model is running).
     #[error("no upstream")]
     NoUpstream,
+    /// The path could lead the upstream somewhere else than it says (see
+    /// [`is_plain_path`]).
+    #[error("path with dot-segments or encoded separators")]
+    UnsafePath,
+}
+
+/// Whether a request path means what it says: no `.` or `..` segment (also written
+/// `%2e`), no encoded `/` or `\`, and no `\`. An upstream (or a server in front of
+/// it) that resolves such paths would otherwise let a key holder reach paths outside
+/// `/v1` with the gateway's `upstream_key`: `/v1/../admin`, `/v1/%2e%2e/admin`.
+pub fn is_plain_path(path: &str) -> bool {
+    let bytes = path.as_bytes();
+    // The usual path has none of these characters: one pass, nothing else to do.
+    if !bytes.iter().any(|&b| matches!(b, b'.' | b'%' | b'\\')) {
+        return true;
+    }
+    if bytes.contains(&b'\\') {
+        return false;
+    }
+    path.split('/').all(|segment| {
+        let lower = segment.to_ascii_lowercase();
+        if lower.contains("%2f") || lower.contains("%5c") {
+            return false;
+        }
+        let decoded = lower.replace("%2e", ".");
+        decoded != "." && decoded != ".."
+    })
 }
 
 /// The body of a proxied response: the upstream's, streamed, or the gateway's error.
@@ -243,6 +270,9 @@ impl Target {
 
     /// The upstream's path and query for a request's.
     fn upstream_path(&self, uri: &Uri) -> Result<PathAndQuery, ProxyError> {
+        if !is_plain_path(uri.path()) {
+            return Err(ProxyError::UnsafePath);
+        }
         let path_and_query = uri.path_and_query();
         if self.base_path.is_empty() {
             // The common case: no string building, the request's path is reused as is.
@@ -447,6 +477,44 @@ mod tests {
 
     fn proxy(upstream: &str) -> Proxy {
         Proxy::new(ProxyConfig::new(upstream.parse().unwrap())).unwrap()
+    }
+
+    #[test]
+    fn paths_that_could_leave_v1_are_refused() {
+        for path in [
+            "/v1/../admin/keys",
+            "/v1/./chat/completions",
+            "/v1/%2e%2e/admin/keys",
+            "/v1/%2E%2e/x",
+            "/v1/.%2e/x",
+            "/v1/..",
+            "/v1/a%2fb",
+            "/v1/a%2F..%2Fb",
+            "/v1/a%5cb",
+            "/v1/a\\..\\b",
+        ] {
+            assert!(!is_plain_path(path), "{path}");
+            let uri: Uri = path.parse().unwrap();
+            assert!(
+                matches!(
+                    proxy("http://127.0.0.1:8000")
+                        .current()
+                        .unwrap()
+                        .upstream_uri(&uri),
+                    Err(ProxyError::UnsafePath)
+                ),
+                "{path}"
+            );
+        }
+        for path in [
+            "/v1/chat/completions",
+            "/v1/models/qwen2.5-0.5b",
+            "/v1/models/a..b",
+            "/v1/files/file%20name",
+            "/v1/.well-known",
+        ] {
+            assert!(is_plain_path(path), "{path}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@
 
 mod body;
 mod counter;
+mod endpoint;
 mod json;
 mod recorder;
 mod report;
@@ -18,6 +19,7 @@ mod sse;
 
 pub use body::{AuthUsageBody, UsageBody};
 pub use counter::TokenCounter;
+pub use endpoint::{endpoint_label, OTHER_ENDPOINT};
 pub use recorder::{RecorderOptions, UsageObserver, UsageRecorder, UsageWriter};
 pub use report::{usage_report, KeyUsage};
 

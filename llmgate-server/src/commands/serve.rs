@@ -118,9 +118,20 @@ async fn serve(
     println!("llmgate listening on http://{local} ({upstream})");
     tracing::info!(%local, "listening");
 
-    crate::http::serve_on_loops(listener, router, serving_threads(config), shutdown_signal())
-        .await
-        .map_err(|e| format!("cannot start the threads that serve requests: {e}"))?;
+    let limits = crate::http::ConnectionLimits::from_config(config);
+    tracing::info!(
+        max_connections = limits.max_connections,
+        "connection limits"
+    );
+    crate::http::serve_on_loops(
+        listener,
+        router,
+        serving_threads(config),
+        limits,
+        shutdown_signal(),
+    )
+    .await
+    .map_err(|e| format!("cannot start the threads that serve requests: {e}"))?;
     tracing::info!("shutting down: writing queued usage");
     writer.shutdown().await;
     Ok(())

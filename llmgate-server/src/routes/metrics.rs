@@ -1,15 +1,21 @@
-//! `GET /metrics`: Prometheus exposition (OpenMetrics text).
+//! `GET /metrics`: Prometheus exposition, in the text format 0.0.4 unless the scraper's
+//! `Accept` asks for OpenMetrics.
 
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{header, HeaderMap};
 use axum::response::IntoResponse;
 use llmgate_core::error::ApiError;
 
 use super::HandlerError;
 use crate::app::AppState;
+use crate::metrics::Format;
 
 /// Every metric, with the system gauges sampled now.
-pub async fn render(State(state): State<AppState>) -> Result<impl IntoResponse, HandlerError> {
+pub async fn render(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, HandlerError> {
+    let format = Format::from_accept(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
     let pid = state.models.runner().and_then(|m| m.pid());
     let monitor = state.system.clone();
     let system = tokio::task::spawn_blocking(move || monitor.report(pid))
@@ -19,12 +25,6 @@ pub async fn render(State(state): State<AppState>) -> Result<impl IntoResponse, 
             ApiError::internal()
         })?;
     let status = state.models.runner().map(|m| m.status());
-    let body = state.metrics.render(&system, status.as_ref());
-    Ok((
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        body,
-    ))
+    let body = state.metrics.render(&system, status.as_ref(), format);
+    Ok(([(header::CONTENT_TYPE, format.content_type())], body))
 }
