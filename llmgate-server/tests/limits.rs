@@ -435,3 +435,50 @@ async fn the_data_directory_and_database_are_private_to_their_owner() {
     let exit = common::terminate(&mut gw.child, Duration::from_secs(10)).await;
     assert!(exit.success());
 }
+
+#[tokio::test]
+async fn an_upstream_that_stalls_mid_answer_is_cut_off_and_the_request_recorded() {
+    let upstream = MockUpstream::start().await;
+    upstream.set_chunk_delay(Duration::from_secs(60));
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = gateway(
+        dir.path(),
+        &upstream.url,
+        &[("LLMGATE_UPSTREAM_TIMEOUT_SECS", "2")],
+    )
+    .await;
+    let key = user_key(&gw.url).await;
+    let asked = Instant::now();
+    let answer = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .bearer_auth(&key)
+        .json(&chat(true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let rest = tokio::time::timeout(Duration::from_secs(10), answer.bytes())
+        .await
+        .expect("the stream ends soon after the upstream goes silent");
+    assert!(rest.is_err(), "a cut-off stream must not look complete");
+    let took = asked.elapsed();
+    assert!(took >= Duration::from_millis(1900), "{took:?}");
+    let exit = common::terminate(&mut gw.child, Duration::from_secs(10)).await;
+    assert!(exit.success());
+    let output = Command::new(BIN)
+        .args(["usage", "--json", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .await
+        .unwrap();
+    let usage: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let alice = usage
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == "alice")
+        .unwrap()
+        .clone();
+    assert_eq!(alice["requests"], 1, "{usage}");
+    assert_eq!(alice["requests_without_usage"], 1, "{usage}");
+}

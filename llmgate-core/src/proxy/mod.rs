@@ -26,7 +26,7 @@ use tower::Service;
 
 mod pool;
 
-pub use pool::UpstreamBody;
+pub use pool::{UpstreamBody, UpstreamBodyError};
 
 use crate::auth::Secret;
 use crate::error::ApiError;
@@ -460,7 +460,8 @@ where
             return Ok(error_response(ProxyError::Timeout(target.timeout)));
         }
     };
-    let (mut parts, body) = response.into_parts();
+    let (mut parts, mut body) = response.into_parts();
+    body.stall_after(target.timeout);
     strip_hop_by_hop(&mut parts.headers);
     Ok(Response::from_parts(parts, Either::Left(body)))
 }

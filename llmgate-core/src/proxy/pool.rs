@@ -186,6 +186,23 @@ impl Pool {
 pub struct UpstreamBody {
     inner: Incoming,
     lease: Option<(Box<Conn>, Arc<Pool>)>,
+    /// How long the upstream may go without sending a byte of the body.
+    stall_limit: Option<Duration>,
+    /// Made at the first wait for the upstream (a body that is all there needs none).
+    stall_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The timer runs: the body waits, and no frame came since it was set.
+    waiting: bool,
+}
+
+/// Why an upstream's body broke off.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamBodyError {
+    /// The connection failed or the upstream sent something that is not HTTP.
+    #[error(transparent)]
+    Upstream(#[from] hyper::Error),
+    /// The upstream sent nothing for this long in the middle of its answer.
+    #[error("the upstream sent nothing for {0:?} in the middle of its answer")]
+    Stalled(Duration),
 }
 
 impl std::fmt::Debug for UpstreamBody {
@@ -201,6 +218,9 @@ impl UpstreamBody {
         let mut body = Self {
             inner,
             lease: conn.map(|conn| (conn, pool)),
+            stall_limit: None,
+            stall_timer: None,
+            waiting: false,
         };
         if body.inner.is_end_stream() {
             body.release(None);
@@ -210,7 +230,34 @@ impl UpstreamBody {
 
     /// A body whose connection hyper's own client drives.
     pub(crate) fn unpooled(inner: Incoming) -> Self {
-        Self { inner, lease: None }
+        Self {
+            inner,
+            lease: None,
+            stall_limit: None,
+            stall_timer: None,
+            waiting: false,
+        }
+    }
+
+    /// Ends the body with [`UpstreamBodyError::Stalled`] when the upstream sends nothing
+    /// for `limit` (a hung model server would otherwise hold its client for ever).
+    pub(crate) fn stall_after(&mut self, limit: Duration) {
+        self.stall_limit = Some(limit);
+    }
+
+    /// Whether the upstream has been silent for too long; arms the timer at the start
+    /// of a wait.
+    fn stalled(&mut self, cx: &mut Context<'_>) -> Option<Duration> {
+        let limit = self.stall_limit?;
+        let deadline = tokio::time::Instant::now() + limit;
+        let timer = self
+            .stall_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.waiting {
+            timer.as_mut().reset(deadline);
+            self.waiting = true;
+        }
+        timer.as_mut().poll(cx).is_ready().then_some(limit)
     }
 
     /// The body is complete: the connection goes back to the pool once it is ready for
@@ -235,12 +282,12 @@ impl UpstreamBody {
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = UpstreamBodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamBodyError>>> {
         let this = &mut *self;
         let mut frame = Pin::new(&mut this.inner).poll_frame(cx);
         if frame.is_pending() {
@@ -251,7 +298,17 @@ impl Body for UpstreamBody {
                 frame = Pin::new(&mut this.inner).poll_frame(cx);
             }
         }
-        let frame = ready!(frame);
+        if frame.is_pending() {
+            if let Some(limit) = this.stalled(cx) {
+                tracing::warn!(after = ?limit, "the upstream stalled mid-answer; closing it");
+                this.lease = None;
+                this.stall_limit = None;
+                return Poll::Ready(Some(Err(UpstreamBodyError::Stalled(limit))));
+            }
+            return Poll::Pending;
+        }
+        this.waiting = false;
+        let frame = ready!(frame).map(|f| f.map_err(UpstreamBodyError::from));
         match &frame {
             None => this.release(Some(cx)),
             Some(Ok(_)) if this.inner.is_end_stream() => this.release(Some(cx)),

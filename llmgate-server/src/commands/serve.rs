@@ -104,6 +104,7 @@ async fn serve(
     } else {
         None
     };
+    let shutdown = shutdown_signal();
     let runner = models.runner();
     print_welcome(
         local,
@@ -123,15 +124,9 @@ async fn serve(
         max_connections = limits.max_connections,
         "connection limits"
     );
-    crate::http::serve_on_loops(
-        listener,
-        router,
-        serving_threads(config),
-        limits,
-        shutdown_signal(),
-    )
-    .await
-    .map_err(|e| format!("cannot start the threads that serve requests: {e}"))?;
+    crate::http::serve_on_loops(listener, router, serving_threads(config), limits, shutdown)
+        .await
+        .map_err(|e| format!("cannot start the threads that serve requests: {e}"))?;
     tracing::info!("shutting down: writing queued usage");
     writer.shutdown().await;
     Ok(())
@@ -183,19 +178,25 @@ fn print_welcome(
     }
 }
 
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
+/// Completes on SIGINT or SIGTERM. The handlers are installed now, not when the future
+/// is first polled: a signal sent right after "listening" is printed must not find the
+/// default action (exit at once, nothing drained) still in place.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler installs");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler installs");
+    #[cfg(unix)]
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .expect("SIGINT handler installs");
+    async move {
+        #[cfg(unix)]
         tokio::select! {
-            _ = interrupt => {}
+            _ = interrupt.recv() => {}
             _ = term.recv() => {}
         }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
     }
-    #[cfg(not(unix))]
-    let _ = interrupt.await;
 }
 
 /// On first start there is no admin key: take the operator's (`LLMGATE_ADMIN_KEY`) or
