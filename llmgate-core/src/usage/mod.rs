@@ -10,14 +10,17 @@
 
 mod body;
 mod counter;
+mod held;
 mod json;
 mod recorder;
 mod report;
 mod request;
+mod scan;
 mod sse;
 
 pub use body::{AuthUsageBody, UsageBody};
 pub use counter::TokenCounter;
+pub use held::MAX_HELD_BYTES;
 pub use recorder::{RecorderOptions, UsageObserver, UsageRecorder, UsageWriter};
 pub use report::{usage_report, KeyUsage};
 
