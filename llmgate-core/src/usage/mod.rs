@@ -10,6 +10,8 @@
 
 mod body;
 mod counter;
+#[cfg(test)]
+mod fuzz_tests;
 mod held;
 mod json;
 mod recorder;

@@ -102,15 +102,19 @@ pub(crate) fn inspect_request(
     if !fields.streams || (fields.asked_for_usage && !keep_for_counting) {
         return (body, plan);
     }
-    if keep_for_counting {
-        plan.for_counting = serde_json::from_slice::<Value>(&body).ok().map(Arc::new);
-    }
+    // Only a body that parses whole is counted or edited (serde's skipping of the
+    // fields it does not need is lenient: a lone surrogate escape passes it).
+    let Ok(value) = serde_json::from_slice::<Value>(&body) else {
+        return (body, plan);
+    };
     if fields.asked_for_usage || !supports_stream_options(path) {
+        plan.for_counting = keep_for_counting.then(|| Arc::new(value));
         return (body, plan);
     }
     let asked = with_include_usage(&body)
         .filter(|edited| Fields::of(edited).is_some_and(|f| f.asked_for_usage))
-        .or_else(|| rewritten_with_include_usage(&body));
+        .or_else(|| rewritten_with_include_usage(value.clone()));
+    plan.for_counting = keep_for_counting.then(|| Arc::new(value));
     match asked {
         Some(asked) => {
             plan.strip_stream_usage = true;
@@ -154,8 +158,7 @@ fn with_include_usage(body: &[u8]) -> Option<Vec<u8>> {
 
 /// The body re-serialised with `stream_options.include_usage: true`: for a body whose
 /// names the byte edit cannot see (written with escapes, or given twice).
-fn rewritten_with_include_usage(body: &[u8]) -> Option<Vec<u8>> {
-    let mut value = serde_json::from_slice::<Value>(body).ok()?;
+fn rewritten_with_include_usage(mut value: Value) -> Option<Vec<u8>> {
     let options = value
         .as_object_mut()?
         .entry("stream_options")
@@ -318,5 +321,14 @@ mod tests {
             serde_json::from_str::<Value>(&out).unwrap(),
             json!({"stream": true, "stream_options": {"include_usage": true}})
         );
+    }
+
+    #[test]
+    fn a_body_that_does_not_parse_whole_is_not_edited() {
+        // A lone surrogate escape in a field the gateway does not read.
+        let body = r#"{"stream":true,"messages":[{"content":"\ud800"}]}"#;
+        let (out, plan) = sent("/v1/chat/completions", body);
+        assert_eq!(out, body);
+        assert!(!plan.strip_stream_usage);
     }
 }

@@ -149,12 +149,7 @@ impl EventSplitter {
             let line = &self.buf[self.line_start..newline];
             self.scanned = newline + 1;
             if line.is_empty() || line == b"\r" {
-                if newline == self.line_start && self.line_start == 0 {
-                    // A stray blank line before any field: not an event of its own.
-                    let _ = self.buf.split_to(newline + 1);
-                    self.reset_positions();
-                    continue;
-                }
+                // (A stray blank line is an "event" of its own, passed on as it is.)
                 let event = self.buf.split_to(newline + 1).freeze();
                 self.reset_positions();
                 return Some(event);
@@ -604,6 +599,17 @@ mod tests {
         "event: response.output_text.done\ndata: {\"type\":\"response.output_text.done\",\"sequence_number\":5,\"item_id\":\"msg_67c9\",\"output_index\":0,\"content_index\":0,\"text\":\"Hi \\\"usage\\\": {\\\"input_tokens\\\": 999}\"}\n\n",
         "event: response.completed\ndata: {\"type\":\"response.completed\",\"sequence_number\":8,\"response\":{\"id\":\"resp_67c9\",\"object\":\"response\",\"created_at\":1741290958,\"status\":\"completed\",\"error\":null,\"incomplete_details\":null,\"instructions\":\"You are a helpful assistant.\",\"max_output_tokens\":null,\"model\":\"gpt-4.1-2025-04-14\",\"output\":[{\"id\":\"msg_67c9\",\"type\":\"message\",\"status\":\"completed\",\"role\":\"assistant\",\"content\":[{\"type\":\"output_text\",\"text\":\"Hi \\\"usage\\\": {\\\"input_tokens\\\": 999}\",\"annotations\":[]}]}],\"parallel_tool_calls\":true,\"previous_response_id\":null,\"reasoning\":{\"effort\":null,\"summary\":null},\"store\":true,\"temperature\":1.0,\"text\":{\"format\":{\"type\":\"text\"}},\"tool_choice\":\"auto\",\"tools\":[],\"top_p\":1.0,\"truncation\":\"disabled\",\"usage\":{\"input_tokens\":37,\"input_tokens_details\":{\"cached_tokens\":0},\"output_tokens\":11,\"output_tokens_details\":{\"reasoning_tokens\":0},\"total_tokens\":48},\"user\":null,\"metadata\":{}}}\n\n",
     );
+
+    #[test]
+    fn blank_lines_between_events_reach_the_client_when_editing() {
+        let upstream = format!("\n: ping\n\n\r\n{}", chunk("a", ",\"usage\":null"));
+        let mut extractor = SseExtractor::new(true, false);
+        let seen = run(&mut extractor, &[upstream.as_bytes()]);
+        assert_eq!(
+            String::from_utf8(seen).unwrap(),
+            format!("\n: ping\n\n\r\n{}", chunk("a", ""))
+        );
+    }
 
     #[test]
     fn a_responses_stream_is_charged_from_its_completed_event() {
