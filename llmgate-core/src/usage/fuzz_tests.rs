@@ -325,3 +325,197 @@ proptest! {
         check_key_header(&input);
     }
 }
+
+/// One object member as written: name, the spacing around its colon, and its value.
+#[derive(Debug, Clone)]
+struct Written {
+    name: &'static str,
+    around_colon: (&'static str, &'static str),
+    value: String,
+}
+
+/// An object as some server writes it: members, the spacing around each comma, and
+/// inside the braces.
+#[derive(Debug, Clone)]
+struct WrittenObject {
+    members: Vec<Written>,
+    around_commas: Vec<(&'static str, &'static str)>,
+    inside: (&'static str, &'static str),
+}
+
+impl WrittenObject {
+    /// The text, without member `skip`, which takes one comma (and its spacing) with
+    /// it: the one after it, or for the last member the one before it.
+    fn render(&self, skip: Option<usize>) -> String {
+        let last = self.members.len() - 1;
+        let mut out = format!("{{{}", self.inside.0);
+        for (i, m) in self.members.iter().enumerate() {
+            let comma = (i < last).then(|| self.around_commas[i]);
+            let skipped = skip == Some(i);
+            // A skipped last member takes the comma before it, already written: undo.
+            if skipped && i == last && i > 0 {
+                let (before, after) = self.around_commas[i - 1];
+                out.truncate(out.len() - before.len() - 1 - after.len());
+            }
+            if !skipped {
+                let (a, b) = m.around_colon;
+                out.push_str(&format!("\"{}\"{a}:{b}{}", m.name, m.value));
+            }
+            if let Some((before, after)) = comma.filter(|_| !skipped) {
+                out.push_str(&format!("{before},{after}"));
+            }
+        }
+        out.push_str(self.inside.1);
+        out.push('}');
+        out
+    }
+}
+
+fn space() -> impl Strategy<Value = &'static str> {
+    prop_oneof![Just(""), Just(" "), Just("\t"), Just("  ")]
+}
+
+/// Text values as servers escape them, `usage` look-alikes included.
+fn text() -> impl Strategy<Value = &'static str> {
+    prop_oneof![
+        Just("Hi"),
+        Just("caf\\u00e9"),
+        Just("caf\u{e9}"),
+        Just("\\\"usage\\\": null, "),
+        Just("a\\\\"),
+        Just("}\\n\\n{"),
+        Just("\\ud83d\\ude00"),
+    ]
+}
+
+fn number() -> impl Strategy<Value = &'static str> {
+    prop_oneof![
+        Just("-1.9361265e-07"),
+        Just("1E+3"),
+        Just("0.0"),
+        Just("-0"),
+        Just("12")
+    ]
+}
+
+/// A chunk's members other than `usage`, in any order, and the spacing.
+fn written_object(members: Vec<BoxedStrategy<Written>>) -> impl Strategy<Value = WrittenObject> {
+    let n = members.len();
+    (
+        members.prop_shuffle(),
+        proptest::collection::vec((space(), space()), n),
+        (space(), space()),
+    )
+        .prop_map(|(members, around_commas, inside)| WrittenObject {
+            members,
+            around_commas,
+            inside,
+        })
+}
+
+fn member(
+    name: &'static str,
+    value: impl Strategy<Value = String> + 'static,
+) -> BoxedStrategy<Written> {
+    ((space(), space()), value)
+        .prop_map(move |(around_colon, value)| Written {
+            name,
+            around_colon,
+            value,
+        })
+        .boxed()
+}
+
+fn content_chunk() -> impl Strategy<Value = WrittenObject> {
+    let choices = (text(), number()).prop_map(|(t, n)| {
+        format!(r#"[{{"index":0,"delta":{{"content":"{t}"}},"logprobs":{{"content":[{{"token":"{t}","logprob":{n}}}]}}}}]"#)
+    });
+    let nested = prop_oneof![
+        Just(r#"{"usage":null}"#.to_owned()),
+        Just(r#"{ "usage" : {"prompt_tokens":99,"completion_tokens":99} }"#.to_owned()),
+    ];
+    written_object(vec![
+        member("id", Just("\"chatcmpl-1\"".to_owned())),
+        member("model", Just("\"gpt-4o\"".to_owned())),
+        member("created", number().prop_map(str::to_owned)),
+        member("choices", choices),
+        member("tool", nested),
+        member("usage", Just("null".to_owned())),
+    ])
+}
+
+fn usage_chunk() -> impl Strategy<Value = (WrittenObject, (u64, u64))> {
+    let usage = (0..100_000u64, 0..100_000u64, space()).prop_map(|(p, c, s)| {
+        (
+            format!(
+                r#"{{"prompt_tokens":{s}{p},{s}"completion_tokens":{c},"total_tokens":{}}}"#,
+                p + c
+            ),
+            (p, c),
+        )
+    });
+    (
+        usage,
+        written_object(vec![
+            member("id", Just("\"chatcmpl-1\"".to_owned())),
+            member(
+                "choices",
+                prop_oneof![Just("[]".to_owned()), Just("[ ]".to_owned())],
+            ),
+            member("tool", Just(r#"{"usage":{"prompt_tokens":99}}"#.to_owned())),
+            member("usage", Just(String::new())),
+        ]),
+    )
+        .prop_map(|((usage, counts), mut object)| {
+            let at = object
+                .members
+                .iter()
+                .position(|m| m.name == "usage")
+                .unwrap();
+            object.members[at].value = usage;
+            (object, counts)
+        })
+}
+
+/// A whole stream as some server writes it, and what the client should get.
+fn styled_stream() -> impl Strategy<Value = (String, String, (u64, u64))> {
+    (
+        proptest::collection::vec(content_chunk(), 1..4),
+        usage_chunk(),
+        prop_oneof![Just("data: "), Just("data:")],
+        prop_oneof![Just("\n"), Just("\r\n")],
+    )
+        .prop_map(|(contents, (last, counts), data, eol)| {
+            let event = |json: String| format!("{data}{json}{eol}{eol}");
+            let mut upstream = String::new();
+            let mut client = String::new();
+            for chunk in &contents {
+                let usage = chunk.members.iter().position(|m| m.name == "usage");
+                upstream.push_str(&event(chunk.render(None)));
+                client.push_str(&event(chunk.render(usage)));
+            }
+            upstream.push_str(&event(last.render(None)));
+            let done = event("[DONE]".to_owned());
+            upstream.push_str(&done);
+            client.push_str(&done);
+            (upstream, client, counts)
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Whatever the server's JSON style and however the stream is cut, the client gets
+    /// the upstream's bytes less exactly the top-level `usage` members (and the usage
+    /// chunk), and the usage is counted.
+    #[test]
+    fn editing_removes_exactly_the_top_level_usage(
+        (upstream, client, (prompt, completion)) in styled_stream(),
+        cuts in proptest::collection::vec(any::<usize>(), 0..8),
+    ) {
+        let (seen, usage, model) = through_sse(&frames(upstream.as_bytes(), &cuts), true);
+        prop_assert_eq!(String::from_utf8(seen).unwrap(), client);
+        prop_assert_eq!(usage, Some(TokenUsage { prompt_tokens: prompt, completion_tokens: completion }));
+        prop_assert_eq!(model.as_deref(), Some("gpt-4o"));
+    }
+}
