@@ -125,7 +125,10 @@ impl EventSplitter {
                 return Some(Piece::Event(event));
             }
             if self.buf.len() >= MAX_HELD_BYTES {
-                // No end within the limit: hand on what is held, hold no more of it.
+                // No end within the limit: hand on what is held and hold no more of
+                // this event (only its ends, for its usage). Only this event: the next
+                // one is read, and edited, as usual, so one long event (a response that
+                // repeats long instructions) changes nothing else in the stream.
                 let mut ends = HeadAndTail::default();
                 ends.push(&self.buf);
                 let line = Line::Empty.then(&self.buf[self.line_start..]);
