@@ -995,3 +995,151 @@ async fn an_expired_key_is_refused_and_says_so() {
         "{body}"
     );
 }
+
+/// The usage a key has recorded, once `n` requests are in: (prompt, completion) tokens
+/// and the requests without usage.
+async fn recorded_tokens(gw: &Gateway, n: u64) -> (Value, Value, Value) {
+    let usage = gw.wait_for_requests(&gw.alice_id, n).await;
+    (
+        usage["prompt_tokens"].clone(),
+        usage["completion_tokens"].clone(),
+        usage["requests_without_usage"].clone(),
+    )
+}
+
+#[tokio::test]
+async fn a_streamed_responses_api_answer_is_charged_and_reaches_both_ends_unchanged() {
+    let gw = Gateway::start().await;
+    let raw = r#"{"model": "gpt-4.1", "input": "tell me a story", "stream": true}"#;
+    let response = gw
+        .http
+        .post(format!("{}/v1/responses", gw.url))
+        .bearer_auth(gw.alice.expose())
+        .header("content-type", "application/json")
+        .body(raw)
+        .send()
+        .await
+        .unwrap();
+    let seen = read_stream(response).await;
+    let input_tokens = mock_prompt_tokens(&json!({"input": "tell me a story"}));
+    assert_eq!(
+        seen,
+        llmgate_core::test_util::responses_events("gpt-4.1", &REPLY, input_tokens).concat()
+    );
+    let asked = gw.upstream.seen().pop().unwrap();
+    assert_eq!(asked.body, raw.as_bytes(), "nothing added to the request");
+    assert_eq!(
+        recorded_tokens(&gw, 1).await,
+        (json!(input_tokens), json!(REPLY.len()), json!(0))
+    );
+    let rows = gw.requests_of(&gw.alice_id).await;
+    assert_eq!(rows[0]["model"], "gpt-4.1");
+    assert_eq!(rows[0]["path"], "/v1/responses");
+
+    // The same answer as JSON is charged the same.
+    let answer: Value = gw
+        .post_json(
+            "/v1/responses",
+            &gw.alice,
+            &json!({"model": "gpt-4.1", "input": "tell me a story"}),
+        )
+        .await;
+    assert_eq!(answer["usage"]["output_tokens"], REPLY.len());
+    assert_eq!(
+        recorded_tokens(&gw, 2).await,
+        (json!(2 * input_tokens), json!(2 * REPLY.len()), json!(0))
+    );
+}
+
+#[tokio::test]
+async fn transcriptions_are_charged_their_tokens_as_json_and_streamed() {
+    let gw = Gateway::start().await;
+    let form = |stream: bool| {
+        let mut body = b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\nRIFF\0\0\0\0WAVE\r\n--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ngpt-4o-transcribe\r\n".to_vec();
+        if stream {
+            body.extend_from_slice(
+                b"--XyZ\r\nContent-Disposition: form-data; name=\"stream\"\r\n\r\ntrue\r\n",
+            );
+        }
+        body.extend_from_slice(b"--XyZ--\r\n");
+        body
+    };
+    let mut sent = Vec::new();
+    for stream in [false, true] {
+        let body = form(stream);
+        let response = gw
+            .http
+            .post(format!("{}/v1/audio/transcriptions", gw.url))
+            .bearer_auth(gw.alice.expose())
+            .header("content-type", "multipart/form-data; boundary=XyZ")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let text = String::from_utf8(response.bytes().await.unwrap().to_vec()).unwrap();
+        assert!(text.contains(llmgate_core::test_util::TRANSCRIPT), "{text}");
+        sent.push(body);
+    }
+    let seen: Vec<_> = gw
+        .upstream
+        .seen()
+        .into_iter()
+        .map(|s| s.body.to_vec())
+        .collect();
+    assert_eq!(seen, sent, "the forms reach the upstream as sent");
+    let (input, output) = llmgate_core::test_util::TRANSCRIPTION_TOKENS;
+    assert_eq!(
+        recorded_tokens(&gw, 2).await,
+        (json!(2 * input), json!(2 * output), json!(0))
+    );
+}
+
+#[tokio::test]
+async fn the_client_gets_the_upstreams_stream_byte_for_byte_less_the_usage_it_did_not_ask_for() {
+    let gw = Gateway::start().await;
+    // Spaced separators, escapes and exponent floats, as some servers write them.
+    let content = "data: {\"id\": \"c1\", \"object\": \"chat.completion.chunk\", \"model\": \"mock-model\", \"choices\": [{\"index\": 0, \"delta\": {\"content\": \"caf\\u00e9\"}, \"logprobs\": {\"content\": [{\"token\": \"caf\\u00e9\", \"logprob\": -1.9361265e-07, \"top_logprobs\": []}]}, \"finish_reason\": null}], \"usage\": null}\n\n";
+    let usage = "data: {\"id\": \"c1\", \"object\": \"chat.completion.chunk\", \"model\": \"mock-model\", \"choices\": [], \"usage\": {\"prompt_tokens\": 6, \"completion_tokens\": 1, \"total_tokens\": 7}}\n\n";
+    let frames = [content, usage, "data: [DONE]\n\n"].concat();
+    // Frames cut mid-event, as a network delivers them.
+    let (a, b) = frames.split_at(37);
+    let (b, c) = b.split_at(300);
+    gw.upstream.serve_chat_stream(
+        [a, b, c]
+            .iter()
+            .map(|p| bytes::Bytes::copy_from_slice(p.as_bytes()))
+            .collect(),
+    );
+    let raw = r#"{ "model": "mock-model", "stream": true, "messages": [{"role": "user", "content": "caf\u00e9"}], "temperature": 1e-07 }"#;
+    let response = gw
+        .http
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .bearer_auth(gw.alice.expose())
+        .header("content-type", "application/json")
+        .body(raw)
+        .send()
+        .await
+        .unwrap();
+    let seen = read_stream(response).await;
+    assert_eq!(
+        seen,
+        format!(
+            "{}data: [DONE]\n\n",
+            content.replace(", \"usage\": null}", "}")
+        )
+    );
+    let asked = gw.upstream.seen().pop().unwrap();
+    assert_eq!(
+        String::from_utf8(asked.body.to_vec()).unwrap(),
+        format!(
+            "{{\"stream_options\":{{\"include_usage\":true}},{}",
+            &raw[1..]
+        ),
+        "the upstream gets the client's bytes plus the one option"
+    );
+    assert_eq!(
+        recorded_tokens(&gw, 1).await,
+        (json!(6), json!(1), json!(0))
+    );
+}

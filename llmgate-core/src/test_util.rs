@@ -1,8 +1,9 @@
 //! A mock OpenAI-compatible upstream for tests: a real HTTP server on 127.0.0.1:0.
 //!
 //! It answers `/v1/chat/completions`, `/v1/completions` (JSON or SSE, with OpenAI's
-//! `stream_options.include_usage` semantics), `/v1/embeddings` and `/v1/models`, and
-//! remembers every request it received.
+//! `stream_options.include_usage` semantics), `/v1/responses` (JSON or SSE, usage in
+//! `response.completed`), `/v1/audio/transcriptions` (multipart; JSON or SSE, usage in
+//! tokens), `/v1/embeddings` and `/v1/models`, and remembers every request it received.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -42,6 +43,8 @@ struct State {
     no_stream_usage: AtomicBool,
     chunk_delay_ms: AtomicU64,
     response_delay_ms: AtomicU64,
+    /// Sent as they are for every streamed chat completion, instead of the usual events.
+    chat_stream: Mutex<Option<Vec<Bytes>>>,
 }
 
 /// The running mock; stops when dropped.
@@ -111,6 +114,11 @@ impl MockUpstream {
             .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
+    /// Streamed chat completions get exactly these frames (whatever was asked).
+    pub fn serve_chat_stream(&self, frames: Vec<Bytes>) {
+        *self.state.chat_stream.lock().unwrap() = Some(frames);
+    }
+
     /// Pause before answering at all.
     pub fn set_response_delay(&self, delay: Duration) {
         self.state
@@ -132,7 +140,8 @@ fn words(text: &str) -> u64 {
 }
 
 /// Prompt tokens of a request, as the mock's "tokenizer" counts them: the words of
-/// every message (plus 3 per message for the template) or of the prompt.
+/// every message (plus 3 per message for the template), of the prompt, or of a
+/// Responses API `input`.
 pub fn mock_prompt_tokens(request: &Value) -> u64 {
     if let Some(messages) = request["messages"].as_array() {
         messages
@@ -140,8 +149,78 @@ pub fn mock_prompt_tokens(request: &Value) -> u64 {
             .map(|m| 3 + m["content"].as_str().map_or(0, words))
             .sum()
     } else {
-        request["prompt"].as_str().map_or(0, words)
+        request["prompt"]
+            .as_str()
+            .or(request["input"].as_str())
+            .map_or(0, words)
     }
+}
+
+/// The transcript of any audio sent to the mock, and its usage (14 audio tokens in).
+pub const TRANSCRIPT: &str = "The quick brown fox.";
+
+/// Usage of the mock's transcriptions: `input_tokens`, `output_tokens`.
+pub const TRANSCRIPTION_TOKENS: (u64, u64) = (14, 4);
+
+fn transcription(body: &[u8]) -> Response<MockBody> {
+    let (input, output) = TRANSCRIPTION_TOKENS;
+    let usage = json!({"type": "tokens", "input_tokens": input, "input_token_details": {"text_tokens": 0, "audio_tokens": input}, "output_tokens": output, "total_tokens": input + output});
+    let streams = body
+        .windows(b"name=\"stream\"\r\n\r\ntrue".len())
+        .any(|w| w == b"name=\"stream\"\r\n\r\ntrue");
+    if !streams {
+        return json_response(StatusCode::OK, json!({"text": TRANSCRIPT, "usage": usage}));
+    }
+    let events = vec![
+        format!(
+            "data: {}\n\n",
+            json!({"type": "transcript.text.delta", "delta": TRANSCRIPT, "logprobs": null})
+        ),
+        format!(
+            "data: {}\n\n",
+            json!({"type": "transcript.text.done", "text": TRANSCRIPT, "logprobs": null, "usage": usage})
+        ),
+    ];
+    sse_response(
+        events.into_iter().map(Bytes::from).collect(),
+        Duration::ZERO,
+    )
+}
+
+/// The Responses API events the mock streams, as OpenAI sends them: the response in
+/// `response.created` (usage null) and `response.completed` (with usage), text deltas
+/// between.
+pub fn responses_events(model: &str, reply: &[&str], input_tokens: u64) -> Vec<String> {
+    let text: String = reply.concat();
+    let response = |status: &str, output: Value, usage: Value| json!({"id": "resp_mock", "object": "response", "created_at": 1, "status": status, "error": null, "incomplete_details": null, "instructions": null, "model": model, "output": output, "parallel_tool_calls": true, "temperature": 1.0, "tool_choice": "auto", "tools": [], "top_p": 1.0, "truncation": "disabled", "usage": usage, "user": null, "metadata": {}});
+    let message = json!({"id": "msg_mock", "type": "message", "status": "completed", "role": "assistant", "content": [{"type": "output_text", "text": text, "annotations": []}]});
+    let usage = json!({"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": reply.len(), "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": input_tokens + reply.len() as u64});
+    let mut events = vec![
+        json!({"type": "response.created", "sequence_number": 0, "response": response("in_progress", json!([]), Value::Null)}),
+    ];
+    for word in reply {
+        events.push(json!({"type": "response.output_text.delta", "sequence_number": events.len(), "item_id": "msg_mock", "output_index": 0, "content_index": 0, "delta": word}));
+    }
+    events.push(json!({"type": "response.output_text.done", "sequence_number": events.len(), "item_id": "msg_mock", "output_index": 0, "content_index": 0, "text": text}));
+    events.push(json!({"type": "response.completed", "sequence_number": events.len(), "response": response("completed", json!([message]), usage)}));
+    events
+        .into_iter()
+        .map(|e| format!("event: {}\ndata: {e}\n\n", e["type"].as_str().unwrap()))
+        .collect()
+}
+
+fn sse_response(frames: Vec<Bytes>, delay: Duration) -> Response<MockBody> {
+    let body = futures_util::stream::iter(frames).then(move |frame| async move {
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        Ok::<_, Infallible>(Frame::data(frame))
+    });
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .body(StreamBody::new(body).boxed_unsync())
+        .expect("valid response")
 }
 
 async fn handle(
@@ -177,6 +256,9 @@ async fn handle(
             json!({"error": {"message": "not found", "type": "invalid_request_error", "param": null, "code": null}}),
         ));
     }
+    if path == "/v1/audio/transcriptions" {
+        return Ok(transcription(&body));
+    }
     let Ok(request) = serde_json::from_slice::<Value>(&body) else {
         return Ok(json_response(
             StatusCode::BAD_REQUEST,
@@ -195,6 +277,9 @@ async fn handle(
             let chat = path == "/v1/chat/completions";
             let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": reply.len(), "total_tokens": prompt_tokens + reply.len() as u64});
             if request["stream"] == json!(true) {
+                if let Some(frames) = state.chat_stream.lock().unwrap().clone() {
+                    return Ok(sse_response(frames, Duration::ZERO));
+                }
                 let include_usage = request["stream_options"]["include_usage"] == json!(true)
                     && !state.no_stream_usage.load(Ordering::SeqCst);
                 let delay = Duration::from_millis(state.chunk_delay_ms.load(Ordering::SeqCst));
@@ -237,6 +322,21 @@ async fn handle(
                 .header("content-type", "application/json")
                 .body(StreamBody::new(body).boxed_unsync())
                 .expect("valid response"))
+        }
+        "/v1/responses" => {
+            if request["stream"] == json!(true) {
+                let events = responses_events(&model, reply, prompt_tokens);
+                let delay = Duration::from_millis(state.chunk_delay_ms.load(Ordering::SeqCst));
+                return Ok(sse_response(
+                    events.into_iter().map(Bytes::from).collect(),
+                    delay,
+                ));
+            }
+            let text: String = reply.concat();
+            Ok(json_response(
+                StatusCode::OK,
+                json!({"id": "resp_mock", "object": "response", "created_at": 1, "status": "completed", "model": model, "output": [{"id": "msg_mock", "type": "message", "status": "completed", "role": "assistant", "content": [{"type": "output_text", "text": text, "annotations": []}]}], "usage": {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": reply.len(), "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": prompt_tokens + reply.len() as u64}, "user": null, "metadata": {}}),
+            ))
         }
         "/v1/embeddings" => {
             let tokens = request["input"].as_str().map_or(0, words);
@@ -310,15 +410,5 @@ fn stream(
     delay: Duration,
 ) -> Response<MockBody> {
     let events = stream_events(chat, model, reply, usage);
-    let body = futures_util::stream::iter(events).then(move |event| async move {
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
-        Ok::<_, Infallible>(Frame::data(Bytes::from(event)))
-    });
-    Response::builder()
-        .header("content-type", "text/event-stream")
-        .header("cache-control", "no-cache")
-        .body(StreamBody::new(body).boxed_unsync())
-        .expect("valid response")
+    sse_response(events.into_iter().map(Bytes::from).collect(), delay)
 }

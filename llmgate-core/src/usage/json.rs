@@ -4,19 +4,19 @@ use bytes::{Bytes, BytesMut};
 use memchr::memmem;
 use serde::Deserialize;
 
+use super::held::{HeadAndTail, MAX_HELD_BYTES};
+use super::scan;
 use super::TokenUsage;
 
-/// Beyond this a response is not kept for reading its usage (the client still gets
-/// all of it); its tokens are then recorded as unknown.
-const MAX_KEPT: usize = 64 * 1024 * 1024;
-
 /// Keeps a copy of the body's frames (cheap: `Bytes` are reference-counted) and reads
-/// `usage` and `model` once the body is complete.
+/// `usage` and `model` once the body is complete. A body over [`MAX_HELD_BYTES`] is
+/// not held: only its ends are, and its usage is read from its tail.
 #[derive(Debug, Default)]
 pub(crate) struct JsonCollector {
     frames: Vec<Bytes>,
     len: usize,
-    overflowed: bool,
+    /// The body is over [`MAX_HELD_BYTES`]: its first and last bytes.
+    long: Option<HeadAndTail>,
 }
 
 #[derive(Deserialize)]
@@ -25,9 +25,12 @@ struct Peek {
     usage: Option<UsageFields>,
 }
 
-/// The `usage` object's counts, read without building a JSON tree.
+/// The `usage` object's counts, read without building a JSON tree. Every OpenAI shape:
+/// `prompt_tokens`/`completion_tokens`/`total_tokens` (chat, completions, embeddings)
+/// and `input_tokens`/`output_tokens` (responses, audio transcriptions; a
+/// transcription billed by `{"type": "duration", "seconds": …}` has no tokens).
 #[derive(Deserialize)]
-struct UsageFields {
+pub(super) struct UsageFields {
     prompt_tokens: Option<u64>,
     completion_tokens: Option<u64>,
     total_tokens: Option<u64>,
@@ -36,7 +39,7 @@ struct UsageFields {
 }
 
 impl UsageFields {
-    fn token_usage(&self) -> Option<TokenUsage> {
+    pub(super) fn token_usage(&self) -> Option<TokenUsage> {
         TokenUsage::from_counts(
             self.prompt_tokens.or(self.input_tokens),
             self.completion_tokens.or(self.output_tokens),
@@ -47,21 +50,37 @@ impl UsageFields {
 
 impl JsonCollector {
     pub(crate) fn observe(&mut self, data: &Bytes) {
-        if self.overflowed {
+        if let Some(long) = &mut self.long {
+            long.push(data);
             return;
         }
         self.len += data.len();
-        if self.len > MAX_KEPT {
-            self.overflowed = true;
-            self.frames = Vec::new();
+        if self.len > MAX_HELD_BYTES {
+            let mut long = HeadAndTail::default();
+            for frame in std::mem::take(&mut self.frames) {
+                long.push(&frame);
+            }
+            long.push(data);
+            self.long = Some(long);
         } else {
             self.frames.push(data.clone());
         }
     }
 
+    /// Bytes held for reading the usage.
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> usize {
+        self.long.as_ref().map_or(self.len, HeadAndTail::held)
+    }
+
     /// The usage and model of the complete body, if it has them. The model is read only
     /// when `want_model` (the request named none).
     pub(crate) fn finish(&mut self, want_model: bool) -> (Option<TokenUsage>, Option<String>) {
+        if let Some(long) = self.long.take() {
+            let usage = trailing_usage(long.tail(), 1).and_then(|u| u.token_usage());
+            let model = want_model.then(|| leading_model(long.head())).flatten();
+            return (usage, model);
+        }
         let frames = std::mem::take(&mut self.frames);
         let body = match frames.len() {
             0 => return (None, None),
@@ -73,7 +92,7 @@ impl JsonCollector {
             }
         };
         if !want_model {
-            if let Some(usage) = trailing_usage(&body) {
+            if let Some(usage) = trailing_usage(&body, 1) {
                 return (usage.token_usage(), None);
             }
         }
@@ -87,58 +106,72 @@ impl JsonCollector {
     }
 }
 
-/// The top-level `usage` object when it is the last object member that holds one, as
-/// every OpenAI-compatible server writes it (after `choices`): read from there on,
-/// without parsing the generated text before it. `None` for any other shape, which the
-/// caller then parses whole.
-fn trailing_usage(body: &[u8]) -> Option<UsageFields> {
-    // In JSON text a string holding `"usage"` has its quotes escaped, so these bytes are
-    // a string token: a member name when a colon follows.
-    let at = memmem::rfind(body, b"\"usage\"")?;
-    let rest = body[at + b"\"usage\"".len()..].trim_ascii_start();
-    let value = rest.strip_prefix(b":")?;
-    let mut values = serde_json::Deserializer::from_slice(value).into_iter::<UsageFields>();
-    let usage = values.next()?.ok()?;
-    closes_the_top_level(&value[values.byte_offset()..]).then_some(usage)
+/// The top-level `model` of an object cut off after its first bytes, when it is whole
+/// there.
+fn leading_model(head: &[u8]) -> Option<String> {
+    let member = scan::find_member(head, scan::skip_ws(head, 0), b"model")?;
+    serde_json::from_slice(&head[member.value]).ok()
 }
 
-/// Whether what follows a member of the top-level object is only more members and the
-/// object's closing brace: then that member was at the top level.
-fn closes_the_top_level(tail: &[u8]) -> bool {
+/// How many `usage` names, from the end, [`trailing_usage`] tries: a hostile body full
+/// of them costs a bounded number of short scans.
+const TRAILING_TRIES: usize = 16;
+
+/// The `usage` object that is a member `levels` objects deep (1: of the top-level
+/// object) when nothing but members and closing braces follow it, as every
+/// OpenAI-compatible server writes it (after `choices`, `output` or `data`). Read from
+/// the end, without parsing the generated text before it, so it works on the last
+/// bytes of a body too. `None` for any other shape (the caller then parses whole).
+pub(super) fn trailing_usage(bytes: &[u8], levels: usize) -> Option<UsageFields> {
+    memmem::rfind_iter(bytes, b"\"usage\"")
+        .take(TRAILING_TRIES)
+        .find_map(|at| {
+            // A name's quote follows `{` or `,`; a quote inside a string follows a
+            // backslash, so text that quotes `"usage":` is never taken for the name.
+            let before = bytes[..at].trim_ascii_end().last();
+            if !matches!(before, Some(b'{' | b',')) {
+                return None;
+            }
+            let rest = bytes[at + b"\"usage\"".len()..].trim_ascii_start();
+            let value = rest.strip_prefix(b":")?;
+            let mut values = serde_json::Deserializer::from_slice(value).into_iter::<UsageFields>();
+            let usage = values.next()?.ok()?;
+            (objects_closed(&value[values.byte_offset()..]) == Some(levels)).then_some(usage)
+        })
+}
+
+/// How many enclosing objects the bytes after a member close, up to a last brace
+/// with nothing after it; `None` when they close an array or never end that way.
+fn objects_closed(tail: &[u8]) -> Option<usize> {
     let mut depth = 0usize;
+    let mut closed = 0;
     let mut i = 0;
     while let Some(&byte) = tail.get(i) {
         match byte {
             b'"' => {
-                // Skip the string, escapes included.
-                i += 1;
-                loop {
-                    let Some(j) = tail.get(i..).and_then(|s| memchr::memchr2(b'"', b'\\', s))
-                    else {
-                        return false;
-                    };
-                    i += j + 1;
-                    if tail[i - 1] == b'"' {
-                        break;
-                    }
-                    i += 1; // the escaped character
-                }
+                i = scan::string_end(tail, i)?;
                 continue;
             }
             b'{' | b'[' => depth += 1,
             b'}' | b']' if depth > 0 => depth -= 1,
-            b'}' => return tail[i + 1..].trim_ascii().is_empty(),
-            b']' => return false,
+            b'}' => {
+                closed += 1;
+                if tail[i + 1..].trim_ascii().is_empty() {
+                    return Some(closed);
+                }
+            }
+            b']' => return None,
             _ => {}
         }
         i += 1;
     }
-    false
+    None
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::usage::MAX_HELD_BYTES;
 
     #[test]
     fn reads_usage_from_a_body_split_into_frames() {
@@ -198,5 +231,64 @@ mod tests {
         let mut collector = JsonCollector::default();
         collector.observe(&Bytes::from_static(b"<html>bad gateway</html>"));
         assert_eq!(collector.finish(true), (None, None));
+    }
+
+    #[test]
+    fn reads_transcription_usage_and_knows_duration_billing_has_no_tokens() {
+        let body = r#"{"text":"Hello there.","usage":{"type":"tokens","input_tokens":14,"input_token_details":{"text_tokens":0,"audio_tokens":14},"output_tokens":4,"total_tokens":18}}"#;
+        assert_eq!(usage_of(body), tokens(14, 4));
+        let body = r#"{"text":"Hello there.","usage":{"type":"duration","seconds":3}}"#;
+        assert_eq!(usage_of(body), None);
+        let body = r#"{"object":"list","data":[{"object":"embedding","index":0,"embedding":[-1.9361265e-07]}],"model":"text-embedding-3-small","usage":{"prompt_tokens":8,"total_tokens":8}}"#;
+        assert_eq!(usage_of(body), tokens(8, 0));
+    }
+
+    #[test]
+    fn a_name_written_inside_text_is_not_taken_for_the_usage() {
+        // A key that ends in an escaped quote: the bytes `"usage":` sit inside a name.
+        let body = r#"{"choices":[],"note \"usage":{"prompt_tokens":99,"completion_tokens":99}}"#;
+        assert_eq!(usage_of(body), None);
+    }
+
+    /// Feeds a body made of `start`, `len` filler bytes and `end` in 64 KiB frames.
+    fn long_body(start: &str, len: usize, end: &str) -> JsonCollector {
+        let mut collector = JsonCollector::default();
+        collector.observe(&Bytes::copy_from_slice(start.as_bytes()));
+        let filler = Bytes::from(vec![b'7'; 64 * 1024]);
+        for _ in 0..len / filler.len() {
+            collector.observe(&filler);
+            assert!(collector.held() <= MAX_HELD_BYTES);
+        }
+        collector.observe(&Bytes::copy_from_slice(end.as_bytes()));
+        assert!(collector.held() <= MAX_HELD_BYTES);
+        collector
+    }
+
+    #[test]
+    fn a_body_over_the_limit_is_not_held_and_is_counted_from_its_end() {
+        let mut embeddings = long_body(
+            r#"{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0."#,
+            20 * 1024 * 1024,
+            r#"]}],"model":"m","usage":{"prompt_tokens":8,"total_tokens":8}}"#,
+        );
+        assert_eq!(embeddings.finish(true), (tokens(8, 0), None));
+
+        let mut model_first = long_body(
+            r#"{"model":"gemma","choices":[{"text":"0."#,
+            2 * MAX_HELD_BYTES,
+            r#""}],"usage":{"prompt_tokens":1,"completion_tokens":2},"timings":{}}"#,
+        );
+        assert_eq!(
+            model_first.finish(true),
+            (tokens(1, 2), Some("gemma".into()))
+        );
+
+        // Usage that is not at the end of a long body cannot be read: tokens unknown.
+        let mut usage_first = long_body(
+            r#"{"usage":{"prompt_tokens":1,"completion_tokens":2},"data":[0."#,
+            2 * MAX_HELD_BYTES,
+            "]}",
+        );
+        assert_eq!(usage_first.finish(false), (None, None));
     }
 }

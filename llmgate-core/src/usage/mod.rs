@@ -11,15 +11,20 @@
 mod body;
 mod counter;
 mod endpoint;
+#[cfg(test)]
+mod fuzz_tests;
+mod held;
 mod json;
 mod recorder;
 mod report;
 mod request;
+mod scan;
 mod sse;
 
 pub use body::{AuthUsageBody, UsageBody};
 pub use counter::TokenCounter;
 pub use endpoint::{endpoint_label, OTHER_ENDPOINT};
+pub use held::MAX_HELD_BYTES;
 pub use recorder::{RecorderOptions, UsageObserver, UsageRecorder, UsageWriter};
 pub use report::{usage_report, KeyUsage};
 

@@ -7,6 +7,8 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::scan;
+
 /// What the response side needs to know about the request.
 #[derive(Debug, Default)]
 pub(crate) struct RequestPlan {
@@ -34,9 +36,52 @@ struct StreamOptions {
     include_usage: Option<bool>,
 }
 
-/// Endpoints that accept `stream_options.include_usage`.
+/// What the gateway reads from a request.
+#[derive(Debug, Default, PartialEq)]
+struct Fields {
+    model: Option<String>,
+    streams: bool,
+    asked_for_usage: bool,
+}
+
+impl Fields {
+    /// The fields of a JSON body; `None` when it is not JSON.
+    fn of(body: &[u8]) -> Option<Self> {
+        if let Ok(peek) = serde_json::from_slice::<Peek<'_>>(body) {
+            return Some(Self {
+                model: peek.model.map(Cow::into_owned),
+                streams: peek.stream == Some(true),
+                asked_for_usage: peek.stream_options.and_then(|o| o.include_usage) == Some(true),
+            });
+        }
+        // A name given twice, or a field of an unexpected type: read it as the
+        // upstream's parser will (the last of duplicated names wins), so that repeating
+        // `"stream": true` does not stream past the meter.
+        let value = serde_json::from_slice::<Value>(body).ok()?;
+        Some(Self {
+            model: value
+                .get("model")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            streams: value.get("stream") == Some(&Value::Bool(true)),
+            asked_for_usage: value.pointer("/stream_options/include_usage")
+                == Some(&Value::Bool(true)),
+        })
+    }
+}
+
+/// Endpoints that accept `stream_options.include_usage`: chat completions and
+/// completions, at OpenAI's `…/v1/chat/completions` and `…/v1/completions` or Azure
+/// OpenAI's `…/deployments/{name}/chat/completions` and `…/deployments/{name}/completions`.
+/// Others (the Responses API, transcriptions) report usage in their streams unasked,
+/// and may refuse a parameter they do not know.
 fn supports_stream_options(path: &str) -> bool {
-    path.ends_with("/chat/completions") || path.ends_with("/completions")
+    let mut segments = path.rsplit('/');
+    matches!(
+        (segments.next(), segments.next(), segments.next()),
+        (Some("completions"), Some("chat" | "v1"), _)
+            | (Some("completions"), Some(_), Some("deployments"))
+    )
 }
 
 /// Reads the request body; returns the body to forward (changed only when the gateway
@@ -47,41 +92,81 @@ pub(crate) fn inspect_request(
     body: Bytes,
     keep_for_counting: bool,
 ) -> (Bytes, RequestPlan) {
-    let Ok(peek) = serde_json::from_slice::<Peek<'_>>(&body) else {
+    let Some(fields) = Fields::of(&body) else {
         return (body, RequestPlan::default());
     };
     let mut plan = RequestPlan {
-        model: peek.model.map(Cow::into_owned),
+        model: fields.model,
         ..RequestPlan::default()
     };
-    let streams = peek.stream == Some(true);
-    let asked_for_usage = peek.stream_options.and_then(|o| o.include_usage) == Some(true);
-    if !streams || (asked_for_usage && !keep_for_counting) {
+    if !fields.streams || (fields.asked_for_usage && !keep_for_counting) {
         return (body, plan);
     }
-    let Ok(mut value) = serde_json::from_slice::<Value>(&body) else {
+    // Only a body that parses whole is counted or edited (serde's skipping of the
+    // fields it does not need is lenient: a lone surrogate escape passes it).
+    let Ok(value) = serde_json::from_slice::<Value>(&body) else {
         return (body, plan);
     };
-    if keep_for_counting {
-        plan.for_counting = Some(Arc::new(value.clone()));
-    }
-    if asked_for_usage || !supports_stream_options(path) {
+    if fields.asked_for_usage || !supports_stream_options(path) {
+        plan.for_counting = keep_for_counting.then(|| Arc::new(value));
         return (body, plan);
     }
-    let Some(object) = value.as_object_mut() else {
-        return (body, plan);
-    };
-    let options = object
+    let asked = with_include_usage(&body)
+        .filter(|edited| Fields::of(edited).is_some_and(|f| f.asked_for_usage))
+        .or_else(|| rewritten_with_include_usage(value.clone()));
+    plan.for_counting = keep_for_counting.then(|| Arc::new(value));
+    match asked {
+        Some(asked) => {
+            plan.strip_stream_usage = true;
+            (Bytes::from(asked), plan)
+        }
+        None => (body, plan),
+    }
+}
+
+/// The body with `stream_options.include_usage` set to `true`, every other byte as the
+/// client sent it: `"stream_options":{"include_usage":true},` right after the opening
+/// brace, or `"include_usage":true` put into (or set in) the client's own
+/// `stream_options`. `None` when `stream_options` is there but not an object.
+fn with_include_usage(body: &[u8]) -> Option<Vec<u8>> {
+    let open = scan::skip_ws(body, 0);
+    if body.get(open) != Some(&b'{') {
+        return None;
+    }
+    let (at, replace, insert): (usize, usize, &[u8]) =
+        match scan::find_member(body, open, b"stream_options") {
+            None => (open + 1, 0, b"\"stream_options\":{\"include_usage\":true}"),
+            Some(options) if body[options.value.start] == b'{' => {
+                match scan::find_member(body, options.value.start, b"include_usage") {
+                    Some(flag) => (flag.value.start, flag.value.len(), b"true"),
+                    None => (options.value.start + 1, 0, b"\"include_usage\":true"),
+                }
+            }
+            Some(_) => return None,
+        };
+    // An insert goes right after a brace: a comma follows it unless the object is empty.
+    let comma = replace == 0 && scan::members(body, at - 1).next().is_some();
+    let mut out = Vec::with_capacity(body.len() + insert.len() + 1);
+    out.extend_from_slice(&body[..at]);
+    out.extend_from_slice(insert);
+    if comma {
+        out.push(b',');
+    }
+    out.extend_from_slice(&body[at + replace..]);
+    Some(out)
+}
+
+/// The body re-serialised with `stream_options.include_usage: true`: for a body whose
+/// names the byte edit cannot see (written with escapes, or given twice).
+fn rewritten_with_include_usage(mut value: Value) -> Option<Vec<u8>> {
+    let options = value
+        .as_object_mut()?
         .entry("stream_options")
         .or_insert_with(|| Value::Object(Default::default()));
-    if !options.is_object() {
-        // `stream_options: null` or garbage: let the upstream judge the client's request.
-        return (body, plan);
-    }
+    // `stream_options: null` or garbage: let the upstream judge the client's request.
+    options.as_object_mut()?;
     options["include_usage"] = Value::Bool(true);
-    plan.strip_stream_usage = true;
-    let rewritten = serde_json::to_vec(&value).expect("a JSON value serializes");
-    (Bytes::from(rewritten), plan)
+    Some(serde_json::to_vec(&value).expect("a JSON value serializes"))
 }
 
 #[cfg(test)]
@@ -142,5 +227,108 @@ mod tests {
         let (out, plan) = inspect_request("/v1/chat/completions", raw.clone(), true);
         assert_eq!(out, raw);
         assert!(plan.model.is_none());
+    }
+
+    fn sent(path: &str, body: &str) -> (String, RequestPlan) {
+        let (out, plan) = inspect_request(path, Bytes::copy_from_slice(body.as_bytes()), false);
+        (String::from_utf8(out.to_vec()).unwrap(), plan)
+    }
+
+    #[test]
+    fn the_upstream_gets_the_clients_bytes_with_only_include_usage_added() {
+        let body = r#"{ "model": "m", "stream": true, "messages": [{"role": "user", "content": "caf\u00e9"}], "temperature": 1e-07 }"#;
+        let (out, plan) = sent("/v1/chat/completions", body);
+        assert_eq!(
+            out,
+            r#"{"stream_options":{"include_usage":true}, "model": "m", "stream": true, "messages": [{"role": "user", "content": "caf\u00e9"}], "temperature": 1e-07 }"#
+        );
+        assert!(plan.strip_stream_usage);
+        for (options, expected) in [
+            (
+                r#"{ "include_usage" : false, "x": 1.50 }"#,
+                r#"{ "include_usage" : true, "x": 1.50 }"#,
+            ),
+            (r#"{ "x": 1.50 }"#, r#"{"include_usage":true, "x": 1.50 }"#),
+            ("{ }", r#"{"include_usage":true }"#),
+            (r#"{"include_usage":null}"#, r#"{"include_usage":true}"#),
+        ] {
+            let body = format!(r#"{{"stream":true,"stream_options":{options},"n":1}}"#);
+            let (out, plan) = sent("/v1/completions", &body);
+            assert_eq!(
+                out,
+                format!(r#"{{"stream":true,"stream_options":{expected},"n":1}}"#)
+            );
+            assert!(plan.strip_stream_usage);
+        }
+        let (out, _) = sent(
+            "/v1/chat/completions",
+            r#"{"stream":true,"stream_options":null}"#,
+        );
+        assert_eq!(
+            out, r#"{"stream":true,"stream_options":null}"#,
+            "left to the upstream"
+        );
+    }
+
+    #[test]
+    fn asks_nothing_of_endpoints_that_report_usage_unasked() {
+        for path in [
+            "/v1/responses",
+            "/v1/audio/transcriptions",
+            "/v1/embeddings",
+            "/v1/chat/completions/chatcmpl-1/messages",
+            "/v1/x/completions",
+        ] {
+            let body = r#"{"model":"gpt-4.1","stream":true,"input":"hi"}"#;
+            let (out, plan) = sent(path, body);
+            assert_eq!(out, body, "{path}");
+            assert!(!plan.strip_stream_usage, "{path}");
+        }
+        for path in [
+            "/v1/chat/completions",
+            "/v1/completions",
+            "/openai/deployments/gpt-4o/chat/completions",
+            "/openai/deployments/davinci/completions",
+        ] {
+            assert!(
+                sent(path, r#"{"stream":true}"#).1.strip_stream_usage,
+                "{path}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_repeated_or_escaped_name_cannot_stream_past_the_meter() {
+        // The upstream's parser takes the last of repeated names: this request streams.
+        let (out, plan) = sent(
+            "/v1/chat/completions",
+            r#"{"model":"m","stream":false,"stream":true}"#,
+        );
+        assert!(plan.strip_stream_usage);
+        assert_eq!(plan.model.as_deref(), Some("m"));
+        assert_eq!(
+            serde_json::from_str::<Value>(&out).unwrap()["stream_options"],
+            json!({"include_usage": true})
+        );
+
+        // A name written with an escape is the same name to the upstream.
+        let (out, plan) = sent(
+            "/v1/chat/completions",
+            r#"{"stream":true,"stream\u005foptions":{"include_usage":false}}"#,
+        );
+        assert!(plan.strip_stream_usage);
+        assert_eq!(
+            serde_json::from_str::<Value>(&out).unwrap(),
+            json!({"stream": true, "stream_options": {"include_usage": true}})
+        );
+    }
+
+    #[test]
+    fn a_body_that_does_not_parse_whole_is_not_edited() {
+        // A lone surrogate escape in a field the gateway does not read.
+        let body = r#"{"stream":true,"messages":[{"content":"\ud800"}]}"#;
+        let (out, plan) = sent("/v1/chat/completions", body);
+        assert_eq!(out, body);
+        assert!(!plan.strip_stream_usage);
     }
 }
