@@ -36,6 +36,9 @@ pub enum ConfigError {
     },
 }
 
+/// The largest `usage_queue_max`: about 3 GB of records in memory.
+const MAX_USAGE_QUEUE: u64 = 10_000_000;
+
 /// Everything `llmgate serve` needs to run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -86,6 +89,9 @@ pub struct GatewayConfig {
     /// PostgreSQL instead of the SQLite file, e.g. `postgres://llmgate@db/llmgate`, for
     /// several gateway replicas sharing keys and usage.
     pub database_url: Option<String>,
+    /// Usage records that wait in memory while the database is down or slow; older ones
+    /// go to `<data_dir>/usage-spill.jsonl` and are written when it is back.
+    pub usage_queue_max: u64,
 }
 
 /// Which program serves a local model.
@@ -135,6 +141,7 @@ impl Default for GatewayConfig {
             llama_server: None,
             metrics_public: false,
             database_url: None,
+            usage_queue_max: crate::usage::DEFAULT_QUEUE_MAX as u64,
         }
     }
 }
@@ -187,6 +194,13 @@ impl GatewayConfig {
             if value < min || value > max {
                 return Err(ConfigError::OutOfRange { name, rule, value });
             }
+        }
+        if !(1..=MAX_USAGE_QUEUE).contains(&self.usage_queue_max) {
+            return Err(ConfigError::OutOfRange {
+                name: "usage_queue_max",
+                rule: "between 1 and 10000000",
+                value: self.usage_queue_max,
+            });
         }
         Ok(())
     }
