@@ -36,6 +36,9 @@ pub enum ConfigError {
     },
 }
 
+/// The largest `usage_queue_max`: about 3 GB of records in memory.
+const MAX_USAGE_QUEUE: u64 = 10_000_000;
+
 /// Everything `llmgate serve` needs to run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -96,6 +99,9 @@ pub struct GatewayConfig {
     /// Seconds requests in flight get to finish after SIGTERM/SIGINT before their
     /// connections are closed.
     pub shutdown_timeout_secs: u64,
+    /// Usage records that wait in memory while the database is down or slow; older ones
+    /// go to `<data_dir>/usage-spill.jsonl` and are written when it is back.
+    pub usage_queue_max: u64,
 }
 
 /// Default of [`GatewayConfig::header_read_timeout_secs`]: a real client sends a request
@@ -160,6 +166,7 @@ impl Default for GatewayConfig {
             idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
             max_connections: None,
             shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
+            usage_queue_max: crate::usage::DEFAULT_QUEUE_MAX as u64,
         }
     }
 }
@@ -240,6 +247,13 @@ impl GatewayConfig {
             if value < min || value > max {
                 return Err(ConfigError::OutOfRange { name, rule, value });
             }
+        }
+        if !(1..=MAX_USAGE_QUEUE).contains(&self.usage_queue_max) {
+            return Err(ConfigError::OutOfRange {
+                name: "usage_queue_max",
+                rule: "between 1 and 10000000",
+                value: self.usage_queue_max,
+            });
         }
         Ok(())
     }

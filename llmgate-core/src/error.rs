@@ -223,7 +223,9 @@ impl From<StorageError> for ApiError {
         match err {
             StorageError::NotFound => Self::not_found("No such item."),
             StorageError::Conflict(what) => Self::conflict(what),
-            StorageError::Database(_) | StorageError::Corrupt(_) => Self::internal(),
+            StorageError::Database(_) | StorageError::Corrupt(_) | StorageError::Rejected(_) => {
+                Self::internal()
+            }
         }
     }
 }

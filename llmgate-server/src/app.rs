@@ -74,6 +74,7 @@ pub fn app(state: AppState, proxy: Proxy, max_body_bytes: usize) -> App {
         .layer(proxy);
     let admin = Router::new()
         .route("/usage", get(routes::usage::all))
+        .route("/usage/rejected", get(routes::usage::rejected))
         .route("/usage/{key_id}", get(routes::usage::one))
         .route("/usage/{key_id}/requests", get(routes::usage::requests))
         .route("/keys", get(routes::keys::list).post(routes::keys::create))

@@ -115,6 +115,11 @@ pub struct ServeArgs {
     #[arg(long, env = "LLMGATE_METRICS_PUBLIC")]
     pub metrics_public: bool,
 
+    /// Usage records kept in memory while the database is down; older ones are spilled
+    /// to DATA_DIR/usage-spill.jsonl [default: 100000]
+    #[arg(long, env = "LLMGATE_USAGE_QUEUE_MAX", value_name = "RECORDS")]
+    pub usage_queue_max: Option<u64>,
+
     /// The model to run.
     #[command(flatten)]
     pub model: ModelArgs,

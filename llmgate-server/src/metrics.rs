@@ -65,6 +65,9 @@ pub struct Metrics {
     gpu_memory_total: Family<GpuLabels, Gauge>,
     gpu_temperature: Family<GpuLabels, FloatGauge>,
     gpu_power: Family<GpuLabels, FloatGauge>,
+    usage_rejected: Counter,
+    usage_spilled: Counter,
+    usage_lost: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -101,6 +104,9 @@ impl Default for Metrics {
             gpu_memory_total: Family::default(),
             gpu_temperature: Family::default(),
             gpu_power: Family::default(),
+            usage_rejected: Counter::default(),
+            usage_spilled: Counter::default(),
+            usage_lost: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -191,6 +197,21 @@ impl Default for Metrics {
             "GPU power draw",
             metrics.gpu_power.clone(),
         );
+        registry.register(
+            "usage_records_rejected",
+            "Usage records the database refused for what they hold, set aside (GET /admin/usage/rejected)",
+            metrics.usage_rejected.clone(),
+        );
+        registry.register(
+            "usage_records_spilled",
+            "Usage records written to the spill file while the database was down, to be written when it is back",
+            metrics.usage_spilled.clone(),
+        );
+        registry.register(
+            "usage_records_lost",
+            "Usage records lost: the spill file could not be written",
+            metrics.usage_lost.clone(),
+        );
         Self {
             registry,
             ..metrics
@@ -271,6 +292,18 @@ impl UsageObserver for Metrics {
                 }
             }
         }
+    }
+
+    fn rejected(&self, records: usize) {
+        self.usage_rejected.inc_by(records as u64);
+    }
+
+    fn spilled(&self, records: usize) {
+        self.usage_spilled.inc_by(records as u64);
+    }
+
+    fn lost(&self, records: usize) {
+        self.usage_lost.inc_by(records as u64);
     }
 }
 
@@ -480,5 +513,21 @@ mod tests {
             text.contains(r#"llmgate_prompt_tokens_total{key="alice"} 20"#),
             "{text}"
         );
+    }
+
+    #[test]
+    fn records_the_database_refused_spilled_or_lost_are_counted() {
+        let metrics = Metrics::default();
+        metrics.rejected(1);
+        metrics.spilled(250);
+        metrics.spilled(50);
+        let text = text(&metrics);
+        for line in [
+            "llmgate_usage_records_rejected_total 1",
+            "llmgate_usage_records_spilled_total 300",
+            "llmgate_usage_records_lost_total 0",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
     }
 }

@@ -60,6 +60,9 @@ pub fn load(cli: &Cli, serve: Option<&ServeArgs>, up: bool) -> Result<GatewayCon
         if args.metrics_public {
             config.metrics_public = true;
         }
+        if let Some(records) = args.usage_queue_max {
+            config.usage_queue_max = records;
+        }
         let model = &args.model;
         if let Some(m) = &model.model {
             config.model = Some(m.clone());
@@ -111,4 +114,38 @@ fn read_file(path: &Path) -> Result<GatewayConfig, String> {
             e.message().trim()
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::Command;
+
+    fn serve_config(args: &[&str]) -> Result<GatewayConfig, String> {
+        let cli = Cli::try_parse_from(
+            ["llmgate", "serve", "--upstream", "http://127.0.0.1:1"]
+                .iter()
+                .chain(args),
+        )
+        .unwrap();
+        let Command::Serve(serve) = &cli.command else {
+            unreachable!()
+        };
+        load(&cli, Some(serve), false)
+    }
+
+    #[test]
+    fn the_usage_queue_bound_has_a_default_a_flag_and_a_range() {
+        assert_eq!(serve_config(&[]).unwrap().usage_queue_max, 100_000);
+        assert_eq!(
+            serve_config(&["--usage-queue-max", "500"])
+                .unwrap()
+                .usage_queue_max,
+            500
+        );
+        let err = serve_config(&["--usage-queue-max", "0"]).unwrap_err();
+        assert!(err.contains("usage_queue_max"), "{err}");
+    }
 }

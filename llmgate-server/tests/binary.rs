@@ -732,3 +732,156 @@ async fn http2_clients_get_refusals_and_answers_whole() {
     assert_eq!(usage["completion_tokens"], 3 * REPLY.len(), "{usage}");
     terminate(server).await;
 }
+
+/// An upstream that claims usage no request can have (`i64::MAX` and `u64::MAX` tokens)
+/// and echoes the model it was asked for.
+async fn hostile_upstream() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(|axum::Json(request): axum::Json<Value>| async move {
+            axum::Json(json!({
+                "id": "x", "object": "chat.completion", "created": 1,
+                "model": request["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": i64::MAX, "completion_tokens": u64::MAX, "total_tokens": u64::MAX},
+            }))
+        }),
+    );
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (url, task)
+}
+
+/// Requests with a NUL in the model and answers with absurd usage, against the given
+/// database (PostgreSQL refused the first and failed on the second; SQLite turned the
+/// totals into REALs): recording goes on, usage reads back sane, the stop is prompt.
+async fn hostile_values_do_not_stop_recording(database_url: Option<&str>) {
+    let (upstream, _task) = hostile_upstream().await;
+    let admin = format!("sk-lg-{}", "Hostile5Values".repeat(3));
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = vec![("LLMGATE_ADMIN_KEY", admin.as_str())];
+    if let Some(url) = database_url {
+        env.push(("LLMGATE_DATABASE_URL", url));
+    }
+    let server = serve(dir.path(), &upstream, &env).await;
+    let http = reqwest::Client::new();
+    let created: Value = http
+        .post(format!("{}/admin/keys", server.url))
+        .bearer_auth(&admin)
+        .json(&json!({"name": "mallory"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (key, id) = (
+        created["key"].as_str().unwrap().to_owned(),
+        created["id"].as_str().unwrap().to_owned(),
+    );
+    for model in [
+        "evil\u{0}model",
+        "mock-model",
+        "evil\u{0}model",
+        "mock-model",
+    ] {
+        let response = http
+            .post(format!("{}/v1/chat/completions", server.url))
+            .bearer_auth(&key)
+            .json(&json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap();
+    }
+    let get = |path: String| {
+        let request = http
+            .get(format!("{}{path}", server.url))
+            .bearer_auth(&admin);
+        async move {
+            let response = tokio::time::timeout(Duration::from_secs(10), request.send())
+                .await
+                .expect("usage answers")
+                .unwrap();
+            assert_eq!(response.status(), 200, "{path}");
+            response.json::<Value>().await.unwrap()
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let usage = loop {
+        let usage = get(format!("/admin/usage/{id}")).await;
+        if usage["requests"] == 4 {
+            break usage;
+        }
+        assert!(Instant::now() < deadline, "usage never reached 4: {usage}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(usage["prompt_tokens"], 0, "{usage}");
+    assert_eq!(
+        usage["requests_without_usage"], 4,
+        "absurd counts are unknown"
+    );
+    let rows = get(format!("/admin/usage/{id}/requests")).await;
+    let models: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["model"].as_str().unwrap())
+        .collect();
+    assert!(models.contains(&"evil\u{FFFD}model"), "{rows}");
+    // Every reader of usage still works, for every key.
+    let all = get("/admin/usage".into()).await;
+    assert_eq!(all.as_array().unwrap().len(), 2, "{all}");
+    get("/admin/keys".into()).await;
+    assert_eq!(get("/admin/usage/rejected".into()).await, json!([]));
+    let metrics = http
+        .get(format!("{}/metrics", server.url))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("llmgate_usage_records_rejected_total 0"),
+        "{metrics}"
+    );
+    terminate(server).await;
+    let mut args = vec!["usage", "--json"];
+    if let Some(url) = database_url {
+        args.extend(["--database-url", url]);
+    }
+    let (code, out, err) = cli(dir.path(), &args).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"requests\": 4"), "{out}");
+}
+
+#[tokio::test]
+async fn a_nul_model_and_absurd_usage_do_not_stop_recording_in_postgres() {
+    let server_url = std::env::var("LLMGATE_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into());
+    let admin_db = sqlx::PgPool::connect(&server_url).await.expect(
+        "PostgreSQL for the tests (LLMGATE_TEST_POSTGRES or 127.0.0.1:5432, database test)",
+    );
+    let name = format!("llmgate_hostile_{}", rand::random::<u64>());
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin_db)
+        .await
+        .unwrap();
+    let url = format!("{}/{name}", server_url.rsplit_once('/').unwrap().0);
+    hostile_values_do_not_stop_recording(Some(&url)).await;
+    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .execute(&admin_db)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_nul_model_and_absurd_usage_do_not_stop_recording_in_sqlite() {
+    hostile_values_do_not_stop_recording(None).await;
+}

@@ -98,6 +98,7 @@ impl Gateway {
         let recording = RecorderOptions {
             counter: None,
             observer: Some(metrics.clone()),
+            ..RecorderOptions::default()
         };
         let (recorder, writer) = UsageRecorder::start_with(store.clone(), recording);
         let state = AppState::new(

@@ -7,7 +7,9 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::{KeyStore, RequestRecord, Storage, StorageError, UsageStore, UsageTotals};
+use super::{
+    normalized_batch, KeyStore, RequestRecord, Storage, StorageError, UsageStore, UsageTotals,
+};
 use crate::auth::{KeyHash, KeyRecord};
 
 /// Keys and usage in memory.
@@ -83,8 +85,9 @@ impl KeyStore for MemoryStore {
 #[async_trait]
 impl UsageStore for MemoryStore {
     async fn record(&self, batch: &[RequestRecord]) -> Result<(), StorageError> {
+        let batch = normalized_batch(batch);
         let mut usage = self.usage.lock().unwrap();
-        for record in batch {
+        for record in batch.iter() {
             usage
                 .totals
                 .entry(record.key_id.clone())
@@ -149,5 +152,10 @@ mod tests {
     #[tokio::test]
     async fn usage_contract() {
         super::super::contract::usage(&MemoryStore::new()).await;
+    }
+
+    #[tokio::test]
+    async fn hostile_values_contract() {
+        super::super::contract::hostile_values(&MemoryStore::new()).await;
     }
 }

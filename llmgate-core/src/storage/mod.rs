@@ -10,11 +10,12 @@ mod postgres;
 mod sql;
 mod sqlite;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::auth::{KeyHash, KeyRecord};
 
@@ -37,6 +38,18 @@ pub enum StorageError {
     /// The stored data cannot be read back.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// The database refused the data itself (a value it cannot hold, a broken rule):
+    /// the same data would be refused again, unlike after a [`Database`](Self::Database)
+    /// failure, which may pass on a retry.
+    #[error("the database refused the data: {0}")]
+    Rejected(String),
+}
+
+impl StorageError {
+    /// The data was refused for what it holds: retrying it cannot succeed.
+    pub fn refuses_content(&self) -> bool {
+        matches!(self, Self::Rejected(_) | Self::Conflict(_))
+    }
 }
 
 /// Keys, found by the hash of their secret.
@@ -53,8 +66,27 @@ pub trait KeyStore: Send + Sync {
     async fn revoke_key(&self, id: &str, at: DateTime<Utc>) -> Result<bool, StorageError>;
 }
 
+/// The most tokens one request may count, prompt or completion; a count above it is
+/// taken as unknown. The largest context windows hold about 10 million tokens, so no real
+/// answer comes near it, while it keeps any running total far from overflowing 64 bits:
+/// a key reaches `i64::MAX` only after 9.2 billion requests at this bound.
+pub const MAX_TOKENS_PER_REQUEST: u64 = 1_000_000_000;
+/// The longest latency kept, in milliseconds (a year); longer ones are cut to it.
+pub const MAX_LATENCY_MS: u64 = 365 * 24 * 3600 * 1000;
+/// The longest key id kept, in bytes (ids llmgate makes are far shorter).
+pub const MAX_KEY_ID_BYTES: usize = 128;
+/// The longest HTTP method kept, in bytes.
+pub const MAX_METHOD_BYTES: usize = 32;
+/// The longest path kept, in bytes; longer ones are cut at a character boundary.
+pub const MAX_PATH_BYTES: usize = 1024;
+/// The longest model name kept, in bytes; longer ones are cut at a character boundary.
+pub const MAX_MODEL_BYTES: usize = 256;
+
+/// What a NUL character in a name becomes: PostgreSQL text cannot hold NUL.
+const NUL_REPLACEMENT: &str = "\u{FFFD}";
+
 /// One finished request, as the usage recorder hands it to storage.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RequestRecord {
     /// When the request arrived.
     pub at: DateTime<Utc>,
@@ -78,6 +110,84 @@ pub struct RequestRecord {
     pub first_byte_ms: Option<u64>,
 }
 
+impl RequestRecord {
+    /// The record as every backend keeps it: token counts above
+    /// [`MAX_TOKENS_PER_REQUEST`] unknown, latencies cut to [`MAX_LATENCY_MS`], names
+    /// without NUL (replaced by U+FFFD) and cut to their `MAX_*_BYTES` at a character
+    /// boundary. Whatever a client or an upstream sends, storage can then hold it.
+    pub fn normalized(mut self) -> Self {
+        self.normalize();
+        self
+    }
+
+    /// [`normalized`](Self::normalized) in place.
+    pub fn normalize(&mut self) {
+        if self.is_normal() {
+            return;
+        }
+        for count in [&mut self.prompt_tokens, &mut self.completion_tokens] {
+            if count.is_some_and(|n| n > MAX_TOKENS_PER_REQUEST) {
+                *count = None;
+            }
+        }
+        self.latency_ms = self.latency_ms.min(MAX_LATENCY_MS);
+        self.first_byte_ms = self.first_byte_ms.map(|ms| ms.min(MAX_LATENCY_MS));
+        normalize_name(&mut self.key_id, MAX_KEY_ID_BYTES);
+        normalize_name(&mut self.method, MAX_METHOD_BYTES);
+        normalize_name(&mut self.path, MAX_PATH_BYTES);
+        if let Some(model) = &mut self.model {
+            normalize_name(model, MAX_MODEL_BYTES);
+        }
+    }
+
+    /// Whether [`normalize`](Self::normalize) would leave it as it is.
+    pub fn is_normal(&self) -> bool {
+        let count_ok = |n: Option<u64>| n.is_none_or(|n| n <= MAX_TOKENS_PER_REQUEST);
+        let name_ok = |name: &str, max: usize| name.len() <= max && !name.contains('\0');
+        count_ok(self.prompt_tokens)
+            && count_ok(self.completion_tokens)
+            && self.latency_ms <= MAX_LATENCY_MS
+            && self.first_byte_ms.is_none_or(|ms| ms <= MAX_LATENCY_MS)
+            && name_ok(&self.key_id, MAX_KEY_ID_BYTES)
+            && name_ok(&self.method, MAX_METHOD_BYTES)
+            && name_ok(&self.path, MAX_PATH_BYTES)
+            && self
+                .model
+                .as_deref()
+                .is_none_or(|m| name_ok(m, MAX_MODEL_BYTES))
+    }
+}
+
+fn normalize_name(name: &mut String, max: usize) {
+    if name.contains('\0') {
+        *name = name.replace('\0', NUL_REPLACEMENT);
+    }
+    if name.len() > max {
+        let mut end = max;
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        name.truncate(end);
+    }
+}
+
+/// A batch as storage keeps it ([`RequestRecord::normalized`]): borrowed when every
+/// record is normal already (the recorder normalizes before it writes), else copied.
+/// Every backend's `record` passes its batch through this.
+pub fn normalized_batch(batch: &[RequestRecord]) -> Cow<'_, [RequestRecord]> {
+    if batch.iter().all(RequestRecord::is_normal) {
+        Cow::Borrowed(batch)
+    } else {
+        Cow::Owned(
+            batch
+                .iter()
+                .cloned()
+                .map(RequestRecord::normalized)
+                .collect(),
+        )
+    }
+}
+
 /// A key's usage totals.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct UsageTotals {
@@ -96,28 +206,23 @@ pub struct UsageTotals {
 }
 
 impl UsageTotals {
-    /// Prompt plus completion tokens.
+    /// Prompt plus completion tokens (at most `u64::MAX`).
     pub fn total_tokens(&self) -> u64 {
-        self.prompt_tokens + self.completion_tokens
+        self.prompt_tokens.saturating_add(self.completion_tokens)
     }
 
-    /// Adds one request to the totals.
+    /// Adds one request to the totals. Sums stop at `u64::MAX` rather than wrap.
     pub fn add(&mut self, record: &RequestRecord) {
-        self.requests += 1;
-        match (record.prompt_tokens, record.completion_tokens) {
-            (Some(p), Some(c)) => {
-                self.prompt_tokens += p;
-                self.completion_tokens += c;
-            }
-            (p, c) => {
-                self.prompt_tokens += p.unwrap_or(0);
-                self.completion_tokens += c.unwrap_or(0);
-                self.requests_without_usage += 1;
-            }
+        self.requests = self.requests.saturating_add(1);
+        let (p, c) = (record.prompt_tokens, record.completion_tokens);
+        self.prompt_tokens = self.prompt_tokens.saturating_add(p.unwrap_or(0));
+        self.completion_tokens = self.completion_tokens.saturating_add(c.unwrap_or(0));
+        if p.is_none() || c.is_none() {
+            self.requests_without_usage = self.requests_without_usage.saturating_add(1);
         }
         self.last_request_at = self.last_request_at.max(Some(record.at));
         match self.endpoints.get_mut(&record.path) {
-            Some(count) => *count += 1,
+            Some(count) => *count = count.saturating_add(1),
             None => {
                 self.endpoints.insert(record.path.clone(), 1);
             }
@@ -313,5 +418,109 @@ pub(crate) mod contract {
                 assert_eq!(r, mixed[i], "{key}, row {i}");
             }
         }
+    }
+
+    /// Values no real request has, but that a client or an upstream can send: every
+    /// backend takes them (normalized, see [`RequestRecord::normalized`]), and totals,
+    /// rows, keys and the usage report still read back sane and consistent numbers.
+    pub async fn hostile_values(store: &dyn Storage) {
+        let secret = Secret::generate();
+        let key = KeyRecord::new("mallory", Role::User, &secret);
+        store.insert_key(&key, &secret.hash()).await.unwrap();
+        let id = key.id.as_str();
+        let chat = "/v1/chat/completions";
+        let tokens = |at: i64, p: u64, c: u64| RequestRecord {
+            prompt_tokens: Some(p),
+            completion_tokens: Some(c),
+            ..row(id, chat, at, None)
+        };
+        let named = |at: i64, method: &str, path: &str, model: Option<&str>| RequestRecord {
+            method: method.into(),
+            path: path.into(),
+            model: model.map(Into::into),
+            ..row(id, chat, at, Some((1, 1)))
+        };
+        let crabs = "\u{1F980}".repeat(100);
+        let big_model = "m".repeat(1 << 20);
+        let big_path = format!("/v1/{}", "p".repeat(1 << 20));
+        let hostile = |base: i64| {
+            vec![
+                tokens(base, u64::MAX, u64::MAX),
+                tokens(base + 1, i64::MAX as u64, i64::MAX as u64),
+                tokens(base + 2, i64::MAX as u64 + 1, 1),
+                tokens(base + 3, MAX_TOKENS_PER_REQUEST, MAX_TOKENS_PER_REQUEST),
+                tokens(base + 4, MAX_TOKENS_PER_REQUEST + 1, 3),
+                named(base + 5, "POST", "/v1/chat\0/completions", Some("a\0b")),
+                named(base + 6, "POST", &big_path, Some(&big_model)),
+                named(base + 7, "P\u{f6}ST", "/v1/\u{6a21}\u{578b}", Some(&crabs)),
+                named(base + 8, "", "", Some("")),
+                named(base + 9, "GET", chat, None),
+                RequestRecord {
+                    latency_ms: u64::MAX,
+                    first_byte_ms: Some(u64::MAX),
+                    ..row(id, chat, base + 10, Some((2, 2)))
+                },
+            ]
+        };
+        // Once as one batch, once a record at a time.
+        let mut sent = hostile(1_000);
+        store.record(&sent).await.unwrap();
+        for record in hostile(2_000) {
+            store.record(std::slice::from_ref(&record)).await.unwrap();
+            sent.push(record);
+        }
+        // Many requests on one key, each at the bound.
+        for batch in 0..2 {
+            let at_bound: Vec<_> = (0..1_000)
+                .map(|i| {
+                    let at = 10_000 + batch * 1_000 + i;
+                    tokens(at, MAX_TOKENS_PER_REQUEST, MAX_TOKENS_PER_REQUEST)
+                })
+                .collect();
+            store.record(&at_bound).await.unwrap();
+            sent.extend(at_bound);
+        }
+
+        let mut expected = UsageTotals::default();
+        for record in &sent {
+            expected.add(&record.clone().normalized());
+        }
+        let totals = store.totals_for_key(id).await.unwrap();
+        assert_eq!(totals, expected);
+        assert_eq!(totals.requests, 2_022);
+        assert_eq!(
+            totals.requests_without_usage, 8,
+            "counts beyond the bound are unknown, not huge"
+        );
+        assert_eq!(totals.prompt_tokens, 2_002 * MAX_TOKENS_PER_REQUEST + 14);
+        assert!(totals.total_tokens() < i64::MAX as u64);
+        assert_eq!(store.totals().await.unwrap()[id], totals);
+
+        let rows = store.requests(id, None, 10_000).await.unwrap();
+        assert_eq!(rows.len(), sent.len());
+        for row in &rows {
+            let at = row.at.timestamp_millis();
+            let original = sent.iter().find(|r| r.at.timestamp_millis() == at).unwrap();
+            assert_eq!(*row, original.clone().normalized(), "the row at {at}");
+            assert!(row.is_normal());
+        }
+        let at = |ms: i64| rows.iter().find(|r| r.at.timestamp_millis() == ms).unwrap();
+        assert_eq!(at(1_000).prompt_tokens, None);
+        assert_eq!(at(1_003).prompt_tokens, Some(MAX_TOKENS_PER_REQUEST));
+        assert_eq!(at(1_004).completion_tokens, Some(3));
+        assert_eq!(at(1_005).model.as_deref(), Some("a\u{FFFD}b"));
+        assert_eq!(at(1_005).path, "/v1/chat\u{FFFD}/completions");
+        assert_eq!(at(1_006).model.as_ref().unwrap().len(), MAX_MODEL_BYTES);
+        assert_eq!(at(1_006).path.len(), MAX_PATH_BYTES);
+        assert_eq!(at(1_007).model.as_deref(), Some(&crabs[..MAX_MODEL_BYTES]));
+        assert_eq!(at(1_007).method, "P\u{f6}ST");
+        assert_eq!(at(1_008).model.as_deref(), Some(""));
+        assert_eq!(at(1_010).latency_ms, MAX_LATENCY_MS);
+
+        let keys = store.list_keys().await.unwrap();
+        assert!(keys.iter().any(|k| k.id == id));
+        let report = crate::usage::usage_report(store, store).await.unwrap();
+        let mine = report.iter().find(|u| u.key_id == id).unwrap();
+        assert_eq!(mine.requests, 2_022);
     }
 }

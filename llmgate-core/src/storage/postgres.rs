@@ -11,10 +11,12 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Row};
 
 use super::sql::{
-    bind_request, key_from_row, millis, request_from_row, totals_from_row, RequestInserts,
-    KEY_COLUMNS, REQUEST_COLUMNS,
+    bind_request, count, key_from_row, millis, request_from_row, to_i64, totals_from_row,
+    RequestInserts, TotalsUpserts, KEY_COLUMNS, REQUEST_COLUMNS,
 };
-use super::{KeyStore, RequestRecord, Storage, StorageError, UsageStore, UsageTotals};
+use super::{
+    normalized_batch, KeyStore, RequestRecord, Storage, StorageError, UsageStore, UsageTotals,
+};
 use crate::auth::{KeyHash, KeyRecord};
 
 /// Keys and usage in a PostgreSQL database.
@@ -111,6 +113,7 @@ impl UsageStore for PostgresStore {
         if batch.is_empty() {
             return Ok(());
         }
+        let batch = &*normalized_batch(batch);
         // Fold the batch per key first: one totals upsert per key, not per request.
         let mut per_key: BTreeMap<&str, UsageTotals> = BTreeMap::new();
         for record in batch {
@@ -123,35 +126,22 @@ impl UsageStore for PostgresStore {
             query.execute(&mut *tx).await?;
         }
         for (key_id, t) in &per_key {
-            sqlx::query(
-                "INSERT INTO usage_totals \
-                 (key_id, requests, prompt_tokens, completion_tokens, requests_without_usage, last_request_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6) \
-                 ON CONFLICT (key_id) DO UPDATE SET \
-                   requests = usage_totals.requests + excluded.requests, \
-                   prompt_tokens = usage_totals.prompt_tokens + excluded.prompt_tokens, \
-                   completion_tokens = usage_totals.completion_tokens + excluded.completion_tokens, \
-                   requests_without_usage = usage_totals.requests_without_usage + excluded.requests_without_usage, \
-                   last_request_at = GREATEST(COALESCE(usage_totals.last_request_at, 0), excluded.last_request_at)",
-            )
-            .bind(key_id)
-            .bind(t.requests as i64)
-            .bind(t.prompt_tokens as i64)
-            .bind(t.completion_tokens as i64)
-            .bind(t.requests_without_usage as i64)
-            .bind(t.last_request_at.map(millis))
-            .execute(&mut *tx)
-            .await?;
-            for (path, n) in &t.endpoints {
-                sqlx::query(
-                    "INSERT INTO usage_endpoints (key_id, path, requests) VALUES ($1, $2, $3) \
-                     ON CONFLICT (key_id, path) DO UPDATE SET requests = usage_endpoints.requests + excluded.requests",
-                )
+            sqlx::query(&upserts().totals)
                 .bind(key_id)
-                .bind(path)
-                .bind(*n as i64)
+                .bind(to_i64(t.requests))
+                .bind(to_i64(t.prompt_tokens))
+                .bind(to_i64(t.completion_tokens))
+                .bind(to_i64(t.requests_without_usage))
+                .bind(t.last_request_at.map(millis))
                 .execute(&mut *tx)
                 .await?;
+            for (path, n) in &t.endpoints {
+                sqlx::query(&upserts().endpoints)
+                    .bind(key_id)
+                    .bind(path)
+                    .bind(to_i64(*n))
+                    .execute(&mut *tx)
+                    .await?;
             }
         }
         tx.commit().await?;
@@ -175,10 +165,8 @@ impl UsageStore for PostgresStore {
         for row in &rows {
             let key_id: String = row.try_get("key_id")?;
             if let Some(t) = all.get_mut(&key_id) {
-                t.endpoints.insert(
-                    row.try_get("path")?,
-                    row.try_get::<i64, _>("requests")? as u64,
-                );
+                t.endpoints
+                    .insert(row.try_get("path")?, count(row.try_get("requests")?));
             }
         }
         Ok(all)
@@ -201,10 +189,9 @@ impl UsageStore for PostgresStore {
             .fetch_all(&self.pool)
             .await?;
         for row in &rows {
-            totals.endpoints.insert(
-                row.try_get("path")?,
-                row.try_get::<i64, _>("requests")? as u64,
-            );
+            totals
+                .endpoints
+                .insert(row.try_get("path")?, count(row.try_get("requests")?));
         }
         Ok(totals)
     }
@@ -232,6 +219,12 @@ impl UsageStore for PostgresStore {
 fn inserts() -> &'static RequestInserts {
     static INSERTS: std::sync::OnceLock<RequestInserts> = std::sync::OnceLock::new();
     INSERTS.get_or_init(|| RequestInserts::new(|n| format!("${n}")))
+}
+
+/// The running totals' upserts in this backend's syntax.
+fn upserts() -> &'static TotalsUpserts {
+    static UPSERTS: std::sync::OnceLock<TotalsUpserts> = std::sync::OnceLock::new();
+    UPSERTS.get_or_init(|| TotalsUpserts::new(|n| format!("${n}"), "GREATEST"))
 }
 
 #[cfg(test)]
@@ -311,6 +304,14 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn hostile_values_contract() {
+        let db = TestDatabase::create().await;
+        let store = PostgresStore::connect(&db.url).await.unwrap();
+        super::super::contract::hostile_values(&store).await;
+        store.close().await;
+    }
+
+    #[tokio::test]
     async fn replicas_sharing_a_database_see_each_others_keys_and_usage() {
         let db = TestDatabase::create().await;
         // Two replicas start at once; both migrate.
@@ -348,5 +349,65 @@ pub(crate) mod tests {
         assert_eq!(totals.last_request_at.unwrap().timestamp_millis(), 99);
         a.close().await;
         b.close().await;
+    }
+
+    #[tokio::test]
+    async fn totals_stop_at_the_largest_bigint_instead_of_failing() {
+        let db = TestDatabase::create().await;
+        let store = PostgresStore::connect(&db.url).await.unwrap();
+        let row = |at: i64| RequestRecord {
+            at: DateTime::from_timestamp_millis(at).unwrap(),
+            key_id: "k".into(),
+            method: "POST".into(),
+            path: "/v1/chat/completions".into(),
+            model: None,
+            status: 200,
+            prompt_tokens: Some(10),
+            completion_tokens: Some(1),
+            latency_ms: 1,
+            first_byte_ms: None,
+        };
+        store.record(&[row(1)]).await.unwrap();
+        sqlx::query("UPDATE usage_totals SET prompt_tokens = 9223372036854775800")
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        store.record(&[row(2)]).await.unwrap();
+        let totals = store.totals_for_key("k").await.unwrap();
+        assert_eq!(
+            (
+                totals.requests,
+                totals.prompt_tokens,
+                totals.completion_tokens
+            ),
+            (2, i64::MAX as u64, 2)
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_refused_value_is_told_apart_from_a_failing_database() {
+        let db = TestDatabase::create().await;
+        let store = PostgresStore::connect(&db.url).await.unwrap();
+        for refused in [
+            "INSERT INTO usage_totals VALUES (E'a\\x00', 1, 1, 1, 1, NULL)",
+            "INSERT INTO usage_totals VALUES ('k', 99999999999999999999, 1, 1, 1, NULL)",
+            "INSERT INTO usage_totals VALUES ('k', NULL, 1, 1, 1, NULL)",
+        ] {
+            let err =
+                StorageError::from(sqlx::query(refused).execute(&store.pool).await.unwrap_err());
+            assert!(err.refuses_content(), "{refused}: {err:?}");
+        }
+        let err = StorageError::from(
+            sqlx::query("INSERT INTO usage_totals VALUES ($1, 1, 1, 1, 1, NULL)")
+                .bind("a\0b")
+                .execute(&store.pool)
+                .await
+                .unwrap_err(),
+        );
+        assert!(err.refuses_content(), "NUL: {err:?}");
+        store.close().await;
+        let err = store.totals().await.unwrap_err();
+        assert!(!err.refuses_content(), "{err:?}");
     }
 }

@@ -1,6 +1,10 @@
 //! What the SQL backends share: error mapping, how times and counts are stored
 //! (milliseconds and tokens as 64-bit integers), and reading rows back. Only the SQL
 //! text differs between SQLite and PostgreSQL.
+//!
+//! Counts go in as at most `i64::MAX` ([`to_i64`]), running totals stop there
+//! ([`saturating_sum`]) rather than overflow, and whatever is read back is clamped, so
+//! one odd value cannot make every read of usage fail.
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -9,7 +13,7 @@ use chrono::{DateTime, Utc};
 use sqlx::query::Query;
 use sqlx::{ColumnIndex, Database, Decode, Encode, Row, Type};
 
-use super::{RequestRecord, StorageError, UsageTotals};
+use super::{RequestRecord, StorageError, UsageTotals, MAX_TOKENS_PER_REQUEST};
 use crate::auth::{KeyRecord, Role};
 
 fn get<R, T>(row: &R, column: &str) -> Result<T, StorageError>
@@ -25,8 +29,23 @@ fn required_time(ms: i64) -> Result<DateTime<Utc>, StorageError> {
     Ok(time(Some(ms))?.expect("some in, some out"))
 }
 
-fn count(value: i64) -> u64 {
+/// A count or a total read back: never negative.
+pub(super) fn count(value: i64) -> u64 {
     value.max(0) as u64
+}
+
+/// A count as stored: 64-bit signed, so at most `i64::MAX`.
+pub(super) fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// `current + added`, stopping at `i64::MAX` instead of failing (PostgreSQL: "bigint out
+/// of range") or turning into a floating-point number (SQLite). `added` is never negative.
+pub(super) fn saturating_sum(current: &str, added: &str) -> String {
+    format!(
+        "CASE WHEN {current} > {max} - {added} THEN {max} ELSE {current} + {added} END",
+        max = i64::MAX
+    )
 }
 
 /// The columns [`key_from_row`] reads.
@@ -90,11 +109,11 @@ where
         method: get(row, "method")?,
         path: get(row, "path")?,
         model: get(row, "model")?,
-        status: get::<_, i64>(row, "status")? as u16,
+        status: u16::try_from(get::<_, i64>(row, "status")?).unwrap_or(0),
         prompt_tokens: tokens(get(row, "prompt_tokens")?),
         completion_tokens: tokens(get(row, "completion_tokens")?),
         latency_ms: count(get(row, "latency_ms")?),
-        first_byte_ms: tokens(get(row, "first_byte_ms")?),
+        first_byte_ms: get::<_, Option<i64>>(row, "first_byte_ms")?.map(count),
     })
 }
 
@@ -105,9 +124,38 @@ impl From<sqlx::Error> for StorageError {
             sqlx::Error::Database(db) if db.is_unique_violation() => {
                 StorageError::Conflict("an active key with this name already exists".into())
             }
+            sqlx::Error::Database(db) if refuses_content(db.as_ref()) => {
+                StorageError::Rejected(err.to_string())
+            }
+            sqlx::Error::Encode(_) => StorageError::Rejected(err.to_string()),
+            // Connections, I/O, timeouts, a busy or closed database: may pass on a retry.
             _ => StorageError::Database(err.to_string()),
         }
     }
+}
+
+/// Whether the database refused a statement for the values it carries, which no retry
+/// changes: PostgreSQL's SQLSTATE classes 22 (data exception: a NUL in text, a number
+/// out of range), 23 (integrity constraint) and 54 (program limit: e.g. a value too big
+/// for an index); SQLite's TOOBIG, CONSTRAINT and MISMATCH.
+fn refuses_content(db: &dyn sqlx::error::DatabaseError) -> bool {
+    if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        return ["22", "23", "54"]
+            .iter()
+            .any(|class| pg.code().starts_with(class));
+    }
+    if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+        const TOOBIG: i32 = 18;
+        const CONSTRAINT: i32 = 19;
+        const MISMATCH: i32 = 20;
+        // The extended result code; its low byte is the primary one.
+        let primary = db
+            .code()
+            .and_then(|c| c.parse::<i32>().ok())
+            .map(|c| c & 0xff);
+        return matches!(primary, Some(TOOBIG | CONSTRAINT | MISMATCH));
+    }
+    false
 }
 
 pub(super) fn millis(at: DateTime<Utc>) -> i64 {
@@ -122,8 +170,52 @@ pub(super) fn time(ms: Option<i64>) -> Result<Option<DateTime<Utc>>, StorageErro
     .transpose()
 }
 
+/// A token count read back; one no request can have (negative, as a count beyond
+/// `i64::MAX` was once stored, or beyond [`MAX_TOKENS_PER_REQUEST`]) is unknown.
 pub(super) fn tokens(value: Option<i64>) -> Option<u64> {
-    value.map(|v| v.max(0) as u64)
+    value
+        .and_then(|v| u64::try_from(v).ok())
+        .filter(|&v| v <= MAX_TOKENS_PER_REQUEST)
+}
+
+/// The upserts that add a batch to a key's running totals, in one backend's syntax.
+pub(super) struct TotalsUpserts {
+    /// Adds `(key_id, requests, prompt_tokens, completion_tokens, requests_without_usage,
+    /// last_request_at)` to `usage_totals`.
+    pub(super) totals: String,
+    /// Adds `(key_id, path, requests)` to `usage_endpoints`.
+    pub(super) endpoints: String,
+}
+
+impl TotalsUpserts {
+    /// `placeholder(n)` writes the n-th (from 1) parameter; `greatest` names the
+    /// function that picks the larger of two values (`MAX`, `GREATEST`).
+    pub(super) fn new(placeholder: impl Fn(usize) -> String, greatest: &str) -> Self {
+        let sum = |table: &str, column: &str| {
+            format!(
+                "{column} = {}",
+                saturating_sum(&format!("{table}.{column}"), &format!("excluded.{column}"))
+            )
+        };
+        let params = |n: usize| (1..=n).map(&placeholder).collect::<Vec<_>>().join(", ");
+        let totals = format!(
+            "INSERT INTO usage_totals \
+             (key_id, requests, prompt_tokens, completion_tokens, requests_without_usage, last_request_at) \
+             VALUES ({}) ON CONFLICT (key_id) DO UPDATE SET {}, \
+             last_request_at = {greatest}(COALESCE(usage_totals.last_request_at, 0), excluded.last_request_at)",
+            params(6),
+            ["requests", "prompt_tokens", "completion_tokens", "requests_without_usage"]
+                .map(|column| sum("usage_totals", column))
+                .join(", "),
+        );
+        let endpoints = format!(
+            "INSERT INTO usage_endpoints (key_id, path, requests) VALUES ({}) \
+             ON CONFLICT (key_id, path) DO UPDATE SET {}",
+            params(3),
+            sum("usage_endpoints", "requests"),
+        );
+        Self { totals, endpoints }
+    }
 }
 
 /// Rows per multi-row insert of request rows. Only these sizes, so that each statement
@@ -197,10 +289,10 @@ where
         .bind(r.path.as_str())
         .bind(r.model.as_deref())
         .bind(i64::from(r.status))
-        .bind(r.prompt_tokens.map(|t| t as i64))
-        .bind(r.completion_tokens.map(|t| t as i64))
-        .bind(r.latency_ms as i64)
-        .bind(r.first_byte_ms.map(|ms| ms as i64))
+        .bind(r.prompt_tokens.map(to_i64))
+        .bind(r.completion_tokens.map(to_i64))
+        .bind(to_i64(r.latency_ms))
+        .bind(r.first_byte_ms.map(to_i64))
 }
 
 #[cfg(test)]

@@ -13,11 +13,21 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 
 use super::sql::{
-    key_from_row, millis, request_from_row, totals_from_row, RequestInserts, KEY_COLUMNS,
-    REQUEST_COLUMNS,
+    count, key_from_row, millis, request_from_row, to_i64, totals_from_row, RequestInserts,
+    TotalsUpserts, KEY_COLUMNS, REQUEST_COLUMNS,
 };
-use super::{KeyStore, RequestRecord, Storage, StorageError, UsageStore, UsageTotals};
+use super::{
+    normalized_batch, KeyStore, RequestRecord, Storage, StorageError, UsageStore, UsageTotals,
+};
 use crate::auth::{KeyHash, KeyRecord};
+
+/// The totals as [`totals_from_row`] reads them. A total that once overflowed into a
+/// floating-point number (before sums were made to saturate) reads back as the nearest
+/// integer, `i64::MAX` at most, instead of failing every read of usage.
+const TOTALS_COLUMNS: &str = "CAST(requests AS INTEGER) AS requests, \
+     CAST(prompt_tokens AS INTEGER) AS prompt_tokens, \
+     CAST(completion_tokens AS INTEGER) AS completion_tokens, \
+     CAST(requests_without_usage AS INTEGER) AS requests_without_usage, last_request_at";
 
 /// How many names' ids a store keeps in memory before it starts over.
 const MAX_REMEMBERED_NAMES: usize = 10_000;
@@ -182,6 +192,7 @@ impl UsageStore for SqliteStore {
         if batch.is_empty() {
             return Ok(());
         }
+        let batch = &*normalized_batch(batch);
         // Fold the batch per key first: one totals upsert per key, not per request.
         let mut per_key: BTreeMap<&str, UsageTotals> = BTreeMap::new();
         for record in batch {
@@ -203,43 +214,30 @@ impl UsageStore for SqliteStore {
                     .bind(path)
                     .bind(model)
                     .bind(i64::from(r.status))
-                    .bind(r.prompt_tokens.map(|t| t as i64))
-                    .bind(r.completion_tokens.map(|t| t as i64))
-                    .bind(r.latency_ms as i64)
-                    .bind(r.first_byte_ms.map(|ms| ms as i64))
+                    .bind(r.prompt_tokens.map(to_i64))
+                    .bind(r.completion_tokens.map(to_i64))
+                    .bind(to_i64(r.latency_ms))
+                    .bind(r.first_byte_ms.map(to_i64))
             });
             query.execute(&mut *tx).await?;
         }
         for (key_id, t) in &per_key {
-            sqlx::query(
-                "INSERT INTO usage_totals \
-                 (key_id, requests, prompt_tokens, completion_tokens, requests_without_usage, last_request_at) \
-                 VALUES (?, ?, ?, ?, ?, ?) \
-                 ON CONFLICT (key_id) DO UPDATE SET \
-                   requests = requests + excluded.requests, \
-                   prompt_tokens = prompt_tokens + excluded.prompt_tokens, \
-                   completion_tokens = completion_tokens + excluded.completion_tokens, \
-                   requests_without_usage = requests_without_usage + excluded.requests_without_usage, \
-                   last_request_at = MAX(COALESCE(last_request_at, 0), excluded.last_request_at)",
-            )
-            .bind(key_id)
-            .bind(t.requests as i64)
-            .bind(t.prompt_tokens as i64)
-            .bind(t.completion_tokens as i64)
-            .bind(t.requests_without_usage as i64)
-            .bind(t.last_request_at.map(millis))
-            .execute(&mut *tx)
-            .await?;
-            for (path, n) in &t.endpoints {
-                sqlx::query(
-                    "INSERT INTO usage_endpoints (key_id, path, requests) VALUES (?, ?, ?) \
-                     ON CONFLICT (key_id, path) DO UPDATE SET requests = requests + excluded.requests",
-                )
+            sqlx::query(&upserts().totals)
                 .bind(key_id)
-                .bind(path)
-                .bind(*n as i64)
+                .bind(to_i64(t.requests))
+                .bind(to_i64(t.prompt_tokens))
+                .bind(to_i64(t.completion_tokens))
+                .bind(to_i64(t.requests_without_usage))
+                .bind(t.last_request_at.map(millis))
                 .execute(&mut *tx)
                 .await?;
+            for (path, n) in &t.endpoints {
+                sqlx::query(&upserts().endpoints)
+                    .bind(key_id)
+                    .bind(path)
+                    .bind(to_i64(*n))
+                    .execute(&mut *tx)
+                    .await?;
             }
         }
         tx.commit().await?;
@@ -255,35 +253,33 @@ impl UsageStore for SqliteStore {
 
     async fn totals(&self) -> Result<BTreeMap<String, UsageTotals>, StorageError> {
         let mut all = BTreeMap::new();
-        let rows = sqlx::query(
-            "SELECT key_id, requests, prompt_tokens, completion_tokens, requests_without_usage, last_request_at \
-             FROM usage_totals",
-        )
+        let rows = sqlx::query(&format!(
+            "SELECT key_id, {TOTALS_COLUMNS} FROM usage_totals"
+        ))
         .fetch_all(&self.pool)
         .await?;
         for row in &rows {
             all.insert(row.try_get::<String, _>("key_id")?, totals_from_row(row)?);
         }
-        let rows = sqlx::query("SELECT key_id, path, requests FROM usage_endpoints")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT key_id, path, CAST(requests AS INTEGER) AS requests FROM usage_endpoints",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         for row in &rows {
             let key_id: String = row.try_get("key_id")?;
             if let Some(t) = all.get_mut(&key_id) {
-                t.endpoints.insert(
-                    row.try_get("path")?,
-                    row.try_get::<i64, _>("requests")? as u64,
-                );
+                t.endpoints
+                    .insert(row.try_get("path")?, count(row.try_get("requests")?));
             }
         }
         Ok(all)
     }
 
     async fn totals_for_key(&self, key_id: &str) -> Result<UsageTotals, StorageError> {
-        let row = sqlx::query(
-            "SELECT requests, prompt_tokens, completion_tokens, requests_without_usage, last_request_at \
-             FROM usage_totals WHERE key_id = ?",
-        )
+        let row = sqlx::query(&format!(
+            "SELECT {TOTALS_COLUMNS} FROM usage_totals WHERE key_id = ?"
+        ))
         .bind(key_id)
         .fetch_optional(&self.pool)
         .await?;
@@ -291,15 +287,16 @@ impl UsageStore for SqliteStore {
             return Ok(UsageTotals::default());
         };
         let mut totals = totals_from_row(&row)?;
-        let rows = sqlx::query("SELECT path, requests FROM usage_endpoints WHERE key_id = ?")
+        let rows = sqlx::query(
+            "SELECT path, CAST(requests AS INTEGER) AS requests FROM usage_endpoints WHERE key_id = ?",
+        )
             .bind(key_id)
             .fetch_all(&self.pool)
             .await?;
         for row in &rows {
-            totals.endpoints.insert(
-                row.try_get("path")?,
-                row.try_get::<i64, _>("requests")? as u64,
-            );
+            totals
+                .endpoints
+                .insert(row.try_get("path")?, count(row.try_get("requests")?));
         }
         Ok(totals)
     }
@@ -412,6 +409,12 @@ fn inserts() -> &'static RequestInserts {
     })
 }
 
+/// The running totals' upserts in this backend's syntax.
+fn upserts() -> &'static TotalsUpserts {
+    static UPSERTS: std::sync::OnceLock<TotalsUpserts> = std::sync::OnceLock::new();
+    UPSERTS.get_or_init(|| TotalsUpserts::new(|_| "?".to_owned(), "MAX"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -425,6 +428,11 @@ mod tests {
     #[tokio::test]
     async fn usage_contract() {
         super::super::contract::usage(&SqliteStore::in_memory().await.unwrap()).await;
+    }
+
+    #[tokio::test]
+    async fn hostile_values_contract() {
+        super::super::contract::hostile_values(&SqliteStore::in_memory().await.unwrap()).await;
     }
 
     fn request(key: &str, model: Option<&str>, at_ms: i64) -> RequestRecord {
@@ -594,5 +602,61 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(mode, "wal");
+    }
+
+    #[tokio::test]
+    async fn totals_an_overflow_left_read_back_clamped_and_heal_on_the_next_write() {
+        let store = SqliteStore::in_memory().await.unwrap();
+        store.record(&[request("k", None, 1_000)]).await.unwrap();
+        // What two answers near i64::MAX left before sums saturated: a REAL total, and
+        // a u64::MAX count stored as -1.
+        sqlx::query(
+            "UPDATE usage_totals SET prompt_tokens = 1.8e19, completion_tokens = -1 WHERE key_id = 'k'",
+        )
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        sqlx::query("UPDATE usage_rows SET prompt_tokens = -1")
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        let totals = store.totals_for_key("k").await.unwrap();
+        assert_eq!(totals.prompt_tokens, i64::MAX as u64);
+        assert_eq!(totals.completion_tokens, 0);
+        assert_eq!(store.totals().await.unwrap()["k"], totals);
+        let rows = store.requests("k", None, 10).await.unwrap();
+        assert_eq!(
+            rows[0].prompt_tokens, None,
+            "a count no request can have is unknown"
+        );
+
+        store.record(&[request("k", None, 2_000)]).await.unwrap();
+        let kind: String =
+            sqlx::query_scalar("SELECT typeof(prompt_tokens) FROM usage_totals WHERE key_id = 'k'")
+                .fetch_one(&store.pool)
+                .await
+                .unwrap();
+        assert_eq!(kind, "integer");
+        let totals = store.totals_for_key("k").await.unwrap();
+        assert_eq!(
+            (totals.requests, totals.prompt_tokens),
+            (2, i64::MAX as u64)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_value_is_told_apart_from_a_failing_database() {
+        let store = SqliteStore::in_memory().await.unwrap();
+        let err = StorageError::from(
+            sqlx::query("INSERT INTO usage_totals (key_id, requests) VALUES ('k', NULL)")
+                .execute(&store.pool)
+                .await
+                .unwrap_err(),
+        );
+        assert!(err.refuses_content(), "{err:?}");
+        store.close().await;
+        let err = store.totals().await.unwrap_err();
+        assert!(matches!(err, StorageError::Database(_)), "{err:?}");
+        assert!(!err.refuses_content());
     }
 }

@@ -19,13 +19,17 @@ mod recorder;
 mod report;
 mod request;
 mod scan;
+mod spill;
 mod sse;
 
 pub use body::{AuthUsageBody, UsageBody};
 pub use counter::TokenCounter;
 pub use endpoint::{endpoint_label, OTHER_ENDPOINT};
 pub use held::MAX_HELD_BYTES;
-pub use recorder::{RecorderOptions, UsageObserver, UsageRecorder, UsageWriter};
+pub use recorder::{
+    RecorderOptions, RejectedRecord, UsageObserver, UsageRecorder, UsageWriter, DEFAULT_QUEUE_MAX,
+    MAX_REJECTED_SHOWN, REJECTED_FILE, SPILL_FILE,
+};
 pub use report::{usage_report, KeyUsage};
 
 pub(crate) use recorder::UsageGuard;

@@ -1,6 +1,19 @@
 //! The queue between the request path and the usage store.
+//!
+//! Two background tasks: the intake settles each finished request (token counts,
+//! [`RequestRecord::normalized`]) and queues it; the writer writes the queue in batches.
+//! Nothing a client or an upstream sends, and no outage, stops recording:
+//! - a batch the store refuses for what it holds is split until the refused records
+//!   are alone; the others are written, the refused ones set aside for an admin
+//!   ([`UsageRecorder::rejected`]), never retried;
+//! - while the store is down the writer retries with growing waits, the intake keeps
+//!   taking records, and beyond [`RecorderOptions::queue_max`] the oldest go to a spill
+//!   file, written to the store when it is back (or on the next start);
+//! - a shutdown with the store down spills what is left instead of waiting for it.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -8,14 +21,28 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 
+use super::spill::{RejectedLog, SpillFile};
+pub use super::spill::{RejectedRecord, MAX_REJECTED_SHOWN, REJECTED_FILE, SPILL_FILE};
 use super::{TokenCounter, TokenUsage};
 use crate::auth::KeyRecord;
-use crate::storage::{RequestRecord, UsageStore};
+use crate::storage::{RequestRecord, StorageError, UsageStore};
 
 /// The most records written in one transaction.
 const MAX_BATCH: usize = 4096;
 /// How long the writer lets records gather before a write.
 const LINGER: Duration = Duration::from_millis(50);
+/// The first wait before the store is tried again after it failed; it doubles up to
+/// [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+/// The longest wait between tries while the store is down.
+const RETRY_MAX: Duration = Duration::from_secs(5);
+/// How long a shutdown keeps trying the store before what is left goes to the spill
+/// file: a stop must finish even when the database is down.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// How many records may wait in memory for the store by default; beyond, they go to the
+/// spill file. About 30 MB, and minutes of traffic at a busy gateway's rate.
+pub const DEFAULT_QUEUE_MAX: usize = 100_000;
 
 // Records are nearly every message: boxing each would cost an allocation per request,
 // freed on the writer's thread.
@@ -46,15 +73,43 @@ pub trait UsageObserver: Send + Sync {
             self.observe(record, key_name);
         }
     }
+
+    /// Records the store refused for what they hold, set aside
+    /// ([`UsageRecorder::rejected`]).
+    fn rejected(&self, _records: usize) {}
+
+    /// Records written to the spill file: the store was down (or slow) for longer than
+    /// the queue holds, or at shutdown. They are written to the store when it is back.
+    fn spilled(&self, _records: usize) {}
+
+    /// Records lost: there was no spill file, or it could not be written.
+    fn lost(&self, _records: usize) {}
 }
 
 /// Optional parts of a [`UsageRecorder`].
-#[derive(Default)]
 pub struct RecorderOptions {
     /// Counts tokens of streams whose upstream sent no usage.
     pub counter: Option<Arc<dyn TokenCounter>>,
     /// Sees every finished request.
     pub observer: Option<Arc<dyn UsageObserver>>,
+    /// The most records that wait in memory while the store is down or slow
+    /// ([`DEFAULT_QUEUE_MAX`]); older ones go to the spill file in `data_dir`.
+    pub queue_max: usize,
+    /// Where records wait on disk (the spill file, [`SPILL_FILE`]) and where those the
+    /// store refuses are kept ([`REJECTED_FILE`]). Without one, records beyond
+    /// `queue_max` are lost (and counted), and refused ones kept in memory.
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Default for RecorderOptions {
+    fn default() -> Self {
+        Self {
+            counter: None,
+            observer: None,
+            queue_max: DEFAULT_QUEUE_MAX,
+            data_dir: None,
+        }
+    }
 }
 
 impl std::fmt::Debug for RecorderOptions {
@@ -62,6 +117,8 @@ impl std::fmt::Debug for RecorderOptions {
         f.debug_struct("RecorderOptions")
             .field("counter", &self.counter.is_some())
             .field("observer", &self.observer.is_some())
+            .field("queue_max", &self.queue_max)
+            .field("data_dir", &self.data_dir)
             .finish()
     }
 }
@@ -78,6 +135,8 @@ struct RecorderInner {
     tx: mpsc::UnboundedSender<Message>,
     flush_wanted: Arc<Notify>,
     counts_tokens: bool,
+    queue: Arc<Queue>,
+    rejected: Arc<RejectedLog>,
 }
 
 impl std::fmt::Debug for UsageRecorder {
@@ -88,12 +147,13 @@ impl std::fmt::Debug for UsageRecorder {
     }
 }
 
-/// The background task that writes usage records in batches. Call
+/// The background tasks that write usage records in batches. Call
 /// [`UsageWriter::shutdown`] on the way out so that nothing queued is lost.
 #[derive(Debug)]
 pub struct UsageWriter {
     stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<()>,
+    intake: JoinHandle<()>,
+    writer: JoinHandle<()>,
 }
 
 impl UsageRecorder {
@@ -102,46 +162,86 @@ impl UsageRecorder {
         Self::start_with(store, RecorderOptions::default())
     }
 
-    /// Starts the writer with a token counter and/or an observer.
+    /// Starts the writer with a token counter, an observer, a queue bound, a data
+    /// directory. Records a spill file there still holds (the store was down when the
+    /// last process stopped) are written to the store first.
     pub fn start_with(store: Arc<dyn UsageStore>, options: RecorderOptions) -> (Self, UsageWriter) {
-        let RecorderOptions { counter, observer } = options;
+        let RecorderOptions {
+            counter,
+            observer,
+            queue_max,
+            data_dir,
+        } = options;
         let (tx, rx) = mpsc::unbounded_channel();
         let (stop_tx, stop_rx) = oneshot::channel();
         let counts_tokens = counter.is_some();
         let flush_wanted = Arc::new(Notify::new());
-        let task = tokio::spawn(run_writer(
+        let queue = Arc::new(Queue {
+            state: Mutex::default(),
+            wake: Notify::new(),
+            closing: Notify::new(),
+            max: queue_max.max(1),
+        });
+        let aside = Arc::new(SetAside {
+            spill: data_dir.as_deref().map(SpillFile::new),
+            rejected: Arc::new(RejectedLog::new(data_dir.as_deref())),
+            observer: observer.clone(),
+        });
+        let intake = tokio::spawn(run_intake(
             rx,
             stop_rx,
-            flush_wanted.clone(),
-            Sink {
-                store,
+            Intake {
+                queue: queue.clone(),
                 counter,
                 observer,
+                aside: aside.clone(),
             },
+        ));
+        let writer = tokio::spawn(run_writer(
+            store,
+            queue.clone(),
+            flush_wanted.clone(),
+            aside.clone(),
         ));
         let recorder = Self {
             inner: Arc::new(RecorderInner {
                 tx,
                 flush_wanted,
                 counts_tokens,
+                queue,
+                rejected: aside.rejected.clone(),
             }),
         };
         (
             recorder,
             UsageWriter {
                 stop: Some(stop_tx),
-                task,
+                intake,
+                writer,
             },
         )
     }
 
-    /// Waits until every record handed over before this call is in the store.
+    /// Waits until every record handed over before this call is in the store, or set
+    /// aside (refused, or spilled to disk), or the store is found down: a reader of
+    /// usage then sees the store as it is rather than waiting out an outage.
     pub async fn flush(&self) {
         let (done, wait) = oneshot::channel();
         if self.inner.tx.send(Message::Flush(done)).is_ok() {
             self.inner.flush_wanted.notify_one();
             let _ = wait.await;
         }
+    }
+
+    /// The records the store refused for what they hold, with its reasons: the newest
+    /// [`MAX_REJECTED_SHOWN`], oldest first.
+    pub async fn rejected(&self) -> std::io::Result<Vec<RejectedRecord>> {
+        self.inner.rejected.list().await
+    }
+
+    /// Records waiting in memory for the store (at most the queue bound).
+    pub fn queued(&self) -> usize {
+        self.inner.queue.lock().records
     }
 
     pub(crate) fn counts_tokens(&self) -> bool {
@@ -156,102 +256,476 @@ impl UsageRecorder {
 }
 
 impl UsageWriter {
-    /// Stops taking records, writes everything queued, and returns.
+    /// Stops taking records and writes everything queued; what the store cannot take
+    /// within a few seconds goes to the spill file, to be written on the next start.
     pub async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        if let Err(err) = (&mut self.task).await {
-            tracing::error!(error = %err, "usage writer failed");
+        for task in [&mut self.intake, &mut self.writer] {
+            if let Err(err) = task.await {
+                tracing::error!(error = %err, "usage writer failed");
+            }
         }
     }
 }
 
-async fn run_writer(
-    mut rx: mpsc::UnboundedReceiver<Message>,
-    mut stop: oneshot::Receiver<()>,
-    flush_wanted: Arc<Notify>,
-    sink: Sink,
-) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    let mut stopping = false;
-    while !stopping {
-        tokio::select! {
-            received = rx.recv_many(&mut batch, MAX_BATCH) => {
-                if received == 0 {
-                    return;
-                }
-            }
-            _ = &mut stop => stopping = true,
-        }
-        // Let a batch gather without being woken per record, unless someone waits on a
-        // flush: under load that is one transaction per LINGER instead of one per wake-up.
-        let waiting_on_flush = batch.iter().any(|m| matches!(m, Message::Flush(_)));
-        if !stopping && !waiting_on_flush && batch.len() < MAX_BATCH {
-            tokio::select! {
-                _ = tokio::time::sleep(LINGER) => {}
-                _ = flush_wanted.notified() => {}
-                _ = &mut stop => stopping = true,
-            }
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(message) => batch.push(message),
-                    Err(_) => break,
-                }
-            }
-        }
-        write(&mut batch, &sink, false).await;
+/// Records settled and waiting for the store, in order, with the flushes waiting on them.
+struct Queue {
+    state: Mutex<QueueState>,
+    /// Records (or a flush) arrived, or the queue closed.
+    wake: Notify,
+    /// The queue closed: ends the writer's waits between retries.
+    closing: Notify,
+    max: usize,
+}
+
+#[derive(Default)]
+struct QueueState {
+    items: VecDeque<Item>,
+    /// `Item::Record`s in `items`.
+    records: usize,
+    /// No more records will come.
+    closed: bool,
+    /// The last write failed: flushes are answered at once instead of waiting.
+    store_down: bool,
+}
+
+enum Item {
+    Record(RequestRecord),
+    Flush(oneshot::Sender<()>),
+}
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().expect("usage queue lock")
     }
-    rx.close();
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        write(&mut batch, &sink, true).await;
+
+    /// Up to `MAX_BATCH` records from the front, and the flushes among them.
+    fn take(&self) -> (Vec<RequestRecord>, Vec<oneshot::Sender<()>>) {
+        let mut state = self.lock();
+        let mut records = Vec::with_capacity(state.records.min(MAX_BATCH));
+        let mut flushes = Vec::new();
+        while records.len() < MAX_BATCH {
+            match state.items.pop_front() {
+                Some(Item::Record(r)) => records.push(r),
+                Some(Item::Flush(done)) => flushes.push(done),
+                None => break,
+            }
+        }
+        state.records -= records.len();
+        (records, flushes)
+    }
+
+    /// Puts records the store could not take back at the front.
+    fn put_back(&self, records: Vec<RequestRecord>) {
+        let mut state = self.lock();
+        state.records += records.len();
+        for r in records.into_iter().rev() {
+            state.items.push_front(Item::Record(r));
+        }
+    }
+
+    /// The oldest records beyond the bound, taken out; the flushes among them are
+    /// answered (their records are set aside).
+    fn take_excess(&self) -> Vec<RequestRecord> {
+        let mut state = self.lock();
+        let excess = state.records.saturating_sub(self.max);
+        let mut out = Vec::with_capacity(excess);
+        while out.len() < excess {
+            match state.items.pop_front() {
+                Some(Item::Record(r)) => out.push(r),
+                Some(Item::Flush(done)) => {
+                    let _ = done.send(());
+                }
+                None => break,
+            }
+        }
+        state.records -= out.len();
+        out
+    }
+
+    /// The store failed (or works again).
+    fn set_down(&self, down: bool) {
+        let mut state = self.lock();
+        state.store_down = down;
+        if down {
+            // Nobody waits out an outage: answer every flush queued now.
+            let records = state.records;
+            let items = std::mem::take(&mut state.items);
+            state.items = items
+                .into_iter()
+                .filter_map(|item| match item {
+                    Item::Flush(done) => {
+                        let _ = done.send(());
+                        None
+                    }
+                    record => Some(record),
+                })
+                .collect();
+            debug_assert_eq!(records, state.records);
+        }
+    }
+
+    fn has_flush(&self) -> bool {
+        self.lock()
+            .items
+            .iter()
+            .any(|item| matches!(item, Item::Flush(_)))
     }
 }
 
-/// Where settled records go.
-struct Sink {
-    store: Arc<dyn UsageStore>,
-    counter: Option<Arc<dyn TokenCounter>>,
+/// Where records go that the store does not take.
+struct SetAside {
+    spill: Option<SpillFile>,
+    rejected: Arc<RejectedLog>,
     observer: Option<Arc<dyn UsageObserver>>,
 }
 
-async fn write(batch: &mut Vec<Message>, sink: &Sink, stopping: bool) {
-    let store = sink.store.as_ref();
-    let mut records = Vec::with_capacity(batch.len());
-    let mut key_names = Vec::with_capacity(batch.len());
-    let mut flushes = Vec::new();
-    for message in batch.drain(..) {
-        match message {
-            Message::Record(pending) => {
-                let (record, key_name) = settle_count(pending, sink.counter.as_deref()).await;
-                records.push(record);
-                key_names.push(key_name);
+impl SetAside {
+    /// To the spill file; lost (and said so) without one or when it cannot be written.
+    async fn spill(&self, records: Vec<RequestRecord>) {
+        if records.is_empty() {
+            return;
+        }
+        let n = records.len();
+        match &self.spill {
+            Some(spill) => match spill.append(&records).await {
+                Ok(()) => {
+                    tracing::warn!(records = n, "usage store unavailable; records spilled to disk, to be written when it is back");
+                    if let Some(o) = &self.observer {
+                        o.spilled(n);
+                    }
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, lost = n, "cannot write the usage spill file; records lost");
+                    if let Some(o) = &self.observer {
+                        o.lost(n);
+                    }
+                }
+            },
+            None => {
+                tracing::error!(
+                    lost = n,
+                    "usage store unavailable and the queue is full; records lost (no data directory to spill to)"
+                );
+                if let Some(o) = &self.observer {
+                    o.lost(n);
+                }
             }
-            Message::Flush(done) => flushes.push(done),
         }
     }
-    if let Some(observer) = &sink.observer {
-        observer.observe_batch(&records, &key_names);
+
+    /// Refused for good: logged (key id and reason), counted, kept for an admin.
+    async fn reject(&self, rejected: Vec<(RequestRecord, StorageError)>) {
+        if rejected.is_empty() {
+            return;
+        }
+        let now = Utc::now();
+        let kept = rejected
+            .into_iter()
+            .map(|(record, err)| {
+                tracing::error!(key_id = %record.key_id, error = %err, "usage store refused a record; kept aside");
+                RejectedRecord {
+                    rejected_at: now,
+                    error: err.to_string(),
+                    record,
+                }
+            })
+            .collect::<Vec<_>>();
+        if let Some(o) = &self.observer {
+            o.rejected(kept.len());
+        }
+        self.rejected.keep(kept).await;
     }
-    let mut delay = Duration::from_millis(50);
-    let mut attempts = 0;
-    while !records.is_empty() {
-        match store.record(&records).await {
-            Ok(()) => break,
-            Err(err) => {
-                attempts += 1;
-                if stopping && attempts >= 5 {
-                    tracing::error!(error = %err, lost = records.len(), "usage store failed while shutting down; records lost");
+}
+
+/// What the intake task needs: it settles records (token counts, normalization), shows
+/// them to the observer and queues them, spilling beyond the bound. It never waits on
+/// the store, so memory stays bounded whatever the store does.
+struct Intake {
+    queue: Arc<Queue>,
+    counter: Option<Arc<dyn TokenCounter>>,
+    observer: Option<Arc<dyn UsageObserver>>,
+    aside: Arc<SetAside>,
+}
+
+async fn run_intake(
+    mut rx: mpsc::UnboundedReceiver<Message>,
+    mut stop: oneshot::Receiver<()>,
+    intake: Intake,
+) {
+    let mut messages = Vec::with_capacity(MAX_BATCH);
+    loop {
+        tokio::select! {
+            received = rx.recv_many(&mut messages, MAX_BATCH) => {
+                if received == 0 {
                     break;
                 }
-                tracing::warn!(error = %err, pending = records.len(), "usage store failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+                intake.settle(&mut messages).await;
+            }
+            _ = &mut stop => {
+                rx.close();
+                while rx.recv_many(&mut messages, MAX_BATCH).await > 0 {
+                    intake.settle(&mut messages).await;
+                }
+                break;
             }
         }
     }
-    for done in flushes {
+    intake.queue.lock().closed = true;
+    intake.queue.wake.notify_one();
+    intake.queue.closing.notify_one();
+}
+
+impl Intake {
+    async fn settle(&self, messages: &mut Vec<Message>) {
+        let mut items = Vec::with_capacity(messages.len());
+        let mut records = Vec::with_capacity(messages.len());
+        let mut key_names = Vec::with_capacity(messages.len());
+        for message in messages.drain(..) {
+            match message {
+                Message::Record(pending) => {
+                    let (record, key_name) = settle_count(pending, self.counter.as_deref()).await;
+                    records.push(record.normalized());
+                    key_names.push(key_name);
+                }
+                Message::Flush(done) => {
+                    items.push((records.len(), done));
+                }
+            }
+        }
+        if let Some(observer) = &self.observer {
+            observer.observe_batch(&records, &key_names);
+        }
+        {
+            let mut state = self.queue.lock();
+            state.records += records.len();
+            let mut flushes = items.into_iter().peekable();
+            for (i, record) in records.into_iter().enumerate() {
+                while let Some((_, done)) = flushes.next_if(|(at, _)| *at == i) {
+                    push_flush(&mut state, done);
+                }
+                state.items.push_back(Item::Record(record));
+            }
+            for (_, done) in flushes {
+                push_flush(&mut state, done);
+            }
+        }
+        self.queue.wake.notify_one();
+        let excess = self.queue.take_excess();
+        self.aside.spill(excess).await;
+    }
+}
+
+fn push_flush(state: &mut QueueState, done: oneshot::Sender<()>) {
+    if state.store_down {
         let _ = done.send(());
+    } else {
+        state.items.push_back(Item::Flush(done));
+    }
+}
+
+/// Writes `parts` (the next one last). A part the store refuses for what it holds is
+/// split in halves until the refused records are alone (added to `rejected`), so that
+/// the others are written. On an outage, returns its error with `parts` holding what is
+/// not written; so does a future dropped half-way, the part in flight included (whether
+/// that one got in is then unknown).
+async fn write_splitting(
+    store: &dyn UsageStore,
+    parts: &mut Vec<Vec<RequestRecord>>,
+    rejected: &mut Vec<(RequestRecord, StorageError)>,
+) -> Result<(), StorageError> {
+    while let Some(part) = parts.last() {
+        if part.is_empty() {
+            parts.pop();
+            continue;
+        }
+        match store.record(part).await {
+            Ok(()) => {
+                parts.pop();
+            }
+            Err(err) if err.refuses_content() => {
+                let mut part = parts.pop().expect("the part just tried");
+                if part.len() == 1 {
+                    rejected.extend(part.pop().map(|r| (r, err)));
+                } else {
+                    let second = part.split_off(part.len() / 2);
+                    parts.push(second);
+                    parts.push(part);
+                }
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
+}
+
+/// Writes records (see [`write_splitting`]), and sets the refused ones aside. Gives up
+/// [`SHUTDOWN_GRACE`] after the queue closes, or at `deadline`: a stop must end even
+/// with a store that does not answer. Returns the error and the records not written.
+async fn write(
+    store: &dyn UsageStore,
+    queue: &Queue,
+    aside: &SetAside,
+    records: Vec<RequestRecord>,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<(), (StorageError, Vec<RequestRecord>)> {
+    let mut parts = vec![records];
+    let mut rejected = Vec::new();
+    let give_up = async {
+        match deadline {
+            Some(deadline) => tokio::time::sleep_until(deadline).await,
+            None => {
+                queue.closing.notified().await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            }
+        }
+    };
+    let result = tokio::select! {
+        result = write_splitting(store, &mut parts, &mut rejected) => result,
+        _ = give_up => Err(StorageError::Database(
+            "no answer from the usage store while shutting down".into(),
+        )),
+    };
+    aside.reject(rejected).await;
+    result.map_err(|err| (err, parts.into_iter().rev().flatten().collect()))
+}
+
+/// Writes queued records (and spilled ones, when the store is up) until the queue
+/// closes; retries, with growing waits, while the store is down.
+async fn run_writer(
+    store: Arc<dyn UsageStore>,
+    queue: Arc<Queue>,
+    flush_wanted: Arc<Notify>,
+    aside: Arc<SetAside>,
+) {
+    let store = store.as_ref();
+    let mut delay = RETRY_FIRST;
+    loop {
+        let replay = aside.spill.as_ref().is_some_and(SpillFile::is_pending);
+        let (queued, closed) = {
+            let state = queue.lock();
+            (!state.items.is_empty(), state.closed)
+        };
+        if closed {
+            break;
+        }
+        if !queued && !replay {
+            queue.wake.notified().await;
+            continue;
+        }
+        // Let a batch gather without a transaction per record, unless someone waits on
+        // a flush: under load that is one transaction per LINGER.
+        if queued && queue.lock().records < MAX_BATCH && !queue.has_flush() {
+            tokio::select! {
+                _ = tokio::time::sleep(LINGER) => {}
+                _ = flush_wanted.notified() => {}
+            }
+        }
+        let (records, flushes) = queue.take();
+        let mut failed =
+            write(store, &queue, &aside, records, None)
+                .await
+                .err()
+                .map(|(err, left)| {
+                    queue.put_back(left);
+                    err
+                });
+        if failed.is_none() && replay {
+            failed = replay_chunk(store, &queue, &aside).await.err();
+        }
+        for done in flushes {
+            let _ = done.send(());
+        }
+        match failed {
+            None => {
+                if delay > RETRY_FIRST {
+                    tracing::info!("usage store is back; writing queued records");
+                }
+                queue.set_down(false);
+                delay = RETRY_FIRST;
+            }
+            Some(err) => {
+                if delay == RETRY_FIRST {
+                    tracing::warn!(error = %err, queued = queue.lock().records, "usage store failed; retrying");
+                }
+                queue.set_down(true);
+                // Records put back may pass the bound.
+                aside.spill(queue.take_excess()).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = queue.closing.notified() => {}
+                }
+                delay = (delay * 2).min(RETRY_MAX);
+            }
+        }
+    }
+    finish(store, &queue, &aside).await;
+}
+
+/// Writes one chunk of the spill file to the store. What the store does not take waits
+/// in the queue from then on (and is spilled again beyond the bound), so that no part
+/// of the chunk is written twice.
+async fn replay_chunk(
+    store: &dyn UsageStore,
+    queue: &Queue,
+    aside: &SetAside,
+) -> Result<(), StorageError> {
+    let Some(spill) = &aside.spill else {
+        return Ok(());
+    };
+    let mut chunk = match spill.next_chunk(MAX_BATCH).await {
+        Ok(Some(chunk)) => chunk,
+        Ok(None) => return Ok(()),
+        Err(err) => {
+            tracing::error!(error = %err, "cannot read the usage spill file");
+            return Ok(());
+        }
+    };
+    let records = std::mem::take(&mut chunk.records);
+    let outage = write(store, queue, aside, records, None)
+        .await
+        .err()
+        .map(|(err, left)| {
+            queue.put_back(left);
+            err
+        });
+    if chunk.unreadable > 0 {
+        tracing::error!(
+            lost = chunk.unreadable,
+            "unreadable lines in the usage spill file (torn by a crash); records lost"
+        );
+        if let Some(o) = &aside.observer {
+            o.lost(chunk.unreadable);
+        }
+    }
+    if let Err(err) = spill.replayed(&chunk).await {
+        tracing::error!(error = %err, "cannot note the usage spill file's progress");
+    }
+    outage.map_or(Ok(()), Err)
+}
+
+/// The queue closed: writes what is left, for at most [`SHUTDOWN_GRACE`]; the rest goes
+/// to the spill file (at once when the store is down).
+async fn finish(store: &dyn UsageStore, queue: &Queue, aside: &SetAside) {
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+    let mut down = queue.lock().store_down;
+    loop {
+        let (records, flushes) = queue.take();
+        if records.is_empty() && flushes.is_empty() {
+            break;
+        }
+        if down {
+            aside.spill(records).await;
+        } else if let Err((err, left)) = write(store, queue, aside, records, Some(deadline)).await {
+            tracing::warn!(error = %err, "usage store failed while shutting down; spilling what is left");
+            down = true;
+            aside.spill(left).await;
+        }
+        for done in flushes {
+            let _ = done.send(());
+        }
     }
 }
 
@@ -464,7 +938,7 @@ mod tests {
             store.clone(),
             RecorderOptions {
                 counter: Some(Arc::new(Words)),
-                observer: None,
+                ..Default::default()
             },
         );
         let mut g = guard(&recorder, "k");
@@ -483,5 +957,276 @@ mod tests {
             totals.requests_without_usage, 1,
             "a failed count stays unknown, not zero"
         );
+    }
+
+    /// A store that can be down, refuse records for what they hold (model "refused"),
+    /// or never answer.
+    #[derive(Default)]
+    struct Flaky {
+        inner: MemoryStore,
+        down: std::sync::atomic::AtomicBool,
+        hang: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl UsageStore for Flaky {
+        async fn record(&self, batch: &[RequestRecord]) -> Result<(), StorageError> {
+            use std::sync::atomic::Ordering::SeqCst;
+            if self.hang.load(SeqCst) {
+                std::future::pending::<()>().await;
+            }
+            if self.down.load(SeqCst) {
+                return Err(StorageError::Database("connection refused".into()));
+            }
+            if batch.iter().any(|r| r.model.as_deref() == Some("refused")) {
+                return Err(StorageError::Rejected("value out of range".into()));
+            }
+            self.inner.record(batch).await
+        }
+        async fn totals(
+            &self,
+        ) -> Result<std::collections::BTreeMap<String, crate::storage::UsageTotals>, StorageError>
+        {
+            self.inner.totals().await
+        }
+        async fn totals_for_key(
+            &self,
+            key_id: &str,
+        ) -> Result<crate::storage::UsageTotals, StorageError> {
+            self.inner.totals_for_key(key_id).await
+        }
+        async fn requests(
+            &self,
+            key_id: &str,
+            since: Option<DateTime<Utc>>,
+            limit: u32,
+        ) -> Result<Vec<RequestRecord>, StorageError> {
+            self.inner.requests(key_id, since, limit).await
+        }
+    }
+
+    #[derive(Default)]
+    struct Counts {
+        rejected: std::sync::atomic::AtomicUsize,
+        spilled: std::sync::atomic::AtomicUsize,
+        lost: std::sync::atomic::AtomicUsize,
+    }
+
+    impl UsageObserver for Counts {
+        fn observe(&self, _: &RequestRecord, _: &str) {}
+        fn rejected(&self, n: usize) {
+            self.rejected
+                .fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+        }
+        fn spilled(&self, n: usize) {
+            self.spilled
+                .fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+        }
+        fn lost(&self, n: usize) {
+            self.lost.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    impl Counts {
+        fn get(&self) -> (usize, usize, usize) {
+            use std::sync::atomic::Ordering::SeqCst;
+            (
+                self.rejected.load(SeqCst),
+                self.spilled.load(SeqCst),
+                self.lost.load(SeqCst),
+            )
+        }
+    }
+
+    fn start_flaky(
+        store: &Arc<Flaky>,
+        dir: &std::path::Path,
+        queue_max: usize,
+    ) -> (UsageRecorder, UsageWriter, Arc<Counts>) {
+        let counts = Arc::new(Counts::default());
+        let (recorder, writer) = UsageRecorder::start_with(
+            store.clone(),
+            RecorderOptions {
+                observer: Some(counts.clone()),
+                queue_max,
+                data_dir: Some(dir.to_owned()),
+                ..Default::default()
+            },
+        );
+        (recorder, writer, counts)
+    }
+
+    /// Records one request per `tokens`, its prompt tokens telling it apart.
+    fn send(recorder: &UsageRecorder, tokens: std::ops::Range<u64>, model: &str) {
+        for i in tokens {
+            let mut g = guard(recorder, "k");
+            g.set_status(200);
+            g.set_model(Some(model));
+            g.set_usage(TokenUsage {
+                prompt_tokens: i,
+                completion_tokens: 1,
+            });
+        }
+    }
+
+    /// The prompt tokens of every stored row of key "k", sorted.
+    async fn stored(store: &Flaky) -> Vec<u64> {
+        let rows = store.requests("k", None, u32::MAX).await.unwrap();
+        let mut tokens: Vec<u64> = rows.iter().filter_map(|r| r.prompt_tokens).collect();
+        tokens.sort_unstable();
+        tokens
+    }
+
+    async fn eventually(what: &str, mut done: impl AsyncFnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !done().await {
+            assert!(Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn spill_lines(dir: &std::path::Path) -> usize {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                p.to_string_lossy().contains("usage-spill")
+                    && p.extension().is_some_and(|e| e == "jsonl")
+            })
+            .map(|p| std::fs::read_to_string(p).unwrap().lines().count())
+            .sum()
+    }
+
+    #[tokio::test]
+    async fn a_record_the_store_refuses_is_set_aside_and_the_others_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Flaky::default());
+        let (recorder, writer, counts) = start_flaky(&store, dir.path(), DEFAULT_QUEUE_MAX);
+        send(&recorder, 0..37, "m");
+        send(&recorder, 37..38, "refused");
+        send(&recorder, 38..100, "m");
+        recorder.flush().await;
+        assert_eq!(
+            stored(&store).await,
+            (0..100).filter(|&i| i != 37).collect::<Vec<_>>()
+        );
+        let rejected = recorder.rejected().await.unwrap();
+        assert_eq!(rejected.len(), 1);
+        assert_eq!(rejected[0].record.model.as_deref(), Some("refused"));
+        assert_eq!(rejected[0].record.prompt_tokens, Some(37));
+        assert!(
+            rejected[0].error.contains("value out of range"),
+            "{}",
+            rejected[0].error
+        );
+        assert_eq!(counts.get(), (1, 0, 0));
+
+        // The writer goes on.
+        send(&recorder, 100..150, "m");
+        recorder.flush().await;
+        assert_eq!(stored(&store).await.len(), 149);
+        writer.shutdown().await;
+
+        // An admin still finds it after a restart.
+        let (recorder, writer, _) = start_flaky(&store, dir.path(), DEFAULT_QUEUE_MAX);
+        assert_eq!(recorder.rejected().await.unwrap(), rejected);
+        writer.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_store_that_is_down_keeps_the_queue_bounded_and_gets_every_record_once_when_back() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Flaky::default());
+        store.down.store(true, SeqCst);
+        let (recorder, writer, counts) = start_flaky(&store, dir.path(), 100);
+        for burst in 0..10 {
+            send(&recorder, burst * 100..(burst + 1) * 100, "m");
+            tokio::task::yield_now().await;
+        }
+        // A reader of usage is not kept waiting by the outage.
+        tokio::time::timeout(Duration::from_secs(2), recorder.flush())
+            .await
+            .expect("flush answers while the store is down");
+        eventually(
+            "the queue is within its bound, the rest on disk",
+            async || {
+                let queued = recorder.queued();
+                queued <= 100
+                    && spill_lines(dir.path()) + queued == 1_000
+                    && counts.get().1 >= 1_000 - queued
+            },
+        )
+        .await;
+        assert!(stored(&store).await.is_empty());
+
+        store.down.store(false, SeqCst);
+        eventually("every record is written", async || {
+            stored(&store).await.len() >= 1_000
+        })
+        .await;
+        recorder.flush().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            stored(&store).await,
+            (0..1_000).collect::<Vec<_>>(),
+            "each once"
+        );
+        assert_eq!(spill_lines(dir.path()), 0);
+        assert_eq!(recorder.queued(), 0);
+        assert_eq!(counts.get().2, 0, "none lost");
+        writer.shutdown().await;
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "the spill files are removed"
+        );
+    }
+
+    #[tokio::test]
+    async fn shutdown_with_the_store_down_finishes_promptly_and_the_next_start_writes_the_records()
+    {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Flaky::default());
+        store.down.store(true, SeqCst);
+        let (recorder, writer, _) = start_flaky(&store, dir.path(), DEFAULT_QUEUE_MAX);
+        send(&recorder, 0..50, "m");
+        recorder.flush().await;
+        let started = Instant::now();
+        writer.shutdown().await;
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(spill_lines(dir.path()), 50);
+
+        // A store that never answers: the stop still ends, after the grace period.
+        let hanging = Arc::new(Flaky::default());
+        hanging.hang.store(true, SeqCst);
+        let (recorder, writer, _) = start_flaky(&hanging, dir.path(), DEFAULT_QUEUE_MAX);
+        send(&recorder, 50..60, "m");
+        // The writer is waiting on the store when the stop comes.
+        tokio::time::sleep(LINGER * 4).await;
+        let started = Instant::now();
+        writer.shutdown().await;
+        assert!(
+            started.elapsed() < SHUTDOWN_GRACE + Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(spill_lines(dir.path()) >= 60);
+
+        let store = Arc::new(Flaky::default());
+        let (recorder, writer, _) = start_flaky(&store, dir.path(), DEFAULT_QUEUE_MAX);
+        eventually("the spilled records are written", async || {
+            stored(&store).await.len() >= 60
+        })
+        .await;
+        recorder.flush().await;
+        assert_eq!(stored(&store).await, (0..60).collect::<Vec<_>>());
+        writer.shutdown().await;
+        assert_eq!(spill_lines(dir.path()), 0);
     }
 }

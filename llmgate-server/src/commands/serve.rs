@@ -83,6 +83,8 @@ async fn serve(
     let options = RecorderOptions {
         counter: Some(models.clone()),
         observer: Some(metrics.clone()),
+        queue_max: usize::try_from(config.usage_queue_max).unwrap_or(usize::MAX),
+        data_dir: Some(config.data_dir.clone()),
     };
     let (recorder, writer) = UsageRecorder::start_with(store.clone(), options);
     let keys = KeyCache::with_ttl(

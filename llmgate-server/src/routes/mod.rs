@@ -29,7 +29,10 @@ impl From<ApiError> for HandlerError {
 
 impl From<StorageError> for HandlerError {
     fn from(err: StorageError) -> Self {
-        if matches!(err, StorageError::Database(_) | StorageError::Corrupt(_)) {
+        if matches!(
+            err,
+            StorageError::Database(_) | StorageError::Corrupt(_) | StorageError::Rejected(_)
+        ) {
             tracing::error!(error = %err, "storage failed");
         }
         Self(err.into())

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use llmgate_core::auth::Caller;
 use llmgate_core::error::ApiError;
 use llmgate_core::storage::RequestRecord;
-use llmgate_core::usage::{usage_report, KeyUsage};
+use llmgate_core::usage::{usage_report, KeyUsage, RejectedRecord};
 use serde::Deserialize;
 
 use super::HandlerError;
@@ -80,6 +80,20 @@ pub async fn requests(
     };
     usage_of(&state, &key_id).await?;
     Ok(Json(state.usage.requests(&key_id, since, limit).await?))
+}
+
+/// `GET /admin/usage/rejected`: usage records the database refused for what they hold
+/// (newest last, at most `MAX_REJECTED_SHOWN`), each with the database's reason. They
+/// are in no total.
+pub async fn rejected(
+    State(state): State<AppState>,
+) -> Result<Json<Vec<RejectedRecord>>, HandlerError> {
+    state.recorder.flush().await;
+    let rejected = state.recorder.rejected().await.map_err(|err| {
+        tracing::error!(error = %err, "cannot read the rejected usage records");
+        ApiError::internal()
+    })?;
+    Ok(Json(rejected))
 }
 
 /// `since` as RFC 3339 (`2026-11-26T10:00:00Z`) or Unix seconds.

@@ -1,0 +1,385 @@
+//! Usage records kept outside the store: those it cannot take now (an outage longer than
+//! the queue holds, or one at shutdown) in a spill file that is written to the store
+//! when it is back, and those it refuses for good in a log an admin can read.
+//!
+//! Both are JSON lines in the data directory, appended and synced to disk per batch:
+//! the database just failed, so it cannot be where these records wait.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::storage::RequestRecord;
+
+/// The spill file's name in the data directory.
+pub const SPILL_FILE: &str = "usage-spill.jsonl";
+/// The rejected records' file in the data directory.
+pub const REJECTED_FILE: &str = "usage-rejected.jsonl";
+/// The most rejected records [`UsageRecorder::rejected`](super::UsageRecorder::rejected)
+/// returns (the newest), and keeps in memory without a data directory.
+pub const MAX_REJECTED_SHOWN: usize = 1000;
+
+/// The spill file while it is being written to the store: new spills go to a fresh
+/// [`SPILL_FILE`] meanwhile.
+const REPLAY_FILE: &str = "usage-spill.replaying.jsonl";
+/// How far the replay got, in bytes of [`REPLAY_FILE`], so that a restart does not
+/// write its first part again.
+const REPLAY_OFFSET_FILE: &str = "usage-spill.replaying.offset";
+/// How much of the end of the rejected file is read back.
+const REJECTED_TAIL_BYTES: u64 = 4 << 20;
+
+/// A record the store refused for what it holds, with the store's reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejectedRecord {
+    /// When it was set aside.
+    pub rejected_at: DateTime<Utc>,
+    /// Why the store refused it.
+    pub error: String,
+    /// The record itself.
+    pub record: RequestRecord,
+}
+
+/// Appends lines to `path` and syncs them to disk. A line torn by a crash is ended first,
+/// so that it spoils only itself.
+fn append_lines(path: &Path, lines: &[u8]) -> io::Result<()> {
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .read(true)
+        .open(path)?;
+    let len = file.metadata()?.len();
+    if len > 0 {
+        let mut last = [0u8];
+        file.seek(SeekFrom::Start(len - 1))?;
+        file.read_exact(&mut last)?;
+        if last[0] != b'\n' {
+            file.write_all(b"\n")?;
+        }
+    }
+    file.write_all(lines)?;
+    file.sync_data()
+}
+
+fn to_lines<T: Serialize>(items: &[T]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(items.len() * 256);
+    for item in items {
+        serde_json::to_writer(&mut out, item).expect("records serialize");
+        out.push(b'\n');
+    }
+    out
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e)))
+}
+
+/// Records waiting on disk for the store.
+#[derive(Debug)]
+pub(crate) struct SpillFile {
+    spill: PathBuf,
+    replay: PathBuf,
+    offset: PathBuf,
+    /// Appending and starting a replay (which renames the file) take turns.
+    lock: tokio::sync::Mutex<()>,
+    /// Something may wait to be replayed.
+    pending: AtomicBool,
+}
+
+/// Part of the spill file, read for the store.
+#[derive(Debug)]
+pub(crate) struct ReplayChunk {
+    pub(crate) records: Vec<RequestRecord>,
+    /// Lines that are not records (torn by a crash): they cannot be replayed.
+    pub(crate) unreadable: usize,
+    end: u64,
+    at_end: bool,
+}
+
+impl SpillFile {
+    pub(crate) fn new(dir: &Path) -> Self {
+        let spill = dir.join(SPILL_FILE);
+        let replay = dir.join(REPLAY_FILE);
+        let pending = spill.exists() || replay.exists();
+        Self {
+            spill,
+            replay,
+            offset: dir.join(REPLAY_OFFSET_FILE),
+            lock: tokio::sync::Mutex::new(()),
+            pending: AtomicBool::new(pending),
+        }
+    }
+
+    /// Appends records, synced to disk before it returns.
+    pub(crate) async fn append(&self, records: &[RequestRecord]) -> io::Result<()> {
+        let lines = to_lines(records);
+        let path = self.spill.clone();
+        let _turn = self.lock.lock().await;
+        blocking(move || {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            append_lines(&path, &lines)
+        })
+        .await?;
+        self.pending.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Whether records may wait in the file.
+    pub(crate) fn is_pending(&self) -> bool {
+        self.pending.load(Ordering::SeqCst)
+    }
+
+    /// The next records to replay, at most `max`; `None` when nothing waits.
+    pub(crate) async fn next_chunk(&self, max: usize) -> io::Result<Option<ReplayChunk>> {
+        let _turn = self.lock.lock().await;
+        let (spill, replay, offset_path) =
+            (self.spill.clone(), self.replay.clone(), self.offset.clone());
+        let chunk = blocking(move || {
+            if !replay.exists() {
+                if !spill.exists() {
+                    return Ok(None);
+                }
+                std::fs::write(&offset_path, b"0")?;
+                std::fs::rename(&spill, &replay)?;
+            }
+            let offset = std::fs::read_to_string(&offset_path)
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            read_chunk(&replay, offset, max).map(Some)
+        })
+        .await?;
+        if chunk.is_none() {
+            self.pending.store(false, Ordering::SeqCst);
+        }
+        Ok(chunk)
+    }
+
+    /// The chunk is in the store: the replay goes on after it (the file is removed once
+    /// all of it is).
+    pub(crate) async fn replayed(&self, chunk: &ReplayChunk) -> io::Result<()> {
+        let (replay, offset_path) = (self.replay.clone(), self.offset.clone());
+        let (end, at_end) = (chunk.end, chunk.at_end);
+        let _turn = self.lock.lock().await;
+        blocking(move || {
+            if at_end {
+                std::fs::remove_file(&replay)?;
+                std::fs::remove_file(&offset_path).or_else(ignore_missing)
+            } else {
+                std::fs::write(&offset_path, end.to_string())
+            }
+        })
+        .await
+    }
+}
+
+fn ignore_missing(err: io::Error) -> io::Result<()> {
+    if err.kind() == io::ErrorKind::NotFound {
+        Ok(())
+    } else {
+        Err(err)
+    }
+}
+
+fn read_chunk(path: &Path, offset: u64, max: usize) -> io::Result<ReplayChunk> {
+    let mut file = File::open(path)?;
+    file.seek(SeekFrom::Start(offset))?;
+    let mut reader = BufReader::new(file);
+    let mut chunk = ReplayChunk {
+        records: Vec::new(),
+        unreadable: 0,
+        end: offset,
+        at_end: false,
+    };
+    let mut line = String::new();
+    while chunk.records.len() < max {
+        line.clear();
+        let read = reader.read_line(&mut line)?;
+        if read == 0 {
+            chunk.at_end = true;
+            break;
+        }
+        chunk.end += read as u64;
+        let text = line.trim();
+        if text.is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<RequestRecord>(text) {
+            Ok(record) => chunk.records.push(record),
+            Err(_) => chunk.unreadable += 1,
+        }
+    }
+    if !chunk.at_end {
+        chunk.at_end = reader.fill_buf()?.is_empty();
+    }
+    Ok(chunk)
+}
+
+/// Records the store refused: in [`REJECTED_FILE`] when there is a data directory, else
+/// the newest [`MAX_REJECTED_SHOWN`] in memory.
+#[derive(Debug)]
+pub(crate) struct RejectedLog {
+    file: Option<PathBuf>,
+    recent: Mutex<VecDeque<RejectedRecord>>,
+}
+
+impl RejectedLog {
+    pub(crate) fn new(dir: Option<&Path>) -> Self {
+        Self {
+            file: dir.map(|d| d.join(REJECTED_FILE)),
+            recent: Mutex::default(),
+        }
+    }
+
+    /// Keeps them; when the file cannot be written they stay in memory.
+    pub(crate) async fn keep(self: &Arc<Self>, rejected: Vec<RejectedRecord>) {
+        if let Some(path) = self.file.clone() {
+            let lines = to_lines(&rejected);
+            let written = blocking(move || {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                append_lines(&path, &lines)
+            })
+            .await;
+            match written {
+                Ok(()) => return,
+                Err(err) => {
+                    tracing::error!(error = %err, "cannot write the rejected usage records' file; keeping them in memory")
+                }
+            }
+        }
+        let mut recent = self.recent.lock().expect("rejected lock");
+        for r in rejected {
+            if recent.len() == MAX_REJECTED_SHOWN {
+                recent.pop_front();
+            }
+            recent.push_back(r);
+        }
+    }
+
+    /// The newest, at most [`MAX_REJECTED_SHOWN`], oldest first.
+    pub(crate) async fn list(&self) -> io::Result<Vec<RejectedRecord>> {
+        let mut all = match self.file.clone() {
+            Some(path) => blocking(move || read_rejected(&path)).await?,
+            None => Vec::new(),
+        };
+        all.extend(self.recent.lock().expect("rejected lock").iter().cloned());
+        let skip = all.len().saturating_sub(MAX_REJECTED_SHOWN);
+        all.drain(..skip);
+        Ok(all)
+    }
+}
+
+fn read_rejected(path: &Path) -> io::Result<Vec<RejectedRecord>> {
+    let mut file = match File::open(path) {
+        Ok(file) => file,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(err) => return Err(err),
+    };
+    let len = file.metadata()?.len();
+    let start = len.saturating_sub(REJECTED_TAIL_BYTES);
+    file.seek(SeekFrom::Start(start))?;
+    let mut text = Vec::new();
+    file.read_to_end(&mut text)?;
+    let mut lines = text.split(|&b| b == b'\n');
+    if start > 0 {
+        lines.next(); // cut off in the middle
+    }
+    Ok(lines
+        .filter_map(|line| serde_json::from_slice(line).ok())
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(at: i64) -> RequestRecord {
+        RequestRecord {
+            at: DateTime::from_timestamp_millis(at).unwrap(),
+            key_id: "k".into(),
+            method: "POST".into(),
+            path: "/v1/chat/completions".into(),
+            model: Some("m".into()),
+            status: 200,
+            prompt_tokens: Some(1),
+            completion_tokens: None,
+            latency_ms: 3,
+            first_byte_ms: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn spilled_records_replay_in_chunks_once_across_restarts_and_a_torn_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let spill = SpillFile::new(dir.path());
+        assert!(!spill.is_pending());
+        spill
+            .append(&[record(1), record(2), record(3)])
+            .await
+            .unwrap();
+        // A crash in the middle of a write.
+        let path = dir.path().join(SPILL_FILE);
+        let mut torn = std::fs::read(&path).unwrap();
+        torn.extend_from_slice(b"{\"at\":\"20");
+        std::fs::write(&path, torn).unwrap();
+        spill.append(&[record(4)]).await.unwrap();
+
+        let first = spill.next_chunk(2).await.unwrap().unwrap();
+        assert_eq!(first.records, [record(1), record(2)]);
+        // Spilled while a replay is on: goes to a fresh file, replayed after.
+        spill.append(&[record(5)]).await.unwrap();
+        spill.replayed(&first).await.unwrap();
+
+        // A restart in the middle of the replay goes on where it stopped.
+        let spill = SpillFile::new(dir.path());
+        assert!(spill.is_pending());
+        let mut seen = Vec::new();
+        let mut unreadable = 0;
+        while let Some(chunk) = spill.next_chunk(2).await.unwrap() {
+            seen.extend(chunk.records.iter().map(|r| r.at.timestamp_millis()));
+            unreadable += chunk.unreadable;
+            spill.replayed(&chunk).await.unwrap();
+        }
+        assert_eq!(seen, [3, 4, 5]);
+        assert_eq!(unreadable, 1, "only the torn line is lost");
+        assert!(!spill.is_pending());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn rejected_records_are_read_back_newest_last_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        for log in [
+            Arc::new(RejectedLog::new(Some(dir.path()))),
+            Arc::new(RejectedLog::new(None)),
+        ] {
+            let rejected: Vec<_> = (0..MAX_REJECTED_SHOWN as i64 + 5)
+                .map(|i| RejectedRecord {
+                    rejected_at: Utc::now(),
+                    error: format!("refused {i}"),
+                    record: record(i),
+                })
+                .collect();
+            log.keep(rejected[..3].to_vec()).await;
+            log.keep(rejected[3..].to_vec()).await;
+            let listed = log.list().await.unwrap();
+            assert_eq!(listed.len(), MAX_REJECTED_SHOWN);
+            assert_eq!(listed.last().unwrap(), rejected.last().unwrap());
+            assert_eq!(listed[0].record.at.timestamp_millis(), 5);
+        }
+        assert!(dir.path().join(REJECTED_FILE).exists());
+    }
+}
