@@ -171,6 +171,12 @@ async fn misbehave(mut stream: TcpStream) {
         let _ = stream
             .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"id\":")
             .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    } else if body.contains("broken-at-once") {
+        // Head and a broken body in one go: the gateway has sent nothing yet.
+        let _ = stream
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"id\":")
+            .await;
     } else if body.contains("huge-line") {
         // 64 MiB of one SSE line with no end, then a usage event: the gateway passes
         // it through without holding it.
@@ -256,8 +262,15 @@ async fn an_upstream_that_breaks_off_hangs_or_answers_garbage_is_answered_clearl
     assert_eq!(answer.status(), 200);
     assert!(answer.bytes().await.is_err());
 
-    let rows = recorded(&gw, 5).await;
-    assert_eq!(rows.len(), 5, "{rows:#?}");
+    // Broken before the gateway could send anything: the connection is closed, so the
+    // client sees an error, never a short answer taken for whole.
+    match send("broken-at-once", false).await {
+        Err(_) => {}
+        Ok(answer) => assert!(answer.bytes().await.is_err()),
+    }
+
+    let rows = recorded(&gw, 6).await;
+    assert_eq!(rows.len(), 6, "{rows:#?}");
     let by_model = |model: &str| {
         rows.iter()
             .find(|r| r["model"] == model)
@@ -269,10 +282,17 @@ async fn an_upstream_that_breaks_off_hangs_or_answers_garbage_is_answered_clearl
         ("hang", 504),
         ("bad-json", 200),
         ("short-body", 200),
+        ("broken-at-once", 200),
     ] {
         let row = by_model(model);
         assert_eq!(row["status"], status, "{model}: {row}");
-        assert!(row["prompt_tokens"].is_null(), "{model}: no usage was sent: {row}");
+        if status == 200 {
+            // The model may have run: its tokens are unknown, never taken for zero.
+            assert!(row["prompt_tokens"].is_null(), "{model}: {row}");
+        } else {
+            // The gateway's own error: nothing reached a model.
+            assert_eq!(row["prompt_tokens"], 0, "{model}: {row}");
+        }
     }
     let exit = common::terminate(&mut gw.child, Duration::from_secs(10)).await;
     assert!(exit.success());
