@@ -31,7 +31,14 @@ struct Gateway {
 async fn gateway(data_dir: &Path, upstream: &str, env: &[(&str, &str)]) -> Gateway {
     let mut command = Command::new(BIN);
     command
-        .args(["serve", "--upstream", upstream, "--listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "serve",
+            "--upstream",
+            upstream,
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(data_dir)
         .env("LLMGATE_LOG", "error")
         .env("LLMGATE_ADMIN_KEY", ADMIN)
@@ -143,7 +150,8 @@ async fn misbehave(mut stream: TcpStream) {
         }
     }
     let body = String::from_utf8_lossy(&request[body_start..]).into_owned();
-    let sse_head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+    let sse_head =
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
     let event = "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n";
     let chunk = |data: &str| format!("{:x}\r\n{data}\r\n", data.len());
     if body.contains("close-mid-stream") {
@@ -235,7 +243,10 @@ async fn an_upstream_that_breaks_off_hangs_or_answers_garbage_is_answered_clearl
     // Closes mid-stream: the client sees the stream break, not end.
     let answer = send("close-mid-stream", true).await.unwrap();
     assert_eq!(answer.status(), 200);
-    assert!(answer.bytes().await.is_err(), "a broken stream must not look whole");
+    assert!(
+        answer.bytes().await.is_err(),
+        "a broken stream must not look whole"
+    );
 
     // Not HTTP at all: 502 in OpenAI's shape.
     let answer = send("garbage", false).await.unwrap();

@@ -482,3 +482,56 @@ async fn an_upstream_that_stalls_mid_answer_is_cut_off_and_the_request_recorded(
     assert_eq!(alice["requests"], 1, "{usage}");
     assert_eq!(alice["requests_without_usage"], 1, "{usage}");
 }
+
+#[tokio::test]
+async fn with_few_file_descriptors_slow_clients_cannot_lock_real_clients_out() {
+    let upstream = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // 256 open files at most (soft and hard): the connection cap follows from it.
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg("ulimit -n 256 && exec \"$0\" \"$@\"")
+        .arg(BIN)
+        .args([
+            "serve",
+            "--upstream",
+            &upstream.url,
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .env("LLMGATE_LOG", "error")
+        .env("LLMGATE_ADMIN_KEY", ADMIN)
+        .env("LLMGATE_HEADER_READ_TIMEOUT_SECS", "1")
+        .stderr(Stdio::inherit());
+    let started = start(command, Duration::from_secs(20)).await;
+    let mut child = started.child;
+    let addr = started.url.trim_start_matches("http://").to_owned();
+    let key = user_key(&started.url).await;
+
+    // 300 clients that never finish their request head: more than the process has
+    // file descriptors for.
+    let mut holders = Vec::new();
+    for _ in 0..300 {
+        if let Ok(mut s) = TcpStream::connect(&addr).await {
+            let _ = s.write_all(b"GET /healthz HTTP/1.1\r\n").await;
+            holders.push(s);
+        }
+    }
+    let asked = Instant::now();
+    let answer = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", started.url))
+        .bearer_auth(&key)
+        .json(&chat(false))
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .expect("a real client is served after the slow ones are cut off");
+    assert_eq!(answer.status(), 200);
+    eprintln!("served after {:?} behind 300 slow clients", asked.elapsed());
+    drop(holders);
+    let exit = common::terminate(&mut child, Duration::from_secs(10)).await;
+    assert!(exit.success());
+}

@@ -201,7 +201,9 @@ pub struct UsageTotals {
     pub requests_without_usage: u64,
     /// When the last request arrived.
     pub last_request_at: Option<DateTime<Utc>>,
-    /// Requests per endpoint path.
+    /// Requests per endpoint: a known OpenAI path (ids folded, `/v1/models/{id}`) or
+    /// `other` ([`endpoint_label`](crate::usage::endpoint_label)), so made-up paths add
+    /// no rows.
     pub endpoints: BTreeMap<String, u64>,
 }
 
@@ -221,10 +223,11 @@ impl UsageTotals {
             self.requests_without_usage = self.requests_without_usage.saturating_add(1);
         }
         self.last_request_at = self.last_request_at.max(Some(record.at));
-        match self.endpoints.get_mut(&record.path) {
+        let endpoint = crate::usage::endpoint_label(&record.path);
+        match self.endpoints.get_mut(endpoint) {
             Some(count) => *count = count.saturating_add(1),
             None => {
-                self.endpoints.insert(record.path.clone(), 1);
+                self.endpoints.insert(endpoint.to_owned(), 1);
             }
         }
     }
@@ -363,8 +366,20 @@ pub(crate) mod contract {
         assert_eq!(k1.endpoints[chat], 3);
         assert_eq!(k1.endpoints["/v1/completions"], 1);
 
+        // Made-up paths count under one endpoint, whatever their number; the request
+        // rows keep the path as sent.
+        let made_up: Vec<RequestRecord> = (0..50)
+            .map(|i| row("k9", &format!("/v1/made-up-{i}"), 5_000 + i, None))
+            .collect();
+        store.record(&made_up).await.unwrap();
+        let k9 = store.totals_for_key("k9").await.unwrap();
+        assert_eq!(k9.endpoints.len(), 1, "{:?}", k9.endpoints);
+        assert_eq!(k9.endpoints[crate::usage::OTHER_ENDPOINT], 50);
+        let rows = store.requests("k9", None, 100).await.unwrap();
+        assert!(rows.iter().any(|r| r.path == "/v1/made-up-7"));
+
         let all = store.totals().await.unwrap();
-        assert_eq!(all.len(), 2);
+        assert_eq!(all.len(), 3);
         assert_eq!(all["k2"].requests, 1);
         assert_eq!(
             store.totals_for_key("nobody").await.unwrap(),
