@@ -47,12 +47,21 @@ pub struct RejectedRecord {
 
 /// Appends lines to `path` and syncs them to disk. A line torn by a crash is ended first,
 /// so that it spoils only itself.
+/// The file and its directory are private to their owner (0600, 0700), as the database
+/// is: they hold the same paths, models and tokens.
 fn append_lines(path: &Path, lines: &[u8]) -> io::Result<()> {
-    let mut file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .read(true)
-        .open(path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder.create(dir)?;
+    }
+    let mut options = OpenOptions::new();
+    options.create(true).append(true).read(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path)?;
     let len = file.metadata()?.len();
     if len > 0 {
         let mut last = [0u8];
@@ -124,13 +133,7 @@ impl SpillFile {
         let lines = to_lines(records);
         let path = self.spill.clone();
         let _turn = self.lock.lock().await;
-        blocking(move || {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            append_lines(&path, &lines)
-        })
-        .await?;
+        blocking(move || append_lines(&path, &lines)).await?;
         self.pending.store(true, Ordering::SeqCst);
         Ok(())
     }
@@ -246,13 +249,7 @@ impl RejectedLog {
     pub(crate) async fn keep(self: &Arc<Self>, rejected: Vec<RejectedRecord>) {
         if let Some(path) = self.file.clone() {
             let lines = to_lines(&rejected);
-            let written = blocking(move || {
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir)?;
-                }
-                append_lines(&path, &lines)
-            })
-            .await;
+            let written = blocking(move || append_lines(&path, &lines)).await;
             match written {
                 Ok(()) => return,
                 Err(err) => {
@@ -357,6 +354,18 @@ mod tests {
         assert_eq!(unreadable, 1, "only the torn line is lost");
         assert!(!spill.is_pending());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn files_set_aside_are_private_to_their_owner() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data/usage-spill.jsonl");
+        append_lines(&path, b"{}\n").unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(path.parent().unwrap()), 0o700);
     }
 
     #[tokio::test]
