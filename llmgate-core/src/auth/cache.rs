@@ -1,4 +1,9 @@
 //! The key lookup on the request path: a short-lived cache over the [`KeyStore`].
+//!
+//! While the store is down (PostgreSQL unreachable), a key is judged by the store's
+//! last answer about it: an outage must not refuse every client, since answering does
+//! not need the database (usage waits in the recorder's queue). A revocation made
+//! elsewhere during the outage cannot be seen then anyway; one made here is obeyed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,12 +17,18 @@ use crate::storage::KeyStore;
 /// replica) that revokes a key is obeyed within this time.
 pub const DEFAULT_KEY_TTL: Duration = Duration::from_millis(500);
 
+/// The most keys remembered (fresh, and last known).
+const MAX_KEYS_CACHED: u64 = 100_000;
+
 /// Looks keys up by hash, remembering answers (unknown keys too, so a flood of bad keys
 /// does not reach the database) for a short time.
 #[derive(Clone)]
 pub struct KeyCache {
     store: Arc<dyn KeyStore>,
     entries: Cache<KeyHash, Option<Arc<KeyRecord>>>,
+    /// The store's last answer for each key, past the time to live: used only when the
+    /// store fails.
+    last_known: Cache<KeyHash, Option<Arc<KeyRecord>>>,
 }
 
 impl std::fmt::Debug for KeyCache {
@@ -37,10 +48,17 @@ impl KeyCache {
     /// A cache whose answers live for `ttl`.
     pub fn with_ttl(store: Arc<dyn KeyStore>, ttl: Duration) -> Self {
         let entries = Cache::builder()
-            .max_capacity(100_000)
+            .max_capacity(MAX_KEYS_CACHED)
             .time_to_live(ttl)
             .build();
-        Self { store, entries }
+        Self {
+            store,
+            entries,
+            last_known: Cache::builder()
+                .max_capacity(MAX_KEYS_CACHED)
+                .support_invalidation_closures()
+                .build(),
+        }
     }
 
     /// The store behind the cache.
@@ -62,11 +80,20 @@ impl KeyCache {
         }
         // Boxed: only a miss pays for the store's future. Concurrent misses of one key
         // each ask the store (once per key and TTL, at most one per request in flight).
-        let found = Box::pin(self.store.key_by_hash(&hash))
-            .await
-            .map_err(|err| AuthError::Storage(err.to_string()))?
-            .map(Arc::new);
+        let found = match Box::pin(self.store.key_by_hash(&hash)).await {
+            Ok(found) => found.map(Arc::new),
+            Err(err) => {
+                let Some(known) = self.last_known.get(&hash) else {
+                    return Err(AuthError::Storage(err.to_string()));
+                };
+                // Trusted for another time to live, so that an outage costs the store
+                // one try per key and TTL, not one per request.
+                self.entries.insert(hash, known.clone());
+                return Ok(known);
+            }
+        };
         self.entries.insert(hash, found.clone());
+        self.last_known.insert(hash, found.clone());
         Ok(found)
     }
 
@@ -74,14 +101,40 @@ impl KeyCache {
     /// holds from the very next request.
     pub fn invalidate_all(&self) {
         self.entries.invalidate_all();
+        self.last_known.invalidate_all();
+    }
+
+    /// Forgets what is known of the key with this hash: a key just created through this
+    /// process is found from the very next request. What is known of other keys stays,
+    /// to be used if the store goes down.
+    pub fn forget_hash(&self, hash: &KeyHash) {
+        self.entries.invalidate(hash);
+        self.last_known.invalidate(hash);
+    }
+
+    /// Forgets what is known of the key with this id: a key revoked through this process
+    /// is refused from the very next request, even if the store goes down before it is
+    /// looked up again. What is known of other keys stays.
+    pub fn forget_key(&self, id: &str) {
+        self.entries.invalidate_all();
+        let id = id.to_owned();
+        let forgotten = self.last_known.invalidate_entries_if(move |_, known| {
+            known.as_ref().is_some_and(|record| record.id == id)
+        });
+        if forgotten.is_err() {
+            // Only if closures were not enabled: forget everything instead.
+            self.last_known.invalidate_all();
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::{DateTime, Utc};
+
     use crate::auth::{now_millis, Role};
-    use crate::storage::MemoryStore;
+    use crate::storage::{MemoryStore, StorageError};
 
     #[tokio::test]
     async fn revocation_elsewhere_is_seen_after_the_ttl_and_here_at_once() {
@@ -114,5 +167,94 @@ mod tests {
         store.insert_key(&second, &other.hash()).await.unwrap();
         cache.invalidate_all();
         assert!(cache.lookup(&other).await.unwrap().is_some());
+    }
+
+    /// A key store that can be taken down.
+    #[derive(Default)]
+    struct Flaky {
+        keys: MemoryStore,
+        down: std::sync::atomic::AtomicBool,
+    }
+
+    impl Flaky {
+        fn check(&self) -> Result<(), StorageError> {
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                Err(StorageError::Database("connection refused".into()))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl KeyStore for Flaky {
+        async fn insert_key(&self, record: &KeyRecord, hash: &KeyHash) -> Result<(), StorageError> {
+            self.check()?;
+            self.keys.insert_key(record, hash).await
+        }
+        async fn key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StorageError> {
+            self.check()?;
+            self.keys.key_by_hash(hash).await
+        }
+        async fn list_keys(&self) -> Result<Vec<KeyRecord>, StorageError> {
+            self.check()?;
+            self.keys.list_keys().await
+        }
+        async fn revoke_key(&self, id: &str, at: DateTime<Utc>) -> Result<bool, StorageError> {
+            self.check()?;
+            self.keys.revoke_key(id, at).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_store_outage_is_answered_with_the_last_known_key_not_a_refusal() {
+        let store = Arc::new(Flaky::default());
+        let (secret, revoked, unknown, unseen) = (
+            Secret::generate(),
+            Secret::generate(),
+            Secret::generate(),
+            Secret::generate(),
+        );
+        let record = KeyRecord::new("a", Role::User, &secret);
+        store.insert_key(&record, &secret.hash()).await.unwrap();
+        let gone = KeyRecord::new("b", Role::User, &revoked);
+        store.insert_key(&gone, &revoked.hash()).await.unwrap();
+        store.revoke_key(&gone.id, now_millis()).await.unwrap();
+        let cache = KeyCache::with_ttl(store.clone(), Duration::from_millis(50));
+        for s in [&secret, &revoked, &unknown] {
+            cache.lookup(s).await.unwrap();
+        }
+
+        store.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        // Past the TTL, as the store last said: active, revoked, unknown.
+        assert_eq!(cache.lookup(&secret).await.unwrap().unwrap().id, record.id);
+        assert!(cache
+            .lookup(&revoked)
+            .await
+            .unwrap()
+            .unwrap()
+            .revoked_at
+            .is_some());
+        assert!(cache.lookup(&unknown).await.unwrap().is_none());
+        // A key the store never answered for cannot be judged.
+        assert!(matches!(
+            cache.lookup(&unseen).await,
+            Err(AuthError::Storage(_))
+        ));
+        // A revocation made here is obeyed even before the store answers again; other
+        // keys are still judged as the store last said.
+        cache.forget_key(&record.id);
+        assert!(matches!(
+            cache.lookup(&secret).await,
+            Err(AuthError::Storage(_))
+        ));
+        assert!(cache.lookup(&revoked).await.unwrap().is_some());
+        cache.forget_hash(&unknown.hash());
+        assert!(matches!(
+            cache.lookup(&unknown).await,
+            Err(AuthError::Storage(_))
+        ));
+        assert!(cache.lookup(&revoked).await.unwrap().is_some());
     }
 }

@@ -602,6 +602,7 @@ async fn run_writer(
 ) {
     let store = store.as_ref();
     let mut delay = RETRY_FIRST;
+    let mut last_take = tokio::time::Instant::now();
     loop {
         let replay = aside.spill.as_ref().is_some_and(SpillFile::is_pending);
         let (queued, closed) = {
@@ -616,14 +617,17 @@ async fn run_writer(
             continue;
         }
         // Let a batch gather without a transaction per record, unless someone waits on
-        // a flush: under load that is one transaction per LINGER.
+        // a flush: at most one transaction per LINGER. Counted from the last batch
+        // taken, not from the end of its write: what came in during a write has waited
+        // already, so a record waits at most LINGER (or one write) plus its own write.
         if queued && queue.lock().records < MAX_BATCH && !queue.has_flush() {
             tokio::select! {
-                _ = tokio::time::sleep(LINGER) => {}
+                _ = tokio::time::sleep_until(last_take + LINGER) => {}
                 _ = flush_wanted.notified() => {}
             }
         }
         let (records, flushes) = queue.take();
+        last_take = tokio::time::Instant::now();
         let mut failed =
             write(store, &queue, &aside, records, None)
                 .await

@@ -110,7 +110,7 @@ pub async fn create(
         .insert_key(&record, &secret.hash())
         .await?;
     // An unknown-key answer for this secret may be cached: forget it.
-    state.keys.invalidate_all();
+    state.keys.forget_hash(&secret.hash());
     tracing::info!(key_id = %record.id, name = %record.name, role = record.role.as_str(), "key created");
     Ok((
         StatusCode::CREATED,
@@ -132,7 +132,7 @@ pub async fn revoke(
     Path(key_id): Path<String>,
 ) -> Result<Json<serde_json::Value>, HandlerError> {
     let revoked = state.keys.store().revoke_key(&key_id, now_millis()).await?;
-    state.keys.invalidate_all();
+    state.keys.forget_key(&key_id);
     if !revoked {
         return Err(ApiError::not_found(format!("No active key with id '{key_id}'.")).into());
     }
