@@ -223,9 +223,14 @@ impl From<StorageError> for ApiError {
         match err {
             StorageError::NotFound => Self::not_found("No such item."),
             StorageError::Conflict(what) => Self::conflict(what),
-            StorageError::Database(_) | StorageError::Corrupt(_) | StorageError::Rejected(_) => {
-                Self::internal()
-            }
+            // Most often the database is down or locked: say so, and that nothing is lost.
+            StorageError::Database(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("database_unavailable"),
+                "The database cannot be read now; usage is queued and written when it is back. Try again shortly.",
+            ),
+            StorageError::Corrupt(_) | StorageError::Rejected(_) => Self::internal(),
         }
     }
 }

@@ -452,7 +452,8 @@ async fn postgres_down_and_back_while_serving_loses_and_doubles_nothing() {
     // (the admin key is judged as the database last said; the totals cannot be read).
     let (status, usage) = admin_get(&gw, "/admin/usage", Duration::from_secs(15)).await;
     eprintln!("/admin/usage with PostgreSQL down: {status}: {usage}");
-    assert!(status >= 500, "{status}: {usage}");
+    assert_eq!(status, 503, "{usage}");
+    assert_eq!(usage["error"]["code"], "database_unavailable", "{usage}");
     assert!(usage["error"]["message"].is_string(), "{usage}");
     eprintln!("PostgreSQL cut for {:?}", cut.elapsed());
 
