@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use llmgate_core::storage::UsageStore as _;
 use llmgate_core::test_util::{mock_prompt_tokens, stream_events, REPLY};
 use llmgate_tests::{openai_error, Gateway, Options};
 use serde_json::{json, Value};
@@ -1093,6 +1094,12 @@ async fn transcriptions_are_charged_their_tokens_as_json_and_streamed() {
         recorded_tokens(&gw, 2).await,
         (json!(2 * input), json!(2 * output), json!(0))
     );
+    // The model is read from the form's field (the answers do not name one).
+    let rows = gw.store.requests(&gw.alice_id, None, 10).await.unwrap();
+    assert_eq!(rows.len(), 2);
+    for row in rows {
+        assert_eq!(row.model.as_deref(), Some("gpt-4o-transcribe"), "{row:?}");
+    }
 }
 
 #[tokio::test]

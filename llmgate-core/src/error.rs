@@ -261,6 +261,12 @@ mod tests {
         ));
         let body = String::from_utf8(err.body().to_vec()).unwrap();
         assert!(!body.contains("/secret/path"));
+        assert_eq!(err.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("database_unavailable"), "{body}");
+        let err = ApiError::from(StorageError::Corrupt("row 7 at /secret/path".into()));
+        assert!(!String::from_utf8(err.body().to_vec())
+            .unwrap()
+            .contains("/secret"));
         assert_eq!(err.status, StatusCode::INTERNAL_SERVER_ERROR);
     }
 }

@@ -169,9 +169,74 @@ fn rewritten_with_include_usage(mut value: Value) -> Option<Vec<u8>> {
     Some(serde_json::to_vec(&value).expect("a JSON value serializes"))
 }
 
+/// The boundary of a `multipart/form-data` body, from its `Content-Type`.
+pub(crate) fn multipart_boundary(content_type: &str) -> Option<&str> {
+    let mut params = content_type.split(';').map(str::trim);
+    if !params.next()?.eq_ignore_ascii_case("multipart/form-data") {
+        return None;
+    }
+    params
+        .filter_map(|p| p.split_once('='))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("boundary"))
+        .map(|(_, value)| value.trim().trim_matches('"'))
+        .filter(|b| !b.is_empty() && b.len() <= 70)
+}
+
+/// The value of the `model` field of a `multipart/form-data` body (RFC 7578): what an
+/// upload to `/v1/audio/transcriptions` names its model with. At most the first 64 parts
+/// are looked at, and a value of at most 1 KiB is taken.
+pub(crate) fn multipart_model(body: &[u8], boundary: &str) -> Option<String> {
+    let delimiter = format!("--{boundary}");
+    let finder = memchr::memmem::Finder::new(delimiter.as_bytes());
+    let mut starts = finder.find_iter(body).take(65).peekable();
+    while let Some(start) = starts.next() {
+        let part = &body[start + delimiter.len()..starts.peek().copied().unwrap_or(body.len())];
+        let Some(head_end) = memchr::memmem::find(part, b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&part[..head_end]);
+        let names_model = head.lines().any(|line| {
+            let Some((name, value)) = line.split_once(':') else {
+                return false;
+            };
+            name.trim().eq_ignore_ascii_case("content-disposition")
+                && value.split(';').map(str::trim).any(|param| {
+                    param.split_once('=').is_some_and(|(k, v)| {
+                        k.trim() == "name" && v.trim().trim_matches('"') == "model"
+                    })
+                })
+        });
+        if !names_model {
+            continue;
+        }
+        let value = &part[head_end + 4..];
+        let value = value.strip_suffix(b"\r\n").unwrap_or(value);
+        if value.len() > 1024 {
+            return None;
+        }
+        return std::str::from_utf8(value).ok().map(str::to_owned);
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_uploads_model_is_read_from_its_form_field() {
+        let boundary = multipart_boundary("multipart/form-data; boundary=\"xyz123\"").unwrap();
+        assert_eq!(boundary, "xyz123");
+        let body = b"--xyz123\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\nRIFF\x00\x01name=\"model\"\r\n--xyz123\r\ncontent-disposition: form-data; name=model\r\n\r\nwhisper-1\r\n--xyz123--\r\n";
+        assert_eq!(
+            multipart_model(body, boundary).as_deref(),
+            Some("whisper-1")
+        );
+        assert_eq!(multipart_model(b"--xyz123\r\n\r\nno head", boundary), None);
+        assert_eq!(multipart_model(b"", boundary), None);
+        assert!(multipart_boundary("application/json").is_none());
+        assert!(multipart_boundary("multipart/form-data").is_none());
+    }
     use serde_json::json;
 
     fn inspect(path: &str, body: Value) -> (Value, RequestPlan) {
