@@ -28,7 +28,7 @@ pub use endpoint::{endpoint_label, OTHER_ENDPOINT};
 pub use held::MAX_HELD_BYTES;
 pub use recorder::{
     RecorderOptions, RejectedRecord, UsageObserver, UsageRecorder, UsageWriter, DEFAULT_QUEUE_MAX,
-    MAX_REJECTED_SHOWN, REJECTED_FILE, SPILL_FILE,
+    MAX_REJECTED_SHOWN, MAX_WAITING_FOR_COUNT, REJECTED_FILE, SPILL_FILE,
 };
 pub use report::{usage_report, KeyUsage};
 

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
@@ -29,6 +30,12 @@ use crate::storage::{RequestRecord, StorageError, UsageStore};
 
 /// The most records written in one transaction.
 const MAX_BATCH: usize = 4096;
+/// Token counts asked of the model server at once (for streams whose upstream sent no
+/// usage).
+const COUNTS_AT_ONCE: usize = 8;
+/// Records waiting for the intake beyond which streamed requests are no longer counted
+/// but recorded with tokens unknown.
+pub const MAX_WAITING_FOR_COUNT: usize = 10_000;
 /// How long the writer lets records gather before a write.
 const LINGER: Duration = Duration::from_millis(50);
 /// The first wait before the store is tried again after it failed; it doubles up to
@@ -462,12 +469,12 @@ async fn run_intake(
                 if received == 0 {
                     break;
                 }
-                intake.settle(&mut messages).await;
+                intake.settle(&mut messages, &rx).await;
             }
             _ = &mut stop => {
                 rx.close();
                 while rx.recv_many(&mut messages, MAX_BATCH).await > 0 {
-                    intake.settle(&mut messages).await;
+                    intake.settle(&mut messages, &rx).await;
                 }
                 break;
             }
@@ -479,21 +486,56 @@ async fn run_intake(
 }
 
 impl Intake {
-    async fn settle(&self, messages: &mut Vec<Message>) {
+    /// Counts, normalises and queues `messages`; `channel` holds those still to come.
+    async fn settle(
+        &self,
+        messages: &mut Vec<Message>,
+        channel: &mpsc::UnboundedReceiver<Message>,
+    ) {
         let mut items = Vec::with_capacity(messages.len());
-        let mut records = Vec::with_capacity(messages.len());
-        let mut key_names = Vec::with_capacity(messages.len());
+        let mut pending = Vec::with_capacity(messages.len());
         for message in messages.drain(..) {
             match message {
-                Message::Record(pending) => {
-                    let (record, key_name) = settle_count(pending, self.counter.as_deref()).await;
-                    records.push(record.normalized());
-                    key_names.push(key_name);
-                }
-                Message::Flush(done) => {
-                    items.push((records.len(), done));
-                }
+                Message::Record(record) => pending.push(record),
+                Message::Flush(done) => items.push((pending.len(), done)),
             }
+        }
+        // Counted a few at a time, in chunks. A model server that counts slower than
+        // streams end (it counts between generations) must not make records pile up
+        // without bound: while more than MAX_WAITING_FOR_COUNT wait, streamed tokens
+        // are recorded as unknown instead.
+        let mut settled: Vec<(RequestRecord, String)> = Vec::with_capacity(pending.len());
+        let mut skipped = 0;
+        let total = pending.len();
+        let mut pending = pending.into_iter();
+        while settled.len() < total {
+            let waiting = channel.len() + (total - settled.len());
+            let counter = self
+                .counter
+                .as_deref()
+                .filter(|_| waiting <= MAX_WAITING_FOR_COUNT);
+            let chunk: Vec<Pending> = pending.by_ref().take(COUNTS_AT_ONCE * 4).collect();
+            if counter.is_none() {
+                skipped += chunk.iter().filter(|p| p.count.is_some()).count();
+            }
+            let done: Vec<_> =
+                futures_util::stream::iter(chunk.into_iter().map(|p| settle_count(p, counter)))
+                    .buffered(COUNTS_AT_ONCE)
+                    .collect()
+                    .await;
+            settled.extend(done);
+        }
+        if skipped > 0 && self.counter.is_some() {
+            tracing::warn!(
+                skipped,
+                "the model server counts tokens slower than streams end; their tokens are recorded as unknown"
+            );
+        }
+        let mut records = Vec::with_capacity(settled.len());
+        let mut key_names = Vec::with_capacity(settled.len());
+        for (record, key_name) in settled {
+            records.push(record.normalized());
+            key_names.push(key_name);
         }
         if let Some(observer) = &self.observer {
             observer.observe_batch(&records, &key_names);
@@ -961,6 +1003,71 @@ mod tests {
             totals.requests_without_usage, 1,
             "a failed count stays unknown, not zero"
         );
+    }
+
+    /// A model server that takes its time to count, and counts one request at a time
+    /// per connection (as llama-cpp-python does between generations).
+    struct Slow(std::time::Duration);
+    #[async_trait::async_trait]
+    impl TokenCounter for Slow {
+        async fn count(&self, _: &Value, completion: &str) -> Result<TokenUsage, BoxError> {
+            tokio::time::sleep(self.0).await;
+            Ok(TokenUsage {
+                prompt_tokens: 1,
+                completion_tokens: completion.len() as u64,
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_slow_counter_neither_holds_records_in_line_nor_lets_them_pile_up() {
+        let store = Arc::new(MemoryStore::new());
+        let (recorder, writer) = UsageRecorder::start_with(
+            store.clone(),
+            RecorderOptions {
+                counter: Some(Arc::new(Slow(Duration::from_millis(200)))),
+                ..Default::default()
+            },
+        );
+        // Counted several at a time: 16 counts of 200 ms take well under 16 × 200 ms.
+        let started = Instant::now();
+        for _ in 0..16 {
+            let mut g = guard(&recorder, "k");
+            g.count_later(Arc::new(serde_json::json!({})), "abc".into());
+        }
+        recorder.flush().await;
+        assert!(
+            started.elapsed() < Duration::from_millis(1600),
+            "{:?}",
+            started.elapsed()
+        );
+        let totals = store.totals_for_key("k").await.unwrap();
+        assert_eq!((totals.requests, totals.completion_tokens), (16, 48));
+
+        writer.shutdown().await;
+
+        // More streams waiting than the bound: those beyond it are recorded with tokens
+        // unknown instead of waiting their turn; the rest are counted.
+        let (recorder, writer) = UsageRecorder::start_with(
+            store.clone(),
+            RecorderOptions {
+                counter: Some(Arc::new(Slow(Duration::from_millis(2)))),
+                ..Default::default()
+            },
+        );
+        let sent = MAX_WAITING_FOR_COUNT + 2_000;
+        for _ in 0..sent {
+            let mut g = guard(&recorder, "k2");
+            g.count_later(Arc::new(serde_json::json!({})), "abc".into());
+        }
+        writer.shutdown().await;
+        let totals = store.totals_for_key("k2").await.unwrap();
+        assert_eq!(totals.requests, sent as u64);
+        assert!(
+            totals.requests_without_usage >= 2_000 - COUNTS_AT_ONCE as u64 * 4,
+            "{totals:?}"
+        );
+        assert!(totals.requests_without_usage < sent as u64, "{totals:?}");
     }
 
     /// A store that can be down, refuse records for what they hold (model "refused"),
