@@ -259,17 +259,23 @@ impl Connections {
         let open = self.open.clone();
         let limits = self.limits;
         let mut force_close = self.force_close.subscribe();
+        let mut served = self.tasks.spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!(error = %err, "connection closed with an error");
+            }
+        });
+        // The limits are watched from a task of their own, which aborts the connection's:
+        // the connection's task, woken for every read and write, polls nothing else.
         self.tasks.spawn(async move {
-            tokio::select! {
-                result = connection => if let Err(err) = result {
-                    tracing::debug!(error = %err, "connection closed with an error");
-                },
-                reason = activity.watchdog(limits) => {
-                    tracing::debug!(reason, "connection closed");
-                }
-                _ = force_close.wait_for(|closing| *closing) => {
-                    tracing::debug!("connection closed at the shutdown deadline");
-                }
+            let closed_by: Option<&'static str> = tokio::select! {
+                _ = &mut served => None,
+                reason = activity.watchdog(limits) => Some(reason),
+                _ = force_close.wait_for(|closing| *closing) => Some("the shutdown deadline"),
+            };
+            if let Some(reason) = closed_by {
+                tracing::debug!(reason, "connection closed");
+                served.abort();
+                let _ = served.await;
             }
             drop(slot);
             if let Some(open) = open {
