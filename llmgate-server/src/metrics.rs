@@ -68,6 +68,27 @@ pub struct Metrics {
     usage_rejected: Counter,
     usage_spilled: Counter,
     usage_lost: Counter,
+    /// The series the last record counted into, kept across batches: the usage intake
+    /// hands over small batches, and consecutive records nearly always share one.
+    last_series: std::sync::Mutex<Option<LastSeries>>,
+}
+
+/// A series with the key, endpoint and status it counts.
+struct LastSeries {
+    key: String,
+    endpoint: &'static str,
+    status: u16,
+    series: Series,
+}
+
+impl std::fmt::Debug for LastSeries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LastSeries")
+            .field("key", &self.key)
+            .field("endpoint", &self.endpoint)
+            .field("status", &self.status)
+            .finish_non_exhaustive()
+    }
 }
 
 fn latency_histogram() -> Histogram {
@@ -107,6 +128,7 @@ impl Default for Metrics {
             usage_rejected: Counter::default(),
             usage_spilled: Counter::default(),
             usage_lost: Counter::default(),
+            last_series: std::sync::Mutex::new(None),
             registry: Registry::default(),
         };
         registry.register(
@@ -273,22 +295,29 @@ impl UsageObserver for Metrics {
         self.series(record, key_name).count(record);
     }
 
-    /// Consecutive records of the same key, endpoint and status (nearly all of a batch
-    /// under load) share one lookup of their series.
+    /// Consecutive records of the same key, endpoint and status (nearly all of them
+    /// under load) share one lookup of their series, within a batch and across batches.
     fn observe_batch(&self, records: &[RequestRecord], key_names: &[String]) {
-        let mut current: Option<((&str, &str, u16), Series)> = None;
+        let mut last = self.last_series.lock().unwrap_or_else(|e| e.into_inner());
         for (record, key_name) in records.iter().zip(key_names) {
-            let kind = (
-                key_name.as_str(),
-                endpoint_label(&record.path),
-                record.status,
-            );
-            match &current {
-                Some((seen, series)) if *seen == kind => series.count(record),
+            let endpoint = endpoint_label(&record.path);
+            match &*last {
+                Some(seen)
+                    if seen.status == record.status
+                        && seen.endpoint == endpoint
+                        && seen.key == *key_name =>
+                {
+                    seen.series.count(record)
+                }
                 _ => {
                     let series = self.series(record, key_name);
                     series.count(record);
-                    current = Some((kind, series));
+                    *last = Some(LastSeries {
+                        key: key_name.clone(),
+                        endpoint,
+                        status: record.status,
+                        series,
+                    });
                 }
             }
         }
