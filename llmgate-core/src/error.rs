@@ -173,6 +173,15 @@ impl From<AuthError> for ApiError {
                 )
             },
             AuthError::BodyRead(_) => Self::bad_request("The request body could not be read."),
+            AuthError::BodyStalled(after) => Self::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                Some("request_timeout"),
+                format!(
+                    "The request body stopped arriving for {} s; send it again.",
+                    after.as_secs()
+                ),
+            ),
             AuthError::Storage(_) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",

@@ -293,7 +293,7 @@ impl Connections {
             .is_ok();
         if !in_time {
             tracing::warn!(
-                open = self.tasks.len(),
+                open = self.tasks.len() / 2, // two tasks a connection: it and its watchdog
                 deadline_secs = self.limits.shutdown_timeout.as_secs(),
                 "closing connections still open at the shutdown deadline"
             );
@@ -349,28 +349,46 @@ async fn accept_failed(err: std::io::Error) {
 #[derive(Debug, Default)]
 struct Activity {
     bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+    /// The last write found the client's socket full: the client is not reading.
+    write_blocked: std::sync::atomic::AtomicBool,
     /// Requests begun on the connection, ever.
     requests: AtomicU64,
     in_flight: AtomicUsize,
 }
 
 impl Activity {
-    /// Completes when the connection breaks a limit: no request in flight for
-    /// `idle_timeout`, or bytes of a request head arriving for longer than
-    /// `header_read_timeout` without making a request. Never while a request is in
-    /// flight: a slow model is the upstream timeout's business.
+    /// Completes when the connection breaks a limit: no whole request head within
+    /// `header_read_timeout` of its first byte (or of the connection's opening: a
+    /// connection that sends nothing holds a slot no longer than a slow one), no request
+    /// in flight for `idle_timeout`, or an answer the client does not read for
+    /// `idle_timeout`. A request in flight is otherwise left alone: a slow model is the
+    /// upstream timeout's business, a slow upload the body's.
     async fn watchdog(&self, limits: ConnectionLimits) -> &'static str {
         let tick = (limits.header_read_timeout.min(limits.idle_timeout) / 4)
             .clamp(Duration::from_millis(50), Duration::from_secs(5));
         let mut idle_since = Instant::now();
-        let mut head_since: Option<Instant> = None;
+        let mut head_since: Option<Instant> = Some(idle_since);
         let mut bytes_seen = self.bytes_read.load(Ordering::Relaxed);
         let mut requests_seen = self.requests.load(Ordering::Relaxed);
+        let mut written_seen = self.bytes_written.load(Ordering::Relaxed);
+        let mut blocked_since: Option<Instant> = None;
         loop {
             tokio::time::sleep(tick).await;
             let now = Instant::now();
             let bytes = self.bytes_read.load(Ordering::Relaxed);
             let requests = self.requests.load(Ordering::Relaxed);
+            let written = self.bytes_written.load(Ordering::Relaxed);
+            if written == written_seen && self.write_blocked.load(Ordering::Relaxed) {
+                // Counted from the tick before, as the socket may have filled just after it.
+                let since = *blocked_since.get_or_insert(now - tick);
+                if now - since >= limits.idle_timeout {
+                    return "the client does not read its answer";
+                }
+            } else {
+                blocked_since = None;
+            }
+            written_seen = written;
             if requests != requests_seen || self.in_flight.load(Ordering::Relaxed) > 0 {
                 // A request came (and maybe went) since the last look.
                 idle_since = now;
@@ -395,7 +413,21 @@ impl Activity {
     }
 }
 
-/// The client's socket, counting what it reads for the watchdog.
+impl Activity {
+    /// Notes a write's outcome: bytes out, or a full socket.
+    fn wrote(&self, polled: &Poll<std::io::Result<usize>>) {
+        match polled {
+            Poll::Pending => self.write_blocked.store(true, Ordering::Relaxed),
+            Poll::Ready(Ok(n)) => {
+                self.bytes_written.fetch_add(*n as u64, Ordering::Relaxed);
+                self.write_blocked.store(false, Ordering::Relaxed);
+            }
+            Poll::Ready(Err(_)) => {}
+        }
+    }
+}
+
+/// The client's socket, counting what it reads and writes for the watchdog.
 struct WatchedIo {
     io: TcpStream,
     activity: Arc<Activity>,
@@ -425,7 +457,9 @@ impl AsyncWrite for WatchedIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.activity.wrote(&polled);
+        polled
     }
 
     fn poll_write_vectored(
@@ -433,7 +467,9 @@ impl AsyncWrite for WatchedIo {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.activity.wrote(&polled);
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {

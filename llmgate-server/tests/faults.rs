@@ -457,3 +457,44 @@ async fn sigkill_under_load_loses_at_most_the_last_moments() {
         "answered {answered} ({before_the_last_second} more than 1 s before the kill), recorded {recorded}"
     );
 }
+
+#[tokio::test]
+async fn a_client_that_does_not_read_its_answer_is_cut_off_after_the_idle_timeout() {
+    let upstream = broken_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = gateway(dir.path(), &upstream, &[("LLMGATE_IDLE_TIMEOUT_SECS", "2")]).await;
+    let addr = gw.url.trim_start_matches("http://").to_owned();
+    let body = chat("huge-line", true).to_string();
+    let mut client = TcpStream::connect(&addr).await.unwrap();
+    client
+        .write_all(
+            format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                gw.key,
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    // It reads nothing while the gateway has 64 MiB to send it.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let mut received = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    let drained = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match client.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => received += n,
+            }
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "the connection is still open");
+    assert!(received < 64 << 20, "the whole answer was sent: {received}");
+    let rows = recorded(&gw, 1).await;
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    assert_eq!(rows[0]["status"], 200);
+    let exit = common::terminate(&mut gw.child, Duration::from_secs(10)).await;
+    assert!(exit.success());
+}

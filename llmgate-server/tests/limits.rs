@@ -139,6 +139,16 @@ async fn slow_and_idle_clients_are_cut_off_and_cannot_lock_real_clients_out() {
         "a head dripping in for 6 s was not cut off: {cut_off:?}"
     );
 
+    // A connection that sends nothing at all is cut off as soon.
+    let mut silent = TcpStream::connect(&gw.addr).await.unwrap();
+    let after = closed_within(&mut silent, Duration::from_secs(5))
+        .await
+        .expect("a silent connection is closed");
+    assert!(
+        after < Duration::from_millis(1900),
+        "closed after {after:?}"
+    );
+
     // Every slot taken by half-sent heads: a real client waits, then is served once the
     // header-read timeout frees the slots.
     let mut holders = Vec::new();

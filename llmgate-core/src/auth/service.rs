@@ -16,6 +16,36 @@ use crate::error::ApiError;
 use crate::usage::{inspect_request, AuthUsageBody, RequestPlan, UsageBody, UsageGuard};
 use crate::BoxError;
 
+/// The longest a client may pause while sending a request body (nginx's
+/// `client_body_timeout` is 60 s).
+pub const BODY_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Runs `future` (a body being read) while it makes progress: fails once it has been
+/// pending, without being woken to any effect, for `stall` in a row. Each wake-up that
+/// leaves it pending (a frame arrived) starts the wait again.
+async fn stall_limited<F: std::future::Future>(
+    future: F,
+    stall: std::time::Duration,
+) -> Result<F::Output, ()> {
+    use std::future::Future as _;
+    let mut future = std::pin::pin!(future);
+    let timer = tokio::time::sleep(stall);
+    let mut timer = std::pin::pin!(timer);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(output) = future.as_mut().poll(cx) {
+            return Poll::Ready(Ok(output));
+        }
+        // Still reading: the frame that woke us (if any) counts as progress.
+        if timer.is_elapsed() || timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(()));
+        }
+        timer.as_mut().reset(tokio::time::Instant::now() + stall);
+        let _ = timer.as_mut().poll(cx);
+        Poll::Pending
+    })
+    .await
+}
+
 /// The service built by [`AuthUsageLayer`](super::AuthUsageLayer).
 #[derive(Clone, Debug)]
 pub struct AuthUsage<S> {
@@ -167,10 +197,16 @@ where
         return Err(AuthError::BodyTooLarge { limit });
     }
     let (mut parts, body) = request.into_parts();
-    let bytes = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(err) if err.is::<LengthLimitError>() => return Err(AuthError::BodyTooLarge { limit }),
-        Err(err) => return Err(AuthError::BodyRead(err.to_string())),
+    // A client that stops sending its body would hold its connection (and a slot of
+    // the server's) for ever: each frame must come within BODY_STALL_TIMEOUT.
+    let collect = Limited::new(body, limit).collect();
+    let bytes = match stall_limited(collect, BODY_STALL_TIMEOUT).await {
+        Err(()) => return Err(AuthError::BodyStalled(BODY_STALL_TIMEOUT)),
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(err)) if err.is::<LengthLimitError>() => {
+            return Err(AuthError::BodyTooLarge { limit })
+        }
+        Ok(Err(err)) => return Err(AuthError::BodyRead(err.to_string())),
     };
     let original_len = bytes.len();
     let (bytes, mut plan) = inspect_request(parts.uri.path(), bytes, keep_for_counting);
@@ -192,4 +228,38 @@ where
             .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
     }
     Ok((Request::from_parts(parts, B::from(bytes)), plan))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_body_read_fails_only_when_it_stops_making_progress() {
+        let stall = Duration::from_millis(200);
+        // Frames every 100 ms for a second: slow, but never stalled.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<u8>(1);
+        tokio::spawn(async move {
+            for i in 0..10 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                tx.send(i).await.unwrap();
+            }
+        });
+        let steady = async move {
+            let mut got = 0;
+            while rx.recv().await.is_some() {
+                got += 1;
+            }
+            got
+        };
+        assert_eq!(stall_limited(steady, stall).await, Ok(10));
+        // A read that stops: fails after about `stall`.
+        let started = std::time::Instant::now();
+        assert_eq!(
+            stall_limited(std::future::pending::<()>(), stall).await,
+            Err(())
+        );
+        assert!(started.elapsed() < Duration::from_millis(600));
+    }
 }
