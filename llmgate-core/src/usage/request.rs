@@ -63,10 +63,25 @@ impl Fields {
                 .get("model")
                 .and_then(Value::as_str)
                 .map(str::to_owned),
-            streams: value.get("stream") == Some(&Value::Bool(true)),
+            streams: value.get("stream").is_some_and(truthy),
             asked_for_usage: value.pointer("/stream_options/include_usage")
                 == Some(&Value::Bool(true)),
         })
+    }
+}
+
+/// Whether an upstream with lax type conversion (pydantic, as vLLM and
+/// llama-cpp-python use) reads `value` as `true`: `"stream": 1` or `"true"` streams
+/// there, so it must be metered as a stream here.
+fn truthy(value: &Value) -> bool {
+    match value {
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64().is_some_and(|n| n != 0.0),
+        Value::String(s) => matches!(
+            s.trim().to_ascii_lowercase().as_str(),
+            "true" | "1" | "yes" | "on" | "t" | "y"
+        ),
+        _ => false,
     }
 }
 
@@ -142,6 +157,12 @@ fn with_include_usage(body: &[u8]) -> Option<Vec<u8>> {
                     None => (options.value.start + 1, 0, b"\"include_usage\":true"),
                 }
             }
+            // `"stream_options": null` means none were given: replaced.
+            Some(options) if &body[options.value.clone()] == b"null" => (
+                options.value.start,
+                options.value.len(),
+                b"{\"include_usage\":true}",
+            ),
             Some(_) => return None,
         };
     // An insert goes right after a brace: a comma follows it unless the object is empty.
@@ -163,7 +184,10 @@ fn rewritten_with_include_usage(mut value: Value) -> Option<Vec<u8>> {
         .as_object_mut()?
         .entry("stream_options")
         .or_insert_with(|| Value::Object(Default::default()));
-    // `stream_options: null` or garbage: let the upstream judge the client's request.
+    if options.is_null() {
+        *options = Value::Object(Default::default());
+    }
+    // Garbage: let the upstream judge the client's request.
     options.as_object_mut()?;
     options["include_usage"] = Value::Bool(true);
     Some(serde_json::to_vec(&value).expect("a JSON value serializes"))
@@ -222,6 +246,32 @@ pub(crate) fn multipart_model(body: &[u8], boundary: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn null_stream_options_and_lax_stream_values_are_metered() {
+        let (sent, plan) = inspect_request(
+            "/v1/chat/completions",
+            Bytes::from_static(br#"{"model":"m","stream":true,"stream_options":null,"messages":[]}"#),
+            false,
+        );
+        assert!(plan.strip_stream_usage);
+        assert_eq!(
+            &sent[..],
+            br#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#
+        );
+        for stream in ["1", "\"true\"", "\"True\""] {
+            let body = format!(r#"{{"model":"m","stream":{stream},"messages":[]}}"#);
+            let (sent, plan) = inspect_request("/v1/completions", Bytes::from(body), false);
+            assert!(plan.strip_stream_usage, "stream: {stream}");
+            let sent: Value = serde_json::from_slice(&sent).unwrap();
+            assert_eq!(sent["stream_options"]["include_usage"], true);
+        }
+        for stream in ["0", "false", "null", "\"false\""] {
+            let body = format!(r#"{{"model":"m","stream":{stream},"messages":[]}}"#);
+            let (_, plan) = inspect_request("/v1/completions", Bytes::from(body), false);
+            assert!(!plan.strip_stream_usage, "stream: {stream}");
+        }
+    }
 
     #[test]
     fn an_uploads_model_is_read_from_its_form_field() {
@@ -327,11 +377,11 @@ mod tests {
         }
         let (out, _) = sent(
             "/v1/chat/completions",
-            r#"{"stream":true,"stream_options":null}"#,
+            r#"{"stream":true,"stream_options":"x"}"#,
         );
         assert_eq!(
-            out, r#"{"stream":true,"stream_options":null}"#,
-            "left to the upstream"
+            out, r#"{"stream":true,"stream_options":"x"}"#,
+            "garbage is left to the upstream to refuse"
         );
     }
 
