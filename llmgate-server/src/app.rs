@@ -86,6 +86,7 @@ pub fn app(state: AppState, proxy: Proxy, max_body_bytes: usize) -> App {
             "/keys/{key_id}",
             axum::routing::delete(routes::keys::revoke),
         )
+        .layer(axum::middleware::from_fn(routes::answer_within))
         .layer(AuthUsageLayer::auth_only(keys.clone()).require_role(Role::Admin));
     let metrics = Router::new().route("/metrics", get(routes::metrics::render));
     let metrics = if state.metrics_public {
@@ -95,6 +96,7 @@ pub fn app(state: AppState, proxy: Proxy, max_body_bytes: usize) -> App {
     };
     let me = Router::new()
         .route(ME_USAGE, get(routes::usage::me))
+        .layer(axum::middleware::from_fn(routes::answer_within))
         .layer(AuthUsageLayer::auth_only(keys));
     let router = Router::new()
         .route("/healthz", get(routes::health::healthz))

@@ -312,6 +312,9 @@ async fn a_locked_sqlite_database_delays_recording_but_not_answers() {
 struct Forwarder {
     port: u16,
     on: watch::Sender<bool>,
+    /// While true, nothing is piped, but every connection stays open (and new ones are
+    /// accepted and held): PostgreSQL behind a network partition.
+    hung: watch::Sender<bool>,
 }
 
 impl Forwarder {
@@ -319,7 +322,9 @@ impl Forwarder {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let (on, _) = watch::channel(true);
+        let (hung, _) = watch::channel(false);
         let switch = on.clone();
+        let freeze = hung.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 if !*switch.borrow() {
@@ -327,10 +332,19 @@ impl Forwarder {
                     let _ = client.set_zero_linger();
                     continue;
                 }
-                tokio::spawn(pipe(client, target.clone(), switch.subscribe()));
+                tokio::spawn(pipe(
+                    client,
+                    target.clone(),
+                    switch.subscribe(),
+                    freeze.subscribe(),
+                ));
             }
         });
-        Self { port, on }
+        Self { port, on, hung }
+    }
+
+    fn hang(&self, hung: bool) {
+        self.hung.send_replace(hung);
     }
 
     fn set(&self, on: bool) {
@@ -338,16 +352,34 @@ impl Forwarder {
     }
 }
 
-async fn pipe(mut client: TcpStream, target: String, mut on: watch::Receiver<bool>) {
+async fn pipe(
+    mut client: TcpStream,
+    target: String,
+    mut on: watch::Receiver<bool>,
+    mut hung: watch::Receiver<bool>,
+) {
+    if *hung.borrow() {
+        // Accepted, never answered, until the partition heals; then cut.
+        let _ = hung.wait_for(|hung| !hung).await;
+        let _ = client.set_zero_linger();
+        return;
+    }
     let Ok(mut server) = TcpStream::connect(&target).await else {
         return;
     };
-    tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+    let froze = tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
         _ = on.wait_for(|on| !on) => {
             // Cut hard, as a lost network or a crashed server would.
             let _ = client.set_zero_linger();
+            false
         }
+        _ = hung.wait_for(|hung| *hung) => true,
+    };
+    if froze {
+        // Silence, both ways, with the sockets open; cut when it heals.
+        let _ = hung.wait_for(|hung| !hung).await;
+        let _ = client.set_zero_linger();
     }
 }
 
@@ -737,4 +769,62 @@ async fn a_sigkill_loses_only_the_answers_of_its_last_moments() {
         worst < 1000,
         "an answer {worst} ms before the kill was not recorded"
     );
+}
+
+#[tokio::test]
+async fn a_postgres_that_hangs_delays_no_answer_and_admin_reads_get_503_in_time() {
+    let db = TestDatabase::create("hang").await;
+    let forwarder = Forwarder::start(db.server.clone()).await;
+    let url = db.url_via(&format!("127.0.0.1:{}", forwarder.port));
+    let upstream = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = gateway(
+        dir.path(),
+        &upstream.url,
+        &[("LLMGATE_DATABASE_URL", url.as_str())],
+    )
+    .await;
+    let alice = create_key(&gw, "alice").await;
+    let within = Duration::from_secs(20);
+    let (mut answered, _) = send_all(&gw, &alice, models("before", 0..10), 4, within).await;
+    assert_recorded_once(&gw, &alice, &answered, within).await;
+
+    // A partition: connections stay open, nothing comes back.
+    forwarder.hang(true);
+    let hung = Instant::now();
+    for round in 0..3 {
+        let (a, slowest) = send_all(
+            &gw,
+            &alice,
+            models(&format!("hung-{round}"), 0..10),
+            4,
+            within,
+        )
+        .await;
+        // At most the key store's 2 s, once per key and time to live.
+        assert!(
+            slowest < Duration::from_secs(5),
+            "an answer waited {slowest:?} on a hung database"
+        );
+        answered.add(&a);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    let asked = Instant::now();
+    let (status, usage) = admin_get(&gw, "/admin/usage", Duration::from_secs(20)).await;
+    assert_eq!(status, 503, "{usage}");
+    assert_eq!(usage["error"]["code"], "database_unavailable", "{usage}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        asked.elapsed()
+    );
+    eprintln!("PostgreSQL hung for {:?}", hung.elapsed());
+
+    // Healed: every answer is recorded, once.
+    forwarder.hang(false);
+    assert_recorded_once(&gw, &alice, &answered, Duration::from_secs(60)).await;
+    assert!(terminate(&mut gw.child, Duration::from_secs(20))
+        .await
+        .success());
+    db.drop().await;
 }

@@ -17,6 +17,10 @@ use crate::storage::KeyStore;
 /// replica) that revokes a key is obeyed within this time.
 pub const DEFAULT_KEY_TTL: Duration = Duration::from_millis(500);
 
+/// How long a key lookup waits for the store before it is judged down (and the key by
+/// the store's last answer).
+pub const KEY_STORE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The most keys remembered (fresh, and last known).
 const MAX_KEYS_CACHED: u64 = 100_000;
 
@@ -80,7 +84,17 @@ impl KeyCache {
         }
         // Boxed: only a miss pays for the store's future. Concurrent misses of one key
         // each ask the store (once per key and TTL, at most one per request in flight).
-        let found = match Box::pin(self.store.key_by_hash(&hash)).await {
+        // A store that hangs (a partitioned database keeps its connections open) is a
+        // store that is down: the request must not wait on it for minutes.
+        let asked =
+            tokio::time::timeout(KEY_STORE_TIMEOUT, Box::pin(self.store.key_by_hash(&hash)))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(crate::storage::StorageError::Database(format!(
+                        "no answer within {KEY_STORE_TIMEOUT:?}"
+                    )))
+                });
+        let found = match asked {
             Ok(found) => found.map(Arc::new),
             Err(err) => {
                 let Some(known) = self.last_known.get(&hash) else {

@@ -251,7 +251,9 @@ mod tests {
     fn null_stream_options_and_lax_stream_values_are_metered() {
         let (sent, plan) = inspect_request(
             "/v1/chat/completions",
-            Bytes::from_static(br#"{"model":"m","stream":true,"stream_options":null,"messages":[]}"#),
+            Bytes::from_static(
+                br#"{"model":"m","stream":true,"stream_options":null,"messages":[]}"#,
+            ),
             false,
         );
         assert!(plan.strip_stream_usage);

@@ -39,6 +39,26 @@ impl From<StorageError> for HandlerError {
     }
 }
 
+/// How long an admin or usage read may take: the database behind it may hang (a
+/// partition keeps its connections open) and a client must get an answer.
+pub const ADMIN_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Answers 503 `database_unavailable` when the handler takes longer than
+/// [`ADMIN_ANSWER_TIMEOUT`] (what it waits on is the database).
+pub async fn answer_within(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match tokio::time::timeout(ADMIN_ANSWER_TIMEOUT, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            tracing::error!(after = ?ADMIN_ANSWER_TIMEOUT, "an admin request got no answer from the database in time");
+            HandlerError(StorageError::Database("timed out".into()).into()).into_response()
+        }
+    }
+}
+
 /// Unknown routes, in the OpenAI error shape.
 pub async fn not_found(uri: axum::http::Uri) -> HandlerError {
     HandlerError(ApiError::not_found(format!("No route for {}.", uri.path())))
