@@ -1150,3 +1150,31 @@ async fn the_client_gets_the_upstreams_stream_byte_for_byte_less_the_usage_it_di
         (json!(6), json!(1), json!(0))
     );
 }
+
+#[tokio::test]
+async fn an_answer_still_read_after_its_client_left_is_recorded_at_shutdown() {
+    let mut gw = Gateway::start().await;
+    // The JSON answer's second half would come in 30 s.
+    gw.upstream.set_chunk_delay(Duration::from_secs(30));
+    let response = gw
+        .post("/v1/chat/completions", &gw.alice, &chat("slow answer"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    drop(response); // the client leaves; the gateway reads on, for the usage
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let asked = std::time::Instant::now();
+    gw.stop().await;
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "the stop waited {:?}",
+        asked.elapsed()
+    );
+    let totals = gw.store.totals_for_key(&gw.alice_id).await.unwrap();
+    assert_eq!(totals.requests, 1, "the request is recorded: {totals:?}");
+    assert_eq!(
+        totals.requests_without_usage, 1,
+        "cut short: tokens unknown"
+    );
+}

@@ -179,10 +179,11 @@ fn read_rest_for_usage<B>(mut inner: Pin<Box<B>>, mut tracking: Box<Tracking>)
 where
     B: Body<Data = Bytes> + Send + 'static,
 {
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+    if tokio::runtime::Handle::try_current().is_err() {
         return; // dropping the tracking settles with what was seen
-    };
-    runtime.spawn(async move {
+    }
+    let recorder = tracking.guard.recorder().clone();
+    recorder.read_in_background(async move {
         let _ = tokio::time::timeout(BACKGROUND_READ_LIMIT, async {
             while let Some(frame) = inner.frame().await {
                 let Ok(frame) = frame else { return };

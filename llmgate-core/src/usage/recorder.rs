@@ -146,6 +146,32 @@ struct RecorderInner {
     counts_tokens: bool,
     queue: Arc<Queue>,
     rejected: Arc<RejectedLog>,
+    background: Background,
+}
+
+/// Reads that go on after their client left (the rest of a JSON answer, for its usage):
+/// waited for, then cut short, on shutdown, so that their records are not lost.
+#[derive(Clone, Debug, Default)]
+struct Background {
+    tasks: tokio_util::task::TaskTracker,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+/// How long a shutdown lets background reads finish before it cuts them short (they
+/// are then recorded with what was seen).
+const BACKGROUND_GRACE: Duration = Duration::from_secs(2);
+
+impl Background {
+    async fn finish(&self) {
+        self.tasks.close();
+        if tokio::time::timeout(BACKGROUND_GRACE, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            self.stop.cancel();
+            self.tasks.wait().await;
+        }
+    }
 }
 
 impl std::fmt::Debug for UsageRecorder {
@@ -160,6 +186,7 @@ impl std::fmt::Debug for UsageRecorder {
 /// [`UsageWriter::shutdown`] on the way out so that nothing queued is lost.
 #[derive(Debug)]
 pub struct UsageWriter {
+    background: Background,
     stop: Option<oneshot::Sender<()>>,
     intake: JoinHandle<()>,
     writer: JoinHandle<()>,
@@ -212,6 +239,7 @@ impl UsageRecorder {
             flush_wanted.clone(),
             aside.clone(),
         ));
+        let background = Background::default();
         let recorder = Self {
             inner: Arc::new(RecorderInner {
                 tx,
@@ -219,11 +247,13 @@ impl UsageRecorder {
                 counts_tokens,
                 queue,
                 rejected: aside.rejected.clone(),
+                background: background.clone(),
             }),
         };
         (
             recorder,
             UsageWriter {
+                background,
                 stop: Some(stop_tx),
                 intake,
                 writer,
@@ -253,6 +283,21 @@ impl UsageRecorder {
         self.inner.queue.lock().records
     }
 
+    /// Runs `read` (the rest of an answer whose client left, read for its usage) on the
+    /// current runtime, as a task the writer's shutdown waits for and then cuts short.
+    pub(crate) fn read_in_background(
+        &self,
+        read: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let stop = self.inner.background.stop.clone();
+        self.inner.background.tasks.spawn(async move {
+            tokio::select! {
+                () = read => {}
+                () = stop.cancelled() => {}
+            }
+        });
+    }
+
     pub(crate) fn counts_tokens(&self) -> bool {
         self.inner.counts_tokens
     }
@@ -268,6 +313,9 @@ impl UsageWriter {
     /// Stops taking records and writes everything queued; what the store cannot take
     /// within a few seconds goes to the spill file, to be written on the next start.
     pub async fn shutdown(mut self) {
+        // First the answers still being read after their clients left: their records
+        // must reach the intake before it stops taking any.
+        self.background.finish().await;
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -829,6 +877,10 @@ pub(crate) struct UsageGuard {
 }
 
 impl UsageGuard {
+    pub(crate) fn recorder(&self) -> &UsageRecorder {
+        &self.recorder
+    }
+
     pub(crate) fn new(
         recorder: UsageRecorder,
         key: &KeyRecord,
