@@ -22,11 +22,11 @@ mod service;
 
 use http::HeaderMap;
 
-pub use cache::KeyCache;
+pub use cache::{KeyCache, KEY_STORE_TIMEOUT};
 pub use future::ResponseFuture;
 pub use key::{now_millis, KeyHash, KeyRecord, Role, Secret, KEY_PREFIX, KEY_RANDOM_LEN};
 pub use layer::AuthUsageLayer;
-pub use service::AuthUsage;
+pub use service::{AuthUsage, BODY_STALL_TIMEOUT};
 
 /// Why a request was refused.
 #[derive(Debug, thiserror::Error)]
