@@ -33,6 +33,9 @@ pub struct KeyCache {
     /// The store's last answer for each key, past the time to live: used only when the
     /// store fails.
     last_known: Cache<KeyHash, Option<Arc<KeyRecord>>>,
+    /// Counts changes made through this cache (a key created or revoked): a lookup that
+    /// began before one does not store what it read, which may predate the change.
+    changes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for KeyCache {
@@ -62,6 +65,7 @@ impl KeyCache {
                 .max_capacity(MAX_KEYS_CACHED)
                 .support_invalidation_closures()
                 .build(),
+            changes: Arc::default(),
         }
     }
 
@@ -84,6 +88,7 @@ impl KeyCache {
         }
         // Boxed: only a miss pays for the store's future. Concurrent misses of one key
         // each ask the store (once per key and TTL, at most one per request in flight).
+        let changes_before = self.changes.load(std::sync::atomic::Ordering::Acquire);
         // A store that hangs (a partitioned database keeps its connections open) is a
         // store that is down: the request must not wait on it for minutes.
         let asked =
@@ -106,14 +111,20 @@ impl KeyCache {
                 return Ok(known);
             }
         };
-        self.entries.insert(hash, found.clone());
-        self.last_known.insert(hash, found.clone());
+        // Stored only if nothing changed meanwhile: a revocation made here while the
+        // store was being asked must not be undone by the answer it gave before.
+        if self.changes.load(std::sync::atomic::Ordering::Acquire) == changes_before {
+            self.entries.insert(hash, found.clone());
+            self.last_known.insert(hash, found.clone());
+        }
         Ok(found)
     }
 
     /// Forgets everything, so that a change made through this process (a revocation)
     /// holds from the very next request.
     pub fn invalidate_all(&self) {
+        self.changes
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.entries.invalidate_all();
         self.last_known.invalidate_all();
     }
@@ -122,6 +133,8 @@ impl KeyCache {
     /// process is found from the very next request. What is known of other keys stays,
     /// to be used if the store goes down.
     pub fn forget_hash(&self, hash: &KeyHash) {
+        self.changes
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.entries.invalidate(hash);
         self.last_known.invalidate(hash);
     }
@@ -130,6 +143,8 @@ impl KeyCache {
     /// is refused from the very next request, even if the store goes down before it is
     /// looked up again. What is known of other keys stays.
     pub fn forget_key(&self, id: &str) {
+        self.changes
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.entries.invalidate_all();
         let id = id.to_owned();
         let forgotten = self.last_known.invalidate_entries_if(move |_, known| {
@@ -218,6 +233,63 @@ mod tests {
             self.check()?;
             self.keys.revoke_key(id, at).await
         }
+    }
+
+    /// A store whose lookups read at once but answer only when let go: a lookup that
+    /// read a key just before it was revoked.
+    #[derive(Default)]
+    struct Slow {
+        inner: MemoryStore,
+        go: tokio::sync::Notify,
+    }
+
+    #[async_trait::async_trait]
+    impl KeyStore for Slow {
+        async fn insert_key(&self, r: &KeyRecord, h: &KeyHash) -> Result<(), StorageError> {
+            self.inner.insert_key(r, h).await
+        }
+        async fn key_by_hash(&self, h: &KeyHash) -> Result<Option<KeyRecord>, StorageError> {
+            let read = self.inner.key_by_hash(h).await;
+            self.go.notified().await;
+            read
+        }
+        async fn list_keys(&self) -> Result<Vec<KeyRecord>, StorageError> {
+            self.inner.list_keys().await
+        }
+        async fn revoke_key(&self, id: &str, at: DateTime<Utc>) -> Result<bool, StorageError> {
+            self.inner.revoke_key(id, at).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lookup_that_read_a_key_before_its_revocation_does_not_undo_it() {
+        let store = Arc::new(Slow::default());
+        let secret = Secret::generate();
+        let record = KeyRecord::new("a", Role::User, &secret);
+        store.insert_key(&record, &secret.hash()).await.unwrap();
+        let cache = KeyCache::with_ttl(store.clone(), Duration::from_secs(60));
+        let lookup = tokio::spawn({
+            let (cache, secret) = (cache.clone(), secret.clone());
+            async move { cache.lookup(&secret).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await; // it has read the key
+        store.revoke_key(&record.id, now_millis()).await.unwrap();
+        cache.forget_key(&record.id);
+        store.go.notify_one();
+        let stale = lookup.await.unwrap().unwrap().unwrap();
+        assert!(stale.revoked_at.is_none(), "it read before the revocation");
+        // The next lookup asks the store again instead of trusting that stale answer.
+        let next = tokio::spawn({
+            let (cache, secret) = (cache.clone(), secret.clone());
+            async move { cache.lookup(&secret).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        store.go.notify_one();
+        let fresh = next.await.unwrap().unwrap().unwrap();
+        assert!(
+            fresh.revoked_at.is_some(),
+            "revoked from the next request on"
+        );
     }
 
     #[tokio::test]
