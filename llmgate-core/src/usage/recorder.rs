@@ -664,8 +664,13 @@ async fn run_writer(
     let store = store.as_ref();
     let mut delay = RETRY_FIRST;
     let mut last_take = tokio::time::Instant::now();
+    // The spill file's own back-off, while the disk fails (read-only, full, I/O errors):
+    // the queue is written meanwhile, and the store is not deemed down.
+    let mut replay_delay = RETRY_FIRST;
+    let mut replay_at = tokio::time::Instant::now();
     loop {
-        let replay = aside.spill.as_ref().is_some_and(SpillFile::is_pending);
+        let pending = aside.spill.as_ref().is_some_and(SpillFile::is_pending);
+        let replay = pending && tokio::time::Instant::now() >= replay_at;
         let (queued, closed) = {
             let state = queue.lock();
             (!state.items.is_empty(), state.closed)
@@ -674,7 +679,14 @@ async fn run_writer(
             break;
         }
         if !queued && !replay {
-            queue.wake.notified().await;
+            if pending {
+                tokio::select! {
+                    _ = queue.wake.notified() => {}
+                    _ = tokio::time::sleep_until(replay_at) => {}
+                }
+            } else {
+                queue.wake.notified().await;
+            }
             continue;
         }
         // Let a batch gather without a transaction per record, unless someone waits on
@@ -698,7 +710,17 @@ async fn run_writer(
                     err
                 });
         if failed.is_none() && replay {
-            failed = replay_chunk(store, &queue, &aside).await.err();
+            match replay_chunk(store, &queue, &aside).await {
+                Ok(()) => replay_delay = RETRY_FIRST,
+                Err(ReplayFailed::Store(err)) => failed = Some(err),
+                Err(ReplayFailed::Disk(err)) => {
+                    if replay_delay == RETRY_FIRST {
+                        tracing::error!(error = %err, "cannot replay the usage spill file; retrying");
+                    }
+                    replay_at = tokio::time::Instant::now() + replay_delay;
+                    replay_delay = (replay_delay * 2).min(RETRY_MAX);
+                }
+            }
         }
         for done in flushes {
             let _ = done.send(());
@@ -729,6 +751,15 @@ async fn run_writer(
     finish(store, &queue, &aside).await;
 }
 
+/// Why a replay stopped.
+enum ReplayFailed {
+    /// The store is down: retried with the store's back-off.
+    Store(StorageError),
+    /// The spill file could not be read, or its progress noted: retried with a back-off
+    /// of its own.
+    Disk(std::io::Error),
+}
+
 /// Writes one chunk of the spill file to the store. What the store does not take waits
 /// in the queue from then on (and is spilled again beyond the bound), so that no part
 /// of the chunk is written twice.
@@ -736,17 +767,16 @@ async fn replay_chunk(
     store: &dyn UsageStore,
     queue: &Queue,
     aside: &SetAside,
-) -> Result<(), StorageError> {
+) -> Result<(), ReplayFailed> {
     let Some(spill) = &aside.spill else {
         return Ok(());
     };
-    let mut chunk = match spill.next_chunk(MAX_BATCH).await {
-        Ok(Some(chunk)) => chunk,
-        Ok(None) => return Ok(()),
-        Err(err) => {
-            tracing::error!(error = %err, "cannot read the usage spill file");
-            return Ok(());
-        }
+    let Some(mut chunk) = spill
+        .next_chunk(MAX_BATCH)
+        .await
+        .map_err(ReplayFailed::Disk)?
+    else {
+        return Ok(());
     };
     let records = std::mem::take(&mut chunk.records);
     let outage = write(store, queue, aside, records, None)
@@ -768,7 +798,7 @@ async fn replay_chunk(
     if let Err(err) = spill.replayed(&chunk).await {
         tracing::error!(error = %err, "cannot note the usage spill file's progress");
     }
-    outage.map_or(Ok(()), Err)
+    outage.map_or(Ok(()), |err| Err(ReplayFailed::Store(err)))
 }
 
 /// The queue closed: writes what is left, for at most [`SHUTDOWN_GRACE`]; the rest goes
@@ -1358,5 +1388,90 @@ mod tests {
         assert_eq!(stored(&store).await, (0..60).collect::<Vec<_>>());
         writer.shutdown().await;
         assert_eq!(spill_lines(dir.path()), 0);
+    }
+
+    /// The names of the spill's files left in `dir`.
+    fn spill_files(dir: &std::path::Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with("usage-spill"))
+            .collect()
+    }
+
+    fn spill_line(tokens: u64, model: &str) -> Vec<u8> {
+        let record = RequestRecord {
+            at: now_millis(),
+            key_id: "k".into(),
+            method: "POST".into(),
+            path: "/v1/chat/completions".into(),
+            model: Some(model.into()),
+            status: 200,
+            prompt_tokens: Some(tokens),
+            completion_tokens: Some(1),
+            latency_ms: 3,
+            first_byte_ms: None,
+        };
+        let mut line = serde_json::to_vec(&record).unwrap();
+        line.push(b'\n');
+        line
+    }
+
+    #[tokio::test]
+    async fn a_spill_line_torn_inside_a_character_loses_only_itself_and_the_replay_ends() {
+        use super::super::spill::disk_faults::{self, Op};
+        let dir = tempfile::tempdir().unwrap();
+        let mut file = Vec::new();
+        for i in 0..3 {
+            file.extend(spill_line(i, "modèle"));
+        }
+        // A crash in the middle of "è"; the next append ended the line.
+        let torn = spill_line(99, "modèle");
+        let cut = torn.iter().position(|&b| b == 0xC3).unwrap() + 1;
+        file.extend_from_slice(&torn[..cut]);
+        file.push(b'\n');
+        for i in 3..6 {
+            file.extend(spill_line(i, "m"));
+        }
+        std::fs::write(dir.path().join(SPILL_FILE), file).unwrap();
+        disk_faults::fail(dir.path(), Op::Read, false);
+
+        let store = Arc::new(Flaky::default());
+        let (recorder, writer, counts) = start_flaky(&store, dir.path(), DEFAULT_QUEUE_MAX);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let reads = disk_faults::tries(dir.path(), Op::Read);
+        assert!(reads <= 5, "the writer does not spin: {reads} reads");
+        recorder.flush().await;
+        assert_eq!(stored(&store).await, (0..6).collect::<Vec<_>>());
+        assert_eq!(counts.get(), (0, 0, 1), "only the torn line is lost");
+        assert_eq!(spill_files(dir.path()), Vec::<String>::new());
+        writer.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_spill_file_that_cannot_be_read_is_tried_again_with_growing_waits() {
+        use super::super::spill::disk_faults::{self, Op};
+        let dir = tempfile::tempdir().unwrap();
+        let file: Vec<u8> = (0..3).flat_map(|i| spill_line(i, "m")).collect();
+        std::fs::write(dir.path().join(SPILL_FILE), file).unwrap();
+        disk_faults::fail(dir.path(), Op::Read, true);
+
+        let store = Arc::new(Flaky::default());
+        let (recorder, writer, _) = start_flaky(&store, dir.path(), DEFAULT_QUEUE_MAX);
+        // The queue is written meanwhile.
+        send(&recorder, 3..5, "m");
+        recorder.flush().await;
+        assert_eq!(stored(&store).await, [3, 4]);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let reads = disk_faults::tries(dir.path(), Op::Read);
+        assert!((3..=10).contains(&reads), "{reads} reads in 1 s");
+
+        disk_faults::fail(dir.path(), Op::Read, false);
+        eventually("the spill file is written", async || {
+            spill_files(dir.path()).is_empty()
+        })
+        .await;
+        assert_eq!(stored(&store).await, (0..5).collect::<Vec<_>>());
+        writer.shutdown().await;
     }
 }

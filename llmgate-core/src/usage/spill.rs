@@ -27,10 +27,10 @@ pub const MAX_REJECTED_SHOWN: usize = 1000;
 
 /// The spill file while it is being written to the store: new spills go to a fresh
 /// [`SPILL_FILE`] meanwhile.
-const REPLAY_FILE: &str = "usage-spill.replaying.jsonl";
+pub(crate) const REPLAY_FILE: &str = "usage-spill.replaying.jsonl";
 /// How far the replay got, in bytes of [`REPLAY_FILE`], so that a restart does not
 /// write its first part again.
-const REPLAY_OFFSET_FILE: &str = "usage-spill.replaying.offset";
+pub(crate) const REPLAY_OFFSET_FILE: &str = "usage-spill.replaying.offset";
 /// How much of the end of the rejected file is read back.
 const REJECTED_TAIL_BYTES: u64 = 4 << 20;
 
@@ -92,6 +92,60 @@ async fn blocking<T: Send + 'static>(
         .unwrap_or_else(|e| Err(io::Error::other(e)))
 }
 
+/// Disk failures injected by tests, per data directory: a read-only directory does not
+/// stop root, and tests run side by side.
+#[cfg(test)]
+pub(crate) mod disk_faults {
+    use std::collections::BTreeMap;
+    use std::io;
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    /// What a replay does on disk.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+    pub(crate) enum Op {
+        /// Reads the spill file.
+        Read,
+        /// Saves its position.
+        Save,
+        /// Removes the replayed file.
+        Remove,
+    }
+
+    /// Per watched directory and operation: whether it fails, and how often it was tried.
+    static DIRS: Mutex<BTreeMap<(PathBuf, Op), (bool, usize)>> = Mutex::new(BTreeMap::new());
+
+    /// Makes `op` in `dir` fail (or work again), and counts its tries from now on.
+    pub(crate) fn fail(dir: &Path, op: Op, failing: bool) {
+        let mut dirs = DIRS.lock().unwrap();
+        dirs.entry((dir.to_owned(), op)).or_default().0 = failing;
+    }
+
+    /// How often `op` was tried in `dir` since it was first passed to [`fail`].
+    pub(crate) fn tries(dir: &Path, op: Op) -> usize {
+        let dirs = DIRS.lock().unwrap();
+        dirs.get(&(dir.to_owned(), op))
+            .map_or(0, |(_, tries)| *tries)
+    }
+
+    /// Called before `op` on `file`.
+    pub(super) fn check(file: &Path, op: Op) -> io::Result<()> {
+        let dir = file.parent().unwrap_or(file).to_owned();
+        let mut dirs = DIRS.lock().unwrap();
+        match dirs.get_mut(&(dir, op)) {
+            Some((failing, tries)) => {
+                *tries += 1;
+                if *failing {
+                    Err(io::Error::other(format!("injected: {op:?} fails")))
+                } else {
+                    Ok(())
+                }
+            }
+            None => Ok(()),
+        }
+    }
+}
+
 /// Records waiting on disk for the store.
 #[derive(Debug)]
 pub(crate) struct SpillFile {
@@ -149,6 +203,8 @@ impl SpillFile {
         let (spill, replay, offset_path) =
             (self.spill.clone(), self.replay.clone(), self.offset.clone());
         let chunk = blocking(move || {
+            #[cfg(test)]
+            disk_faults::check(&replay, disk_faults::Op::Read)?;
             if !replay.exists() {
                 if !spill.exists() {
                     return Ok(None);
@@ -177,9 +233,13 @@ impl SpillFile {
         let _turn = self.lock.lock().await;
         blocking(move || {
             if at_end {
+                #[cfg(test)]
+                disk_faults::check(&replay, disk_faults::Op::Remove)?;
                 std::fs::remove_file(&replay)?;
                 std::fs::remove_file(&offset_path).or_else(ignore_missing)
             } else {
+                #[cfg(test)]
+                disk_faults::check(&offset_path, disk_faults::Op::Save)?;
                 std::fs::write(&offset_path, end.to_string())
             }
         })
@@ -205,20 +265,22 @@ fn read_chunk(path: &Path, offset: u64, max: usize) -> io::Result<ReplayChunk> {
         end: offset,
         at_end: false,
     };
-    let mut line = String::new();
+    // Bytes, not text: a line torn by a crash may end inside a character (clients choose
+    // the models and paths, non-ASCII ones included), and must spoil only itself.
+    let mut line = Vec::new();
     while chunk.records.len() < max {
         line.clear();
-        let read = reader.read_line(&mut line)?;
+        let read = reader.read_until(b'\n', &mut line)?;
         if read == 0 {
             chunk.at_end = true;
             break;
         }
         chunk.end += read as u64;
-        let text = line.trim();
+        let text = line.trim_ascii();
         if text.is_empty() {
             continue;
         }
-        match serde_json::from_str::<RequestRecord>(text) {
+        match serde_json::from_slice::<RequestRecord>(text) {
             Ok(record) => chunk.records.push(record),
             Err(_) => chunk.unreadable += 1,
         }
@@ -353,6 +415,29 @@ mod tests {
         assert_eq!(seen, [3, 4, 5]);
         assert_eq!(unreadable, 1, "only the torn line is lost");
         assert!(!spill.is_pending());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_line_torn_inside_a_character_spoils_only_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let spill = SpillFile::new(dir.path());
+        let mut accented = record(2);
+        accented.model = Some("modèle".into());
+        spill.append(&[record(1), accented]).await.unwrap();
+        // A crash in the middle of "è".
+        let path = dir.path().join(SPILL_FILE);
+        let mut torn = std::fs::read(&path).unwrap();
+        let cut = torn.iter().rposition(|&b| b == 0xC3).unwrap() + 1;
+        torn.truncate(cut);
+        std::fs::write(&path, torn).unwrap();
+        spill.append(&[record(3)]).await.unwrap();
+
+        let chunk = spill.next_chunk(10).await.unwrap().unwrap();
+        assert_eq!(chunk.records, [record(1), record(3)]);
+        assert_eq!(chunk.unreadable, 1);
+        spill.replayed(&chunk).await.unwrap();
+        assert!(spill.next_chunk(10).await.unwrap().is_none());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
