@@ -795,10 +795,18 @@ async fn replay_chunk(
             o.lost(chunk.unreadable);
         }
     }
-    if let Err(err) = spill.replayed(&chunk).await {
-        tracing::error!(error = %err, "cannot note the usage spill file's progress");
+    // Not noted on disk: the replay waits before it reads on (a restart would write the
+    // records in between again), but this process never writes them twice.
+    let noted = spill.replayed(&chunk).await;
+    match (outage, noted) {
+        (Some(err), noted) => {
+            if let Err(disk) = noted {
+                tracing::warn!(error = %disk, "cannot note the usage spill file's progress");
+            }
+            Err(ReplayFailed::Store(err))
+        }
+        (None, noted) => noted.map_err(ReplayFailed::Disk),
     }
-    outage.map_or(Ok(()), |err| Err(ReplayFailed::Store(err)))
 }
 
 /// The queue closed: writes what is left, for at most [`SHUTDOWN_GRACE`]; the rest goes
@@ -1397,6 +1405,81 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .filter(|name| name.starts_with("usage-spill"))
             .collect()
+    }
+
+    /// Starts a recorder whose store is down with a queue of 100, and sends `sent`
+    /// records: all but the last 100 are spilled.
+    async fn spilled_while_down(
+        sent: u64,
+    ) -> (
+        tempfile::TempDir,
+        Arc<Flaky>,
+        UsageRecorder,
+        UsageWriter,
+        Arc<Counts>,
+    ) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Flaky::default());
+        store.down.store(true, SeqCst);
+        let (recorder, writer, counts) = start_flaky(&store, dir.path(), 100);
+        send(&recorder, 0..sent, "m");
+        eventually("all but 100 are spilled", async || {
+            spill_lines(dir.path()) == sent as usize - 100
+        })
+        .await;
+        (dir, store, recorder, writer, counts)
+    }
+
+    #[tokio::test]
+    async fn a_replay_whose_progress_cannot_be_saved_writes_each_record_once_and_waits() {
+        use super::super::spill::disk_faults::{self, Op};
+        use std::sync::atomic::Ordering::SeqCst;
+        // Two chunks of the spill file.
+        const SENT: u64 = MAX_BATCH as u64 + 1_000;
+        for op in [Op::Save, Op::Remove] {
+            let (dir, store, recorder, writer, _) = spilled_while_down(SENT).await;
+            // A full disk, or one remounted read-only.
+            disk_faults::fail(dir.path(), op, true);
+            store.down.store(false, SeqCst);
+            // The position after the first chunk cannot be saved: the replay waits before
+            // the second. The file cannot be removed: both chunks are written.
+            let expected = match op {
+                Op::Save => 100 + MAX_BATCH,
+                _ => SENT as usize,
+            };
+            eventually("the replay starts", async || {
+                stored(&store).await.len() >= expected
+            })
+            .await;
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            let mut written = stored(&store).await;
+            let len = written.len();
+            written.dedup();
+            assert_eq!(
+                (len, written.len()),
+                (expected, expected),
+                "{op:?}: each record written once"
+            );
+            let tries = disk_faults::tries(dir.path(), op);
+            assert!(
+                (2..=8).contains(&tries),
+                "{op:?}: tried again, with waits between: {tries}"
+            );
+
+            disk_faults::fail(dir.path(), op, false);
+            eventually("the replay ends", async || {
+                spill_files(dir.path()).is_empty()
+            })
+            .await;
+            recorder.flush().await;
+            assert_eq!(
+                stored(&store).await,
+                (0..SENT).collect::<Vec<_>>(),
+                "{op:?}: each once"
+            );
+            writer.shutdown().await;
+        }
     }
 
     fn spill_line(tokens: u64, model: &str) -> Vec<u8> {

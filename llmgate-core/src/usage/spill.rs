@@ -152,10 +152,23 @@ pub(crate) struct SpillFile {
     spill: PathBuf,
     replay: PathBuf,
     offset: PathBuf,
-    /// Appending and starting a replay (which renames the file) take turns.
-    lock: tokio::sync::Mutex<()>,
+    /// Appending and starting a replay (which renames the file) take turns; the replay's
+    /// progress.
+    progress: tokio::sync::Mutex<Progress>,
     /// Something may wait to be replayed.
     pending: AtomicBool,
+}
+
+/// How far the replay of [`REPLAY_FILE`] got, in bytes.
+#[derive(Debug, Default)]
+struct Progress {
+    /// What this process wrote to the store: it only moves forward, whatever happens to
+    /// the saved copy, so that no record is written twice while the process lives.
+    /// `None` until the replay file is opened.
+    at: Option<u64>,
+    /// What [`REPLAY_OFFSET_FILE`] holds. Behind `at` when saving failed: the replay
+    /// waits until it is saved (a restart would write again what lies between).
+    saved: Option<u64>,
 }
 
 /// Part of the spill file, read for the store.
@@ -177,7 +190,7 @@ impl SpillFile {
             spill,
             replay,
             offset: dir.join(REPLAY_OFFSET_FILE),
-            lock: tokio::sync::Mutex::new(()),
+            progress: tokio::sync::Mutex::default(),
             pending: AtomicBool::new(pending),
         }
     }
@@ -186,7 +199,7 @@ impl SpillFile {
     pub(crate) async fn append(&self, records: &[RequestRecord]) -> io::Result<()> {
         let lines = to_lines(records);
         let path = self.spill.clone();
-        let _turn = self.lock.lock().await;
+        let _turn = self.progress.lock().await;
         blocking(move || append_lines(&path, &lines)).await?;
         self.pending.store(true, Ordering::SeqCst);
         Ok(())
@@ -197,53 +210,97 @@ impl SpillFile {
         self.pending.load(Ordering::SeqCst)
     }
 
-    /// The next records to replay, at most `max`; `None` when nothing waits.
+    /// The next records to replay, at most `max`; `None` when nothing waits. Fails,
+    /// without reading, while the position last replayed cannot be saved.
     pub(crate) async fn next_chunk(&self, max: usize) -> io::Result<Option<ReplayChunk>> {
-        let _turn = self.lock.lock().await;
+        let mut progress = self.progress.lock().await;
         let (spill, replay, offset_path) =
             (self.spill.clone(), self.replay.clone(), self.offset.clone());
-        let chunk = blocking(move || {
+        let (at, saved) = (progress.at, progress.saved);
+        let found = blocking(move || {
             #[cfg(test)]
             disk_faults::check(&replay, disk_faults::Op::Read)?;
-            if !replay.exists() {
-                if !spill.exists() {
-                    return Ok(None);
+            let at = match at {
+                Some(at) => {
+                    if saved != Some(at) {
+                        save_offset(&offset_path, at)?;
+                    }
+                    at
                 }
-                std::fs::write(&offset_path, b"0")?;
-                std::fs::rename(&spill, &replay)?;
-            }
-            let offset = std::fs::read_to_string(&offset_path)
-                .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok())
-                .unwrap_or(0);
-            read_chunk(&replay, offset, max).map(Some)
+                None if replay.exists() => read_offset(&offset_path)?,
+                None if spill.exists() => {
+                    // One left by a replay whose end was not noted in full.
+                    std::fs::remove_file(&offset_path).or_else(ignore_missing)?;
+                    std::fs::rename(&spill, &replay)?;
+                    0
+                }
+                None => return Ok(None),
+            };
+            read_chunk(&replay, at, max).map(|chunk| Some((at, chunk)))
         })
         .await?;
-        if chunk.is_none() {
-            self.pending.store(false, Ordering::SeqCst);
+        match found {
+            Some((at, chunk)) => {
+                *progress = Progress {
+                    at: Some(at),
+                    saved: Some(at),
+                };
+                Ok(Some(chunk))
+            }
+            None => {
+                self.pending.store(false, Ordering::SeqCst);
+                Ok(None)
+            }
         }
-        Ok(chunk)
     }
 
-    /// The chunk is in the store: the replay goes on after it (the file is removed once
-    /// all of it is).
+    /// The chunk is in the store: the replay goes on after it, and the file is removed
+    /// once all of it is (its position saved first, so that a failed removal does not
+    /// make a restart write the last chunk again). An error means the position could not
+    /// be saved (or the file removed); the replay still goes on after the chunk.
     pub(crate) async fn replayed(&self, chunk: &ReplayChunk) -> io::Result<()> {
-        let (replay, offset_path) = (self.replay.clone(), self.offset.clone());
-        let (end, at_end) = (chunk.end, chunk.at_end);
-        let _turn = self.lock.lock().await;
-        blocking(move || {
-            if at_end {
+        let mut progress = self.progress.lock().await;
+        let at = progress.at.map_or(chunk.end, |at| at.max(chunk.end));
+        progress.at = Some(at);
+        let offset_path = self.offset.clone();
+        blocking(move || save_offset(&offset_path, at)).await?;
+        progress.saved = Some(at);
+        if chunk.at_end {
+            let replay = self.replay.clone();
+            blocking(move || {
                 #[cfg(test)]
                 disk_faults::check(&replay, disk_faults::Op::Remove)?;
-                std::fs::remove_file(&replay)?;
-                std::fs::remove_file(&offset_path).or_else(ignore_missing)
-            } else {
-                #[cfg(test)]
-                disk_faults::check(&offset_path, disk_faults::Op::Save)?;
-                std::fs::write(&offset_path, end.to_string())
-            }
-        })
-        .await
+                std::fs::remove_file(&replay)
+            })
+            .await?;
+            // A new replay starts at the beginning of a new file.
+            *progress = Progress::default();
+            let offset_path = self.offset.clone();
+            blocking(move || std::fs::remove_file(&offset_path).or_else(ignore_missing)).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Saves the replay position: written aside and renamed over the old one, so that a crash
+/// leaves either, never a torn number read as 0 (which would replay the file again).
+fn save_offset(path: &Path, at: u64) -> io::Result<()> {
+    #[cfg(test)]
+    disk_faults::check(path, disk_faults::Op::Save)?;
+    let next = path.with_extension("offset.next");
+    let mut file = File::create(&next)?;
+    file.write_all(at.to_string().as_bytes())?;
+    file.sync_data()?;
+    std::fs::rename(&next, path)
+}
+
+/// The replay position saved by an earlier process; 0 when there is none (the replay
+/// had not gone past its first chunk).
+fn read_offset(path: &Path) -> io::Result<u64> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(text.trim().parse().unwrap_or(0)),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(err) => Err(err),
     }
 }
 
