@@ -760,9 +760,9 @@ enum ReplayFailed {
     Disk(std::io::Error),
 }
 
-/// Writes one chunk of the spill file to the store. What the store does not take waits
-/// in the queue from then on (and is spilled again beyond the bound), so that no part
-/// of the chunk is written twice.
+/// Writes one chunk of the spill file to the store. What the store does not take stays
+/// in the file, to be read again when it is back: records safe on disk are not moved
+/// to memory, where a kill would lose them.
 async fn replay_chunk(
     store: &dyn UsageStore,
     queue: &Queue,
@@ -779,25 +779,25 @@ async fn replay_chunk(
         return Ok(());
     };
     let records = std::mem::take(&mut chunk.records);
-    let outage = write(store, queue, aside, records, None)
-        .await
-        .err()
-        .map(|(err, left)| {
-            queue.put_back(left);
-            err
-        });
-    if chunk.unreadable > 0 {
+    let total = records.len();
+    // What is not written is the end of the chunk (see `write_splitting`).
+    let (written, outage) = match write(store, queue, aside, records, None).await {
+        Ok(()) => (total, None),
+        Err((err, left)) => (total - left.len(), Some(err)),
+    };
+    let unreadable = chunk.unreadable_passed(written);
+    if unreadable > 0 {
         tracing::error!(
-            lost = chunk.unreadable,
+            lost = unreadable,
             "unreadable lines in the usage spill file (torn by a crash); records lost"
         );
         if let Some(o) = &aside.observer {
-            o.lost(chunk.unreadable);
+            o.lost(unreadable);
         }
     }
     // Not noted on disk: the replay waits before it reads on (a restart would write the
     // records in between again), but this process never writes them twice.
-    let noted = spill.replayed(&chunk).await;
+    let noted = spill.replayed(&chunk, written).await;
     match (outage, noted) {
         (Some(err), noted) => {
             if let Err(disk) = noted {
@@ -1134,6 +1134,10 @@ mod tests {
         inner: MemoryStore,
         down: std::sync::atomic::AtomicBool,
         hang: std::sync::atomic::AtomicBool,
+        /// Records it takes before it is down, when set.
+        budget: Mutex<Option<usize>>,
+        /// Writes it failed as an outage.
+        outages: std::sync::atomic::AtomicUsize,
     }
 
     #[async_trait::async_trait]
@@ -1143,7 +1147,19 @@ mod tests {
             if self.hang.load(SeqCst) {
                 std::future::pending::<()>().await;
             }
-            if self.down.load(SeqCst) {
+            let spent = {
+                let mut budget = self.budget.lock().unwrap();
+                match budget.as_mut() {
+                    Some(left) if *left < batch.len() => true,
+                    Some(left) => {
+                        *left -= batch.len();
+                        false
+                    }
+                    None => false,
+                }
+            };
+            if spent || self.down.load(SeqCst) {
+                self.outages.fetch_add(1, SeqCst);
                 return Err(StorageError::Database("connection refused".into()));
             }
             if batch.iter().any(|r| r.model.as_deref() == Some("refused")) {
@@ -1398,6 +1414,27 @@ mod tests {
         assert_eq!(spill_lines(dir.path()), 0);
     }
 
+    /// The prompt tokens of the records on disk still to be written (the spill file, and
+    /// the replay file from its saved position), sorted.
+    fn on_disk(dir: &std::path::Path) -> Vec<u64> {
+        use super::super::spill::{REPLAY_FILE, REPLAY_OFFSET_FILE};
+        let read = |name: &str| std::fs::read(dir.join(name)).unwrap_or_default();
+        let offset: usize = String::from_utf8(read(REPLAY_OFFSET_FILE))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        let mut lines = read(REPLAY_FILE).get(offset..).unwrap_or_default().to_vec();
+        lines.extend(read(SPILL_FILE));
+        let mut tokens: Vec<u64> = lines
+            .split(|&b| b == b'\n')
+            .filter_map(|line| serde_json::from_slice::<RequestRecord>(line).ok())
+            .filter_map(|r| r.prompt_tokens)
+            .collect();
+        tokens.sort_unstable();
+        tokens
+    }
+
     /// The names of the spill's files left in `dir`.
     fn spill_files(dir: &std::path::Path) -> Vec<String> {
         std::fs::read_dir(dir)
@@ -1480,6 +1517,90 @@ mod tests {
             );
             writer.shutdown().await;
         }
+    }
+
+    #[tokio::test]
+    async fn an_outage_during_a_replay_leaves_the_rest_on_disk_and_each_record_is_written_once() {
+        use std::sync::atomic::Ordering::SeqCst;
+        // Three chunks of the spill file.
+        const SENT: u64 = 2 * MAX_BATCH as u64 + 1_000;
+        let (dir, store, recorder, writer, counts) = spilled_while_down(SENT).await;
+        // Back for the queue and the first chunk only.
+        *store.budget.lock().unwrap() = Some(100 + MAX_BATCH);
+        store.down.store(false, SeqCst);
+        eventually("the first chunk is written", async || {
+            stored(&store).await.len() >= 100 + MAX_BATCH
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(store.outages.load(SeqCst) > 0);
+        assert_eq!(recorder.queued(), 0, "nothing moved from disk to memory");
+        let mut everywhere = stored(&store).await;
+        everywhere.extend(on_disk(dir.path()));
+        everywhere.sort_unstable();
+        assert_eq!(
+            everywhere,
+            (0..SENT).collect::<Vec<_>>(),
+            "what is not written is on disk, once"
+        );
+
+        *store.budget.lock().unwrap() = None;
+        eventually("every record is written", async || {
+            stored(&store).await.len() >= SENT as usize
+        })
+        .await;
+        recorder.flush().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            stored(&store).await,
+            (0..SENT).collect::<Vec<_>>(),
+            "each once"
+        );
+        assert_eq!(counts.get(), (0, SENT as usize - 100, 0));
+        writer.shutdown().await;
+        assert_eq!(spill_files(dir.path()), Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn a_stop_during_a_replay_with_the_store_down_is_prompt_and_keeps_the_records_on_disk() {
+        use std::sync::atomic::Ordering::SeqCst;
+        const SENT: u64 = MAX_BATCH as u64 + 1_000;
+        let (dir, store, _recorder, writer, _) = spilled_while_down(SENT).await;
+        *store.budget.lock().unwrap() = Some(100 + MAX_BATCH);
+        store.down.store(false, SeqCst);
+        eventually("the first chunk is written", async || {
+            stored(&store).await.len() >= 100 + MAX_BATCH
+        })
+        .await;
+        store.down.store(true, SeqCst);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let started = Instant::now();
+        writer.shutdown().await;
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        let mut everywhere = stored(&store).await;
+        everywhere.extend(on_disk(dir.path()));
+        everywhere.sort_unstable();
+        assert_eq!(everywhere, (0..SENT).collect::<Vec<_>>());
+
+        // The next start writes the rest.
+        *store.budget.lock().unwrap() = None;
+        store.down.store(false, SeqCst);
+        let (recorder, writer, _) = start_flaky(&store, dir.path(), 100);
+        eventually("the rest is written", async || {
+            spill_files(dir.path()).is_empty()
+        })
+        .await;
+        recorder.flush().await;
+        assert_eq!(
+            stored(&store).await,
+            (0..SENT).collect::<Vec<_>>(),
+            "each once"
+        );
+        writer.shutdown().await;
     }
 
     fn spill_line(tokens: u64, model: &str) -> Vec<u8> {

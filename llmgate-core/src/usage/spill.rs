@@ -175,10 +175,28 @@ struct Progress {
 #[derive(Debug)]
 pub(crate) struct ReplayChunk {
     pub(crate) records: Vec<RequestRecord>,
-    /// Lines that are not records (torn by a crash): they cannot be replayed.
-    pub(crate) unreadable: usize,
+    /// Where each record's line starts.
+    starts: Vec<u64>,
+    /// Where each line that is not a record (torn by a crash) starts: they cannot be
+    /// replayed.
+    unreadable: Vec<u64>,
     end: u64,
     at_end: bool,
+}
+
+impl ReplayChunk {
+    /// Where the replay goes on once its first `written` records are in the store (or
+    /// set aside): the line of the first one that is not.
+    fn position_after(&self, written: usize) -> u64 {
+        self.starts.get(written).copied().unwrap_or(self.end)
+    }
+
+    /// The unreadable lines the replay passes once its first `written` records are in
+    /// the store.
+    pub(crate) fn unreadable_passed(&self, written: usize) -> usize {
+        let to = self.position_after(written);
+        self.unreadable.iter().filter(|&&at| at < to).count()
+    }
 }
 
 impl SpillFile {
@@ -254,18 +272,21 @@ impl SpillFile {
         }
     }
 
-    /// The chunk is in the store: the replay goes on after it, and the file is removed
-    /// once all of it is (its position saved first, so that a failed removal does not
-    /// make a restart write the last chunk again). An error means the position could not
-    /// be saved (or the file removed); the replay still goes on after the chunk.
-    pub(crate) async fn replayed(&self, chunk: &ReplayChunk) -> io::Result<()> {
+    /// The first `written` records of the chunk are in the store (or set aside): the
+    /// replay goes on after them; the others stay in the file, to be read again. The
+    /// file is removed once all of it is written (its position saved first, so that a
+    /// failed removal does not make a restart write the last chunk again). An error
+    /// means the position could not be saved (or the file removed); the replay still goes
+    /// on after the records written.
+    pub(crate) async fn replayed(&self, chunk: &ReplayChunk, written: usize) -> io::Result<()> {
+        let to = chunk.position_after(written);
         let mut progress = self.progress.lock().await;
-        let at = progress.at.map_or(chunk.end, |at| at.max(chunk.end));
+        let at = progress.at.map_or(to, |at| at.max(to));
         progress.at = Some(at);
         let offset_path = self.offset.clone();
         blocking(move || save_offset(&offset_path, at)).await?;
         progress.saved = Some(at);
-        if chunk.at_end {
+        if chunk.at_end && at == chunk.end {
             let replay = self.replay.clone();
             blocking(move || {
                 #[cfg(test)]
@@ -318,7 +339,8 @@ fn read_chunk(path: &Path, offset: u64, max: usize) -> io::Result<ReplayChunk> {
     let mut reader = BufReader::new(file);
     let mut chunk = ReplayChunk {
         records: Vec::new(),
-        unreadable: 0,
+        starts: Vec::new(),
+        unreadable: Vec::new(),
         end: offset,
         at_end: false,
     };
@@ -332,14 +354,18 @@ fn read_chunk(path: &Path, offset: u64, max: usize) -> io::Result<ReplayChunk> {
             chunk.at_end = true;
             break;
         }
+        let start = chunk.end;
         chunk.end += read as u64;
         let text = line.trim_ascii();
         if text.is_empty() {
             continue;
         }
         match serde_json::from_slice::<RequestRecord>(text) {
-            Ok(record) => chunk.records.push(record),
-            Err(_) => chunk.unreadable += 1,
+            Ok(record) => {
+                chunk.records.push(record);
+                chunk.starts.push(start);
+            }
+            Err(_) => chunk.unreadable.push(start),
         }
     }
     if !chunk.at_end {
@@ -457,7 +483,7 @@ mod tests {
         assert_eq!(first.records, [record(1), record(2)]);
         // Spilled while a replay is on: goes to a fresh file, replayed after.
         spill.append(&[record(5)]).await.unwrap();
-        spill.replayed(&first).await.unwrap();
+        spill.replayed(&first, 2).await.unwrap();
 
         // A restart in the middle of the replay goes on where it stopped.
         let spill = SpillFile::new(dir.path());
@@ -466,8 +492,8 @@ mod tests {
         let mut unreadable = 0;
         while let Some(chunk) = spill.next_chunk(2).await.unwrap() {
             seen.extend(chunk.records.iter().map(|r| r.at.timestamp_millis()));
-            unreadable += chunk.unreadable;
-            spill.replayed(&chunk).await.unwrap();
+            unreadable += chunk.unreadable_passed(chunk.records.len());
+            spill.replayed(&chunk, chunk.records.len()).await.unwrap();
         }
         assert_eq!(seen, [3, 4, 5]);
         assert_eq!(unreadable, 1, "only the torn line is lost");
@@ -492,8 +518,8 @@ mod tests {
 
         let chunk = spill.next_chunk(10).await.unwrap().unwrap();
         assert_eq!(chunk.records, [record(1), record(3)]);
-        assert_eq!(chunk.unreadable, 1);
-        spill.replayed(&chunk).await.unwrap();
+        assert_eq!(chunk.unreadable_passed(2), 1);
+        spill.replayed(&chunk, 2).await.unwrap();
         assert!(spill.next_chunk(10).await.unwrap().is_none());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
