@@ -740,9 +740,13 @@ async fn run_writer(
                 queue.set_down(true);
                 // Records put back may pass the bound.
                 aside.spill(queue.take_excess()).await;
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = queue.closing.notified() => {}
+                // A write's grace period may have taken the close's notification: then
+                // the queue is closed already, and the stop must not wait out `delay`.
+                if !queue.lock().closed {
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = queue.closing.notified() => {}
+                    }
                 }
                 delay = (delay * 2).min(RETRY_MAX);
             }
