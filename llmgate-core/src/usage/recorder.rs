@@ -712,8 +712,13 @@ async fn run_writer(
     let store = store.as_ref();
     let mut delay = RETRY_FIRST;
     let mut last_take = tokio::time::Instant::now();
+    // The spill file's own back-off, while the disk fails (read-only, full, I/O errors):
+    // the queue is written meanwhile, and the store is not deemed down.
+    let mut replay_delay = RETRY_FIRST;
+    let mut replay_at = tokio::time::Instant::now();
     loop {
-        let replay = aside.spill.as_ref().is_some_and(SpillFile::is_pending);
+        let pending = aside.spill.as_ref().is_some_and(SpillFile::is_pending);
+        let replay = pending && tokio::time::Instant::now() >= replay_at;
         let (queued, closed) = {
             let state = queue.lock();
             (!state.items.is_empty(), state.closed)
@@ -722,7 +727,14 @@ async fn run_writer(
             break;
         }
         if !queued && !replay {
-            queue.wake.notified().await;
+            if pending {
+                tokio::select! {
+                    _ = queue.wake.notified() => {}
+                    _ = tokio::time::sleep_until(replay_at) => {}
+                }
+            } else {
+                queue.wake.notified().await;
+            }
             continue;
         }
         // Let a batch gather without a transaction per record, unless someone waits on
@@ -746,7 +758,17 @@ async fn run_writer(
                     err
                 });
         if failed.is_none() && replay {
-            failed = replay_chunk(store, &queue, &aside).await.err();
+            match replay_chunk(store, &queue, &aside).await {
+                Ok(()) => replay_delay = RETRY_FIRST,
+                Err(ReplayFailed::Store(err)) => failed = Some(err),
+                Err(ReplayFailed::Disk(err)) => {
+                    if replay_delay == RETRY_FIRST {
+                        tracing::error!(error = %err, "cannot replay the usage spill file; retrying");
+                    }
+                    replay_at = tokio::time::Instant::now() + replay_delay;
+                    replay_delay = (replay_delay * 2).min(RETRY_MAX);
+                }
+            }
         }
         for done in flushes {
             let _ = done.send(());
@@ -766,9 +788,13 @@ async fn run_writer(
                 queue.set_down(true);
                 // Records put back may pass the bound.
                 aside.spill(queue.take_excess()).await;
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = queue.closing.notified() => {}
+                // A write's grace period may have taken the close's notification: then
+                // the queue is closed already, and the stop must not wait out `delay`.
+                if !queue.lock().closed {
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = queue.closing.notified() => {}
+                    }
                 }
                 delay = (delay * 2).min(RETRY_MAX);
             }
@@ -777,46 +803,62 @@ async fn run_writer(
     finish(store, &queue, &aside).await;
 }
 
-/// Writes one chunk of the spill file to the store. What the store does not take waits
-/// in the queue from then on (and is spilled again beyond the bound), so that no part
-/// of the chunk is written twice.
+/// Why a replay stopped.
+enum ReplayFailed {
+    /// The store is down: retried with the store's back-off.
+    Store(StorageError),
+    /// The spill file could not be read, or its progress noted: retried with a back-off
+    /// of its own.
+    Disk(std::io::Error),
+}
+
+/// Writes one chunk of the spill file to the store. What the store does not take stays
+/// in the file, to be read again when it is back: records safe on disk are not moved
+/// to memory, where a kill would lose them.
 async fn replay_chunk(
     store: &dyn UsageStore,
     queue: &Queue,
     aside: &SetAside,
-) -> Result<(), StorageError> {
+) -> Result<(), ReplayFailed> {
     let Some(spill) = &aside.spill else {
         return Ok(());
     };
-    let mut chunk = match spill.next_chunk(MAX_BATCH).await {
-        Ok(Some(chunk)) => chunk,
-        Ok(None) => return Ok(()),
-        Err(err) => {
-            tracing::error!(error = %err, "cannot read the usage spill file");
-            return Ok(());
-        }
+    let Some(mut chunk) = spill
+        .next_chunk(MAX_BATCH)
+        .await
+        .map_err(ReplayFailed::Disk)?
+    else {
+        return Ok(());
     };
     let records = std::mem::take(&mut chunk.records);
-    let outage = write(store, queue, aside, records, None)
-        .await
-        .err()
-        .map(|(err, left)| {
-            queue.put_back(left);
-            err
-        });
-    if chunk.unreadable > 0 {
+    let total = records.len();
+    // What is not written is the end of the chunk (see `write_splitting`).
+    let (written, outage) = match write(store, queue, aside, records, None).await {
+        Ok(()) => (total, None),
+        Err((err, left)) => (total - left.len(), Some(err)),
+    };
+    let unreadable = chunk.unreadable_passed(written);
+    if unreadable > 0 {
         tracing::error!(
-            lost = chunk.unreadable,
+            lost = unreadable,
             "unreadable lines in the usage spill file (torn by a crash); records lost"
         );
         if let Some(o) = &aside.observer {
-            o.lost(chunk.unreadable);
+            o.lost(unreadable);
         }
     }
-    if let Err(err) = spill.replayed(&chunk).await {
-        tracing::error!(error = %err, "cannot note the usage spill file's progress");
+    // Not noted on disk: the replay waits before it reads on (a restart would write the
+    // records in between again), but this process never writes them twice.
+    let noted = spill.replayed(&chunk, written).await;
+    match (outage, noted) {
+        (Some(err), noted) => {
+            if let Err(disk) = noted {
+                tracing::warn!(error = %disk, "cannot note the usage spill file's progress");
+            }
+            Err(ReplayFailed::Store(err))
+        }
+        (None, noted) => noted.map_err(ReplayFailed::Disk),
     }
-    outage.map_or(Ok(()), Err)
 }
 
 /// The queue closed: writes what is left, for at most [`SHUTDOWN_GRACE`]; the rest goes
@@ -1148,6 +1190,10 @@ mod tests {
         inner: MemoryStore,
         down: std::sync::atomic::AtomicBool,
         hang: std::sync::atomic::AtomicBool,
+        /// Records it takes before it is down, when set.
+        budget: Mutex<Option<usize>>,
+        /// Writes it failed as an outage.
+        outages: std::sync::atomic::AtomicUsize,
     }
 
     #[async_trait::async_trait]
@@ -1157,7 +1203,19 @@ mod tests {
             if self.hang.load(SeqCst) {
                 std::future::pending::<()>().await;
             }
-            if self.down.load(SeqCst) {
+            let spent = {
+                let mut budget = self.budget.lock().unwrap();
+                match budget.as_mut() {
+                    Some(left) if *left < batch.len() => true,
+                    Some(left) => {
+                        *left -= batch.len();
+                        false
+                    }
+                    None => false,
+                }
+            };
+            if spent || self.down.load(SeqCst) {
+                self.outages.fetch_add(1, SeqCst);
                 return Err(StorageError::Database("connection refused".into()));
             }
             if batch.iter().any(|r| r.model.as_deref() == Some("refused")) {
@@ -1410,5 +1468,270 @@ mod tests {
         assert_eq!(stored(&store).await, (0..60).collect::<Vec<_>>());
         writer.shutdown().await;
         assert_eq!(spill_lines(dir.path()), 0);
+    }
+
+    /// The prompt tokens of the records on disk still to be written (the spill file, and
+    /// the replay file from its saved position), sorted.
+    fn on_disk(dir: &std::path::Path) -> Vec<u64> {
+        use super::super::spill::{REPLAY_FILE, REPLAY_OFFSET_FILE};
+        let read = |name: &str| std::fs::read(dir.join(name)).unwrap_or_default();
+        let offset: usize = String::from_utf8(read(REPLAY_OFFSET_FILE))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        let mut lines = read(REPLAY_FILE).get(offset..).unwrap_or_default().to_vec();
+        lines.extend(read(SPILL_FILE));
+        let mut tokens: Vec<u64> = lines
+            .split(|&b| b == b'\n')
+            .filter_map(|line| serde_json::from_slice::<RequestRecord>(line).ok())
+            .filter_map(|r| r.prompt_tokens)
+            .collect();
+        tokens.sort_unstable();
+        tokens
+    }
+
+    /// The names of the spill's files left in `dir`.
+    fn spill_files(dir: &std::path::Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with("usage-spill"))
+            .collect()
+    }
+
+    /// Starts a recorder whose store is down with a queue of 100, and sends `sent`
+    /// records: all but the last 100 are spilled.
+    async fn spilled_while_down(
+        sent: u64,
+    ) -> (
+        tempfile::TempDir,
+        Arc<Flaky>,
+        UsageRecorder,
+        UsageWriter,
+        Arc<Counts>,
+    ) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Flaky::default());
+        store.down.store(true, SeqCst);
+        let (recorder, writer, counts) = start_flaky(&store, dir.path(), 100);
+        send(&recorder, 0..sent, "m");
+        eventually("all but 100 are spilled", async || {
+            spill_lines(dir.path()) == sent as usize - 100
+        })
+        .await;
+        (dir, store, recorder, writer, counts)
+    }
+
+    #[tokio::test]
+    async fn a_replay_whose_progress_cannot_be_saved_writes_each_record_once_and_waits() {
+        use super::super::spill::disk_faults::{self, Op};
+        use std::sync::atomic::Ordering::SeqCst;
+        // Two chunks of the spill file.
+        const SENT: u64 = MAX_BATCH as u64 + 1_000;
+        for op in [Op::Save, Op::Remove] {
+            let (dir, store, recorder, writer, _) = spilled_while_down(SENT).await;
+            // A full disk, or one remounted read-only.
+            disk_faults::fail(dir.path(), op, true);
+            store.down.store(false, SeqCst);
+            // The position after the first chunk cannot be saved: the replay waits before
+            // the second. The file cannot be removed: both chunks are written.
+            let expected = match op {
+                Op::Save => 100 + MAX_BATCH,
+                _ => SENT as usize,
+            };
+            eventually("the replay starts", async || {
+                stored(&store).await.len() >= expected
+            })
+            .await;
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            let mut written = stored(&store).await;
+            let len = written.len();
+            written.dedup();
+            assert_eq!(
+                (len, written.len()),
+                (expected, expected),
+                "{op:?}: each record written once"
+            );
+            let tries = disk_faults::tries(dir.path(), op);
+            assert!(
+                (2..=8).contains(&tries),
+                "{op:?}: tried again, with waits between: {tries}"
+            );
+
+            disk_faults::fail(dir.path(), op, false);
+            eventually("the replay ends", async || {
+                spill_files(dir.path()).is_empty()
+            })
+            .await;
+            recorder.flush().await;
+            assert_eq!(
+                stored(&store).await,
+                (0..SENT).collect::<Vec<_>>(),
+                "{op:?}: each once"
+            );
+            writer.shutdown().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_outage_during_a_replay_leaves_the_rest_on_disk_and_each_record_is_written_once() {
+        use std::sync::atomic::Ordering::SeqCst;
+        // Three chunks of the spill file.
+        const SENT: u64 = 2 * MAX_BATCH as u64 + 1_000;
+        let (dir, store, recorder, writer, counts) = spilled_while_down(SENT).await;
+        // Back for the queue and the first chunk only.
+        *store.budget.lock().unwrap() = Some(100 + MAX_BATCH);
+        store.down.store(false, SeqCst);
+        eventually("the first chunk is written", async || {
+            stored(&store).await.len() >= 100 + MAX_BATCH
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(store.outages.load(SeqCst) > 0);
+        assert_eq!(recorder.queued(), 0, "nothing moved from disk to memory");
+        let mut everywhere = stored(&store).await;
+        everywhere.extend(on_disk(dir.path()));
+        everywhere.sort_unstable();
+        assert_eq!(
+            everywhere,
+            (0..SENT).collect::<Vec<_>>(),
+            "what is not written is on disk, once"
+        );
+
+        *store.budget.lock().unwrap() = None;
+        eventually("every record is written", async || {
+            stored(&store).await.len() >= SENT as usize
+        })
+        .await;
+        recorder.flush().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            stored(&store).await,
+            (0..SENT).collect::<Vec<_>>(),
+            "each once"
+        );
+        assert_eq!(counts.get(), (0, SENT as usize - 100, 0));
+        writer.shutdown().await;
+        assert_eq!(spill_files(dir.path()), Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn a_stop_during_a_replay_with_the_store_down_is_prompt_and_keeps_the_records_on_disk() {
+        use std::sync::atomic::Ordering::SeqCst;
+        const SENT: u64 = MAX_BATCH as u64 + 1_000;
+        let (dir, store, _recorder, writer, _) = spilled_while_down(SENT).await;
+        *store.budget.lock().unwrap() = Some(100 + MAX_BATCH);
+        store.down.store(false, SeqCst);
+        eventually("the first chunk is written", async || {
+            stored(&store).await.len() >= 100 + MAX_BATCH
+        })
+        .await;
+        store.down.store(true, SeqCst);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let started = Instant::now();
+        writer.shutdown().await;
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        let mut everywhere = stored(&store).await;
+        everywhere.extend(on_disk(dir.path()));
+        everywhere.sort_unstable();
+        assert_eq!(everywhere, (0..SENT).collect::<Vec<_>>());
+
+        // The next start writes the rest.
+        *store.budget.lock().unwrap() = None;
+        store.down.store(false, SeqCst);
+        let (recorder, writer, _) = start_flaky(&store, dir.path(), 100);
+        eventually("the rest is written", async || {
+            spill_files(dir.path()).is_empty()
+        })
+        .await;
+        recorder.flush().await;
+        assert_eq!(
+            stored(&store).await,
+            (0..SENT).collect::<Vec<_>>(),
+            "each once"
+        );
+        writer.shutdown().await;
+    }
+
+    fn spill_line(tokens: u64, model: &str) -> Vec<u8> {
+        let record = RequestRecord {
+            at: now_millis(),
+            key_id: "k".into(),
+            method: "POST".into(),
+            path: "/v1/chat/completions".into(),
+            model: Some(model.into()),
+            status: 200,
+            prompt_tokens: Some(tokens),
+            completion_tokens: Some(1),
+            latency_ms: 3,
+            first_byte_ms: None,
+        };
+        let mut line = serde_json::to_vec(&record).unwrap();
+        line.push(b'\n');
+        line
+    }
+
+    #[tokio::test]
+    async fn a_spill_line_torn_inside_a_character_loses_only_itself_and_the_replay_ends() {
+        use super::super::spill::disk_faults::{self, Op};
+        let dir = tempfile::tempdir().unwrap();
+        let mut file = Vec::new();
+        for i in 0..3 {
+            file.extend(spill_line(i, "modèle"));
+        }
+        // A crash in the middle of "è"; the next append ended the line.
+        let torn = spill_line(99, "modèle");
+        let cut = torn.iter().position(|&b| b == 0xC3).unwrap() + 1;
+        file.extend_from_slice(&torn[..cut]);
+        file.push(b'\n');
+        for i in 3..6 {
+            file.extend(spill_line(i, "m"));
+        }
+        std::fs::write(dir.path().join(SPILL_FILE), file).unwrap();
+        disk_faults::fail(dir.path(), Op::Read, false);
+
+        let store = Arc::new(Flaky::default());
+        let (recorder, writer, counts) = start_flaky(&store, dir.path(), DEFAULT_QUEUE_MAX);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let reads = disk_faults::tries(dir.path(), Op::Read);
+        assert!(reads <= 5, "the writer does not spin: {reads} reads");
+        recorder.flush().await;
+        assert_eq!(stored(&store).await, (0..6).collect::<Vec<_>>());
+        assert_eq!(counts.get(), (0, 0, 1), "only the torn line is lost");
+        assert_eq!(spill_files(dir.path()), Vec::<String>::new());
+        writer.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_spill_file_that_cannot_be_read_is_tried_again_with_growing_waits() {
+        use super::super::spill::disk_faults::{self, Op};
+        let dir = tempfile::tempdir().unwrap();
+        let file: Vec<u8> = (0..3).flat_map(|i| spill_line(i, "m")).collect();
+        std::fs::write(dir.path().join(SPILL_FILE), file).unwrap();
+        disk_faults::fail(dir.path(), Op::Read, true);
+
+        let store = Arc::new(Flaky::default());
+        let (recorder, writer, _) = start_flaky(&store, dir.path(), DEFAULT_QUEUE_MAX);
+        // The queue is written meanwhile.
+        send(&recorder, 3..5, "m");
+        recorder.flush().await;
+        assert_eq!(stored(&store).await, [3, 4]);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let reads = disk_faults::tries(dir.path(), Op::Read);
+        assert!((3..=10).contains(&reads), "{reads} reads in 1 s");
+
+        disk_faults::fail(dir.path(), Op::Read, false);
+        eventually("the spill file is written", async || {
+            spill_files(dir.path()).is_empty()
+        })
+        .await;
+        assert_eq!(stored(&store).await, (0..5).collect::<Vec<_>>());
+        writer.shutdown().await;
     }
 }

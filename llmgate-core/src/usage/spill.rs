@@ -27,10 +27,10 @@ pub const MAX_REJECTED_SHOWN: usize = 1000;
 
 /// The spill file while it is being written to the store: new spills go to a fresh
 /// [`SPILL_FILE`] meanwhile.
-const REPLAY_FILE: &str = "usage-spill.replaying.jsonl";
+pub(crate) const REPLAY_FILE: &str = "usage-spill.replaying.jsonl";
 /// How far the replay got, in bytes of [`REPLAY_FILE`], so that a restart does not
 /// write its first part again.
-const REPLAY_OFFSET_FILE: &str = "usage-spill.replaying.offset";
+pub(crate) const REPLAY_OFFSET_FILE: &str = "usage-spill.replaying.offset";
 /// How much of the end of the rejected file is read back.
 const REJECTED_TAIL_BYTES: u64 = 4 << 20;
 
@@ -92,26 +92,111 @@ async fn blocking<T: Send + 'static>(
         .unwrap_or_else(|e| Err(io::Error::other(e)))
 }
 
+/// Disk failures injected by tests, per data directory: a read-only directory does not
+/// stop root, and tests run side by side.
+#[cfg(test)]
+pub(crate) mod disk_faults {
+    use std::collections::BTreeMap;
+    use std::io;
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    /// What a replay does on disk.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+    pub(crate) enum Op {
+        /// Reads the spill file.
+        Read,
+        /// Saves its position.
+        Save,
+        /// Removes the replayed file.
+        Remove,
+    }
+
+    /// Per watched directory and operation: whether it fails, and how often it was tried.
+    static DIRS: Mutex<BTreeMap<(PathBuf, Op), (bool, usize)>> = Mutex::new(BTreeMap::new());
+
+    /// Makes `op` in `dir` fail (or work again), and counts its tries from now on.
+    pub(crate) fn fail(dir: &Path, op: Op, failing: bool) {
+        let mut dirs = DIRS.lock().unwrap();
+        dirs.entry((dir.to_owned(), op)).or_default().0 = failing;
+    }
+
+    /// How often `op` was tried in `dir` since it was first passed to [`fail`].
+    pub(crate) fn tries(dir: &Path, op: Op) -> usize {
+        let dirs = DIRS.lock().unwrap();
+        dirs.get(&(dir.to_owned(), op))
+            .map_or(0, |(_, tries)| *tries)
+    }
+
+    /// Called before `op` on `file`.
+    pub(super) fn check(file: &Path, op: Op) -> io::Result<()> {
+        let dir = file.parent().unwrap_or(file).to_owned();
+        let mut dirs = DIRS.lock().unwrap();
+        match dirs.get_mut(&(dir, op)) {
+            Some((failing, tries)) => {
+                *tries += 1;
+                if *failing {
+                    Err(io::Error::other(format!("injected: {op:?} fails")))
+                } else {
+                    Ok(())
+                }
+            }
+            None => Ok(()),
+        }
+    }
+}
+
 /// Records waiting on disk for the store.
 #[derive(Debug)]
 pub(crate) struct SpillFile {
     spill: PathBuf,
     replay: PathBuf,
     offset: PathBuf,
-    /// Appending and starting a replay (which renames the file) take turns.
-    lock: tokio::sync::Mutex<()>,
+    /// Appending and starting a replay (which renames the file) take turns; the replay's
+    /// progress.
+    progress: tokio::sync::Mutex<Progress>,
     /// Something may wait to be replayed.
     pending: AtomicBool,
+}
+
+/// How far the replay of [`REPLAY_FILE`] got, in bytes.
+#[derive(Debug, Default)]
+struct Progress {
+    /// What this process wrote to the store: it only moves forward, whatever happens to
+    /// the saved copy, so that no record is written twice while the process lives.
+    /// `None` until the replay file is opened.
+    at: Option<u64>,
+    /// What [`REPLAY_OFFSET_FILE`] holds. Behind `at` when saving failed: the replay
+    /// waits until it is saved (a restart would write again what lies between).
+    saved: Option<u64>,
 }
 
 /// Part of the spill file, read for the store.
 #[derive(Debug)]
 pub(crate) struct ReplayChunk {
     pub(crate) records: Vec<RequestRecord>,
-    /// Lines that are not records (torn by a crash): they cannot be replayed.
-    pub(crate) unreadable: usize,
+    /// Where each record's line starts.
+    starts: Vec<u64>,
+    /// Where each line that is not a record (torn by a crash) starts: they cannot be
+    /// replayed.
+    unreadable: Vec<u64>,
     end: u64,
     at_end: bool,
+}
+
+impl ReplayChunk {
+    /// Where the replay goes on once its first `written` records are in the store (or
+    /// set aside): the line of the first one that is not.
+    fn position_after(&self, written: usize) -> u64 {
+        self.starts.get(written).copied().unwrap_or(self.end)
+    }
+
+    /// The unreadable lines the replay passes once its first `written` records are in
+    /// the store.
+    pub(crate) fn unreadable_passed(&self, written: usize) -> usize {
+        let to = self.position_after(written);
+        self.unreadable.iter().filter(|&&at| at < to).count()
+    }
 }
 
 impl SpillFile {
@@ -123,7 +208,7 @@ impl SpillFile {
             spill,
             replay,
             offset: dir.join(REPLAY_OFFSET_FILE),
-            lock: tokio::sync::Mutex::new(()),
+            progress: tokio::sync::Mutex::default(),
             pending: AtomicBool::new(pending),
         }
     }
@@ -132,7 +217,7 @@ impl SpillFile {
     pub(crate) async fn append(&self, records: &[RequestRecord]) -> io::Result<()> {
         let lines = to_lines(records);
         let path = self.spill.clone();
-        let _turn = self.lock.lock().await;
+        let _turn = self.progress.lock().await;
         blocking(move || append_lines(&path, &lines)).await?;
         self.pending.store(true, Ordering::SeqCst);
         Ok(())
@@ -143,47 +228,100 @@ impl SpillFile {
         self.pending.load(Ordering::SeqCst)
     }
 
-    /// The next records to replay, at most `max`; `None` when nothing waits.
+    /// The next records to replay, at most `max`; `None` when nothing waits. Fails,
+    /// without reading, while the position last replayed cannot be saved.
     pub(crate) async fn next_chunk(&self, max: usize) -> io::Result<Option<ReplayChunk>> {
-        let _turn = self.lock.lock().await;
+        let mut progress = self.progress.lock().await;
         let (spill, replay, offset_path) =
             (self.spill.clone(), self.replay.clone(), self.offset.clone());
-        let chunk = blocking(move || {
-            if !replay.exists() {
-                if !spill.exists() {
-                    return Ok(None);
+        let (at, saved) = (progress.at, progress.saved);
+        let found = blocking(move || {
+            #[cfg(test)]
+            disk_faults::check(&replay, disk_faults::Op::Read)?;
+            let at = match at {
+                Some(at) => {
+                    if saved != Some(at) {
+                        save_offset(&offset_path, at)?;
+                    }
+                    at
                 }
-                std::fs::write(&offset_path, b"0")?;
-                std::fs::rename(&spill, &replay)?;
-            }
-            let offset = std::fs::read_to_string(&offset_path)
-                .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok())
-                .unwrap_or(0);
-            read_chunk(&replay, offset, max).map(Some)
+                None if replay.exists() => read_offset(&offset_path)?,
+                None if spill.exists() => {
+                    // One left by a replay whose end was not noted in full.
+                    std::fs::remove_file(&offset_path).or_else(ignore_missing)?;
+                    std::fs::rename(&spill, &replay)?;
+                    0
+                }
+                None => return Ok(None),
+            };
+            read_chunk(&replay, at, max).map(|chunk| Some((at, chunk)))
         })
         .await?;
-        if chunk.is_none() {
-            self.pending.store(false, Ordering::SeqCst);
+        match found {
+            Some((at, chunk)) => {
+                *progress = Progress {
+                    at: Some(at),
+                    saved: Some(at),
+                };
+                Ok(Some(chunk))
+            }
+            None => {
+                self.pending.store(false, Ordering::SeqCst);
+                Ok(None)
+            }
         }
-        Ok(chunk)
     }
 
-    /// The chunk is in the store: the replay goes on after it (the file is removed once
-    /// all of it is).
-    pub(crate) async fn replayed(&self, chunk: &ReplayChunk) -> io::Result<()> {
-        let (replay, offset_path) = (self.replay.clone(), self.offset.clone());
-        let (end, at_end) = (chunk.end, chunk.at_end);
-        let _turn = self.lock.lock().await;
-        blocking(move || {
-            if at_end {
-                std::fs::remove_file(&replay)?;
-                std::fs::remove_file(&offset_path).or_else(ignore_missing)
-            } else {
-                std::fs::write(&offset_path, end.to_string())
-            }
-        })
-        .await
+    /// The first `written` records of the chunk are in the store (or set aside): the
+    /// replay goes on after them; the others stay in the file, to be read again. The
+    /// file is removed once all of it is written (its position saved first, so that a
+    /// failed removal does not make a restart write the last chunk again). An error
+    /// means the position could not be saved (or the file removed); the replay still goes
+    /// on after the records written.
+    pub(crate) async fn replayed(&self, chunk: &ReplayChunk, written: usize) -> io::Result<()> {
+        let to = chunk.position_after(written);
+        let mut progress = self.progress.lock().await;
+        let at = progress.at.map_or(to, |at| at.max(to));
+        progress.at = Some(at);
+        let offset_path = self.offset.clone();
+        blocking(move || save_offset(&offset_path, at)).await?;
+        progress.saved = Some(at);
+        if chunk.at_end && at == chunk.end {
+            let replay = self.replay.clone();
+            blocking(move || {
+                #[cfg(test)]
+                disk_faults::check(&replay, disk_faults::Op::Remove)?;
+                std::fs::remove_file(&replay)
+            })
+            .await?;
+            // A new replay starts at the beginning of a new file.
+            *progress = Progress::default();
+            let offset_path = self.offset.clone();
+            blocking(move || std::fs::remove_file(&offset_path).or_else(ignore_missing)).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Saves the replay position: written aside and renamed over the old one, so that a crash
+/// leaves either, never a torn number read as 0 (which would replay the file again).
+fn save_offset(path: &Path, at: u64) -> io::Result<()> {
+    #[cfg(test)]
+    disk_faults::check(path, disk_faults::Op::Save)?;
+    let next = path.with_extension("offset.next");
+    let mut file = File::create(&next)?;
+    file.write_all(at.to_string().as_bytes())?;
+    file.sync_data()?;
+    std::fs::rename(&next, path)
+}
+
+/// The replay position saved by an earlier process; 0 when there is none (the replay
+/// had not gone past its first chunk).
+fn read_offset(path: &Path) -> io::Result<u64> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(text.trim().parse().unwrap_or(0)),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(err) => Err(err),
     }
 }
 
@@ -201,26 +339,33 @@ fn read_chunk(path: &Path, offset: u64, max: usize) -> io::Result<ReplayChunk> {
     let mut reader = BufReader::new(file);
     let mut chunk = ReplayChunk {
         records: Vec::new(),
-        unreadable: 0,
+        starts: Vec::new(),
+        unreadable: Vec::new(),
         end: offset,
         at_end: false,
     };
-    let mut line = String::new();
+    // Bytes, not text: a line torn by a crash may end inside a character (clients choose
+    // the models and paths, non-ASCII ones included), and must spoil only itself.
+    let mut line = Vec::new();
     while chunk.records.len() < max {
         line.clear();
-        let read = reader.read_line(&mut line)?;
+        let read = reader.read_until(b'\n', &mut line)?;
         if read == 0 {
             chunk.at_end = true;
             break;
         }
+        let start = chunk.end;
         chunk.end += read as u64;
-        let text = line.trim();
+        let text = line.trim_ascii();
         if text.is_empty() {
             continue;
         }
-        match serde_json::from_str::<RequestRecord>(text) {
-            Ok(record) => chunk.records.push(record),
-            Err(_) => chunk.unreadable += 1,
+        match serde_json::from_slice::<RequestRecord>(text) {
+            Ok(record) => {
+                chunk.records.push(record);
+                chunk.starts.push(start);
+            }
+            Err(_) => chunk.unreadable.push(start),
         }
     }
     if !chunk.at_end {
@@ -338,7 +483,7 @@ mod tests {
         assert_eq!(first.records, [record(1), record(2)]);
         // Spilled while a replay is on: goes to a fresh file, replayed after.
         spill.append(&[record(5)]).await.unwrap();
-        spill.replayed(&first).await.unwrap();
+        spill.replayed(&first, 2).await.unwrap();
 
         // A restart in the middle of the replay goes on where it stopped.
         let spill = SpillFile::new(dir.path());
@@ -347,12 +492,35 @@ mod tests {
         let mut unreadable = 0;
         while let Some(chunk) = spill.next_chunk(2).await.unwrap() {
             seen.extend(chunk.records.iter().map(|r| r.at.timestamp_millis()));
-            unreadable += chunk.unreadable;
-            spill.replayed(&chunk).await.unwrap();
+            unreadable += chunk.unreadable_passed(chunk.records.len());
+            spill.replayed(&chunk, chunk.records.len()).await.unwrap();
         }
         assert_eq!(seen, [3, 4, 5]);
         assert_eq!(unreadable, 1, "only the torn line is lost");
         assert!(!spill.is_pending());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_line_torn_inside_a_character_spoils_only_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let spill = SpillFile::new(dir.path());
+        let mut accented = record(2);
+        accented.model = Some("modèle".into());
+        spill.append(&[record(1), accented]).await.unwrap();
+        // A crash in the middle of "è".
+        let path = dir.path().join(SPILL_FILE);
+        let mut torn = std::fs::read(&path).unwrap();
+        let cut = torn.iter().rposition(|&b| b == 0xC3).unwrap() + 1;
+        torn.truncate(cut);
+        std::fs::write(&path, torn).unwrap();
+        spill.append(&[record(3)]).await.unwrap();
+
+        let chunk = spill.next_chunk(10).await.unwrap().unwrap();
+        assert_eq!(chunk.records, [record(1), record(3)]);
+        assert_eq!(chunk.unreadable_passed(2), 1);
+        spill.replayed(&chunk, 2).await.unwrap();
+        assert!(spill.next_chunk(10).await.unwrap().is_none());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
