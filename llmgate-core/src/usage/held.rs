@@ -12,6 +12,12 @@
 /// line would have the gateway hold all of it (twice, while it grows).
 pub const MAX_HELD_BYTES: usize = 1024 * 1024;
 
+/// The most streamed text gathered for a token counter (upstreams that send no usage in
+/// streams): 4 MiB, about a million tokens, more than any context window a local model
+/// has. Past it the text is dropped and the stream's tokens are recorded as unknown: an
+/// upstream that streams without end must not make the gateway keep all it said.
+pub const MAX_GATHERED_TEXT_BYTES: usize = 4 * 1024 * 1024;
+
 /// The start kept of something over [`MAX_HELD_BYTES`]: enough for the `type` (and
 /// usually the `model`) that come first.
 pub(crate) const HEAD_BYTES: usize = 4 * 1024;

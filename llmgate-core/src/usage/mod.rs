@@ -25,7 +25,7 @@ mod sse;
 pub use body::{AuthUsageBody, UsageBody};
 pub use counter::TokenCounter;
 pub use endpoint::{endpoint_label, OTHER_ENDPOINT};
-pub use held::MAX_HELD_BYTES;
+pub use held::{MAX_GATHERED_TEXT_BYTES, MAX_HELD_BYTES};
 pub use recorder::{
     RecorderOptions, RejectedRecord, UsageObserver, UsageRecorder, UsageWriter, DEFAULT_QUEUE_MAX,
     MAX_REJECTED_SHOWN, MAX_WAITING_FOR_COUNT, REJECTED_FILE, SPILL_FILE,

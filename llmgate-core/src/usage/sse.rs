@@ -18,7 +18,7 @@ use bytes::{Bytes, BytesMut};
 use memchr::memmem;
 use serde::Deserialize;
 
-use super::held::{HeadAndTail, MAX_HELD_BYTES};
+use super::held::{HeadAndTail, MAX_GATHERED_TEXT_BYTES, MAX_HELD_BYTES};
 use super::json::{trailing_usage, UsageFields};
 use super::scan::{self, Member};
 use super::TokenUsage;
@@ -243,7 +243,8 @@ pub(crate) struct SseExtractor {
     splitter: EventSplitter,
     /// The client did not ask for usage: remove what asking added.
     strip_usage: bool,
-    /// Gather the streamed text, for a token counter.
+    /// Gather the streamed text, for a token counter; dropped past
+    /// [`MAX_GATHERED_TEXT_BYTES`].
     text: Option<String>,
     usage: Option<TokenUsage>,
     model: Option<String>,
@@ -372,6 +373,10 @@ impl SseExtractor {
         if let Some(text) = &mut self.text {
             if let Some(choices) = value(member(b"choices")) {
                 gather_text(choices, text);
+            }
+            if text.len() > MAX_GATHERED_TEXT_BYTES {
+                // Too much to keep for counting: the tokens will be unknown.
+                self.text = None;
             }
         }
         let is_json = || serde_json::from_slice::<serde::de::IgnoredAny>(&data).is_ok();
@@ -710,6 +715,31 @@ mod tests {
         extractor.finish(&mut out);
         out.drain(..).for_each(|b| seen.extend_from_slice(&b));
         assert!(sent == seen, "every byte reaches the client unchanged");
+    }
+
+    #[test]
+    fn text_gathered_for_counting_stops_at_its_bound() {
+        let mut extractor = SseExtractor::new(false, true);
+        let piece = "x".repeat(16 * 1024);
+        let event = Bytes::from(chunk(&piece, ""));
+        let events = MAX_GATHERED_TEXT_BYTES / piece.len() + 2;
+        let mut out = VecDeque::new();
+        for _ in 0..events {
+            extractor.observe(&event);
+            assert!(extractor
+                .text()
+                .is_none_or(|t| t.len() <= MAX_GATHERED_TEXT_BYTES + piece.len()));
+        }
+        extractor.finish(&mut out);
+        assert_eq!(
+            extractor.text(),
+            None,
+            "dropped: the tokens are unknown, not undercounted"
+        );
+        // Below the bound the text is kept whole.
+        let mut short = SseExtractor::new(false, true);
+        short.observe(&event);
+        assert_eq!(short.text().map(str::len), Some(piece.len()));
     }
 
     #[test]
