@@ -540,17 +540,8 @@ async fn pull_downloads_from_the_hub_and_explains_what_it_picked_or_what_is_wron
 
 #[tokio::test]
 async fn two_replicas_share_keys_and_usage_through_postgres() {
-    let server_url = std::env::var("LLMGATE_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into());
-    let admin_db = sqlx::PgPool::connect(&server_url).await.expect(
-        "PostgreSQL for the tests (LLMGATE_TEST_POSTGRES or 127.0.0.1:5432, database test)",
-    );
-    let name = format!("llmgate_replicas_{}", rand::random::<u64>());
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&admin_db)
-        .await
-        .unwrap();
-    let url = format!("{}/{name}", server_url.rsplit_once('/').unwrap().0);
+    let db = common::TestDatabase::create("replicas").await;
+    let url = db.url();
 
     let upstream = MockUpstream::start().await;
     let admin = format!("sk-lg-{}", "Replica5Shared".repeat(3));
@@ -647,10 +638,7 @@ async fn two_replicas_share_keys_and_usage_through_postgres() {
 
     terminate(a).await;
     terminate(b).await;
-    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
-        .execute(&admin_db)
-        .await
-        .unwrap();
+    db.drop().await;
 }
 
 /// curl over HTTP/2 without TLS (`--http2-prior-knowledge`); its exit status, the
@@ -863,22 +851,9 @@ async fn hostile_values_do_not_stop_recording(database_url: Option<&str>) {
 
 #[tokio::test]
 async fn a_nul_model_and_absurd_usage_do_not_stop_recording_in_postgres() {
-    let server_url = std::env::var("LLMGATE_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into());
-    let admin_db = sqlx::PgPool::connect(&server_url).await.expect(
-        "PostgreSQL for the tests (LLMGATE_TEST_POSTGRES or 127.0.0.1:5432, database test)",
-    );
-    let name = format!("llmgate_hostile_{}", rand::random::<u64>());
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&admin_db)
-        .await
-        .unwrap();
-    let url = format!("{}/{name}", server_url.rsplit_once('/').unwrap().0);
-    hostile_values_do_not_stop_recording(Some(&url)).await;
-    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
-        .execute(&admin_db)
-        .await
-        .unwrap();
+    let db = common::TestDatabase::create("hostile").await;
+    hostile_values_do_not_stop_recording(Some(&db.url())).await;
+    db.drop().await;
 }
 
 #[tokio::test]

@@ -5,8 +5,6 @@
 //! database, and nothing answered is lost (except what a SIGKILL cannot save).
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -16,67 +14,11 @@ use llmgate_core::test_util::MockUpstream;
 use serde_json::{json, Value};
 use sqlx::Connection;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
 mod common;
 
-use common::{start, terminate, BIN};
-
-const ADMIN: &str = "sk-lg-dbfaultsadminkey00000000000000000000000";
-
-struct Gateway {
-    child: Child,
-    url: String,
-}
-
-async fn gateway(data_dir: &Path, upstream: &str, env: &[(&str, &str)]) -> Gateway {
-    let mut command = Command::new(BIN);
-    command
-        .args([
-            "serve",
-            "--upstream",
-            upstream,
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(data_dir)
-        .env("LLMGATE_LOG", "error")
-        .env("LLMGATE_ADMIN_KEY", ADMIN)
-        .stderr(Stdio::inherit());
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    let started = start(command, Duration::from_secs(30)).await;
-    Gateway {
-        child: started.child,
-        url: started.url,
-    }
-}
-
-/// A user key: its secret and its id.
-struct Key {
-    secret: String,
-    id: String,
-}
-
-async fn create_key(gw: &Gateway, name: &str) -> Key {
-    let created: Value = reqwest::Client::new()
-        .post(format!("{}/admin/keys", gw.url))
-        .bearer_auth(ADMIN)
-        .json(&json!({"name": name}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    Key {
-        secret: created["key"].as_str().unwrap().to_owned(),
-        id: created["id"].as_str().unwrap().to_owned(),
-    }
-}
+use common::{create_key, serve_fronting, terminate, Gateway, Key, TestDatabase, ADMIN};
 
 /// What the clients of one key were answered: per request, the model it asked for
 /// (each request asks for a model of its own, so a row names its request) and the
@@ -230,8 +172,11 @@ async fn assert_recorded_once(gw: &Gateway, key: &Key, answered: &Answered, with
 async fn a_locked_sqlite_database_delays_recording_but_not_answers() {
     let upstream = MockUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut gw = gateway(dir.path(), &upstream.url, &[]).await;
-    let (alice, bob) = (create_key(&gw, "alice").await, create_key(&gw, "bob").await);
+    let mut gw = serve_fronting(dir.path(), &upstream.url, &[]).await;
+    let (alice, bob) = (
+        create_key(&gw.url, "alice").await,
+        create_key(&gw.url, "bob").await,
+    );
     let within = Duration::from_secs(20);
     let (mut alice_answered, _) = send_all(&gw, &alice, models("a-before", 0..5), 4, within).await;
     let (mut bob_answered, _) = send_all(&gw, &bob, models("b-before", 0..5), 4, within).await;
@@ -383,64 +328,6 @@ async fn pipe(
     }
 }
 
-/// A fresh database on the test PostgreSQL (LLMGATE_TEST_POSTGRES, else
-/// 127.0.0.1:5432, user root, database test), dropped by [`TestDatabase::drop`].
-struct TestDatabase {
-    admin: sqlx::PgPool,
-    name: String,
-    /// `postgres://user@` of the server's URL.
-    user: String,
-    /// `host:port` of the server.
-    server: String,
-}
-
-impl TestDatabase {
-    async fn create(prefix: &str) -> Self {
-        let server_url = std::env::var("LLMGATE_TEST_POSTGRES")
-            .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into());
-        let admin = sqlx::PgPool::connect(&server_url).await.expect(
-            "PostgreSQL for the tests (LLMGATE_TEST_POSTGRES or 127.0.0.1:5432, database test)",
-        );
-        let name = format!("llmgate_{prefix}_{}", rand::random::<u64>());
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&admin)
-            .await
-            .unwrap();
-        let authority = server_url
-            .split_once("://")
-            .map_or(server_url.as_str(), |(_, rest)| rest)
-            .split('/')
-            .next()
-            .unwrap();
-        let (user, server) = match authority.rsplit_once('@') {
-            Some((user, server)) => (format!("postgres://{user}@"), server.to_owned()),
-            None => ("postgres://".to_owned(), authority.to_owned()),
-        };
-        Self {
-            admin,
-            name,
-            user,
-            server,
-        }
-    }
-
-    /// The database's URL, through `host:port`.
-    fn url_via(&self, server: &str) -> String {
-        format!("{}{server}/{}", self.user, self.name)
-    }
-
-    fn url(&self) -> String {
-        self.url_via(&self.server)
-    }
-
-    async fn drop(self) {
-        sqlx::query(&format!("DROP DATABASE {} WITH (FORCE)", self.name))
-            .execute(&self.admin)
-            .await
-            .unwrap();
-    }
-}
-
 #[tokio::test]
 async fn postgres_down_and_back_while_serving_loses_and_doubles_nothing() {
     let db = TestDatabase::create("down").await;
@@ -448,13 +335,16 @@ async fn postgres_down_and_back_while_serving_loses_and_doubles_nothing() {
     let url = db.url_via(&format!("127.0.0.1:{}", forwarder.port));
     let upstream = MockUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut gw = gateway(
+    let mut gw = serve_fronting(
         dir.path(),
         &upstream.url,
         &[("LLMGATE_DATABASE_URL", url.as_str())],
     )
     .await;
-    let (alice, bob) = (create_key(&gw, "alice").await, create_key(&gw, "bob").await);
+    let (alice, bob) = (
+        create_key(&gw.url, "alice").await,
+        create_key(&gw.url, "bob").await,
+    );
     let within = Duration::from_secs(20);
     let (mut alice_answered, _) = send_all(&gw, &alice, models("a-up", 0..20), 4, within).await;
     let (mut bob_answered, _) = send_all(&gw, &bob, models("b-up", 0..20), 4, within).await;
@@ -517,8 +407,8 @@ async fn a_stop_with_postgres_down_spills_and_the_next_start_writes_the_spill_on
         ("LLMGATE_DATABASE_URL", url.as_str()),
         ("LLMGATE_USAGE_QUEUE_MAX", "20"),
     ];
-    let mut gw = gateway(dir.path(), &upstream.url, &env).await;
-    let carol = create_key(&gw, "carol").await;
+    let mut gw = serve_fronting(dir.path(), &upstream.url, &env).await;
+    let carol = create_key(&gw.url, "carol").await;
     let within = Duration::from_secs(20);
     let (mut answered, _) = send_all(&gw, &carol, models("up", 0..10), 4, within).await;
     assert_recorded_once(&gw, &carol, &answered, within).await;
@@ -553,7 +443,7 @@ async fn a_stop_with_postgres_down_spills_and_the_next_start_writes_the_spill_on
     assert_eq!(spilled, 100, "what the database never got is on disk");
 
     forwarder.set(true);
-    let mut gw = gateway(dir.path(), &upstream.url, &env).await;
+    let mut gw = serve_fronting(dir.path(), &upstream.url, &env).await;
     assert_recorded_once(&gw, &carol, &answered, within).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     let left = || {
@@ -589,13 +479,13 @@ async fn a_record_postgres_refuses_is_set_aside_and_the_rest_keeps_flowing() {
     let url = db.url();
     let upstream = MockUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut gw = gateway(
+    let mut gw = serve_fronting(
         dir.path(),
         &upstream.url,
         &[("LLMGATE_DATABASE_URL", url.as_str())],
     )
     .await;
-    let dave = create_key(&gw, "dave").await;
+    let dave = create_key(&gw.url, "dave").await;
     // A rule of the database's own (as a DBA might add) refuses one record for what it
     // holds: the refusal is the database's, not the gateway's.
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
@@ -678,8 +568,8 @@ fn epoch_ms() -> u64 {
 async fn kill_under_load(run: usize) -> (usize, Vec<u64>) {
     let upstream = MockUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut gw = gateway(dir.path(), &upstream.url, &[]).await;
-    let key = create_key(&gw, "erin").await;
+    let mut gw = serve_fronting(dir.path(), &upstream.url, &[]).await;
+    let key = create_key(&gw.url, "erin").await;
     let stop = Arc::new(AtomicBool::new(false));
     // Model (naming the request) → when its answer was complete, in ms since the epoch.
     let answered_at = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
@@ -778,13 +668,13 @@ async fn a_postgres_that_hangs_delays_no_answer_and_admin_reads_get_503_in_time(
     let url = db.url_via(&format!("127.0.0.1:{}", forwarder.port));
     let upstream = MockUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut gw = gateway(
+    let mut gw = serve_fronting(
         dir.path(),
         &upstream.url,
         &[("LLMGATE_DATABASE_URL", url.as_str())],
     )
     .await;
-    let alice = create_key(&gw, "alice").await;
+    let alice = create_key(&gw.url, "alice").await;
     let within = Duration::from_secs(20);
     let (mut answered, _) = send_all(&gw, &alice, models("before", 0..10), 4, within).await;
     assert_recorded_once(&gw, &alice, &answered, within).await;

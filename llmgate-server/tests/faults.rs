@@ -4,7 +4,6 @@
 //! cannot save (docs/operations.md gives that bound).
 
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,14 +12,13 @@ use llmgate_core::test_util::MockUpstream;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 mod common;
 
-use common::{start, BIN};
+use common::{create_key, serve_fronting, usage_of, ADMIN};
 
-const ADMIN: &str = "sk-lg-faultsadminkey0000000000000000000000000";
-
+/// A gateway in front of `upstream`, with the user key alice.
 struct Gateway {
     child: Child,
     url: String,
@@ -29,39 +27,13 @@ struct Gateway {
 }
 
 async fn gateway(data_dir: &Path, upstream: &str, env: &[(&str, &str)]) -> Gateway {
-    let mut command = Command::new(BIN);
-    command
-        .args([
-            "serve",
-            "--upstream",
-            upstream,
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(data_dir)
-        .env("LLMGATE_LOG", "error")
-        .env("LLMGATE_ADMIN_KEY", ADMIN)
-        .stderr(Stdio::inherit());
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    let started = start(command, Duration::from_secs(20)).await;
-    let created: Value = reqwest::Client::new()
-        .post(format!("{}/admin/keys", started.url))
-        .bearer_auth(ADMIN)
-        .json(&json!({"name": "alice"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let served = serve_fronting(data_dir, upstream, env).await;
+    let alice = create_key(&served.url, "alice").await;
     Gateway {
-        child: started.child,
-        url: started.url,
-        key: created["key"].as_str().unwrap().to_owned(),
-        key_id: created["id"].as_str().unwrap().to_owned(),
+        child: served.child,
+        url: served.url,
+        key: alice.secret,
+        key_id: alice.id,
     }
 }
 
@@ -90,23 +62,11 @@ async fn recorded(gw: &Gateway, count: usize) -> Vec<Value> {
     rows
 }
 
-/// `llmgate usage --json` for alice, read from the data directory after the gateway
-/// has stopped.
+/// Alice's requests in the data directory, after the gateway has stopped.
 async fn requests_in_database(dir: &Path) -> u64 {
-    let output = Command::new(BIN)
-        .args(["usage", "--json", "--data-dir"])
-        .arg(dir)
-        .output()
-        .await
-        .unwrap();
-    assert!(output.status.success());
-    let usage: Value = serde_json::from_slice(&output.stdout).unwrap();
-    usage
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|k| k["name"] == "alice")
-        .map_or(0, |k| k["requests"].as_u64().unwrap())
+    usage_of(dir, "alice").await["requests"]
+        .as_u64()
+        .unwrap_or(0)
 }
 
 /// An upstream that misbehaves as the request's `model` says.

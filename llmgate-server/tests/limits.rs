@@ -10,60 +10,11 @@ use llmgate_core::test_util::MockUpstream;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 mod common;
 
-use common::{start, BIN};
-
-const ADMIN: &str = "sk-lg-limitsadminkey0000000000000000000000000";
-
-struct Gateway {
-    child: Child,
-    url: String,
-    addr: String,
-}
-
-async fn gateway(data_dir: &Path, upstream: &str, env: &[(&str, &str)]) -> Gateway {
-    let mut command = Command::new(BIN);
-    command
-        .args([
-            "serve",
-            "--upstream",
-            upstream,
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(data_dir)
-        .env("LLMGATE_LOG", "warn")
-        .env("LLMGATE_ADMIN_KEY", ADMIN)
-        .stderr(Stdio::inherit());
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    let started = start(command, Duration::from_secs(20)).await;
-    let addr = started.url.trim_start_matches("http://").to_owned();
-    Gateway {
-        child: started.child,
-        url: started.url,
-        addr,
-    }
-}
-
-async fn user_key(url: &str) -> String {
-    let created: Value = reqwest::Client::new()
-        .post(format!("{url}/admin/keys"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"name": "alice"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    created["key"].as_str().unwrap().to_owned()
-}
+use common::{create_key, serve_fronting, start, usage_of, ADMIN, BIN};
 
 fn chat(stream: bool) -> Value {
     json!({"model": "mock-model", "stream": stream,
@@ -110,7 +61,7 @@ async fn raw_request(addr: &str, head: &str) -> (u16, String) {
 async fn slow_and_idle_clients_are_cut_off_and_cannot_lock_real_clients_out() {
     let upstream = MockUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let gw = gateway(
+    let gw = serve_fronting(
         dir.path(),
         &upstream.url,
         &[
@@ -120,7 +71,7 @@ async fn slow_and_idle_clients_are_cut_off_and_cannot_lock_real_clients_out() {
         ],
     )
     .await;
-    let key = user_key(&gw.url).await;
+    let key = create_key(&gw.url, "alice").await.secret;
 
     // A head sent a byte at a time is cut off, although bytes keep coming.
     let mut slow = TcpStream::connect(&gw.addr).await.unwrap();
@@ -222,13 +173,13 @@ async fn sigterm_stops_at_the_deadline_and_records_what_it_cut_off() {
     let upstream = MockUpstream::start().await;
     upstream.set_chunk_delay(Duration::from_secs(30)); // a stream that hangs
     let dir = tempfile::tempdir().unwrap();
-    let mut gw = gateway(
+    let mut gw = serve_fronting(
         dir.path(),
         &upstream.url,
         &[("LLMGATE_SHUTDOWN_TIMEOUT_SECS", "2")],
     )
     .await;
-    let key = user_key(&gw.url).await;
+    let key = create_key(&gw.url, "alice").await.secret;
 
     let streaming = reqwest::Client::new()
         .post(format!("{}/v1/chat/completions", gw.url))
@@ -257,29 +208,16 @@ async fn sigterm_stops_at_the_deadline_and_records_what_it_cut_off() {
     assert!(rest.is_err() || !String::from_utf8_lossy(&rest.unwrap()).contains("[DONE]"));
 
     // The cut-off stream is in the usage, as a request with tokens unknown.
-    let output = Command::new(BIN)
-        .args(["usage", "--json", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .await
-        .unwrap();
-    assert!(output.status.success());
-    let usage: Value = serde_json::from_slice(&output.stdout).unwrap();
-    let alice = usage
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|k| k["name"] == "alice")
-        .expect("alice's usage");
-    assert_eq!(alice["requests"], 1, "{usage}");
+    let alice = usage_of(dir.path(), "alice").await;
+    assert_eq!(alice["requests"], 1, "{alice}");
 }
 
 #[tokio::test]
 async fn dot_segments_never_reach_the_upstream() {
     let upstream = MockUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut gw = gateway(dir.path(), &upstream.url, &[]).await;
-    let key = user_key(&gw.url).await;
+    let mut gw = serve_fronting(dir.path(), &upstream.url, &[]).await;
+    let key = create_key(&gw.url, "alice").await.secret;
     for path in [
         "/v1/../admin/keys",
         "/v1/%2e%2e/admin/keys",
@@ -314,8 +252,8 @@ async fn dot_segments_never_reach_the_upstream() {
 async fn metrics_read_as_prometheus_text_and_made_up_paths_are_one_series() {
     let upstream = MockUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut gw = gateway(dir.path(), &upstream.url, &[]).await;
-    let key = user_key(&gw.url).await;
+    let mut gw = serve_fronting(dir.path(), &upstream.url, &[]).await;
+    let key = create_key(&gw.url, "alice").await.secret;
     let http = reqwest::Client::new();
     for i in 0..300 {
         let path = format!("/v1/made-up-{i}-{}", "x".repeat(i * 10));
@@ -421,7 +359,7 @@ async fn the_data_directory_and_database_are_private_to_their_owner() {
     let upstream = MockUpstream::start().await;
     let parent = tempfile::tempdir().unwrap();
     let data = parent.path().join("fresh/llmgate-data");
-    let mut gw = gateway(&data, &upstream.url, &[]).await;
+    let mut gw = serve_fronting(&data, &upstream.url, &[]).await;
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&data), 0o700, "data directory");
     for file in ["llmgate.db", "llmgate.db-wal", "llmgate.db-shm"] {
@@ -440,7 +378,7 @@ async fn the_data_directory_and_database_are_private_to_their_owner() {
         std::fs::Permissions::from_mode(0o644),
     )
     .unwrap();
-    let mut gw = gateway(&data, &upstream.url, &[]).await;
+    let mut gw = serve_fronting(&data, &upstream.url, &[]).await;
     assert_eq!(mode(&data.join("llmgate.db")), 0o600);
     let exit = common::terminate(&mut gw.child, Duration::from_secs(10)).await;
     assert!(exit.success());
@@ -451,13 +389,13 @@ async fn an_upstream_that_stalls_mid_answer_is_cut_off_and_the_request_recorded(
     let upstream = MockUpstream::start().await;
     upstream.set_chunk_delay(Duration::from_secs(60));
     let dir = tempfile::tempdir().unwrap();
-    let mut gw = gateway(
+    let mut gw = serve_fronting(
         dir.path(),
         &upstream.url,
         &[("LLMGATE_UPSTREAM_TIMEOUT_SECS", "2")],
     )
     .await;
-    let key = user_key(&gw.url).await;
+    let key = create_key(&gw.url, "alice").await.secret;
     let asked = Instant::now();
     let answer = reqwest::Client::new()
         .post(format!("{}/v1/chat/completions", gw.url))
@@ -475,22 +413,9 @@ async fn an_upstream_that_stalls_mid_answer_is_cut_off_and_the_request_recorded(
     assert!(took >= Duration::from_millis(1900), "{took:?}");
     let exit = common::terminate(&mut gw.child, Duration::from_secs(10)).await;
     assert!(exit.success());
-    let output = Command::new(BIN)
-        .args(["usage", "--json", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .await
-        .unwrap();
-    let usage: Value = serde_json::from_slice(&output.stdout).unwrap();
-    let alice = usage
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|k| k["name"] == "alice")
-        .unwrap()
-        .clone();
-    assert_eq!(alice["requests"], 1, "{usage}");
-    assert_eq!(alice["requests_without_usage"], 1, "{usage}");
+    let alice = usage_of(dir.path(), "alice").await;
+    assert_eq!(alice["requests"], 1, "{alice}");
+    assert_eq!(alice["requests_without_usage"], 1, "{alice}");
 }
 
 #[tokio::test]
@@ -519,7 +444,7 @@ async fn with_few_file_descriptors_slow_clients_cannot_lock_real_clients_out() {
     let started = start(command, Duration::from_secs(20)).await;
     let mut child = started.child;
     let addr = started.url.trim_start_matches("http://").to_owned();
-    let key = user_key(&started.url).await;
+    let key = create_key(&started.url, "alice").await.secret;
 
     // 300 clients that never finish their request head: more than the process has
     // file descriptors for.
