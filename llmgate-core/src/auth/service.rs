@@ -209,18 +209,11 @@ where
         Ok(Err(err)) => return Err(AuthError::BodyRead(err.to_string())),
     };
     let original_len = bytes.len();
-    let (bytes, mut plan) = inspect_request(parts.uri.path(), bytes, keep_for_counting);
-    if plan.model.is_none() {
-        // Uploads (audio transcriptions and translations) name their model in a form field.
-        let boundary = parts
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(crate::usage::multipart_boundary);
-        if let Some(boundary) = boundary {
-            plan.model = crate::usage::multipart_model(&bytes, boundary);
-        }
-    }
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let (bytes, plan) = inspect_request(parts.uri.path(), content_type, bytes, keep_for_counting);
     // A length that was declared and still holds stays as it is.
     if bytes.len() != original_len || declared != Some(original_len as u64) {
         parts

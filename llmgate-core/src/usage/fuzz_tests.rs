@@ -1,6 +1,6 @@
 //! Property tests and fuzz tests (on stable, with proptest) of the code that reads what
 //! clients and upstreams send: the SSE and JSON usage readers, the request inspector
-//! and the key header parser.
+//! (JSON bodies and multipart uploads) and the key header parser.
 //!
 //! Each fuzz target first replays its seed corpus (`llmgate-core/tests/corpus/<target>/`,
 //! realistic and hostile inputs), then lets proptest mutate the seeds: bytes flipped,
@@ -241,7 +241,13 @@ fn path_and_body(seed: &[u8]) -> (String, Vec<u8>) {
 }
 
 fn check_request(path: &str, body: &[u8]) {
-    let (out, plan) = inspect_request(path, Bytes::copy_from_slice(body), false);
+    // Read as a multipart upload too (its model from the form): no panic, sent as is.
+    let upload = Some("multipart/form-data; boundary=XyZ");
+    let (out, _) = inspect_request(path, upload, Bytes::copy_from_slice(body), false);
+    if serde_json::from_slice::<Value>(body).is_err() {
+        assert_eq!(out, body, "an upload is forwarded as sent");
+    }
+    let (out, plan) = inspect_request(path, None, Bytes::copy_from_slice(body), false);
     if !plan.strip_stream_usage {
         assert_eq!(out, body, "forwarded as sent");
         return;

@@ -33,7 +33,7 @@ pub use recorder::{
 pub use report::{usage_report, KeyUsage};
 
 pub(crate) use recorder::UsageGuard;
-pub(crate) use request::{inspect_request, multipart_boundary, multipart_model, RequestPlan};
+pub(crate) use request::{inspect_request, RequestPlan};
 
 use serde_json::Value;
 

@@ -104,11 +104,22 @@ fn supports_stream_options(path: &str) -> bool {
 /// forwarded unchanged: the upstream answers it.
 pub(crate) fn inspect_request(
     path: &str,
+    content_type: Option<&str>,
     body: Bytes,
     keep_for_counting: bool,
 ) -> (Bytes, RequestPlan) {
     let Some(fields) = Fields::of(&body) else {
-        return (body, RequestPlan::default());
+        // Uploads (audio transcriptions and translations) name their model in a form.
+        let model = content_type
+            .and_then(multipart_boundary)
+            .and_then(|boundary| multipart_model(&body, boundary));
+        return (
+            body,
+            RequestPlan {
+                model,
+                ..RequestPlan::default()
+            },
+        );
     };
     let mut plan = RequestPlan {
         model: fields.model,
@@ -194,7 +205,7 @@ fn rewritten_with_include_usage(mut value: Value) -> Option<Vec<u8>> {
 }
 
 /// The boundary of a `multipart/form-data` body, from its `Content-Type`.
-pub(crate) fn multipart_boundary(content_type: &str) -> Option<&str> {
+fn multipart_boundary(content_type: &str) -> Option<&str> {
     let mut params = content_type.split(';').map(str::trim);
     if !params.next()?.eq_ignore_ascii_case("multipart/form-data") {
         return None;
@@ -209,7 +220,7 @@ pub(crate) fn multipart_boundary(content_type: &str) -> Option<&str> {
 /// The value of the `model` field of a `multipart/form-data` body (RFC 7578): what an
 /// upload to `/v1/audio/transcriptions` names its model with. At most the first 64 parts
 /// are looked at, and a value of at most 1 KiB is taken.
-pub(crate) fn multipart_model(body: &[u8], boundary: &str) -> Option<String> {
+fn multipart_model(body: &[u8], boundary: &str) -> Option<String> {
     let delimiter = format!("--{boundary}");
     let finder = memchr::memmem::Finder::new(delimiter.as_bytes());
     let mut starts = finder.find_iter(body).take(65).peekable();
@@ -251,6 +262,7 @@ mod tests {
     fn null_stream_options_and_lax_stream_values_are_metered() {
         let (sent, plan) = inspect_request(
             "/v1/chat/completions",
+            None,
             Bytes::from_static(
                 br#"{"model":"m","stream":true,"stream_options":null,"messages":[]}"#,
             ),
@@ -263,14 +275,14 @@ mod tests {
         );
         for stream in ["1", "\"true\"", "\"True\""] {
             let body = format!(r#"{{"model":"m","stream":{stream},"messages":[]}}"#);
-            let (sent, plan) = inspect_request("/v1/completions", Bytes::from(body), false);
+            let (sent, plan) = inspect_request("/v1/completions", None, Bytes::from(body), false);
             assert!(plan.strip_stream_usage, "stream: {stream}");
             let sent: Value = serde_json::from_slice(&sent).unwrap();
             assert_eq!(sent["stream_options"]["include_usage"], true);
         }
         for stream in ["0", "false", "null", "\"false\""] {
             let body = format!(r#"{{"model":"m","stream":{stream},"messages":[]}}"#);
-            let (_, plan) = inspect_request("/v1/completions", Bytes::from(body), false);
+            let (_, plan) = inspect_request("/v1/completions", None, Bytes::from(body), false);
             assert!(!plan.strip_stream_usage, "stream: {stream}");
         }
     }
@@ -292,7 +304,7 @@ mod tests {
     use serde_json::json;
 
     fn inspect(path: &str, body: Value) -> (Value, RequestPlan) {
-        let (out, plan) = inspect_request(path, Bytes::from(body.to_string()), false);
+        let (out, plan) = inspect_request(path, None, Bytes::from(body.to_string()), false);
         (serde_json::from_slice(&out).unwrap(), plan)
     }
 
@@ -341,13 +353,14 @@ mod tests {
     #[test]
     fn invalid_json_is_forwarded_byte_for_byte() {
         let raw = Bytes::from_static(b"{\"model\": \"m\", \"stream\": tru");
-        let (out, plan) = inspect_request("/v1/chat/completions", raw.clone(), true);
+        let (out, plan) = inspect_request("/v1/chat/completions", None, raw.clone(), true);
         assert_eq!(out, raw);
         assert!(plan.model.is_none());
     }
 
     fn sent(path: &str, body: &str) -> (String, RequestPlan) {
-        let (out, plan) = inspect_request(path, Bytes::copy_from_slice(body.as_bytes()), false);
+        let (out, plan) =
+            inspect_request(path, None, Bytes::copy_from_slice(body.as_bytes()), false);
         (String::from_utf8(out.to_vec()).unwrap(), plan)
     }
 
