@@ -72,21 +72,32 @@ impl ConnectionLimits {
     }
 }
 
-/// The soft limit on open files, raised to the hard limit first (as Go's runtime does):
-/// a gateway holds two descriptors per proxied connection, and the usual soft limit of
-/// 1 024 is reached by a few hundred clients.
+/// The process's (soft) limit on open files.
 fn open_files_limit() -> u64 {
+    #[cfg(unix)]
+    if let Ok((soft, _)) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+    {
+        return soft;
+    }
+    1024
+}
+
+/// Raises the soft limit on open files to the hard limit, as Go's runtime does: a
+/// gateway holds two descriptors per proxied connection, and the usual soft limit of
+/// 1 024 is reached by a few hundred clients. Called once, before the limits are read.
+pub fn raise_open_files_limit() {
     #[cfg(unix)]
     {
         use nix::sys::resource::{getrlimit, setrlimit, Resource};
         if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-            if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
-                return hard;
+            if soft < hard {
+                if let Err(err) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                    tracing::warn!(error = %err, soft, hard, "cannot raise the open files limit");
+                }
             }
-            return soft;
         }
     }
-    1024
 }
 
 /// Accepts connections until `shutdown` completes, then stops accepting and waits for

@@ -121,6 +121,7 @@ async fn serve(
     println!("llmgate listening on http://{local} ({upstream})");
     tracing::info!(%local, "listening");
 
+    crate::http::raise_open_files_limit();
     let limits = crate::http::ConnectionLimits::from_config(config);
     tracing::info!(
         max_connections = limits.max_connections,
