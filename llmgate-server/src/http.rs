@@ -14,7 +14,6 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::Request;
 use bytes::Bytes;
-use futures_util::future::{BoxFuture, Either};
 use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -529,16 +528,18 @@ type AppError = <App as Service<Request>>::Error;
 impl hyper::service::Service<hyper::Request<Incoming>> for ConnectionService {
     type Response = AppResponse;
     type Error = AppError;
-    type Future =
-        InFlightFuture<Either<AppFuture, BoxFuture<'static, Result<AppResponse, AppError>>>>;
+    type Future = AnswerFuture;
 
     fn call(&self, request: hyper::Request<Incoming>) -> Self::Future {
-        let in_flight = Some(InFlight::new(&self.activity));
+        let in_flight = InFlight::new(&self.activity);
         if request.version() != hyper::Version::HTTP_2 || request.body().is_end_stream() {
             let answer = self.app.borrow_mut().call(request.map(Body::new));
-            return InFlightFuture {
-                answer: Either::Left(answer),
-                in_flight,
+            return AnswerFuture {
+                answer,
+                held: Some(Held {
+                    _in_flight: in_flight,
+                    request: None,
+                }),
             };
         }
         // An HTTP/2 request whose body may be left unread (refused before it is read):
@@ -549,57 +550,55 @@ impl hyper::service::Service<hyper::Request<Incoming>> for ConnectionService {
         let (parts, body) = request.into_parts();
         let body = Arc::new(Mutex::new(Some(body)));
         let request = Request::from_parts(parts, Body::new(SharedBody(body.clone())));
-        let answer = self.app.borrow_mut().call(request);
-        InFlightFuture {
-            answer: Either::Right(Box::pin(async move {
-                let response = answer.await?;
-                Ok(response.map(|answer| {
-                    Body::new(KeepingRequestBody {
-                        answer,
-                        request: body,
-                    })
-                }))
-            })),
-            in_flight,
+        AnswerFuture {
+            answer: self.app.borrow_mut().call(request),
+            held: Some(Held {
+                _in_flight: in_flight,
+                request: Some(body),
+            }),
         }
     }
 }
 
 pin_project_lite::pin_project! {
-    /// An answer on its way; the request counts as in flight until its body is done.
-    struct InFlightFuture<F> {
+    /// An answer on its way, with what its body will hold.
+    struct AnswerFuture {
         #[pin]
-        answer: F,
-        in_flight: Option<InFlight>,
+        answer: AppFuture,
+        held: Option<Held>,
     }
 }
 
-impl<F> Future for InFlightFuture<F>
-where
-    F: Future<Output = Result<AppResponse, AppError>>,
-{
-    type Output = F::Output;
+impl Future for AnswerFuture {
+    type Output = Result<AppResponse, AppError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let response = std::task::ready!(this.answer.poll(cx))?;
-        let in_flight = this.in_flight.take();
+        let held = this.held.take();
         Poll::Ready(Ok(response.map(|answer| {
-            Body::new(InFlightBody {
+            Body::new(HoldingBody {
                 answer,
-                _in_flight: in_flight,
+                _held: held,
             })
         })))
     }
 }
 
-/// An answer's body, holding its request's place among those in flight.
-struct InFlightBody {
-    answer: Body,
-    _in_flight: Option<InFlight>,
+/// What an answer's body holds until it is done with: the request's place among those
+/// in flight, and (HTTP/2) the request's body, whose unread rest is read on drop.
+struct Held {
+    _in_flight: InFlight,
+    request: Option<Kept>,
 }
 
-impl http_body::Body for InFlightBody {
+/// An answer's body, with what it [`Held`].
+struct HoldingBody {
+    answer: Body,
+    _held: Option<Held>,
+}
+
+impl http_body::Body for HoldingBody {
     type Data = Bytes;
     type Error = axum::Error;
 
@@ -660,16 +659,10 @@ impl http_body::Body for SharedBody {
     }
 }
 
-/// An answer's body that holds its request's body until the answer is done with, then
-/// reads what the client still sends of it, within limits.
-struct KeepingRequestBody {
-    answer: Body,
-    request: Kept,
-}
-
-impl Drop for KeepingRequestBody {
+impl Drop for Held {
+    /// Reads what the client still sends of a request body left unread, within limits.
     fn drop(&mut self) {
-        let Some(mut body) = incoming(&self.request).take() else {
+        let Some(mut body) = self.request.as_ref().and_then(|kept| incoming(kept).take()) else {
             return;
         };
         if body.is_end_stream() {
@@ -690,25 +683,5 @@ impl Drop for KeepingRequestBody {
             })
             .await;
         });
-    }
-}
-
-impl http_body::Body for KeepingRequestBody {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        Pin::new(&mut self.answer).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.answer.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.answer.size_hint()
     }
 }
