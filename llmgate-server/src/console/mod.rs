@@ -5,13 +5,15 @@
 //! admin key the user pastes into it, so these routes stay outside the auth layers. Nothing
 //! loads from outside the gateway: the Content-Security-Policy allows only this origin,
 //! which is also what lets the page load its ES modules (`script-src 'self'`) with no
-//! build step.
+//! build step. The files are compressed for clients that accept it; the `/v1` proxy never
+//! passes through this router.
 
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use axum::http::{HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use tower_http::compression::CompressionLayer;
 
 /// Only this origin, for everything; no inline scripts or styles, no framing.
 const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'; \
@@ -89,9 +91,12 @@ pub fn router<S>() -> Router<S>
 where
     S: Clone + Send + Sync + 'static,
 {
-    ASSETS.iter().fold(Router::new(), |router, asset| {
-        router.route(asset.path, get(move || async move { asset.response() }))
-    })
+    ASSETS
+        .iter()
+        .fold(Router::new(), |router, asset| {
+            router.route(asset.path, get(move || async move { asset.response() }))
+        })
+        .layer(CompressionLayer::new())
 }
 
 impl Asset {
@@ -123,8 +128,10 @@ impl Asset {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
+    use std::io::Read;
 
     use axum::body::{to_bytes, Body};
+    use axum::http::header::{ACCEPT_ENCODING, CONTENT_ENCODING};
     use axum::http::{HeaderMap, Request, StatusCode};
     use tower::ServiceExt;
 
@@ -318,6 +325,35 @@ mod tests {
                 "{}: the key must not outlive the tab",
                 module.path
             );
+        }
+    }
+
+    #[tokio::test]
+    async fn files_are_gzipped_for_clients_that_ask() {
+        for path in ["/", "/console/js/main.js", "/console/style.css"] {
+            let (status, headers, body) = fetch_with(
+                Request::get(path)
+                    .header(ACCEPT_ENCODING, "gzip")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await;
+            assert_eq!(status, StatusCode::OK, "{path}");
+            assert_eq!(headers[CONTENT_ENCODING], "gzip", "{path}");
+            assert_eq!(
+                headers["content-security-policy"], CONTENT_SECURITY_POLICY,
+                "{path}"
+            );
+            let mut text = String::new();
+            flate2::read::GzDecoder::new(&body[..])
+                .read_to_string(&mut text)
+                .unwrap();
+            assert_eq!(text, asset(path).body, "{path}");
+            assert!(body.len() < text.len(), "{path} is smaller compressed");
+
+            let (_, headers, body) = fetch(path).await;
+            assert!(!headers.contains_key(CONTENT_ENCODING), "{path}");
+            assert_eq!(body, asset(path).body, "{path}");
         }
     }
 
