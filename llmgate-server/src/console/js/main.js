@@ -8,8 +8,8 @@
  * Modules: dom.js (building elements), format.js (numbers and times), session.js (the
  * keys held), api.js (calls), banner.js (errors), polling.js (the page's refresh loop),
  * chart.js (SVG bar charts), router.js (which page is on screen, signing out), and one
- * module per page in pages/, each with `init` (its event handlers) and, for the pages
- * behind the sign-in, `enter` (run when it comes on screen).
+ * module per page in pages/: `init` wires its controls once, `enter` runs each time the
+ * router puts it on screen.
  *
  * Stable data-testid attributes for browser tests:
  *   Sign in:     signin-form, signin-key, signin-submit, signout
