@@ -125,11 +125,11 @@ impl From<sqlx::Error> for StorageError {
                 StorageError::Conflict("an active key with this name already exists".into())
             }
             sqlx::Error::Database(db) if refuses_content(db.as_ref()) => {
-                StorageError::Rejected(err.to_string())
+                StorageError::Rejected(err.into())
             }
-            sqlx::Error::Encode(_) => StorageError::Rejected(err.to_string()),
+            sqlx::Error::Encode(_) => StorageError::Rejected(err.into()),
             // Connections, I/O, timeouts, a busy or closed database: may pass on a retry.
-            _ => StorageError::Database(err.to_string()),
+            _ => StorageError::Database(err.into()),
         }
     }
 }

@@ -17,7 +17,8 @@ use super::sql::{
     TotalsUpserts, KEY_COLUMNS, REQUEST_COLUMNS,
 };
 use super::{
-    normalized_batch, KeyStore, RequestRecord, Storage, StorageError, UsageStore, UsageTotals,
+    normalized_batch, Context, KeyStore, RequestRecord, Storage, StorageError, UsageStore,
+    UsageTotals,
 };
 use crate::auth::{KeyHash, KeyRecord};
 
@@ -49,7 +50,10 @@ pub struct SqliteStore {
 /// database file's mode.
 fn private_file(path: &Path) -> Result<(), StorageError> {
     let failed = |what: &Path, e: std::io::Error| {
-        StorageError::Database(format!("cannot create {}: {e}", what.display()))
+        StorageError::Database(Context::boxed(
+            format!("cannot create {}", what.display()),
+            e,
+        ))
     };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         let mut builder = std::fs::DirBuilder::new();
@@ -113,7 +117,7 @@ impl SqliteStore {
         sqlx::migrate!("./migrations/sqlite")
             .run(&pool)
             .await
-            .map_err(|e| StorageError::Database(format!("migration failed: {e}")))?;
+            .map_err(|e| StorageError::Database(Context::boxed("migration failed", e)))?;
         Ok(Self {
             pool,
             names: Arc::default(),
@@ -422,17 +426,17 @@ mod tests {
 
     #[tokio::test]
     async fn keys_contract() {
-        super::super::contract::keys(&SqliteStore::in_memory().await.unwrap()).await;
+        crate::storage::contract::keys(&SqliteStore::in_memory().await.unwrap()).await;
     }
 
     #[tokio::test]
     async fn usage_contract() {
-        super::super::contract::usage(&SqliteStore::in_memory().await.unwrap()).await;
+        crate::storage::contract::usage(&SqliteStore::in_memory().await.unwrap()).await;
     }
 
     #[tokio::test]
     async fn hostile_values_contract() {
-        super::super::contract::hostile_values(&SqliteStore::in_memory().await.unwrap()).await;
+        crate::storage::contract::hostile_values(&SqliteStore::in_memory().await.unwrap()).await;
     }
 
     fn request(key: &str, model: Option<&str>, at_ms: i64) -> RequestRecord {
@@ -658,5 +662,11 @@ mod tests {
         let err = store.totals().await.unwrap_err();
         assert!(matches!(err, StorageError::Database(_)), "{err:?}");
         assert!(!err.refuses_content());
+        // The driver's error stays reachable for logs and for an embedder's own handling.
+        let source = std::error::Error::source(&err).expect("a source");
+        assert!(matches!(
+            source.downcast_ref::<sqlx::Error>(),
+            Some(sqlx::Error::PoolClosed)
+        ));
     }
 }
