@@ -490,8 +490,8 @@ async fn a_record_postgres_refuses_is_set_aside_and_the_rest_keeps_flowing() {
     // holds: the refusal is the database's, not the gateway's.
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     sqlx::query(
-        "ALTER TABLE usage_requests ADD CONSTRAINT no_refused_model \
-         CHECK (model IS NULL OR model <> 'refused-by-db')",
+        "ALTER TABLE usage_names ADD CONSTRAINT no_refused_model \
+         CHECK (name <> 'refused-by-db')",
     )
     .execute(&pool)
     .await

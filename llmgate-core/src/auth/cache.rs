@@ -95,9 +95,9 @@ impl KeyCache {
             tokio::time::timeout(KEY_STORE_TIMEOUT, Box::pin(self.store.key_by_hash(&hash)))
                 .await
                 .unwrap_or_else(|_| {
-                    Err(crate::storage::StorageError::Database(format!(
-                        "no answer within {KEY_STORE_TIMEOUT:?}"
-                    )))
+                    Err(crate::storage::StorageError::Database(
+                        format!("no answer within {KEY_STORE_TIMEOUT:?}").into(),
+                    ))
                 });
         let found = match asked {
             Ok(found) => found.map(Arc::new),

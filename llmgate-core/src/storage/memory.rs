@@ -146,16 +146,16 @@ mod tests {
 
     #[tokio::test]
     async fn keys_contract() {
-        super::super::contract::keys(&MemoryStore::new()).await;
+        crate::storage::contract::keys(&MemoryStore::new()).await;
     }
 
     #[tokio::test]
     async fn usage_contract() {
-        super::super::contract::usage(&MemoryStore::new()).await;
+        crate::storage::contract::usage(&MemoryStore::new()).await;
     }
 
     #[tokio::test]
     async fn hostile_values_contract() {
-        super::super::contract::hostile_values(&MemoryStore::new()).await;
+        crate::storage::contract::hostile_values(&MemoryStore::new()).await;
     }
 }

@@ -1,20 +1,21 @@
-//! What the SQL backends share: error mapping, how times and counts are stored
+//! What the SQL backends share: the store itself ([`SqlStore`], generic over the
+//! driver), the schema's shape, error mapping, how times and counts are stored
 //! (milliseconds and tokens as 64-bit integers), and reading rows back. Only the SQL
-//! text differs between SQLite and PostgreSQL.
+//! text ([`Dialect`]) and the driver differ between SQLite and PostgreSQL.
 //!
 //! Counts go in as at most `i64::MAX` ([`to_i64`]), running totals stop there
 //! ([`saturating_sum`]) rather than overflow, and whatever is read back is clamped, so
 //! one odd value cannot make every read of usage fail.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
-use sqlx::query::Query;
-use sqlx::{ColumnIndex, Database, Decode, Encode, Row, Type};
+use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type};
 
-use super::{RequestRecord, StorageError, UsageTotals, MAX_TOKENS_PER_REQUEST};
-use crate::auth::{KeyRecord, Role};
+use super::{normalized_batch, RequestRecord, StorageError, UsageTotals, MAX_TOKENS_PER_REQUEST};
+use crate::auth::{KeyHash, KeyRecord, Role};
 
 fn get<R, T>(row: &R, column: &str) -> Result<T, StorageError>
 where
@@ -91,7 +92,7 @@ where
     })
 }
 
-/// The columns [`request_from_row`] reads, in the order [`bind_request`] binds them.
+/// The columns [`request_from_row`] reads (from the view `usage_requests`).
 pub(super) const REQUEST_COLUMNS: &str =
     "at, key_id, method, path, model, status, prompt_tokens, completion_tokens, latency_ms, first_byte_ms";
 
@@ -125,11 +126,11 @@ impl From<sqlx::Error> for StorageError {
                 StorageError::Conflict("an active key with this name already exists".into())
             }
             sqlx::Error::Database(db) if refuses_content(db.as_ref()) => {
-                StorageError::Rejected(err.to_string())
+                StorageError::Rejected(err.into())
             }
-            sqlx::Error::Encode(_) => StorageError::Rejected(err.to_string()),
+            sqlx::Error::Encode(_) => StorageError::Rejected(err.into()),
             // Connections, I/O, timeouts, a busy or closed database: may pass on a retry.
-            _ => StorageError::Database(err.to_string()),
+            _ => StorageError::Database(err.into()),
         }
     }
 }
@@ -227,12 +228,6 @@ const INSERT_SIZES: [usize; 4] = [64, 16, 4, 1];
 pub(super) struct RequestInserts([String; INSERT_SIZES.len()]);
 
 impl RequestInserts {
-    /// Inserts into `usage_requests` (`REQUEST_COLUMNS`); `placeholder(n)` writes the
-    /// n-th (from 1) parameter: `?` or `$n`.
-    pub(super) fn new(placeholder: impl Fn(usize) -> String) -> Self {
-        Self::for_table("usage_requests", REQUEST_COLUMNS, placeholder)
-    }
-
     /// Inserts into `table`, naming `column_list` (comma-separated).
     pub(super) fn for_table(
         table: &str,
@@ -270,29 +265,417 @@ impl RequestInserts {
     }
 }
 
-/// Binds one request row's values, in the order of `REQUEST_COLUMNS`.
-pub(super) fn bind_request<'q, DB>(
-    query: Query<'q, DB, <DB as Database>::Arguments<'q>>,
-    r: &'q RequestRecord,
-) -> Query<'q, DB, <DB as Database>::Arguments<'q>>
+/// What differs between the SQL backends, apart from the driver: a few pieces of SQL.
+/// Statements are written once, with `?` parameters, and numbered where the dialect
+/// wants it.
+pub(super) struct Dialect {
+    /// Writes the n-th (from 1) parameter: `?` or `$n`.
+    pub(super) placeholder: fn(usize) -> String,
+    /// The function that picks the larger of two values (`MAX`, `GREATEST`).
+    pub(super) greatest: &'static str,
+    /// The columns of `usage_totals` as [`totals_from_row`] reads them.
+    pub(super) totals_columns: &'static str,
+    /// `usage_endpoints.requests`, as read back (named `requests`).
+    pub(super) endpoint_requests: &'static str,
+    /// What orders keys created in the same millisecond.
+    pub(super) key_tiebreak: &'static str,
+}
+
+/// The columns of `usage_rows`, in the order [`SqlStore::record`] binds them: names by
+/// their id in `usage_names`.
+const ROW_COLUMNS: &str =
+    "at, key, method, path, model, status, prompt_tokens, completion_tokens, latency_ms, first_byte_ms";
+
+/// Every statement a SQL store runs, in one dialect, built once per backend.
+pub(super) struct Statements {
+    insert_key: String,
+    key_by_hash: String,
+    list_keys: String,
+    revoke_key: String,
+    insert_name: String,
+    name_id: String,
+    all_totals: String,
+    all_endpoints: String,
+    key_totals: String,
+    key_endpoints: String,
+    requests: String,
+    inserts: RequestInserts,
+    upserts: TotalsUpserts,
+}
+
+impl Statements {
+    pub(super) fn new(dialect: &Dialect) -> Self {
+        let numbered = |sql: String| {
+            let mut parts = sql.split('?');
+            let mut out = parts.next().unwrap_or_default().to_owned();
+            for (n, part) in parts.enumerate() {
+                out.push_str(&(dialect.placeholder)(n + 1));
+                out.push_str(part);
+            }
+            out
+        };
+        let Dialect {
+            placeholder,
+            greatest,
+            totals_columns,
+            endpoint_requests,
+            key_tiebreak,
+        } = *dialect;
+        Self {
+            insert_key: numbered(
+                "INSERT INTO api_keys (id, name, role, prefix, key_hash, created_at, expires_at, revoked_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                    .into(),
+            ),
+            key_by_hash: numbered(format!(
+                "SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = ?"
+            )),
+            list_keys: format!(
+                "SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at, {key_tiebreak}"
+            ),
+            revoke_key: numbered(
+                "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL RETURNING id"
+                    .into(),
+            ),
+            insert_name: numbered(
+                "INSERT INTO usage_names (name) VALUES (?) ON CONFLICT (name) DO NOTHING".into(),
+            ),
+            name_id: numbered("SELECT id FROM usage_names WHERE name = ?".into()),
+            all_totals: format!("SELECT key_id, {totals_columns} FROM usage_totals"),
+            all_endpoints: format!(
+                "SELECT key_id, path, {endpoint_requests} AS requests FROM usage_endpoints"
+            ),
+            key_totals: numbered(format!(
+                "SELECT {totals_columns} FROM usage_totals WHERE key_id = ?"
+            )),
+            key_endpoints: numbered(format!(
+                "SELECT path, {endpoint_requests} AS requests FROM usage_endpoints WHERE key_id = ?"
+            )),
+            // The view joins the names back in; its plan searches `usage_rows_key_at`.
+            requests: numbered(format!(
+                "SELECT {REQUEST_COLUMNS} FROM usage_requests \
+                 WHERE key_id = ? AND at >= ? ORDER BY at DESC, id DESC LIMIT ?"
+            )),
+            inserts: RequestInserts::for_table("usage_rows", ROW_COLUMNS, placeholder),
+            upserts: TotalsUpserts::new(placeholder, greatest),
+        }
+    }
+}
+
+/// How many names' ids a store keeps in memory before it starts over.
+const MAX_REMEMBERED_NAMES: usize = 10_000;
+
+/// Keys and usage in a SQL database, whichever the driver: the logic both SQL backends
+/// share. Request rows name their key, method, path and model by id, from the table
+/// `usage_names`: a row and its index entry are a fraction of the size, and writing a row
+/// binds no text.
+pub(super) struct SqlStore<DB: Database> {
+    pub(super) pool: Pool<DB>,
+    sql: &'static Statements,
+    /// The ids of names in `usage_names` that this process has seen committed. Names are
+    /// never renumbered or removed, so an id stays true for every process sharing the
+    /// database.
+    pub(super) names: Arc<Mutex<HashMap<String, i64>>>,
+    /// At most this many are kept ([`MAX_REMEMBERED_NAMES`]; smaller in tests).
+    pub(super) names_limit: usize,
+}
+
+impl<DB: Database> Clone for SqlStore<DB> {
+    fn clone(&self) -> Self {
+        Self {
+            pool: self.pool.clone(),
+            sql: self.sql,
+            names: self.names.clone(),
+            names_limit: self.names_limit,
+        }
+    }
+}
+
+impl<DB: Database> std::fmt::Debug for SqlStore<DB> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlStore")
+            .field("pool", &self.pool)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<DB> SqlStore<DB>
 where
     DB: Database,
-    i64: Encode<'q, DB> + Type<DB>,
-    Option<i64>: Encode<'q, DB> + Type<DB>,
-    &'q str: Encode<'q, DB> + Type<DB>,
-    Option<&'q str>: Encode<'q, DB> + Type<DB>,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> i64: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
+    for<'q> Option<i64>: Encode<'q, DB> + Type<DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<&'q str>: Encode<'q, DB> + Type<DB>,
+    for<'q> &'q [u8]: Encode<'q, DB> + Type<DB>,
+    for<'r> String: Decode<'r, DB> + Type<DB>,
+    for<'r> &'r str: ColumnIndex<DB::Row>,
 {
-    query
-        .bind(millis(r.at))
-        .bind(r.key_id.as_str())
-        .bind(r.method.as_str())
-        .bind(r.path.as_str())
-        .bind(r.model.as_deref())
-        .bind(i64::from(r.status))
-        .bind(r.prompt_tokens.map(to_i64))
-        .bind(r.completion_tokens.map(to_i64))
-        .bind(to_i64(r.latency_ms))
-        .bind(r.first_byte_ms.map(to_i64))
+    /// A store on a migrated database.
+    pub(super) fn new(pool: Pool<DB>, sql: &'static Statements) -> Self {
+        Self {
+            pool,
+            sql,
+            names: Arc::default(),
+            names_limit: MAX_REMEMBERED_NAMES,
+        }
+    }
+
+    pub(super) async fn insert_key(
+        &self,
+        record: &KeyRecord,
+        hash: &KeyHash,
+    ) -> Result<(), StorageError> {
+        sqlx::query(&self.sql.insert_key)
+            .bind(record.id.as_str())
+            .bind(record.name.as_str())
+            .bind(record.role.as_str())
+            .bind(record.prefix.as_str())
+            .bind(&hash.0[..])
+            .bind(millis(record.created_at))
+            .bind(record.expires_at.map(millis))
+            .bind(record.revoked_at.map(millis))
+            .execute(&self.pool)
+            .await
+            .map_err(|e| match StorageError::from(e) {
+                StorageError::Conflict(_) => StorageError::Conflict(format!(
+                    "an active key named '{}' already exists",
+                    record.name
+                )),
+                other => other,
+            })?;
+        Ok(())
+    }
+
+    pub(super) async fn key_by_hash(
+        &self,
+        hash: &KeyHash,
+    ) -> Result<Option<KeyRecord>, StorageError> {
+        let row = sqlx::query(&self.sql.key_by_hash)
+            .bind(&hash.0[..])
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
+    pub(super) async fn list_keys(&self) -> Result<Vec<KeyRecord>, StorageError> {
+        let rows = sqlx::query(&self.sql.list_keys)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    pub(super) async fn revoke_key(
+        &self,
+        id: &str,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StorageError> {
+        let revoked = sqlx::query(&self.sql.revoke_key)
+            .bind(millis(at))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(revoked.is_some())
+    }
+
+    pub(super) async fn record(&self, batch: &[RequestRecord]) -> Result<(), StorageError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let batch = &*normalized_batch(batch);
+        // Fold the batch per key first: one totals upsert per key, not per request.
+        let mut per_key: BTreeMap<&str, UsageTotals> = BTreeMap::new();
+        for record in batch {
+            per_key.entry(&record.key_id).or_default().add(record);
+        }
+        let mut tx = self.pool.begin().await?;
+        let (mut ids, fresh) = self.name_ids(&mut tx, batch).await?;
+        // Multi-row inserts of fixed sizes, each statement parsed once (see RequestInserts).
+        for (sql, rows) in self.sql.inserts.runs(batch) {
+            let query = rows.iter().fold(sqlx::query(sql), |query, r| {
+                // Every name of the batch has an id (`name_ids`).
+                let [key, method, path, model] = row_names(r).map(|(column, name)| {
+                    name.map(|name| ids.get(column, name).unwrap_or_default())
+                });
+                query
+                    .bind(millis(r.at))
+                    .bind(key)
+                    .bind(method)
+                    .bind(path)
+                    .bind(model)
+                    .bind(i64::from(r.status))
+                    .bind(r.prompt_tokens.map(to_i64))
+                    .bind(r.completion_tokens.map(to_i64))
+                    .bind(to_i64(r.latency_ms))
+                    .bind(r.first_byte_ms.map(to_i64))
+            });
+            query.execute(&mut *tx).await?;
+        }
+        // Keys in order (a BTreeMap), so that two writers never wait on each other's rows.
+        for (key_id, t) in &per_key {
+            sqlx::query(&self.sql.upserts.totals)
+                .bind(*key_id)
+                .bind(to_i64(t.requests))
+                .bind(to_i64(t.prompt_tokens))
+                .bind(to_i64(t.completion_tokens))
+                .bind(to_i64(t.requests_without_usage))
+                .bind(t.last_request_at.map(millis))
+                .execute(&mut *tx)
+                .await?;
+            for (path, n) in &t.endpoints {
+                sqlx::query(&self.sql.upserts.endpoints)
+                    .bind(*key_id)
+                    .bind(path.as_str())
+                    .bind(to_i64(*n))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        // Only committed ids are remembered: a rolled-back name may get another id.
+        let mut names = self.names.lock().expect("names lock");
+        if names.len() + fresh.len() > self.names_limit {
+            // Clients can make up paths without end; forgotten ids are read again.
+            names.clear();
+        }
+        names.extend(fresh);
+        Ok(())
+    }
+
+    /// The id of every name the batch uses, and those of them this process had not seen
+    /// (to remember once the transaction commits). A name new to the database is added.
+    async fn name_ids<'b>(
+        &self,
+        tx: &mut DB::Connection,
+        batch: &'b [RequestRecord],
+    ) -> Result<(NameIds<'b>, Vec<(String, i64)>), StorageError> {
+        let mut ids = NameIds::default();
+        let mut missing = BTreeSet::new();
+        {
+            let known = self.names.lock().expect("names lock");
+            for (column, name) in batch.iter().flat_map(row_names) {
+                let Some(name) = name else { continue };
+                if ids.get(column, name).is_none() {
+                    match known.get(name) {
+                        Some(&id) => ids.insert(name, id),
+                        None => {
+                            missing.insert(name);
+                        }
+                    }
+                }
+            }
+        }
+        let mut fresh = Vec::with_capacity(missing.len());
+        // In order (a BTreeSet): two writers adding the same new names never wait on
+        // each other in a circle.
+        for name in missing {
+            sqlx::query(&self.sql.insert_name)
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+            let row = sqlx::query(&self.sql.name_id)
+                .bind(name)
+                .fetch_one(&mut *tx)
+                .await?;
+            let id: i64 = get(&row, "id")?;
+            ids.insert(name, id);
+            fresh.push((name.to_owned(), id));
+        }
+        Ok((ids, fresh))
+    }
+
+    pub(super) async fn totals(&self) -> Result<BTreeMap<String, UsageTotals>, StorageError> {
+        let mut all = BTreeMap::new();
+        let rows = sqlx::query(&self.sql.all_totals)
+            .fetch_all(&self.pool)
+            .await?;
+        for row in &rows {
+            all.insert(get::<_, String>(row, "key_id")?, totals_from_row(row)?);
+        }
+        let rows = sqlx::query(&self.sql.all_endpoints)
+            .fetch_all(&self.pool)
+            .await?;
+        for row in &rows {
+            let key_id: String = get(row, "key_id")?;
+            if let Some(t) = all.get_mut(&key_id) {
+                t.endpoints
+                    .insert(get(row, "path")?, count(get(row, "requests")?));
+            }
+        }
+        Ok(all)
+    }
+
+    pub(super) async fn totals_for_key(&self, key_id: &str) -> Result<UsageTotals, StorageError> {
+        let row = sqlx::query(&self.sql.key_totals)
+            .bind(key_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(row) = row else {
+            return Ok(UsageTotals::default());
+        };
+        let mut totals = totals_from_row(&row)?;
+        let rows = sqlx::query(&self.sql.key_endpoints)
+            .bind(key_id)
+            .fetch_all(&self.pool)
+            .await?;
+        for row in &rows {
+            totals
+                .endpoints
+                .insert(get(row, "path")?, count(get(row, "requests")?));
+        }
+        Ok(totals)
+    }
+
+    pub(super) async fn requests(
+        &self,
+        key_id: &str,
+        since: Option<DateTime<Utc>>,
+        limit: u32,
+    ) -> Result<Vec<RequestRecord>, StorageError> {
+        let rows = sqlx::query(&self.sql.requests)
+            .bind(key_id)
+            .bind(since.map(millis).unwrap_or(i64::MIN))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(request_from_row).collect()
+    }
+}
+
+/// A request row's names, by column of `usage_rows`: key, method, path, model.
+fn row_names(r: &RequestRecord) -> [(usize, Option<&str>); 4] {
+    [
+        (0, Some(r.key_id.as_str())),
+        (1, Some(r.method.as_str())),
+        (2, Some(r.path.as_str())),
+        (3, r.model.as_deref()),
+    ]
+}
+
+/// The ids of a batch's names. Consecutive rows mostly repeat a column's name, so each
+/// column remembers its last one before looking in the map.
+#[derive(Default)]
+struct NameIds<'b> {
+    all: HashMap<&'b str, i64>,
+    last: [Option<(&'b str, i64)>; 4],
+}
+
+impl<'b> NameIds<'b> {
+    fn get(&mut self, column: usize, name: &'b str) -> Option<i64> {
+        match self.last[column] {
+            Some((last, id)) if last == name => Some(id),
+            _ => {
+                let id = *self.all.get(name)?;
+                self.last[column] = Some((name, id));
+                Some(id)
+            }
+        }
+    }
+
+    fn insert(&mut self, name: &'b str, id: i64) {
+        self.all.insert(name, id);
+    }
 }
 
 #[cfg(test)]
@@ -301,7 +684,7 @@ mod tests {
 
     #[test]
     fn a_batch_is_written_in_runs_of_the_fixed_sizes() {
-        let inserts = RequestInserts::new(|n| format!("${n}"));
+        let inserts = RequestInserts::for_table("usage_rows", ROW_COLUMNS, |n| format!("${n}"));
         let rows: Vec<u32> = (0..150).collect();
         let runs: Vec<usize> = inserts.runs(&rows).map(|(_, run)| run.len()).collect();
         assert_eq!(runs, [64, 64, 16, 4, 1, 1]);
@@ -309,7 +692,7 @@ mod tests {
         let (sql, _) = inserts.runs(&rows[..1]).next().unwrap();
         assert_eq!(
             sql,
-            "INSERT INTO usage_requests (at, key_id, method, path, model, status, prompt_tokens, \
+            "INSERT INTO usage_rows (at, key, method, path, model, status, prompt_tokens, \
              completion_tokens, latency_ms, first_byte_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
         );
         let (sql, _) = inserts.runs(&rows[..4]).next().unwrap();

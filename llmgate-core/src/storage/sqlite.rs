@@ -1,46 +1,47 @@
 //! The embedded default: one SQLite file in the data directory, in WAL mode so the
-//! `llmgate` CLI can read and write it while a server runs.
+//! `llmgate` CLI can read and write it while a server runs. The logic is
+//! [`SqlStore`]'s; here are the SQLite dialect and how the file is opened.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::Sqlite;
 
-use super::sql::{
-    count, key_from_row, millis, request_from_row, to_i64, totals_from_row, RequestInserts,
-    TotalsUpserts, KEY_COLUMNS, REQUEST_COLUMNS,
-};
-use super::{
-    normalized_batch, KeyStore, RequestRecord, Storage, StorageError, UsageStore, UsageTotals,
-};
+use super::sql::{Dialect, SqlStore, Statements};
+use super::{Context, KeyStore, RequestRecord, Storage, StorageError, UsageStore, UsageTotals};
 use crate::auth::{KeyHash, KeyRecord};
 
-/// The totals as [`totals_from_row`] reads them. A total that once overflowed into a
-/// floating-point number (before sums were made to saturate) reads back as the nearest
-/// integer, `i64::MAX` at most, instead of failing every read of usage.
-const TOTALS_COLUMNS: &str = "CAST(requests AS INTEGER) AS requests, \
-     CAST(prompt_tokens AS INTEGER) AS prompt_tokens, \
-     CAST(completion_tokens AS INTEGER) AS completion_tokens, \
-     CAST(requests_without_usage AS INTEGER) AS requests_without_usage, last_request_at";
-
-/// How many names' ids a store keeps in memory before it starts over.
-const MAX_REMEMBERED_NAMES: usize = 10_000;
+/// SQLite's SQL.
+fn statements() -> &'static Statements {
+    static STATEMENTS: OnceLock<Statements> = OnceLock::new();
+    STATEMENTS.get_or_init(|| {
+        Statements::new(&Dialect {
+            placeholder: |_| "?".to_owned(),
+            greatest: "MAX",
+            // A total that once overflowed into a floating-point number (before sums
+            // were made to saturate) reads back as the nearest integer, `i64::MAX` at
+            // most, instead of failing every read of usage.
+            totals_columns: "CAST(requests AS INTEGER) AS requests, \
+                 CAST(prompt_tokens AS INTEGER) AS prompt_tokens, \
+                 CAST(completion_tokens AS INTEGER) AS completion_tokens, \
+                 CAST(requests_without_usage AS INTEGER) AS requests_without_usage, \
+                 last_request_at",
+            endpoint_requests: "CAST(requests AS INTEGER)",
+            key_tiebreak: "rowid",
+        })
+    })
+}
 
 /// Keys and usage in a SQLite database.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
-    pool: SqlitePool,
-    /// The ids of names (key ids, methods, paths, models) in `usage_names` that this
-    /// process has seen committed. Names are never renumbered or removed.
-    names: Arc<Mutex<HashMap<String, i64>>>,
-    /// At most this many are kept ([`MAX_REMEMBERED_NAMES`]; smaller in tests).
-    names_limit: usize,
+    inner: SqlStore<Sqlite>,
 }
 
 /// Creates the database's directory (mode 0700) and file (mode 0600) if missing, and
@@ -49,7 +50,10 @@ pub struct SqliteStore {
 /// database file's mode.
 fn private_file(path: &Path) -> Result<(), StorageError> {
     let failed = |what: &Path, e: std::io::Error| {
-        StorageError::Database(format!("cannot create {}: {e}", what.display()))
+        StorageError::Database(Context::boxed(
+            format!("cannot create {}", what.display()),
+            e,
+        ))
     };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         let mut builder = std::fs::DirBuilder::new();
@@ -113,11 +117,9 @@ impl SqliteStore {
         sqlx::migrate!("./migrations/sqlite")
             .run(&pool)
             .await
-            .map_err(|e| StorageError::Database(format!("migration failed: {e}")))?;
+            .map_err(|e| StorageError::Database(Context::boxed("migration failed", e)))?;
         Ok(Self {
-            pool,
-            names: Arc::default(),
-            names_limit: MAX_REMEMBERED_NAMES,
+            inner: SqlStore::new(pool, statements()),
         })
     }
 }
@@ -125,180 +127,41 @@ impl SqliteStore {
 #[async_trait]
 impl Storage for SqliteStore {
     async fn close(&self) {
-        self.pool.close().await;
+        self.inner.pool.close().await;
     }
 }
 
 #[async_trait]
 impl KeyStore for SqliteStore {
     async fn insert_key(&self, record: &KeyRecord, hash: &KeyHash) -> Result<(), StorageError> {
-        sqlx::query(
-            "INSERT INTO api_keys (id, name, role, prefix, key_hash, created_at, expires_at, revoked_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&record.id)
-        .bind(&record.name)
-        .bind(record.role.as_str())
-        .bind(&record.prefix)
-        .bind(&hash.0[..])
-        .bind(millis(record.created_at))
-        .bind(record.expires_at.map(millis))
-        .bind(record.revoked_at.map(millis))
-        .execute(&self.pool)
-        .await
-        .map_err(|e| match StorageError::from(e) {
-            StorageError::Conflict(_) => StorageError::Conflict(format!(
-                "an active key named '{}' already exists",
-                record.name
-            )),
-            other => other,
-        })?;
-        Ok(())
+        self.inner.insert_key(record, hash).await
     }
 
     async fn key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StorageError> {
-        let row = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = ?"
-        ))
-        .bind(&hash.0[..])
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(key_from_row).transpose()
+        self.inner.key_by_hash(hash).await
     }
 
     async fn list_keys(&self) -> Result<Vec<KeyRecord>, StorageError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at, rowid"
-        ))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(key_from_row).collect()
+        self.inner.list_keys().await
     }
 
     async fn revoke_key(&self, id: &str, at: DateTime<Utc>) -> Result<bool, StorageError> {
-        let done =
-            sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
-                .bind(millis(at))
-                .bind(id)
-                .execute(&self.pool)
-                .await?;
-        Ok(done.rows_affected() > 0)
+        self.inner.revoke_key(id, at).await
     }
 }
 
 #[async_trait]
 impl UsageStore for SqliteStore {
     async fn record(&self, batch: &[RequestRecord]) -> Result<(), StorageError> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let batch = &*normalized_batch(batch);
-        // Fold the batch per key first: one totals upsert per key, not per request.
-        let mut per_key: BTreeMap<&str, UsageTotals> = BTreeMap::new();
-        for record in batch {
-            per_key.entry(&record.key_id).or_default().add(record);
-        }
-        let mut tx = self.pool.begin().await?;
-        let (mut ids, fresh) = self.name_ids(&mut tx, batch).await?;
-        // Multi-row inserts of fixed sizes, each statement parsed once (see RequestInserts).
-        for (sql, rows) in inserts().runs(batch) {
-            let query = rows.iter().fold(sqlx::query(sql), |query, r| {
-                // Every name of the batch has an id (`name_ids`).
-                let [key, method, path, model] = row_names(r).map(|(column, name)| {
-                    name.map(|name| ids.get(column, name).unwrap_or_default())
-                });
-                query
-                    .bind(millis(r.at))
-                    .bind(key)
-                    .bind(method)
-                    .bind(path)
-                    .bind(model)
-                    .bind(i64::from(r.status))
-                    .bind(r.prompt_tokens.map(to_i64))
-                    .bind(r.completion_tokens.map(to_i64))
-                    .bind(to_i64(r.latency_ms))
-                    .bind(r.first_byte_ms.map(to_i64))
-            });
-            query.execute(&mut *tx).await?;
-        }
-        for (key_id, t) in &per_key {
-            sqlx::query(&upserts().totals)
-                .bind(key_id)
-                .bind(to_i64(t.requests))
-                .bind(to_i64(t.prompt_tokens))
-                .bind(to_i64(t.completion_tokens))
-                .bind(to_i64(t.requests_without_usage))
-                .bind(t.last_request_at.map(millis))
-                .execute(&mut *tx)
-                .await?;
-            for (path, n) in &t.endpoints {
-                sqlx::query(&upserts().endpoints)
-                    .bind(key_id)
-                    .bind(path)
-                    .bind(to_i64(*n))
-                    .execute(&mut *tx)
-                    .await?;
-            }
-        }
-        tx.commit().await?;
-        // Only committed ids are remembered: a rolled-back name may get another id.
-        let mut names = self.names.lock().expect("names lock");
-        if names.len() + fresh.len() > self.names_limit {
-            // Clients can make up paths without end; forgotten ids are read again.
-            names.clear();
-        }
-        names.extend(fresh);
-        Ok(())
+        self.inner.record(batch).await
     }
 
     async fn totals(&self) -> Result<BTreeMap<String, UsageTotals>, StorageError> {
-        let mut all = BTreeMap::new();
-        let rows = sqlx::query(&format!(
-            "SELECT key_id, {TOTALS_COLUMNS} FROM usage_totals"
-        ))
-        .fetch_all(&self.pool)
-        .await?;
-        for row in &rows {
-            all.insert(row.try_get::<String, _>("key_id")?, totals_from_row(row)?);
-        }
-        let rows = sqlx::query(
-            "SELECT key_id, path, CAST(requests AS INTEGER) AS requests FROM usage_endpoints",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        for row in &rows {
-            let key_id: String = row.try_get("key_id")?;
-            if let Some(t) = all.get_mut(&key_id) {
-                t.endpoints
-                    .insert(row.try_get("path")?, count(row.try_get("requests")?));
-            }
-        }
-        Ok(all)
+        self.inner.totals().await
     }
 
     async fn totals_for_key(&self, key_id: &str) -> Result<UsageTotals, StorageError> {
-        let row = sqlx::query(&format!(
-            "SELECT {TOTALS_COLUMNS} FROM usage_totals WHERE key_id = ?"
-        ))
-        .bind(key_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some(row) = row else {
-            return Ok(UsageTotals::default());
-        };
-        let mut totals = totals_from_row(&row)?;
-        let rows = sqlx::query(
-            "SELECT path, CAST(requests AS INTEGER) AS requests FROM usage_endpoints WHERE key_id = ?",
-        )
-            .bind(key_id)
-            .fetch_all(&self.pool)
-            .await?;
-        for row in &rows {
-            totals
-                .endpoints
-                .insert(row.try_get("path")?, count(row.try_get("requests")?));
-        }
-        Ok(totals)
+        self.inner.totals_for_key(key_id).await
     }
 
     async fn requests(
@@ -307,112 +170,8 @@ impl UsageStore for SqliteStore {
         since: Option<DateTime<Utc>>,
         limit: u32,
     ) -> Result<Vec<RequestRecord>, StorageError> {
-        // The view joins the names back in; its plan searches `usage_rows_key_at`.
-        let rows = sqlx::query(&format!(
-            "SELECT {REQUEST_COLUMNS} \
-             FROM usage_requests WHERE key_id = ? AND at >= ? ORDER BY at DESC, id DESC LIMIT ?"
-        ))
-        .bind(key_id)
-        .bind(since.map(millis).unwrap_or(i64::MIN))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(request_from_row).collect()
+        self.inner.requests(key_id, since, limit).await
     }
-}
-
-impl SqliteStore {
-    /// The id of every name the batch uses, and those of them this process had not seen
-    /// (to remember once the transaction commits). A name new to the database is added.
-    async fn name_ids<'b>(
-        &self,
-        tx: &mut sqlx::SqliteConnection,
-        batch: &'b [RequestRecord],
-    ) -> Result<(NameIds<'b>, Vec<(String, i64)>), StorageError> {
-        let mut ids = NameIds::default();
-        let mut missing = HashSet::new();
-        {
-            let known = self.names.lock().expect("names lock");
-            for (column, name) in batch.iter().flat_map(row_names) {
-                let Some(name) = name else { continue };
-                if ids.get(column, name).is_none() {
-                    match known.get(name) {
-                        Some(&id) => ids.insert(name, id),
-                        None => {
-                            missing.insert(name);
-                        }
-                    }
-                }
-            }
-        }
-        let mut fresh = Vec::with_capacity(missing.len());
-        for name in missing {
-            sqlx::query("INSERT INTO usage_names (name) VALUES (?) ON CONFLICT (name) DO NOTHING")
-                .bind(name)
-                .execute(&mut *tx)
-                .await?;
-            let id: i64 = sqlx::query_scalar("SELECT id FROM usage_names WHERE name = ?")
-                .bind(name)
-                .fetch_one(&mut *tx)
-                .await?;
-            ids.insert(name, id);
-            fresh.push((name.to_owned(), id));
-        }
-        Ok((ids, fresh))
-    }
-}
-
-/// A request row's names, by column of `usage_rows`: key, method, path, model.
-fn row_names(r: &RequestRecord) -> [(usize, Option<&str>); 4] {
-    [
-        (0, Some(r.key_id.as_str())),
-        (1, Some(r.method.as_str())),
-        (2, Some(r.path.as_str())),
-        (3, r.model.as_deref()),
-    ]
-}
-
-/// The ids of a batch's names. Consecutive rows mostly repeat a column's name, so each
-/// column remembers its last one before looking in the map.
-#[derive(Default)]
-struct NameIds<'b> {
-    all: HashMap<&'b str, i64>,
-    last: [Option<(&'b str, i64)>; 4],
-}
-
-impl<'b> NameIds<'b> {
-    fn get(&mut self, column: usize, name: &'b str) -> Option<i64> {
-        match self.last[column] {
-            Some((last, id)) if last == name => Some(id),
-            _ => {
-                let id = *self.all.get(name)?;
-                self.last[column] = Some((name, id));
-                Some(id)
-            }
-        }
-    }
-
-    fn insert(&mut self, name: &'b str, id: i64) {
-        self.all.insert(name, id);
-    }
-}
-
-/// The request-row inserts (into `usage_rows`, names by id).
-fn inserts() -> &'static RequestInserts {
-    static INSERTS: std::sync::OnceLock<RequestInserts> = std::sync::OnceLock::new();
-    INSERTS.get_or_init(|| {
-        RequestInserts::for_table(
-            "usage_rows",
-            "at, key, method, path, model, status, prompt_tokens, completion_tokens, latency_ms, first_byte_ms",
-            |_| "?".to_owned(),
-        )
-    })
-}
-
-/// The running totals' upserts in this backend's syntax.
-fn upserts() -> &'static TotalsUpserts {
-    static UPSERTS: std::sync::OnceLock<TotalsUpserts> = std::sync::OnceLock::new();
-    UPSERTS.get_or_init(|| TotalsUpserts::new(|_| "?".to_owned(), "MAX"))
 }
 
 #[cfg(test)]
@@ -422,17 +181,17 @@ mod tests {
 
     #[tokio::test]
     async fn keys_contract() {
-        super::super::contract::keys(&SqliteStore::in_memory().await.unwrap()).await;
+        crate::storage::contract::keys(&SqliteStore::in_memory().await.unwrap()).await;
     }
 
     #[tokio::test]
     async fn usage_contract() {
-        super::super::contract::usage(&SqliteStore::in_memory().await.unwrap()).await;
+        crate::storage::contract::usage(&SqliteStore::in_memory().await.unwrap()).await;
     }
 
     #[tokio::test]
     async fn hostile_values_contract() {
-        super::super::contract::hostile_values(&SqliteStore::in_memory().await.unwrap()).await;
+        crate::storage::contract::hostile_values(&SqliteStore::in_memory().await.unwrap()).await;
     }
 
     fn request(key: &str, model: Option<&str>, at_ms: i64) -> RequestRecord {
@@ -451,9 +210,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn rows_written_before_names_were_numbered_are_kept() {
+    async fn a_database_made_before_names_were_numbered_reads_back_the_same() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("llmgate.db");
+        let secret = Secret::generate();
+        let key = KeyRecord::new("old", Role::Admin, &secret);
         {
             // The database as the first two migrations left it, with rows in the old table.
             let pool = SqlitePoolOptions::new()
@@ -473,6 +234,29 @@ mod tests {
                 .collect::<Vec<_>>()
                 .into();
             old.run(&pool).await.unwrap();
+            sqlx::query(
+                "INSERT INTO api_keys (id, name, role, prefix, key_hash, created_at, expires_at, revoked_at) \
+                 VALUES (?, ?, 'admin', ?, ?, ?, NULL, NULL)",
+            )
+            .bind(&key.id)
+            .bind(&key.name)
+            .bind(&key.prefix)
+            .bind(&secret.hash().0[..])
+            .bind(key.created_at.timestamp_millis())
+            .execute(&pool)
+            .await
+            .unwrap();
+            sqlx::query("INSERT INTO usage_totals VALUES ('k1', 2, 6, 0, 2, 3000), ('k2', 1, 3, 0, 1, 2000)")
+                .execute(&pool)
+                .await
+                .unwrap();
+            sqlx::query(
+                "INSERT INTO usage_endpoints VALUES ('k1', '/v1/chat/completions', 2), \
+                 ('k2', '/v1/chat/completions', 1)",
+            )
+            .execute(&pool)
+            .await
+            .unwrap();
             for (key, model, at) in [
                 ("k1", Some("m"), 1_000),
                 ("k2", None, 2_000),
@@ -493,6 +277,16 @@ mod tests {
             pool.close().await;
         }
         let store = SqliteStore::open(&path).await.unwrap();
+        assert_eq!(store.list_keys().await.unwrap(), std::slice::from_ref(&key));
+        assert_eq!(store.key_by_hash(&secret.hash()).await.unwrap(), Some(key));
+        let k1 = store.totals_for_key("k1").await.unwrap();
+        assert_eq!(
+            (k1.requests, k1.prompt_tokens, k1.requests_without_usage),
+            (2, 6, 2)
+        );
+        assert_eq!(k1.last_request_at.unwrap().timestamp_millis(), 3_000);
+        assert_eq!(k1.endpoints["/v1/chat/completions"], 2);
+        assert_eq!(store.totals().await.unwrap()["k1"], k1);
         assert_eq!(
             store.requests("k1", None, 10).await.unwrap(),
             [request("k1", None, 3_000), request("k1", Some("m"), 1_000)]
@@ -506,14 +300,14 @@ mod tests {
             .await
             .unwrap();
         let names: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM usage_names")
-            .fetch_one(&store.pool)
+            .fetch_one(&store.inner.pool)
             .await
             .unwrap();
         assert_eq!(names, 7, "k1, k2, k3, POST, the path, m and n, each once");
         let rows: Vec<(String, Option<String>, i64)> = sqlx::query_as(
             "SELECT key_id, model, at FROM usage_requests WHERE key_id = 'k2' ORDER BY at",
         )
-        .fetch_all(&store.pool)
+        .fetch_all(&store.inner.pool)
         .await
         .unwrap();
         assert_eq!(
@@ -523,17 +317,18 @@ mod tests {
                 ("k2".into(), Some("m".into()), 4_000)
             ]
         );
+        assert_eq!(store.totals_for_key("k2").await.unwrap().requests, 2);
     }
 
     #[tokio::test]
     async fn names_beyond_the_limit_are_forgotten_and_read_again() {
         let mut store = SqliteStore::in_memory().await.unwrap();
-        store.names_limit = 4;
+        store.inner.names_limit = 4;
         for i in 0..6 {
             let mut r = request("k", Some("m"), 1_000 + i);
             r.path = format!("/v1/made-up/{i}");
             store.record(&[r]).await.unwrap();
-            assert!(store.names.lock().unwrap().len() <= 4);
+            assert!(store.inner.names.lock().unwrap().len() <= 4);
         }
         let rows = store.requests("k", None, 10).await.unwrap();
         let paths: Vec<_> = rows.iter().map(|r| r.path.as_str()).collect();
@@ -598,7 +393,7 @@ mod tests {
             Some(record)
         );
         let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
-            .fetch_one(&store.pool)
+            .fetch_one(&store.inner.pool)
             .await
             .unwrap();
         assert_eq!(mode, "wal");
@@ -613,11 +408,11 @@ mod tests {
         sqlx::query(
             "UPDATE usage_totals SET prompt_tokens = 1.8e19, completion_tokens = -1 WHERE key_id = 'k'",
         )
-        .execute(&store.pool)
+        .execute(&store.inner.pool)
         .await
         .unwrap();
         sqlx::query("UPDATE usage_rows SET prompt_tokens = -1")
-            .execute(&store.pool)
+            .execute(&store.inner.pool)
             .await
             .unwrap();
         let totals = store.totals_for_key("k").await.unwrap();
@@ -633,7 +428,7 @@ mod tests {
         store.record(&[request("k", None, 2_000)]).await.unwrap();
         let kind: String =
             sqlx::query_scalar("SELECT typeof(prompt_tokens) FROM usage_totals WHERE key_id = 'k'")
-                .fetch_one(&store.pool)
+                .fetch_one(&store.inner.pool)
                 .await
                 .unwrap();
         assert_eq!(kind, "integer");
@@ -649,7 +444,7 @@ mod tests {
         let store = SqliteStore::in_memory().await.unwrap();
         let err = StorageError::from(
             sqlx::query("INSERT INTO usage_totals (key_id, requests) VALUES ('k', NULL)")
-                .execute(&store.pool)
+                .execute(&store.inner.pool)
                 .await
                 .unwrap_err(),
         );
@@ -658,5 +453,11 @@ mod tests {
         let err = store.totals().await.unwrap_err();
         assert!(matches!(err, StorageError::Database(_)), "{err:?}");
         assert!(!err.refuses_content());
+        // The driver's error stays reachable for logs and for an embedder's own handling.
+        let source = std::error::Error::source(&err).expect("a source");
+        assert!(matches!(
+            source.downcast_ref::<sqlx::Error>(),
+            Some(sqlx::Error::PoolClosed)
+        ));
     }
 }
