@@ -1,7 +1,8 @@
 //! The gateway's settings: parsed once, validated once, with a default for every option
 //! that works on a laptop.
 
-use std::net::SocketAddr;
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -34,6 +35,45 @@ pub enum ConfigError {
         /// Its value.
         value: u64,
     },
+}
+
+/// Every setting that cannot work, in the order the options are listed; never empty.
+#[derive(Debug)]
+pub struct ConfigErrors(Vec<ConfigError>);
+
+impl ConfigErrors {
+    /// The problems, one per option.
+    pub fn iter(&self) -> std::slice::Iter<'_, ConfigError> {
+        self.0.iter()
+    }
+
+    /// The problems, owned.
+    pub fn into_vec(self) -> Vec<ConfigError> {
+        self.0
+    }
+}
+
+impl fmt::Display for ConfigErrors {
+    /// One line per problem.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl IntoIterator for ConfigErrors {
+    type Item = ConfigError;
+    type IntoIter = std::vec::IntoIter<ConfigError>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
 }
 
 /// The largest `usage_queue_max`: about 3 GB of records in memory.
@@ -104,6 +144,24 @@ pub struct GatewayConfig {
     pub usage_queue_max: u64,
 }
 
+/// Default of [`GatewayConfig::listen`]: this machine only, port 8080.
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
+/// Default of [`GatewayConfig::data_dir`], relative to the working directory.
+pub const DEFAULT_DATA_DIR: &str = "llmgate-data";
+/// Default of [`GatewayConfig::upstream_timeout_secs`] (the proxy's own default).
+pub const DEFAULT_UPSTREAM_TIMEOUT_SECS: u64 = crate::proxy::DEFAULT_UPSTREAM_TIMEOUT.as_secs();
+/// Default of [`GatewayConfig::max_body_bytes`]: 16 MiB, room for a long conversation
+/// or an audio upload (the same as [`AuthUsageLayer`](crate::auth::AuthUsageLayer)'s).
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 16 * 1024 * 1024;
+/// Default of [`GatewayConfig::key_cache_ttl_ms`] (the same as
+/// [`KeyCache::new`](crate::auth::KeyCache::new)'s).
+pub const DEFAULT_KEY_CACHE_TTL_MS: u64 = 500;
+/// Default of [`GatewayConfig::model_ready_timeout_secs`]: a first load reads the whole
+/// model from a cold disk (and a CUDA build may compile kernels), which takes minutes
+/// for a large model.
+pub const DEFAULT_MODEL_READY_TIMEOUT_SECS: u64 = 300;
+/// Default of [`GatewayConfig::python`].
+pub const DEFAULT_PYTHON: &str = "python3";
 /// Default of [`GatewayConfig::header_read_timeout_secs`]: a real client sends a request
 /// head in one write; nginx allows 60 s, uvicorn's idle limit is 5 s.
 pub const DEFAULT_HEADER_READ_TIMEOUT_SECS: u64 = 10;
@@ -114,6 +172,8 @@ pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_MAX_CONNECTIONS: u64 = 10_000;
 /// Default of [`GatewayConfig::shutdown_timeout_secs`].
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 30;
+/// Default of [`GatewayConfig::usage_queue_max`] (the recorder's own default).
+pub const DEFAULT_USAGE_QUEUE_MAX: u64 = crate::usage::DEFAULT_QUEUE_MAX as u64;
 
 /// Which program serves a local model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -126,37 +186,52 @@ pub enum RunnerKind {
     LlamaServer,
 }
 
+impl RunnerKind {
+    /// `llama-cpp-python` or `llama-server`, as in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::LlamaCppPython => "llama-cpp-python",
+            Self::LlamaServer => "llama-server",
+        }
+    }
+}
+
+impl fmt::Display for RunnerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl std::str::FromStr for RunnerKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "llama-cpp-python" => Ok(Self::LlamaCppPython),
-            "llama-server" => Ok(Self::LlamaServer),
-            other => Err(format!(
-                "unknown runner '{other}': expected llama-cpp-python or llama-server"
-            )),
-        }
+        [Self::LlamaCppPython, Self::LlamaServer]
+            .into_iter()
+            .find(|kind| kind.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown runner '{s}': expected llama-cpp-python or llama-server")
+            })
     }
 }
 
 impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            listen: DEFAULT_LISTEN,
             workers: None,
             upstream: None,
             upstream_key: None,
-            upstream_timeout_secs: 600,
-            max_body_bytes: 16 * 1024 * 1024,
-            data_dir: PathBuf::from("llmgate-data"),
-            key_cache_ttl_ms: 500,
+            upstream_timeout_secs: DEFAULT_UPSTREAM_TIMEOUT_SECS,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            key_cache_ttl_ms: DEFAULT_KEY_CACHE_TTL_MS,
             model: None,
             runner: RunnerKind::default(),
             backend: Backend::default(),
             chat_format: None,
             n_ctx: None,
-            model_ready_timeout_secs: 300,
-            python: PathBuf::from("python3"),
+            model_ready_timeout_secs: DEFAULT_MODEL_READY_TIMEOUT_SECS,
+            python: PathBuf::from(DEFAULT_PYTHON),
             python_env_dir: None,
             cache_dir: None,
             llama_server: None,
@@ -166,7 +241,7 @@ impl Default for GatewayConfig {
             idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
             max_connections: None,
             shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
-            usage_queue_max: crate::usage::DEFAULT_QUEUE_MAX as u64,
+            usage_queue_max: DEFAULT_USAGE_QUEUE_MAX,
         }
     }
 }
@@ -337,7 +412,7 @@ mod tests {
         ));
         config.upstream = Some("http://127.0.0.1:8000".into());
         config.validate().unwrap();
-        assert_eq!(config.listen.port(), 8080);
+        assert_eq!(config.listen, DEFAULT_LISTEN);
     }
 
     #[test]

@@ -1,16 +1,27 @@
 //! Command-line arguments (clap only; no logic).
+//!
+//! A flag left out is `None`, so that the config file and the environment still apply
+//! (see [`crate::settings`]); the defaults the help shows come from the constants of
+//! [`llmgate_core::config`], which the settings use too.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Arg, ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use llmgate_core::config::{
+    RunnerKind, DEFAULT_DATA_DIR, DEFAULT_HEADER_READ_TIMEOUT_SECS, DEFAULT_IDLE_TIMEOUT_SECS,
+    DEFAULT_KEY_CACHE_TTL_MS, DEFAULT_LISTEN, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MODEL_READY_TIMEOUT_SECS, DEFAULT_PYTHON, DEFAULT_SHUTDOWN_TIMEOUT_SECS,
+    DEFAULT_UPSTREAM_TIMEOUT_SECS, DEFAULT_USAGE_QUEUE_MAX,
+};
+use llmgate_core::runner::Backend;
 
 /// llmgate: share an OpenAI-compatible model server safely, with per-user API keys and
 /// exact per-key usage.
 #[derive(Debug, Parser)]
 #[command(name = "llmgate", version, about, propagate_version = true)]
 pub struct Cli {
-    /// Directory for the database and other state [default: ./llmgate-data]
+    /// Directory for the database and other state
     #[arg(long, global = true, env = "LLMGATE_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
 
@@ -31,6 +42,70 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// The command line as clap sees it, each default written into its option's help.
+    pub fn command_with_defaults() -> clap::Command {
+        let mut command = Self::command().mut_arg("data_dir", |arg| {
+            with_default(arg, &format!("./{DEFAULT_DATA_DIR}"))
+        });
+        for name in ["up", "serve"] {
+            command = command.mut_subcommand(name, |mut serve| {
+                for (id, default) in serve_defaults() {
+                    serve = serve.mut_arg(id, |arg| with_default(arg, &default));
+                }
+                serve
+            });
+        }
+        command
+    }
+
+    /// Parses `args` (the program name first); `--help` shows the defaults.
+    pub fn try_parse_with_defaults(
+        args: impl IntoIterator<Item = impl Into<std::ffi::OsString> + Clone>,
+    ) -> Result<Self, clap::Error> {
+        let mut matches: ArgMatches = Self::command_with_defaults().try_get_matches_from(args)?;
+        Self::from_arg_matches_mut(&mut matches)
+    }
+}
+
+/// What `serve` and `up` do when an option is given nowhere: `(argument id, default)`.
+fn serve_defaults() -> [(&'static str, String); 13] {
+    [
+        ("listen", DEFAULT_LISTEN.to_string()),
+        (
+            "upstream_timeout_secs",
+            DEFAULT_UPSTREAM_TIMEOUT_SECS.to_string(),
+        ),
+        ("max_body_bytes", DEFAULT_MAX_BODY_BYTES.to_string()),
+        ("key_cache_ttl_ms", DEFAULT_KEY_CACHE_TTL_MS.to_string()),
+        (
+            "header_read_timeout_secs",
+            DEFAULT_HEADER_READ_TIMEOUT_SECS.to_string(),
+        ),
+        ("idle_timeout_secs", DEFAULT_IDLE_TIMEOUT_SECS.to_string()),
+        ("max_connections", DEFAULT_MAX_CONNECTIONS.to_string()),
+        (
+            "shutdown_timeout_secs",
+            DEFAULT_SHUTDOWN_TIMEOUT_SECS.to_string(),
+        ),
+        ("usage_queue_max", DEFAULT_USAGE_QUEUE_MAX.to_string()),
+        ("backend", Backend::default().to_string()),
+        ("runner", RunnerKind::default().to_string()),
+        ("python", DEFAULT_PYTHON.to_owned()),
+        (
+            "model_ready_timeout_secs",
+            DEFAULT_MODEL_READY_TIMEOUT_SECS.to_string(),
+        ),
+    ]
+}
+
+/// Appends `[default: …]` to the help, as clap does for a `default_value`, without
+/// giving the option a value: a flag left out must not hide the file's setting.
+fn with_default(arg: Arg, default: &str) -> Arg {
+    let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+    arg.help(format!("{help} [default: {default}]"))
 }
 
 /// The subcommands.
@@ -65,7 +140,7 @@ pub struct ServeArgs {
     #[arg(long, env = "LLMGATE_UPSTREAM", value_name = "URL")]
     pub upstream: Option<String>,
 
-    /// Address to listen on [default: 127.0.0.1:8080]
+    /// Address to listen on
     #[arg(long, env = "LLMGATE_LISTEN", value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
 
@@ -78,11 +153,11 @@ pub struct ServeArgs {
     )]
     pub upstream_key: Option<String>,
 
-    /// Seconds to wait for the upstream's response headers [default: 600]
+    /// Seconds to wait for the upstream's response headers
     #[arg(long, env = "LLMGATE_UPSTREAM_TIMEOUT_SECS", value_name = "SECS")]
     pub upstream_timeout_secs: Option<u64>,
 
-    /// Largest request body accepted, in bytes [default: 16777216]
+    /// Largest request body accepted, in bytes
     #[arg(long, env = "LLMGATE_MAX_BODY_BYTES", value_name = "BYTES")]
     pub max_body_bytes: Option<u64>,
 
@@ -90,24 +165,24 @@ pub struct ServeArgs {
     #[arg(long, env = "LLMGATE_WORKERS", value_name = "N")]
     pub workers: Option<u64>,
 
-    /// How long key lookups are cached, in milliseconds [default: 500]
+    /// How long key lookups are cached, in milliseconds
     #[arg(long, env = "LLMGATE_KEY_CACHE_TTL_MS", value_name = "MS")]
     pub key_cache_ttl_ms: Option<u64>,
 
-    /// Seconds a client may take to send a request's head [default: 10]
+    /// Seconds a client may take to send a request's head
     #[arg(long, env = "LLMGATE_HEADER_READ_TIMEOUT_SECS", value_name = "SECS")]
     pub header_read_timeout_secs: Option<u64>,
 
-    /// Seconds a connection may stay open with no request in flight [default: 60]
+    /// Seconds a connection may stay open with no request in flight
     #[arg(long, env = "LLMGATE_IDLE_TIMEOUT_SECS", value_name = "SECS")]
     pub idle_timeout_secs: Option<u64>,
 
-    /// Connections open at once [default: 10000, fewer if open files are limited]
+    /// Connections open at once (fewer than the default if open files are limited)
     #[arg(long, env = "LLMGATE_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<u64>,
 
     /// Seconds requests in flight get to finish on SIGTERM before their connections are
-    /// closed [default: 30]
+    /// closed
     #[arg(long, env = "LLMGATE_SHUTDOWN_TIMEOUT_SECS", value_name = "SECS")]
     pub shutdown_timeout_secs: Option<u64>,
 
@@ -116,7 +191,7 @@ pub struct ServeArgs {
     pub metrics_public: bool,
 
     /// Usage records kept in memory while the database is down; older ones are spilled
-    /// to DATA_DIR/usage-spill.jsonl [default: 100000]
+    /// to DATA_DIR/usage-spill.jsonl
     #[arg(long, env = "LLMGATE_USAGE_QUEUE_MAX", value_name = "RECORDS")]
     pub usage_queue_max: Option<u64>,
 
@@ -132,7 +207,7 @@ pub struct ModelArgs {
     #[arg(long, env = "LLMGATE_MODEL", value_name = "MODEL")]
     pub model: Option<String>,
 
-    /// Backend llama.cpp is built for: cpu, cuda, metal or openblas [default: cpu]
+    /// Backend llama.cpp is built for: cpu, cuda, metal or openblas
     #[arg(long, env = "LLMGATE_BACKEND", value_name = "BACKEND")]
     pub backend: Option<llmgate_core::runner::Backend>,
 
@@ -144,11 +219,11 @@ pub struct ModelArgs {
     #[arg(long, env = "LLMGATE_N_CTX", value_name = "TOKENS")]
     pub n_ctx: Option<u32>,
 
-    /// Model server: llama-cpp-python or llama-server [default: llama-cpp-python]
+    /// Model server: llama-cpp-python or llama-server
     #[arg(long, env = "LLMGATE_RUNNER", value_name = "RUNNER")]
     pub runner: Option<llmgate_core::config::RunnerKind>,
 
-    /// Python used to create llmgate's virtual environments [default: python3]
+    /// Python used to create llmgate's virtual environments
     #[arg(long, env = "LLMGATE_PYTHON", value_name = "PYTHON")]
     pub python: Option<PathBuf>,
 
@@ -160,7 +235,7 @@ pub struct ModelArgs {
     #[arg(long, env = "LLMGATE_CACHE_DIR", value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
 
-    /// Seconds the model server may take to load the model [default: 300]
+    /// Seconds the model server may take to load the model
     #[arg(long, env = "LLMGATE_MODEL_READY_TIMEOUT_SECS", value_name = "SECS")]
     pub model_ready_timeout_secs: Option<u64>,
 }
@@ -191,4 +266,44 @@ pub enum KeysCommand {
         #[arg(value_name = "ID|NAME")]
         key: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn help_of(subcommand: &str) -> String {
+        let err = Cli::try_parse_with_defaults(["llmgate", subcommand, "--help"]).unwrap_err();
+        err.render().to_string()
+    }
+
+    #[test]
+    fn the_help_shows_each_default_from_its_constant() {
+        let help = help_of("serve");
+        for expected in [
+            format!("Address to listen on [default: {DEFAULT_LISTEN}]"),
+            format!("[default: {DEFAULT_UPSTREAM_TIMEOUT_SECS}]"),
+            format!("in bytes [default: {DEFAULT_MAX_BODY_BYTES}]"),
+            format!("in milliseconds [default: {DEFAULT_KEY_CACHE_TTL_MS}]"),
+            format!("[default: {DEFAULT_MODEL_READY_TIMEOUT_SECS}]"),
+            format!("[default: {DEFAULT_USAGE_QUEUE_MAX}]"),
+            format!("[default: ./{DEFAULT_DATA_DIR}]"),
+            "[default: llama-cpp-python]".to_owned(),
+        ] {
+            assert!(help.contains(&expected), "no '{expected}' in:\n{help}");
+        }
+        assert!(help_of("up").contains(&format!("[default: {DEFAULT_LISTEN}]")));
+    }
+
+    #[test]
+    fn a_flag_left_out_has_no_value() {
+        let cli = Cli::try_parse_with_defaults(["llmgate", "serve"]).unwrap();
+        let Command::Serve(serve) = cli.command else {
+            unreachable!()
+        };
+        assert_eq!(serve.listen, None);
+        assert_eq!(serve.upstream_timeout_secs, None);
+        assert_eq!(serve.model.backend, None);
+        assert_eq!(cli.data_dir, None);
+    }
 }

@@ -12,8 +12,6 @@ pub mod models;
 pub mod routes;
 pub mod settings;
 
-use clap::Parser;
-
 use cli::{Cli, Command};
 
 /// Exit status for bad flags or settings.
@@ -22,7 +20,7 @@ pub const EXIT_USAGE: i32 = 2;
 /// Parses the command line and runs it on a Tokio runtime with the configured number of
 /// worker threads; returns the process's exit status.
 pub fn main_with_args(args: Vec<std::ffi::OsString>) -> i32 {
-    let cli = match Cli::try_parse_from(args) {
+    let cli = match Cli::try_parse_with_defaults(args) {
         Ok(cli) => cli,
         Err(err) if !err.use_stderr() => {
             // --help or --version

@@ -138,7 +138,10 @@ mod tests {
 
     #[test]
     fn the_usage_queue_bound_has_a_default_a_flag_and_a_range() {
-        assert_eq!(serve_config(&[]).unwrap().usage_queue_max, 100_000);
+        assert_eq!(
+            serve_config(&[]).unwrap().usage_queue_max,
+            llmgate_core::config::DEFAULT_USAGE_QUEUE_MAX
+        );
         assert_eq!(
             serve_config(&["--usage-queue-max", "500"])
                 .unwrap()

@@ -34,7 +34,7 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             upstream: None,
-            max_body_bytes: 16 * 1024 * 1024,
+            max_body_bytes: llmgate_core::config::DEFAULT_MAX_BODY_BYTES as usize,
             timeout: Duration::from_secs(30),
             python_env_dir: None,
         }

@@ -169,8 +169,10 @@ pub struct ModelSpec {
 }
 
 impl ModelSpec {
-    /// A spec for a model file with defaults: CPU, a free port, 120 s to get ready, and
-    /// the chat format guessed from the file name ([`default_chat_format`]).
+    /// A spec for a model file with defaults: CPU, a free port,
+    /// [`DEFAULT_MODEL_READY_TIMEOUT_SECS`](crate::config::DEFAULT_MODEL_READY_TIMEOUT_SECS)
+    /// to get ready, and the chat format guessed from the file name
+    /// ([`default_chat_format`]).
     pub fn new(model: impl Into<PathBuf>) -> Self {
         let model = model.into();
         Self {
@@ -180,7 +182,7 @@ impl ModelSpec {
             n_ctx: None,
             backend: Backend::Cpu,
             port: None,
-            ready_timeout: Duration::from_secs(120),
+            ready_timeout: Duration::from_secs(crate::config::DEFAULT_MODEL_READY_TIMEOUT_SECS),
         }
     }
 
@@ -270,5 +272,14 @@ mod tests {
         assert_eq!(spec.chat_format.as_deref(), Some("gemma"));
         assert_eq!(spec.alias(), "gemma-3-270m-q4_k_m");
         assert_eq!(ModelSpec::new("/m/qwen2.5-0.5b.gguf").chat_format, None);
+    }
+
+    #[test]
+    fn a_spec_waits_as_long_for_its_model_as_the_gateway_does() {
+        let gateway = crate::config::GatewayConfig::default();
+        assert_eq!(
+            ModelSpec::new("/m/a.gguf").ready_timeout,
+            Duration::from_secs(gateway.model_ready_timeout_secs)
+        );
     }
 }
