@@ -247,13 +247,15 @@ impl Default for GatewayConfig {
 }
 
 impl GatewayConfig {
-    /// Checks every option; the error says what to fix.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks every option and reports every one that cannot work, each saying what to
+    /// fix, so that a person fixes a file in one go.
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
+        let mut errors = Vec::new();
         if self.model.is_none() || self.upstream.is_some() {
-            self.upstream_uri()?;
+            errors.extend(self.upstream_uri().err());
         }
-        self.validate_database()?;
-        let ranges: [(&'static str, u64, u64, u64, &'static str); 9] = [
+        errors.extend(self.validate_database().err());
+        let ranges: [(&'static str, u64, u64, u64, &'static str); 10] = [
             (
                 "workers",
                 self.workers.unwrap_or(1),
@@ -317,20 +319,24 @@ impl GatewayConfig {
                 86_400,
                 "between 0 and 86400",
             ),
+            (
+                "usage_queue_max",
+                self.usage_queue_max,
+                1,
+                MAX_USAGE_QUEUE,
+                "between 1 and 10000000",
+            ),
         ];
         for (name, value, min, max, rule) in ranges {
             if value < min || value > max {
-                return Err(ConfigError::OutOfRange { name, rule, value });
+                errors.push(ConfigError::OutOfRange { name, rule, value });
             }
         }
-        if !(1..=MAX_USAGE_QUEUE).contains(&self.usage_queue_max) {
-            return Err(ConfigError::OutOfRange {
-                name: "usage_queue_max",
-                rule: "between 1 and 10000000",
-                value: self.usage_queue_max,
-            });
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(errors))
         }
-        Ok(())
     }
 
     /// Checks `database_url` (also for the `keys` and `usage` commands).
@@ -406,10 +412,11 @@ mod tests {
     #[test]
     fn defaults_work_once_an_upstream_is_given() {
         let mut config = GatewayConfig::default();
-        assert!(matches!(
-            config.validate(),
-            Err(ConfigError::MissingUpstream)
-        ));
+        let errors = config.validate().unwrap_err().into_vec();
+        assert!(
+            matches!(errors[..], [ConfigError::MissingUpstream]),
+            "{errors:?}"
+        );
         config.upstream = Some("http://127.0.0.1:8000".into());
         config.validate().unwrap();
         assert_eq!(config.listen, DEFAULT_LISTEN);
@@ -436,6 +443,24 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("upstream_timeout_secs"));
+    }
+
+    #[test]
+    fn every_problem_is_reported_on_a_line_of_its_own() {
+        let config = GatewayConfig {
+            upstream: Some("ftp://h".into()),
+            database_url: Some("mysql://db".into()),
+            max_body_bytes: 0,
+            usage_queue_max: 0,
+            ..Default::default()
+        };
+        let text = config.validate().unwrap_err().to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(lines[0].contains("ftp://h"), "{text}");
+        assert!(lines[1].contains("database_url"), "{text}");
+        assert!(lines[2].contains("max_body_bytes"), "{text}");
+        assert!(lines[3].contains("usage_queue_max"), "{text}");
     }
 
     #[test]

@@ -133,6 +133,28 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// The gateway's options and how it was launched, for `serve` and `up`.
+    pub fn gateway(&self) -> Option<(&ServeArgs, Launch)> {
+        match self {
+            Command::Up(args) => Some((args, Launch::Up)),
+            Command::Serve(args) => Some((args, Launch::Serve)),
+            _ => None,
+        }
+    }
+}
+
+/// How the gateway was launched: the two commands run the same gateway and differ only
+/// in what they do for a newcomer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Launch {
+    /// `llmgate up`: the default model when none is named, and on the first start a user
+    /// key to call it with.
+    Up,
+    /// `llmgate serve`: only what it is told.
+    Serve,
+}
+
 /// Options of `llmgate serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
