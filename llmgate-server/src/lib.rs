@@ -38,18 +38,28 @@ pub enum CommandError {
     Usage(#[from] llmgate_core::storage::StorageError),
 }
 
-/// `err` and its causes on one line, `outer: inner: innermost`, leaving out a cause
-/// whose text an outer message already quotes.
+/// `err` and its causes on one line, `outer: inner: innermost`. A message that already
+/// quotes the root cause is complete as it is (core errors write theirs that way); other
+/// causes are added unless an outer message quotes them.
 pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
+    let mut causes = Vec::new();
     let mut source = err.source();
     while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
+        causes.push(cause.to_string());
         source = cause.source();
+    }
+    if causes
+        .last()
+        .is_some_and(|root| text.contains(root.as_str()))
+    {
+        return text;
+    }
+    for cause in causes {
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
     }
     text
 }
@@ -133,4 +143,45 @@ async fn run(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{0}")]
+    struct Plain(&'static str, #[source] Option<Box<Plain>>);
+
+    fn chain(links: &[&'static str]) -> Plain {
+        links
+            .iter()
+            .rev()
+            .fold(None, |inner, text| Some(Plain(text, inner.map(Box::new))))
+            .unwrap()
+    }
+
+    #[test]
+    fn causes_are_added_once() {
+        assert_eq!(
+            error_chain(&chain(&["cannot open the database x", "disk full"])),
+            "cannot open the database x: disk full"
+        );
+        // The outer message quotes the root cause: the layers between add nothing.
+        assert_eq!(
+            error_chain(&chain(&[
+                "cannot reach h (refused): check the network",
+                "error sending request",
+                "refused"
+            ])),
+            "cannot reach h (refused): check the network"
+        );
+        assert_eq!(
+            error_chain(&chain(&[
+                "cannot listen on a: in use (choose another)",
+                "in use"
+            ])),
+            "cannot listen on a: in use (choose another)"
+        );
+    }
 }

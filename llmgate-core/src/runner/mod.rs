@@ -53,6 +53,10 @@ pub enum RunnerError {
         what: String,
         /// What went wrong, with what to do about it.
         reason: String,
+        /// The system error behind it, when there is one (a program that would not
+        /// start, a directory that could not be made).
+        #[source]
+        source: Option<std::io::Error>,
     },
     /// The model file does not exist.
     #[error("model file {0} does not exist")]
