@@ -36,6 +36,7 @@ pub use default_model::{
     DEFAULT_MODEL_REPO,
 };
 pub use external::ExternalRunner;
+pub use http::LocalHttpError;
 pub use llama_cpp_python::{
     LlamaCppPythonRunner, PythonEnv, PythonEnvManager, LLAMA_CPP_PYTHON_VERSION,
 };
@@ -70,9 +71,12 @@ pub enum RunnerError {
     /// The operation needs a running server.
     #[error("the model server is not running")]
     NotRunning,
-    /// Talking to the model server failed.
+    /// The model server cannot do what was asked, or answered nonsense.
     #[error("model server request failed: {0}")]
     Http(String),
+    /// A request to the model server got no usable answer.
+    #[error("model server request failed: {0}")]
+    Request(#[from] LocalHttpError),
 }
 
 /// The compute backend llama.cpp is built for.

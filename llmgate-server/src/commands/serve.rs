@@ -62,8 +62,8 @@ pub enum ServeError {
     #[error(transparent)]
     Model(#[from] ModelError),
     /// The system monitor could not start.
-    #[error("{0}")]
-    Monitor(String),
+    #[error(transparent)]
+    Monitor(#[from] llmgate_core::system::SystemError),
     /// The serving threads could not start.
     #[error("cannot start the threads that serve requests")]
     Threads(#[source] std::io::Error),
@@ -149,8 +149,7 @@ async fn serve(
         store.clone(),
         Duration::from_millis(config.key_cache_ttl_ms),
     );
-    let mut state = AppState::new(keys, store.clone(), recorder, metrics, models.clone())
-        .map_err(ServeError::Monitor)?;
+    let mut state = AppState::new(keys, store.clone(), recorder, metrics, models.clone())?;
     state.metrics_public = config.metrics_public;
     let router = app(state, proxy, config.max_body_bytes as usize);
 
