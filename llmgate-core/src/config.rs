@@ -20,8 +20,16 @@ pub enum ConfigError {
     #[error("no upstream: pass --upstream URL or --model MODEL (or set LLMGATE_UPSTREAM / LLMGATE_MODEL, or `upstream` / `model` in the config file)")]
     MissingUpstream,
     /// The upstream is not an http(s) URL.
-    #[error("upstream '{0}' is not a URL like http://127.0.0.1:8000: {1}")]
-    BadUpstream(String, String),
+    #[error("upstream '{upstream}' is not a URL like http://127.0.0.1:8000: {reason}")]
+    BadUpstream {
+        /// The upstream as given.
+        upstream: String,
+        /// What is wrong with it.
+        reason: String,
+        /// The URI parser's error, when it could not read it at all.
+        #[source]
+        source: Option<http::uri::InvalidUri>,
+    },
     /// The database URL is not a PostgreSQL one.
     #[error("database_url must start with postgres:// or postgresql:// (leave it unset for the SQLite file in the data directory)")]
     BadDatabaseUrl,
@@ -355,15 +363,20 @@ impl GatewayConfig {
             .upstream
             .as_deref()
             .ok_or(ConfigError::MissingUpstream)?;
-        let uri: Uri = raw.parse().map_err(|e: http::uri::InvalidUri| {
-            ConfigError::BadUpstream(raw.into(), e.to_string())
-        })?;
+        let uri: Uri =
+            raw.parse()
+                .map_err(|source: http::uri::InvalidUri| ConfigError::BadUpstream {
+                    upstream: raw.into(),
+                    reason: source.to_string(),
+                    source: Some(source),
+                })?;
         match (uri.scheme_str(), uri.host()) {
             (Some("http" | "https"), Some(_)) => Ok(uri),
-            _ => Err(ConfigError::BadUpstream(
-                raw.into(),
-                "it needs http:// or https:// and a host".into(),
-            )),
+            _ => Err(ConfigError::BadUpstream {
+                upstream: raw.into(),
+                reason: "it needs http:// or https:// and a host".into(),
+                source: None,
+            }),
         }
     }
 

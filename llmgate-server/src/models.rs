@@ -82,7 +82,7 @@ impl ModelState {
 pub enum Progress {
     /// In the console and the log only.
     ConsoleOnly,
-    /// Also on the terminal, with a progress bar for downloads (`llmgate up`).
+    /// Also on the terminal, with a progress bar for downloads (`llmgate up` and `serve`).
     AlsoOnTerminal,
 }
 
@@ -122,7 +122,7 @@ struct Inner {
 pub struct ModelManager {
     config: GatewayConfig,
     proxy: Proxy,
-    /// Also say everything on the terminal (`llmgate up`).
+    /// Also say everything on the terminal ([`Progress::AlsoOnTerminal`]).
     echo: Option<TerminalReporter>,
     inner: Mutex<Inner>,
     /// Where set-ups and model servers run: the runtime that made the manager, not the
