@@ -50,6 +50,10 @@ impl Cli {
         let mut command = Self::command().mut_arg("data_dir", |arg| {
             with_default(arg, &format!("./{DEFAULT_DATA_DIR}"))
         });
+        command = command.mut_subcommand("up", |up| {
+            let about = up.get_about().map(ToString::to_string).unwrap_or_default();
+            up.about(format!("{about}, on port {}", DEFAULT_LISTEN.port()))
+        });
         for name in ["up", "serve"] {
             command = command.mut_subcommand(name, |mut serve| {
                 for (id, default) in serve_defaults() {
@@ -112,7 +116,7 @@ fn with_default(arg: Arg, default: &str) -> Arg {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Set up everything and run: the model server (default: Gemma 3 270M on the CPU)
-    /// and the gateway in front of it, on port 8080
+    /// and the gateway in front of it
     Up(ServeArgs),
     /// Run the gateway in front of an OpenAI-compatible upstream, or of a --model
     Serve(ServeArgs),
@@ -315,6 +319,13 @@ mod tests {
             assert!(help.contains(&expected), "no '{expected}' in:\n{help}");
         }
         assert!(help_of("up").contains(&format!("[default: {DEFAULT_LISTEN}]")));
+        let err = Cli::try_parse_with_defaults(["llmgate", "--help"]).unwrap_err();
+        let overview = err.render().to_string();
+        let port = format!(
+            "the gateway in front of it, on port {}",
+            DEFAULT_LISTEN.port()
+        );
+        assert!(overview.contains(&port), "{overview}");
     }
 
     #[test]
