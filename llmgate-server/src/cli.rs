@@ -112,6 +112,32 @@ fn with_default(arg: Arg, default: &str) -> Arg {
     arg.help(format!("{help} [default: {default}]"))
 }
 
+/// A value as given on the command line or in its LLMGATE_* variable: parsed, or why it
+/// could not be. The settings report a bad value together with every other bad
+/// setting, instead of clap stopping at it alone.
+pub type Given<T> = Result<T, BadValue>;
+
+/// A value that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadValue {
+    /// The value as given.
+    pub value: String,
+    /// What the parser said.
+    pub reason: String,
+}
+
+/// Parses a value without failing the command line (see [`Given`]).
+fn given<T>(raw: &str) -> Result<Given<T>, std::convert::Infallible>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    Ok(raw.parse::<T>().map_err(|e| BadValue {
+        value: raw.to_owned(),
+        reason: e.to_string(),
+    }))
+}
+
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -167,8 +193,8 @@ pub struct ServeArgs {
     pub upstream: Option<String>,
 
     /// Address to listen on
-    #[arg(long, env = "LLMGATE_LISTEN", value_name = "ADDR")]
-    pub listen: Option<SocketAddr>,
+    #[arg(long, env = "LLMGATE_LISTEN", value_name = "ADDR", value_parser = given::<SocketAddr>)]
+    pub listen: Option<Given<SocketAddr>>,
 
     /// Key the gateway sends to the upstream (for a hosted API)
     #[arg(
@@ -180,37 +206,37 @@ pub struct ServeArgs {
     pub upstream_key: Option<String>,
 
     /// Seconds to wait for the upstream's response headers
-    #[arg(long, env = "LLMGATE_UPSTREAM_TIMEOUT_SECS", value_name = "SECS")]
-    pub upstream_timeout_secs: Option<u64>,
+    #[arg(long, env = "LLMGATE_UPSTREAM_TIMEOUT_SECS", value_name = "SECS", value_parser = given::<u64>)]
+    pub upstream_timeout_secs: Option<Given<u64>>,
 
     /// Largest request body accepted, in bytes
-    #[arg(long, env = "LLMGATE_MAX_BODY_BYTES", value_name = "BYTES")]
-    pub max_body_bytes: Option<u64>,
+    #[arg(long, env = "LLMGATE_MAX_BODY_BYTES", value_name = "BYTES", value_parser = given::<u64>)]
+    pub max_body_bytes: Option<Given<u64>>,
 
     /// Threads that serve requests [default: one per core]
-    #[arg(long, env = "LLMGATE_WORKERS", value_name = "N")]
-    pub workers: Option<u64>,
+    #[arg(long, env = "LLMGATE_WORKERS", value_name = "N", value_parser = given::<u64>)]
+    pub workers: Option<Given<u64>>,
 
     /// How long key lookups are cached, in milliseconds
-    #[arg(long, env = "LLMGATE_KEY_CACHE_TTL_MS", value_name = "MS")]
-    pub key_cache_ttl_ms: Option<u64>,
+    #[arg(long, env = "LLMGATE_KEY_CACHE_TTL_MS", value_name = "MS", value_parser = given::<u64>)]
+    pub key_cache_ttl_ms: Option<Given<u64>>,
 
     /// Seconds a client may take to send a request's head
-    #[arg(long, env = "LLMGATE_HEADER_READ_TIMEOUT_SECS", value_name = "SECS")]
-    pub header_read_timeout_secs: Option<u64>,
+    #[arg(long, env = "LLMGATE_HEADER_READ_TIMEOUT_SECS", value_name = "SECS", value_parser = given::<u64>)]
+    pub header_read_timeout_secs: Option<Given<u64>>,
 
     /// Seconds a connection may stay open with no request in flight
-    #[arg(long, env = "LLMGATE_IDLE_TIMEOUT_SECS", value_name = "SECS")]
-    pub idle_timeout_secs: Option<u64>,
+    #[arg(long, env = "LLMGATE_IDLE_TIMEOUT_SECS", value_name = "SECS", value_parser = given::<u64>)]
+    pub idle_timeout_secs: Option<Given<u64>>,
 
     /// Connections open at once (fewer than the default if open files are limited)
-    #[arg(long, env = "LLMGATE_MAX_CONNECTIONS", value_name = "N")]
-    pub max_connections: Option<u64>,
+    #[arg(long, env = "LLMGATE_MAX_CONNECTIONS", value_name = "N", value_parser = given::<u64>)]
+    pub max_connections: Option<Given<u64>>,
 
     /// Seconds requests in flight get to finish on SIGTERM before their connections are
     /// closed
-    #[arg(long, env = "LLMGATE_SHUTDOWN_TIMEOUT_SECS", value_name = "SECS")]
-    pub shutdown_timeout_secs: Option<u64>,
+    #[arg(long, env = "LLMGATE_SHUTDOWN_TIMEOUT_SECS", value_name = "SECS", value_parser = given::<u64>)]
+    pub shutdown_timeout_secs: Option<Given<u64>>,
 
     /// Serve /metrics without a key (by default it needs an admin key)
     #[arg(long, env = "LLMGATE_METRICS_PUBLIC")]
@@ -218,8 +244,8 @@ pub struct ServeArgs {
 
     /// Usage records kept in memory while the database is down; older ones are spilled
     /// to DATA_DIR/usage-spill.jsonl
-    #[arg(long, env = "LLMGATE_USAGE_QUEUE_MAX", value_name = "RECORDS")]
-    pub usage_queue_max: Option<u64>,
+    #[arg(long, env = "LLMGATE_USAGE_QUEUE_MAX", value_name = "RECORDS", value_parser = given::<u64>)]
+    pub usage_queue_max: Option<Given<u64>>,
 
     /// The model to run.
     #[command(flatten)]
@@ -234,20 +260,20 @@ pub struct ModelArgs {
     pub model: Option<String>,
 
     /// Backend llama.cpp is built for: cpu, cuda, metal or openblas
-    #[arg(long, env = "LLMGATE_BACKEND", value_name = "BACKEND")]
-    pub backend: Option<llmgate_core::runner::Backend>,
+    #[arg(long, env = "LLMGATE_BACKEND", value_name = "BACKEND", value_parser = given::<Backend>)]
+    pub backend: Option<Given<Backend>>,
 
     /// Chat format, e.g. gemma or chatml [default: gemma for Gemma models]
     #[arg(long, env = "LLMGATE_CHAT_FORMAT", value_name = "FORMAT")]
     pub chat_format: Option<String>,
 
     /// Context length [default: the server's]
-    #[arg(long, env = "LLMGATE_N_CTX", value_name = "TOKENS")]
-    pub n_ctx: Option<u32>,
+    #[arg(long, env = "LLMGATE_N_CTX", value_name = "TOKENS", value_parser = given::<u32>)]
+    pub n_ctx: Option<Given<u32>>,
 
     /// Model server: llama-cpp-python or llama-server
-    #[arg(long, env = "LLMGATE_RUNNER", value_name = "RUNNER")]
-    pub runner: Option<llmgate_core::config::RunnerKind>,
+    #[arg(long, env = "LLMGATE_RUNNER", value_name = "RUNNER", value_parser = given::<RunnerKind>)]
+    pub runner: Option<Given<RunnerKind>>,
 
     /// Python used to create llmgate's virtual environments
     #[arg(long, env = "LLMGATE_PYTHON", value_name = "PYTHON")]
@@ -262,8 +288,8 @@ pub struct ModelArgs {
     pub cache_dir: Option<PathBuf>,
 
     /// Seconds the model server may take to load the model
-    #[arg(long, env = "LLMGATE_MODEL_READY_TIMEOUT_SECS", value_name = "SECS")]
-    pub model_ready_timeout_secs: Option<u64>,
+    #[arg(long, env = "LLMGATE_MODEL_READY_TIMEOUT_SECS", value_name = "SECS", value_parser = given::<u64>)]
+    pub model_ready_timeout_secs: Option<Given<u64>>,
 }
 
 /// `llmgate keys …`

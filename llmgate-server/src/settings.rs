@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use llmgate_core::config::{ConfigError, GatewayConfig};
 
-use crate::cli::{Cli, Launch, ServeArgs};
+use crate::cli::{BadValue, Cli, Given, Launch, ServeArgs};
 
 /// What `--model` means when `llmgate up` is given none: Gemma 3 270M, Q4_K_M.
 pub const DEFAULT_MODEL: &str = "default";
@@ -33,6 +33,14 @@ pub enum SettingsError {
         line: Option<usize>,
         /// What is wrong.
         message: String,
+    },
+    /// A flag (or its LLMGATE_* variable) has a value that does not parse.
+    #[error("invalid value '{}' for --{flag}: {}", given.value, given.reason)]
+    Flag {
+        /// The flag, without its dashes.
+        flag: &'static str,
+        /// The value and what is wrong with it.
+        given: BadValue,
     },
     /// A value, from wherever it came, is out of range or malformed.
     #[error(transparent)]
@@ -90,7 +98,7 @@ pub fn load(cli: &Cli) -> Result<GatewayConfig, SettingsErrors> {
     }
     match cli.command.gateway() {
         Some((args, launch)) => {
-            apply_serve_flags(&mut config, args);
+            apply_serve_flags(&mut config, args, &mut errors);
             if launch == Launch::Up && config.model.is_none() && config.upstream.is_none() {
                 // `up` runs the default model; `serve` needs to be told what to front.
                 config.model = Some(DEFAULT_MODEL.to_owned());
@@ -108,61 +116,72 @@ pub fn load(cli: &Cli) -> Result<GatewayConfig, SettingsErrors> {
     }
 }
 
-/// The `serve`/`up` flags (and their LLMGATE_* variables) over what the file said.
-fn apply_serve_flags(config: &mut GatewayConfig, args: &ServeArgs) {
+/// The `serve`/`up` flags (and their LLMGATE_* variables) over what the file said; a
+/// value that does not parse is reported and leaves the setting as it was.
+fn apply_serve_flags(
+    config: &mut GatewayConfig,
+    args: &ServeArgs,
+    errors: &mut Vec<SettingsError>,
+) {
+    let mut given = |flag: &'static str, value: &Option<Given<u64>>| -> Option<u64> {
+        parsed(errors, flag, value)
+    };
+    if let Some(secs) = given("upstream-timeout-secs", &args.upstream_timeout_secs) {
+        config.upstream_timeout_secs = secs;
+    }
+    if let Some(bytes) = given("max-body-bytes", &args.max_body_bytes) {
+        config.max_body_bytes = bytes;
+    }
+    if let Some(workers) = given("workers", &args.workers) {
+        config.workers = Some(workers);
+    }
+    if let Some(ms) = given("key-cache-ttl-ms", &args.key_cache_ttl_ms) {
+        config.key_cache_ttl_ms = ms;
+    }
+    if let Some(secs) = given("header-read-timeout-secs", &args.header_read_timeout_secs) {
+        config.header_read_timeout_secs = secs;
+    }
+    if let Some(secs) = given("idle-timeout-secs", &args.idle_timeout_secs) {
+        config.idle_timeout_secs = secs;
+    }
+    if let Some(n) = given("max-connections", &args.max_connections) {
+        config.max_connections = Some(n);
+    }
+    if let Some(secs) = given("shutdown-timeout-secs", &args.shutdown_timeout_secs) {
+        config.shutdown_timeout_secs = secs;
+    }
+    if let Some(records) = given("usage-queue-max", &args.usage_queue_max) {
+        config.usage_queue_max = records;
+    }
+    let model = &args.model;
+    if let Some(secs) = given("model-ready-timeout-secs", &model.model_ready_timeout_secs) {
+        config.model_ready_timeout_secs = secs;
+    }
     if let Some(upstream) = &args.upstream {
         config.upstream = Some(upstream.clone());
     }
-    if let Some(listen) = args.listen {
+    if let Some(listen) = parsed(errors, "listen", &args.listen) {
         config.listen = listen;
     }
     if let Some(key) = &args.upstream_key {
         config.upstream_key = Some(key.clone());
     }
-    if let Some(secs) = args.upstream_timeout_secs {
-        config.upstream_timeout_secs = secs;
-    }
-    if let Some(bytes) = args.max_body_bytes {
-        config.max_body_bytes = bytes;
-    }
-    if let Some(workers) = args.workers {
-        config.workers = Some(workers);
-    }
-    if let Some(ms) = args.key_cache_ttl_ms {
-        config.key_cache_ttl_ms = ms;
-    }
-    if let Some(secs) = args.header_read_timeout_secs {
-        config.header_read_timeout_secs = secs;
-    }
-    if let Some(secs) = args.idle_timeout_secs {
-        config.idle_timeout_secs = secs;
-    }
-    if let Some(n) = args.max_connections {
-        config.max_connections = Some(n);
-    }
-    if let Some(secs) = args.shutdown_timeout_secs {
-        config.shutdown_timeout_secs = secs;
-    }
     if args.metrics_public {
         config.metrics_public = true;
     }
-    if let Some(records) = args.usage_queue_max {
-        config.usage_queue_max = records;
-    }
-    let model = &args.model;
     if let Some(m) = &model.model {
         config.model = Some(m.clone());
     }
-    if let Some(backend) = model.backend {
+    if let Some(backend) = parsed(errors, "backend", &model.backend) {
         config.backend = backend;
     }
     if let Some(format) = &model.chat_format {
         config.chat_format = Some(format.clone());
     }
-    if let Some(n_ctx) = model.n_ctx {
+    if let Some(n_ctx) = parsed(errors, "n-ctx", &model.n_ctx) {
         config.n_ctx = Some(n_ctx);
     }
-    if let Some(runner) = model.runner {
+    if let Some(runner) = parsed(errors, "runner", &model.runner) {
         config.runner = runner;
     }
     if let Some(python) = &model.python {
@@ -174,8 +193,24 @@ fn apply_serve_flags(config: &mut GatewayConfig, args: &ServeArgs) {
     if let Some(dir) = &model.cache_dir {
         config.cache_dir = Some(dir.clone());
     }
-    if let Some(secs) = model.model_ready_timeout_secs {
-        config.model_ready_timeout_secs = secs;
+}
+
+/// The value of `--flag` when it was given and parses; a value that does not parse is
+/// added to `errors`.
+fn parsed<T: Clone>(
+    errors: &mut Vec<SettingsError>,
+    flag: &'static str,
+    value: &Option<Given<T>>,
+) -> Option<T> {
+    match value.as_ref()? {
+        Ok(value) => Some(value.clone()),
+        Err(given) => {
+            errors.push(SettingsError::Flag {
+                flag,
+                given: given.clone(),
+            });
+            None
+        }
     }
 }
 
@@ -290,9 +325,17 @@ mod tests {
         )
         .unwrap();
         let file = file.to_str().unwrap();
-        let errors = serve_config(&["--config", file, "--idle-timeout-secs", "0"]).unwrap_err();
+        let errors = serve_config(&[
+            "--config",
+            file,
+            "--idle-timeout-secs",
+            "0",
+            "--n-ctx",
+            "lots",
+        ])
+        .unwrap_err();
         let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
-        assert_eq!(lines.len(), 4, "{lines:#?}");
+        assert_eq!(lines.len(), 5, "{lines:#?}");
         assert!(
             lines[0].contains("line 2") && lines[0].contains("listen"),
             "{lines:#?}"
@@ -301,7 +344,11 @@ mod tests {
             lines[1].contains("line 3") && lines[1].contains("upstrem"),
             "{lines:#?}"
         );
-        assert!(lines[2].contains("max_body_bytes"), "{lines:#?}");
-        assert!(lines[3].contains("idle_timeout_secs"), "{lines:#?}");
+        assert!(
+            lines[2].starts_with("invalid value 'lots' for --n-ctx: "),
+            "{lines:#?}"
+        );
+        assert!(lines[3].contains("max_body_bytes"), "{lines:#?}");
+        assert!(lines[4].contains("idle_timeout_secs"), "{lines:#?}");
     }
 }

@@ -365,6 +365,7 @@ async fn every_bad_setting_is_reported_on_its_own_line_with_exit_2() {
     let output = Command::new(BIN)
         .args(["serve", "--config", config.to_str().unwrap()])
         .args(["--data-dir", dir.path().to_str().unwrap()])
+        .args(["--max-connections", "many"])
         .args(["--shutdown-timeout-secs", "100000"])
         .env_remove("LLMGATE_UPSTREAM")
         .env_remove("LLMGATE_DATABASE_URL")
@@ -375,9 +376,10 @@ async fn every_bad_setting_is_reported_on_its_own_line_with_exit_2() {
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     let lines: Vec<&str> = stderr.trim().lines().collect();
-    assert_eq!(lines.len(), 4, "one line per problem: {stderr}");
+    assert_eq!(lines.len(), 5, "one line per problem: {stderr}");
     for (line, mentions) in lines.iter().zip([
         "line 2",
+        "'many' for --max-connections",
         "database_url",
         "max_body_bytes",
         "shutdown_timeout_secs",
