@@ -65,12 +65,7 @@ impl fmt::Display for SettingsErrors {
             if i > 0 {
                 f.write_str("\n")?;
             }
-            write!(f, "{error}")?;
-            let mut source = std::error::Error::source(error);
-            while let Some(cause) = source {
-                write!(f, ": {cause}")?;
-                source = cause.source();
-            }
+            f.write_str(&crate::error_chain(error))?;
         }
         Ok(())
     }
