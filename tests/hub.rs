@@ -132,6 +132,10 @@ async fn interrupted_download_resumes_where_it_stopped() {
         err.to_string().contains("run the same command again"),
         "{err}"
     );
+    assert!(
+        std::error::Error::source(&err).is_some(),
+        "the HTTP error is kept: {err:?}"
+    );
     // Nothing goes on downloading behind the caller's back.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let last_chunk = (SIZE / CHUNK * CHUNK) as u64;
@@ -297,6 +301,12 @@ async fn unreachable_hub_is_a_network_error() {
         let message = err.to_string();
         assert!(message.contains("cannot reach") && message.contains(&endpoint));
         assert!(message.contains("HF_ENDPOINT"), "{message}");
+        // The cause is kept for whoever wants more than the message.
+        let mut deepest = std::error::Error::source(&err).expect("a source");
+        while let Some(cause) = deepest.source() {
+            deepest = cause;
+        }
+        assert!(message.contains(&deepest.to_string()), "{message}");
     }
     let err = HubClient::new(settings("huggingface.co", cache.path())).unwrap_err();
     assert!(matches!(err, HubError::InvalidEndpoint { .. }), "{err:?}");

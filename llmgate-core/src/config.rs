@@ -1,7 +1,8 @@
 //! The gateway's settings: parsed once, validated once, with a default for every option
 //! that works on a laptop.
 
-use std::net::SocketAddr;
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -19,8 +20,16 @@ pub enum ConfigError {
     #[error("no upstream: pass --upstream URL or --model MODEL (or set LLMGATE_UPSTREAM / LLMGATE_MODEL, or `upstream` / `model` in the config file)")]
     MissingUpstream,
     /// The upstream is not an http(s) URL.
-    #[error("upstream '{0}' is not a URL like http://127.0.0.1:8000: {1}")]
-    BadUpstream(String, String),
+    #[error("upstream '{upstream}' is not a URL like http://127.0.0.1:8000: {reason}")]
+    BadUpstream {
+        /// The upstream as given.
+        upstream: String,
+        /// What is wrong with it.
+        reason: String,
+        /// The URI parser's error, when it could not read it at all.
+        #[source]
+        source: Option<http::uri::InvalidUri>,
+    },
     /// The database URL is not a PostgreSQL one.
     #[error("database_url must start with postgres:// or postgresql:// (leave it unset for the SQLite file in the data directory)")]
     BadDatabaseUrl,
@@ -34,6 +43,45 @@ pub enum ConfigError {
         /// Its value.
         value: u64,
     },
+}
+
+/// Every setting that cannot work, in the order the options are listed; never empty.
+#[derive(Debug)]
+pub struct ConfigErrors(Vec<ConfigError>);
+
+impl ConfigErrors {
+    /// The problems, one per option.
+    pub fn iter(&self) -> std::slice::Iter<'_, ConfigError> {
+        self.0.iter()
+    }
+
+    /// The problems, owned.
+    pub fn into_vec(self) -> Vec<ConfigError> {
+        self.0
+    }
+}
+
+impl fmt::Display for ConfigErrors {
+    /// One line per problem.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl IntoIterator for ConfigErrors {
+    type Item = ConfigError;
+    type IntoIter = std::vec::IntoIter<ConfigError>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
 }
 
 /// The largest `usage_queue_max`: about 3 GB of records in memory.
@@ -104,6 +152,24 @@ pub struct GatewayConfig {
     pub usage_queue_max: u64,
 }
 
+/// Default of [`GatewayConfig::listen`]: this machine only, port 8080.
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
+/// Default of [`GatewayConfig::data_dir`], relative to the working directory.
+pub const DEFAULT_DATA_DIR: &str = "llmgate-data";
+/// Default of [`GatewayConfig::upstream_timeout_secs`] (the proxy's own default).
+pub const DEFAULT_UPSTREAM_TIMEOUT_SECS: u64 = crate::proxy::DEFAULT_UPSTREAM_TIMEOUT.as_secs();
+/// Default of [`GatewayConfig::max_body_bytes`]: 16 MiB, room for a long conversation
+/// or an audio upload (the same as [`AuthUsageLayer`](crate::auth::AuthUsageLayer)'s).
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 16 * 1024 * 1024;
+/// Default of [`GatewayConfig::key_cache_ttl_ms`] (the same as
+/// [`KeyCache::new`](crate::auth::KeyCache::new)'s).
+pub const DEFAULT_KEY_CACHE_TTL_MS: u64 = 500;
+/// Default of [`GatewayConfig::model_ready_timeout_secs`]: a first load reads the whole
+/// model from a cold disk (and a CUDA build may compile kernels), which takes minutes
+/// for a large model.
+pub const DEFAULT_MODEL_READY_TIMEOUT_SECS: u64 = 300;
+/// Default of [`GatewayConfig::python`].
+pub const DEFAULT_PYTHON: &str = "python3";
 /// Default of [`GatewayConfig::header_read_timeout_secs`]: a real client sends a request
 /// head in one write; nginx allows 60 s, uvicorn's idle limit is 5 s.
 pub const DEFAULT_HEADER_READ_TIMEOUT_SECS: u64 = 10;
@@ -114,6 +180,8 @@ pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_MAX_CONNECTIONS: u64 = 10_000;
 /// Default of [`GatewayConfig::shutdown_timeout_secs`].
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 30;
+/// Default of [`GatewayConfig::usage_queue_max`] (the recorder's own default).
+pub const DEFAULT_USAGE_QUEUE_MAX: u64 = crate::usage::DEFAULT_QUEUE_MAX as u64;
 
 /// Which program serves a local model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -126,37 +194,52 @@ pub enum RunnerKind {
     LlamaServer,
 }
 
+impl RunnerKind {
+    /// `llama-cpp-python` or `llama-server`, as in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::LlamaCppPython => "llama-cpp-python",
+            Self::LlamaServer => "llama-server",
+        }
+    }
+}
+
+impl fmt::Display for RunnerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl std::str::FromStr for RunnerKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "llama-cpp-python" => Ok(Self::LlamaCppPython),
-            "llama-server" => Ok(Self::LlamaServer),
-            other => Err(format!(
-                "unknown runner '{other}': expected llama-cpp-python or llama-server"
-            )),
-        }
+        [Self::LlamaCppPython, Self::LlamaServer]
+            .into_iter()
+            .find(|kind| kind.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown runner '{s}': expected llama-cpp-python or llama-server")
+            })
     }
 }
 
 impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            listen: DEFAULT_LISTEN,
             workers: None,
             upstream: None,
             upstream_key: None,
-            upstream_timeout_secs: 600,
-            max_body_bytes: 16 * 1024 * 1024,
-            data_dir: PathBuf::from("llmgate-data"),
-            key_cache_ttl_ms: 500,
+            upstream_timeout_secs: DEFAULT_UPSTREAM_TIMEOUT_SECS,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            key_cache_ttl_ms: DEFAULT_KEY_CACHE_TTL_MS,
             model: None,
             runner: RunnerKind::default(),
             backend: Backend::default(),
             chat_format: None,
             n_ctx: None,
-            model_ready_timeout_secs: 300,
-            python: PathBuf::from("python3"),
+            model_ready_timeout_secs: DEFAULT_MODEL_READY_TIMEOUT_SECS,
+            python: PathBuf::from(DEFAULT_PYTHON),
             python_env_dir: None,
             cache_dir: None,
             llama_server: None,
@@ -166,19 +249,21 @@ impl Default for GatewayConfig {
             idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
             max_connections: None,
             shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
-            usage_queue_max: crate::usage::DEFAULT_QUEUE_MAX as u64,
+            usage_queue_max: DEFAULT_USAGE_QUEUE_MAX,
         }
     }
 }
 
 impl GatewayConfig {
-    /// Checks every option; the error says what to fix.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks every option and reports every one that cannot work, each saying what to
+    /// fix, so that a person fixes a file in one go.
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
+        let mut errors = Vec::new();
         if self.model.is_none() || self.upstream.is_some() {
-            self.upstream_uri()?;
+            errors.extend(self.upstream_uri().err());
         }
-        self.validate_database()?;
-        let ranges: [(&'static str, u64, u64, u64, &'static str); 9] = [
+        errors.extend(self.validate_database().err());
+        let ranges: [(&'static str, u64, u64, u64, &'static str); 10] = [
             (
                 "workers",
                 self.workers.unwrap_or(1),
@@ -242,20 +327,24 @@ impl GatewayConfig {
                 86_400,
                 "between 0 and 86400",
             ),
+            (
+                "usage_queue_max",
+                self.usage_queue_max,
+                1,
+                MAX_USAGE_QUEUE,
+                "between 1 and 10000000",
+            ),
         ];
         for (name, value, min, max, rule) in ranges {
             if value < min || value > max {
-                return Err(ConfigError::OutOfRange { name, rule, value });
+                errors.push(ConfigError::OutOfRange { name, rule, value });
             }
         }
-        if !(1..=MAX_USAGE_QUEUE).contains(&self.usage_queue_max) {
-            return Err(ConfigError::OutOfRange {
-                name: "usage_queue_max",
-                rule: "between 1 and 10000000",
-                value: self.usage_queue_max,
-            });
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(errors))
         }
-        Ok(())
     }
 
     /// Checks `database_url` (also for the `keys` and `usage` commands).
@@ -274,15 +363,20 @@ impl GatewayConfig {
             .upstream
             .as_deref()
             .ok_or(ConfigError::MissingUpstream)?;
-        let uri: Uri = raw.parse().map_err(|e: http::uri::InvalidUri| {
-            ConfigError::BadUpstream(raw.into(), e.to_string())
-        })?;
+        let uri: Uri =
+            raw.parse()
+                .map_err(|source: http::uri::InvalidUri| ConfigError::BadUpstream {
+                    upstream: raw.into(),
+                    reason: source.to_string(),
+                    source: Some(source),
+                })?;
         match (uri.scheme_str(), uri.host()) {
             (Some("http" | "https"), Some(_)) => Ok(uri),
-            _ => Err(ConfigError::BadUpstream(
-                raw.into(),
-                "it needs http:// or https:// and a host".into(),
-            )),
+            _ => Err(ConfigError::BadUpstream {
+                upstream: raw.into(),
+                reason: "it needs http:// or https:// and a host".into(),
+                source: None,
+            }),
         }
     }
 
@@ -331,13 +425,14 @@ mod tests {
     #[test]
     fn defaults_work_once_an_upstream_is_given() {
         let mut config = GatewayConfig::default();
-        assert!(matches!(
-            config.validate(),
-            Err(ConfigError::MissingUpstream)
-        ));
+        let errors = config.validate().unwrap_err().into_vec();
+        assert!(
+            matches!(errors[..], [ConfigError::MissingUpstream]),
+            "{errors:?}"
+        );
         config.upstream = Some("http://127.0.0.1:8000".into());
         config.validate().unwrap();
-        assert_eq!(config.listen.port(), 8080);
+        assert_eq!(config.listen, DEFAULT_LISTEN);
     }
 
     #[test]
@@ -361,6 +456,24 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("upstream_timeout_secs"));
+    }
+
+    #[test]
+    fn every_problem_is_reported_on_a_line_of_its_own() {
+        let config = GatewayConfig {
+            upstream: Some("ftp://h".into()),
+            database_url: Some("mysql://db".into()),
+            max_body_bytes: 0,
+            usage_queue_max: 0,
+            ..Default::default()
+        };
+        let text = config.validate().unwrap_err().to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(lines[0].contains("ftp://h"), "{text}");
+        assert!(lines[1].contains("database_url"), "{text}");
+        assert!(lines[2].contains("max_body_bytes"), "{text}");
+        assert!(lines[3].contains("usage_queue_max"), "{text}");
     }
 
     #[test]

@@ -52,7 +52,7 @@ impl AppState {
         recorder: UsageRecorder,
         metrics: Arc<Metrics>,
         models: Arc<ModelManager>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, llmgate_core::system::SystemError> {
         Ok(Self {
             keys,
             usage,

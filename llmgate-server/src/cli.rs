@@ -1,16 +1,27 @@
 //! Command-line arguments (clap only; no logic).
+//!
+//! A flag left out is `None`, so that the config file and the environment still apply
+//! (see [`crate::settings`]); the defaults the help shows come from the constants of
+//! [`llmgate_core::config`], which the settings use too.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Arg, ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use llmgate_core::config::{
+    RunnerKind, DEFAULT_DATA_DIR, DEFAULT_HEADER_READ_TIMEOUT_SECS, DEFAULT_IDLE_TIMEOUT_SECS,
+    DEFAULT_KEY_CACHE_TTL_MS, DEFAULT_LISTEN, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MODEL_READY_TIMEOUT_SECS, DEFAULT_PYTHON, DEFAULT_SHUTDOWN_TIMEOUT_SECS,
+    DEFAULT_UPSTREAM_TIMEOUT_SECS, DEFAULT_USAGE_QUEUE_MAX,
+};
+use llmgate_core::runner::Backend;
 
 /// llmgate: share an OpenAI-compatible model server safely, with per-user API keys and
 /// exact per-key usage.
 #[derive(Debug, Parser)]
 #[command(name = "llmgate", version, about, propagate_version = true)]
 pub struct Cli {
-    /// Directory for the database and other state [default: ./llmgate-data]
+    /// Directory for the database and other state
     #[arg(long, global = true, env = "LLMGATE_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
 
@@ -33,11 +44,105 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// The command line as clap sees it, each default written into its option's help.
+    pub fn command_with_defaults() -> clap::Command {
+        let mut command = Self::command().mut_arg("data_dir", |arg| {
+            with_default(arg, &format!("./{DEFAULT_DATA_DIR}"))
+        });
+        command = command.mut_subcommand("up", |up| {
+            let about = up.get_about().map(ToString::to_string).unwrap_or_default();
+            up.about(format!("{about}, on port {}", DEFAULT_LISTEN.port()))
+        });
+        for name in ["up", "serve"] {
+            command = command.mut_subcommand(name, |mut serve| {
+                for (id, default) in serve_defaults() {
+                    serve = serve.mut_arg(id, |arg| with_default(arg, &default));
+                }
+                serve
+            });
+        }
+        command
+    }
+
+    /// Parses `args` (the program name first); `--help` shows the defaults.
+    pub fn try_parse_with_defaults(
+        args: impl IntoIterator<Item = impl Into<std::ffi::OsString> + Clone>,
+    ) -> Result<Self, clap::Error> {
+        let mut matches: ArgMatches = Self::command_with_defaults().try_get_matches_from(args)?;
+        Self::from_arg_matches_mut(&mut matches)
+    }
+}
+
+/// What `serve` and `up` do when an option is given nowhere: `(argument id, default)`.
+fn serve_defaults() -> [(&'static str, String); 13] {
+    [
+        ("listen", DEFAULT_LISTEN.to_string()),
+        (
+            "upstream_timeout_secs",
+            DEFAULT_UPSTREAM_TIMEOUT_SECS.to_string(),
+        ),
+        ("max_body_bytes", DEFAULT_MAX_BODY_BYTES.to_string()),
+        ("key_cache_ttl_ms", DEFAULT_KEY_CACHE_TTL_MS.to_string()),
+        (
+            "header_read_timeout_secs",
+            DEFAULT_HEADER_READ_TIMEOUT_SECS.to_string(),
+        ),
+        ("idle_timeout_secs", DEFAULT_IDLE_TIMEOUT_SECS.to_string()),
+        ("max_connections", DEFAULT_MAX_CONNECTIONS.to_string()),
+        (
+            "shutdown_timeout_secs",
+            DEFAULT_SHUTDOWN_TIMEOUT_SECS.to_string(),
+        ),
+        ("usage_queue_max", DEFAULT_USAGE_QUEUE_MAX.to_string()),
+        ("backend", Backend::default().to_string()),
+        ("runner", RunnerKind::default().to_string()),
+        ("python", DEFAULT_PYTHON.to_owned()),
+        (
+            "model_ready_timeout_secs",
+            DEFAULT_MODEL_READY_TIMEOUT_SECS.to_string(),
+        ),
+    ]
+}
+
+/// Appends `[default: …]` to the help, as clap does for a `default_value`, without
+/// giving the option a value: a flag left out must not hide the file's setting.
+fn with_default(arg: Arg, default: &str) -> Arg {
+    let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+    arg.help(format!("{help} [default: {default}]"))
+}
+
+/// A value as given on the command line or in its LLMGATE_* variable: parsed, or why it
+/// could not be. The settings report a bad value together with every other bad
+/// setting, instead of clap stopping at it alone.
+pub type Given<T> = Result<T, BadValue>;
+
+/// A value that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadValue {
+    /// The value as given.
+    pub value: String,
+    /// What the parser said.
+    pub reason: String,
+}
+
+/// Parses a value without failing the command line (see [`Given`]).
+fn given<T>(raw: &str) -> Result<Given<T>, std::convert::Infallible>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    Ok(raw.parse::<T>().map_err(|e| BadValue {
+        value: raw.to_owned(),
+        reason: e.to_string(),
+    }))
+}
+
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Set up everything and run: the model server (default: Gemma 3 270M on the CPU)
-    /// and the gateway in front of it, on port 8080
+    /// and the gateway in front of it
     Up(ServeArgs),
     /// Run the gateway in front of an OpenAI-compatible upstream, or of a --model
     Serve(ServeArgs),
@@ -58,6 +163,28 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// The gateway's options and how it was launched, for `serve` and `up`.
+    pub fn gateway(&self) -> Option<(&ServeArgs, Launch)> {
+        match self {
+            Command::Up(args) => Some((args, Launch::Up)),
+            Command::Serve(args) => Some((args, Launch::Serve)),
+            _ => None,
+        }
+    }
+}
+
+/// How the gateway was launched: the two commands run the same gateway and differ only
+/// in what they do for a newcomer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Launch {
+    /// `llmgate up`: the default model when none is named, and on the first start a user
+    /// key to call it with.
+    Up,
+    /// `llmgate serve`: only what it is told.
+    Serve,
+}
+
 /// Options of `llmgate serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -65,9 +192,9 @@ pub struct ServeArgs {
     #[arg(long, env = "LLMGATE_UPSTREAM", value_name = "URL")]
     pub upstream: Option<String>,
 
-    /// Address to listen on [default: 127.0.0.1:8080]
-    #[arg(long, env = "LLMGATE_LISTEN", value_name = "ADDR")]
-    pub listen: Option<SocketAddr>,
+    /// Address to listen on
+    #[arg(long, env = "LLMGATE_LISTEN", value_name = "ADDR", value_parser = given::<SocketAddr>)]
+    pub listen: Option<Given<SocketAddr>>,
 
     /// Key the gateway sends to the upstream (for a hosted API)
     #[arg(
@@ -78,47 +205,47 @@ pub struct ServeArgs {
     )]
     pub upstream_key: Option<String>,
 
-    /// Seconds to wait for the upstream's response headers [default: 600]
-    #[arg(long, env = "LLMGATE_UPSTREAM_TIMEOUT_SECS", value_name = "SECS")]
-    pub upstream_timeout_secs: Option<u64>,
+    /// Seconds to wait for the upstream's response headers
+    #[arg(long, env = "LLMGATE_UPSTREAM_TIMEOUT_SECS", value_name = "SECS", value_parser = given::<u64>)]
+    pub upstream_timeout_secs: Option<Given<u64>>,
 
-    /// Largest request body accepted, in bytes [default: 16777216]
-    #[arg(long, env = "LLMGATE_MAX_BODY_BYTES", value_name = "BYTES")]
-    pub max_body_bytes: Option<u64>,
+    /// Largest request body accepted, in bytes
+    #[arg(long, env = "LLMGATE_MAX_BODY_BYTES", value_name = "BYTES", value_parser = given::<u64>)]
+    pub max_body_bytes: Option<Given<u64>>,
 
     /// Threads that serve requests [default: one per core]
-    #[arg(long, env = "LLMGATE_WORKERS", value_name = "N")]
-    pub workers: Option<u64>,
+    #[arg(long, env = "LLMGATE_WORKERS", value_name = "N", value_parser = given::<u64>)]
+    pub workers: Option<Given<u64>>,
 
-    /// How long key lookups are cached, in milliseconds [default: 500]
-    #[arg(long, env = "LLMGATE_KEY_CACHE_TTL_MS", value_name = "MS")]
-    pub key_cache_ttl_ms: Option<u64>,
+    /// How long key lookups are cached, in milliseconds
+    #[arg(long, env = "LLMGATE_KEY_CACHE_TTL_MS", value_name = "MS", value_parser = given::<u64>)]
+    pub key_cache_ttl_ms: Option<Given<u64>>,
 
-    /// Seconds a client may take to send a request's head [default: 10]
-    #[arg(long, env = "LLMGATE_HEADER_READ_TIMEOUT_SECS", value_name = "SECS")]
-    pub header_read_timeout_secs: Option<u64>,
+    /// Seconds a client may take to send a request's head
+    #[arg(long, env = "LLMGATE_HEADER_READ_TIMEOUT_SECS", value_name = "SECS", value_parser = given::<u64>)]
+    pub header_read_timeout_secs: Option<Given<u64>>,
 
-    /// Seconds a connection may stay open with no request in flight [default: 60]
-    #[arg(long, env = "LLMGATE_IDLE_TIMEOUT_SECS", value_name = "SECS")]
-    pub idle_timeout_secs: Option<u64>,
+    /// Seconds a connection may stay open with no request in flight
+    #[arg(long, env = "LLMGATE_IDLE_TIMEOUT_SECS", value_name = "SECS", value_parser = given::<u64>)]
+    pub idle_timeout_secs: Option<Given<u64>>,
 
-    /// Connections open at once [default: 10000, fewer if open files are limited]
-    #[arg(long, env = "LLMGATE_MAX_CONNECTIONS", value_name = "N")]
-    pub max_connections: Option<u64>,
+    /// Connections open at once (fewer than the default if open files are limited)
+    #[arg(long, env = "LLMGATE_MAX_CONNECTIONS", value_name = "N", value_parser = given::<u64>)]
+    pub max_connections: Option<Given<u64>>,
 
     /// Seconds requests in flight get to finish on SIGTERM before their connections are
-    /// closed [default: 30]
-    #[arg(long, env = "LLMGATE_SHUTDOWN_TIMEOUT_SECS", value_name = "SECS")]
-    pub shutdown_timeout_secs: Option<u64>,
+    /// closed
+    #[arg(long, env = "LLMGATE_SHUTDOWN_TIMEOUT_SECS", value_name = "SECS", value_parser = given::<u64>)]
+    pub shutdown_timeout_secs: Option<Given<u64>>,
 
     /// Serve /metrics without a key (by default it needs an admin key)
     #[arg(long, env = "LLMGATE_METRICS_PUBLIC")]
     pub metrics_public: bool,
 
     /// Usage records kept in memory while the database is down; older ones are spilled
-    /// to DATA_DIR/usage-spill.jsonl [default: 100000]
-    #[arg(long, env = "LLMGATE_USAGE_QUEUE_MAX", value_name = "RECORDS")]
-    pub usage_queue_max: Option<u64>,
+    /// to DATA_DIR/usage-spill.jsonl
+    #[arg(long, env = "LLMGATE_USAGE_QUEUE_MAX", value_name = "RECORDS", value_parser = given::<u64>)]
+    pub usage_queue_max: Option<Given<u64>>,
 
     /// The model to run.
     #[command(flatten)]
@@ -132,23 +259,23 @@ pub struct ModelArgs {
     #[arg(long, env = "LLMGATE_MODEL", value_name = "MODEL")]
     pub model: Option<String>,
 
-    /// Backend llama.cpp is built for: cpu, cuda, metal or openblas [default: cpu]
-    #[arg(long, env = "LLMGATE_BACKEND", value_name = "BACKEND")]
-    pub backend: Option<llmgate_core::runner::Backend>,
+    /// Backend llama.cpp is built for: cpu, cuda, metal or openblas
+    #[arg(long, env = "LLMGATE_BACKEND", value_name = "BACKEND", value_parser = given::<Backend>)]
+    pub backend: Option<Given<Backend>>,
 
     /// Chat format, e.g. gemma or chatml [default: gemma for Gemma models]
     #[arg(long, env = "LLMGATE_CHAT_FORMAT", value_name = "FORMAT")]
     pub chat_format: Option<String>,
 
     /// Context length [default: the server's]
-    #[arg(long, env = "LLMGATE_N_CTX", value_name = "TOKENS")]
-    pub n_ctx: Option<u32>,
+    #[arg(long, env = "LLMGATE_N_CTX", value_name = "TOKENS", value_parser = given::<u32>)]
+    pub n_ctx: Option<Given<u32>>,
 
-    /// Model server: llama-cpp-python or llama-server [default: llama-cpp-python]
-    #[arg(long, env = "LLMGATE_RUNNER", value_name = "RUNNER")]
-    pub runner: Option<llmgate_core::config::RunnerKind>,
+    /// Model server: llama-cpp-python or llama-server
+    #[arg(long, env = "LLMGATE_RUNNER", value_name = "RUNNER", value_parser = given::<RunnerKind>)]
+    pub runner: Option<Given<RunnerKind>>,
 
-    /// Python used to create llmgate's virtual environments [default: python3]
+    /// Python used to create llmgate's virtual environments
     #[arg(long, env = "LLMGATE_PYTHON", value_name = "PYTHON")]
     pub python: Option<PathBuf>,
 
@@ -160,9 +287,9 @@ pub struct ModelArgs {
     #[arg(long, env = "LLMGATE_CACHE_DIR", value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
 
-    /// Seconds the model server may take to load the model [default: 300]
-    #[arg(long, env = "LLMGATE_MODEL_READY_TIMEOUT_SECS", value_name = "SECS")]
-    pub model_ready_timeout_secs: Option<u64>,
+    /// Seconds the model server may take to load the model
+    #[arg(long, env = "LLMGATE_MODEL_READY_TIMEOUT_SECS", value_name = "SECS", value_parser = given::<u64>)]
+    pub model_ready_timeout_secs: Option<Given<u64>>,
 }
 
 /// `llmgate keys …`
@@ -191,4 +318,51 @@ pub enum KeysCommand {
         #[arg(value_name = "ID|NAME")]
         key: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn help_of(subcommand: &str) -> String {
+        let err = Cli::try_parse_with_defaults(["llmgate", subcommand, "--help"]).unwrap_err();
+        err.render().to_string()
+    }
+
+    #[test]
+    fn the_help_shows_each_default_from_its_constant() {
+        let help = help_of("serve");
+        for expected in [
+            format!("Address to listen on [default: {DEFAULT_LISTEN}]"),
+            format!("[default: {DEFAULT_UPSTREAM_TIMEOUT_SECS}]"),
+            format!("in bytes [default: {DEFAULT_MAX_BODY_BYTES}]"),
+            format!("in milliseconds [default: {DEFAULT_KEY_CACHE_TTL_MS}]"),
+            format!("[default: {DEFAULT_MODEL_READY_TIMEOUT_SECS}]"),
+            format!("[default: {DEFAULT_USAGE_QUEUE_MAX}]"),
+            format!("[default: ./{DEFAULT_DATA_DIR}]"),
+            "[default: llama-cpp-python]".to_owned(),
+        ] {
+            assert!(help.contains(&expected), "no '{expected}' in:\n{help}");
+        }
+        assert!(help_of("up").contains(&format!("[default: {DEFAULT_LISTEN}]")));
+        let err = Cli::try_parse_with_defaults(["llmgate", "--help"]).unwrap_err();
+        let overview = err.render().to_string();
+        let port = format!(
+            "the gateway in front of it, on port {}",
+            DEFAULT_LISTEN.port()
+        );
+        assert!(overview.contains(&port), "{overview}");
+    }
+
+    #[test]
+    fn a_flag_left_out_has_no_value() {
+        let cli = Cli::try_parse_with_defaults(["llmgate", "serve"]).unwrap();
+        let Command::Serve(serve) = cli.command else {
+            unreachable!()
+        };
+        assert_eq!(serve.listen, None);
+        assert_eq!(serve.upstream_timeout_secs, None);
+        assert_eq!(serve.model.backend, None);
+        assert_eq!(cli.data_dir, None);
+    }
 }

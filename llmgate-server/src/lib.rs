@@ -12,17 +12,62 @@ pub mod models;
 pub mod routes;
 pub mod settings;
 
-use clap::Parser;
-
-use cli::{Cli, Command};
+use cli::{Cli, Command, Launch};
+use commands::Output;
 
 /// Exit status for bad flags or settings.
 pub const EXIT_USAGE: i32 = 2;
 
+/// Why a command failed, by command.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// `serve` or `up`.
+    #[error(transparent)]
+    Serve(#[from] commands::serve::ServeError),
+    /// `pull`.
+    #[error(transparent)]
+    Pull(#[from] commands::model::StartError),
+    /// `keys`.
+    #[error(transparent)]
+    Keys(#[from] commands::keys::KeysError),
+    /// Opening the store, for `keys` and `usage`.
+    #[error(transparent)]
+    OpenStore(#[from] commands::OpenStoreError),
+    /// `usage`.
+    #[error(transparent)]
+    Usage(#[from] llmgate_core::storage::StorageError),
+}
+
+/// `err` and its causes on one line, `outer: inner: innermost`. A message that already
+/// quotes the root cause is complete as it is (core errors write theirs that way); other
+/// causes are added unless an outer message quotes them.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut causes = Vec::new();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        causes.push(cause.to_string());
+        source = cause.source();
+    }
+    if causes
+        .last()
+        .is_some_and(|root| text.contains(root.as_str()))
+    {
+        return text;
+    }
+    for cause in causes {
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
 /// Parses the command line and runs it on a Tokio runtime with the configured number of
 /// worker threads; returns the process's exit status.
 pub fn main_with_args(args: Vec<std::ffi::OsString>) -> i32 {
-    let cli = match Cli::try_parse_from(args) {
+    let cli = match Cli::try_parse_with_defaults(args) {
         Ok(cli) => cli,
         Err(err) if !err.use_stderr() => {
             // --help or --version
@@ -36,20 +81,17 @@ pub fn main_with_args(args: Vec<std::ffi::OsString>) -> i32 {
             return EXIT_USAGE;
         }
     };
-    let (serve_args, up) = match &cli.command {
-        Command::Serve(args) => (Some(args), false),
-        Command::Up(args) => (Some(args), true),
-        _ => (None, false),
-    };
-    let config = match settings::load(&cli, serve_args, up) {
+    let config = match settings::load(&cli) {
         Ok(config) => config,
-        Err(message) => {
-            eprintln!("error: {message}");
+        Err(errors) => {
+            for line in errors.to_string().lines() {
+                eprintln!("error: {line}");
+            }
             return EXIT_USAGE;
         }
     };
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if serve_args.is_some() {
+    if cli.command.gateway().is_some() {
         // The gateway serves requests on threads of its own (`http::serve_on_loops`);
         // this runtime runs the rest: accepting, the usage writer, model servers.
         runtime.worker_threads(1);
@@ -64,39 +106,82 @@ pub fn main_with_args(args: Vec<std::ffi::OsString>) -> i32 {
             return 1;
         }
     };
-    let status = runtime.block_on(run(cli.command, config));
+    let status = runtime.block_on(async {
+        match run(cli.command, config).await {
+            Ok(()) => 0,
+            Err(err) => {
+                eprintln!("error: {}", error_chain(&err));
+                1
+            }
+        }
+    });
     // Exit now, as the gateway always has, rather than wait for blocking tasks.
     runtime.shutdown_background();
     status
 }
 
-async fn run(command: Command, config: llmgate_core::config::GatewayConfig) -> i32 {
-    let outcome = match command {
-        Command::Serve(_) => commands::serve::run(config, false).await,
-        Command::Up(_) => commands::serve::run(config, true).await,
-        Command::Pull { model } => commands::model::pull(&config, &model).await,
-        Command::Keys(command) => match commands::open_store(&config).await {
-            Ok(store) => {
-                let outcome = commands::keys::run(store.as_ref(), command).await;
-                store.close().await;
-                outcome
-            }
-            Err(e) => Err(e),
-        },
-        Command::Usage { json } => match commands::open_store(&config).await {
-            Ok(store) => {
-                let outcome = commands::usage::run(store.as_ref(), store.as_ref(), json).await;
-                store.close().await;
-                outcome
-            }
-            Err(e) => Err(e),
-        },
-    };
-    match outcome {
-        Ok(()) => 0,
-        Err(message) => {
-            eprintln!("error: {message}");
-            1
+async fn run(
+    command: Command,
+    config: llmgate_core::config::GatewayConfig,
+) -> Result<(), CommandError> {
+    match command {
+        Command::Serve(_) => commands::serve::run(config, Launch::Serve).await?,
+        Command::Up(_) => commands::serve::run(config, Launch::Up).await?,
+        Command::Pull { model } => commands::model::pull(&model).await?,
+        Command::Keys(command) => {
+            let store = commands::open_store(&config).await?;
+            let outcome = commands::keys::run(store.as_ref(), command).await;
+            store.close().await;
+            outcome?
         }
+        Command::Usage { json } => {
+            let store = commands::open_store(&config).await?;
+            let outcome =
+                commands::usage::run(store.as_ref(), store.as_ref(), Output::json_if(json)).await;
+            store.close().await;
+            outcome?
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{0}")]
+    struct Plain(&'static str, #[source] Option<Box<Plain>>);
+
+    fn chain(links: &[&'static str]) -> Plain {
+        links
+            .iter()
+            .rev()
+            .fold(None, |inner, text| Some(Plain(text, inner.map(Box::new))))
+            .unwrap()
+    }
+
+    #[test]
+    fn causes_are_added_once() {
+        assert_eq!(
+            error_chain(&chain(&["cannot open the database x", "disk full"])),
+            "cannot open the database x: disk full"
+        );
+        // The outer message quotes the root cause: the layers between add nothing.
+        assert_eq!(
+            error_chain(&chain(&[
+                "cannot reach h (refused): check the network",
+                "error sending request",
+                "refused"
+            ])),
+            "cannot reach h (refused): check the network"
+        );
+        assert_eq!(
+            error_chain(&chain(&[
+                "cannot listen on a: in use (choose another)",
+                "in use"
+            ])),
+            "cannot listen on a: in use (choose another)"
+        );
     }
 }

@@ -14,6 +14,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::models::ModelState;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     key: String,
@@ -96,13 +98,15 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 17))
 }
 
-const MODEL_STATES: [&str; 6] = [
-    "none",
-    "stopped",
-    "starting",
-    "ready",
-    "restarting",
-    "failed",
+/// The states `/metrics` reports: those of a model server (a set-up in progress shows
+/// as `none`).
+const MODEL_STATES: [ModelState; 6] = [
+    ModelState::None,
+    ModelState::Stopped,
+    ModelState::Starting,
+    ModelState::Ready,
+    ModelState::Restarting,
+    ModelState::Failed,
 ];
 
 impl Default for Metrics {
@@ -344,18 +348,11 @@ impl Metrics {
         model: Option<&RunnerStatus>,
         format: Format,
     ) -> String {
-        let state = match model {
-            None => "none",
-            Some(RunnerStatus::Stopped) => "stopped",
-            Some(RunnerStatus::Starting) => "starting",
-            Some(RunnerStatus::Ready) => "ready",
-            Some(RunnerStatus::Restarting { .. }) => "restarting",
-            Some(RunnerStatus::Failed { .. }) => "failed",
-        };
+        let state = ModelState::of_runner(model);
         for s in MODEL_STATES {
             self.model_state
                 .get_or_create(&StateLabels {
-                    state: s.to_owned(),
+                    state: s.as_str().to_owned(),
                 })
                 .set(i64::from(s == state));
         }

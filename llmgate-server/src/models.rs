@@ -8,17 +8,83 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use llmgate_core::config::GatewayConfig;
 use llmgate_core::hub::DownloadProgress;
-use llmgate_core::proxy::{Proxy, ProxyConfig};
+use llmgate_core::proxy::{Proxy, ProxyConfig, ProxyError};
 use llmgate_core::runner::{Backend, ModelRunner, RunnerStatus, RunnerTokenCounter};
 use llmgate_core::usage::{TokenCounter, TokenUsage};
 use llmgate_core::BoxError;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::commands::model::{start_model, Reporter, TerminalReporter};
+use crate::commands::model::{start_model, Reporter, StartError, TerminalReporter};
 
 /// Set-up lines kept for the console.
 const SETUP_LINES: usize = 200;
+
+/// Where the model is in its life; the console and `/metrics` read it by its snake_case
+/// name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelState {
+    /// No model has been asked for.
+    None,
+    /// The runtime (virtual environment, packages) is being set up.
+    SettingUp,
+    /// The model is being downloaded or fetched from the cache.
+    Downloading,
+    /// The model server is loading the model.
+    Starting,
+    /// The model server answers.
+    Ready,
+    /// The model server exited and is being started again.
+    Restarting,
+    /// Set-up or the model server failed; the message says why.
+    Failed,
+    /// The model server is being stopped.
+    Stopping,
+    /// The model server was stopped.
+    Stopped,
+    /// Requests go to the configured `--upstream`; llmgate runs no model.
+    External,
+}
+
+impl ModelState {
+    /// The name the console and `/metrics` use, e.g. `setting_up`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::SettingUp => "setting_up",
+            Self::Downloading => "downloading",
+            Self::Starting => "starting",
+            Self::Ready => "ready",
+            Self::Restarting => "restarting",
+            Self::Failed => "failed",
+            Self::Stopping => "stopping",
+            Self::Stopped => "stopped",
+            Self::External => "external",
+        }
+    }
+
+    /// The state of a model server that is running (or not, for `None`).
+    pub fn of_runner(status: Option<&RunnerStatus>) -> Self {
+        match status {
+            None => Self::None,
+            Some(RunnerStatus::Stopped) => Self::Stopped,
+            Some(RunnerStatus::Starting) => Self::Starting,
+            Some(RunnerStatus::Ready) => Self::Ready,
+            Some(RunnerStatus::Restarting { .. }) => Self::Restarting,
+            Some(RunnerStatus::Failed { .. }) => Self::Failed,
+        }
+    }
+}
+
+/// Where a manager says what a set-up is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// In the console and the log only.
+    ConsoleOnly,
+    /// Also on the terminal, with a progress bar for downloads (`llmgate up` and `serve`).
+    AlsoOnTerminal,
+}
 
 /// What the console shows about the model.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -29,9 +95,8 @@ pub struct ModelView {
     pub backend: Backend,
     /// The model server's kind, once one runs.
     pub runner: Option<&'static str>,
-    /// `none`, `setting_up`, `downloading`, `starting`, `ready`, `restarting`, `failed`,
-    /// `stopping`, `stopped`, or `external` (forwarding to `--upstream`).
-    pub state: String,
+    /// Where the model is in its life.
+    pub state: ModelState,
     /// What is happening, in words.
     pub message: String,
     /// Progress of a download, 0–100.
@@ -45,7 +110,7 @@ struct Inner {
     runner: Option<Arc<dyn ModelRunner>>,
     model: Option<String>,
     backend: Backend,
-    state: String,
+    state: ModelState,
     message: String,
     percent: Option<f64>,
     setup_log: VecDeque<String>,
@@ -57,7 +122,7 @@ struct Inner {
 pub struct ModelManager {
     config: GatewayConfig,
     proxy: Proxy,
-    /// Also say everything on the terminal (`llmgate up`).
+    /// Also say everything on the terminal ([`Progress::AlsoOnTerminal`]).
     echo: Option<TerminalReporter>,
     inner: Mutex<Inner>,
     /// Where set-ups and model servers run: the runtime that made the manager, not the
@@ -65,28 +130,44 @@ pub struct ModelManager {
     runtime: tokio::runtime::Handle,
 }
 
-/// Why a run request was refused.
+/// Why a model is not running.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     /// A set-up is already running.
     #[error("a model is being set up; wait for it to finish or stop it first")]
     Busy,
-    /// Starting failed.
-    #[error("{0}")]
-    Failed(String),
+    /// Getting or starting the model failed.
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// The model server reported an address that is not a URI.
+    #[error("bad model server address {address}")]
+    Address {
+        /// What it reported.
+        address: String,
+        /// Why it is not a URI.
+        #[source]
+        source: http::uri::InvalidUri,
+    },
+    /// The proxy could not switch to the model server.
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
 }
 
 impl ModelManager {
-    /// A manager switching `proxy`'s upstream. With `echo`, progress is also printed on
-    /// stderr (for `llmgate up`). Call it on the runtime that is to run the model servers.
-    pub fn new(config: GatewayConfig, proxy: Proxy, echo: bool) -> Arc<Self> {
+    /// A manager switching `proxy`'s upstream, saying what it does as `progress` asks.
+    /// Call it on the runtime that is to run the model servers.
+    pub fn new(config: GatewayConfig, proxy: Proxy, progress: Progress) -> Arc<Self> {
         let external = proxy.has_upstream();
         Arc::new(Self {
             inner: Mutex::new(Inner {
                 runner: None,
                 model: config.upstream.clone().filter(|_| external),
                 backend: config.backend,
-                state: if external { "external" } else { "none" }.to_owned(),
+                state: if external {
+                    ModelState::External
+                } else {
+                    ModelState::None
+                },
                 message: if external {
                     "forwarding to the configured upstream".to_owned()
                 } else {
@@ -98,7 +179,7 @@ impl ModelManager {
             }),
             config,
             proxy,
-            echo: echo.then(TerminalReporter::default),
+            echo: (progress == Progress::AlsoOnTerminal).then(TerminalReporter::default),
             runtime: tokio::runtime::Handle::current(),
         })
     }
@@ -112,22 +193,23 @@ impl ModelManager {
     pub fn view(&self) -> ModelView {
         let inner = self.inner.lock().unwrap();
         let mut log: Vec<String> = inner.setup_log.iter().cloned().collect();
-        let mut state = inner.state.clone();
+        let mut state = inner.state;
         let mut message = inner.message.clone();
         if let Some(runner) = &inner.runner {
             log.extend(runner.log_tail(100));
             if !inner.busy {
-                (state, message) = match runner.status() {
-                    RunnerStatus::Ready => (
-                        "ready".into(),
-                        format!("serving {}", inner.model.as_deref().unwrap_or("the model")),
-                    ),
-                    RunnerStatus::Starting => ("starting".into(), "loading the model".into()),
-                    RunnerStatus::Restarting { attempt, reason } => {
-                        ("restarting".into(), format!("restart {attempt}: {reason}"))
+                let status = runner.status();
+                state = ModelState::of_runner(Some(&status));
+                message = match status {
+                    RunnerStatus::Ready => {
+                        format!("serving {}", inner.model.as_deref().unwrap_or("the model"))
                     }
-                    RunnerStatus::Failed { reason } => ("failed".into(), reason),
-                    RunnerStatus::Stopped => ("stopped".into(), "stopped".into()),
+                    RunnerStatus::Starting => "loading the model".into(),
+                    RunnerStatus::Restarting { attempt, reason } => {
+                        format!("restart {attempt}: {reason}")
+                    }
+                    RunnerStatus::Failed { reason } => reason,
+                    RunnerStatus::Stopped => "stopped".into(),
                 };
             }
         }
@@ -160,7 +242,7 @@ impl ModelManager {
             config.backend = backend.unwrap_or(config.backend);
             inner.model = config.model.clone();
             inner.backend = config.backend;
-            inner.state = "setting_up".into();
+            inner.state = ModelState::SettingUp;
             inner.message = "preparing".into();
             inner.percent = None;
             inner.setup_log.clear();
@@ -198,32 +280,29 @@ impl ModelManager {
         inner.percent = None;
         match result {
             Ok(runner) => {
-                let base = runner.base_url().unwrap_or_default();
-                let upstream = base
-                    .parse()
-                    .map_err(|e| format!("bad model server address {base}: {e}"));
-                let mut proxy_config = match upstream {
+                let address = runner.base_url().unwrap_or_default();
+                let mut proxy_config = match address.parse() {
                     Ok(uri) => ProxyConfig::new(uri),
-                    Err(err) => {
-                        inner.state = "failed".into();
-                        inner.message = err.clone();
-                        return Err(ModelError::Failed(err));
+                    Err(source) => {
+                        let err = ModelError::Address { address, source };
+                        inner.state = ModelState::Failed;
+                        inner.message = crate::error_chain(&err);
+                        return Err(err);
                     }
                 };
                 proxy_config.timeout = std::time::Duration::from_secs(config.upstream_timeout_secs);
-                self.proxy
-                    .set_upstream(Some(proxy_config))
-                    .map_err(|e| ModelError::Failed(e.to_string()))?;
+                self.proxy.set_upstream(Some(proxy_config))?;
                 inner.runner = Some(runner);
-                inner.state = "ready".into();
+                inner.state = ModelState::Ready;
                 inner.message = "ready".into();
                 Ok(())
             }
             Err(err) => {
-                tracing::error!(error = %err, "the model could not be started");
-                inner.state = "failed".into();
-                inner.message = err.clone();
-                Err(ModelError::Failed(err))
+                let message = crate::error_chain(&err);
+                tracing::error!(error = %message, "the model could not be started");
+                inner.state = ModelState::Failed;
+                inner.message = message;
+                Err(err.into())
             }
         }
     }
@@ -232,7 +311,7 @@ impl ModelManager {
     pub async fn stop(&self) -> ModelView {
         let runner = {
             let mut inner = self.inner.lock().unwrap();
-            inner.state = "stopping".into();
+            inner.state = ModelState::Stopping;
             inner.runner.take()
         };
         self.proxy.set_upstream(None).ok();
@@ -241,7 +320,7 @@ impl ModelManager {
         }
         {
             let mut inner = self.inner.lock().unwrap();
-            inner.state = "stopped".into();
+            inner.state = ModelState::Stopped;
             inner.message = "no model is running".into();
         }
         self.view()
@@ -264,16 +343,15 @@ impl Reporter for ModelManager {
         let mut inner = self.inner.lock().unwrap();
         let lower = message.to_ascii_lowercase();
         inner.state = if lower.starts_with("starting") {
-            "starting"
+            ModelState::Starting
         } else if lower.contains("hugging face")
             || lower.starts_with("default model")
             || lower.starts_with("model:")
         {
-            "downloading"
+            ModelState::Downloading
         } else {
-            "setting_up"
-        }
-        .to_owned();
+            ModelState::SettingUp
+        };
         inner.message = message.to_owned();
         Self::push_line(&mut inner, format!("==> {message}"));
     }
@@ -291,7 +369,7 @@ impl Reporter for ModelManager {
             terminal.download(progress);
         }
         let mut inner = self.inner.lock().unwrap();
-        inner.state = "downloading".into();
+        inner.state = ModelState::Downloading;
         inner.message = format!("downloading {}", progress.file);
         inner.percent = progress
             .total
@@ -307,5 +385,33 @@ impl TokenCounter for ModelManager {
         RunnerTokenCounter::new(runner)
             .count(request, completion)
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_keep_the_names_the_console_reads() {
+        let all = [
+            (ModelState::None, "none"),
+            (ModelState::SettingUp, "setting_up"),
+            (ModelState::Downloading, "downloading"),
+            (ModelState::Starting, "starting"),
+            (ModelState::Ready, "ready"),
+            (ModelState::Restarting, "restarting"),
+            (ModelState::Failed, "failed"),
+            (ModelState::Stopping, "stopping"),
+            (ModelState::Stopped, "stopped"),
+            (ModelState::External, "external"),
+        ];
+        for (state, name) in all {
+            assert_eq!(
+                serde_json::to_string(&state).unwrap(),
+                format!("\"{name}\"")
+            );
+            assert_eq!(state.as_str(), name);
+        }
     }
 }

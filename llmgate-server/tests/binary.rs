@@ -331,8 +331,15 @@ async fn bad_flags_and_settings_exit_2_with_one_line_that_says_what_to_fix() {
         "listen = \"127.0.0.1:0\"\nupstrem = \"http://h\"\n",
     )
     .unwrap();
+    // The flag gives the upstream the misspelled setting did not: one problem left.
     fails_with_one_line(
-        &["serve", "--config", config.to_str().unwrap()],
+        &[
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+            "--upstream",
+            "http://h",
+        ],
         &[],
         "line 2",
     )
@@ -343,6 +350,47 @@ async fn bad_flags_and_settings_exit_2_with_one_line_that_says_what_to_fix() {
         "/no/such/file.toml",
     )
     .await;
+}
+
+#[tokio::test]
+async fn every_bad_setting_is_reported_on_its_own_line_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("llmgate.toml");
+    std::fs::write(
+        &config,
+        "upstream = \"http://127.0.0.1:1\"\nlisten = \"nowhere:80\"\nmax_body_bytes = 0\n\
+         database_url = \"mysql://db/llmgate\"\n",
+    )
+    .unwrap();
+    let output = Command::new(BIN)
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .args(["--data-dir", dir.path().to_str().unwrap()])
+        .args(["--max-connections", "many"])
+        .args(["--shutdown-timeout-secs", "100000"])
+        .env_remove("LLMGATE_UPSTREAM")
+        .env_remove("LLMGATE_DATABASE_URL")
+        .env("LLMGATE_LOG", "warn")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    let lines: Vec<&str> = stderr.trim().lines().collect();
+    assert_eq!(lines.len(), 5, "one line per problem: {stderr}");
+    for (line, mentions) in lines.iter().zip([
+        "line 2",
+        "'many' for --max-connections",
+        "database_url",
+        "max_body_bytes",
+        "shutdown_timeout_secs",
+    ]) {
+        assert!(line.starts_with("error: "), "{stderr}");
+        assert!(
+            line.contains(mentions),
+            "'{line}' does not mention '{mentions}'"
+        );
+    }
+    assert!(lines[0].contains("listen"), "{stderr}");
 }
 
 /// The `/proc` folders of the threads of a running process whose name starts with

@@ -14,7 +14,7 @@ pub use llmgate_core::test_util::{MockUpstream, SeenRequest};
 use llmgate_core::usage::{RecorderOptions, UsageRecorder, UsageWriter};
 use llmgate_server::app::{app, AppState};
 use llmgate_server::metrics::Metrics;
-use llmgate_server::models::ModelManager;
+use llmgate_server::models::{ModelManager, Progress};
 use serde_json::Value;
 
 /// Options for [`Gateway::start`].
@@ -34,7 +34,7 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             upstream: None,
-            max_body_bytes: 16 * 1024 * 1024,
+            max_body_bytes: llmgate_core::config::DEFAULT_MAX_BODY_BYTES as usize,
             timeout: Duration::from_secs(30),
             python_env_dir: None,
         }
@@ -93,7 +93,7 @@ impl Gateway {
             model_ready_timeout_secs: 20,
             ..GatewayConfig::default()
         };
-        let models = ModelManager::new(gateway_config, proxy.clone(), false);
+        let models = ModelManager::new(gateway_config, proxy.clone(), Progress::ConsoleOnly);
         let metrics = Arc::new(Metrics::default());
         let recording = RecorderOptions {
             counter: None,

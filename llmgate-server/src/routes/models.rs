@@ -60,7 +60,7 @@ pub async fn run(
     match state.models.run(model, backend) {
         Ok(view) => Ok((StatusCode::ACCEPTED, Json(view))),
         Err(err @ ModelError::Busy) => Err(ApiError::conflict(err.to_string()).into()),
-        Err(err) => Err(ApiError::bad_request(err.to_string()).into()),
+        Err(err) => Err(ApiError::bad_request(crate::error_chain(&err)).into()),
     }
 }
 
