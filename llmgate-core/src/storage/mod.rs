@@ -13,7 +13,7 @@
 //! The SQL backends share their logic and their schema shape (request rows name their
 //! key, method, path and model by id, with the view `usage_requests` for people reading
 //! the database); only their SQL differs. A backend of your own implements the two
-//! traits and runs the [`contract`] tests (feature `test-util`).
+//! traits and runs the `contract` tests (feature `test-util`).
 
 #[cfg(any(test, feature = "test-util"))]
 pub mod contract;

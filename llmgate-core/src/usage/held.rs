@@ -6,7 +6,7 @@
 /// event, which repeats the whole response (its text — 128k output tokens are about
 /// 0.5 MB — instructions and tools), rarely passes a few hundred KiB. Past it the bytes
 /// go to the client as they came, and only the event's (or answer's) first
-/// [`HEAD_BYTES`] and last [`TAIL_BYTES`] are kept: the usage of every OpenAI shape
+/// 4 KiB and last 64 KiB are kept: the usage of every OpenAI shape
 /// sits at the end, so it is still counted from there; when it is not found there the
 /// tokens are recorded as unknown. Without a bound, an upstream that sends one endless
 /// line would have the gateway hold all of it (twice, while it grows).
