@@ -60,20 +60,36 @@
 //! - [`error`] — the OpenAI-shaped [`error::ApiError`].
 //! - [`config`] — [`config::GatewayConfig`].
 //! - [`runner`] — the [`runner::ModelRunner`] trait and the runners that start a model
-//!   server.
-//! - [`hub`] — downloading models from the Hugging Face Hub.
-//! - [`system`] — CPU, memory and GPU figures.
+//!   server (feature `runner`).
+//! - [`hub`] — downloading models from the Hugging Face Hub (feature `hub`).
+//! - [`system`] — CPU, memory and GPU figures (feature `system`).
+//!
+//! ## Features
+//! All on by default, as the `llmgate` server uses them; an embedder who needs only the
+//! layer sets `default-features = false` and picks what it stores in:
+//! - `sqlite` — [`storage::SqliteStore`]; `postgres` — [`storage::PostgresStore`].
+//!   Without either, sqlx is not compiled and [`storage::MemoryStore`] is the store.
+//! - `runner` — the model runners (the `Backend` setting stays, as plain data).
+//! - `hub` — Hugging Face downloads (hf-hub, reqwest).
+//! - `system` — CPU and memory figures (sysinfo); `nvml` adds NVIDIA GPUs.
+//! - `tls` — https upstreams for the proxy (rustls).
+//! - `test-util` (off by default) — the mock upstream in `test_util`.
 
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod auth;
 pub mod auth_usage;
 pub mod config;
 pub mod error;
+#[cfg(feature = "hub")]
+#[cfg_attr(docsrs, doc(cfg(feature = "hub")))]
 pub mod hub;
 pub mod proxy;
 pub mod runner;
 pub mod storage;
+#[cfg(feature = "system")]
+#[cfg_attr(docsrs, doc(cfg(feature = "system")))]
 pub mod system;
 pub mod usage;
 

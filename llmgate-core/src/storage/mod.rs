@@ -6,8 +6,13 @@
 //! (PostgreSQL) implements the same two traits.
 
 mod memory;
+#[cfg(feature = "postgres")]
 mod postgres;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+// Shared by both SQL stores; with one of them, part of it has no user.
+#[cfg_attr(not(all(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 mod sql;
+#[cfg(feature = "sqlite")]
 mod sqlite;
 
 use std::borrow::Cow;
@@ -20,7 +25,11 @@ use serde::{Deserialize, Serialize};
 use crate::auth::{KeyHash, KeyRecord};
 
 pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use postgres::PostgresStore;
+#[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use sqlite::SqliteStore;
 
 /// Errors of a storage backend.
