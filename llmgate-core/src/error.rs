@@ -13,8 +13,8 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use serde::Serialize;
 
-use crate::auth::AuthError;
-use crate::proxy::ProxyError;
+use crate::auth::error::AuthError;
+use crate::proxy::error::ProxyError;
 use crate::storage::StorageError;
 
 /// An error as an OpenAI-compatible client sees it.

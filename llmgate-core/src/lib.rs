@@ -8,7 +8,8 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use llmgate_core::auth::{AuthUsageLayer, KeyCache, KeyRecord, Role, Secret};
+//! use llmgate_core::auth::{KeyCache, KeyRecord, Role, Secret};
+//! use llmgate_core::AuthUsageLayer;
 //! use llmgate_core::storage::{KeyStore, MemoryStore, UsageStore};
 //! use llmgate_core::usage::UsageRecorder;
 //! use tower::{service_fn, ServiceBuilder, ServiceExt};
@@ -47,30 +48,55 @@
 //! ```
 //!
 //! ## Map
-//! - [`auth`] — keys ([`auth::Secret`], [`auth::KeyRecord`]), the [`auth::KeyCache`], and
-//!   [`auth::AuthUsageLayer`].
-//! - [`usage`] — reading tokens from JSON and SSE bodies, the [`usage::UsageRecorder`]
-//!   queue and its batch writer.
+//! - [`auth_usage`] — the [`AuthUsageLayer`] middleware: its service, future and the
+//!   response body that reads usage as it goes by.
+//! - [`auth`] — keys ([`auth::Secret`], [`auth::KeyRecord`]), the [`auth::KeyCache`],
+//!   reading a key from headers, and [`auth::RequireKeyLayer`] for unmetered routes.
+//! - [`usage`] — reading tokens from JSON and SSE bodies, the request inspector, the
+//!   [`usage::UsageRecorder`] queue and its batch writer, usage reports.
 //! - [`proxy`] — the forwarding [`proxy::Proxy`] service.
 //! - [`storage`] — the [`storage::KeyStore`] and [`storage::UsageStore`] traits and their
 //!   backends.
 //! - [`error`] — the OpenAI-shaped [`error::ApiError`].
 //! - [`config`] — [`config::GatewayConfig`].
+//! - [`runner`] — the [`runner::ModelRunner`] trait and the runners that start a model
+//!   server (feature `runner`).
+//! - [`hub`] — downloading models from the Hugging Face Hub (feature `hub`).
+//! - [`system`] — CPU, memory and GPU figures (feature `system`).
+//!
+//! ## Features
+//! All on by default, as the `llmgate` server uses them; an embedder who needs only the
+//! layer sets `default-features = false` and picks what it stores in:
+//! - `sqlite` — [`storage::SqliteStore`]; `postgres` — [`storage::PostgresStore`].
+//!   Without either, sqlx is not compiled and [`storage::MemoryStore`] is the store.
+//! - `runner` — the model runners (the `Backend` setting stays, as plain data).
+//! - `hub` — Hugging Face downloads (hf-hub, reqwest).
+//! - `system` — CPU and memory figures (sysinfo); `nvml` adds NVIDIA GPUs.
+//! - `tls` — https upstreams for the proxy (rustls).
+//! - `test-util` (off by default) — the mock upstream in `test_util`.
 
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod auth;
+pub mod auth_usage;
 pub mod config;
 pub mod error;
+#[cfg(feature = "hub")]
+#[cfg_attr(docsrs, doc(cfg(feature = "hub")))]
 pub mod hub;
 pub mod proxy;
 pub mod runner;
 pub mod storage;
+#[cfg(feature = "system")]
+#[cfg_attr(docsrs, doc(cfg(feature = "system")))]
 pub mod system;
 pub mod usage;
 
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_util;
+
+pub use auth_usage::AuthUsageLayer;
 
 /// The error type of bodies and services that can fail in many ways.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

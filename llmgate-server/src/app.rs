@@ -12,11 +12,11 @@ use axum::routing::get;
 use axum::Router;
 use futures_util::future::Either;
 use futures_util::FutureExt;
-use llmgate_core::auth::{AuthUsage, AuthUsageLayer, KeyCache, ResponseFuture, Role};
+use llmgate_core::auth::{KeyCache, RequireKeyLayer};
+use llmgate_core::auth_usage::{AuthUsage, AuthUsageBody, AuthUsageLayer, ResponseFuture};
 use llmgate_core::proxy::{Proxy, ProxyBody};
 use llmgate_core::storage::UsageStore;
 use llmgate_core::system::SystemMonitor;
-use llmgate_core::usage::AuthUsageBody;
 use llmgate_core::usage::UsageRecorder;
 use tower::{Layer, Service};
 
@@ -87,17 +87,17 @@ pub fn app(state: AppState, proxy: Proxy, max_body_bytes: usize) -> App {
             axum::routing::delete(routes::keys::revoke),
         )
         .layer(axum::middleware::from_fn(routes::answer_within))
-        .layer(AuthUsageLayer::auth_only(keys.clone()).require_role(Role::Admin));
+        .layer(RequireKeyLayer::admin(keys.clone()));
     let metrics = Router::new().route("/metrics", get(routes::metrics::render));
     let metrics = if state.metrics_public {
         metrics
     } else {
-        metrics.layer(AuthUsageLayer::auth_only(keys.clone()).require_role(Role::Admin))
+        metrics.layer(RequireKeyLayer::admin(keys.clone()))
     };
     let me = Router::new()
         .route(ME_USAGE, get(routes::usage::me))
         .layer(axum::middleware::from_fn(routes::answer_within))
-        .layer(AuthUsageLayer::auth_only(keys));
+        .layer(RequireKeyLayer::new(keys));
     let router = Router::new()
         .route("/healthz", get(routes::health::healthz))
         .nest("/admin", admin)

@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use moka::sync::Cache;
 
-use super::{AuthError, KeyHash, KeyRecord, Secret};
+use chrono::{DateTime, Utc};
+use http::HeaderMap;
+
+use super::{presented_key, AuthError, KeyHash, KeyRecord, Secret};
 use crate::storage::KeyStore;
 
 /// How long a lookup is trusted. Another process (the `llmgate keys` CLI, a second
@@ -118,6 +121,32 @@ impl KeyCache {
             self.last_known.insert(hash, found.clone());
         }
         Ok(found)
+    }
+
+    /// The key a request presents, if it is known and usable at `at`; otherwise why not.
+    /// What both [`RequireKeyLayer`](super::RequireKeyLayer) and the metering middleware
+    /// check before anything else.
+    pub(crate) async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        at: DateTime<Utc>,
+    ) -> Result<Arc<KeyRecord>, AuthError> {
+        let presented = presented_key(headers).ok_or(AuthError::Missing)?;
+        let key = match self.lookup_hash(KeyHash::of(presented)).await {
+            Ok(Some(key)) => key,
+            Ok(None) => return Err(AuthError::Unknown),
+            Err(err) => {
+                tracing::error!(error = %err, "key lookup failed");
+                return Err(err);
+            }
+        };
+        if key.revoked_at.is_some() {
+            return Err(AuthError::Revoked);
+        }
+        if !key.is_active(at) {
+            return Err(AuthError::Expired);
+        }
+        Ok(key)
     }
 
     /// Forgets everything, so that a change made through this process (a revocation)

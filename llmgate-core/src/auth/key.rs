@@ -174,6 +174,29 @@ pub fn now_millis() -> DateTime<Utc> {
         .unwrap_or(now)
 }
 
+/// The authenticated caller, put into the request's extensions by
+/// [`RequireKeyLayer`](super::RequireKeyLayer) and by the metering middleware
+/// (`AuthUsageLayer`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The key's id.
+    pub key_id: String,
+    /// The key's name.
+    pub name: String,
+    /// The key's role.
+    pub role: Role,
+}
+
+impl From<&KeyRecord> for Caller {
+    fn from(key: &KeyRecord) -> Self {
+        Self {
+            key_id: key.id.clone(),
+            name: key.name.clone(),
+            role: key.role,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

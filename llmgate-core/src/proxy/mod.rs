@@ -24,34 +24,15 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tower::Service;
 
+pub(crate) mod error;
 mod pool;
 
+pub use error::ProxyError;
 pub use pool::{UpstreamBody, UpstreamBodyError};
 
 use crate::auth::Secret;
 use crate::error::ApiError;
 use crate::BoxError;
-
-/// Why a request could not be forwarded.
-#[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
-    /// The upstream could not be reached or broke off.
-    #[error("upstream unreachable: {0}")]
-    Unreachable(String),
-    /// The upstream did not answer in time.
-    #[error("upstream did not answer within {0:?}")]
-    Timeout(Duration),
-    /// The request could not be turned into an upstream request.
-    #[error("bad request: {0}")]
-    BadRequest(String),
-    /// No upstream is set (no model is running).
-    #[error("no upstream")]
-    NoUpstream,
-    /// The path could lead the upstream somewhere else than it says (see
-    /// [`is_plain_path`]).
-    #[error("path with dot-segments or encoded separators")]
-    UnsafePath,
-}
 
 /// Whether a request path means what it says: no `.` or `..` segment (also written
 /// `%2e`), no encoded `/` or `\`, and no `\`. An upstream (or a server in front of
@@ -522,6 +503,14 @@ mod tests {
         }
     }
 
+    #[cfg(not(feature = "tls"))]
+    #[test]
+    fn https_upstreams_need_the_tls_feature() {
+        let config = ProxyConfig::new("https://api.example.com/v1".parse().unwrap());
+        let err = Proxy::new(config).unwrap_err();
+        assert!(err.to_string().contains("'tls' feature"), "{err}");
+    }
+
     #[test]
     fn joins_the_upstream_base_and_the_request_path() {
         let uri: Uri = "/v1/chat/completions?x=1".parse().unwrap();
@@ -533,10 +522,6 @@ mod tests {
             (
                 "http://127.0.0.1:8000/",
                 "http://127.0.0.1:8000/v1/chat/completions?x=1",
-            ),
-            (
-                "https://api.example.com/v1",
-                "https://api.example.com/v1/chat/completions?x=1",
             ),
             (
                 "http://h/openai/v1/",
@@ -554,6 +539,16 @@ mod tests {
                 "{base}"
             );
         }
+        #[cfg(feature = "tls")]
+        assert_eq!(
+            proxy("https://api.example.com/v1")
+                .current()
+                .unwrap()
+                .upstream_uri(&uri)
+                .unwrap()
+                .to_string(),
+            "https://api.example.com/v1/chat/completions?x=1"
+        );
     }
 
     #[test]

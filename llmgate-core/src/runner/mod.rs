@@ -13,37 +13,58 @@
 //! Processes are supervised by [`process::Supervisor`]: readiness with a timeout,
 //! captured output, restarts with backoff, and SIGTERM-then-SIGKILL on stop.
 
+#[cfg(feature = "runner")]
 mod chat_template;
+#[cfg(feature = "runner")]
 mod default_model;
+#[cfg(feature = "runner")]
 mod external;
+#[cfg(feature = "runner")]
 mod http;
+#[cfg(feature = "runner")]
 mod llama_cpp_python;
+#[cfg(feature = "runner")]
 mod llama_server;
+#[cfg(feature = "runner")]
 mod local_server;
+#[cfg(feature = "runner")]
 pub mod process;
+#[cfg(feature = "runner")]
 mod token_counter;
 
 use std::fmt;
+#[cfg(feature = "runner")]
 use std::path::PathBuf;
+#[cfg(feature = "runner")]
 use std::time::Duration;
 
+#[cfg(feature = "runner")]
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+#[cfg(feature = "runner")]
 pub use chat_template::format_chat_prompt;
+#[cfg(feature = "runner")]
 pub use default_model::{
     default_model_from_pypi, default_model_path, DEFAULT_MODEL_FILE, DEFAULT_MODEL_PACKAGE,
     DEFAULT_MODEL_REPO,
 };
+#[cfg(feature = "runner")]
 pub use external::ExternalRunner;
+#[cfg(feature = "runner")]
 pub use http::LocalHttpError;
+#[cfg(feature = "runner")]
 pub use llama_cpp_python::{
     LlamaCppPythonRunner, PythonEnv, PythonEnvManager, LLAMA_CPP_PYTHON_VERSION,
 };
+#[cfg(feature = "runner")]
 pub use llama_server::LlamaServerRunner;
+#[cfg(feature = "runner")]
 pub use process::RunnerStatus;
+#[cfg(feature = "runner")]
 pub use token_counter::RunnerTokenCounter;
 
+#[cfg(feature = "runner")]
 /// Why a runner could not do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
@@ -156,6 +177,7 @@ impl std::str::FromStr for Backend {
     }
 }
 
+#[cfg(feature = "runner")]
 /// What to run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelSpec {
@@ -176,6 +198,7 @@ pub struct ModelSpec {
     pub ready_timeout: Duration,
 }
 
+#[cfg(feature = "runner")]
 impl ModelSpec {
     /// A spec for a model file with defaults: CPU, a free port,
     /// [`DEFAULT_MODEL_READY_TIMEOUT_SECS`](crate::config::DEFAULT_MODEL_READY_TIMEOUT_SECS)
@@ -204,6 +227,7 @@ impl ModelSpec {
     }
 }
 
+#[cfg(feature = "runner")]
 /// The chat format to use when none is configured. Gemma GGUFs need `gemma`: with the
 /// template llama-cpp-python 0.3.x guesses from their metadata, chat requests come back
 /// empty. Other models: let the server decide.
@@ -212,6 +236,7 @@ pub fn default_chat_format(model: &std::path::Path) -> Option<String> {
     name.contains("gemma").then(|| "gemma".to_owned())
 }
 
+#[cfg(feature = "runner")]
 /// A model server the gateway starts, watches and stops.
 #[async_trait]
 pub trait ModelRunner: Send + Sync {
@@ -243,6 +268,7 @@ pub trait ModelRunner: Send + Sync {
     }
 }
 
+#[cfg(feature = "runner")]
 impl fmt::Debug for dyn ModelRunner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "ModelRunner({}, {:?})", self.kind(), self.status())
@@ -274,6 +300,7 @@ mod tests {
         assert!(!Backend::Cpu.offloads_to_gpu() && !Backend::Openblas.offloads_to_gpu());
     }
 
+    #[cfg(feature = "runner")]
     #[test]
     fn gemma_models_get_the_gemma_chat_format() {
         let spec = ModelSpec::new("/m/gemma-3-270m-q4_k_m.gguf");
@@ -282,6 +309,7 @@ mod tests {
         assert_eq!(ModelSpec::new("/m/qwen2.5-0.5b.gguf").chat_format, None);
     }
 
+    #[cfg(feature = "runner")]
     #[test]
     fn a_spec_waits_as_long_for_its_model_as_the_gateway_does() {
         let gateway = crate::config::GatewayConfig::default();

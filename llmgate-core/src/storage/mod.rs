@@ -18,12 +18,21 @@
 #[cfg(any(test, feature = "test-util"))]
 pub mod contract;
 mod memory;
+#[cfg(feature = "postgres")]
 mod postgres;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+// Shared by both SQL stores; with one of them, part of it has no user.
+#[cfg_attr(not(all(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 mod sql;
+#[cfg(feature = "sqlite")]
 mod sqlite;
 
 pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use postgres::PostgresStore;
+#[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use sqlite::SqliteStore;
 
 use std::borrow::Cow;
@@ -62,6 +71,7 @@ pub enum StorageError {
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// An error with what was being done when it happened; its source is the error itself.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 #[derive(Debug, thiserror::Error)]
 #[error("{what}: {source}")]
 pub(crate) struct Context {
@@ -69,6 +79,7 @@ pub(crate) struct Context {
     source: BoxError,
 }
 
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 impl Context {
     /// `source`, as failing to do `what`.
     pub(crate) fn boxed(what: impl Into<String>, source: impl Into<BoxError>) -> BoxError {

@@ -140,11 +140,13 @@ impl From<sqlx::Error> for StorageError {
 /// out of range), 23 (integrity constraint) and 54 (program limit: e.g. a value too big
 /// for an index); SQLite's TOOBIG, CONSTRAINT and MISMATCH.
 fn refuses_content(db: &dyn sqlx::error::DatabaseError) -> bool {
+    #[cfg(feature = "postgres")]
     if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
         return ["22", "23", "54"]
             .iter()
             .any(|class| pg.code().starts_with(class));
     }
+    #[cfg(feature = "sqlite")]
     if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
         const TOOBIG: i32 = 18;
         const CONSTRAINT: i32 = 19;

@@ -1,14 +1,15 @@
 //! Per-key usage: reading token counts out of responses, and recording them.
 //!
-//! The response body is wrapped in a [`UsageBody`] that watches the bytes go by — a
-//! JSON body's `usage` object, or the usage chunk at the end of a server-sent-event
-//! stream — and holds a guard that settles one [`RequestRecord`](crate::storage::RequestRecord)
-//! when the body ends or is dropped (a client that goes away mid-stream is still
-//! counted). The guard hands the record to the [`UsageRecorder`]'s queue; a background
-//! [`UsageWriter`] writes the queue to a [`UsageStore`](crate::storage::UsageStore) in
-//! batches, so the request path never waits on the database.
+//! The readers here find a JSON body's `usage` object, or the usage chunk at the end of
+//! a server-sent-event stream, as the bytes go by; the request inspector learns a
+//! request's model and streaming options. The middleware in
+//! [`auth_usage`](crate::auth_usage) drives them from its response body and holds a
+//! guard that settles one [`RequestRecord`](crate::storage::RequestRecord) when the body
+//! ends or is dropped (a client that goes away mid-stream is still counted). The guard
+//! hands the record to the [`UsageRecorder`]'s queue; a background [`UsageWriter`]
+//! writes the queue to a [`UsageStore`](crate::storage::UsageStore) in batches, so the
+//! request path never waits on the database.
 
-mod body;
 mod counter;
 mod endpoint;
 #[cfg(test)]
@@ -22,7 +23,6 @@ mod scan;
 mod spill;
 mod sse;
 
-pub use body::{AuthUsageBody, UsageBody};
 pub use counter::TokenCounter;
 pub use endpoint::{endpoint_label, OTHER_ENDPOINT};
 pub use held::{MAX_GATHERED_TEXT_BYTES, MAX_HELD_BYTES};
@@ -32,8 +32,10 @@ pub use recorder::{
 };
 pub use report::{usage_report, KeyUsage};
 
+pub(crate) use json::JsonCollector;
 pub(crate) use recorder::UsageGuard;
 pub(crate) use request::{inspect_request, RequestPlan};
+pub(crate) use sse::SseExtractor;
 
 use serde_json::Value;
 

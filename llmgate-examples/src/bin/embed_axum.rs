@@ -15,9 +15,10 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use llmgate_core::auth::{AuthUsageLayer, Caller, KeyCache, KeyRecord, Role, Secret};
+use llmgate_core::auth::{Caller, KeyCache, KeyRecord, Role, Secret};
 use llmgate_core::storage::{KeyStore, MemoryStore};
 use llmgate_core::usage::{usage_report, KeyUsage, UsageRecorder};
+use llmgate_core::AuthUsageLayer;
 use serde_json::{json, Value};
 
 /// Your model endpoint: whatever it answers, the `usage` object is what gets counted.
@@ -43,7 +44,7 @@ struct AppState {
 }
 
 /// Everyone's usage (a real service would protect this with an admin key:
-/// `AuthUsageLayer::auth_only(keys).require_role(Role::Admin)`).
+/// `.layer(RequireKeyLayer::admin(keys))`).
 async fn usage(State(state): State<AppState>) -> Json<Vec<KeyUsage>> {
     state.recorder.flush().await;
     Json(

@@ -1,6 +1,7 @@
 //! What `AuthUsageLayer` costs per request, in process, without a network: the same
 //! JSON chat completion answered by a trivial service, bare and behind the layer
-//! (auth only, and auth with usage recording to the in-memory store).
+//! (auth only, with `RequireKeyLayer`, and auth with usage recording to the in-memory
+//! store).
 //!
 //! ```text
 //! cargo run --release -p llmgate-examples --bin layer_overhead
@@ -12,9 +13,10 @@ use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use http_body_util::BodyExt;
-use llmgate_core::auth::{AuthUsageLayer, KeyCache, KeyRecord, Role, Secret};
+use llmgate_core::auth::{KeyCache, KeyRecord, RequireKeyLayer, Role, Secret};
 use llmgate_core::storage::{KeyStore, MemoryStore};
 use llmgate_core::usage::UsageRecorder;
+use llmgate_core::AuthUsageLayer;
 use tower::{Layer, Service, ServiceExt};
 
 const ANSWER: &str = r#"{"id":"x","object":"chat.completion","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"The quick brown fox jumps"},"finish_reason":"stop"}],"usage":{"prompt_tokens":11,"completion_tokens":5,"total_tokens":16}}"#;
@@ -81,7 +83,7 @@ async fn main() {
     let bare = tower::service_fn(answer)
         .map_response(|r: http::Response<Body>| r.map(|b| b.map_err(Into::into).boxed_unsync()));
     let base = measure("bare service", bare, key).await;
-    let auth = AuthUsageLayer::auth_only(KeyCache::new(store.clone()))
+    let auth = RequireKeyLayer::new(KeyCache::new(store.clone()))
         .layer(tower::service_fn(answer))
         .map_response(|r| r.map(|b| b.map_err(Into::into).boxed_unsync()));
     let auth_only = measure("auth only", auth, key).await;

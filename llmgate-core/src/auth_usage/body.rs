@@ -10,11 +10,9 @@ use std::time::Duration;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Either, Full};
 
-use super::json::JsonCollector;
-use super::sse::SseExtractor;
-use super::{RequestPlan, UsageGuard};
+use crate::usage::{JsonCollector, RequestPlan, SseExtractor, UsageGuard};
 
-/// The body [`AuthUsageLayer`](crate::auth::AuthUsageLayer) answers with: the inner
+/// The body [`AuthUsageLayer`](super::AuthUsageLayer) answers with: the inner
 /// service's body wrapped in a [`UsageBody`], or the layer's own error.
 pub type AuthUsageBody<B> = Either<UsageBody<B>, Full<Bytes>>;
 
@@ -61,15 +59,6 @@ enum Extractor {
 }
 
 impl<B> UsageBody<B> {
-    /// A body that is passed through untouched (no usage recording).
-    pub(crate) fn passthrough(inner: B) -> Self {
-        Self {
-            inner: Some(Box::pin(inner)),
-            tracking: None,
-            finish_in_background: None,
-        }
-    }
-
     /// A body whose usage is read according to its content type.
     pub(crate) fn tracked(
         inner: B,

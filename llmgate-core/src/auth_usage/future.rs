@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 
 use http::Response;
 
-use crate::usage::AuthUsageBody;
+use super::AuthUsageBody;
 
 /// Resolves to the inner service's response with its body wrapped for usage
 /// accounting. The request's usage guard lives inside: dropping the future (the client

@@ -11,9 +11,10 @@ use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use tower::{Service, ServiceExt};
 
 use super::layer::Shared;
-use super::{now_millis, presented_key, AuthError, Caller, KeyHash, ResponseFuture};
+use super::{AuthUsageBody, ResponseFuture, UsageBody};
+use crate::auth::{now_millis, AuthError, Caller};
 use crate::error::ApiError;
-use crate::usage::{inspect_request, AuthUsageBody, RequestPlan, UsageBody, UsageGuard};
+use crate::usage::{inspect_request, RequestPlan, UsageGuard};
 use crate::BoxError;
 
 /// The longest a client may pause while sending a request body (nginx's
@@ -104,39 +105,22 @@ where
 {
     let started = Instant::now();
     let at = now_millis();
-    let Some(presented) = presented_key(request.headers()) else {
-        return Ok(refuse(AuthError::Missing));
+    let key = match shared.keys.authenticate(request.headers(), at).await {
+        Ok(key) => key,
+        Err(err) => return Ok(refuse(err)),
     };
-    let key = match shared.keys.lookup_hash(KeyHash::of(presented)).await {
-        Ok(Some(key)) => key,
-        Ok(None) => return Ok(refuse(AuthError::Unknown)),
-        Err(err) => {
-            tracing::error!(error = %err, "key lookup failed");
-            return Ok(refuse(err));
-        }
-    };
-    if key.revoked_at.is_some() {
-        return Ok(refuse(AuthError::Revoked));
-    }
-    if !key.is_active(at) {
-        return Ok(refuse(AuthError::Expired));
-    }
-    if shared.required_role.is_some_and(|role| role != key.role) {
-        return Ok(refuse(AuthError::Forbidden { role: key.role }));
-    }
-    request.extensions_mut().insert(Caller {
-        key_id: key.id.clone(),
-        name: key.name.clone(),
-        role: key.role,
-    });
+    request.extensions_mut().insert(Caller::from(&*key));
 
-    let Some(recorder) = &shared.recorder else {
-        let response = inner.oneshot(request).await?;
-        return Ok(response.map(|body| Either::Left(UsageBody::passthrough(body))));
-    };
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
-    let mut guard = UsageGuard::new(recorder.clone(), &key, method.as_str(), path, at, started);
+    let mut guard = UsageGuard::new(
+        shared.recorder.clone(),
+        &key,
+        method.as_str(),
+        path,
+        at,
+        started,
+    );
 
     let (request, mut plan) =
         match read_request(request, shared.max_body_bytes, guard.counts_tokens()).await {
