@@ -159,11 +159,11 @@ pub const DEFAULT_DATA_DIR: &str = "llmgate-data";
 /// Default of [`GatewayConfig::upstream_timeout_secs`] (the proxy's own default).
 pub const DEFAULT_UPSTREAM_TIMEOUT_SECS: u64 = crate::proxy::DEFAULT_UPSTREAM_TIMEOUT.as_secs();
 /// Default of [`GatewayConfig::max_body_bytes`]: 16 MiB, room for a long conversation
-/// or an audio upload (the same as [`AuthUsageLayer`](crate::auth::AuthUsageLayer)'s).
-pub const DEFAULT_MAX_BODY_BYTES: u64 = 16 * 1024 * 1024;
+/// or an audio upload ([`AuthUsageLayer`](crate::auth_usage::AuthUsageLayer)'s own).
+pub const DEFAULT_MAX_BODY_BYTES: u64 = crate::auth_usage::DEFAULT_MAX_BODY_BYTES as u64;
 /// Default of [`GatewayConfig::key_cache_ttl_ms`] (the same as
 /// [`KeyCache::new`](crate::auth::KeyCache::new)'s).
-pub const DEFAULT_KEY_CACHE_TTL_MS: u64 = 500;
+pub const DEFAULT_KEY_CACHE_TTL_MS: u64 = crate::auth::DEFAULT_KEY_TTL.as_millis() as u64;
 /// Default of [`GatewayConfig::model_ready_timeout_secs`]: a first load reads the whole
 /// model from a cold disk (and a CUDA build may compile kernels), which takes minutes
 /// for a large model.

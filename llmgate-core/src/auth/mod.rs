@@ -24,7 +24,7 @@ mod header;
 mod key;
 pub mod require_key;
 
-pub use cache::{KeyCache, KEY_STORE_TIMEOUT};
+pub use cache::{KeyCache, DEFAULT_KEY_TTL, KEY_STORE_TIMEOUT};
 pub use error::AuthError;
 pub use header::key_from_headers;
 pub use key::{now_millis, Caller, KeyHash, KeyRecord, Role, Secret, KEY_PREFIX, KEY_RANDOM_LEN};
