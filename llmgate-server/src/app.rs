@@ -85,8 +85,8 @@ impl AppState {
 
 /// The gateway: `/v1/*` proxied with auth and usage, the admin API, `/healthz`, and the
 /// web console at `/` (public: the page holds no data, its API calls carry the key).
-/// Every request, the hot path included, goes through [`served`]: key headers marked
-/// sensitive, one access log line, and a panic answered with a 500.
+/// Every request, the hot path included, has its key headers marked sensitive, one
+/// access log line on [`ACCESS_LOG`], and a panic answered with a 500.
 pub fn app(state: AppState, proxy: Proxy, max_body_bytes: usize) -> App {
     let keys = state.keys.clone();
     let gateway = AuthUsageLayer::new(keys.clone(), state.recorder.clone())
