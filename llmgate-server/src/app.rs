@@ -138,8 +138,11 @@ pub fn app(state: AppState, proxy: Proxy, max_body_bytes: usize) -> App {
 /// The one `/v1/` path llmgate answers itself.
 const ME_USAGE: &str = "/v1/me/usage";
 
-/// The access log's target: `LLMGATE_LOG=llmgate::access=warn` turns it off, and
-/// `llmgate::access=debug` adds each request's headers (the key headers redacted).
+/// The access log's target. At INFO (the default level) it has a line for each request
+/// but model calls: those are at DEBUG, as a line costs a third more instructions than
+/// the rest of a proxied request, and each model call is in the usage records anyway.
+/// `LLMGATE_LOG=info,llmgate::access=debug` logs model calls too, `=trace` adds each
+/// request's headers (the key headers redacted), `=warn` turns the access log off.
 pub const ACCESS_LOG: &str = "llmgate::access";
 
 /// The headers that carry a key or a session. Marked sensitive, their values show as
@@ -198,46 +201,58 @@ pub type AppBody = tower_http::trace::ResponseBody<
     (),
 >;
 
-/// A request's access log span, at INFO on [`ACCESS_LOG`]: method, path (no query),
-/// and the caller's key id once the key is checked (see [`NoteCaller`]).
+/// A request's access log span on [`ACCESS_LOG`] (INFO, DEBUG for a model call):
+/// method, path (no query), and the caller's key id once the key is checked (see
+/// [`NoteCaller`]).
 #[derive(Clone, Copy, Debug)]
 struct AccessSpan;
 
 impl<B> MakeSpan<B> for AccessSpan {
     fn make_span(&mut self, request: &http::Request<B>) -> Span {
-        tracing::info_span!(
-            target: ACCESS_LOG,
-            "request",
-            method = %request.method(),
-            path = request.uri().path(),
-            key_id = tracing::field::Empty,
-        )
+        let path = request.uri().path();
+        if Dispatch::is_model_call(path) {
+            tracing::debug_span!(
+                target: ACCESS_LOG,
+                "request",
+                method = %request.method(),
+                path,
+                key_id = tracing::field::Empty,
+            )
+        } else {
+            tracing::info_span!(
+                target: ACCESS_LOG,
+                "request",
+                method = %request.method(),
+                path,
+                key_id = tracing::field::Empty,
+            )
+        }
     }
 }
 
-/// At DEBUG, a request's headers (the key headers already marked sensitive).
+/// At TRACE, a request's headers (the key headers already marked sensitive).
 #[derive(Clone, Copy, Debug)]
 struct LogHeaders;
 
 impl<B> OnRequest<B> for LogHeaders {
     fn on_request(&mut self, request: &http::Request<B>, _span: &Span) {
-        tracing::debug!(target: ACCESS_LOG, headers = ?request.headers(), "request");
+        tracing::trace!(target: ACCESS_LOG, headers = ?request.headers(), "request");
     }
 }
 
 /// The access log line: status and the time to the answer's head (a stream's tokens
-/// come after), in the request's span.
+/// come after), in the request's span and at its level.
 #[derive(Clone, Copy, Debug)]
 struct AccessLog;
 
 impl<B> OnResponse<B> for AccessLog {
-    fn on_response(self, response: &http::Response<B>, latency: Duration, _span: &Span) {
-        tracing::info!(
-            target: ACCESS_LOG,
-            status = response.status().as_u16(),
-            ?latency,
-            "answered"
-        );
+    fn on_response(self, response: &http::Response<B>, latency: Duration, span: &Span) {
+        let status = response.status().as_u16();
+        if span.metadata().map(|span| *span.level()) == Some(tracing::Level::INFO) {
+            tracing::info!(target: ACCESS_LOG, status, ?latency, "answered");
+        } else {
+            tracing::debug!(target: ACCESS_LOG, status, ?latency, "answered");
+        }
     }
 }
 
