@@ -7,6 +7,8 @@
 #   bench/instructions.sh [requests, default 4000]
 #   BIN_DIR=dir bench/instructions.sh   (binaries built elsewhere, e.g. an older commit)
 #   KEEP=dir bench/instructions.sh      (keeps the callgrind profiles, for callgrind_annotate)
+#   LLMGATE_LOG=info bench/instructions.sh  (llmgate's log level, default warn; at info
+#                                           it writes an access log line per request)
 #
 # Runs llmgate (auth + usage to SQLite) and the bare proxy (llmgate's Proxy alone on
 # hyper) under callgrind in front of one nginx upstream, warms both up, zeroes the
@@ -29,7 +31,7 @@ trap 'kill $(jobs -p) 2>/dev/null || true; [ -f "$WORK/upstream.pid" ] && kill "
 source bench/common.sh
 fixed_upstream 18021
 
-export LLMGATE_ADMIN_KEY="sk-lg-$(head -c 64 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | head -c 40)" LLMGATE_LOG=warn
+export LLMGATE_ADMIN_KEY="sk-lg-$(head -c 64 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | head -c 40)" LLMGATE_LOG="${LLMGATE_LOG:-warn}"
 valgrind -q --tool=callgrind --callgrind-out-file="$WORK/llmgate.%p" \
   "$BIN/llmgate" serve --upstream http://127.0.0.1:18021 --listen 127.0.0.1:18023 --data-dir "$WORK/data" >/dev/null 2>&1 &
 valgrind -q --tool=callgrind --callgrind-out-file="$WORK/bare.%p" \

@@ -852,6 +852,7 @@ async fn metrics_count_requests_tokens_and_latency_per_key_and_need_an_admin_key
 }
 
 #[tokio::test]
+#[ignore = "needs Python 3 with venv (python3-venv); scripts/test installs it"]
 async fn admins_run_and_stop_a_model_over_http_while_the_gateway_keeps_serving() {
     let envs = tempfile::tempdir().unwrap();
     llmgate_tests::fake_llama_cpp_env(envs.path());

@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tower::Service;
 
-use crate::app::App;
+use crate::app::{App, AppBody};
 
 /// What one client may hold of the gateway, and for how long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -522,11 +522,10 @@ struct ConnectionService {
 }
 
 type AppFuture = <App as Service<Request>>::Future;
-type AppResponse = <App as Service<Request>>::Response;
 type AppError = <App as Service<Request>>::Error;
 
 impl hyper::service::Service<hyper::Request<Incoming>> for ConnectionService {
-    type Response = AppResponse;
+    type Response = axum::response::Response;
     type Error = AppError;
     type Future = AnswerFuture;
 
@@ -570,7 +569,7 @@ pin_project_lite::pin_project! {
 }
 
 impl Future for AnswerFuture {
-    type Output = Result<AppResponse, AppError>;
+    type Output = Result<axum::response::Response, AppError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
@@ -594,18 +593,18 @@ struct Held {
 
 /// An answer's body, with what it [`Held`].
 struct HoldingBody {
-    answer: Body,
+    answer: AppBody,
     _held: Option<Held>,
 }
 
 impl http_body::Body for HoldingBody {
     type Data = Bytes;
-    type Error = axum::Error;
+    type Error = llmgate_core::BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, llmgate_core::BoxError>>> {
         Pin::new(&mut self.answer).poll_frame(cx)
     }
 

@@ -587,6 +587,7 @@ async fn pull_downloads_from_the_hub_and_explains_what_it_picked_or_what_is_wron
 }
 
 #[tokio::test]
+#[ignore = "needs PostgreSQL (LLMGATE_TEST_POSTGRES, default 127.0.0.1:5432); scripts/test starts it"]
 async fn two_replicas_share_keys_and_usage_through_postgres() {
     let db = common::TestDatabase::create("replicas").await;
     let url = db.url();
@@ -898,6 +899,7 @@ async fn hostile_values_do_not_stop_recording(database_url: Option<&str>) {
 }
 
 #[tokio::test]
+#[ignore = "needs PostgreSQL (LLMGATE_TEST_POSTGRES, default 127.0.0.1:5432); scripts/test starts it"]
 async fn a_nul_model_and_absurd_usage_do_not_stop_recording_in_postgres() {
     let db = common::TestDatabase::create("hostile").await;
     hostile_values_do_not_stop_recording(Some(&db.url())).await;

@@ -17,6 +17,7 @@ mod common;
 use common::{start, BIN};
 
 #[tokio::test]
+#[ignore = "needs Node.js, Chromium and `npm ci` in tests/browser; scripts/test installs them"]
 async fn the_console_works_in_a_real_browser() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let browser_tests = root.join("tests/browser");

@@ -329,6 +329,7 @@ async fn pipe(
 }
 
 #[tokio::test]
+#[ignore = "needs PostgreSQL (LLMGATE_TEST_POSTGRES, default 127.0.0.1:5432); scripts/test starts it"]
 async fn postgres_down_and_back_while_serving_loses_and_doubles_nothing() {
     let db = TestDatabase::create("down").await;
     let forwarder = Forwarder::start(db.server.clone()).await;
@@ -397,6 +398,7 @@ async fn postgres_down_and_back_while_serving_loses_and_doubles_nothing() {
 }
 
 #[tokio::test]
+#[ignore = "needs PostgreSQL (LLMGATE_TEST_POSTGRES, default 127.0.0.1:5432); scripts/test starts it"]
 async fn a_stop_with_postgres_down_spills_and_the_next_start_writes_the_spill_once() {
     let db = TestDatabase::create("spill").await;
     let forwarder = Forwarder::start(db.server.clone()).await;
@@ -474,6 +476,7 @@ async fn a_stop_with_postgres_down_spills_and_the_next_start_writes_the_spill_on
 /// A NUL in a name alone is covered by `binary.rs` (normalised before storage, so the
 /// database never refuses it); here the database itself refuses a record, amid others.
 #[tokio::test]
+#[ignore = "needs PostgreSQL (LLMGATE_TEST_POSTGRES, default 127.0.0.1:5432); scripts/test starts it"]
 async fn a_record_postgres_refuses_is_set_aside_and_the_rest_keeps_flowing() {
     let db = TestDatabase::create("refused").await;
     let url = db.url();
@@ -662,6 +665,7 @@ async fn a_sigkill_loses_only_the_answers_of_its_last_moments() {
 }
 
 #[tokio::test]
+#[ignore = "needs PostgreSQL (LLMGATE_TEST_POSTGRES, default 127.0.0.1:5432); scripts/test starts it"]
 async fn a_postgres_that_hangs_delays_no_answer_and_admin_reads_get_503_in_time() {
     let db = TestDatabase::create("hang").await;
     let forwarder = Forwarder::start(db.server.clone()).await;

@@ -13,6 +13,7 @@ use llmgate_core::storage::{KeyStore, SqliteStore};
 pub use llmgate_core::test_util::{MockUpstream, SeenRequest};
 use llmgate_core::usage::{RecorderOptions, UsageRecorder, UsageWriter};
 use llmgate_server::app::{app, AppState};
+use llmgate_server::http::ConnectionLimits;
 use llmgate_server::metrics::Metrics;
 use llmgate_server::models::{ModelManager, Progress};
 use serde_json::Value;
@@ -28,6 +29,9 @@ pub struct Options {
     pub timeout: Duration,
     /// Where the model manager finds Python environments.
     pub python_env_dir: Option<PathBuf>,
+    /// Served on this many event loops by `http::serve_on_loops`, as `llmgate serve`
+    /// serves; by default on the test's runtime by `http::serve`.
+    pub loops: Option<usize>,
 }
 
 impl Default for Options {
@@ -37,6 +41,7 @@ impl Default for Options {
             max_body_bytes: llmgate_core::config::DEFAULT_MAX_BODY_BYTES as usize,
             timeout: Duration::from_secs(30),
             python_env_dir: None,
+            loops: None,
         }
     }
 }
@@ -60,6 +65,7 @@ pub struct Gateway {
     pub http: reqwest::Client,
     writer: Option<UsageWriter>,
     server: tokio::task::JoinHandle<()>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     _dir: tempfile::TempDir,
     /// The database file.
     pub db_path: PathBuf,
@@ -112,12 +118,28 @@ impl Gateway {
         let router = app(state, proxy, options.max_body_bytes);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
-        // Served as `llmgate serve` serves it.
-        let server = tokio::spawn(llmgate_server::http::serve(
-            listener,
-            router,
-            std::future::pending(),
-        ));
+        let (shutdown, shutdown_asked) = tokio::sync::oneshot::channel::<()>();
+        let shutdown_asked = async move {
+            let _ = shutdown_asked.await;
+        };
+        let server = match options.loops {
+            None => tokio::spawn(llmgate_server::http::serve(
+                listener,
+                router,
+                shutdown_asked,
+            )),
+            Some(loops) => tokio::spawn(async move {
+                llmgate_server::http::serve_on_loops(
+                    listener,
+                    router,
+                    loops,
+                    ConnectionLimits::default(),
+                    shutdown_asked,
+                )
+                .await
+                .expect("the serving loops start");
+            }),
+        };
         Self {
             url: format!("http://{addr}"),
             admin,
@@ -128,8 +150,24 @@ impl Gateway {
             http: reqwest::Client::new(),
             writer: Some(writer),
             server,
+            shutdown: Some(shutdown),
             _dir: dir,
             db_path,
+        }
+    }
+
+    /// Stops accepting, lets the requests in flight finish (as on SIGTERM), then
+    /// writes all queued usage.
+    pub async fn shut_down(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(30), &mut self.server)
+            .await
+            .expect("the server stops once its requests are done")
+            .expect("the server task ends without a panic");
+        if let Some(writer) = self.writer.take() {
+            writer.shutdown().await;
         }
     }
 
