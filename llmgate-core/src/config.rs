@@ -164,10 +164,9 @@ pub const DEFAULT_MAX_BODY_BYTES: u64 = crate::auth_usage::DEFAULT_MAX_BODY_BYTE
 /// Default of [`GatewayConfig::key_cache_ttl_ms`] (the same as
 /// [`KeyCache::new`](crate::auth::KeyCache::new)'s).
 pub const DEFAULT_KEY_CACHE_TTL_MS: u64 = crate::auth::DEFAULT_KEY_TTL.as_millis() as u64;
-/// Default of [`GatewayConfig::model_ready_timeout_secs`]: a first load reads the whole
-/// model from a cold disk (and a CUDA build may compile kernels), which takes minutes
-/// for a large model.
-pub const DEFAULT_MODEL_READY_TIMEOUT_SECS: u64 = 300;
+/// Default of [`GatewayConfig::model_ready_timeout_secs`]: the runners' own
+/// ([`runner::DEFAULT_READY_TIMEOUT`](crate::runner::DEFAULT_READY_TIMEOUT)).
+pub const DEFAULT_MODEL_READY_TIMEOUT_SECS: u64 = crate::runner::DEFAULT_READY_TIMEOUT.as_secs();
 /// Default of [`GatewayConfig::python`].
 pub const DEFAULT_PYTHON: &str = "python3";
 /// Default of [`GatewayConfig::header_read_timeout_secs`]: a real client sends a request

@@ -210,7 +210,9 @@ impl From<ProxyError> for ApiError {
                     after.as_secs_f64()
                 ),
             ),
-            ProxyError::BadRequest(_) => Self::bad_request("The request could not be forwarded."),
+            ProxyError::BadRequest(_) | ProxyError::InvalidUri(_) => {
+                Self::bad_request("The request could not be forwarded.")
+            }
             ProxyError::UnsafePath => Self::new(
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",

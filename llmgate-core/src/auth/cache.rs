@@ -106,7 +106,7 @@ impl KeyCache {
             Ok(found) => found.map(Arc::new),
             Err(err) => {
                 let Some(known) = self.last_known.get(&hash) else {
-                    return Err(AuthError::Storage(err.to_string()));
+                    return Err(AuthError::Storage(err));
                 };
                 // Trusted for another time to live, so that an outage costs the store
                 // one try per key and TTL, not one per request.

@@ -31,11 +31,11 @@ pub enum AuthError {
     },
     /// The request body could not be read.
     #[error("request body unreadable: {0}")]
-    BodyRead(String),
+    BodyRead(#[source] crate::BoxError),
     /// The client stopped sending its request body.
     #[error("request body stalled for {0:?}")]
     BodyStalled(std::time::Duration),
     /// The key store failed.
     #[error("key store failed: {0}")]
-    Storage(String),
+    Storage(#[source] crate::storage::StorageError),
 }

@@ -31,6 +31,3 @@ pub use key::{now_millis, Caller, KeyHash, KeyRecord, Role, Secret, KEY_PREFIX, 
 pub use require_key::{RequireKey, RequireKeyLayer};
 
 pub(crate) use header::presented_key;
-
-#[doc(no_inline)]
-pub use crate::auth_usage::AuthUsageLayer;

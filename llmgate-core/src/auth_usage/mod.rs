@@ -9,8 +9,8 @@
 //! Dependency order, each file importing only from those before it: the key types of
 //! [`auth`](crate::auth); [`storage`](crate::storage); the key cache and
 //! [`usage`](crate::usage); [`error`](crate::error); [`proxy`](crate::proxy) and
-//! [`RequireKeyLayer`](crate::auth::RequireKeyLayer); then this module, which nothing
-//! else in the crate imports (`auth::AuthUsageLayer` only re-exports it).
+//! [`RequireKeyLayer`](crate::auth::RequireKeyLayer); then this module, which only the
+//! settings ([`config`](crate::config), for the default body limit) import.
 //!
 //! ```
 //! use std::sync::Arc;

@@ -190,7 +190,7 @@ where
         Ok(Err(err)) if err.is::<LengthLimitError>() => {
             return Err(AuthError::BodyTooLarge { limit })
         }
-        Ok(Err(err)) => return Err(AuthError::BodyRead(err.to_string())),
+        Ok(Err(err)) => return Err(AuthError::BodyRead(err)),
     };
     let original_len = bytes.len();
     let content_type = parts

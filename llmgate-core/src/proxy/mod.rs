@@ -1,6 +1,6 @@
 //! Forwarding to the upstream model server through a pooled hyper client.
 //!
-//! [`Proxy`] is a plain tower `Service`: put [`AuthUsageLayer`](crate::auth::AuthUsageLayer)
+//! [`Proxy`] is a plain tower `Service`: put [`AuthUsageLayer`](crate::AuthUsageLayer)
 //! in front of it and you have the gateway's request path. Response bodies stream
 //! through as they arrive; failures become OpenAI-shaped 502/504 responses.
 
@@ -267,7 +267,7 @@ impl Target {
         }
         let path_and_query = path_and_query.map_or("/", |pq| pq.as_str());
         PathAndQuery::try_from(format!("{}{}", self.base_path, path_and_query))
-            .map_err(|e| ProxyError::BadRequest(e.to_string()))
+            .map_err(|e| ProxyError::InvalidUri(e.into()))
     }
 
     /// The upstream's absolute URI for a request's.
@@ -276,7 +276,7 @@ impl Target {
         parts.scheme = Some(self.scheme.clone());
         parts.authority = Some(self.authority.clone());
         parts.path_and_query = Some(self.upstream_path(uri)?);
-        Uri::from_parts(parts).map_err(|e| ProxyError::BadRequest(e.to_string()))
+        Uri::from_parts(parts).map_err(|e| ProxyError::InvalidUri(e.into()))
     }
 }
 
@@ -426,18 +426,13 @@ where
         Some(pool) => futures_util::future::Either::Left(pool.clone().send(request)),
         None => futures_util::future::Either::Right(proxy.remote().request(request).map(|sent| {
             sent.map(|response| response.map(UpstreamBody::unpooled))
-                .map_err(|err| {
-                    let source = std::error::Error::source(&err)
-                        .map(|source| format!(" ({source})"))
-                        .unwrap_or_default();
-                    ProxyError::Unreachable(format!("{err}{source}"))
-                })
+                .map_err(|err| ProxyError::Unreachable(err.into()))
         })),
     };
     let response = match tokio::time::timeout(target.timeout, sent).await {
         Ok(Ok(response)) => response,
         Ok(Err(err)) => {
-            tracing::warn!(error = %err, "upstream request failed");
+            tracing::warn!(error = %error::chain(&err), "upstream request failed");
             return Ok(error_response(err));
         }
         Err(_) => {

@@ -34,6 +34,7 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use super::error::ConnectError;
 use super::ProxyError;
 use crate::BoxError;
 
@@ -125,7 +126,7 @@ impl Pool {
                 Err(mut err) if reused && err.message().is_some() => {
                     request = err.take_message().expect("checked");
                 }
-                Err(err) => return Err(ProxyError::Unreachable(err.into_error().to_string())),
+                Err(err) => return Err(ProxyError::Unreachable(err.into_error().into())),
             }
         }
     }
@@ -151,13 +152,16 @@ impl Pool {
     }
 
     async fn connect(&self) -> Result<Box<Conn>, ProxyError> {
-        let stream = TcpStream::connect(&self.address).await.map_err(|err| {
-            ProxyError::Unreachable(format!("cannot connect to {}: {err}", self.address))
+        let stream = TcpStream::connect(&self.address).await.map_err(|source| {
+            ProxyError::Unreachable(Box::new(ConnectError {
+                address: self.address.to_string(),
+                source,
+            }))
         })?;
         let _ = stream.set_nodelay(true);
         let (sender, driver) = http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|err| ProxyError::Unreachable(err.to_string()))?;
+            .map_err(|err| ProxyError::Unreachable(err.into()))?;
         Ok(Box::new(Conn {
             sender,
             driver,

@@ -100,6 +100,11 @@ pub enum RunnerError {
     Request(#[from] LocalHttpError),
 }
 
+/// How long a model server has to get ready by default: a first load reads the whole
+/// model from a cold disk (and a CUDA build may compile kernels), which takes minutes
+/// for a large model. Compiled without the `runner` feature too, as the settings' default.
+pub const DEFAULT_READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// The compute backend llama.cpp is built for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -201,8 +206,7 @@ pub struct ModelSpec {
 #[cfg(feature = "runner")]
 impl ModelSpec {
     /// A spec for a model file with defaults: CPU, a free port,
-    /// [`DEFAULT_MODEL_READY_TIMEOUT_SECS`](crate::config::DEFAULT_MODEL_READY_TIMEOUT_SECS)
-    /// to get ready, and the chat format guessed from the file name
+    /// [`DEFAULT_READY_TIMEOUT`] to get ready, and the chat format guessed from the file name
     /// ([`default_chat_format`]).
     pub fn new(model: impl Into<PathBuf>) -> Self {
         let model = model.into();
@@ -213,7 +217,7 @@ impl ModelSpec {
             n_ctx: None,
             backend: Backend::Cpu,
             port: None,
-            ready_timeout: Duration::from_secs(crate::config::DEFAULT_MODEL_READY_TIMEOUT_SECS),
+            ready_timeout: DEFAULT_READY_TIMEOUT,
         }
     }
 

@@ -139,7 +139,7 @@ pub async fn usage(store: &dyn UsageStore) {
     store.record(&made_up).await.unwrap();
     let k9 = store.totals_for_key("k9").await.unwrap();
     assert_eq!(k9.endpoints.len(), 1, "{:?}", k9.endpoints);
-    assert_eq!(k9.endpoints[crate::usage::OTHER_ENDPOINT], 50);
+    assert_eq!(k9.endpoints[super::OTHER_ENDPOINT], 50);
     let rows = store.requests("k9", None, 100).await.unwrap();
     assert!(rows.iter().any(|r| r.path == "/v1/made-up-7"));
 

@@ -17,6 +17,7 @@
 
 #[cfg(any(test, feature = "test-util"))]
 pub mod contract;
+mod endpoint;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -27,6 +28,7 @@ mod sql;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
+pub use endpoint::{endpoint_label, OTHER_ENDPOINT};
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
@@ -248,7 +250,7 @@ pub struct UsageTotals {
     /// When the last request arrived.
     pub last_request_at: Option<DateTime<Utc>>,
     /// Requests per endpoint: a known OpenAI path (ids folded, `/v1/models/{id}`) or
-    /// `other` ([`endpoint_label`](crate::usage::endpoint_label)), so made-up paths add
+    /// `other` ([`endpoint_label`](endpoint_label)), so made-up paths add
     /// no rows.
     pub endpoints: BTreeMap<String, u64>,
 }
@@ -269,7 +271,7 @@ impl UsageTotals {
             self.requests_without_usage = self.requests_without_usage.saturating_add(1);
         }
         self.last_request_at = self.last_request_at.max(Some(record.at));
-        let endpoint = crate::usage::endpoint_label(&record.path);
+        let endpoint = endpoint_label(&record.path);
         match self.endpoints.get_mut(endpoint) {
             Some(count) => *count = count.saturating_add(1),
             None => {

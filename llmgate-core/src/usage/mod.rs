@@ -11,7 +11,6 @@
 //! request path never waits on the database.
 
 mod counter;
-mod endpoint;
 #[cfg(test)]
 mod fuzz_tests;
 mod held;
@@ -23,8 +22,8 @@ mod scan;
 mod spill;
 mod sse;
 
+pub use crate::storage::{endpoint_label, OTHER_ENDPOINT};
 pub use counter::TokenCounter;
-pub use endpoint::{endpoint_label, OTHER_ENDPOINT};
 pub use held::{MAX_GATHERED_TEXT_BYTES, MAX_HELD_BYTES};
 pub use recorder::{
     RecorderOptions, RejectedRecord, UsageObserver, UsageRecorder, UsageWriter, DEFAULT_QUEUE_MAX,

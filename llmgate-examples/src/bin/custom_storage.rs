@@ -18,11 +18,12 @@ use chrono::{DateTime, NaiveDate, Utc};
 use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Bytes;
-use llmgate_core::auth::{AuthUsageLayer, KeyCache, KeyHash, KeyRecord, Role, Secret};
+use llmgate_core::auth::{KeyCache, KeyHash, KeyRecord, Role, Secret};
 use llmgate_core::storage::{
     normalized_batch, KeyStore, RequestRecord, Storage, StorageError, UsageStore, UsageTotals,
 };
 use llmgate_core::usage::UsageRecorder;
+use llmgate_core::AuthUsageLayer;
 use tower::{ServiceBuilder, ServiceExt};
 
 /// Keys and usage in memory; usage totals per key and per day (UTC).

@@ -21,9 +21,10 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
-use llmgate_core::auth::{AuthUsageLayer, Caller, KeyCache, KeyRecord, Role, Secret};
+use llmgate_core::auth::{Caller, KeyCache, KeyRecord, Role, Secret};
 use llmgate_core::storage::{KeyStore, MemoryStore};
 use llmgate_core::usage::{usage_report, UsageRecorder};
+use llmgate_core::AuthUsageLayer;
 use serde_json::{json, Value};
 use tower::{Service, ServiceBuilder, ServiceExt};
 
