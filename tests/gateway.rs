@@ -653,6 +653,29 @@ async fn bad_query_parameters_get_a_clear_400() {
         assert_eq!(response.status(), 400, "{query}");
         openai_error(response).await;
     }
+    for (query, message) in [
+        (
+            "since=yesterday",
+            "since must be a time like 2026-11-26T10:00:00Z or Unix seconds, not 'yesterday'.",
+        ),
+        (
+            "since=99999999999999999",
+            "since=99999999999999999 is out of range.",
+        ),
+    ] {
+        let response = gw
+            .get(
+                &format!("/admin/usage/{}/requests?{query}", gw.alice_id),
+                &gw.admin,
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{query}");
+        let body = openai_error(response).await;
+        assert_eq!(body["error"]["message"], message, "{body}");
+        assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+    }
     let response = gw
         .get("/admin/usage/key_unknown", &gw.admin)
         .send()

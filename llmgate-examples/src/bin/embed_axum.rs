@@ -2,12 +2,14 @@
 //!
 //! The layer authenticates every request under `/v1` (Bearer, `api-key` or `x-api-key`),
 //! hands your handler the caller's identity, and counts the tokens your handler reports
-//! in its OpenAI-style `usage` object — here with the in-memory store.
+//! in its OpenAI-style `usage` object — here with the in-memory store. `GET /usage` is
+//! not metered but needs an admin key (`RequireKeyLayer::admin`): a user key gets 403.
 //!
 //! ```text
-//! cargo run -p llmgate-examples --bin embed_axum
-//! curl -s localhost:3000/v1/chat/completions -H "Authorization: Bearer <printed key>" -d '{"model":"echo"}'
-//! curl -s localhost:3000/usage
+//! cargo run -p llmgate-examples --bin embed_axum                 # 127.0.0.1:3000
+//! cargo run -p llmgate-examples --bin embed_axum -- 127.0.0.1:0  # any free port
+//! curl -s localhost:3000/v1/chat/completions -H "Authorization: Bearer <printed demo key>" -d '{"model":"echo"}'
+//! curl -s localhost:3000/usage -H "Authorization: Bearer <printed admin key>"
 //! ```
 
 use std::sync::Arc;
@@ -15,7 +17,7 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use llmgate_core::auth::{Caller, KeyCache, KeyRecord, Role, Secret};
+use llmgate_core::auth::{Caller, KeyCache, KeyRecord, RequireKeyLayer, Role, Secret};
 use llmgate_core::storage::{KeyStore, MemoryStore};
 use llmgate_core::usage::{usage_report, KeyUsage, UsageRecorder};
 use llmgate_core::AuthUsageLayer;
@@ -43,8 +45,7 @@ struct AppState {
     recorder: UsageRecorder,
 }
 
-/// Everyone's usage (a real service would protect this with an admin key:
-/// `.layer(RequireKeyLayer::admin(keys))`).
+/// Everyone's usage: behind an admin key, see [`app`].
 async fn usage(State(state): State<AppState>) -> Json<Vec<KeyUsage>> {
     state.recorder.flush().await;
     Json(
@@ -54,32 +55,42 @@ async fn usage(State(state): State<AppState>) -> Json<Vec<KeyUsage>> {
     )
 }
 
-/// The router: metered `/v1` routes behind the layer, the rest outside it.
+/// The router: metered `/v1` routes behind the layer; `/usage` outside it, behind an
+/// admin key and not metered.
 fn app(store: Arc<MemoryStore>, recorder: UsageRecorder) -> Router {
+    let keys = KeyCache::new(store.clone());
     let metered = Router::new()
         .route("/v1/chat/completions", post(chat))
-        .layer(AuthUsageLayer::new(
-            KeyCache::new(store.clone()),
-            recorder.clone(),
-        ));
+        .layer(AuthUsageLayer::new(keys.clone(), recorder.clone()));
+    let admin = Router::new()
+        .route("/usage", get(usage))
+        .layer(RequireKeyLayer::admin(keys));
     Router::new()
         .merge(metered)
-        .route("/usage", get(usage))
+        .merge(admin)
         .with_state(AppState { store, recorder })
 }
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt().init();
+    // Logs go to stderr: stdout carries the keys and the address.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .init();
+    let listen = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:3000".into());
     let store = Arc::new(MemoryStore::new());
-    let secret = Secret::generate();
-    store
-        .insert_key(&KeyRecord::new("demo", Role::User, &secret), &secret.hash())
-        .await?;
-    println!("demo key: {}", secret.expose());
+    for (name, role) in [("demo", Role::User), ("admin", Role::Admin)] {
+        let secret = Secret::generate();
+        store
+            .insert_key(&KeyRecord::new(name, role, &secret), &secret.hash())
+            .await?;
+        println!("{name} key: {}", secret.expose());
+    }
 
     let (recorder, writer) = UsageRecorder::start(store.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+    let listener = tokio::net::TcpListener::bind(&listen).await?;
     println!("listening on http://{}", listener.local_addr()?);
     axum::serve(listener, app(store, recorder))
         .with_graceful_shutdown(async {
@@ -101,6 +112,11 @@ mod tests {
         let secret = Secret::generate();
         store
             .insert_key(&KeyRecord::new("demo", Role::User, &secret), &secret.hash())
+            .await
+            .unwrap();
+        let admin = Secret::generate();
+        store
+            .insert_key(&KeyRecord::new("admin", Role::Admin, &admin), &admin.hash())
             .await
             .unwrap();
         let (recorder, _writer) = UsageRecorder::start(store.clone());
@@ -130,21 +146,29 @@ mod tests {
         let body: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(body["choices"][0]["message"]["content"], "Hello, demo!");
 
-        let report = app
-            .oneshot(
-                axum::http::Request::get("/usage")
-                    .body(axum::body::Body::empty())
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
+        let usage = |key: &str| {
+            axum::http::Request::get("/usage")
+                .header("x-api-key", key)
+                .body(axum::body::Body::empty())
+                .unwrap()
+        };
+        let forbidden = app.clone().oneshot(usage(secret.expose())).await.unwrap();
+        assert_eq!(forbidden.status(), 403);
+        let report = app.oneshot(usage(admin.expose())).await.unwrap();
+        assert_eq!(report.status(), 200);
         let report: Value = serde_json::from_slice(
             &axum::body::to_bytes(report.into_body(), usize::MAX)
                 .await
                 .unwrap(),
         )
         .unwrap();
-        assert_eq!(report[0]["requests"], 1);
-        assert_eq!(report[0]["total_tokens"], body["usage"]["total_tokens"]);
+        let demo = report
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|key| key["name"] == "demo")
+            .unwrap();
+        assert_eq!(demo["requests"], 1);
+        assert_eq!(demo["total_tokens"], body["usage"]["total_tokens"]);
     }
 }

@@ -22,6 +22,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
 use llmgate_core::auth::{Caller, KeyCache, KeyRecord, Role, Secret};
+use llmgate_core::auth_usage::DEFAULT_MAX_BODY_BYTES;
 use llmgate_core::storage::{KeyStore, MemoryStore};
 use llmgate_core::usage::{usage_report, UsageRecorder};
 use llmgate_core::AuthUsageLayer;
@@ -30,10 +31,6 @@ use tower::{Service, ServiceBuilder, ServiceExt};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Answer = Response<BoxBody<Bytes, BoxError>>;
-
-/// The largest request body read; the layer has its own limit, this one bounds what is
-/// read before it.
-const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 
 /// Your model endpoint: whatever it answers, the `usage` object is what gets counted.
 async fn chat(request: Request<Full<Bytes>>) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -87,9 +84,10 @@ fn app(
                 return Ok(Response::new(body.map_err(|never| match never {}).boxed()));
             }
             // The layer rebuilds the body it inspects from bytes, so it takes a body
-            // that can be made from `Bytes`: hyper's streaming body is read first.
+            // that can be made from `Bytes`: hyper's streaming body is read first, up to
+            // the layer's own default limit.
             let (parts, body) = request.into_parts();
-            let body = match Limited::new(body, MAX_BODY_BYTES).collect().await {
+            let body = match Limited::new(body, DEFAULT_MAX_BODY_BYTES).collect().await {
                 Ok(body) => body.to_bytes(),
                 Err(_) => {
                     let mut refused =

@@ -62,12 +62,7 @@ pub async fn requests(
     Path(key_id): Path<String>,
     Query(query): Query<RequestsQuery>,
 ) -> Result<Json<Vec<RequestRecord>>, HandlerError> {
-    let since = query
-        .since
-        .as_deref()
-        .map(parse_since)
-        .transpose()
-        .map_err(ApiError::bad_request)?;
+    let since = query.since.as_deref().map(parse_since).transpose()?;
     let limit = match query.limit.as_deref() {
         None => 100,
         Some(raw) => raw
@@ -96,16 +91,38 @@ pub async fn rejected(
     Ok(Json(rejected))
 }
 
+/// Why a `since` parameter was refused; its text is the 400's message.
+#[derive(Debug, thiserror::Error)]
+enum SinceError {
+    /// Unix seconds outside the times chrono can hold.
+    #[error("since={0} is out of range.")]
+    OutOfRange(String),
+    /// Neither Unix seconds nor RFC 3339.
+    #[error("since must be a time like 2026-11-26T10:00:00Z or Unix seconds, not '{raw}'.")]
+    NotATime {
+        raw: String,
+        #[source]
+        source: chrono::ParseError,
+    },
+}
+
+impl From<SinceError> for HandlerError {
+    fn from(err: SinceError) -> Self {
+        Self(ApiError::bad_request(err.to_string()))
+    }
+}
+
 /// `since` as RFC 3339 (`2026-11-26T10:00:00Z`) or Unix seconds.
-fn parse_since(raw: &str) -> Result<DateTime<Utc>, String> {
+fn parse_since(raw: &str) -> Result<DateTime<Utc>, SinceError> {
     if let Ok(secs) = raw.parse::<i64>() {
         return DateTime::from_timestamp(secs, 0)
-            .ok_or_else(|| format!("since={raw} is out of range."));
+            .ok_or_else(|| SinceError::OutOfRange(raw.to_owned()));
     }
     DateTime::parse_from_rfc3339(raw)
         .map(|t| t.with_timezone(&Utc))
-        .map_err(|_| {
-            format!("since must be a time like 2026-11-26T10:00:00Z or Unix seconds, not '{raw}'.")
+        .map_err(|source| SinceError::NotATime {
+            raw: raw.to_owned(),
+            source,
         })
 }
 
@@ -123,8 +140,17 @@ mod tests {
             parse_since("2023-11-14T22:13:20Z").unwrap().timestamp(),
             1_700_000_000
         );
-        assert!(parse_since("yesterday")
-            .unwrap_err()
-            .contains("2026-11-26T10:00:00Z"));
+        let not_a_time = parse_since("yesterday").unwrap_err();
+        assert!(matches!(not_a_time, SinceError::NotATime { .. }));
+        assert_eq!(
+            not_a_time.to_string(),
+            "since must be a time like 2026-11-26T10:00:00Z or Unix seconds, not 'yesterday'."
+        );
+        let out_of_range = parse_since("99999999999999999").unwrap_err();
+        assert!(matches!(out_of_range, SinceError::OutOfRange(_)));
+        assert_eq!(
+            out_of_range.to_string(),
+            "since=99999999999999999 is out of range."
+        );
     }
 }
