@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use super::json::{BodyModel, JsonCollector};
 use super::sse::{SseExtractor, StreamText, StreamUsage};
-use super::{inspect_request, TokenUsage, MAX_HELD_BYTES};
+use super::{inspect_request, ForCounting, TokenUsage, MAX_HELD_BYTES};
 
 /// Cases per fuzz target: a few seconds each in a debug build.
 const CASES: u32 = 400;
@@ -246,11 +246,16 @@ fn path_and_body(seed: &[u8]) -> (String, Vec<u8>) {
 fn check_request(path: &str, body: &[u8]) {
     // Read as a multipart upload too (its model from the form): no panic, sent as is.
     let upload = Some("multipart/form-data; boundary=XyZ");
-    let (out, _) = inspect_request(path, upload, Bytes::copy_from_slice(body), false);
+    let (out, _) = inspect_request(
+        path,
+        upload,
+        Bytes::copy_from_slice(body),
+        ForCounting::Skip,
+    );
     if serde_json::from_slice::<Value>(body).is_err() {
         assert_eq!(out, body, "an upload is forwarded as sent");
     }
-    let (out, plan) = inspect_request(path, None, Bytes::copy_from_slice(body), false);
+    let (out, plan) = inspect_request(path, None, Bytes::copy_from_slice(body), ForCounting::Skip);
     if !plan.strip_stream_usage {
         assert_eq!(out, body, "forwarded as sent");
         return;

@@ -33,7 +33,7 @@ pub use report::{usage_report, KeyUsage};
 
 pub(crate) use json::{BodyModel, JsonCollector};
 pub(crate) use recorder::UsageGuard;
-pub(crate) use request::{inspect_request, RequestPlan};
+pub(crate) use request::{inspect_request, ForCounting, RequestPlan};
 pub(crate) use sse::{SseExtractor, StreamText, StreamUsage};
 
 use serde_json::Value;
