@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use llmgate_core::storage::UsageStore as _;
-use llmgate_core::test_util::{mock_prompt_tokens, stream_events, REPLY};
+use llmgate_core::test_util::{mock_prompt_tokens, stream_events, CompletionApi, REPLY};
 use llmgate_tests::{openai_error, Gateway, Options};
 use serde_json::{json, Value};
 
@@ -240,7 +240,7 @@ async fn a_stream_with_include_usage_keeps_its_usage_chunk() {
     let usage = json!({"prompt_tokens": mock_prompt_tokens(&body), "completion_tokens": REPLY.len(), "total_tokens": mock_prompt_tokens(&body) + REPLY.len() as u64});
     assert_eq!(
         seen,
-        stream_events(true, "mock-model", &REPLY, Some(usage)).concat()
+        stream_events(CompletionApi::Chat, "mock-model", &REPLY, Some(usage)).concat()
     );
     let recorded = gw.wait_for_requests(&gw.alice_id, 1).await;
     assert_eq!(recorded["prompt_tokens"], mock_prompt_tokens(&body));
@@ -262,7 +262,7 @@ async fn a_stream_whose_upstream_sends_no_usage_is_counted_with_unknown_tokens()
     .await;
     assert_eq!(
         seen,
-        stream_events(true, "mock-model", &REPLY, None).concat()
+        stream_events(CompletionApi::Chat, "mock-model", &REPLY, None).concat()
     );
     let usage = gw.wait_for_requests(&gw.alice_id, 1).await;
     assert_eq!(usage["requests_without_usage"], 1);

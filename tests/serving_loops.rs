@@ -5,12 +5,12 @@
 use std::time::Duration;
 
 use llmgate_core::storage::{SqliteStore, UsageStore as _};
-use llmgate_core::test_util::{mock_prompt_tokens, REPLY};
+use llmgate_core::test_util::{mock_prompt_tokens, Answer, REPLY};
 use llmgate_tests::{Gateway, Options};
 use serde_json::{json, Value};
 
-fn chat(content: &str, stream: bool) -> Value {
-    json!({"model": "mock-model", "stream": stream,
+fn chat(content: &str, answer: Answer) -> Value {
+    json!({"model": "mock-model", "stream": answer == Answer::Streamed,
            "messages": [{"role": "user", "content": content}]})
 }
 
@@ -33,12 +33,20 @@ async fn the_serving_loops_answer_stream_meter_and_stop_gracefully() {
 
     // A JSON answer and a stream, each whole.
     let answer: Value = gw
-        .post_json("/v1/chat/completions", &gw.alice, &chat("hello", false))
+        .post_json(
+            "/v1/chat/completions",
+            &gw.alice,
+            &chat("hello", Answer::Whole),
+        )
         .await;
     assert_eq!(answer["usage"]["completion_tokens"], REPLY.len());
     assert_eq!(threads_named("llmgate-serve-"), 2, "one thread per loop");
     let streamed = gw
-        .post("/v1/chat/completions", &gw.alice, &chat("hello", true))
+        .post(
+            "/v1/chat/completions",
+            &gw.alice,
+            &chat("hello", Answer::Streamed),
+        )
         .send()
         .await
         .unwrap();
@@ -56,7 +64,14 @@ async fn the_serving_loops_answer_stream_meter_and_stop_gracefully() {
                 let response = http
                     .post(format!("{url}/v1/chat/completions"))
                     .bearer_auth(alice.expose())
-                    .json(&chat("hello", i % 2 == 1))
+                    .json(&chat(
+                        "hello",
+                        if i % 2 == 1 {
+                            Answer::Streamed
+                        } else {
+                            Answer::Whole
+                        },
+                    ))
                     .send()
                     .await
                     .unwrap();
@@ -71,7 +86,7 @@ async fn the_serving_loops_answer_stream_meter_and_stop_gracefully() {
     let refused = gw
         .http
         .post(format!("{}/v1/chat/completions", gw.url))
-        .json(&chat("hello", false))
+        .json(&chat("hello", Answer::Whole))
         .send()
         .await
         .unwrap();
@@ -80,14 +95,18 @@ async fn the_serving_loops_answer_stream_meter_and_stop_gracefully() {
     assert_eq!(usage["completion_tokens"], 26 * REPLY.len() as u64);
     assert_eq!(
         usage["prompt_tokens"],
-        26 * mock_prompt_tokens(&chat("hello", false))
+        26 * mock_prompt_tokens(&chat("hello", Answer::Whole))
     );
     assert_eq!(usage["requests_without_usage"], 0);
 
     // A slow stream is in flight when the stop comes: it still arrives whole.
     gw.upstream.set_chunk_delay(Duration::from_millis(150));
     let slow = gw
-        .post("/v1/chat/completions", &gw.alice, &chat("slowly", true))
+        .post(
+            "/v1/chat/completions",
+            &gw.alice,
+            &chat("slowly", Answer::Streamed),
+        )
         .send()
         .await
         .unwrap();

@@ -274,7 +274,11 @@ async fn handle(
     let reply = &REPLY[..max];
     match path {
         "/v1/chat/completions" | "/v1/completions" => {
-            let chat = path == "/v1/chat/completions";
+            let api = if path == "/v1/chat/completions" {
+                CompletionApi::Chat
+            } else {
+                CompletionApi::Text
+            };
             let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": reply.len(), "total_tokens": prompt_tokens + reply.len() as u64});
             if request["stream"] == json!(true) {
                 if let Some(frames) = state.chat_stream.lock().unwrap().clone() {
@@ -284,7 +288,7 @@ async fn handle(
                     && !state.no_stream_usage.load(Ordering::SeqCst);
                 let delay = Duration::from_millis(state.chunk_delay_ms.load(Ordering::SeqCst));
                 return Ok(stream(
-                    chat,
+                    api,
                     &model,
                     reply,
                     include_usage.then_some(usage),
@@ -292,15 +296,15 @@ async fn handle(
                 ));
             }
             let text: String = reply.concat();
-            let choice = if chat {
-                json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"})
-            } else {
-                json!({"index": 0, "text": text, "finish_reason": "stop"})
-            };
-            let object = if chat {
-                "chat.completion"
-            } else {
-                "text_completion"
+            let (choice, object) = match api {
+                CompletionApi::Chat => (
+                    json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}),
+                    "chat.completion",
+                ),
+                CompletionApi::Text => (
+                    json!({"index": 0, "text": text, "finish_reason": "stop"}),
+                    "text_completion",
+                ),
             };
             let answer = json!({"id": "mock-1", "object": object, "created": 1, "model": model, "choices": [choice], "usage": usage});
             let delay = Duration::from_millis(state.chunk_delay_ms.load(Ordering::SeqCst));
@@ -352,13 +356,35 @@ async fn handle(
     }
 }
 
-/// The SSE events the mock sends, as OpenAI does: with `usage: null` in every chunk and
-/// a final usage chunk when usage was asked for.
-pub fn stream_events(chat: bool, model: &str, reply: &[&str], usage: Option<Value>) -> Vec<String> {
-    let object = if chat {
-        "chat.completion.chunk"
-    } else {
-        "text_completion"
+/// Whether a request asks for its answer whole or streamed (`"stream": true`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// One JSON body.
+    Whole,
+    /// Server-sent events.
+    Streamed,
+}
+
+/// Which of OpenAI's two completion APIs an answer is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompletionApi {
+    /// `/v1/chat/completions`: the text comes in `message` or `delta.content`.
+    Chat,
+    /// `/v1/completions` (the legacy API): the text comes in `text`.
+    Text,
+}
+
+/// The SSE events the mock sends for `api`, as OpenAI does: with `usage: null` in every
+/// chunk and a final usage chunk when usage was asked for.
+pub fn stream_events(
+    api: CompletionApi,
+    model: &str,
+    reply: &[&str],
+    usage: Option<Value>,
+) -> Vec<String> {
+    let object = match api {
+        CompletionApi::Chat => "chat.completion.chunk",
+        CompletionApi::Text => "text_completion",
     };
     let chunk = |choice: Value, usage_field: Option<Value>| {
         let mut value = json!({"id": "mock-1", "object": object, "created": 1, "model": model, "choices": [choice]});
@@ -370,22 +396,22 @@ pub fn stream_events(chat: bool, model: &str, reply: &[&str], usage: Option<Valu
     let nul = usage.as_ref().map(|_| Value::Null);
     let mut events = Vec::new();
     for (i, word) in reply.iter().enumerate() {
-        let choice = if chat {
-            let delta = if i == 0 {
-                json!({"role": "assistant", "content": word})
-            } else {
-                json!({"content": word})
-            };
-            json!({"index": 0, "delta": delta, "finish_reason": null})
-        } else {
-            json!({"index": 0, "text": word, "finish_reason": null})
+        let choice = match api {
+            CompletionApi::Chat => {
+                let delta = if i == 0 {
+                    json!({"role": "assistant", "content": word})
+                } else {
+                    json!({"content": word})
+                };
+                json!({"index": 0, "delta": delta, "finish_reason": null})
+            }
+            CompletionApi::Text => json!({"index": 0, "text": word, "finish_reason": null}),
         };
         events.push(chunk(choice, nul.clone()));
     }
-    let last = if chat {
-        json!({"index": 0, "delta": {}, "finish_reason": "stop"})
-    } else {
-        json!({"index": 0, "text": "", "finish_reason": "stop"})
+    let last = match api {
+        CompletionApi::Chat => json!({"index": 0, "delta": {}, "finish_reason": "stop"}),
+        CompletionApi::Text => json!({"index": 0, "text": "", "finish_reason": "stop"}),
     };
     events.push(chunk(last, nul));
     if let Some(usage) = usage {
@@ -403,12 +429,12 @@ pub fn stream_events(chat: bool, model: &str, reply: &[&str], usage: Option<Valu
 }
 
 fn stream(
-    chat: bool,
+    api: CompletionApi,
     model: &str,
     reply: &[&str],
     usage: Option<Value>,
     delay: Duration,
 ) -> Response<MockBody> {
-    let events = stream_events(chat, model, reply, usage);
+    let events = stream_events(api, model, reply, usage);
     sse_response(events.into_iter().map(Bytes::from).collect(), delay)
 }

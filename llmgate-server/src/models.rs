@@ -15,7 +15,7 @@ use llmgate_core::BoxError;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::commands::model::{start_model, Reporter, StartError, TerminalReporter};
+use crate::commands::model::{start_model, Reporter, Stage, StartError, TerminalReporter};
 
 /// Set-up lines kept for the console.
 const SETUP_LINES: usize = 200;
@@ -73,6 +73,19 @@ impl ModelState {
             Some(RunnerStatus::Ready) => Self::Ready,
             Some(RunnerStatus::Restarting { .. }) => Self::Restarting,
             Some(RunnerStatus::Failed { .. }) => Self::Failed,
+        }
+    }
+}
+
+impl From<Stage> for ModelState {
+    fn from(stage: Stage) -> Self {
+        match stage {
+            Stage::SettingUp => Self::SettingUp,
+            Stage::GettingModel => Self::Downloading,
+            Stage::Starting => Self::Starting,
+            // A step stops a model only on the way to another one (or out of the
+            // gateway); the console counts `setting_up` as busy, and `stopping` not.
+            Stage::Stopping => Self::SettingUp,
         }
     }
 }
@@ -271,7 +284,7 @@ impl ModelManager {
         let previous = self.inner.lock().unwrap().runner.take();
         if let Some(previous) = previous {
             self.proxy.set_upstream(None).ok();
-            self.step("Stopping the previous model");
+            self.step(Stage::Stopping, "Stopping the previous model");
             previous.stop().await;
         }
         let result = start_model(&config, self.as_ref()).await;
@@ -335,23 +348,13 @@ impl ModelManager {
 }
 
 impl Reporter for ModelManager {
-    fn step(&self, message: &str) {
+    fn step(&self, stage: Stage, message: &str) {
         if let Some(terminal) = &self.echo {
-            terminal.step(message);
+            terminal.step(stage, message);
         }
         tracing::info!("{message}");
         let mut inner = self.inner.lock().unwrap();
-        let lower = message.to_ascii_lowercase();
-        inner.state = if lower.starts_with("starting") {
-            ModelState::Starting
-        } else if lower.contains("hugging face")
-            || lower.starts_with("default model")
-            || lower.starts_with("model:")
-        {
-            ModelState::Downloading
-        } else {
-            ModelState::SettingUp
-        };
+        inner.state = stage.into();
         inner.message = message.to_owned();
         Self::push_line(&mut inner, format!("==> {message}"));
     }
@@ -412,6 +415,44 @@ mod tests {
                 format!("\"{name}\"")
             );
             assert_eq!(state.as_str(), name);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_step_shows_the_state_of_its_stage_and_its_message() {
+        let manager = ModelManager::new(
+            GatewayConfig::default(),
+            Proxy::without_upstream(),
+            Progress::ConsoleOnly,
+        );
+        let steps = [
+            (
+                Stage::SettingUp,
+                "Python environment for the cpu backend",
+                ModelState::SettingUp,
+            ),
+            (
+                Stage::GettingModel,
+                "Model: owner/name from Hugging Face",
+                ModelState::Downloading,
+            ),
+            (
+                Stage::Starting,
+                "Starting the model server (llama-server, cpu); loading the model",
+                ModelState::Starting,
+            ),
+            (
+                Stage::Stopping,
+                "Stopping the previous model",
+                ModelState::SettingUp,
+            ),
+        ];
+        for (stage, message, state) in steps {
+            manager.step(stage, message);
+            let view = manager.view();
+            assert_eq!(view.state, state, "{message}");
+            assert_eq!(view.message, message);
+            assert_eq!(view.log.last(), Some(&format!("==> {message}")));
         }
     }
 }

@@ -530,12 +530,18 @@ async fn settings_come_from_the_file_then_the_environment_then_flags() {
 #[tokio::test]
 async fn pull_downloads_from_the_hub_and_explains_what_it_picked_or_what_is_wrong() {
     use llmgate_core::hub::mock::{random_gguf, MockHub};
+    /// Whether `pull` may reach the Hub (`HF_HUB_OFFLINE` unset) or must use the cache.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Network {
+        Online,
+        Offline,
+    }
     let hub = MockHub::start().await;
     let content = random_gguf(200_000);
     hub.add_file("acme/tiny-GGUF", "tiny-Q8_0.gguf", random_gguf(1000));
     hub.add_file("acme/tiny-GGUF", "tiny-Q4_K_M.gguf", content.clone());
     let home = tempfile::tempdir().unwrap();
-    let pull = |args: Vec<String>, offline: bool| {
+    let pull = |args: Vec<String>, network: Network| {
         let mut command = Command::new(BIN);
         command
             .arg("pull")
@@ -544,7 +550,7 @@ async fn pull_downloads_from_the_hub_and_explains_what_it_picked_or_what_is_wron
             .env("HF_HOME", home.path())
             .env_remove("HF_TOKEN")
             .env("LLMGATE_LOG", "warn");
-        if offline {
+        if network == Network::Offline {
             command.env("HF_HUB_OFFLINE", "1");
         } else {
             command.env_remove("HF_HUB_OFFLINE");
@@ -552,7 +558,9 @@ async fn pull_downloads_from_the_hub_and_explains_what_it_picked_or_what_is_wron
         command.output()
     };
 
-    let output = pull(vec!["acme/tiny-GGUF".into()], false).await.unwrap();
+    let output = pull(vec!["acme/tiny-GGUF".into()], Network::Online)
+        .await
+        .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     assert!(stderr.contains("picked tiny-Q4_K_M.gguf"), "{stderr}");
@@ -564,9 +572,12 @@ async fn pull_downloads_from_the_hub_and_explains_what_it_picked_or_what_is_wron
     );
 
     // Offline, the cached file is still found.
-    let output = pull(vec!["acme/tiny-GGUF:tiny-Q4_K_M.gguf".into()], true)
-        .await
-        .unwrap();
+    let output = pull(
+        vec!["acme/tiny-GGUF:tiny-Q4_K_M.gguf".into()],
+        Network::Offline,
+    )
+    .await
+    .unwrap();
     assert!(
         output.status.success(),
         "{}",
@@ -579,7 +590,7 @@ async fn pull_downloads_from_the_hub_and_explains_what_it_picked_or_what_is_wron
         ("acme/tiny-GGUF:nope.gguf", "tiny-Q4_K_M.gguf"),
         ("./local.gguf", "local path"),
     ] {
-        let output = pull(vec![model.into()], false).await.unwrap();
+        let output = pull(vec![model.into()], Network::Online).await.unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(1), "{model}: {stderr}");
         assert!(stderr.contains(mentions), "{model}: {stderr}");

@@ -288,12 +288,24 @@ impl Forwarder {
         Self { port, on, hung }
     }
 
-    fn hang(&self, hung: bool) {
-        self.hung.send_replace(hung);
+    /// PostgreSQL behind a network partition: everything stays open, nothing comes back.
+    fn partition(&self) {
+        self.hung.send_replace(true);
     }
 
-    fn set(&self, on: bool) {
-        self.on.send_replace(on);
+    /// The partition heals: the held connections are cut, new ones piped.
+    fn heal(&self) {
+        self.hung.send_replace(false);
+    }
+
+    /// Every piped connection closed, new ones refused.
+    fn cut(&self) {
+        self.on.send_replace(false);
+    }
+
+    /// New connections are piped again.
+    fn restore(&self) {
+        self.on.send_replace(true);
     }
 }
 
@@ -354,7 +366,7 @@ async fn postgres_down_and_back_while_serving_loses_and_doubles_nothing() {
     // cut mid-commit may or may not be in, and is written again).
     assert_recorded_once(&gw, &alice, &alice_answered, within).await;
     assert_recorded_once(&gw, &bob, &bob_answered, within).await;
-    forwarder.set(false);
+    forwarder.cut();
     let cut = Instant::now();
     // Spread over a few seconds: longer than the key cache trusts a lookup, and
     // through the writer's growing retries.
@@ -380,7 +392,7 @@ async fn postgres_down_and_back_while_serving_loses_and_doubles_nothing() {
     assert!(usage["error"]["message"].is_string(), "{usage}");
     eprintln!("PostgreSQL cut for {:?}", cut.elapsed());
 
-    forwarder.set(true);
+    forwarder.restore();
     let (a, _) = send_all(&gw, &alice, models("a-back", 0..20), 4, within).await;
     let (b, _) = send_all(&gw, &bob, models("b-back", 0..20), 4, within).await;
     alice_answered.add(&a);
@@ -415,7 +427,7 @@ async fn a_stop_with_postgres_down_spills_and_the_next_start_writes_the_spill_on
     let (mut answered, _) = send_all(&gw, &carol, models("up", 0..10), 4, within).await;
     assert_recorded_once(&gw, &carol, &answered, within).await;
 
-    forwarder.set(false);
+    forwarder.cut();
     // In two halves, longer apart than the key cache trusts a lookup.
     for half in [0..50, 50..100] {
         let (down, slowest) = send_all(&gw, &carol, models("down", half), 4, within).await;
@@ -444,7 +456,7 @@ async fn a_stop_with_postgres_down_spills_and_the_next_start_writes_the_spill_on
     let spilled = std::fs::read_to_string(&spill).unwrap().lines().count();
     assert_eq!(spilled, 100, "what the database never got is on disk");
 
-    forwarder.set(true);
+    forwarder.restore();
     let mut gw = serve_fronting(dir.path(), &upstream.url, &env).await;
     assert_recorded_once(&gw, &carol, &answered, within).await;
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -684,7 +696,7 @@ async fn a_postgres_that_hangs_delays_no_answer_and_admin_reads_get_503_in_time(
     assert_recorded_once(&gw, &alice, &answered, within).await;
 
     // A partition: connections stay open, nothing comes back.
-    forwarder.hang(true);
+    forwarder.partition();
     let hung = Instant::now();
     for round in 0..3 {
         let (a, slowest) = send_all(
@@ -715,7 +727,7 @@ async fn a_postgres_that_hangs_delays_no_answer_and_admin_reads_get_503_in_time(
     eprintln!("PostgreSQL hung for {:?}", hung.elapsed());
 
     // Healed: every answer is recorded, once.
-    forwarder.hang(false);
+    forwarder.heal();
     assert_recorded_once(&gw, &alice, &answered, Duration::from_secs(60)).await;
     assert!(terminate(&mut gw.child, Duration::from_secs(20))
         .await

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use llmgate_core::test_util::MockUpstream;
+use llmgate_core::test_util::{Answer, MockUpstream};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -167,8 +167,8 @@ async fn misbehave(mut stream: TcpStream) {
     let _ = stream.shutdown().await;
 }
 
-fn chat(model: &str, stream: bool) -> Value {
-    json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
+fn chat(model: &str, answer: Answer) -> Value {
+    json!({"model": model, "stream": answer == Answer::Streamed, "messages": [{"role": "user", "content": "hi"}]})
 }
 
 /// Resident memory of a process, in bytes.
@@ -193,15 +193,15 @@ async fn an_upstream_that_breaks_off_hangs_or_answers_garbage_is_answered_clearl
     )
     .await;
     let http = reqwest::Client::new();
-    let send = |model: &str, stream: bool| {
+    let send = |model: &str, answer: Answer| {
         http.post(format!("{}/v1/chat/completions", gw.url))
             .bearer_auth(&gw.key)
-            .json(&chat(model, stream))
+            .json(&chat(model, answer))
             .send()
     };
 
     // Closes mid-stream: the client sees the stream break, not end.
-    let answer = send("close-mid-stream", true).await.unwrap();
+    let answer = send("close-mid-stream", Answer::Streamed).await.unwrap();
     assert_eq!(answer.status(), 200);
     assert!(
         answer.bytes().await.is_err(),
@@ -209,19 +209,19 @@ async fn an_upstream_that_breaks_off_hangs_or_answers_garbage_is_answered_clearl
     );
 
     // Not HTTP at all: 502 in OpenAI's shape.
-    let answer = send("garbage", false).await.unwrap();
+    let answer = send("garbage", Answer::Whole).await.unwrap();
     assert_eq!(answer.status(), 502);
     let error: Value = answer.json().await.unwrap();
     assert_eq!(error["error"]["code"], "upstream_unavailable");
 
     // Never answers: 504 after upstream_timeout_secs.
     let asked = Instant::now();
-    let answer = send("hang", false).await.unwrap();
+    let answer = send("hang", Answer::Whole).await.unwrap();
     assert_eq!(answer.status(), 504);
     assert!(asked.elapsed() >= Duration::from_millis(1900));
 
     // A 200 whose JSON is broken reaches the client as sent.
-    let answer = send("bad-json", false).await.unwrap();
+    let answer = send("bad-json", Answer::Whole).await.unwrap();
     assert_eq!(answer.status(), 200);
     assert_eq!(
         answer.text().await.unwrap(),
@@ -229,13 +229,13 @@ async fn an_upstream_that_breaks_off_hangs_or_answers_garbage_is_answered_clearl
     );
 
     // A body shorter than announced: the client sees it break.
-    let answer = send("short-body", false).await.unwrap();
+    let answer = send("short-body", Answer::Whole).await.unwrap();
     assert_eq!(answer.status(), 200);
     assert!(answer.bytes().await.is_err());
 
     // Broken before the gateway could send anything: the connection is closed, so the
     // client sees an error, never a short answer taken for whole.
-    match send("broken-at-once", false).await {
+    match send("broken-at-once", Answer::Whole).await {
         Err(_) => {}
         Ok(answer) => assert!(answer.bytes().await.is_err()),
     }
@@ -279,7 +279,7 @@ async fn a_64_mib_sse_line_passes_through_without_being_held() {
     let mut answer = reqwest::Client::new()
         .post(format!("{}/v1/chat/completions", gw.url))
         .bearer_auth(&gw.key)
-        .json(&chat("huge-line", true))
+        .json(&chat("huge-line", Answer::Streamed))
         .send()
         .await
         .unwrap();
@@ -335,7 +335,14 @@ fn load(url: &str, key: &str, clients: usize) -> Load {
                     let reply = http
                         .post(format!("{url}/v1/chat/completions"))
                         .bearer_auth(&key)
-                        .json(&chat("mock-model", i % 2 == 0))
+                        .json(&chat(
+                            "mock-model",
+                            if i % 2 == 0 {
+                                Answer::Streamed
+                            } else {
+                                Answer::Whole
+                            },
+                        ))
                         .send()
                         .await;
                     let Ok(reply) = reply else { break };
@@ -424,7 +431,7 @@ async fn a_client_that_does_not_read_its_answer_is_cut_off_after_the_idle_timeou
     let dir = tempfile::tempdir().unwrap();
     let mut gw = gateway(dir.path(), &upstream, &[("LLMGATE_IDLE_TIMEOUT_SECS", "2")]).await;
     let addr = gw.url.trim_start_matches("http://").to_owned();
-    let body = chat("huge-line", true).to_string();
+    let body = chat("huge-line", Answer::Streamed).to_string();
     let mut client = TcpStream::connect(&addr).await.unwrap();
     client
         .write_all(

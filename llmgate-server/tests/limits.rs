@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use llmgate_core::test_util::MockUpstream;
+use llmgate_core::test_util::{Answer, MockUpstream};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -16,8 +16,8 @@ mod common;
 
 use common::{create_key, serve_fronting, start, usage_of, ADMIN, BIN};
 
-fn chat(stream: bool) -> Value {
-    json!({"model": "mock-model", "stream": stream,
+fn chat(answer: Answer) -> Value {
+    json!({"model": "mock-model", "stream": answer == Answer::Streamed,
            "messages": [{"role": "user", "content": "hello there"}]})
 }
 
@@ -114,7 +114,7 @@ async fn slow_and_idle_clients_are_cut_off_and_cannot_lock_real_clients_out() {
     let answer = reqwest::Client::new()
         .post(format!("{}/v1/chat/completions", gw.url))
         .bearer_auth(&key)
-        .json(&chat(false))
+        .json(&chat(Answer::Whole))
         .timeout(Duration::from_secs(15))
         .send()
         .await
@@ -155,7 +155,7 @@ async fn slow_and_idle_clients_are_cut_off_and_cannot_lock_real_clients_out() {
     let slow_answer = reqwest::Client::new()
         .post(format!("{}/v1/chat/completions", gw.url))
         .bearer_auth(&key)
-        .json(&chat(false))
+        .json(&chat(Answer::Whole))
         .send()
         .await
         .unwrap();
@@ -184,7 +184,7 @@ async fn sigterm_stops_at_the_deadline_and_records_what_it_cut_off() {
     let streaming = reqwest::Client::new()
         .post(format!("{}/v1/chat/completions", gw.url))
         .bearer_auth(&key)
-        .json(&chat(true))
+        .json(&chat(Answer::Streamed))
         .send()
         .await
         .unwrap();
@@ -269,7 +269,7 @@ async fn metrics_read_as_prometheus_text_and_made_up_paths_are_one_series() {
     let answer = http
         .post(format!("{}/v1/chat/completions", gw.url))
         .bearer_auth(&key)
-        .json(&chat(false))
+        .json(&chat(Answer::Whole))
         .send()
         .await
         .unwrap();
@@ -401,7 +401,7 @@ async fn an_upstream_that_stalls_mid_answer_is_cut_off_and_the_request_recorded(
     let answer = reqwest::Client::new()
         .post(format!("{}/v1/chat/completions", gw.url))
         .bearer_auth(&key)
-        .json(&chat(true))
+        .json(&chat(Answer::Streamed))
         .send()
         .await
         .unwrap();
@@ -460,7 +460,7 @@ async fn with_few_file_descriptors_slow_clients_cannot_lock_real_clients_out() {
     let answer = reqwest::Client::new()
         .post(format!("{}/v1/chat/completions", started.url))
         .bearer_auth(&key)
-        .json(&chat(false))
+        .json(&chat(Answer::Whole))
         .timeout(Duration::from_secs(30))
         .send()
         .await

@@ -10,7 +10,9 @@ use std::time::Duration;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Either, Full};
 
-use crate::usage::{JsonCollector, RequestPlan, SseExtractor, UsageGuard};
+use crate::usage::{
+    BodyModel, JsonCollector, RequestPlan, SseExtractor, StreamText, StreamUsage, UsageGuard,
+};
 
 /// The body [`AuthUsageLayer`](super::AuthUsageLayer) answers with: the inner
 /// service's body wrapped in a [`UsageBody`], or the layer's own error.
@@ -71,8 +73,17 @@ impl<B> UsageBody<B> {
     {
         let mime = content_type.split(';').next().unwrap_or("").trim();
         let extractor = if mime.eq_ignore_ascii_case("text/event-stream") {
-            let collect_text = plan.for_counting.is_some() && guard.counts_tokens();
-            Extractor::Sse(SseExtractor::new(plan.strip_stream_usage, collect_text))
+            let usage_out = if plan.strip_stream_usage {
+                StreamUsage::Strip
+            } else {
+                StreamUsage::AsSent
+            };
+            let text = if plan.for_counting.is_some() && guard.counts_tokens() {
+                StreamText::Gather
+            } else {
+                StreamText::Skip
+            };
+            Extractor::Sse(SseExtractor::new(usage_out, text))
         } else if mime.eq_ignore_ascii_case("application/json") || mime.ends_with("+json") {
             Extractor::Json(JsonCollector::default())
         } else {
@@ -114,7 +125,12 @@ impl Tracking {
         match &mut self.extractor {
             Extractor::Nothing => {}
             Extractor::Json(json) => {
-                let (usage, model) = json.finish(!self.guard.has_model());
+                let model = if self.guard.has_model() {
+                    BodyModel::Skip
+                } else {
+                    BodyModel::Read
+                };
+                let (usage, model) = json.finish(model);
                 self.guard.set_model(model);
                 if let Some(usage) = usage {
                     self.guard.set_usage(usage);

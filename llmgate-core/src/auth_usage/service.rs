@@ -14,7 +14,7 @@ use super::layer::Shared;
 use super::{AuthUsageBody, ResponseFuture, UsageBody};
 use crate::auth::{now_millis, AuthError, Caller};
 use crate::error::ApiError;
-use crate::usage::{inspect_request, RequestPlan, UsageGuard};
+use crate::usage::{inspect_request, ForCounting, RequestPlan, UsageGuard};
 use crate::BoxError;
 
 /// The longest a client may pause while sending a request body (nginx's
@@ -122,16 +122,20 @@ where
         started,
     );
 
-    let (request, mut plan) =
-        match read_request(request, shared.max_body_bytes, guard.counts_tokens()).await {
-            Ok(read) => read,
-            Err(err) => {
-                let refusal = ApiError::from(err);
-                guard.set_status(refusal.status.as_u16());
-                guard.set_no_tokens();
-                return Ok(refusal.into_response::<Full<Bytes>>().map(Either::Right));
-            }
-        };
+    let counting = if guard.counts_tokens() {
+        ForCounting::Keep
+    } else {
+        ForCounting::Skip
+    };
+    let (request, mut plan) = match read_request(request, shared.max_body_bytes, counting).await {
+        Ok(read) => read,
+        Err(err) => {
+            let refusal = ApiError::from(err);
+            guard.set_status(refusal.status.as_u16());
+            guard.set_no_tokens();
+            return Ok(refusal.into_response::<Full<Bytes>>().map(Either::Right));
+        }
+    };
 
     // The model asked for is known now, even if the client leaves before the answer.
     guard.set_model(plan.model.take());
@@ -160,7 +164,7 @@ where
 async fn read_request<B>(
     request: Request<B>,
     limit: usize,
-    keep_for_counting: bool,
+    counting: ForCounting,
 ) -> Result<(Request<B>, RequestPlan), AuthError>
 where
     B: Body<Data = Bytes> + From<Bytes>,
@@ -197,7 +201,7 @@ where
         .headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
-    let (bytes, plan) = inspect_request(parts.uri.path(), content_type, bytes, keep_for_counting);
+    let (bytes, plan) = inspect_request(parts.uri.path(), content_type, bytes, counting);
     // A length that was declared and still holds stays as it is.
     if bytes.len() != original_len || declared != Some(original_len as u64) {
         parts

@@ -15,9 +15,9 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use serde_json::Value;
 
-use super::json::JsonCollector;
-use super::sse::SseExtractor;
-use super::{inspect_request, TokenUsage, MAX_HELD_BYTES};
+use super::json::{BodyModel, JsonCollector};
+use super::sse::{SseExtractor, StreamText, StreamUsage};
+use super::{inspect_request, ForCounting, TokenUsage, MAX_HELD_BYTES};
 
 /// Cases per fuzz target: a few seconds each in a debug build.
 const CASES: u32 = 400;
@@ -118,12 +118,15 @@ fn frames(bytes: &[u8], cuts: &[usize]) -> Vec<Bytes> {
 }
 
 /// Runs a stream through an extractor: what the client gets, the usage and the model.
-fn through_sse(frames: &[Bytes], strip: bool) -> (Vec<u8>, Option<TokenUsage>, Option<String>) {
-    let mut extractor = SseExtractor::new(strip, true);
+fn through_sse(
+    frames: &[Bytes],
+    usage_out: StreamUsage,
+) -> (Vec<u8>, Option<TokenUsage>, Option<String>) {
+    let mut extractor = SseExtractor::new(usage_out, StreamText::Gather);
     let mut out = VecDeque::new();
     let mut seen = Vec::new();
     for frame in frames {
-        if strip {
+        if extractor.edits() {
             extractor.edit(frame, &mut out);
         } else {
             extractor.observe(frame);
@@ -151,12 +154,12 @@ fn check_sse(input: &[u8], cuts: &[usize]) {
     let whole = [Bytes::copy_from_slice(input)];
     let cut = frames(input, cuts);
     // Watching: the client gets every byte; how the stream is cut changes nothing.
-    let watched = through_sse(&cut, false);
+    let watched = through_sse(&cut, StreamUsage::AsSent);
     assert_eq!(watched.0, input);
-    assert_eq!(watched, through_sse(&whole, false));
+    assert_eq!(watched, through_sse(&whole, StreamUsage::AsSent));
     // Editing: only deletions, the same whatever the frames, none without a usage name.
-    let edited = through_sse(&cut, true);
-    assert_eq!(edited, through_sse(&whole, true));
+    let edited = through_sse(&cut, StreamUsage::Strip);
+    assert_eq!(edited, through_sse(&whole, StreamUsage::Strip));
     assert!(is_subsequence(&edited.0, input));
     if memchr::memmem::find(input, b"\"usage\"").is_none() {
         assert_eq!(edited.0, input);
@@ -182,13 +185,13 @@ proptest! {
     }
 }
 
-fn through_json(frames: &[Bytes], want_model: bool) -> (Option<TokenUsage>, Option<String>) {
+fn through_json(frames: &[Bytes], model: BodyModel) -> (Option<TokenUsage>, Option<String>) {
     let mut collector = JsonCollector::default();
     for frame in frames {
         collector.observe(frame);
         assert!(collector.held() <= MAX_HELD_BYTES);
     }
-    collector.finish(want_model)
+    collector.finish(model)
 }
 
 /// What a full parse finds: the reference for well-formed bodies.
@@ -199,9 +202,9 @@ fn parsed_usage(input: &[u8]) -> Option<TokenUsage> {
 
 fn check_json(input: &[u8], cuts: &[usize]) {
     let whole = [Bytes::copy_from_slice(input)];
-    for want_model in [false, true] {
-        let read = through_json(&frames(input, cuts), want_model);
-        assert_eq!(read, through_json(&whole, want_model));
+    for model in [BodyModel::Skip, BodyModel::Read] {
+        let read = through_json(&frames(input, cuts), model);
+        assert_eq!(read, through_json(&whole, model));
     }
 }
 
@@ -213,7 +216,7 @@ fn json_corpus_replays() {
         }
         // Every seed that is JSON is read as a full parse reads it.
         if serde_json::from_slice::<Value>(&seed).is_ok() {
-            let read = through_json(&[Bytes::from(seed.clone())], false).0;
+            let read = through_json(&[Bytes::from(seed.clone())], BodyModel::Skip).0;
             assert_eq!(
                 read,
                 parsed_usage(&seed),
@@ -243,11 +246,16 @@ fn path_and_body(seed: &[u8]) -> (String, Vec<u8>) {
 fn check_request(path: &str, body: &[u8]) {
     // Read as a multipart upload too (its model from the form): no panic, sent as is.
     let upload = Some("multipart/form-data; boundary=XyZ");
-    let (out, _) = inspect_request(path, upload, Bytes::copy_from_slice(body), false);
+    let (out, _) = inspect_request(
+        path,
+        upload,
+        Bytes::copy_from_slice(body),
+        ForCounting::Skip,
+    );
     if serde_json::from_slice::<Value>(body).is_err() {
         assert_eq!(out, body, "an upload is forwarded as sent");
     }
-    let (out, plan) = inspect_request(path, None, Bytes::copy_from_slice(body), false);
+    let (out, plan) = inspect_request(path, None, Bytes::copy_from_slice(body), ForCounting::Skip);
     if !plan.strip_stream_usage {
         assert_eq!(out, body, "forwarded as sent");
         return;
@@ -519,7 +527,7 @@ proptest! {
         (upstream, client, (prompt, completion)) in styled_stream(),
         cuts in proptest::collection::vec(any::<usize>(), 0..8),
     ) {
-        let (seen, usage, model) = through_sse(&frames(upstream.as_bytes(), &cuts), true);
+        let (seen, usage, model) = through_sse(&frames(upstream.as_bytes(), &cuts), StreamUsage::Strip);
         prop_assert_eq!(String::from_utf8(seen).unwrap(), client);
         prop_assert_eq!(usage, Some(TokenUsage { prompt_tokens: prompt, completion_tokens: completion }));
         prop_assert_eq!(model.as_deref(), Some("gpt-4o"));

@@ -48,6 +48,15 @@ impl UsageFields {
     }
 }
 
+/// Whether to read the model from a response body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BodyModel {
+    /// The request named none.
+    Read,
+    /// The request named it; only the usage is wanted.
+    Skip,
+}
+
 impl JsonCollector {
     pub(crate) fn observe(&mut self, data: &Bytes) {
         if let Some(long) = &mut self.long {
@@ -73,9 +82,10 @@ impl JsonCollector {
         self.long.as_ref().map_or(self.len, HeadAndTail::held)
     }
 
-    /// The usage and model of the complete body, if it has them. The model is read only
-    /// when `want_model` (the request named none).
-    pub(crate) fn finish(&mut self, want_model: bool) -> (Option<TokenUsage>, Option<String>) {
+    /// The usage and model of the complete body, if it has them (the model only when
+    /// `model` says to read it).
+    pub(crate) fn finish(&mut self, model: BodyModel) -> (Option<TokenUsage>, Option<String>) {
+        let want_model = model == BodyModel::Read;
         if let Some(long) = self.long.take() {
             let usage = trailing_usage(long.tail(), 1).and_then(|u| u.token_usage());
             let model = want_model.then(|| leading_model(long.head())).flatten();
@@ -180,7 +190,7 @@ mod tests {
         for part in body.chunks(10) {
             collector.observe(&Bytes::copy_from_slice(part));
         }
-        let (usage, model) = collector.finish(true);
+        let (usage, model) = collector.finish(BodyModel::Read);
         assert_eq!(
             usage,
             Some(TokenUsage {
@@ -194,7 +204,7 @@ mod tests {
     fn usage_of(body: &str) -> Option<TokenUsage> {
         let mut collector = JsonCollector::default();
         collector.observe(&Bytes::copy_from_slice(body.as_bytes()));
-        collector.finish(false).0
+        collector.finish(BodyModel::Skip).0
     }
 
     fn tokens(prompt_tokens: u64, completion_tokens: u64) -> Option<TokenUsage> {
@@ -230,7 +240,7 @@ mod tests {
     fn a_body_that_is_not_json_has_no_usage() {
         let mut collector = JsonCollector::default();
         collector.observe(&Bytes::from_static(b"<html>bad gateway</html>"));
-        assert_eq!(collector.finish(true), (None, None));
+        assert_eq!(collector.finish(BodyModel::Read), (None, None));
     }
 
     #[test]
@@ -271,7 +281,7 @@ mod tests {
             20 * 1024 * 1024,
             r#"]}],"model":"m","usage":{"prompt_tokens":8,"total_tokens":8}}"#,
         );
-        assert_eq!(embeddings.finish(true), (tokens(8, 0), None));
+        assert_eq!(embeddings.finish(BodyModel::Read), (tokens(8, 0), None));
 
         let mut model_first = long_body(
             r#"{"model":"gemma","choices":[{"text":"0."#,
@@ -279,7 +289,7 @@ mod tests {
             r#""}],"usage":{"prompt_tokens":1,"completion_tokens":2},"timings":{}}"#,
         );
         assert_eq!(
-            model_first.finish(true),
+            model_first.finish(BodyModel::Read),
             (tokens(1, 2), Some("gemma".into()))
         );
 
@@ -289,6 +299,6 @@ mod tests {
             2 * MAX_HELD_BYTES,
             "]}",
         );
-        assert_eq!(usage_first.finish(false), (None, None));
+        assert_eq!(usage_first.finish(BodyModel::Skip), (None, None));
     }
 }

@@ -31,10 +31,10 @@ pub use recorder::{
 };
 pub use report::{usage_report, KeyUsage};
 
-pub(crate) use json::JsonCollector;
+pub(crate) use json::{BodyModel, JsonCollector};
 pub(crate) use recorder::UsageGuard;
-pub(crate) use request::{inspect_request, RequestPlan};
-pub(crate) use sse::SseExtractor;
+pub(crate) use request::{inspect_request, ForCounting, RequestPlan};
+pub(crate) use sse::{SseExtractor, StreamText, StreamUsage};
 
 use serde_json::Value;
 

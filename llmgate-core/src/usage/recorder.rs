@@ -1533,7 +1533,7 @@ mod tests {
         for op in [Op::Save, Op::Remove] {
             let (dir, store, recorder, writer, _) = spilled_while_down(SENT).await;
             // A full disk, or one remounted read-only.
-            disk_faults::fail(dir.path(), op, true);
+            disk_faults::fail(dir.path(), op);
             store.down.store(false, SeqCst);
             // The position after the first chunk cannot be saved: the replay waits before
             // the second. The file cannot be removed: both chunks are written.
@@ -1560,7 +1560,7 @@ mod tests {
                 "{op:?}: tried again, with waits between: {tries}"
             );
 
-            disk_faults::fail(dir.path(), op, false);
+            disk_faults::work(dir.path(), op);
             eventually("the replay ends", async || {
                 spill_files(dir.path()).is_empty()
             })
@@ -1694,7 +1694,7 @@ mod tests {
             file.extend(spill_line(i, "m"));
         }
         std::fs::write(dir.path().join(SPILL_FILE), file).unwrap();
-        disk_faults::fail(dir.path(), Op::Read, false);
+        disk_faults::work(dir.path(), Op::Read);
 
         let store = Arc::new(Flaky::default());
         let (recorder, writer, counts) = start_flaky(&store, dir.path(), DEFAULT_QUEUE_MAX);
@@ -1714,7 +1714,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file: Vec<u8> = (0..3).flat_map(|i| spill_line(i, "m")).collect();
         std::fs::write(dir.path().join(SPILL_FILE), file).unwrap();
-        disk_faults::fail(dir.path(), Op::Read, true);
+        disk_faults::fail(dir.path(), Op::Read);
 
         let store = Arc::new(Flaky::default());
         let (recorder, writer, _) = start_flaky(&store, dir.path(), DEFAULT_QUEUE_MAX);
@@ -1726,7 +1726,7 @@ mod tests {
         let reads = disk_faults::tries(dir.path(), Op::Read);
         assert!((3..=10).contains(&reads), "{reads} reads in 1 s");
 
-        disk_faults::fail(dir.path(), Op::Read, false);
+        disk_faults::work(dir.path(), Op::Read);
         eventually("the spill file is written", async || {
             spill_files(dir.path()).is_empty()
         })

@@ -99,6 +99,16 @@ fn supports_stream_options(path: &str) -> bool {
     )
 }
 
+/// Whether a token counter may need the request, to count what the upstream reports no
+/// usage for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ForCounting {
+    /// Nothing counts this caller's tokens.
+    Skip,
+    /// Keep the parsed request in the plan.
+    Keep,
+}
+
 /// Reads the request body; returns the body to forward (changed only when the gateway
 /// asks the upstream for stream usage) and the plan. A body that is not JSON is
 /// forwarded unchanged: the upstream answers it.
@@ -106,8 +116,9 @@ pub(crate) fn inspect_request(
     path: &str,
     content_type: Option<&str>,
     body: Bytes,
-    keep_for_counting: bool,
+    counting: ForCounting,
 ) -> (Bytes, RequestPlan) {
+    let keep_for_counting = counting == ForCounting::Keep;
     let Some(fields) = Fields::of(&body) else {
         // Uploads (audio transcriptions and translations) name their model in a form.
         let model = content_type
@@ -266,7 +277,7 @@ mod tests {
             Bytes::from_static(
                 br#"{"model":"m","stream":true,"stream_options":null,"messages":[]}"#,
             ),
-            false,
+            ForCounting::Skip,
         );
         assert!(plan.strip_stream_usage);
         assert_eq!(
@@ -275,14 +286,24 @@ mod tests {
         );
         for stream in ["1", "\"true\"", "\"True\""] {
             let body = format!(r#"{{"model":"m","stream":{stream},"messages":[]}}"#);
-            let (sent, plan) = inspect_request("/v1/completions", None, Bytes::from(body), false);
+            let (sent, plan) = inspect_request(
+                "/v1/completions",
+                None,
+                Bytes::from(body),
+                ForCounting::Skip,
+            );
             assert!(plan.strip_stream_usage, "stream: {stream}");
             let sent: Value = serde_json::from_slice(&sent).unwrap();
             assert_eq!(sent["stream_options"]["include_usage"], true);
         }
         for stream in ["0", "false", "null", "\"false\""] {
             let body = format!(r#"{{"model":"m","stream":{stream},"messages":[]}}"#);
-            let (_, plan) = inspect_request("/v1/completions", None, Bytes::from(body), false);
+            let (_, plan) = inspect_request(
+                "/v1/completions",
+                None,
+                Bytes::from(body),
+                ForCounting::Skip,
+            );
             assert!(!plan.strip_stream_usage, "stream: {stream}");
         }
     }
@@ -304,7 +325,8 @@ mod tests {
     use serde_json::json;
 
     fn inspect(path: &str, body: Value) -> (Value, RequestPlan) {
-        let (out, plan) = inspect_request(path, None, Bytes::from(body.to_string()), false);
+        let (out, plan) =
+            inspect_request(path, None, Bytes::from(body.to_string()), ForCounting::Skip);
         (serde_json::from_slice(&out).unwrap(), plan)
     }
 
@@ -353,14 +375,19 @@ mod tests {
     #[test]
     fn invalid_json_is_forwarded_byte_for_byte() {
         let raw = Bytes::from_static(b"{\"model\": \"m\", \"stream\": tru");
-        let (out, plan) = inspect_request("/v1/chat/completions", None, raw.clone(), true);
+        let (out, plan) =
+            inspect_request("/v1/chat/completions", None, raw.clone(), ForCounting::Keep);
         assert_eq!(out, raw);
         assert!(plan.model.is_none());
     }
 
     fn sent(path: &str, body: &str) -> (String, RequestPlan) {
-        let (out, plan) =
-            inspect_request(path, None, Bytes::copy_from_slice(body.as_bytes()), false);
+        let (out, plan) = inspect_request(
+            path,
+            None,
+            Bytes::copy_from_slice(body.as_bytes()),
+            ForCounting::Skip,
+        );
         (String::from_utf8(out.to_vec()).unwrap(), plan)
     }
 

@@ -115,13 +115,22 @@ pub(crate) mod disk_faults {
     /// Per watched directory and operation: whether it fails, and how often it was tried.
     static DIRS: Mutex<BTreeMap<(PathBuf, Op), (bool, usize)>> = Mutex::new(BTreeMap::new());
 
-    /// Makes `op` in `dir` fail (or work again), and counts its tries from now on.
-    pub(crate) fn fail(dir: &Path, op: Op, failing: bool) {
+    /// Makes `op` in `dir` fail, and counts its tries from now on.
+    pub(crate) fn fail(dir: &Path, op: Op) {
+        set_failing(dir, op, true);
+    }
+
+    /// Makes `op` in `dir` work (again), and counts its tries from now on.
+    pub(crate) fn work(dir: &Path, op: Op) {
+        set_failing(dir, op, false);
+    }
+
+    fn set_failing(dir: &Path, op: Op, failing: bool) {
         let mut dirs = DIRS.lock().unwrap();
         dirs.entry((dir.to_owned(), op)).or_default().0 = failing;
     }
 
-    /// How often `op` was tried in `dir` since it was first passed to [`fail`].
+    /// How often `op` was tried in `dir` since it was first passed to [`fail`] or [`work`].
     pub(crate) fn tries(dir: &Path, op: Op) -> usize {
         let dirs = DIRS.lock().unwrap();
         dirs.get(&(dir.to_owned(), op))

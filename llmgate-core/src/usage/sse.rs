@@ -237,12 +237,29 @@ fn event_offset(lines: &[Range<usize>], at: usize) -> usize {
     lines.last().map_or(0, |l| l.end)
 }
 
+/// What reaches the client of the usage in a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StreamUsage {
+    /// The stream goes to the client as the upstream sent it.
+    AsSent,
+    /// The gateway asked for usage, the client did not: remove what asking added.
+    Strip,
+}
+
+/// Whether to gather a stream's text, for a token counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StreamText {
+    /// Nothing counts tokens for this stream.
+    Skip,
+    /// Gather it, up to [`MAX_GATHERED_TEXT_BYTES`].
+    Gather,
+}
+
 /// Watches (or, when the gateway asked for usage itself, edits) an SSE stream.
 #[derive(Debug)]
 pub(crate) struct SseExtractor {
     splitter: EventSplitter,
-    /// The client did not ask for usage: remove what asking added.
-    strip_usage: bool,
+    usage_out: StreamUsage,
     /// Gather the streamed text, for a token counter; dropped past
     /// [`MAX_GATHERED_TEXT_BYTES`].
     text: Option<String>,
@@ -263,11 +280,11 @@ struct Delta {
 }
 
 impl SseExtractor {
-    pub(crate) fn new(strip_usage: bool, collect_text: bool) -> Self {
+    pub(crate) fn new(usage_out: StreamUsage, text: StreamText) -> Self {
         Self {
             splitter: EventSplitter::default(),
-            strip_usage,
-            text: collect_text.then(String::new),
+            usage_out,
+            text: (text == StreamText::Gather).then(String::new),
             usage: None,
             model: None,
         }
@@ -276,7 +293,7 @@ impl SseExtractor {
     /// Whether the stream reaching the client differs from the upstream's, so frames
     /// must go out through [`SseExtractor::edit`].
     pub(crate) fn edits(&self) -> bool {
-        self.strip_usage
+        self.usage_out == StreamUsage::Strip
     }
 
     /// Looks at a frame that goes to the client unchanged.
@@ -298,7 +315,7 @@ impl SseExtractor {
     /// The stream ended: flush an unterminated last event.
     pub(crate) fn finish(&mut self, out: &mut VecDeque<Bytes>) {
         if let Some(piece) = self.splitter.finish() {
-            let out = self.strip_usage.then_some(out);
+            let out = self.edits().then_some(out);
             self.take(piece, out);
         }
     }
@@ -396,7 +413,7 @@ impl SseExtractor {
         }
         let usage_value = &data[members[usage].value.clone()];
         self.count(usage_value);
-        if !self.strip_usage {
+        if !self.edits() {
             return Some(event.clone());
         }
         let no_choices = value(member(b"choices")).is_some_and(|c| {
@@ -511,7 +528,7 @@ mod tests {
             chunk("!", ",\"usage\":null"),
             USAGE_CHUNK
         );
-        let mut extractor = SseExtractor::new(false, false);
+        let mut extractor = SseExtractor::new(StreamUsage::AsSent, StreamText::Skip);
         let seen = run(&mut extractor, &[stream.as_bytes()]);
         assert_eq!(seen, stream.as_bytes(), "passed through unchanged");
         assert_eq!(
@@ -536,7 +553,7 @@ mod tests {
         let bytes = upstream.as_bytes();
         // Every split point, including inside `data:` and inside the JSON.
         for cut in 1..bytes.len() {
-            let mut extractor = SseExtractor::new(true, true);
+            let mut extractor = SseExtractor::new(StreamUsage::Strip, StreamText::Gather);
             let seen = run(&mut extractor, &[&bytes[..cut], &bytes[cut..]]);
             assert_eq!(
                 String::from_utf8(seen).unwrap(),
@@ -558,7 +575,7 @@ mod tests {
     fn keeps_crlf_line_endings_and_other_fields() {
         let upstream =
             b"event: message\r\ndata: {\"choices\":[{\"text\":\"a\"}],\"usage\":null}\r\n\r\n";
-        let mut extractor = SseExtractor::new(true, false);
+        let mut extractor = SseExtractor::new(StreamUsage::Strip, StreamText::Skip);
         let seen = run(&mut extractor, &[upstream]);
         assert_eq!(
             seen,
@@ -572,7 +589,7 @@ mod tests {
             "end",
             ",\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}",
         );
-        let mut extractor = SseExtractor::new(true, false);
+        let mut extractor = SseExtractor::new(StreamUsage::Strip, StreamText::Skip);
         let seen = run(&mut extractor, &[upstream.as_bytes()]);
         assert_eq!(String::from_utf8(seen).unwrap(), chunk("end", ""));
         assert_eq!(
@@ -587,7 +604,7 @@ mod tests {
     #[test]
     fn a_stream_without_usage_reports_none_and_an_unterminated_end_is_kept() {
         let upstream = format!("{}data: [DONE]", chunk("x", ""));
-        let mut extractor = SseExtractor::new(true, false);
+        let mut extractor = SseExtractor::new(StreamUsage::Strip, StreamText::Skip);
         let seen = run(&mut extractor, &[upstream.as_bytes()]);
         assert_eq!(String::from_utf8(seen).unwrap(), upstream);
         assert_eq!(extractor.usage(), None);
@@ -611,7 +628,7 @@ mod tests {
     #[test]
     fn blank_lines_between_events_reach_the_client_when_editing() {
         let upstream = format!("\n: ping\n\n\r\n{}", chunk("a", ",\"usage\":null"));
-        let mut extractor = SseExtractor::new(true, false);
+        let mut extractor = SseExtractor::new(StreamUsage::Strip, StreamText::Skip);
         let seen = run(&mut extractor, &[upstream.as_bytes()]);
         assert_eq!(
             String::from_utf8(seen).unwrap(),
@@ -621,7 +638,7 @@ mod tests {
 
     #[test]
     fn a_responses_stream_is_charged_from_its_completed_event() {
-        let mut extractor = SseExtractor::new(false, false);
+        let mut extractor = SseExtractor::new(StreamUsage::AsSent, StreamText::Skip);
         let seen = run(&mut extractor, &[RESPONSES_STREAM.as_bytes()]);
         assert_eq!(
             seen,
@@ -638,7 +655,7 @@ mod tests {
                     "\"status\":\"completed\"",
                     &format!("\"status\":\"{status}\""),
                 );
-            let mut extractor = SseExtractor::new(false, false);
+            let mut extractor = SseExtractor::new(StreamUsage::AsSent, StreamText::Skip);
             run(&mut extractor, &[stream.as_bytes()]);
             assert_eq!(extractor.usage(), tokens(37, 11), "{status}");
         }
@@ -650,7 +667,7 @@ mod tests {
             "data: {\"type\":\"transcript.text.delta\",\"delta\":\"Hello\",\"logprobs\":null}\n\n",
             "data: {\"type\":\"transcript.text.done\",\"text\":\"Hello there.\",\"usage\":{\"type\":\"tokens\",\"input_tokens\":14,\"input_token_details\":{\"text_tokens\":0,\"audio_tokens\":14},\"output_tokens\":4,\"total_tokens\":18}}\n\n",
         );
-        let mut extractor = SseExtractor::new(false, false);
+        let mut extractor = SseExtractor::new(StreamUsage::AsSent, StreamText::Skip);
         let seen = run(&mut extractor, &[stream.as_bytes()]);
         assert_eq!(seen, stream.as_bytes());
         assert_eq!(extractor.usage(), tokens(14, 4));
@@ -670,7 +687,7 @@ mod tests {
             "data:{\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}] }\n\n",
             "data: [DONE]\n\n",
         );
-        let mut extractor = SseExtractor::new(true, true);
+        let mut extractor = SseExtractor::new(StreamUsage::Strip, StreamText::Gather);
         let seen = run(&mut extractor, &[upstream.as_bytes()]);
         assert_eq!(String::from_utf8(seen).unwrap(), expected);
         assert_eq!(extractor.usage(), tokens(7, 2));
@@ -680,7 +697,7 @@ mod tests {
     #[test]
     fn a_payload_over_several_data_lines_is_edited_in_place() {
         let upstream = "data: {\"choices\":[{\"text\":\"a\"}],\ndata: \"usage\":null}\n\n";
-        let mut extractor = SseExtractor::new(true, false);
+        let mut extractor = SseExtractor::new(StreamUsage::Strip, StreamText::Skip);
         let seen = run(&mut extractor, &[upstream.as_bytes()]);
         assert_eq!(
             String::from_utf8(seen).unwrap(),
@@ -719,7 +736,7 @@ mod tests {
 
     #[test]
     fn text_gathered_for_counting_stops_at_its_bound() {
-        let mut extractor = SseExtractor::new(false, true);
+        let mut extractor = SseExtractor::new(StreamUsage::AsSent, StreamText::Gather);
         let piece = "x".repeat(16 * 1024);
         let event = Bytes::from(chunk(&piece, ""));
         let events = MAX_GATHERED_TEXT_BYTES / piece.len() + 2;
@@ -737,15 +754,15 @@ mod tests {
             "dropped: the tokens are unknown, not undercounted"
         );
         // Below the bound the text is kept whole.
-        let mut short = SseExtractor::new(false, true);
+        let mut short = SseExtractor::new(StreamUsage::AsSent, StreamText::Gather);
         short.observe(&event);
         assert_eq!(short.text().map(str::len), Some(piece.len()));
     }
 
     #[test]
     fn an_endless_line_is_passed_on_without_being_held() {
-        for strip in [false, true] {
-            let mut extractor = SseExtractor::new(strip, false);
+        for usage_out in [StreamUsage::AsSent, StreamUsage::Strip] {
+            let mut extractor = SseExtractor::new(usage_out, StreamText::Skip);
             endless_line(&mut extractor, 50 * 1024 * 1024, b"", b"");
             assert_eq!(extractor.usage(), None, "tokens unknown");
         }
@@ -753,7 +770,7 @@ mod tests {
 
     #[test]
     fn a_usage_event_after_an_overlong_one_is_still_counted_and_edited() {
-        let mut extractor = SseExtractor::new(true, false);
+        let mut extractor = SseExtractor::new(StreamUsage::Strip, StreamText::Skip);
         endless_line(&mut extractor, 2 * MAX_HELD_BYTES, b"\"}]}\n\n", b"");
         let mut out = VecDeque::new();
         extractor.edit(&Bytes::from(chunk("a", ",\"usage\":null")), &mut out);
@@ -767,7 +784,7 @@ mod tests {
     #[test]
     fn the_usage_at_the_end_of_an_overlong_event_is_still_counted() {
         // A chat chunk whose text alone is over the limit, usage last.
-        let mut extractor = SseExtractor::new(false, false);
+        let mut extractor = SseExtractor::new(StreamUsage::AsSent, StreamText::Skip);
         let end = b"\"}],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":3}}\r\n\r\n";
         endless_line(&mut extractor, 3 * MAX_HELD_BYTES, end, b"data: [DONE]\n\n");
         assert_eq!(extractor.usage(), tokens(5, 3));
@@ -776,8 +793,8 @@ mod tests {
         let completed = RESPONSES_STREAM.split("\n\n").nth(3).unwrap();
         let huge = "x".repeat(3 * MAX_HELD_BYTES);
         let completed = completed.replace("You are a helpful assistant.", &huge) + "\n\n";
-        for strip in [false, true] {
-            let mut extractor = SseExtractor::new(strip, false);
+        for usage_out in [StreamUsage::AsSent, StreamUsage::Strip] {
+            let mut extractor = SseExtractor::new(usage_out, StreamText::Skip);
             let seen = run(&mut extractor, &[completed.as_bytes()]);
             assert!(seen == completed.as_bytes());
             assert_eq!(extractor.usage(), tokens(37, 11));
@@ -786,7 +803,7 @@ mod tests {
         let other = completed
             .replace("response.completed", "response.output_item.done")
             .replace("\"response\":{", "\"item\":{");
-        let mut extractor = SseExtractor::new(false, false);
+        let mut extractor = SseExtractor::new(StreamUsage::AsSent, StreamText::Skip);
         run(&mut extractor, &[other.as_bytes()]);
         assert_eq!(extractor.usage(), None);
     }

@@ -53,10 +53,23 @@ pub enum StartError {
     },
 }
 
+/// Which part of getting a model running a step begins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Setting up the runtime (virtual environment, packages).
+    SettingUp,
+    /// Getting the model file: a local path, the cache, or a download.
+    GettingModel,
+    /// Starting the model server, which loads the model.
+    Starting,
+    /// Stopping a model server, before another one starts or as the gateway stops.
+    Stopping,
+}
+
 /// Where a long set-up says what it is doing.
 pub trait Reporter: Send + Sync {
-    /// A new step, e.g. "Python environment for the cpu backend".
-    fn step(&self, message: &str);
+    /// A new step of `stage`, e.g. "Python environment for the cpu backend".
+    fn step(&self, stage: Stage, message: &str);
     /// A line of detail (a pip output line, a path).
     fn detail(&self, line: &str);
     /// Download progress.
@@ -84,7 +97,7 @@ impl Default for TerminalReporter {
 }
 
 impl Reporter for TerminalReporter {
-    fn step(&self, message: &str) {
+    fn step(&self, _stage: Stage, message: &str) {
         self.bar.finish_and_clear();
         eprintln!("==> {message}");
     }
@@ -127,10 +140,10 @@ pub async fn start_model(
     let detail = |line: &str| say.detail(line);
     let runner: Arc<dyn ModelRunner> = match config.runner {
         RunnerKind::LlamaCppPython => {
-            say.step(&format!(
-                "Python environment for the {} backend",
-                config.backend
-            ));
+            say.step(
+                Stage::SettingUp,
+                &format!("Python environment for the {} backend", config.backend),
+            );
             let manager = PythonEnvManager {
                 root: config.python_env_dir(),
                 wheel_cache: config.cache_dir().join("wheels"),
@@ -154,11 +167,14 @@ pub async fn start_model(
             Arc::new(LlamaServerRunner::new(binary, spec_for(path)))
         }
     };
-    say.step(&format!(
-        "Starting the model server ({}, {}); loading the model",
-        runner.kind(),
-        config.backend
-    ));
+    say.step(
+        Stage::Starting,
+        &format!(
+            "Starting the model server ({}, {}); loading the model",
+            runner.kind(),
+            config.backend
+        ),
+    );
     if let Err(source) = runner.start().await {
         return Err(StartError::Server {
             source,
@@ -181,7 +197,7 @@ async fn resolve_model(
 ) -> Result<PathBuf, StartError> {
     let wanted = config.model.as_deref().unwrap_or(DEFAULT_MODEL);
     if wanted == DEFAULT_MODEL {
-        say.step("Default model: Gemma 3 270M (Q4_K_M)");
+        say.step(Stage::GettingModel, "Default model: Gemma 3 270M (Q4_K_M)");
         let mut failures: Vec<Box<dyn std::error::Error + Send + Sync>> = Vec::new();
         if let Some(env) = env {
             let detail = |line: &str| say.detail(line);
@@ -200,12 +216,15 @@ async fn resolve_model(
     }
     match wanted.parse::<ModelSource>()? {
         ModelSource::Local(path) if path.is_file() => {
-            say.step(&format!("Model: {}", path.display()));
+            say.step(Stage::GettingModel, &format!("Model: {}", path.display()));
             Ok(path)
         }
         ModelSource::Local(path) => Err(StartError::ModelFileMissing(path)),
         ModelSource::Hub { repo, file } => {
-            say.step(&format!("Model: {repo} from Hugging Face"));
+            say.step(
+                Stage::GettingModel,
+                &format!("Model: {repo} from Hugging Face"),
+            );
             Ok(fetch(&repo, file.as_deref(), say).await?)
         }
     }

@@ -12,7 +12,7 @@ use llmgate_core::usage::{RecorderOptions, UsageRecorder};
 use super::OpenStoreError;
 use crate::app::{app, AppState};
 use crate::cli::Launch;
-use crate::commands::model::Reporter;
+use crate::commands::model::{Reporter, Stage};
 use crate::metrics::Metrics;
 use crate::models::{ModelError, ModelManager, Progress};
 
@@ -110,7 +110,7 @@ pub async fn run(config: GatewayConfig, launch: Launch) -> Result<(), ServeError
     )
     .await;
     if models.runner().is_some() {
-        models.step("Stopping the model server");
+        models.step(Stage::Stopping, "Stopping the model server");
         models.stop().await;
     }
     store.close().await;
