@@ -1,9 +1,8 @@
 //! Who is calling: API keys, their cache, reading a key from a request's headers, and
 //! the [`RequireKeyLayer`] for routes that need a key but are not metered.
 //!
-//! The metering middleware, [`AuthUsageLayer`], lives in
-//! [`auth_usage`](crate::auth_usage); it is named here too for code written before it
-//! moved there.
+//! The metering middleware, [`AuthUsageLayer`](crate::AuthUsageLayer), lives in
+//! [`auth_usage`](crate::auth_usage) and is named at the crate root.
 //!
 //! ```
 //! use std::sync::Arc;

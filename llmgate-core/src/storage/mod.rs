@@ -250,7 +250,7 @@ pub struct UsageTotals {
     /// When the last request arrived.
     pub last_request_at: Option<DateTime<Utc>>,
     /// Requests per endpoint: a known OpenAI path (ids folded, `/v1/models/{id}`) or
-    /// `other` ([`endpoint_label`](endpoint_label)), so made-up paths add
+    /// `other` ([`endpoint_label`]), so made-up paths add
     /// no rows.
     pub endpoints: BTreeMap<String, u64>,
 }
