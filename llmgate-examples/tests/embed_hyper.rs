@@ -1,32 +1,16 @@
 //! Starts the `embed_hyper` example as a user would and talks to it over HTTP.
 
-use std::process::Stdio;
-use std::time::Duration;
-
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Command;
+
+mod common;
+
+use common::Example;
 
 #[tokio::test]
 async fn the_hyper_server_answers_a_key_refuses_none_and_counts_usage() {
-    let mut example = Command::new(env!("CARGO_BIN_EXE_embed_hyper"))
-        .arg("127.0.0.1:0")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(example.stdout.take().unwrap()).lines();
-    let mut next_line = async || {
-        tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-            .await
-            .expect("the example prints within 30 s")
-            .unwrap()
-            .expect("a line")
-    };
-    let key = next_line().await;
-    let key = key.strip_prefix("demo key: ").expect(&key).to_owned();
-    let url = next_line().await;
-    let url = url.strip_prefix("listening on ").expect(&url).to_owned();
+    let mut example = Example::start(env!("CARGO_BIN_EXE_embed_hyper"));
+    let key = example.printed("demo key: ").await;
+    let url = example.printed("listening on ").await;
 
     let client = reqwest::Client::new();
     let chat = format!("{url}/v1/chat/completions");
