@@ -137,7 +137,7 @@ pub fn app(state: AppState, proxy: Proxy, max_body_bytes: usize) -> App {
     let traced_model_calls = tracing::enabled!(target: ACCESS_LOG, tracing::Level::DEBUG);
     App {
         fast: (!traced_model_calls)
-            .then(|| CatchPanicLayer::custom(AnswerPanic).layer(dispatch.clone())),
+            .then(|| CatchPanicLayer::custom(AnswerPanic).layer(dispatch.gateway.clone())),
         inner: served(dispatch),
     }
 }
@@ -334,7 +334,7 @@ impl<S> Layer<S> for NoteCallerLayer {
 pub struct App {
     inner: Served<Dispatch>,
     /// Model calls past the access log's layers, when it would not show them.
-    fast: Option<CatchPanic<Dispatch, AnswerPanic>>,
+    fast: Option<CatchPanic<Gateway, AnswerPanic>>,
 }
 
 pin_project_lite::pin_project! {
@@ -343,7 +343,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: Either<
             <Served<Dispatch> as Service<Request>>::Future,
-            <CatchPanic<Dispatch, AnswerPanic> as Service<Request>>::Future,
+            <CatchPanic<Gateway, AnswerPanic> as Service<Request>>::Future,
         >,
     }
 }
@@ -375,9 +375,9 @@ impl Service<Request> for App {
     type Future = AppFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        // Both wrap the same Dispatch, which is always ready.
+        // Both are always ready (the proxy's pool waits inside the call).
         if let Some(fast) = &mut self.fast {
-            std::task::ready!(fast.poll_ready(cx))?;
+            std::task::ready!(Service::<Request>::poll_ready(fast, cx))?;
         }
         self.inner.poll_ready(cx)
     }
@@ -397,7 +397,7 @@ impl Service<Request> for App {
 /// router in front; everything else to the router.
 #[derive(Clone, Debug)]
 struct Dispatch {
-    gateway: AuthUsage<NoteCaller<Proxy>>,
+    gateway: Gateway,
     router: Router,
 }
 
@@ -406,6 +406,9 @@ impl Dispatch {
         path.len() > "/v1/".len() && path.starts_with("/v1/") && path != ME_USAGE
     }
 }
+
+/// The metered proxy.
+type Gateway = AuthUsage<NoteCaller<Proxy>>;
 
 /// An answer's body: the metered proxy's, or the router's (no box for either: the
 /// panic layer boxes it once).
