@@ -17,7 +17,7 @@ use crate::runner::Backend;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// No upstream was given.
-    #[error("no upstream: pass --upstream URL or --model MODEL (or set LLMGATE_UPSTREAM / LLMGATE_MODEL, or `upstream` / `model` in the config file)")]
+    #[error("no upstream: pass --upstream URL or --model MODEL (or set LLMGATE_UPSTREAM / LLMGATE_MODEL, or `upstream` / `model` / [[models]] in the config file)")]
     MissingUpstream,
     /// The upstream is not an http(s) URL.
     #[error("upstream '{upstream}' is not a URL like http://127.0.0.1:8000: {reason}")]
@@ -33,6 +33,14 @@ pub enum ConfigError {
     /// The database URL is not a PostgreSQL one.
     #[error("database_url must start with postgres:// or postgresql:// (leave it unset for the SQLite file in the data directory)")]
     BadDatabaseUrl,
+    /// A `[[models]]` entry that cannot work.
+    #[error("model '{name}': {reason}")]
+    BadModel {
+        /// The entry's name (or its position, when it has none).
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A number is out of range.
     #[error("{name} must be {rule} (got {value})")]
     OutOfRange {
@@ -83,6 +91,9 @@ impl IntoIterator for ConfigErrors {
         self.0.into_iter()
     }
 }
+
+/// The name of the model that `--upstream` adds to the list.
+pub const FLAG_UPSTREAM_NAME: &str = "upstream";
 
 /// The largest `usage_queue_max`: about 3 GB of records in memory.
 const MAX_USAGE_QUEUE: u64 = 10_000_000;
@@ -150,6 +161,227 @@ pub struct GatewayConfig {
     /// Usage records that wait in memory while the database is down or slow; older ones
     /// go to `<data_dir>/usage-spill.jsonl` and are written when it is back.
     pub usage_queue_max: u64,
+    /// The models behind the gateway (the TOML `[[models]]` table); `model` or
+    /// `upstream` add one more ([`GatewayConfig::model_list`]).
+    pub models: Vec<ModelConfig>,
+    /// The model a request that names none goes to (default: the first in the list).
+    pub default_model: Option<String>,
+    /// How many local models may run at once; the least recently used idle one is stopped
+    /// to start another (default: as many as fit in memory).
+    pub max_loaded_models: Option<u32>,
+    /// Memory (MiB) left free for everything else when llmgate decides whether a model
+    /// fits in RAM.
+    pub memory_reserve_mb: u64,
+    /// GPU memory (MiB) left free when deciding whether a GPU model fits.
+    pub gpu_memory_reserve_mb: u64,
+    /// At most this much memory (MiB) for the local models together, whatever is free
+    /// (default: no cap beyond what is free).
+    pub memory_limit_mb: Option<u64>,
+}
+
+/// One model behind the gateway: a local GGUF file llmgate runs, or an `upstream` it
+/// forwards to. Clients pick it by sending its `name` (or an alias) as `model`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// What clients send as `model`.
+    pub name: String,
+    /// Other names for the same model.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
+    /// A GGUF path or a Hugging Face repo (`owner/name` or `owner/name:file.gguf`), or
+    /// `default` for llmgate's default model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// Which model server runs it (default: the gateway's `runner`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner: Option<RunnerKind>,
+    /// The backend llama.cpp is built for (default: the gateway's `backend`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<Backend>,
+    /// The chat format (llama-cpp-python's `--chat_format`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_format: Option<String>,
+    /// Context length; the model server's default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_ctx: Option<u32>,
+    /// Layers offloaded to the GPU (`-1`: all); by default all on a GPU backend, none on
+    /// the CPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_layers: Option<i32>,
+    /// More arguments for the model server, passed as they are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// An OpenAI-compatible server llmgate does not run (vLLM, Ollama, a hosted API),
+    /// instead of `source`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    /// A key llmgate sends to that upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_key: Option<String>,
+    /// Stop the model after this many seconds without a request (0: never).
+    #[serde(default)]
+    pub ttl_secs: u64,
+    /// Start the model with the gateway, and never stop it to make room for another.
+    #[serde(default)]
+    pub preload: bool,
+    /// Requests the model server is given at once; the rest wait in the gateway (default:
+    /// no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<u32>,
+    /// Requests that may wait for the model beyond `max_concurrency`; more get 503 with
+    /// `Retry-After`.
+    #[serde(default = "default_max_queue")]
+    pub max_queue: u32,
+}
+
+/// Default of [`ModelConfig::max_queue`].
+pub const DEFAULT_MAX_QUEUE: u32 = 256;
+
+fn default_max_queue() -> u32 {
+    DEFAULT_MAX_QUEUE
+}
+
+/// The longest model name or alias accepted.
+pub const MAX_MODEL_NAME_LEN: usize = 256;
+
+impl ModelConfig {
+    /// A local model named `name` served from `source`, with every other setting at its
+    /// default.
+    pub fn local(name: impl Into<String>, source: impl Into<String>) -> Self {
+        Self {
+            source: Some(source.into()),
+            ..Self::named(name)
+        }
+    }
+
+    /// A model forwarded to `upstream`, with every other setting at its default.
+    pub fn remote(name: impl Into<String>, upstream: impl Into<String>) -> Self {
+        Self {
+            upstream: Some(upstream.into()),
+            ..Self::named(name)
+        }
+    }
+
+    fn named(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            aliases: Vec::new(),
+            source: None,
+            runner: None,
+            backend: None,
+            chat_format: None,
+            n_ctx: None,
+            gpu_layers: None,
+            args: Vec::new(),
+            upstream: None,
+            upstream_key: None,
+            ttl_secs: 0,
+            preload: false,
+            max_concurrency: None,
+            max_queue: DEFAULT_MAX_QUEUE,
+        }
+    }
+
+    /// Whether llmgate forwards to a server it does not run.
+    pub fn is_remote(&self) -> bool {
+        self.upstream.is_some()
+    }
+
+    /// The entry's name and aliases.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.name.as_str()).chain(self.aliases.iter().map(String::as_str))
+    }
+
+    /// Every problem of this entry on its own (not against the others).
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for name in self.names() {
+            if name.trim().is_empty() || name.trim() != name {
+                problems.push(format!(
+                    "the name or alias '{name}' must be non-empty, without surrounding spaces"
+                ));
+            } else if name.len() > MAX_MODEL_NAME_LEN || name.chars().any(char::is_control) {
+                problems.push(format!(
+                    "names and aliases are at most {MAX_MODEL_NAME_LEN} bytes, without control characters"
+                ));
+            }
+        }
+        match (&self.source, &self.upstream) {
+            (Some(_), Some(_)) => problems.push("give either source or upstream, not both".into()),
+            (None, None) => problems.push(
+                "give source (a GGUF path or Hugging Face owner/name) or upstream (a URL)".into(),
+            ),
+            (None, Some(upstream)) => {
+                if let Err(err) = parse_upstream(upstream) {
+                    problems.push(err.to_string());
+                }
+            }
+            (Some(_), None) => {
+                if self.upstream_key.is_some() {
+                    problems.push("upstream_key is for upstream models only".into());
+                }
+            }
+        }
+        if self.max_concurrency == Some(0) {
+            problems.push("max_concurrency must be at least 1 (leave it out for no limit)".into());
+        }
+        if self.ttl_secs > 365 * 86_400 {
+            problems.push("ttl_secs must be at most a year (0: never stop)".into());
+        }
+        problems
+    }
+
+    /// The proxy settings of an `upstream` model.
+    pub fn proxy(&self, timeout: Duration) -> Result<ProxyConfig, ConfigError> {
+        let upstream = self
+            .upstream
+            .as_deref()
+            .ok_or(ConfigError::MissingUpstream)?;
+        Ok(ProxyConfig {
+            upstream: parse_upstream(upstream)?,
+            upstream_key: self.upstream_key.clone().map(Secret::new),
+            timeout,
+        })
+    }
+}
+
+/// The name of the model that `model` / `upstream` (the one-model flags) add to the list.
+pub fn flag_model_name(source: &str) -> String {
+    let path = std::path::Path::new(source);
+    let last = source.rsplit(['/', ':']).next().unwrap_or(source);
+    let stem = if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
+        path.file_stem().and_then(|s| s.to_str()).unwrap_or(last)
+    } else {
+        last
+    };
+    let stem = stem.strip_suffix(".gguf").unwrap_or(stem);
+    if stem.is_empty() {
+        source.to_owned()
+    } else {
+        stem.to_owned()
+    }
+}
+
+fn parse_upstream(raw: &str) -> Result<Uri, ConfigError> {
+    let uri: Uri =
+        raw.parse()
+            .map_err(|source: http::uri::InvalidUri| ConfigError::BadUpstream {
+                upstream: raw.into(),
+                reason: source.to_string(),
+                source: Some(source),
+            })?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("http" | "https"), Some(_)) => Ok(uri),
+        _ => Err(ConfigError::BadUpstream {
+            upstream: raw.into(),
+            reason: "it needs http:// or https:// and a host".into(),
+            source: None,
+        }),
+    }
 }
 
 /// Default of [`GatewayConfig::listen`]: this machine only, port 8080.
@@ -249,18 +481,31 @@ impl Default for GatewayConfig {
             max_connections: None,
             shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
             usage_queue_max: DEFAULT_USAGE_QUEUE_MAX,
+            models: Vec::new(),
+            default_model: None,
+            max_loaded_models: None,
+            memory_reserve_mb: DEFAULT_MEMORY_RESERVE_MB,
+            gpu_memory_reserve_mb: DEFAULT_GPU_MEMORY_RESERVE_MB,
+            memory_limit_mb: None,
         }
     }
 }
+
+/// Default of [`GatewayConfig::memory_reserve_mb`]: room for the system and llmgate.
+pub const DEFAULT_MEMORY_RESERVE_MB: u64 = 512;
+/// Default of [`GatewayConfig::gpu_memory_reserve_mb`]: room for the CUDA context and
+/// other programs' buffers.
+pub const DEFAULT_GPU_MEMORY_RESERVE_MB: u64 = 512;
 
 impl GatewayConfig {
     /// Checks every option and reports every one that cannot work, each saying what to
     /// fix, so that a person fixes a file in one go.
     pub fn validate(&self) -> Result<(), ConfigErrors> {
         let mut errors = Vec::new();
-        if self.model.is_none() || self.upstream.is_some() {
+        if self.upstream.is_some() || (self.model.is_none() && self.models.is_empty()) {
             errors.extend(self.upstream_uri().err());
         }
+        errors.extend(self.validate_models());
         errors.extend(self.validate_database().err());
         let ranges: [(&'static str, u64, u64, u64, &'static str); 10] = [
             (
@@ -346,6 +591,83 @@ impl GatewayConfig {
         }
     }
 
+    /// The models behind the gateway: `[[models]]`, then the one that `model` or
+    /// `upstream` names (a one-entry list when only those are given), named after its
+    /// file or repo ([`flag_model_name`]), or `upstream`.
+    pub fn model_list(&self) -> Vec<ModelConfig> {
+        let mut list = self.models.clone();
+        let flags = match (&self.model, &self.upstream) {
+            (_, Some(upstream)) => Some(ModelConfig {
+                upstream_key: self.upstream_key.clone(),
+                ..ModelConfig::remote(FLAG_UPSTREAM_NAME, upstream.clone())
+            }),
+            (Some(model), None) => Some(ModelConfig {
+                runner: Some(self.runner),
+                backend: Some(self.backend),
+                chat_format: self.chat_format.clone(),
+                n_ctx: self.n_ctx,
+                preload: true,
+                ..ModelConfig::local(flag_model_name(model), model.clone())
+            }),
+            (None, None) => None,
+        };
+        if let Some(mut entry) = flags {
+            // A `[[models]]` entry of the same name wins; the flag's model keeps a free name.
+            let taken = |n: &str| list.iter().any(|m: &ModelConfig| m.names().any(|x| x == n));
+            if taken(&entry.name) {
+                let base = entry.name.clone();
+                entry.name = (2..)
+                    .map(|i| format!("{base}-{i}"))
+                    .find(|n| !taken(n))
+                    .expect("a free name");
+            }
+            list.push(entry);
+        }
+        list
+    }
+
+    fn validate_models(&self) -> Vec<ConfigError> {
+        let mut errors = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (i, model) in self.models.iter().enumerate() {
+            let name = if model.name.is_empty() {
+                format!("#{}", i + 1)
+            } else {
+                model.name.clone()
+            };
+            let mut problems = model.problems();
+            for n in model.names() {
+                if !seen.insert(n.to_owned()) {
+                    problems.push(format!("the name '{n}' is used twice"));
+                }
+            }
+            errors.extend(problems.into_iter().map(|reason| ConfigError::BadModel {
+                name: name.clone(),
+                reason,
+            }));
+        }
+        if let Some(default) = &self.default_model {
+            if !self
+                .model_list()
+                .iter()
+                .any(|m| m.names().any(|n| n == default))
+            {
+                errors.push(ConfigError::BadModel {
+                    name: default.clone(),
+                    reason: "default_model names no model in the list".into(),
+                });
+            }
+        }
+        if self.max_loaded_models == Some(0) {
+            errors.push(ConfigError::OutOfRange {
+                name: "max_loaded_models",
+                rule: "at least 1 (leave it out for no limit)",
+                value: 0,
+            });
+        }
+        errors
+    }
+
     /// Checks `database_url` (also for the `keys` and `usage` commands).
     pub fn validate_database(&self) -> Result<(), ConfigError> {
         match &self.database_url {
@@ -358,25 +680,11 @@ impl GatewayConfig {
 
     /// The upstream as a URI.
     pub fn upstream_uri(&self) -> Result<Uri, ConfigError> {
-        let raw = self
-            .upstream
-            .as_deref()
-            .ok_or(ConfigError::MissingUpstream)?;
-        let uri: Uri =
-            raw.parse()
-                .map_err(|source: http::uri::InvalidUri| ConfigError::BadUpstream {
-                    upstream: raw.into(),
-                    reason: source.to_string(),
-                    source: Some(source),
-                })?;
-        match (uri.scheme_str(), uri.host()) {
-            (Some("http" | "https"), Some(_)) => Ok(uri),
-            _ => Err(ConfigError::BadUpstream {
-                upstream: raw.into(),
-                reason: "it needs http:// or https:// and a host".into(),
-                source: None,
-            }),
-        }
+        parse_upstream(
+            self.upstream
+                .as_deref()
+                .ok_or(ConfigError::MissingUpstream)?,
+        )
     }
 
     /// The proxy settings.

@@ -22,7 +22,6 @@ use http_body_util::Full;
 use llmgate_core::auth::{Caller, KeyCache, RequireKeyLayer};
 use llmgate_core::auth_usage::{AuthUsage, AuthUsageBody, AuthUsageLayer, ResponseFuture};
 use llmgate_core::error::ApiError;
-use llmgate_core::proxy::{Proxy, ProxyBody};
 use llmgate_core::storage::UsageStore;
 use llmgate_core::system::SystemMonitor;
 use llmgate_core::usage::UsageRecorder;
@@ -38,7 +37,7 @@ use tracing::Span;
 
 use crate::console;
 use crate::metrics::Metrics;
-use crate::models::ModelManager;
+use crate::models::{ModelRouter, Registry, RoutedBody};
 use crate::routes;
 
 /// What the handlers share.
@@ -52,8 +51,8 @@ pub struct AppState {
     pub recorder: UsageRecorder,
     /// CPU, memory and GPU.
     pub system: Arc<SystemMonitor>,
-    /// The model llmgate runs (or the external upstream it forwards to).
-    pub models: Arc<ModelManager>,
+    /// The models behind the gateway.
+    pub models: Arc<Registry>,
     /// Prometheus metrics (also the usage recorder's observer).
     pub metrics: Arc<Metrics>,
     /// Serve `/metrics` without a key (default: admin key needed).
@@ -69,7 +68,7 @@ impl AppState {
         usage: Arc<dyn UsageStore>,
         recorder: UsageRecorder,
         metrics: Arc<Metrics>,
-        models: Arc<ModelManager>,
+        models: Arc<Registry>,
     ) -> Result<Self, llmgate_core::system::SystemError> {
         Ok(Self {
             keys,
@@ -88,11 +87,11 @@ impl AppState {
 /// Every request has a panic answered with a 500; every request the access log
 /// ([`ACCESS_LOG`]) shows has its line there and its key headers marked sensitive. Model
 /// calls, shown only at DEBUG, skip those two layers when the log level is lower.
-pub fn app(state: AppState, proxy: Proxy, max_body_bytes: usize) -> App {
+pub fn app(state: AppState, max_body_bytes: usize) -> App {
     let keys = state.keys.clone();
     let gateway = AuthUsageLayer::new(keys.clone(), state.recorder.clone())
         .max_body_bytes(max_body_bytes)
-        .layer(NoteCaller(proxy));
+        .layer(NoteCaller(ModelRouter::new(state.models.clone())));
     let admin = Router::new()
         .route("/usage", get(routes::usage::all))
         .route("/usage/rejected", get(routes::usage::rejected))
@@ -100,9 +99,24 @@ pub fn app(state: AppState, proxy: Proxy, max_body_bytes: usize) -> App {
         .route("/usage/{key_id}/requests", get(routes::usage::requests))
         .route("/keys", get(routes::keys::list).post(routes::keys::create))
         .route("/system", get(routes::system::report))
-        .route("/models", get(routes::models::view))
-        .route("/models/run", axum::routing::post(routes::models::run))
-        .route("/models/stop", axum::routing::post(routes::models::stop))
+        .route(
+            "/models",
+            get(routes::models::list).post(routes::models::add),
+        )
+        .route(
+            "/models/{name}",
+            get(routes::models::one)
+                .patch(routes::models::change)
+                .delete(routes::models::remove),
+        )
+        .route(
+            "/models/{name}/load",
+            axum::routing::post(routes::models::load),
+        )
+        .route(
+            "/models/{name}/unload",
+            axum::routing::post(routes::models::unload),
+        )
         .route(
             "/keys/{key_id}",
             axum::routing::delete(routes::keys::revoke),
@@ -407,16 +421,16 @@ impl Dispatch {
     }
 }
 
-/// The metered proxy.
-type Gateway = AuthUsage<NoteCaller<Proxy>>;
+/// The metered proxy, sending each call to the model it names.
+type Gateway = AuthUsage<NoteCaller<ModelRouter>>;
 
 /// An answer's body: the metered proxy's, or the router's (no box for either: the
 /// panic layer boxes it once).
-type DispatchBody = http_body_util::Either<AuthUsageBody<ProxyBody>, Body>;
-type GatewayResponse = http::Response<AuthUsageBody<ProxyBody>>;
+type DispatchBody = http_body_util::Either<AuthUsageBody<RoutedBody>, Body>;
+type GatewayResponse = http::Response<AuthUsageBody<RoutedBody>>;
 type DispatchResult = Result<http::Response<DispatchBody>, Infallible>;
 type GatewayFuture = futures_util::future::Map<
-    ResponseFuture<ProxyBody, Infallible>,
+    ResponseFuture<RoutedBody, Infallible>,
     fn(Result<GatewayResponse, Infallible>) -> DispatchResult,
 >;
 type RouterFuture = futures_util::future::Map<

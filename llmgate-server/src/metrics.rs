@@ -100,14 +100,7 @@ fn latency_histogram() -> Histogram {
 
 /// The states `/metrics` reports: those of a model server (a set-up in progress shows
 /// as `none`).
-const MODEL_STATES: [ModelState; 6] = [
-    ModelState::None,
-    ModelState::Stopped,
-    ModelState::Starting,
-    ModelState::Ready,
-    ModelState::Restarting,
-    ModelState::Failed,
-];
+const MODEL_STATES: [ModelState; 7] = ModelState::ALL;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -348,7 +341,12 @@ impl Metrics {
         model: Option<&RunnerStatus>,
         format: Format,
     ) -> String {
-        let state = ModelState::of_runner(model);
+        let state = match model {
+            None => ModelState::Stopped,
+            Some(RunnerStatus::Ready) => ModelState::Ready,
+            Some(RunnerStatus::Failed { .. }) => ModelState::Failed,
+            Some(_) => ModelState::Loading,
+        };
         for s in MODEL_STATES {
             self.model_state
                 .get_or_create(&StateLabels {

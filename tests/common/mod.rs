@@ -8,14 +8,13 @@ use std::time::Duration;
 
 use llmgate_core::auth::{KeyCache, KeyRecord, Role, Secret};
 use llmgate_core::config::GatewayConfig;
-use llmgate_core::proxy::{Proxy, ProxyConfig};
 use llmgate_core::storage::{KeyStore, SqliteStore};
 pub use llmgate_core::test_util::{MockUpstream, SeenRequest};
 use llmgate_core::usage::{RecorderOptions, UsageRecorder, UsageWriter};
 use llmgate_server::app::{app, AppState};
 use llmgate_server::http::ConnectionLimits;
 use llmgate_server::metrics::Metrics;
-use llmgate_server::models::{ModelManager, Progress};
+use llmgate_server::models::{Progress, Registry};
 use serde_json::Value;
 
 /// Options for [`Gateway::start`].
@@ -90,16 +89,15 @@ impl Gateway {
             .upstream
             .clone()
             .unwrap_or_else(|| upstream.url.clone());
-        let mut proxy_config = ProxyConfig::new(upstream_url.parse().unwrap());
-        proxy_config.timeout = options.timeout;
-        let proxy = Proxy::new(proxy_config).unwrap();
         let gateway_config = GatewayConfig {
             upstream: Some(upstream_url.clone()),
+            upstream_timeout_secs: options.timeout.as_secs().max(1),
             python_env_dir: options.python_env_dir.clone(),
             model_ready_timeout_secs: 20,
             ..GatewayConfig::default()
         };
-        let models = ModelManager::new(gateway_config, proxy.clone(), Progress::ConsoleOnly);
+        let models = Registry::new(gateway_config, Progress::ConsoleOnly);
+        models.start();
         let metrics = Arc::new(Metrics::default());
         let recording = RecorderOptions {
             counter: None,
@@ -115,7 +113,7 @@ impl Gateway {
             models,
         )
         .unwrap();
-        let router = app(state, proxy, options.max_body_bytes);
+        let router = app(state, options.max_body_bytes);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
         let (shutdown, shutdown_asked) = tokio::sync::oneshot::channel::<()>();

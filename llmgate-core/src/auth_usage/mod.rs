@@ -67,3 +67,15 @@ pub use body::{AuthUsageBody, UsageBody};
 pub use future::ResponseFuture;
 pub use layer::{AuthUsageLayer, DEFAULT_MAX_BODY_BYTES};
 pub use service::{AuthUsage, BODY_STALL_TIMEOUT};
+
+/// The model a request names (the `model` of its JSON body, or of its multipart form),
+/// as the layer read it. The layer puts it in the request's extensions, so the service
+/// inside can pick a model server by it without reading the body again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestedModel(pub String);
+
+/// The model that served a request, by its canonical name. The service inside the layer
+/// may put it in the response's extensions (a router that resolved an alias): usage is
+/// then recorded under this name instead of the one the client sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedModel(pub std::sync::Arc<str>);

@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use tower::{Service, ServiceExt};
 
 use super::layer::Shared;
-use super::{AuthUsageBody, ResponseFuture, UsageBody};
+use super::{AuthUsageBody, RequestedModel, ResponseFuture, ServedModel, UsageBody};
 use crate::auth::{now_millis, AuthError, Caller};
 use crate::error::ApiError;
 use crate::usage::{inspect_request, ForCounting, RequestPlan, UsageGuard};
@@ -127,7 +127,8 @@ where
     } else {
         ForCounting::Skip
     };
-    let (request, mut plan) = match read_request(request, shared.max_body_bytes, counting).await {
+    let (mut request, mut plan) = match read_request(request, shared.max_body_bytes, counting).await
+    {
         Ok(read) => read,
         Err(err) => {
             let refusal = ApiError::from(err);
@@ -138,8 +139,16 @@ where
     };
 
     // The model asked for is known now, even if the client leaves before the answer.
-    guard.set_model(plan.model.take());
+    if let Some(model) = plan.model.take() {
+        request
+            .extensions_mut()
+            .insert(RequestedModel(model.clone()));
+        guard.set_model(Some(model));
+    }
     let response = inner.oneshot(request).await?;
+    if let Some(served) = response.extensions().get::<ServedModel>() {
+        guard.replace_model(&served.0);
+    }
     let status = response.status();
     guard.responded(status.as_u16());
     if !status.is_success() || matches!(method, Method::GET | Method::HEAD | Method::DELETE) {

@@ -407,8 +407,12 @@ impl LlamaCppPythonRunner {
             "--interrupt_requests".to_owned(),
             "false".to_owned(),
         ];
-        if spec.backend.offloads_to_gpu() {
-            args.extend(["--n_gpu_layers".to_owned(), "-1".to_owned()]);
+        match spec.gpu_layers {
+            Some(layers) => args.extend(["--n_gpu_layers".to_owned(), layers.to_string()]),
+            None if spec.backend.offloads_to_gpu() => {
+                args.extend(["--n_gpu_layers".to_owned(), "-1".to_owned()]);
+            }
+            None => {}
         }
         if let Some(format) = &spec.chat_format {
             args.extend(["--chat_format".to_owned(), format.clone()]);
@@ -416,6 +420,7 @@ impl LlamaCppPythonRunner {
         if let Some(n_ctx) = spec.n_ctx {
             args.extend(["--n_ctx".to_owned(), n_ctx.to_string()]);
         }
+        args.extend(spec.extra_args.iter().cloned());
         args
     }
 

@@ -47,12 +47,20 @@ impl LlamaServerRunner {
             "--port".to_owned(),
             port.to_string(),
         ];
-        if spec.backend.offloads_to_gpu() {
-            args.extend(["--n-gpu-layers".to_owned(), "999".to_owned()]);
+        match spec.gpu_layers {
+            Some(layers) => {
+                let layers = if layers < 0 { 999 } else { layers };
+                args.extend(["--n-gpu-layers".to_owned(), layers.to_string()]);
+            }
+            None if spec.backend.offloads_to_gpu() => {
+                args.extend(["--n-gpu-layers".to_owned(), "999".to_owned()]);
+            }
+            None => {}
         }
         if let Some(n_ctx) = spec.n_ctx {
             args.extend(["--ctx-size".to_owned(), n_ctx.to_string()]);
         }
+        args.extend(spec.extra_args.iter().cloned());
         args
     }
 }

@@ -201,6 +201,11 @@ pub struct ModelSpec {
     pub port: Option<u16>,
     /// How long to wait for the server to answer.
     pub ready_timeout: Duration,
+    /// Layers offloaded to the GPU (`-1`: all); `None`: all on a GPU backend, none on
+    /// the CPU.
+    pub gpu_layers: Option<i32>,
+    /// More arguments for the server, after llmgate's own.
+    pub extra_args: Vec<String>,
 }
 
 #[cfg(feature = "runner")]
@@ -218,6 +223,8 @@ impl ModelSpec {
             backend: Backend::Cpu,
             port: None,
             ready_timeout: DEFAULT_READY_TIMEOUT,
+            gpu_layers: None,
+            extra_args: Vec::new(),
         }
     }
 

@@ -982,6 +982,14 @@ impl UsageGuard {
         }
     }
 
+    /// The model that served the request, in place of the name the client sent.
+    pub(crate) fn replace_model(&mut self, model: &str) {
+        let record = self.record();
+        if record.model.as_deref() != Some(model) {
+            record.model = Some(model.to_owned());
+        }
+    }
+
     pub(crate) fn set_usage(&mut self, usage: TokenUsage) {
         let record = self.record();
         record.prompt_tokens = Some(usage.prompt_tokens);

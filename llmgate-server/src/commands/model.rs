@@ -1,5 +1,5 @@
 //! Getting a model and its server running: `llmgate up`, `serve --model`, `pull`, and
-//! the console's Run button (through [`crate::models::ModelManager`]).
+//! the models the gateway loads on demand (through [`crate::models::Registry`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -127,6 +127,37 @@ pub async fn start_model(
     config: &GatewayConfig,
     say: &dyn Reporter,
 ) -> Result<Arc<dyn ModelRunner>, StartError> {
+    let prepared = prepare_model(config, &ModelSpecExtras::default(), say).await?;
+    launch_model(prepared.runner, config, say).await
+}
+
+/// What [`ModelSpec`] takes beyond the gateway-wide settings: a `[[models]]` entry's own.
+#[derive(Debug, Clone, Default)]
+pub struct ModelSpecExtras {
+    /// Layers offloaded to the GPU.
+    pub gpu_layers: Option<i32>,
+    /// More server arguments.
+    pub args: Vec<String>,
+    /// The name clients see (the server's alias).
+    pub alias: Option<String>,
+}
+
+/// A model server ready to start: its runtime set up and its model file at hand.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The server, not started.
+    pub runner: Arc<dyn ModelRunner>,
+    /// The model file it will load.
+    pub model_file: PathBuf,
+}
+
+/// Sets up the backend if needed and gets the model file if needed; the server is made
+/// but not started ([`launch_model`]), so the caller can first decide whether it fits.
+pub async fn prepare_model(
+    config: &GatewayConfig,
+    extras: &ModelSpecExtras,
+    say: &dyn Reporter,
+) -> Result<Prepared, StartError> {
     let spec_for = |path: PathBuf| ModelSpec {
         chat_format: config
             .chat_format
@@ -135,10 +166,13 @@ pub async fn start_model(
         n_ctx: config.n_ctx,
         backend: config.backend,
         ready_timeout: Duration::from_secs(config.model_ready_timeout_secs),
+        gpu_layers: extras.gpu_layers,
+        extra_args: extras.args.clone(),
+        alias: extras.alias.clone(),
         ..ModelSpec::new(path)
     };
     let detail = |line: &str| say.detail(line);
-    let runner: Arc<dyn ModelRunner> = match config.runner {
+    let (runner, model_file): (Arc<dyn ModelRunner>, PathBuf) = match config.runner {
         RunnerKind::LlamaCppPython => {
             say.step(
                 Stage::SettingUp,
@@ -155,7 +189,10 @@ pub async fn start_model(
                 .map_err(StartError::Setup)?;
             say.detail(&format!("ready: {}", env.dir.display()));
             let path = resolve_model(config, Some(&env), say).await?;
-            Arc::new(LlamaCppPythonRunner::new(env, spec_for(path)))
+            (
+                Arc::new(LlamaCppPythonRunner::new(env, spec_for(path.clone()))),
+                path,
+            )
         }
         RunnerKind::LlamaServer => {
             let binary = config
@@ -164,9 +201,21 @@ pub async fn start_model(
                 .or_else(LlamaServerRunner::find_on_path)
                 .ok_or(StartError::NoLlamaServer)?;
             let path = resolve_model(config, None, say).await?;
-            Arc::new(LlamaServerRunner::new(binary, spec_for(path)))
+            (
+                Arc::new(LlamaServerRunner::new(binary, spec_for(path.clone()))),
+                path,
+            )
         }
     };
+    Ok(Prepared { runner, model_file })
+}
+
+/// Starts a prepared model server and waits until it answers.
+pub async fn launch_model(
+    runner: Arc<dyn ModelRunner>,
+    config: &GatewayConfig,
+    say: &dyn Reporter,
+) -> Result<Arc<dyn ModelRunner>, StartError> {
     say.step(
         Stage::Starting,
         &format!(

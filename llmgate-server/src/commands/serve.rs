@@ -5,16 +5,15 @@ use std::time::Duration;
 
 use llmgate_core::auth::{KeyCache, KeyRecord, Role, Secret};
 use llmgate_core::config::{ConfigError, GatewayConfig};
-use llmgate_core::proxy::{Proxy, ProxyError};
+use llmgate_core::proxy::ProxyError;
 use llmgate_core::storage::{KeyStore, Storage, StorageError};
 use llmgate_core::usage::{RecorderOptions, UsageRecorder};
 
 use super::OpenStoreError;
 use crate::app::{app, AppState};
 use crate::cli::Launch;
-use crate::commands::model::{Reporter, Stage};
 use crate::metrics::Metrics;
-use crate::models::{ModelError, ModelManager, Progress};
+use crate::models::{Progress, Registry};
 
 /// The environment variable that supplies the first admin key instead of generating one.
 pub const ADMIN_KEY_ENV: &str = "LLMGATE_ADMIN_KEY";
@@ -58,9 +57,6 @@ pub enum ServeError {
     /// The proxy could not be built.
     #[error(transparent)]
     Proxy(#[from] ProxyError),
-    /// The model could not be started.
-    #[error(transparent)]
-    Model(#[from] ModelError),
     /// The system monitor could not start.
     #[error(transparent)]
     Monitor(#[from] llmgate_core::system::SystemError),
@@ -85,14 +81,9 @@ pub async fn run(config: GatewayConfig, launch: Launch) -> Result<(), ServeError
         })?;
     let local = listener.local_addr().map_err(ServeError::LocalAddress)?;
 
-    let proxy = match &config.model {
-        Some(_) => Proxy::without_upstream(),
-        None => Proxy::new(config.proxy()?)?,
-    };
-    let models = ModelManager::new(config.clone(), proxy.clone(), Progress::AlsoOnTerminal);
-    if config.model.is_some() {
-        models.run_and_wait().await?;
-    }
+    // The gateway answers while the models that start with it load: the console works,
+    // and model calls get 503 saying the model is loading until it is ready.
+    let models = Registry::new(config.clone(), Progress::AlsoOnTerminal);
     let user_key = if launch == Launch::Up && first_run {
         UserKey::Create
     } else {
@@ -105,14 +96,10 @@ pub async fn run(config: GatewayConfig, launch: Launch) -> Result<(), ServeError
         store.clone(),
         listener,
         local,
-        proxy,
         models.clone(),
     )
     .await;
-    if models.runner().is_some() {
-        models.step(Stage::Stopping, "Stopping the model server");
-        models.stop().await;
-    }
+    models.stop_all().await;
     store.close().await;
     result
 }
@@ -134,8 +121,7 @@ async fn serve(
     store: Arc<dyn Storage>,
     listener: tokio::net::TcpListener,
     local: std::net::SocketAddr,
-    proxy: Proxy,
-    models: Arc<ModelManager>,
+    models: Arc<Registry>,
 ) -> Result<(), ServeError> {
     let metrics = Arc::new(Metrics::default());
     let options = RecorderOptions {
@@ -151,7 +137,7 @@ async fn serve(
     );
     let mut state = AppState::new(keys, store.clone(), recorder, metrics, models.clone())?;
     state.metrics_public = config.metrics_public;
-    let router = app(state, proxy, config.max_body_bytes as usize);
+    let router = app(state, config.max_body_bytes as usize);
 
     let user_key = match user_key {
         UserKey::Create => {
@@ -163,19 +149,16 @@ async fn serve(
         UserKey::None => None,
     };
     let shutdown = shutdown_signal();
-    let runner = models.runner();
-    print_welcome(
-        local,
-        admin_key.as_ref(),
-        user_key.as_ref(),
-        runner.as_ref().map(|r| r.kind()),
-    );
-    let upstream = match &runner {
-        Some(r) => format!("model server {}", r.base_url().unwrap_or_default()),
-        None => format!("upstream {}", config.upstream.as_deref().unwrap_or("-")),
+    let names = models.names();
+    print_welcome(local, admin_key.as_ref(), user_key.as_ref(), names.first());
+    let upstream = match (&config.upstream, names.len()) {
+        (Some(upstream), 1) => format!("upstream {upstream}"),
+        (_, 0) => "no model yet: add one with POST /admin/models".to_owned(),
+        _ => format!("models: {}", names.join(", ")),
     };
     println!("llmgate listening on http://{local} ({upstream})");
     tracing::info!(%local, "listening");
+    models.start();
 
     crate::http::raise_open_files_limit();
     let limits = crate::http::ConnectionLimits::from_config(config);
@@ -206,7 +189,7 @@ fn print_welcome(
     local: std::net::SocketAddr,
     admin: Option<&Secret>,
     user: Option<&Secret>,
-    model: Option<&str>,
+    model: Option<&String>,
 ) {
     let host = if local.ip().is_unspecified() {
         "127.0.0.1".to_string()
@@ -228,10 +211,10 @@ fn print_welcome(
             user.expose()
         );
     }
-    if model.is_some() {
+    if let Some(model) = model {
         let key = user.map_or("<key>", |k| k.expose());
         println!(
-            "Call it like OpenAI:\n    curl {base}/v1/chat/completions -H 'Authorization: Bearer {key}' \\\n         -H 'content-type: application/json' -d '{{\"model\":\"any\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'\n\
+            "Call it like OpenAI:\n    curl {base}/v1/chat/completions -H 'Authorization: Bearer {key}' \\\n         -H 'content-type: application/json' -d '{{\"model\":\"{model}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'\n\
              or from Python:\n    from openai import OpenAI\n    client = OpenAI(base_url=\"{base}/v1\", api_key=\"{key}\")\n"
         );
     }

@@ -16,7 +16,7 @@ pub async fn render(
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, HandlerError> {
     let format = Format::from_accept(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
-    let pid = state.models.runner().and_then(|m| m.pid());
+    let pid = state.models.servers().first().and_then(|(_, m)| m.pid());
     let monitor = state.system.clone();
     let system = tokio::task::spawn_blocking(move || monitor.report(pid))
         .await
@@ -24,7 +24,7 @@ pub async fn render(
             tracing::error!(error = %err, "system report failed");
             ApiError::internal()
         })?;
-    let status = state.models.runner().map(|m| m.status());
+    let status = state.models.servers().first().map(|(_, m)| m.status());
     let body = state.metrics.render(&system, status.as_ref(), format);
     Ok(([(header::CONTENT_TYPE, format.content_type())], body))
 }

@@ -10,7 +10,7 @@ use crate::app::AppState;
 
 /// The machine's state now (sampling may take a moment: off the async threads).
 pub async fn report(State(state): State<AppState>) -> Result<Json<SystemReport>, HandlerError> {
-    let pid = state.models.runner().and_then(|m| m.pid());
+    let pid = state.models.servers().first().and_then(|(_, m)| m.pid());
     let monitor = state.system.clone();
     let report = tokio::task::spawn_blocking(move || monitor.report(pid))
         .await

@@ -1,0 +1,250 @@
+//! [`ModelRouter`]: the service behind the auth-and-usage layer that sends each model
+//! call to the model it names, and answers `/v1/models` from the list.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response};
+use http_body::{Frame, SizeHint};
+use http_body_util::Full;
+use llmgate_core::auth_usage::{RequestedModel, ServedModel};
+use llmgate_core::proxy::ProxyBody;
+use llmgate_core::BoxError;
+use tower::Service;
+
+use super::{Lease, Registry, RouteError, Slot};
+
+/// Sends each request to the model its `model` names (by name or alias; the default
+/// model when it names none) and holds the model's place until the response body ends.
+#[derive(Clone, Debug)]
+pub struct ModelRouter {
+    registry: Arc<Registry>,
+}
+
+impl ModelRouter {
+    /// A router over `registry`.
+    pub fn new(registry: Arc<Registry>) -> Self {
+        Self { registry }
+    }
+}
+
+/// A response body with the model's place it holds: dropped when the body is.
+#[derive(Debug)]
+pub struct RoutedBody {
+    inner: ProxyBody,
+    _lease: Option<Lease>,
+}
+
+impl RoutedBody {
+    fn answer(bytes: Bytes) -> Self {
+        Self {
+            inner: ProxyBody::Right(Full::new(bytes)),
+            _lease: None,
+        }
+    }
+}
+
+impl From<Bytes> for RoutedBody {
+    fn from(bytes: Bytes) -> Self {
+        Self::answer(bytes)
+    }
+}
+
+impl http_body::Body for RoutedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.get_mut().inner)
+            .poll_frame(cx)
+            .map_err(Into::into)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+type Proxied = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+/// [`ModelRouter`]'s future: straight to the model server when it has room, else boxed
+/// (waiting for a load or a place).
+pub enum RouteFuture {
+    /// Forwarding now.
+    Direct {
+        /// The proxy's call.
+        call: Proxied,
+        /// The place it holds.
+        lease: Option<Lease>,
+        /// The canonical name, when the client used another one.
+        served: Option<Arc<str>>,
+    },
+    /// Waiting first, or answered by the gateway.
+    Waiting(Pin<Box<dyn Future<Output = Response<RoutedBody>> + Send>>),
+}
+
+impl std::fmt::Debug for RouteFuture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Direct { .. } => "RouteFuture::Direct",
+            Self::Waiting(_) => "RouteFuture::Waiting",
+        })
+    }
+}
+
+impl Future for RouteFuture {
+    type Output = Result<Response<RoutedBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Self::Direct {
+                call,
+                lease,
+                served,
+            } => {
+                let Ok(response) = std::task::ready!(call.as_mut().poll(cx));
+                Poll::Ready(Ok(finish(response, lease.take(), served.take())))
+            }
+            Self::Waiting(future) => future.as_mut().poll(cx).map(Ok),
+        }
+    }
+}
+
+fn finish(
+    response: Response<ProxyBody>,
+    lease: Option<Lease>,
+    served: Option<Arc<str>>,
+) -> Response<RoutedBody> {
+    let mut response = response.map(|inner| RoutedBody {
+        inner,
+        _lease: lease,
+    });
+    if let Some(name) = served {
+        response.extensions_mut().insert(ServedModel(name));
+    }
+    response
+}
+
+/// A route error as the client sees it, with `Retry-After` where waiting helps.
+fn refuse(err: &RouteError) -> Response<RoutedBody> {
+    let (api, retry_after) = err.to_api();
+    let mut response = api.into_response::<RoutedBody>();
+    if let Some(secs) = retry_after {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    response
+}
+
+impl Service<Request<Body>> for ModelRouter {
+    type Response = Response<RoutedBody>;
+    type Error = Infallible;
+    type Future = RouteFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Body>) -> RouteFuture {
+        let path = request.uri().path();
+        if path.starts_with("/v1/models")
+            && matches!(*request.method(), Method::GET | Method::HEAD)
+            && !self.registry.lists_upstream_models()
+        {
+            let answer = list_models(&self.registry, path);
+            return RouteFuture::Waiting(Box::pin(std::future::ready(answer)));
+        }
+        let requested = request
+            .extensions()
+            .get::<RequestedModel>()
+            .map(|m| m.0.as_str());
+        let slot = match self.registry.route(requested) {
+            Ok(slot) => slot,
+            Err(err) => {
+                return RouteFuture::Waiting(Box::pin(std::future::ready(refuse(&err))));
+            }
+        };
+        // Usage goes under the canonical name, not an alias (or no name at all); the one
+        // upstream `--upstream` gives takes any name, and keeps the client's.
+        let served = match requested {
+            Some(name) if name == slot.name() => None,
+            Some(name) if slot.config.names().any(|n| n == name) => Some(slot.name.clone()),
+            Some(_) => None,
+            None if self.registry.lists_upstream_models() => None,
+            None => Some(slot.name.clone()),
+        };
+        if let Some(lease) = slot.try_lease() {
+            let call = slot.proxy.clone().call(request);
+            return RouteFuture::Direct {
+                call,
+                lease: Some(lease),
+                served,
+            };
+        }
+        let registry = self.registry.clone();
+        RouteFuture::Waiting(Box::pin(wait_then_forward(registry, slot, request, served)))
+    }
+}
+
+async fn wait_then_forward(
+    registry: Arc<Registry>,
+    slot: Arc<Slot>,
+    request: Request<Body>,
+    served: Option<Arc<str>>,
+) -> Response<RoutedBody> {
+    match registry.lease(&slot).await {
+        Ok(lease) => {
+            let Ok(response) = slot.proxy.clone().call(request).await;
+            finish(response, Some(lease), served)
+        }
+        Err(err) => refuse(&err),
+    }
+}
+
+/// `GET /v1/models` and `/v1/models/{id}` in OpenAI's format, from the list, whether or
+/// not the models are loaded.
+fn list_models(registry: &Registry, path: &str) -> Response<RoutedBody> {
+    let entry = |name: &str| {
+        serde_json::json!({
+            "id": name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "llmgate",
+        })
+    };
+    let body = match path.strip_prefix("/v1/models").unwrap_or("") {
+        "" | "/" => serde_json::json!({
+            "object": "list",
+            "data": registry.names().iter().map(|n| entry(n)).collect::<Vec<_>>(),
+        }),
+        id => {
+            let id = id.trim_start_matches('/');
+            let id = percent_encoding::percent_decode_str(id)
+                .decode_utf8_lossy()
+                .into_owned();
+            match registry.find(&id) {
+                Some(_) => entry(&id),
+                None => return refuse(&RouteError::Unknown(id)),
+            }
+        }
+    };
+    let mut response = Response::new(RoutedBody::answer(Bytes::from(body.to_string())));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
