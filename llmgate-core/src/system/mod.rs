@@ -250,16 +250,24 @@ mod tests {
         assert!(free.ram_available_bytes > 0, "{free:?}");
         assert!(free.ram_available_bytes <= free.ram_total_bytes, "{free:?}");
 
-        // Memory this test takes and touches is no longer available (other tests and
-        // builds on the machine move the figure too: allow them 200 MiB).
-        let before = free_memory().ram_available_bytes;
-        let held = vec![1u8; 512 << 20];
-        let during = free_memory().ram_available_bytes;
+        // Memory this test takes and touches is no longer available. Other processes
+        // on the machine move the figure too (a build that ends frees gigabytes): the
+        // drop must show in one of a few tries, each allowing them 200 MiB.
+        let drops: Vec<(u64, u64)> = (0..5)
+            .map(|_| {
+                let before = free_memory().ram_available_bytes;
+                let held = std::hint::black_box(vec![1u8; 512 << 20]);
+                let during = free_memory().ram_available_bytes;
+                drop(held);
+                (before, during)
+            })
+            .collect();
         assert!(
-            during + (312 << 20) < before,
-            "{before} bytes available before taking 512 MiB, {during} after"
+            drops
+                .iter()
+                .any(|&(before, during)| during + (312 << 20) < before),
+            "bytes available before and while holding 512 MiB: {drops:?}"
         );
-        drop(held);
 
         assert_eq!(
             free.gpus.len(),
