@@ -150,7 +150,8 @@ pub enum GgufError {
 pub struct GgufInfo {
     /// `general.architecture`, e.g. `llama`, `gemma3`, `qwen2`.
     pub architecture: String,
-    /// The file's size in bytes: the weights, as llama.cpp maps them whole.
+    /// The file's size in bytes, or the size of all its parts for a model split into
+    /// several files (`split.count`): the weights, as llama.cpp maps them whole.
     pub file_size: u64,
     /// Transformer layers (`{arch}.block_count`).
     pub block_count: Option<u64>,
@@ -319,7 +320,51 @@ pub fn read_gguf_info(path: &Path) -> Result<GgufInfo, GgufError> {
         pos: 0,
         len,
     };
-    parse(&mut reader).map_err(|problem| problem.at(path, len))
+    let (mut info, split_count) = parse(&mut reader).map_err(|problem| problem.at(path, len))?;
+    if let Some(count) = split_count.filter(|&n| n > 1) {
+        info.file_size = split_size(path, count, len)?;
+    }
+    Ok(info)
+}
+
+/// The size of all parts of a model split into `count` files, `path` being one of them.
+///
+/// llama.cpp names the parts `PREFIX-00001-of-00003.gguf` and loads them all from the
+/// first; a part that is missing is an error (the model cannot load without it). A
+/// part renamed out of that pattern is taken as `count` parts of its size.
+fn split_size(path: &Path, count: u64, len: u64) -> Result<u64, GgufError> {
+    let parts = path
+        .file_name()
+        .and_then(|name| name.to_str())
+        .and_then(|name| split_part_names(name, count));
+    let Some(parts) = parts else {
+        return Ok(len.saturating_mul(count));
+    };
+    let dir = path.parent().unwrap_or(Path::new(""));
+    parts.iter().try_fold(0u64, |total, name| {
+        let part = dir.join(name);
+        let size = std::fs::metadata(&part)
+            .map_err(|source| GgufError::Io { path: part, source })?
+            .len();
+        Ok(total.saturating_add(size))
+    })
+}
+
+/// Every part's file name, when `name` is one of `count` parts named as llama.cpp does.
+fn split_part_names(name: &str, count: u64) -> Option<Vec<String>> {
+    let stem = name.strip_suffix(".gguf")?;
+    let (rest, of) = stem.rsplit_once("-of-")?;
+    let (prefix, index) = rest.rsplit_once('-')?;
+    let five_digits = |s: &str| s.len() == 5 && s.bytes().all(|b| b.is_ascii_digit());
+    let named_count: u64 = of.parse().ok()?;
+    if !five_digits(index) || !five_digits(of) || named_count != count {
+        return None;
+    }
+    Some(
+        (1..=count)
+            .map(|i| format!("{prefix}-{i:05}-of-{count:05}.gguf"))
+            .collect(),
+    )
 }
 
 /// What went wrong, before the path is known to attach.
@@ -572,6 +617,7 @@ enum Wanted {
     Architecture,
     Size(String),
     VocabularyLength,
+    SplitCount,
     Nothing,
 }
 
@@ -581,6 +627,9 @@ fn wanted(key: &str, architecture: Option<&str>) -> Wanted {
     }
     if key == "tokenizer.ggml.tokens" {
         return Wanted::VocabularyLength;
+    }
+    if key == "split.count" {
+        return Wanted::SplitCount;
     }
     let Some((prefix, suffix)) = key.split_once('.') else {
         return Wanted::Nothing;
@@ -593,7 +642,8 @@ fn wanted(key: &str, architecture: Option<&str>) -> Wanted {
     }
 }
 
-fn parse<R: Read + Seek>(r: &mut Reader<R>) -> Result<GgufInfo, Problem> {
+/// The header's sizes, and how many files the model is split into (`split.count`).
+fn parse<R: Read + Seek>(r: &mut Reader<R>) -> Result<(GgufInfo, Option<u64>), Problem> {
     if r.len < 4 || r.read_array::<4>()? != *b"GGUF" {
         return Err(Problem::NotGguf);
     }
@@ -612,6 +662,7 @@ fn parse<R: Read + Seek>(r: &mut Reader<R>) -> Result<GgufInfo, Problem> {
     let mut architecture: Option<String> = None;
     let mut sizes: HashMap<String, u64> = HashMap::new();
     let mut vocabulary_length = None;
+    let mut split_count = None;
     for _ in 0..kv_count {
         let key = r.read_string(MAX_KEY_BYTES, "a metadata key")?;
         let ty = r.read_type()?;
@@ -624,6 +675,7 @@ fn parse<R: Read + Seek>(r: &mut Reader<R>) -> Result<GgufInfo, Problem> {
                 vocabulary_length = Some(count);
                 r.skip_elements(element, count, 1)?;
             }
+            Wanted::SplitCount if ty.is_integer() => split_count = r.read_int(ty)?,
             Wanted::Size(key) if ty.is_integer() || ty == ValueType::Array => {
                 let value = read_size(r, ty)?;
                 if let Some(value) = value.filter(|_| sizes.len() < MAX_PENDING_SIZES) {
@@ -636,7 +688,7 @@ fn parse<R: Read + Seek>(r: &mut Reader<R>) -> Result<GgufInfo, Problem> {
 
     let architecture = architecture.ok_or(Problem::NoArchitecture)?;
     let size = |suffix: &str| sizes.get(&format!("{architecture}.{suffix}")).copied();
-    Ok(GgufInfo {
+    let info = GgufInfo {
         file_size: r.len,
         block_count: size("block_count"),
         context_length: size("context_length"),
@@ -647,7 +699,8 @@ fn parse<R: Read + Seek>(r: &mut Reader<R>) -> Result<GgufInfo, Problem> {
         value_length: size("attention.value_length"),
         vocab_size: size("vocab_size").or(vocabulary_length),
         architecture,
-    })
+    };
+    Ok((info, split_count))
 }
 
 /// A size: an integer, or the largest of a per-layer integer array (models whose layers
@@ -889,6 +942,43 @@ mod tests {
             ("qwen2", Some(24))
         );
         assert_eq!(info.vocab_size, None);
+    }
+
+    #[test]
+    fn a_split_model_weighs_all_its_parts() {
+        let dir = tempfile::tempdir().unwrap();
+        let part = |index: u16, tensor_bytes: usize| {
+            let header = GgufWriter::default()
+                .kv("general.architecture", V::Str("llama"))
+                .kv("split.no", V::U16(index - 1))
+                .kv("split.count", V::U16(3));
+            header.finish(3, header.entries, tensor_bytes)
+        };
+        let first = dir.path().join("big-00001-of-00003.gguf");
+        std::fs::write(&first, part(1, 1000)).unwrap();
+        std::fs::write(dir.path().join("big-00002-of-00003.gguf"), part(2, 5000)).unwrap();
+        // The third part is missing: the model cannot load, and the error names it.
+        let missing = read_gguf_info(&first).unwrap_err();
+        assert!(
+            missing.to_string().contains("big-00003-of-00003.gguf"),
+            "{missing}"
+        );
+        assert!(matches!(missing, GgufError::Io { .. }), "{missing}");
+        std::fs::write(dir.path().join("big-00003-of-00003.gguf"), part(3, 7000)).unwrap();
+        let total: u64 = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        assert_eq!(read_gguf_info(&first).unwrap().file_size, total);
+        // Any part tells the whole model's size.
+        let second = dir.path().join("big-00002-of-00003.gguf");
+        assert_eq!(read_gguf_info(&second).unwrap().file_size, total);
+
+        // A part renamed out of llama.cpp's pattern counts as three of its size.
+        let renamed = dir.path().join("renamed.gguf");
+        std::fs::copy(&first, &renamed).unwrap();
+        let len = std::fs::metadata(&renamed).unwrap().len();
+        assert_eq!(read_gguf_info(&renamed).unwrap().file_size, 3 * len);
     }
 
     #[test]
