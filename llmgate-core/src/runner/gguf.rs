@@ -31,11 +31,11 @@ pub const DEFAULT_N_CTX_LLAMA_CPP_PYTHON: u32 = 2048;
 /// The context length assumed when none is configured and the file does not say what
 /// the model was trained for. `llama-server` builds from before `--ctx-size 0` ("from
 /// the model") became the default used 4096; current builds use the model's own
-/// `context_length`, which every file llama.cpp itself writes has.
+/// `context_length`, which llama.cpp's conversion scripts write into every file.
 pub const FALLBACK_N_CTX: u32 = 4096;
 
-/// llama.cpp rounds the KV cache up to a multiple of this many cells (it pads the
-/// context to 256 so that flash attention's kernels see whole blocks).
+/// llama.cpp rounds the KV cache up to a whole number of blocks of cells (256 with flash
+/// attention, less without); the larger rounding is assumed.
 const KV_CELL_PADDING: u64 = 256;
 
 /// Tokens llama.cpp evaluates in one pass (`n_ubatch`, 512 in both runners): the
@@ -179,6 +179,10 @@ pub struct GgufInfo {
 /// An estimate from the header, on the generous side: it is for deciding whether a
 /// model fits before starting it, where guessing low means the machine swaps or the
 /// GPU runs out of memory mid-load.
+///
+/// A model on the CPU needs [`total_bytes`](Self::total_bytes) of RAM; a model whose
+/// layers are all offloaded needs [`device_bytes`](Self::device_bytes) of GPU memory
+/// and [`host_bytes`](Self::host_bytes) of RAM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 pub struct MemoryEstimate {
     /// The weights: the file's size (llama.cpp maps or loads the file whole; the header
