@@ -12,6 +12,9 @@
 //!
 //! Processes are supervised by [`process::Supervisor`]: readiness with a timeout,
 //! captured output, restarts with backoff, and SIGTERM-then-SIGKILL on stop.
+//!
+//! [`gguf`] reads a model file's header to estimate, before a start, how much memory
+//! the server will take for it.
 
 #[cfg(feature = "runner")]
 mod chat_template;
@@ -19,6 +22,8 @@ mod chat_template;
 mod default_model;
 #[cfg(feature = "runner")]
 mod external;
+#[cfg(feature = "runner")]
+pub mod gguf;
 #[cfg(feature = "runner")]
 mod http;
 #[cfg(feature = "runner")]

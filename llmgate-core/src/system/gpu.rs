@@ -30,6 +30,19 @@ pub struct GpuDevice {
     pub power_watts: Option<f64>,
 }
 
+/// One GPU's memory, for deciding whether a model fits on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GpuMemory {
+    /// Index as NVML numbers them (as `CUDA_VISIBLE_DEVICES` does by default).
+    pub index: u32,
+    /// Model name.
+    pub name: String,
+    /// Memory not in use, bytes.
+    pub free_bytes: u64,
+    /// Memory installed, bytes.
+    pub total_bytes: u64,
+}
+
 pub(super) struct Gpus {
     #[cfg(feature = "nvml")]
     nvml: Option<nvml_wrapper::Nvml>,
@@ -67,6 +80,33 @@ impl Gpus {
             message: NONE.to_owned(),
         }
     }
+
+    /// Each GPU's free and total memory; a GPU whose memory cannot be read is left out
+    /// (nothing can be placed on it knowingly).
+    pub(super) fn memory(&self) -> Vec<GpuMemory> {
+        #[cfg(feature = "nvml")]
+        if let Some(nvml) = &self.nvml {
+            return nvml_memory(nvml);
+        }
+        Vec::new()
+    }
+}
+
+#[cfg(feature = "nvml")]
+fn nvml_memory(nvml: &nvml_wrapper::Nvml) -> Vec<GpuMemory> {
+    let count = nvml.device_count().unwrap_or(0);
+    (0..count)
+        .filter_map(|index| {
+            let device = nvml.device_by_index(index).ok()?;
+            let memory = device.memory_info().ok()?;
+            Some(GpuMemory {
+                index,
+                name: device.name().unwrap_or_else(|_| "unknown GPU".to_owned()),
+                free_bytes: memory.free,
+                total_bytes: memory.total,
+            })
+        })
+        .collect()
 }
 
 #[cfg(feature = "nvml")]

@@ -4,16 +4,19 @@
 //! [`SystemMonitor`] samples with `sysinfo` and, with the `nvml` feature (on by default),
 //! NVML. Where NVML is absent (no NVIDIA driver) the report says "no GPU found": never
 //! an error.
+//!
+//! [`free_memory`] is the cheap question asked before a model starts: how much RAM and
+//! GPU memory is free right now.
 
 mod gpu;
 
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use sysinfo::{Pid, ProcessesToUpdate, System};
+use sysinfo::{MemoryRefreshKind, Pid, ProcessesToUpdate, System};
 
-pub use gpu::{GpuDevice, GpuReport};
+pub use gpu::{GpuDevice, GpuMemory, GpuReport};
 
 /// The operating system would not say how the machine is doing.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +70,46 @@ pub struct ProcessReport {
     pub memory_bytes: u64,
     /// CPU usage in percent of one core (above 100 when it uses several).
     pub cpu_percent: f32,
+}
+
+/// Memory free right now, for deciding whether a model fits before starting it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FreeMemory {
+    /// RAM that can be had without swapping (the kernel's `MemAvailable` on Linux:
+    /// free memory plus caches it can drop). 0, with `ram_total_bytes` 0, when the
+    /// operating system would not say.
+    pub ram_available_bytes: u64,
+    /// RAM installed.
+    pub ram_total_bytes: u64,
+    /// Each NVIDIA GPU; empty without one, without its driver, or without the `nvml`
+    /// feature.
+    pub gpus: Vec<GpuMemory>,
+}
+
+/// How much RAM and GPU memory is free now.
+///
+/// Cheap enough to call before each model start: it refreshes the memory figures only
+/// (no process or CPU scan), and loads sysinfo's state and NVML once per process. A
+/// container's memory limit is not applied: the figures are the machine's.
+pub fn free_memory() -> FreeMemory {
+    static SYSTEM: OnceLock<Option<Mutex<System>>> = OnceLock::new();
+    static GPUS: OnceLock<gpu::Gpus> = OnceLock::new();
+    let system = SYSTEM.get_or_init(|| {
+        System::new()
+            .map_err(|e| tracing::debug!(error = %e, "memory figures not available"))
+            .ok()
+            .map(Mutex::new)
+    });
+    let (ram_available_bytes, ram_total_bytes) = system.as_ref().map_or((0, 0), |system| {
+        let mut system = system.lock().unwrap_or_else(PoisonError::into_inner);
+        system.refresh_memory_specifics(MemoryRefreshKind::nothing().with_ram());
+        (system.available_memory(), system.total_memory())
+    });
+    FreeMemory {
+        ram_available_bytes,
+        ram_total_bytes,
+        gpus: GPUS.get_or_init(gpu::Gpus::load).memory(),
+    }
 }
 
 /// Samples the machine. Cheap to share; sampling takes a lock for a few milliseconds.
@@ -199,6 +242,56 @@ mod tests {
     }
 
     #[test]
+    fn free_memory_is_what_the_machine_has_free() {
+        let monitor = SystemMonitor::new().unwrap();
+        let report = monitor.report(None);
+        let free = free_memory();
+        assert_eq!(free.ram_total_bytes, report.memory.total_bytes);
+        assert!(free.ram_available_bytes > 0, "{free:?}");
+        assert!(free.ram_available_bytes <= free.ram_total_bytes, "{free:?}");
+
+        // Memory this test takes and touches is no longer available. Other processes
+        // on the machine move the figure too (a build that ends frees gigabytes): the
+        // drop must show in one of a few tries, each allowing them 200 MiB.
+        let drops: Vec<(u64, u64)> = (0..5)
+            .map(|_| {
+                let before = free_memory().ram_available_bytes;
+                let held = std::hint::black_box(vec![1u8; 512 << 20]);
+                let during = free_memory().ram_available_bytes;
+                drop(held);
+                (before, during)
+            })
+            .collect();
+        assert!(
+            drops
+                .iter()
+                .any(|&(before, during)| during + (312 << 20) < before),
+            "bytes available before and while holding 512 MiB: {drops:?}"
+        );
+
+        assert_eq!(
+            free.gpus.len(),
+            report.gpu.devices.len(),
+            "the same GPUs as the system report"
+        );
+        for (gpu, device) in free.gpus.iter().zip(&report.gpu.devices) {
+            assert_eq!((gpu.index, &gpu.name), (device.index, &device.name));
+            assert!(gpu.free_bytes <= gpu.total_bytes && gpu.total_bytes >= 1 << 30);
+        }
+    }
+
+    #[test]
+    fn free_memory_is_cheap_enough_for_each_model_start() {
+        free_memory();
+        let started = Instant::now();
+        for _ in 0..100 {
+            free_memory();
+        }
+        let each = started.elapsed() / 100;
+        assert!(each < Duration::from_millis(20), "{each:?} per call");
+    }
+
+    #[test]
     fn without_an_nvidia_driver_the_report_says_no_gpu_found() {
         // The development machine and CI have no NVIDIA driver.
         if has_nvidia_driver() {
@@ -206,6 +299,7 @@ mod tests {
         }
         let report = SystemMonitor::new().unwrap().report(None);
         assert!(report.gpu.devices.is_empty());
+        assert!(free_memory().gpus.is_empty());
         assert_eq!(report.gpu.message, "no GPU found");
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["gpu"]["message"], "no GPU found");
