@@ -31,6 +31,14 @@ pub struct Options {
     /// Served on this many event loops by `http::serve_on_loops`, as `llmgate serve`
     /// serves; by default on the test's runtime by `http::serve`.
     pub loops: Option<usize>,
+    /// `[[models]]`, besides the mock upstream (named `upstream`).
+    pub models: Vec<llmgate_core::config::ModelConfig>,
+    /// `memory_limit_mb`.
+    pub memory_limit_mb: Option<u64>,
+    /// `max_loaded_models`.
+    pub max_loaded_models: Option<u32>,
+    /// The `llama-server` binary (a stand-in, in tests).
+    pub llama_server: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -41,6 +49,10 @@ impl Default for Options {
             timeout: Duration::from_secs(30),
             python_env_dir: None,
             loops: None,
+            models: Vec::new(),
+            memory_limit_mb: None,
+            max_loaded_models: None,
+            llama_server: None,
         }
     }
 }
@@ -94,6 +106,11 @@ impl Gateway {
             upstream_timeout_secs: options.timeout.as_secs().max(1),
             python_env_dir: options.python_env_dir.clone(),
             model_ready_timeout_secs: 20,
+            models: options.models.clone(),
+            memory_limit_mb: options.memory_limit_mb,
+            max_loaded_models: options.max_loaded_models,
+            llama_server: options.llama_server.clone(),
+            data_dir: dir.path().to_owned(),
             ..GatewayConfig::default()
         };
         let models = Registry::new(gateway_config, Progress::ConsoleOnly);

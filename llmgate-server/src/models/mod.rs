@@ -213,17 +213,8 @@ pub enum RouteError {
         message: String,
     },
     /// Not enough memory even with every idle model stopped.
-    #[error("Model `{name}` needs about {needed_mib} MiB but {free_mib} MiB is free; {holders}.")]
-    NoRoom {
-        /// The model.
-        name: String,
-        /// What it needs.
-        needed_mib: u64,
-        /// What is free for it.
-        free_mib: u64,
-        /// What holds the rest, in words.
-        holders: String,
-    },
+    #[error("{0}")]
+    NoRoom(String),
     /// Too many requests wait for it already.
     #[error("Model `{name}` has {queued} requests waiting; try again shortly.")]
     QueueFull {
@@ -268,7 +259,7 @@ impl RouteError {
             Self::SettingUp { .. } => (unavailable("model_loading"), Some(10)),
             Self::NotReady { .. } => (unavailable("model_not_ready"), Some(10)),
             Self::LoadFailed { .. } => (unavailable("model_load_failed"), Some(30)),
-            Self::NoRoom { .. } => (unavailable("insufficient_memory"), Some(30)),
+            Self::NoRoom(_) => (unavailable("insufficient_memory"), Some(30)),
             Self::QueueFull { .. } => (unavailable("model_overloaded"), Some(1)),
             Self::Busy { .. } => (unavailable("model_overloaded"), Some(1)),
         }
@@ -530,9 +521,13 @@ impl Registry {
                     }
                     ModelState::Failed => {
                         if my_load == Some(life.load_generation) {
-                            return Err(RouteError::LoadFailed {
-                                name: slot.name().to_owned(),
-                                message: life.message.clone(),
+                            return Err(if life.no_room {
+                                RouteError::NoRoom(life.message.clone())
+                            } else {
+                                RouteError::LoadFailed {
+                                    name: slot.name().to_owned(),
+                                    message: life.message.clone(),
+                                }
                             });
                         }
                         drop(life);
@@ -590,6 +585,7 @@ impl Registry {
             life.percent = None;
             life.setup_log.clear();
             life.load_started = Some(Instant::now());
+            life.no_room = false;
             life.load_generation
         };
         slot.changed();
@@ -624,10 +620,18 @@ impl Registry {
             let prepared = prepare_model(&config, &extras, slot.as_ref())
                 .await
                 .map_err(|e| crate::error_chain(&e))?;
-            let needed = memory::estimate(&prepared.model_file, config.n_ctx, config.runner);
-            self.admit(slot, needed, config.backend.offloads_to_gpu())
-                .await
-                .map_err(|e| e.to_string())?;
+            let gpu = config.backend.offloads_to_gpu() && slot.config.gpu_layers != Some(0);
+            let needed = memory::estimate(
+                prepared.model_file.clone(),
+                config.n_ctx,
+                config.runner,
+                gpu,
+            )
+            .await;
+            if let Err(err) = self.admit(slot, needed, gpu).await {
+                slot.life().no_room = true;
+                return Err(err.to_string());
+            }
             let runner = launch_model(prepared.runner, &config, slot.as_ref())
                 .await
                 .map_err(|e| crate::error_chain(&e))?;
@@ -768,12 +772,12 @@ impl Registry {
                             self.base.max_loaded_models.unwrap_or(0)
                         )
                     };
-                    return Err(RouteError::NoRoom {
-                        name: slot.name().to_owned(),
-                        needed_mib: mib(needed),
-                        free_mib: if free == u64::MAX { 0 } else { mib(free) },
-                        holders,
-                    });
+                    return Err(RouteError::NoRoom(format!(
+                        "Model `{}` needs about {} MiB but {} MiB is free; {holders}.",
+                        slot.name(),
+                        mib(needed),
+                        if free == u64::MAX { 0 } else { mib(free) },
+                    )));
                 }
             }
         }

@@ -32,6 +32,8 @@ pub(crate) struct Life {
     pub load_started: Option<Instant>,
     /// Counts loads; a waiter knows whether the failure it sees is of its own load.
     pub load_generation: u64,
+    /// The last load failed for want of memory (not a broken model).
+    pub no_room: bool,
 }
 
 /// One model: settings, life, requests.
@@ -89,6 +91,7 @@ impl Slot {
                 memory_bytes: None,
                 load_started: None,
                 load_generation: 0,
+                no_room: false,
             }),
             changes: watch::channel(0).0,
             in_flight: AtomicU32::new(0),
