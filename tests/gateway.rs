@@ -849,7 +849,11 @@ async fn metrics_count_requests_tokens_and_latency_per_key_and_need_an_admin_key
         Some(3.0)
     );
     assert_eq!(
-        sample(&all, "llmgate_model_state", &[("state", "none")]),
+        sample(
+            &all,
+            "llmgate_model_state",
+            &[("model", "default"), ("state", "ready")]
+        ),
         Some(1.0)
     );
     assert!(sample(&all, "llmgate_memory_total_bytes", &[]).unwrap() > 0.0);

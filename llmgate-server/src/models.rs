@@ -16,6 +16,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::commands::model::{start_model, Reporter, Stage, StartError, TerminalReporter};
+use crate::metrics::ModelGauge;
 
 /// Set-up lines kept for the console.
 const SETUP_LINES: usize = 200;
@@ -235,6 +236,28 @@ impl ModelManager {
             percent: inner.percent,
             log,
         }
+    }
+
+    /// The model as `/metrics` shows it (see [`Metrics::set_model_gauges`]): one model,
+    /// named `default`, in the states the admin API names.
+    ///
+    /// [`Metrics::set_model_gauges`]: crate::metrics::Metrics::set_model_gauges
+    pub fn gauges(&self) -> Vec<ModelGauge> {
+        let state = match self.view().state {
+            ModelState::None | ModelState::Stopped => "stopped",
+            ModelState::SettingUp => "setting_up",
+            ModelState::Downloading => "downloading",
+            ModelState::Starting | ModelState::Restarting => "loading",
+            ModelState::Ready | ModelState::External => "ready",
+            ModelState::Stopping => "unloading",
+            ModelState::Failed => "failed",
+        };
+        vec![ModelGauge {
+            name: "default".to_owned(),
+            state,
+            in_flight: 0,
+            queued: 0,
+        }]
     }
 
     /// Starts setting up and running `model` on `backend` in the background; the

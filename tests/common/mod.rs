@@ -101,6 +101,8 @@ impl Gateway {
         };
         let models = ModelManager::new(gateway_config, proxy.clone(), Progress::ConsoleOnly);
         let metrics = Arc::new(Metrics::default());
+        let gauges = models.clone();
+        metrics.set_model_gauges(Arc::new(move || gauges.gauges()));
         let recording = RecorderOptions {
             counter: None,
             observer: Some(metrics.clone()),

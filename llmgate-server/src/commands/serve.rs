@@ -138,6 +138,8 @@ async fn serve(
     models: Arc<ModelManager>,
 ) -> Result<(), ServeError> {
     let metrics = Arc::new(Metrics::default());
+    let gauges = models.clone();
+    metrics.set_model_gauges(Arc::new(move || gauges.gauges()));
     let options = RecorderOptions {
         counter: Some(models.clone()),
         observer: Some(metrics.clone()),
