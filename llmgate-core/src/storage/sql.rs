@@ -884,8 +884,10 @@ impl<'b> NameIds<'b> {
 pub(super) mod before_usage_models {
     use super::ModelUsage;
 
-    /// Rows: (key, model, prompt tokens, completion tokens), NULL as `None`.
-    fn rows() -> Vec<(&'static str, Option<String>, Option<i64>, Option<i64>)> {
+    /// A request row: key, model, prompt tokens, completion tokens (NULL as `None`).
+    type Row = (&'static str, Option<String>, Option<i64>, Option<i64>);
+
+    fn rows() -> Vec<Row> {
         let mut rows = vec![
             ("k1", Some("chat".to_owned()), Some(10), Some(5)),
             ("k1", Some("chat".to_owned()), None, Some(3)),
