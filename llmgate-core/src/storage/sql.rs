@@ -448,8 +448,9 @@ impl Statements {
 
 /// How many names' ids a store keeps in memory before it starts over.
 const MAX_REMEMBERED_NAMES: usize = 10_000;
-/// How many keys' model labels a store keeps in memory before it starts over.
-const MAX_REMEMBERED_KEYS: usize = 10_000;
+/// How many keys' model labels a store keeps in memory before it starts over: at most
+/// [`MAX_MODELS_PER_KEY`] labels of up to 256 bytes each, so a few MiB at worst.
+const MAX_REMEMBERED_KEYS: usize = 1_000;
 
 /// Keys, usage and model settings in a SQL database, whichever the driver: the logic
 /// both SQL backends share. Request rows name their key, method, path and model by id, from the table
