@@ -377,7 +377,7 @@ async fn an_unreachable_upstream_is_a_502_in_openai_shape() {
 #[tokio::test]
 async fn a_slow_upstream_times_out_with_a_504() {
     let gw = Gateway::start_with(Options {
-        timeout: Duration::from_secs(1),
+        timeout: Duration::from_millis(300),
         ..Options::default()
     })
     .await;
@@ -849,7 +849,11 @@ async fn metrics_count_requests_tokens_and_latency_per_key_and_need_an_admin_key
         Some(3.0)
     );
     assert_eq!(
-        sample(&all, "llmgate_model_state", &[("state", "stopped")]),
+        sample(
+            &all,
+            "llmgate_model_state",
+            &[("model", "upstream"), ("state", "ready")]
+        ),
         Some(1.0)
     );
     assert!(sample(&all, "llmgate_memory_total_bytes", &[]).unwrap() > 0.0);

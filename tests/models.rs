@@ -455,3 +455,58 @@ async fn a_model_that_fails_to_load_answers_503_with_why_and_the_next_request_tr
     let (status, answer) = ask(&gw, "broken").await;
     assert_eq!(status, 200, "{answer}");
 }
+
+#[tokio::test]
+async fn models_added_changed_and_removed_at_run_time_survive_a_restart() {
+    use llmgate_core::config::GatewayConfig;
+    use llmgate_core::storage::SqliteStore;
+    use llmgate_server::models::{Progress, Put, Registry};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("llmgate.db");
+    let config = GatewayConfig {
+        models: vec![
+            ModelConfig::remote("from-file", "http://127.0.0.1:9"),
+            ModelConfig::remote("kept", "http://127.0.0.1:9"),
+        ],
+        data_dir: dir.path().to_owned(),
+        ..GatewayConfig::default()
+    };
+    {
+        let store = Arc::new(SqliteStore::open(&db).await.unwrap());
+        let registry = Registry::new(config.clone(), Progress::ConsoleOnly);
+        registry.restore(store.clone()).await.unwrap();
+        registry
+            .put(
+                ModelConfig::remote("added", "http://127.0.0.1:10"),
+                Put::New,
+            )
+            .await
+            .unwrap();
+        let mut changed = registry.config_of("kept").unwrap();
+        changed.ttl_secs = 60;
+        changed.aliases = vec!["k".into()];
+        registry.put(changed, Put::Replace).await.unwrap();
+        registry.remove("from-file").await.unwrap();
+        assert_eq!(registry.names(), ["kept", "added"]);
+    }
+    // A restart: the same file config, the same database.
+    let store = Arc::new(SqliteStore::open(&db).await.unwrap());
+    let registry = Registry::new(config, Progress::ConsoleOnly);
+    registry.restore(store).await.unwrap();
+    let mut names = registry.names();
+    names.sort();
+    assert_eq!(
+        names,
+        ["added", "kept"],
+        "the removal and the addition stay"
+    );
+    let kept = registry.config_of("kept").unwrap();
+    assert_eq!(kept.ttl_secs, 60);
+    assert_eq!(registry.route(Some("k")).unwrap().name(), "kept");
+    assert_eq!(
+        registry.config_of("added").unwrap().upstream.as_deref(),
+        Some("http://127.0.0.1:10")
+    );
+}

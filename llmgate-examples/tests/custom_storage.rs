@@ -32,5 +32,8 @@ async fn requests_through_the_layer_are_counted_per_key_and_day() {
         .expect("today's (or, just after midnight, yesterday's) usage")
         .1;
     assert_eq!((day.requests, day.total_tokens()), (2, 14));
+    // The model the requests named.
+    let echo = &day.models["echo"];
+    assert_eq!((echo.requests, echo.total_tokens()), (2, 14));
     assert_eq!(store.totals_for_key(&key.id).await.unwrap(), *day);
 }

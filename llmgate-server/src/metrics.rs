@@ -1,9 +1,15 @@
 //! Prometheus metrics, with `prometheus-client`: fed by the usage writer (never on the
-//! request path) and by the system monitor at scrape time.
+//! request path), by the model registry as models load and are evicted, and by the
+//! system monitor and the registry's gauges at scrape time.
+//!
+//! Every label value is bounded: keys are the operator's, endpoints are folded by
+//! [`endpoint_label`], and models by the names set with [`Metrics::set_model_names`]
+//! (anything else is `other`), so no client can grow the exposition.
 
+use std::collections::HashSet;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, RwLock};
 
-use llmgate_core::runner::RunnerStatus;
 use llmgate_core::storage::RequestRecord;
 use llmgate_core::system::SystemReport;
 use llmgate_core::usage::{endpoint_label, UsageObserver};
@@ -14,28 +20,77 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::models::ModelState;
+/// The label of requests for a model not set with [`Metrics::set_model_names`], or for
+/// none.
+pub const OTHER_MODEL: &str = "other";
+
+/// The states `llmgate_model_state` always has a series for (0 or 1), so that a
+/// dashboard can plot each; a gauge in another state gets a series of its own too.
+pub const MODEL_STATES: [&str; 7] = [
+    "stopped",
+    "setting_up",
+    "downloading",
+    "loading",
+    "ready",
+    "unloading",
+    "failed",
+];
+
+/// One model as `/metrics` shows it at a scrape, from the source set with
+/// [`Metrics::set_model_gauges`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelGauge {
+    /// The model's (canonical) name.
+    pub name: String,
+    /// Where it is in its life: one of [`MODEL_STATES`], as the admin API names it.
+    pub state: &'static str,
+    /// Requests being answered by its model server (a stream until its body ends).
+    pub in_flight: u64,
+    /// Requests waiting in the gateway for a free slot.
+    pub queued: u64,
+}
+
+/// Where the gauges of the models come from: called at each scrape.
+pub type ModelGaugeSource = Arc<dyn Fn() -> Vec<ModelGauge> + Send + Sync>;
+
+/// The source of the models' gauges, if one is set.
+#[derive(Default, Clone)]
+struct GaugeSource(Option<ModelGaugeSource>);
+
+impl std::fmt::Debug for GaugeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "set" } else { "none" })
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     key: String,
     endpoint: String,
     status: u16,
+    model: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct KeyLabels {
+struct TokenLabels {
     key: String,
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelStateLabels {
+    model: String,
+    state: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EndpointLabels {
     endpoint: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct StateLabels {
-    state: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -46,17 +101,30 @@ struct GpuLabels {
 
 type FloatGauge = Gauge<f64, AtomicU64>;
 type HistogramFamily = Family<EndpointLabels, Histogram, fn() -> Histogram>;
+type ModelHistogramFamily = Family<ModelLabels, Histogram, fn() -> Histogram>;
 
 /// Every metric llmgate exports.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
-    prompt_tokens: Family<KeyLabels, Counter>,
-    completion_tokens: Family<KeyLabels, Counter>,
+    prompt_tokens: Family<TokenLabels, Counter>,
+    completion_tokens: Family<TokenLabels, Counter>,
     request_seconds: HistogramFamily,
     upstream_seconds: HistogramFamily,
-    model_state: Family<StateLabels, Gauge>,
+    model_loads: Family<ModelLabels, Counter>,
+    model_load_seconds: ModelHistogramFamily,
+    model_evictions: Family<ModelLabels, Counter>,
+    model_state: Family<ModelStateLabels, Gauge>,
+    model_in_flight: Family<ModelLabels, Gauge>,
+    model_queued: Family<ModelLabels, Gauge>,
+    /// The model names that are labels of their own ([`Metrics::set_model_names`]).
+    model_names: RwLock<HashSet<String>>,
+    /// Where the models' gauges come from at a scrape ([`Metrics::set_model_gauges`]).
+    model_gauges: RwLock<GaugeSource>,
+    /// Held while a scrape rewrites the models' gauges and encodes them, so that two
+    /// scrapes at once never see each other's half-written families.
+    rendering: Mutex<()>,
     cpu_percent: FloatGauge,
     memory_used: Gauge,
     memory_total: Gauge,
@@ -72,14 +140,15 @@ pub struct Metrics {
     usage_lost: Counter,
     /// The series the last record counted into, kept across batches: the usage intake
     /// hands over small batches, and consecutive records nearly always share one.
-    last_series: std::sync::Mutex<Option<LastSeries>>,
+    last_series: Mutex<Option<LastSeries>>,
 }
 
-/// A series with the key, endpoint and status it counts.
+/// A series with the key, endpoint, status and model (as the record names it) it counts.
 struct LastSeries {
     key: String,
     endpoint: &'static str,
     status: u16,
+    model: Option<String>,
     series: Series,
 }
 
@@ -89,6 +158,7 @@ impl std::fmt::Debug for LastSeries {
             .field("key", &self.key)
             .field("endpoint", &self.endpoint)
             .field("status", &self.status)
+            .field("model", &self.model)
             .finish_non_exhaustive()
     }
 }
@@ -98,9 +168,10 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 17))
 }
 
-/// The states `/metrics` reports: those of a model server (a set-up in progress shows
-/// as `none`).
-const MODEL_STATES: [ModelState; 7] = ModelState::ALL;
+fn load_histogram() -> Histogram {
+    // 50 ms … about 27 min: a model server loads in well under a second to minutes.
+    Histogram::new(exponential_buckets(0.05, 2.0, 16))
+}
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -111,7 +182,15 @@ impl Default for Metrics {
             completion_tokens: Family::default(),
             request_seconds: Family::new_with_constructor(latency_histogram),
             upstream_seconds: Family::new_with_constructor(latency_histogram),
+            model_loads: Family::default(),
+            model_load_seconds: Family::new_with_constructor(load_histogram),
+            model_evictions: Family::default(),
             model_state: Family::default(),
+            model_in_flight: Family::default(),
+            model_queued: Family::default(),
+            model_names: RwLock::default(),
+            model_gauges: RwLock::default(),
+            rendering: Mutex::new(()),
             cpu_percent: FloatGauge::default(),
             memory_used: Gauge::default(),
             memory_total: Gauge::default(),
@@ -125,22 +204,22 @@ impl Default for Metrics {
             usage_rejected: Counter::default(),
             usage_spilled: Counter::default(),
             usage_lost: Counter::default(),
-            last_series: std::sync::Mutex::new(None),
+            last_series: Mutex::new(None),
             registry: Registry::default(),
         };
         registry.register(
             "requests",
-            "Requests by key name, endpoint and status",
+            "Requests by key name, endpoint, status and model",
             metrics.requests.clone(),
         );
         registry.register(
             "prompt_tokens",
-            "Prompt tokens by key name",
+            "Prompt tokens by key name and model",
             metrics.prompt_tokens.clone(),
         );
         registry.register(
             "completion_tokens",
-            "Completion tokens by key name",
+            "Completion tokens by key name and model",
             metrics.completion_tokens.clone(),
         );
         registry.register_with_unit(
@@ -157,8 +236,34 @@ impl Default for Metrics {
         );
         registry.register(
             "model_state",
-            "1 for the model server's current state",
+            "1 for each model's current state, 0 for the others",
             metrics.model_state.clone(),
+        );
+        registry.register(
+            "model_requests_in_flight",
+            "Requests being answered by each model's server",
+            metrics.model_in_flight.clone(),
+        );
+        registry.register(
+            "model_queue_length",
+            "Requests waiting in the gateway for a slot of each model",
+            metrics.model_queued.clone(),
+        );
+        registry.register(
+            "model_loads",
+            "Model server starts that ended with the model ready",
+            metrics.model_loads.clone(),
+        );
+        registry.register_with_unit(
+            "model_load_duration",
+            "Time from a model server's start to the model being ready",
+            Unit::Seconds,
+            metrics.model_load_seconds.clone(),
+        );
+        registry.register(
+            "model_evictions",
+            "Models stopped to make room for another",
+            metrics.model_evictions.clone(),
         );
         registry.register(
             "cpu_usage_percent",
@@ -238,7 +343,7 @@ impl Default for Metrics {
     }
 }
 
-/// The series one kind of request (key, endpoint, status) counts into.
+/// The series one kind of request (key, endpoint, status, model) counts into.
 struct Series {
     requests: Counter,
     prompt_tokens: Counter,
@@ -262,25 +367,111 @@ impl Series {
 }
 
 impl Metrics {
+    /// Sets the model names that are `model` labels of their own: the configured
+    /// models' canonical names. Requests for any other model (or none) count as
+    /// [`OTHER_MODEL`]. Call it again when the models change; series already counted
+    /// stay.
+    pub fn set_model_names(&self, names: impl IntoIterator<Item = String>) {
+        let names: HashSet<String> = names.into_iter().collect();
+        *self.model_names.write().unwrap_or_else(|e| e.into_inner()) = names;
+        // The last series was labelled under the names before.
+        *self.last_series.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// The `model` label of a request for `model`: its name when it is known,
+    /// [`OTHER_MODEL`] otherwise.
+    fn model_label(&self, model: Option<&str>) -> String {
+        let names = self.model_names.read().unwrap_or_else(|e| e.into_inner());
+        match model {
+            Some(model) if names.contains(model) => model.to_owned(),
+            _ => OTHER_MODEL.to_owned(),
+        }
+    }
+
+    /// A model server started and its model is ready, `seconds` after the start.
+    pub fn model_loaded(&self, model: &str, seconds: f64) {
+        let labels = ModelLabels {
+            model: self.model_label(Some(model)),
+        };
+        self.model_loads.get_or_create(&labels).inc();
+        self.model_load_seconds
+            .get_or_create(&labels)
+            .observe(seconds);
+    }
+
+    /// A model was stopped to make room for another.
+    pub fn model_evicted(&self, model: &str) {
+        let labels = ModelLabels {
+            model: self.model_label(Some(model)),
+        };
+        self.model_evictions.get_or_create(&labels).inc();
+    }
+
+    /// Sets where the models' state, requests in flight and queue lengths come from:
+    /// `source` is called at each scrape, and only the models it answers have series.
+    pub fn set_model_gauges(&self, source: ModelGaugeSource) {
+        *self.model_gauges.write().unwrap_or_else(|e| e.into_inner()) = GaugeSource(Some(source));
+    }
+
+    /// Rewrites the models' gauges from the source: models gone since the last scrape
+    /// lose their series.
+    fn update_model_gauges(&self) {
+        let source = self
+            .model_gauges
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone();
+        self.model_state.clear();
+        self.model_in_flight.clear();
+        self.model_queued.clear();
+        let Some(source) = source else { return };
+        for gauge in source() {
+            let states = MODEL_STATES
+                .iter()
+                .copied()
+                .chain((!MODEL_STATES.contains(&gauge.state)).then_some(gauge.state));
+            for state in states {
+                self.model_state
+                    .get_or_create(&ModelStateLabels {
+                        model: gauge.name.clone(),
+                        state: state.to_owned(),
+                    })
+                    .set(i64::from(state == gauge.state));
+            }
+            let model = ModelLabels { model: gauge.name };
+            let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            self.model_in_flight
+                .get_or_create(&model)
+                .set(count(gauge.in_flight));
+            self.model_queued
+                .get_or_create(&model)
+                .set(count(gauge.queued));
+        }
+    }
+
     fn series(&self, record: &RequestRecord, key_name: &str) -> Series {
         // Known endpoints by name, everything else as `other`: a key holder making up
-        // paths must not grow the exposition without bound.
+        // paths must not grow the exposition without bound. Models likewise.
         let endpoint_name = endpoint_label(&record.path);
         let endpoint = EndpointLabels {
             endpoint: endpoint_name.to_owned(),
         };
-        let key = KeyLabels {
+        let model = self.model_label(record.model.as_deref());
+        let tokens = TokenLabels {
             key: key_name.to_owned(),
+            model: model.clone(),
         };
         let requests = RequestLabels {
             key: key_name.to_owned(),
             endpoint: endpoint_name.to_owned(),
             status: record.status,
+            model,
         };
         Series {
             requests: self.requests.get_or_create(&requests).clone(),
-            prompt_tokens: self.prompt_tokens.get_or_create(&key).clone(),
-            completion_tokens: self.completion_tokens.get_or_create(&key).clone(),
+            prompt_tokens: self.prompt_tokens.get_or_create(&tokens).clone(),
+            completion_tokens: self.completion_tokens.get_or_create(&tokens).clone(),
             request_seconds: self.request_seconds.get_or_create(&endpoint).clone(),
             upstream_seconds: self.upstream_seconds.get_or_create(&endpoint).clone(),
         }
@@ -292,8 +483,9 @@ impl UsageObserver for Metrics {
         self.series(record, key_name).count(record);
     }
 
-    /// Consecutive records of the same key, endpoint and status (nearly all of them
-    /// under load) share one lookup of their series, within a batch and across batches.
+    /// Consecutive records of the same key, endpoint, status and model (nearly all of
+    /// them under load) share one lookup of their series, within a batch and across
+    /// batches.
     fn observe_batch(&self, records: &[RequestRecord], key_names: &[String]) {
         let mut last = self.last_series.lock().unwrap_or_else(|e| e.into_inner());
         for (record, key_name) in records.iter().zip(key_names) {
@@ -302,7 +494,8 @@ impl UsageObserver for Metrics {
                 Some(seen)
                     if seen.status == record.status
                         && seen.endpoint == endpoint
-                        && seen.key == *key_name =>
+                        && seen.key == *key_name
+                        && seen.model == record.model =>
                 {
                     seen.series.count(record)
                 }
@@ -313,6 +506,7 @@ impl UsageObserver for Metrics {
                         key: key_name.clone(),
                         endpoint,
                         status: record.status,
+                        model: record.model.clone(),
                         series,
                     });
                 }
@@ -335,25 +529,9 @@ impl UsageObserver for Metrics {
 
 impl Metrics {
     /// The exposition text, with the gauges brought up to date first.
-    pub fn render(
-        &self,
-        system: &SystemReport,
-        model: Option<&RunnerStatus>,
-        format: Format,
-    ) -> String {
-        let state = match model {
-            None => ModelState::Stopped,
-            Some(RunnerStatus::Ready) => ModelState::Ready,
-            Some(RunnerStatus::Failed { .. }) => ModelState::Failed,
-            Some(_) => ModelState::Loading,
-        };
-        for s in MODEL_STATES {
-            self.model_state
-                .get_or_create(&StateLabels {
-                    state: s.as_str().to_owned(),
-                })
-                .set(i64::from(s == state));
-        }
+    pub fn render(&self, system: &SystemReport, format: Format) -> String {
+        let _rendering = self.rendering.lock().unwrap_or_else(|e| e.into_inner());
+        self.update_model_gauges();
         self.cpu_percent.set(f64::from(system.cpu.usage_percent));
         self.memory_used.set(system.memory.used_bytes as i64);
         self.memory_total.set(system.memory.total_bytes as i64);
@@ -531,11 +709,173 @@ mod tests {
         let text = text(&batched);
         assert_eq!(text, self::text(&single));
         assert!(text.contains(
-            r#"llmgate_requests_total{key="alice",endpoint="/v1/chat/completions",status="200"} 3"#
+            r#"llmgate_requests_total{key="alice",endpoint="/v1/chat/completions",status="200",model="other"} 3"#
         ), "{text}");
         assert!(
-            text.contains(r#"llmgate_prompt_tokens_total{key="alice"} 20"#),
+            text.contains(r#"llmgate_prompt_tokens_total{key="alice",model="other"} 20"#),
             "{text}"
+        );
+    }
+
+    fn asking(model: Option<&str>, tokens: u64) -> RequestRecord {
+        RequestRecord {
+            model: model.map(Into::into),
+            ..record("/v1/chat/completions", 200, tokens, 10)
+        }
+    }
+
+    /// The exposition's samples (not the comments) of one metric.
+    fn samples<'t>(text: &'t str, metric: &str) -> Vec<&'t str> {
+        text.lines()
+            .filter(|l| {
+                l.starts_with(&format!("{metric}{{")) || l.starts_with(&format!("{metric} "))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn requests_and_tokens_count_per_known_model_and_everything_else_as_other() {
+        let metrics = Metrics::default();
+        metrics.set_model_names(["chat".to_owned(), "coder".to_owned()]);
+        let records = vec![
+            asking(Some("chat"), 1),
+            asking(Some("chat"), 2),
+            asking(Some("coder"), 3),
+            asking(None, 4),
+            asking(Some("gpt-4o"), 5),
+            asking(Some("chat"), 6),
+        ];
+        let names = vec!["alice".to_owned(); records.len()];
+        metrics.observe_batch(&records, &names);
+        let text = text(&metrics);
+        let labels = |model: &str| {
+            format!(
+                r#"{{key="alice",endpoint="/v1/chat/completions",status="200",model="{model}"}}"#
+            )
+        };
+        for (model, requests, prompt) in [("chat", 3, 9), ("coder", 1, 3), ("other", 2, 9)] {
+            let line = format!("llmgate_requests_total{} {requests}", labels(model));
+            assert!(text.contains(&line), "{line} in {text}");
+            let line =
+                format!(r#"llmgate_prompt_tokens_total{{key="alice",model="{model}"}} {prompt}"#);
+            assert!(text.contains(&line), "{line} in {text}");
+            let line = format!(
+                r#"llmgate_completion_tokens_total{{key="alice",model="{model}"}} {}"#,
+                prompt * 2
+            );
+            assert!(text.contains(&line), "{line} in {text}");
+        }
+        assert_eq!(samples(&text, "llmgate_requests_total").len(), 3, "{text}");
+    }
+
+    #[test]
+    fn a_client_naming_ten_thousand_models_adds_no_series() {
+        let metrics = Metrics::default();
+        metrics.set_model_names(["chat".to_owned()]);
+        let names = vec!["mallory".to_owned(); 100];
+        for batch in 0..100 {
+            let records: Vec<_> = (0..100)
+                .map(|i| asking(Some(&format!("made-up-{batch}-{i}")), 1))
+                .collect();
+            metrics.observe_batch(&records, &names);
+        }
+        metrics.observe(&asking(Some("chat"), 1), "mallory");
+        let text = text(&metrics);
+        assert!(!text.contains("made-up"), "{text}");
+        assert_eq!(samples(&text, "llmgate_requests_total").len(), 2, "{text}");
+        assert_eq!(
+            samples(&text, "llmgate_prompt_tokens_total").len(),
+            2,
+            "{text}"
+        );
+        assert!(text.contains(
+            r#"llmgate_requests_total{key="mallory",endpoint="/v1/chat/completions",status="200",model="other"} 10000"#
+        ), "{text}");
+        assert!(
+            text.contains(r#"llmgate_prompt_tokens_total{key="mallory",model="chat"} 1"#),
+            "{text}"
+        );
+        // Loads and evictions of models not set are `other` too.
+        metrics.model_loaded("made-up", 1.0);
+        metrics.model_evicted("made-up-too");
+        let text = self::text(&metrics);
+        assert!(!text.contains("made-up"), "{text}");
+    }
+
+    #[test]
+    fn names_set_later_label_what_comes_after() {
+        let metrics = Metrics::default();
+        let alice = ["alice".to_owned()];
+        metrics.observe_batch(&[asking(Some("late"), 1)], &alice);
+        metrics.set_model_names(["late".to_owned()]);
+        // The same kind of record as the last one: its series is looked up again.
+        metrics.observe_batch(&[asking(Some("late"), 1)], &alice);
+        let text = text(&metrics);
+        assert!(
+            text.contains(r#"llmgate_prompt_tokens_total{key="alice",model="other"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"llmgate_prompt_tokens_total{key="alice",model="late"} 1"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn loads_evictions_and_the_models_gauges_are_exported_per_model() {
+        let metrics = Metrics::default();
+        metrics.set_model_names(["chat".to_owned(), "coder".to_owned()]);
+        metrics.model_loaded("chat", 0.3);
+        metrics.model_loaded("chat", 2.5);
+        metrics.model_loaded("coder", 1.0);
+        metrics.model_evicted("chat");
+        let gauges = Arc::new(Mutex::new(vec![
+            ModelGauge {
+                name: "chat".into(),
+                state: "ready",
+                in_flight: 3,
+                queued: 7,
+            },
+            ModelGauge {
+                name: "coder".into(),
+                state: "stopping-for-a-reason-of-its-own",
+                in_flight: 0,
+                queued: 0,
+            },
+        ]));
+        let source = gauges.clone();
+        metrics.set_model_gauges(Arc::new(move || source.lock().unwrap().clone()));
+        metrics.update_model_gauges();
+        let text = text(&metrics);
+        for line in [
+            r#"llmgate_model_loads_total{model="chat"} 2"#,
+            r#"llmgate_model_loads_total{model="coder"} 1"#,
+            r#"llmgate_model_load_duration_seconds_count{model="chat"} 2"#,
+            r#"llmgate_model_load_duration_seconds_sum{model="chat"} 2.8"#,
+            r#"llmgate_model_evictions_total{model="chat"} 1"#,
+            r#"llmgate_model_state{model="chat",state="ready"} 1"#,
+            r#"llmgate_model_state{model="chat",state="loading"} 0"#,
+            r#"llmgate_model_state{model="coder",state="stopped"} 0"#,
+            r#"llmgate_model_state{model="coder",state="stopping-for-a-reason-of-its-own"} 1"#,
+            r#"llmgate_model_requests_in_flight{model="chat"} 3"#,
+            r#"llmgate_model_queue_length{model="chat"} 7"#,
+            r#"llmgate_model_queue_length{model="coder"} 0"#,
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+        let states = samples(&text, "llmgate_model_state");
+        assert_eq!(states.len(), 2 * MODEL_STATES.len() + 1, "{text}");
+        assert_eq!(states.iter().filter(|l| l.ends_with(" 1")).count(), 2);
+
+        // A model gone from the source loses its series at the next scrape.
+        gauges.lock().unwrap().remove(1);
+        metrics.update_model_gauges();
+        let text = self::text(&metrics);
+        assert!(!text.contains(r#"model_state{model="coder""#), "{text}");
+        assert!(!text.contains(r#"queue_length{model="coder""#), "{text}");
+        assert_eq!(
+            samples(&text, "llmgate_model_state").len(),
+            MODEL_STATES.len()
         );
     }
 

@@ -140,6 +140,16 @@ async fn serve_keys_usage_revocation_and_restart_end_to_end() {
             .clone();
         if row["requests"] == 2 {
             assert_eq!(row["total_tokens"], expected_tokens);
+            // Both requests named the same model: it holds all of the key's usage.
+            let model = &row["models"]["mock-model"];
+            assert_eq!(model["requests"], 2, "{row}");
+            assert_eq!(model["prompt_tokens"], row["prompt_tokens"], "{row}");
+            assert_eq!(
+                model["completion_tokens"], row["completion_tokens"],
+                "{row}"
+            );
+            assert_eq!(model["requests_without_usage"], 0, "{row}");
+            assert_eq!(row["models"].as_object().unwrap().len(), 1, "{row}");
             break;
         }
         assert!(
@@ -153,6 +163,16 @@ async fn serve_keys_usage_revocation_and_restart_end_to_end() {
         table.contains("alice") && table.contains(&expected_tokens.to_string()),
         "{table}"
     );
+    // Under the table, the key's usage per model.
+    let per_model: Vec<&str> = table
+        .lines()
+        .skip_while(|l| !l.contains("MODEL"))
+        .filter(|l| l.starts_with("alice"))
+        .collect();
+    assert_eq!(per_model.len(), 1, "{table}");
+    let columns: Vec<&str> = per_model[0].split_whitespace().collect();
+    assert_eq!(columns[1..3], ["mock-model", "2"], "{table}");
+    assert_eq!(columns[5], expected_tokens.to_string(), "{table}");
 
     // A revocation by name from the CLI reaches the running server within a second.
     let (code, out, err) = cli(&data, &["keys", "revoke", "alice", "--data-dir", data_arg]).await;
@@ -250,7 +270,7 @@ async fn an_admin_key_from_the_environment_is_used_instead_of_a_generated_one() 
         .text()
         .await
         .unwrap()
-        .contains("llmgate_model_state{state=\"none\"} 1"));
+        .contains(r#"llmgate_model_state{model="default",state="ready"} 1"#));
     terminate(server).await;
 }
 

@@ -290,14 +290,16 @@ async fn metrics_read_as_prometheus_text_and_made_up_paths_are_one_series() {
         );
         text = scrape.text().await.unwrap();
         if text.contains(r#"endpoint="/v1/chat/completions""#)
-            && text.contains("status=\"404\"} 300")
+            && text.contains(r#"status="404",model="other"} 300"#)
         {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(
-        text.contains(r#"llmgate_requests_total{key="alice",endpoint="other",status="404"} 300"#),
+        text.contains(
+            r#"llmgate_requests_total{key="alice",endpoint="other",status="404",model="other"} 300"#
+        ),
         "{text}"
     );
     assert!(!text.contains("made-up"), "a made-up path became a label");

@@ -104,6 +104,10 @@ test('the usage table shows the request and its tokens', async () => {
   });
   const tokens = Number((await row.getByTestId('usage-total-tokens').innerText()).replace(/[^0-9]/g, ''));
   assert.ok(tokens > 0, `tokens were counted: ${tokens}`);
+  // The playground's request, under the model it named.
+  const model = await row.locator('[data-testid="usage-models"] li[data-model="any"]').innerText();
+  assert.match(model, /× 1 · .+ tokens/, `the model's share: ${model}`);
+  assert.equal(Number(model.split('·')[1].replace(/[^0-9]/g, '')), tokens, 'one model holds all the tokens');
   await shot('usage');
 });
 

@@ -114,8 +114,12 @@ impl Gateway {
             ..GatewayConfig::default()
         };
         let models = Registry::new(gateway_config, Progress::ConsoleOnly);
+        models.restore(store.clone()).await.unwrap();
         models.start();
         let metrics = Arc::new(Metrics::default());
+        let gauges = models.clone();
+        metrics.set_model_gauges(Arc::new(move || gauges.gauges()));
+        models.set_events(metrics.clone());
         let recording = RecorderOptions {
             counter: None,
             observer: Some(metrics.clone()),

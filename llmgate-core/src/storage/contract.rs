@@ -18,28 +18,32 @@
 //! ```
 //!
 //! Each function panics, like an `assert!`, where the backend breaks the contract. They
-//! expect an empty store, and write keys and usage with made-up key ids.
+//! expect an empty store, and write keys, usage and models with made-up names.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 
 use chrono::DateTime;
 
 use super::{
-    KeyStore, RequestRecord, StorageError, UsageStore, UsageTotals, MAX_LATENCY_MS,
-    MAX_MODEL_BYTES, MAX_PATH_BYTES, MAX_TOKENS_PER_REQUEST,
+    KeyStore, ModelStore, ModelUsage, RefusedModel, RequestRecord, StorageError, StoredModel,
+    UsageStore, UsageTotals, MAX_LATENCY_MS, MAX_MODELS_PER_KEY, MAX_MODEL_BYTES,
+    MAX_MODEL_SETTINGS_BYTES, MAX_PATH_BYTES, MAX_TOKENS_PER_REQUEST, NO_MODEL, OTHER_MODEL,
 };
 use crate::auth::{now_millis, KeyRecord, Role, Secret};
 
 /// Runs every contract, each on a fresh store from `make_store`.
 pub async fn run_all<S, F, Fut>(mut make_store: F)
 where
-    S: KeyStore + UsageStore,
+    S: KeyStore + UsageStore + ModelStore,
     F: FnMut() -> Fut,
     Fut: Future<Output = S>,
 {
     keys(&make_store().await).await;
     usage(&make_store().await).await;
+    usage_per_model(&make_store().await).await;
     hostile_values(&make_store().await).await;
+    models(&make_store().await).await;
 }
 
 /// Keys: stored and found by their hash, one active key per name (a clash is
@@ -302,4 +306,263 @@ pub async fn hostile_values<S: KeyStore + UsageStore>(store: &S) {
     let report = crate::usage::usage_report(store, store).await.unwrap();
     let mine = report.iter().find(|u| u.key_id == id).unwrap();
     assert_eq!(mine.requests, 2_022);
+}
+
+/// Usage per model: each request counts under the model it named ([`NO_MODEL`] for none
+/// or an empty name), with exact sums over batches, requests without token counts
+/// counted apart, and at most [`MAX_MODELS_PER_KEY`] models per key, the rest under
+/// [`OTHER_MODEL`].
+pub async fn usage_per_model(store: &dyn UsageStore) {
+    let chat = "/v1/chat/completions";
+    let asking =
+        |key: &str, at: i64, model: Option<&str>, tokens: Option<(u64, u64)>| RequestRecord {
+            model: model.map(Into::into),
+            ..row(key, chat, at, tokens)
+        };
+    store
+        .record(&[
+            asking("k1", 1_000, Some("chat"), Some((10, 5))),
+            asking("k1", 1_001, Some("coder"), Some((7, 3))),
+            asking("k1", 1_002, Some("chat"), None),
+            asking("k1", 1_003, None, Some((1, 1))),
+            asking("k1", 1_004, Some(""), Some((2, 0))),
+            asking("k2", 1_005, Some("chat"), Some((100, 100))),
+        ])
+        .await
+        .unwrap();
+    store
+        .record(&[
+            asking("k1", 2_000, Some("chat"), Some((4, 6))),
+            asking("k1", 2_001, Some("embed"), Some((9, 0))),
+            RequestRecord {
+                completion_tokens: None,
+                ..asking("k1", 2_002, Some("coder"), Some((5, 5)))
+            },
+        ])
+        .await
+        .unwrap();
+    store
+        .record(&[asking("k1", 3_000, Some("chat"), Some((1, 2)))])
+        .await
+        .unwrap();
+
+    let usage = |requests, prompt_tokens, completion_tokens, requests_without_usage| ModelUsage {
+        requests,
+        prompt_tokens,
+        completion_tokens,
+        requests_without_usage,
+    };
+    let k1 = store.totals_for_key("k1").await.unwrap();
+    let expected: BTreeMap<String, ModelUsage> = [
+        ("chat", usage(4, 15, 13, 1)),
+        ("coder", usage(2, 12, 3, 1)),
+        ("embed", usage(1, 9, 0, 0)),
+        (NO_MODEL, usage(2, 3, 1, 0)),
+    ]
+    .into_iter()
+    .map(|(m, u)| (m.to_owned(), u))
+    .collect();
+    assert_eq!(k1.models, expected);
+    assert_eq!(
+        (k1.requests, k1.prompt_tokens, k1.completion_tokens),
+        (9, 39, 17)
+    );
+    assert_eq!(k1.requests_without_usage, 2);
+    assert_eq!(k1.models["chat"].total_tokens(), 28);
+    let all = store.totals().await.unwrap();
+    assert_eq!(all["k1"], k1);
+    assert_eq!(
+        all["k2"].models,
+        BTreeMap::from([("chat".to_owned(), usage(1, 100, 100, 0))])
+    );
+
+    // A key naming more models than are kept apart: the first ones keep counting under
+    // their names, new ones count under `other`, and nothing is lost from the sums.
+    let first: Vec<_> = (0..MAX_MODELS_PER_KEY)
+        .map(|i| {
+            asking(
+                "many",
+                10_000 + i as i64,
+                Some(&format!("m{i:03}")),
+                Some((1, 1)),
+            )
+        })
+        .collect();
+    store.record(&first).await.unwrap();
+    let mut more: Vec<_> = (0..50)
+        .map(|i| asking("many", 20_000 + i, Some(&format!("x{i:03}")), Some((2, 0))))
+        .collect();
+    more.push(asking("many", 21_000, Some("m000"), Some((3, 3))));
+    store.record(&more).await.unwrap();
+    store
+        .record(&[asking("many", 22_000, Some("x999"), None)])
+        .await
+        .unwrap();
+    let many = store.totals_for_key("many").await.unwrap();
+    assert_eq!(many.models.len(), MAX_MODELS_PER_KEY + 1);
+    assert_eq!(many.models["m000"], usage(2, 4, 4, 0));
+    assert_eq!(many.models["m099"], usage(1, 1, 1, 0));
+    assert_eq!(many.models[OTHER_MODEL], usage(51, 100, 0, 1));
+    assert!(!many.models.contains_key("x000"));
+    assert_sums_match(&many);
+
+    // Thousands of made-up names in one batch add no more rows than that.
+    let made_up: Vec<_> = (0..2_000)
+        .map(|i| {
+            asking(
+                "hostile",
+                30_000 + i,
+                Some(&format!("made-up-{i}")),
+                Some((1, 0)),
+            )
+        })
+        .collect();
+    store.record(&made_up).await.unwrap();
+    let hostile = store.totals_for_key("hostile").await.unwrap();
+    assert_eq!(hostile.models.len(), MAX_MODELS_PER_KEY + 1);
+    assert_eq!(
+        hostile.models[OTHER_MODEL].requests,
+        2_000 - MAX_MODELS_PER_KEY as u64
+    );
+    assert_sums_match(&hostile);
+    assert_eq!(store.totals().await.unwrap()["hostile"], hostile);
+}
+
+/// The per-model shares add up to the key's totals.
+fn assert_sums_match(totals: &UsageTotals) {
+    let mut sum = ModelUsage::default();
+    for usage in totals.models.values() {
+        sum.merge(usage);
+    }
+    assert_eq!(
+        sum,
+        ModelUsage {
+            requests: totals.requests,
+            prompt_tokens: totals.prompt_tokens,
+            completion_tokens: totals.completion_tokens,
+            requests_without_usage: totals.requests_without_usage,
+        }
+    );
+}
+
+/// Model settings: stored and overwritten by name, removed as a tombstone that is still
+/// listed, listed by name in byte order; names with quotes and other characters kept as
+/// they are, NUL replaced by U+FFFD, and an empty or too long name (or too large
+/// settings) refused with [`StorageError::Rejected`], storing nothing.
+pub async fn models(store: &dyn ModelStore) {
+    assert_eq!(store.stored_models().await.unwrap(), []);
+    let at = |ms: i64| DateTime::from_timestamp_millis(1_700_000_000_000 + ms).unwrap();
+    let model = |name: &str, settings: Option<&str>, ms: i64| StoredModel {
+        name: name.into(),
+        settings: settings.map(Into::into),
+        updated_at: at(ms),
+    };
+    let chat = model("chat", Some(r#"{"name":"chat","source":"a.gguf"}"#), 1);
+    let coder = model(
+        "coder",
+        Some(r#"{"name":"coder","upstream":"http://x"}"#),
+        2,
+    );
+    store.store_model(&coder).await.unwrap();
+    store.store_model(&chat).await.unwrap();
+    assert_eq!(
+        store.stored_models().await.unwrap(),
+        [chat.clone(), coder.clone()]
+    );
+
+    // Overwritten, then removed (a tombstone, still listed), then added back.
+    let chat2 = model("chat", Some(r#"{"name":"chat","n_ctx":4096}"#), 3);
+    store.store_model(&chat2).await.unwrap();
+    let removed = model("coder", None, 4);
+    store.store_model(&removed).await.unwrap();
+    assert_eq!(
+        store.stored_models().await.unwrap(),
+        [chat2.clone(), removed.clone()]
+    );
+    let back = model("coder", Some(r#"{"name":"coder"}"#), 5);
+    store.store_model(&back).await.unwrap();
+    assert_eq!(
+        store.stored_models().await.unwrap(),
+        [chat2.clone(), back.clone()]
+    );
+
+    // Times are kept to the millisecond.
+    let precise = StoredModel {
+        updated_at: at(6) + chrono::Duration::nanoseconds(123_456),
+        ..model("precise", None, 0)
+    };
+    store.store_model(&precise).await.unwrap();
+
+    // Names as a client may write them: each is its own model, read back unchanged.
+    let hostile_names = [
+        "it's \"quoted\"; DROP TABLE model_settings; --".to_owned(),
+        "Chat".to_owned(),
+        "chat ".to_owned(),
+        "\u{1F980} crab".to_owned(),
+        "%_\\".to_owned(),
+        "m".repeat(MAX_MODEL_BYTES),
+    ];
+    for (i, name) in hostile_names.iter().enumerate() {
+        let settings = format!("{{\"name\":{}}}", serde_json::Value::from(name.as_str()));
+        store
+            .store_model(&model(name, Some(&settings), 10 + i as i64))
+            .await
+            .unwrap();
+    }
+    store
+        .store_model(&model("nul\0name", Some("{\"a\":\"\0\"}"), 20))
+        .await
+        .unwrap();
+
+    for (bad, why) in [
+        (model("", Some("{}"), 30), RefusedModel::EmptyName),
+        (
+            model(&"m".repeat(MAX_MODEL_BYTES + 1), Some("{}"), 31),
+            RefusedModel::NameTooLong {
+                len: MAX_MODEL_BYTES + 1,
+                max: MAX_MODEL_BYTES,
+            },
+        ),
+        (
+            model(&format!("{}\0", "m".repeat(MAX_MODEL_BYTES - 2)), None, 32),
+            RefusedModel::NameTooLong {
+                len: MAX_MODEL_BYTES + 1,
+                max: MAX_MODEL_BYTES,
+            },
+        ),
+        (
+            model("big", Some(&"x".repeat(MAX_MODEL_SETTINGS_BYTES + 1)), 33),
+            RefusedModel::SettingsTooLarge {
+                len: MAX_MODEL_SETTINGS_BYTES + 1,
+                max: MAX_MODEL_SETTINGS_BYTES,
+            },
+        ),
+    ] {
+        let err = store.store_model(&bad).await.unwrap_err();
+        assert!(err.refuses_content(), "{err:?}");
+        let source = std::error::Error::source(&err).expect("the reason");
+        assert_eq!(source.downcast_ref::<RefusedModel>(), Some(&why), "{err}");
+    }
+
+    let stored = store.stored_models().await.unwrap();
+    let names: Vec<&str> = stored.iter().map(|m| m.name.as_str()).collect();
+    let mut expected: Vec<String> = hostile_names.to_vec();
+    expected.extend(["chat", "coder", "precise", "nul\u{FFFD}name"].map(String::from));
+    expected.sort();
+    assert_eq!(names, expected, "every model once, by name in byte order");
+    let find = |name: &str| stored.iter().find(|m| m.name == name).unwrap();
+    assert_eq!(*find("chat"), chat2);
+    assert_eq!(*find("coder"), back);
+    assert_eq!(find("precise").updated_at, at(6));
+    assert_eq!(
+        find("nul\u{FFFD}name").settings.as_deref(),
+        Some("{\"a\":\"\u{FFFD}\"}")
+    );
+    for (i, name) in hostile_names.iter().enumerate() {
+        let m = find(name);
+        assert_eq!(m.updated_at, at(10 + i as i64), "{name}");
+        let settings: serde_json::Value =
+            serde_json::from_str(m.settings.as_deref().unwrap()).unwrap();
+        assert_eq!(settings["name"], name.as_str());
+    }
 }

@@ -1,5 +1,5 @@
 //! An in-memory backend: for tests, and for services that embed the layer and keep
-//! usage elsewhere. Nothing survives a restart.
+//! usage elsewhere. Nothing survives a restart, stored model settings included.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -8,15 +8,17 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::{
-    normalized_batch, KeyStore, RequestRecord, Storage, StorageError, UsageStore, UsageTotals,
+    normalized_batch, KeyStore, ModelStore, RequestRecord, Storage, StorageError, StoredModel,
+    UsageStore, UsageTotals,
 };
 use crate::auth::{KeyHash, KeyRecord};
 
-/// Keys and usage in memory.
+/// Keys, usage and model settings in memory.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     keys: Mutex<Vec<(KeyHash, KeyRecord)>>,
     usage: Mutex<Usage>,
+    models: Mutex<BTreeMap<String, StoredModel>>,
 }
 
 #[derive(Debug, Default)]
@@ -138,6 +140,22 @@ impl UsageStore for MemoryStore {
     }
 }
 
+#[async_trait]
+impl ModelStore for MemoryStore {
+    async fn stored_models(&self) -> Result<Vec<StoredModel>, StorageError> {
+        Ok(self.models.lock().unwrap().values().cloned().collect())
+    }
+
+    async fn store_model(&self, model: &StoredModel) -> Result<(), StorageError> {
+        let model = model.normalized()?.into_owned();
+        self.models
+            .lock()
+            .unwrap()
+            .insert(model.name.clone(), model);
+        Ok(())
+    }
+}
+
 impl Storage for MemoryStore {}
 
 #[cfg(test)]
@@ -157,5 +175,15 @@ mod tests {
     #[tokio::test]
     async fn hostile_values_contract() {
         crate::storage::contract::hostile_values(&MemoryStore::new()).await;
+    }
+
+    #[tokio::test]
+    async fn usage_per_model_contract() {
+        crate::storage::contract::usage_per_model(&MemoryStore::new()).await;
+    }
+
+    #[tokio::test]
+    async fn models_contract() {
+        crate::storage::contract::models(&MemoryStore::new()).await;
     }
 }

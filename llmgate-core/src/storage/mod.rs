@@ -1,7 +1,8 @@
-//! Where keys and usage live.
+//! Where keys, usage and model settings live.
 //!
-//! Two small object-safe traits, [`KeyStore`] and [`UsageStore`], used as
-//! `Arc<dyn …>`; [`Storage`] is a backend that keeps both. Each backend is one file:
+//! Three small object-safe traits, [`KeyStore`], [`UsageStore`] and [`ModelStore`], used
+//! as `Arc<dyn …>`; [`Storage`] is a backend that keeps all three. Each backend is one
+//! file:
 //!
 //! - [`MemoryStore`]: in memory, nothing survives a restart. For tests, and for services
 //!   that embed the layer and keep usage elsewhere.
@@ -12,7 +13,7 @@
 //!
 //! The SQL backends share their logic and their schema shape (request rows name their
 //! key, method, path and model by id, with the view `usage_requests` for people reading
-//! the database); only their SQL differs. A backend of your own implements the two
+//! the database); only their SQL differs. A backend of your own implements the three
 //! traits and runs the `contract` tests (feature `test-util`).
 
 #[cfg(any(test, feature = "test-util"))]
@@ -129,6 +130,22 @@ pub const MAX_PATH_BYTES: usize = 1024;
 /// The longest model name kept, in bytes; longer ones are cut at a character boundary.
 pub const MAX_MODEL_BYTES: usize = 256;
 
+/// The longest model settings kept, in bytes. A model's configuration as JSON takes a
+/// few hundred; the bound keeps one admin call from storing megabytes that every replica
+/// then reads at start.
+pub const MAX_MODEL_SETTINGS_BYTES: usize = 64 * 1024;
+/// How many models a key's per-model totals keep apart. Clients name the model, so
+/// without a bound one key could add a totals row per made-up name; past it, requests
+/// for models the key has not used yet count under [`OTHER_MODEL`]. Replicas writing at
+/// once may each add a few past it.
+pub const MAX_MODELS_PER_KEY: usize = 100;
+/// The per-model label of requests that named no model (or an empty one). A model
+/// named `none` counts with them.
+pub const NO_MODEL: &str = "none";
+/// The per-model label of requests for models past [`MAX_MODELS_PER_KEY`]. A model
+/// named `other` counts with them.
+pub const OTHER_MODEL: &str = "other";
+
 /// What a NUL character in a name becomes: PostgreSQL text cannot hold NUL.
 const NUL_REPLACEMENT: &str = "\u{FFFD}";
 
@@ -236,6 +253,50 @@ pub fn normalized_batch(batch: &[RequestRecord]) -> Cow<'_, [RequestRecord]> {
     }
 }
 
+/// One model's share of a key's usage totals.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ModelUsage {
+    /// Requests made.
+    pub requests: u64,
+    /// Prompt tokens over the requests whose count is known.
+    pub prompt_tokens: u64,
+    /// Completion tokens over the requests whose count is known.
+    pub completion_tokens: u64,
+    /// Requests whose token counts are unknown.
+    pub requests_without_usage: u64,
+}
+
+impl ModelUsage {
+    /// Prompt plus completion tokens (at most `u64::MAX`).
+    pub fn total_tokens(&self) -> u64 {
+        self.prompt_tokens.saturating_add(self.completion_tokens)
+    }
+
+    /// Adds another share of usage (another batch's, another day's). Sums stop at
+    /// `u64::MAX` rather than wrap.
+    pub fn merge(&mut self, other: &ModelUsage) {
+        self.requests = self.requests.saturating_add(other.requests);
+        self.prompt_tokens = self.prompt_tokens.saturating_add(other.prompt_tokens);
+        self.completion_tokens = self
+            .completion_tokens
+            .saturating_add(other.completion_tokens);
+        self.requests_without_usage = self
+            .requests_without_usage
+            .saturating_add(other.requests_without_usage);
+    }
+
+    /// Adds one request. Sums stop at `u64::MAX` rather than wrap.
+    pub fn add(&mut self, record: &RequestRecord) {
+        self.requests = self.requests.saturating_add(1);
+        let (p, c) = (record.prompt_tokens, record.completion_tokens);
+        self.prompt_tokens = self.prompt_tokens.saturating_add(p.unwrap_or(0));
+        self.completion_tokens = self.completion_tokens.saturating_add(c.unwrap_or(0));
+        if p.is_none() || c.is_none() {
+            self.requests_without_usage = self.requests_without_usage.saturating_add(1);
+        }
+    }
+}
+
 /// A key's usage totals.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct UsageTotals {
@@ -253,6 +314,9 @@ pub struct UsageTotals {
     /// `other` ([`endpoint_label`]), so made-up paths add
     /// no rows.
     pub endpoints: BTreeMap<String, u64>,
+    /// Usage per model, by the name requests gave ([`NO_MODEL`] when none), at most
+    /// [`MAX_MODELS_PER_KEY`] of them and [`OTHER_MODEL`] for the rest.
+    pub models: BTreeMap<String, ModelUsage>,
 }
 
 impl UsageTotals {
@@ -278,6 +342,23 @@ impl UsageTotals {
                 self.endpoints.insert(endpoint.to_owned(), 1);
             }
         }
+        let model = self.model_label(record.model.as_deref());
+        match self.models.get_mut(model) {
+            Some(usage) => usage.add(record),
+            None => self.models.entry(model.to_owned()).or_default().add(record),
+        }
+    }
+
+    /// The label a request for `model` counts under here: its name, [`NO_MODEL`] for
+    /// none (or an empty name), or [`OTHER_MODEL`] when it is new and these totals already keep
+    /// [`MAX_MODELS_PER_KEY`] models apart.
+    pub fn model_label<'a>(&self, model: Option<&'a str>) -> &'a str {
+        let model = model.filter(|m| !m.is_empty()).unwrap_or(NO_MODEL);
+        if self.models.len() >= MAX_MODELS_PER_KEY && !self.models.contains_key(model) {
+            OTHER_MODEL
+        } else {
+            model
+        }
     }
 }
 
@@ -299,9 +380,102 @@ pub trait UsageStore: Send + Sync {
     ) -> Result<Vec<RequestRecord>, StorageError>;
 }
 
-/// A backend that keeps both keys and usage: what the `llmgate` binary opens.
+/// A model's settings as the admin API last set them.
+///
+/// Models added, changed or removed at run time are kept here, so that the change
+/// survives a restart and every replica sharing the database sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredModel {
+    /// The model's name, what clients send as `model`.
+    pub name: String,
+    /// The model's configuration as JSON text; `None` when an admin removed the model: a
+    /// tombstone, so that a model from the configuration file stays removed after a
+    /// restart.
+    pub settings: Option<String>,
+    /// When an admin last changed it (kept to the millisecond).
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Why a backend refuses to store a [`StoredModel`] (the source of
+/// [`StorageError::Rejected`]). Names are never cut, unlike a request's model name:
+/// two long names sharing a prefix would then overwrite each other.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RefusedModel {
+    /// The name is empty.
+    #[error("a model needs a name")]
+    EmptyName,
+    /// The name is longer than [`MAX_MODEL_BYTES`].
+    #[error("a model name may have at most {max} bytes, not {len}")]
+    NameTooLong {
+        /// The name's length in bytes.
+        len: usize,
+        /// [`MAX_MODEL_BYTES`].
+        max: usize,
+    },
+    /// The settings are longer than [`MAX_MODEL_SETTINGS_BYTES`].
+    #[error("a model's settings may have at most {max} bytes, not {len}")]
+    SettingsTooLarge {
+        /// The settings' length in bytes.
+        len: usize,
+        /// [`MAX_MODEL_SETTINGS_BYTES`].
+        max: usize,
+    },
+}
+
+impl StoredModel {
+    /// The model as every backend keeps it: NUL characters in the name and settings
+    /// replaced by U+FFFD (as in request records: PostgreSQL text cannot hold NUL), the
+    /// time cut to the millisecond. Refused ([`StorageError::Rejected`] with a
+    /// [`RefusedModel`]) when the name is empty or either text is over its bound.
+    pub fn normalized(&self) -> Result<Cow<'_, StoredModel>, StorageError> {
+        let refuse = |why: RefusedModel| StorageError::Rejected(Box::new(why));
+        let mut model = Cow::Borrowed(self);
+        let millis = self.updated_at.timestamp_millis();
+        if self.updated_at.timestamp_subsec_nanos() % 1_000_000 != 0 {
+            model.to_mut().updated_at =
+                DateTime::from_timestamp_millis(millis).expect("a time cut to the millisecond");
+        }
+        if self.name.as_bytes().contains(&0) {
+            let name = self.name.replace('\0', NUL_REPLACEMENT);
+            model.to_mut().name = name;
+        }
+        if let Some(settings) = self.settings.as_deref() {
+            if settings.as_bytes().contains(&0) {
+                let settings = settings.replace('\0', NUL_REPLACEMENT);
+                model.to_mut().settings = Some(settings);
+            }
+        }
+        let len = model.name.len();
+        if len == 0 {
+            return Err(refuse(RefusedModel::EmptyName));
+        }
+        if len > MAX_MODEL_BYTES {
+            let max = MAX_MODEL_BYTES;
+            return Err(refuse(RefusedModel::NameTooLong { len, max }));
+        }
+        let len = model.settings.as_ref().map_or(0, String::len);
+        if len > MAX_MODEL_SETTINGS_BYTES {
+            let max = MAX_MODEL_SETTINGS_BYTES;
+            return Err(refuse(RefusedModel::SettingsTooLarge { len, max }));
+        }
+        Ok(model)
+    }
+}
+
+/// Model settings changed at run time: what the admin API's model changes write, and
+/// what a starting gateway reads over its configuration file.
 #[async_trait]
-pub trait Storage: KeyStore + UsageStore {
+pub trait ModelStore: Send + Sync {
+    /// Every stored model, tombstones included, by name (byte order).
+    async fn stored_models(&self) -> Result<Vec<StoredModel>, StorageError>;
+    /// Stores `model` ([`StoredModel::normalized`]), replacing what was stored under its
+    /// name.
+    async fn store_model(&self, model: &StoredModel) -> Result<(), StorageError>;
+}
+
+/// A backend that keeps keys, usage and model settings: what the `llmgate` binary opens.
+#[async_trait]
+pub trait Storage: KeyStore + UsageStore + ModelStore {
     /// Closes connections, waiting for them to finish.
     async fn close(&self) {}
 }
@@ -315,6 +489,12 @@ impl std::fmt::Debug for dyn Storage {
 impl std::fmt::Debug for dyn KeyStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("dyn KeyStore")
+    }
+}
+
+impl std::fmt::Debug for dyn ModelStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("dyn ModelStore")
     }
 }
 

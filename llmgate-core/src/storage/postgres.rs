@@ -13,7 +13,10 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::Postgres;
 
 use super::sql::{Dialect, SqlStore, Statements};
-use super::{Context, KeyStore, RequestRecord, Storage, StorageError, UsageStore, UsageTotals};
+use super::{
+    Context, KeyStore, ModelStore, RequestRecord, Storage, StorageError, StoredModel, UsageStore,
+    UsageTotals,
+};
 use crate::auth::{KeyHash, KeyRecord};
 
 /// PostgreSQL's SQL.
@@ -31,7 +34,7 @@ fn statements() -> &'static Statements {
     })
 }
 
-/// Keys and usage in a PostgreSQL database.
+/// Keys, usage and model settings in a PostgreSQL database.
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     inner: SqlStore<Postgres>,
@@ -82,6 +85,17 @@ impl KeyStore for PostgresStore {
 
     async fn revoke_key(&self, id: &str, at: DateTime<Utc>) -> Result<bool, StorageError> {
         self.inner.revoke_key(id, at).await
+    }
+}
+
+#[async_trait]
+impl ModelStore for PostgresStore {
+    async fn stored_models(&self) -> Result<Vec<StoredModel>, StorageError> {
+        self.inner.stored_models().await
+    }
+
+    async fn store_model(&self, model: &StoredModel) -> Result<(), StorageError> {
+        self.inner.store_model(model).await
     }
 }
 
@@ -194,6 +208,24 @@ pub(crate) mod tests {
         let db = TestDatabase::create().await;
         let store = PostgresStore::connect(&db.url).await.unwrap();
         crate::storage::contract::hostile_values(&store).await;
+        store.close().await;
+    }
+
+    #[tokio::test]
+    #[ignore = "needs PostgreSQL (LLMGATE_TEST_POSTGRES or 127.0.0.1:5432)"]
+    async fn usage_per_model_contract() {
+        let db = TestDatabase::create().await;
+        let store = PostgresStore::connect(&db.url).await.unwrap();
+        crate::storage::contract::usage_per_model(&store).await;
+        store.close().await;
+    }
+
+    #[tokio::test]
+    #[ignore = "needs PostgreSQL (LLMGATE_TEST_POSTGRES or 127.0.0.1:5432)"]
+    async fn models_contract() {
+        let db = TestDatabase::create().await;
+        let store = PostgresStore::connect(&db.url).await.unwrap();
+        crate::storage::contract::models(&store).await;
         store.close().await;
     }
 
@@ -317,6 +349,52 @@ pub(crate) mod tests {
             ]
         );
         assert_eq!(store.totals_for_key("k2").await.unwrap().requests, 2);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    #[ignore = "needs PostgreSQL (LLMGATE_TEST_POSTGRES or 127.0.0.1:5432)"]
+    async fn an_upgraded_database_shows_its_past_usage_per_model() {
+        let db = TestDatabase::create().await;
+        {
+            let pool = PgPool::connect(&db.url).await.unwrap();
+            let mut old = sqlx::migrate!("./migrations/postgres");
+            old.migrations = old
+                .migrations
+                .iter()
+                .filter(|m| m.version <= 2)
+                .cloned()
+                .collect::<Vec<_>>()
+                .into();
+            old.run(&pool).await.unwrap();
+            for sql in crate::storage::sql::before_usage_models::statements() {
+                sqlx::query(&sql).execute(&pool).await.unwrap();
+            }
+            pool.close().await;
+        }
+        let store = PostgresStore::connect(&db.url).await.unwrap();
+        let all = store.totals().await.unwrap();
+        for (key, model, usage) in crate::storage::sql::before_usage_models::expected() {
+            assert_eq!(all[key].models.get(model), Some(&usage), "{key} {model}");
+        }
+        assert_eq!(all["k1"].models.len(), 3);
+        assert_eq!(all["k3"].models.len(), 101);
+        assert_eq!(store.totals_for_key("k3").await.unwrap(), all["k3"]);
+        store
+            .record(&[
+                request("k1", Some("chat"), 9_000),
+                request("k3", Some("new"), 9_001),
+            ])
+            .await
+            .unwrap();
+        let k1 = store.totals_for_key("k1").await.unwrap();
+        assert_eq!(
+            (k1.models["chat"].requests, k1.models["chat"].prompt_tokens),
+            (4, 13)
+        );
+        let k3 = store.totals_for_key("k3").await.unwrap();
+        assert_eq!(k3.models.len(), 101);
+        assert_eq!(k3.models["other"].requests, 3);
         store.close().await;
     }
 

@@ -7,14 +7,17 @@
 //! ([`saturating_sum`]) rather than overflow, and whatever is read back is clamped, so
 //! one odd value cannot make every read of usage fail.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type};
 
-use super::{normalized_batch, RequestRecord, StorageError, UsageTotals, MAX_TOKENS_PER_REQUEST};
+use super::{
+    normalized_batch, ModelUsage, RequestRecord, StorageError, StoredModel, UsageTotals,
+    MAX_MODELS_PER_KEY, MAX_TOKENS_PER_REQUEST, OTHER_MODEL,
+};
 use crate::auth::{KeyHash, KeyRecord, Role};
 
 fn get<R, T>(row: &R, column: &str) -> Result<T, StorageError>
@@ -73,7 +76,7 @@ where
 }
 
 /// From `requests, prompt_tokens, completion_tokens, requests_without_usage,
-/// last_request_at`; endpoints are read separately.
+/// last_request_at`; endpoints and models are read separately.
 pub(super) fn totals_from_row<R: Row>(row: &R) -> Result<UsageTotals, StorageError>
 where
     for<'r> &'r str: ColumnIndex<R>,
@@ -89,6 +92,47 @@ where
         requests_without_usage: count(get(row, "requests_without_usage")?),
         last_request_at: time(get(row, "last_request_at")?)?,
         endpoints: BTreeMap::new(),
+        models: BTreeMap::new(),
+    })
+}
+
+/// A `usage_models` row's name and counts (the columns of [`MODEL_COLUMNS`]).
+fn model_from_row<R: Row>(row: &R) -> Result<(String, ModelUsage), StorageError>
+where
+    for<'r> &'r str: ColumnIndex<R>,
+    for<'r> String: Decode<'r, R::Database>,
+    for<'r> i64: Decode<'r, R::Database>,
+    String: Type<R::Database>,
+    i64: Type<R::Database>,
+{
+    Ok((
+        get(row, "model")?,
+        ModelUsage {
+            requests: count(get(row, "requests")?),
+            prompt_tokens: count(get(row, "prompt_tokens")?),
+            completion_tokens: count(get(row, "completion_tokens")?),
+            requests_without_usage: count(get(row, "requests_without_usage")?),
+        },
+    ))
+}
+
+/// The columns of `usage_models` that [`model_from_row`] reads.
+const MODEL_COLUMNS: &str =
+    "model, requests, prompt_tokens, completion_tokens, requests_without_usage";
+
+/// A `model_settings` row.
+fn stored_model_from_row<R: Row>(row: &R) -> Result<StoredModel, StorageError>
+where
+    for<'r> &'r str: ColumnIndex<R>,
+    for<'r> String: Decode<'r, R::Database>,
+    for<'r> i64: Decode<'r, R::Database>,
+    String: Type<R::Database>,
+    i64: Type<R::Database>,
+{
+    Ok(StoredModel {
+        name: get(row, "name")?,
+        settings: get(row, "settings")?,
+        updated_at: required_time(get(row, "updated_at")?)?,
     })
 }
 
@@ -188,6 +232,9 @@ pub(super) struct TotalsUpserts {
     pub(super) totals: String,
     /// Adds `(key_id, path, requests)` to `usage_endpoints`.
     pub(super) endpoints: String,
+    /// Adds `(key_id, model, requests, prompt_tokens, completion_tokens,
+    /// requests_without_usage)` to `usage_models`.
+    pub(super) models: String,
 }
 
 impl TotalsUpserts {
@@ -217,7 +264,25 @@ impl TotalsUpserts {
             params(3),
             sum("usage_endpoints", "requests"),
         );
-        Self { totals, endpoints }
+        let models = format!(
+            "INSERT INTO usage_models \
+             (key_id, model, requests, prompt_tokens, completion_tokens, requests_without_usage) \
+             VALUES ({}) ON CONFLICT (key_id, model) DO UPDATE SET {}",
+            params(6),
+            [
+                "requests",
+                "prompt_tokens",
+                "completion_tokens",
+                "requests_without_usage"
+            ]
+            .map(|column| sum("usage_models", column))
+            .join(", "),
+        );
+        Self {
+            totals,
+            endpoints,
+            models,
+        }
     }
 }
 
@@ -300,6 +365,11 @@ pub(super) struct Statements {
     all_endpoints: String,
     key_totals: String,
     key_endpoints: String,
+    all_models: String,
+    key_models: String,
+    key_model_names: String,
+    stored_models: String,
+    store_model: String,
     requests: String,
     inserts: RequestInserts,
     upserts: TotalsUpserts,
@@ -353,6 +423,18 @@ impl Statements {
             key_endpoints: numbered(format!(
                 "SELECT path, {endpoint_requests} AS requests FROM usage_endpoints WHERE key_id = ?"
             )),
+            all_models: format!("SELECT key_id, {MODEL_COLUMNS} FROM usage_models"),
+            key_models: numbered(format!(
+                "SELECT {MODEL_COLUMNS} FROM usage_models WHERE key_id = ?"
+            )),
+            key_model_names: numbered("SELECT model FROM usage_models WHERE key_id = ?".into()),
+            stored_models: "SELECT name, settings, updated_at FROM model_settings".into(),
+            store_model: numbered(
+                "INSERT INTO model_settings (name, settings, updated_at) VALUES (?, ?, ?) \
+                 ON CONFLICT (name) DO UPDATE SET settings = excluded.settings, \
+                 updated_at = excluded.updated_at"
+                    .into(),
+            ),
             // The view joins the names back in; its plan searches `usage_rows_key_at`.
             requests: numbered(format!(
                 "SELECT {REQUEST_COLUMNS} FROM usage_requests \
@@ -366,9 +448,12 @@ impl Statements {
 
 /// How many names' ids a store keeps in memory before it starts over.
 const MAX_REMEMBERED_NAMES: usize = 10_000;
+/// How many keys' model labels a store keeps in memory before it starts over: at most
+/// [`MAX_MODELS_PER_KEY`] labels of up to 256 bytes each, so a few MiB at worst.
+const MAX_REMEMBERED_KEYS: usize = 1_000;
 
-/// Keys and usage in a SQL database, whichever the driver: the logic both SQL backends
-/// share. Request rows name their key, method, path and model by id, from the table
+/// Keys, usage and model settings in a SQL database, whichever the driver: the logic
+/// both SQL backends share. Request rows name their key, method, path and model by id, from the table
 /// `usage_names`: a row and its index entry are a fraction of the size, and writing a row
 /// binds no text.
 pub(super) struct SqlStore<DB: Database> {
@@ -380,6 +465,10 @@ pub(super) struct SqlStore<DB: Database> {
     pub(super) names: Arc<Mutex<HashMap<String, i64>>>,
     /// At most this many are kept ([`MAX_REMEMBERED_NAMES`]; smaller in tests).
     pub(super) names_limit: usize,
+    /// Per key, the model labels this process has seen committed in `usage_models`: a
+    /// batch naming only these adds no label, so it needs no look at the table to keep
+    /// within [`MAX_MODELS_PER_KEY`]. Labels are never removed, so they stay true.
+    model_labels: Arc<Mutex<HashMap<String, HashSet<String>>>>,
 }
 
 impl<DB: Database> Clone for SqlStore<DB> {
@@ -389,6 +478,7 @@ impl<DB: Database> Clone for SqlStore<DB> {
             sql: self.sql,
             names: self.names.clone(),
             names_limit: self.names_limit,
+            model_labels: self.model_labels.clone(),
         }
     }
 }
@@ -421,6 +511,7 @@ where
             sql,
             names: Arc::default(),
             names_limit: MAX_REMEMBERED_NAMES,
+            model_labels: Arc::default(),
         }
     }
 
@@ -515,6 +606,7 @@ where
             query.execute(&mut *tx).await?;
         }
         // Keys in order (a BTreeMap), so that two writers never wait on each other's rows.
+        let mut new_labels = Vec::new();
         for (key_id, t) in &per_key {
             sqlx::query(&self.sql.upserts.totals)
                 .bind(*key_id)
@@ -533,8 +625,32 @@ where
                     .execute(&mut *tx)
                     .await?;
             }
+            let (models, labels) = self.key_models(&mut tx, key_id, &t.models).await?;
+            for (model, usage) in &models {
+                sqlx::query(&self.sql.upserts.models)
+                    .bind(*key_id)
+                    .bind(*model)
+                    .bind(to_i64(usage.requests))
+                    .bind(to_i64(usage.prompt_tokens))
+                    .bind(to_i64(usage.completion_tokens))
+                    .bind(to_i64(usage.requests_without_usage))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            if let Some(labels) = labels {
+                new_labels.push((*key_id, labels));
+            }
         }
         tx.commit().await?;
+        if !new_labels.is_empty() {
+            let mut known = self.model_labels.lock().expect("model labels lock");
+            if known.len() + new_labels.len() > MAX_REMEMBERED_KEYS {
+                known.clear();
+            }
+            for (key_id, labels) in new_labels {
+                known.insert(key_id.to_owned(), labels);
+            }
+        }
         // Only committed ids are remembered: a rolled-back name may get another id.
         let mut names = self.names.lock().expect("names lock");
         if names.len() + fresh.len() > self.names_limit {
@@ -543,6 +659,47 @@ where
         }
         names.extend(fresh);
         Ok(())
+    }
+
+    /// A batch's usage per model for one key, as it is to be added to `usage_models`:
+    /// labels the key has not used yet count under [`OTHER_MODEL`] once it has
+    /// [`MAX_MODELS_PER_KEY`] (as [`UsageTotals::add`] does). With the key's labels after
+    /// the batch when they had to be read (to remember once the transaction commits).
+    async fn key_models<'m>(
+        &self,
+        tx: &mut DB::Connection,
+        key_id: &str,
+        batch: &'m BTreeMap<String, ModelUsage>,
+    ) -> Result<(BTreeMap<&'m str, ModelUsage>, Option<HashSet<String>>), StorageError> {
+        let as_is = || batch.iter().map(|(m, u)| (m.as_str(), *u)).collect();
+        {
+            let known = self.model_labels.lock().expect("model labels lock");
+            if known
+                .get(key_id)
+                .is_some_and(|labels| batch.keys().all(|m| labels.contains(m)))
+            {
+                return Ok((as_is(), None));
+            }
+        }
+        let rows = sqlx::query(&self.sql.key_model_names)
+            .bind(key_id)
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut labels = rows
+            .iter()
+            .map(|row| get::<_, String>(row, "model"))
+            .collect::<Result<HashSet<_>, _>>()?;
+        let mut models: BTreeMap<&str, ModelUsage> = BTreeMap::new();
+        for (model, usage) in batch {
+            let label = if labels.len() >= MAX_MODELS_PER_KEY && !labels.contains(model) {
+                OTHER_MODEL
+            } else {
+                model.as_str()
+            };
+            labels.insert(label.to_owned());
+            models.entry(label).or_default().merge(usage);
+        }
+        Ok((models, Some(labels)))
     }
 
     /// The id of every name the batch uses, and those of them this process had not seen
@@ -605,6 +762,16 @@ where
                     .insert(get(row, "path")?, count(get(row, "requests")?));
             }
         }
+        let rows = sqlx::query(&self.sql.all_models)
+            .fetch_all(&self.pool)
+            .await?;
+        for row in &rows {
+            let key_id: String = get(row, "key_id")?;
+            if let Some(t) = all.get_mut(&key_id) {
+                let (model, usage) = model_from_row(row)?;
+                t.models.insert(model, usage);
+            }
+        }
         Ok(all)
     }
 
@@ -626,7 +793,39 @@ where
                 .endpoints
                 .insert(get(row, "path")?, count(get(row, "requests")?));
         }
+        let rows = sqlx::query(&self.sql.key_models)
+            .bind(key_id)
+            .fetch_all(&self.pool)
+            .await?;
+        for row in &rows {
+            let (model, usage) = model_from_row(row)?;
+            totals.models.insert(model, usage);
+        }
         Ok(totals)
+    }
+
+    pub(super) async fn stored_models(&self) -> Result<Vec<StoredModel>, StorageError> {
+        let rows = sqlx::query(&self.sql.stored_models)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut models = rows
+            .iter()
+            .map(stored_model_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        // In Rust, not SQL: PostgreSQL would order by the database's collation.
+        models.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        Ok(models)
+    }
+
+    pub(super) async fn store_model(&self, model: &StoredModel) -> Result<(), StorageError> {
+        let model = model.normalized()?;
+        sqlx::query(&self.sql.store_model)
+            .bind(model.name.as_str())
+            .bind(model.settings.as_deref())
+            .bind(millis(model.updated_at))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     pub(super) async fn requests(
@@ -677,6 +876,110 @@ impl<'b> NameIds<'b> {
 
     fn insert(&mut self, name: &'b str, id: i64) {
         self.all.insert(name, id);
+    }
+}
+
+/// A database as an older llmgate left it, for the tests of the migration that fills
+/// `usage_models` from the request rows: the same SQL for both backends.
+#[cfg(test)]
+pub(super) mod before_usage_models {
+    use super::ModelUsage;
+
+    /// A request row: key, model, prompt tokens, completion tokens (NULL as `None`).
+    type Row = (&'static str, Option<String>, Option<i64>, Option<i64>);
+
+    fn rows() -> Vec<Row> {
+        let mut rows = vec![
+            ("k1", Some("chat".to_owned()), Some(10), Some(5)),
+            ("k1", Some("chat".to_owned()), None, Some(3)),
+            // Counts no request can have, as an old overflow left them: unknown.
+            ("k1", Some("chat".to_owned()), Some(-1), Some(2)),
+            ("k1", Some("coder".to_owned()), Some(2_000_000_000), Some(4)),
+            ("k1", None, Some(1), Some(1)),
+            ("k1", Some(String::new()), Some(2), Some(2)),
+            ("k2", Some("chat".to_owned()), Some(1), Some(1)),
+        ];
+        // 102 models on one key: the two least used count as `other`.
+        for i in 0..102 {
+            let times = if i < 100 { 2 } else { 1 };
+            for _ in 0..times {
+                rows.push(("k3", Some(format!("m{i:03}")), Some(1), Some(0)));
+            }
+        }
+        rows
+    }
+
+    /// The statements that write the rows (and totals for their keys).
+    pub(in crate::storage) fn statements() -> Vec<String> {
+        let literal = |s: &str| format!("'{}'", s.replace('\'', "''"));
+        let number = |n: Option<i64>| n.map_or("NULL".to_owned(), |n| n.to_string());
+        let mut out = Vec::new();
+        let mut names: Vec<String> = vec!["k1", "k2", "k3", "POST", "/v1/chat/completions"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        for (_, model, _, _) in rows() {
+            if let Some(model) = model {
+                if !names.contains(&model) {
+                    names.push(model);
+                }
+            }
+        }
+        for name in &names {
+            out.push(format!(
+                "INSERT INTO usage_names (name) VALUES ({})",
+                literal(name)
+            ));
+        }
+        let id = |name: &str| {
+            format!(
+                "(SELECT id FROM usage_names WHERE name = {})",
+                literal(name)
+            )
+        };
+        for (i, (key, model, prompt, completion)) in rows().into_iter().enumerate() {
+            out.push(format!(
+                "INSERT INTO usage_rows (at, key, method, path, model, status, prompt_tokens, \
+                 completion_tokens, latency_ms, first_byte_ms) \
+                 VALUES ({}, {}, {}, {}, {}, 200, {}, {}, 5, NULL)",
+                1_000 + i,
+                id(key),
+                id("POST"),
+                id("/v1/chat/completions"),
+                model.as_deref().map_or("NULL".to_owned(), id),
+                number(prompt),
+                number(completion),
+            ));
+        }
+        for key in ["k1", "k2", "k3"] {
+            out.push(format!(
+                "INSERT INTO usage_totals VALUES ({}, 1, 1, 1, 0, 1000)",
+                literal(key)
+            ));
+        }
+        out
+    }
+
+    fn usage(requests: u64, prompt: u64, completion: u64, without: u64) -> ModelUsage {
+        ModelUsage {
+            requests,
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            requests_without_usage: without,
+        }
+    }
+
+    /// What the migration makes of them: (key, model, usage), for a few.
+    pub(in crate::storage) fn expected() -> Vec<(&'static str, &'static str, ModelUsage)> {
+        vec![
+            ("k1", "chat", usage(3, 10, 10, 2)),
+            ("k1", "coder", usage(1, 0, 4, 1)),
+            ("k1", "none", usage(2, 3, 3, 0)),
+            ("k2", "chat", usage(1, 1, 1, 0)),
+            ("k3", "m000", usage(2, 2, 0, 0)),
+            ("k3", "m099", usage(2, 2, 0, 0)),
+            ("k3", "other", usage(2, 2, 0, 0)),
+        ]
     }
 }
 

@@ -14,7 +14,10 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::Sqlite;
 
 use super::sql::{Dialect, SqlStore, Statements};
-use super::{Context, KeyStore, RequestRecord, Storage, StorageError, UsageStore, UsageTotals};
+use super::{
+    Context, KeyStore, ModelStore, RequestRecord, Storage, StorageError, StoredModel, UsageStore,
+    UsageTotals,
+};
 use crate::auth::{KeyHash, KeyRecord};
 
 /// SQLite's SQL.
@@ -38,7 +41,7 @@ fn statements() -> &'static Statements {
     })
 }
 
-/// Keys and usage in a SQLite database.
+/// Keys, usage and model settings in a SQLite database.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     inner: SqlStore<Sqlite>,
@@ -151,6 +154,17 @@ impl KeyStore for SqliteStore {
 }
 
 #[async_trait]
+impl ModelStore for SqliteStore {
+    async fn stored_models(&self) -> Result<Vec<StoredModel>, StorageError> {
+        self.inner.stored_models().await
+    }
+
+    async fn store_model(&self, model: &StoredModel) -> Result<(), StorageError> {
+        self.inner.store_model(model).await
+    }
+}
+
+#[async_trait]
 impl UsageStore for SqliteStore {
     async fn record(&self, batch: &[RequestRecord]) -> Result<(), StorageError> {
         self.inner.record(batch).await
@@ -192,6 +206,16 @@ mod tests {
     #[tokio::test]
     async fn hostile_values_contract() {
         crate::storage::contract::hostile_values(&SqliteStore::in_memory().await.unwrap()).await;
+    }
+
+    #[tokio::test]
+    async fn usage_per_model_contract() {
+        crate::storage::contract::usage_per_model(&SqliteStore::in_memory().await.unwrap()).await;
+    }
+
+    #[tokio::test]
+    async fn models_contract() {
+        crate::storage::contract::models(&SqliteStore::in_memory().await.unwrap()).await;
     }
 
     fn request(key: &str, model: Option<&str>, at_ms: i64) -> RequestRecord {
@@ -318,6 +342,60 @@ mod tests {
             ]
         );
         assert_eq!(store.totals_for_key("k2").await.unwrap().requests, 2);
+    }
+
+    #[tokio::test]
+    async fn an_upgraded_database_shows_its_past_usage_per_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("llmgate.db");
+        {
+            let pool = SqlitePoolOptions::new()
+                .connect_with(
+                    SqliteConnectOptions::new()
+                        .filename(&path)
+                        .create_if_missing(true),
+                )
+                .await
+                .unwrap();
+            let mut old = sqlx::migrate!("./migrations/sqlite");
+            old.migrations = old
+                .migrations
+                .iter()
+                .filter(|m| m.version <= 3)
+                .cloned()
+                .collect::<Vec<_>>()
+                .into();
+            old.run(&pool).await.unwrap();
+            for sql in crate::storage::sql::before_usage_models::statements() {
+                sqlx::query(&sql).execute(&pool).await.unwrap();
+            }
+            pool.close().await;
+        }
+        let store = SqliteStore::open(&path).await.unwrap();
+        let all = store.totals().await.unwrap();
+        for (key, model, usage) in crate::storage::sql::before_usage_models::expected() {
+            assert_eq!(all[key].models.get(model), Some(&usage), "{key} {model}");
+        }
+        assert_eq!(all["k1"].models.len(), 3);
+        assert_eq!(all["k3"].models.len(), 101);
+        assert_eq!(store.totals_for_key("k3").await.unwrap(), all["k3"]);
+        // New requests add to what the migration filled in, and a key already at the
+        // bound counts a new model under `other`.
+        store
+            .record(&[
+                request("k1", Some("chat"), 9_000),
+                request("k3", Some("new"), 9_001),
+            ])
+            .await
+            .unwrap();
+        let k1 = store.totals_for_key("k1").await.unwrap();
+        assert_eq!(
+            (k1.models["chat"].requests, k1.models["chat"].prompt_tokens),
+            (4, 13)
+        );
+        let k3 = store.totals_for_key("k3").await.unwrap();
+        assert_eq!(k3.models.len(), 101);
+        assert_eq!(k3.models["other"].requests, 3);
     }
 
     #[tokio::test]

@@ -35,8 +35,10 @@ pub struct SystemReport {
     pub memory: MemoryReport,
     /// The gateway's own process.
     pub gateway: ProcessReport,
-    /// The model server's process, when llmgate runs one.
+    /// The first model server's process, when llmgate runs one.
     pub model_server: Option<ProcessReport>,
+    /// Every model server's process, in the order their ids were given.
+    pub model_servers: Vec<ProcessReport>,
     /// GPUs.
     pub gpu: GpuReport,
 }
@@ -140,10 +142,15 @@ impl SystemMonitor {
 
     /// A report; `model_server` is the model server's process id, if any.
     pub fn report(&self, model_server: Option<u32>) -> SystemReport {
+        self.report_all(model_server.as_slice())
+    }
+
+    /// A report with each of the `model_servers` (process ids) in it.
+    pub fn report_all(&self, model_servers: &[u32]) -> SystemReport {
         let gateway_pid = std::process::id();
         let mut state = self.state.lock().unwrap();
         let pids: Vec<Pid> = std::iter::once(gateway_pid)
-            .chain(model_server)
+            .chain(model_servers.iter().copied())
             .map(Pid::from_u32)
             .collect();
         let stale = state
@@ -190,7 +197,8 @@ impl SystemMonitor {
                 memory_bytes: 0,
                 cpu_percent: 0.0,
             }),
-            model_server: model_server.and_then(process),
+            model_server: model_servers.first().copied().and_then(process),
+            model_servers: model_servers.iter().copied().filter_map(process).collect(),
             gpu: self.gpus.report(),
         }
     }

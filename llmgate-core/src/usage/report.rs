@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::auth::{KeyRecord, Role};
-use crate::storage::{KeyStore, StorageError, UsageStore, UsageTotals};
+use crate::storage::{KeyStore, ModelUsage, StorageError, UsageStore, UsageTotals};
 
 /// One key's usage.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -34,6 +34,9 @@ pub struct KeyUsage {
     pub last_request_at: Option<DateTime<Utc>>,
     /// Requests per endpoint path.
     pub endpoints: BTreeMap<String, u64>,
+    /// Usage per model (`none` for requests that named none, `other` past
+    /// [`MAX_MODELS_PER_KEY`](crate::storage::MAX_MODELS_PER_KEY) models).
+    pub models: BTreeMap<String, ModelUsage>,
 }
 
 impl KeyUsage {
@@ -51,6 +54,7 @@ impl KeyUsage {
             requests_without_usage: totals.requests_without_usage,
             last_request_at: totals.last_request_at,
             endpoints: totals.endpoints,
+            models: totals.models,
         }
     }
 }

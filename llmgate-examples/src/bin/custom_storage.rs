@@ -1,8 +1,8 @@
 //! A storage backend of your own behind llmgate's `AuthUsageLayer`: keys and usage in
 //! memory, with usage kept per key *and per day*, so a service can bill or limit by day.
 //!
-//! A backend implements two traits, `KeyStore` and `UsageStore` (and `Storage` to be
-//! both); its tests run llmgate's storage contract (`llmgate_core::storage::contract`,
+//! A backend implements three traits, `KeyStore`, `UsageStore` and `ModelStore` (and
+//! `Storage` to be all three); its tests run llmgate's storage contract (`llmgate_core::storage::contract`,
 //! feature `test-util`), as `tests/custom_storage.rs` does for this one.
 //!
 //! ```text
@@ -20,7 +20,8 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use llmgate_core::auth::{KeyCache, KeyHash, KeyRecord, Role, Secret};
 use llmgate_core::storage::{
-    normalized_batch, KeyStore, RequestRecord, Storage, StorageError, UsageStore, UsageTotals,
+    normalized_batch, KeyStore, ModelStore, RequestRecord, Storage, StorageError, StoredModel,
+    UsageStore, UsageTotals,
 };
 use llmgate_core::usage::UsageRecorder;
 use llmgate_core::AuthUsageLayer;
@@ -38,6 +39,8 @@ struct State {
     keys: Vec<(KeyHash, KeyRecord)>,
     rows: Vec<RequestRecord>,
     days: BTreeMap<(String, NaiveDate), UsageTotals>,
+    /// Model settings changed at run time, by name.
+    models: BTreeMap<String, StoredModel>,
 }
 
 impl DailyStore {
@@ -65,6 +68,9 @@ fn add_day(sum: &mut UsageTotals, day: &UsageTotals) {
     for (endpoint, n) in &day.endpoints {
         let count = sum.endpoints.entry(endpoint.clone()).or_default();
         *count = count.saturating_add(*n);
+    }
+    for (model, usage) in &day.models {
+        sum.models.entry(model.clone()).or_default().merge(usage);
     }
 }
 
@@ -159,6 +165,22 @@ impl UsageStore for DailyStore {
         rows.sort_by_key(|r| std::cmp::Reverse(r.at));
         rows.truncate(limit as usize);
         Ok(rows)
+    }
+}
+
+#[async_trait]
+impl ModelStore for DailyStore {
+    async fn stored_models(&self) -> Result<Vec<StoredModel>, StorageError> {
+        let state = self.state.lock().unwrap();
+        Ok(state.models.values().cloned().collect())
+    }
+
+    async fn store_model(&self, model: &StoredModel) -> Result<(), StorageError> {
+        // What every backend keeps: names without NUL and within llmgate's bounds.
+        let model = model.normalized()?.into_owned();
+        let mut state = self.state.lock().unwrap();
+        state.models.insert(model.name.clone(), model);
+        Ok(())
     }
 }
 

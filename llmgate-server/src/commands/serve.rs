@@ -84,6 +84,7 @@ pub async fn run(config: GatewayConfig, launch: Launch) -> Result<(), ServeError
     // The gateway answers while the models that start with it load: the console works,
     // and model calls get 503 saying the model is loading until it is ready.
     let models = Registry::new(config.clone(), Progress::AlsoOnTerminal);
+    models.restore(store.clone()).await?;
     let user_key = if launch == Launch::Up && first_run {
         UserKey::Create
     } else {
@@ -124,6 +125,9 @@ async fn serve(
     models: Arc<Registry>,
 ) -> Result<(), ServeError> {
     let metrics = Arc::new(Metrics::default());
+    let gauges = models.clone();
+    metrics.set_model_gauges(Arc::new(move || gauges.gauges()));
+    models.set_events(metrics.clone());
     let options = RecorderOptions {
         counter: Some(models.clone()),
         observer: Some(metrics.clone()),

@@ -19,6 +19,7 @@ use llmgate_core::config::{GatewayConfig, ModelConfig, RunnerKind};
 use llmgate_core::error::ApiError;
 use llmgate_core::proxy::ProxyConfig;
 use llmgate_core::runner::{Backend, ModelRunner, RunnerTokenCounter};
+use llmgate_core::storage::{ModelStore, StorageError, StoredModel};
 use llmgate_core::usage::{TokenCounter, TokenUsage};
 use llmgate_core::BoxError;
 use serde::Serialize;
@@ -336,6 +337,8 @@ pub struct Registry {
     runtime: tokio::runtime::Handle,
     default_model: RwLock<Option<String>>,
     hooks: RwLock<Option<Arc<dyn ModelEvents>>>,
+    /// Where admin changes are kept across restarts (and shared by replicas).
+    store: RwLock<Option<Arc<dyn ModelStore>>>,
 }
 
 /// What the registry tells the rest of the gateway (metrics, persistence).
@@ -378,6 +381,7 @@ impl Registry {
             progress,
             runtime: tokio::runtime::Handle::current(),
             hooks: RwLock::new(None),
+            store: RwLock::new(None),
         })
     }
 
@@ -912,38 +916,104 @@ impl Registry {
         Ok(slot.view())
     }
 
-    /// Adds a model ([`Put::New`]) or gives one new settings ([`Put::Replace`]).
+    /// Adds a model ([`Put::New`]) or gives one new settings ([`Put::Replace`]); the
+    /// change is stored first, so it survives a restart.
     pub async fn put(
         self: &Arc<Self>,
         model: ModelConfig,
         how: Put,
     ) -> Result<Arc<Slot>, ChangeError> {
-        self.put_now(model, how)
+        self.check(&model, how)?;
+        if let Some(store) = self.model_store() {
+            let settings =
+                serde_json::to_string(&model).map_err(|e| ChangeError::Invalid(e.to_string()))?;
+            store
+                .store_model(&StoredModel {
+                    name: model.name.clone(),
+                    settings: Some(settings),
+                    updated_at: chrono::Utc::now(),
+                })
+                .await
+                .map_err(ChangeError::Store)?;
+        }
+        self.put_now(model, how, Origin::Admin)
     }
 
-    fn put_now(self: &Arc<Self>, model: ModelConfig, how: Put) -> Result<Arc<Slot>, ChangeError> {
+    fn model_store(&self) -> Option<Arc<dyn ModelStore>> {
+        self.store.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Applies the changes admins made before (kept in `store`), and keeps later ones
+    /// there. Call it before [`Registry::start`].
+    pub async fn restore(self: &Arc<Self>, store: Arc<dyn ModelStore>) -> Result<(), StorageError> {
+        for stored in store.stored_models().await? {
+            let exists = self
+                .catalog()
+                .slots
+                .iter()
+                .any(|s| s.config.name == stored.name);
+            match stored.settings {
+                None if exists => {
+                    let _ = self.remove_now(&stored.name);
+                }
+                None => {}
+                Some(settings) => match serde_json::from_str::<ModelConfig>(&settings) {
+                    Ok(model) => {
+                        let how = if exists { Put::Replace } else { Put::New };
+                        if let Err(err) = self.put_now(model, how, Origin::Admin) {
+                            tracing::warn!(model = %stored.name, error = %err, "a stored model's settings no longer apply; skipped");
+                        }
+                    }
+                    Err(err) => {
+                        tracing::warn!(model = %stored.name, error = %err, "a stored model's settings cannot be read; skipped");
+                    }
+                },
+            }
+        }
+        *self.store.write().unwrap_or_else(|e| e.into_inner()) = Some(store);
+        Ok(())
+    }
+
+    /// Whether `model` can be put as `how` says.
+    fn check(&self, model: &ModelConfig, how: Put) -> Result<(), ChangeError> {
+        Self::check_in(&self.catalog(), model, how)
+    }
+
+    fn check_in(catalog: &Catalog, model: &ModelConfig, how: Put) -> Result<(), ChangeError> {
         let problems = model.problems();
         if !problems.is_empty() {
             return Err(ChangeError::Invalid(problems.join("; ")));
         }
+        let exists = catalog.slots.iter().any(|s| s.config.name == model.name);
+        match (how, exists) {
+            (Put::New, true) => return Err(ChangeError::Taken(model.name.clone())),
+            (Put::Replace, false) => return Err(ChangeError::Unknown(model.name.clone())),
+            _ => {}
+        }
+        for name in model.names() {
+            if catalog
+                .slots
+                .iter()
+                .any(|s| s.config.name != model.name && s.config.names().any(|n| n == name))
+            {
+                return Err(ChangeError::Taken(name.to_owned()));
+            }
+        }
+        Ok(())
+    }
+
+    fn put_now(
+        self: &Arc<Self>,
+        model: ModelConfig,
+        how: Put,
+        origin: Origin,
+    ) -> Result<Arc<Slot>, ChangeError> {
         let (slot, old) = {
             let mut guard = self.catalog.write().unwrap_or_else(|e| e.into_inner());
+            Self::check_in(&guard, &model, how)?;
             let mut slots = guard.slots.clone();
             let existing = slots.iter().position(|s| s.config.name == model.name);
-            match (how, existing) {
-                (Put::New, Some(_)) => return Err(ChangeError::Taken(model.name)),
-                (Put::Replace, None) => return Err(ChangeError::Unknown(model.name)),
-                _ => {}
-            }
-            for name in model.names() {
-                if slots
-                    .iter()
-                    .any(|s| s.config.name != model.name && s.config.names().any(|n| n == name))
-                {
-                    return Err(ChangeError::Taken(name.to_owned()));
-                }
-            }
-            let slot = Arc::new(Slot::new(model, Origin::Admin, false));
+            let slot = Arc::new(Slot::new(model, origin, false));
             connect_remote(&slot, &self.base);
             let old = match existing {
                 Some(i) => Some(std::mem::replace(&mut slots[i], slot.clone())),
@@ -972,8 +1042,21 @@ impl Registry {
         Ok(slot)
     }
 
-    /// Removes a model; its server stops once its requests end.
+    /// Removes a model (also across restarts); its server stops once its requests end.
     pub async fn remove(self: &Arc<Self>, name: &str) -> Result<(), ChangeError> {
+        if self.find(name).is_none_or(|s| s.config.name != name) {
+            return Err(ChangeError::Unknown(name.to_owned()));
+        }
+        if let Some(store) = self.model_store() {
+            store
+                .store_model(&StoredModel {
+                    name: name.to_owned(),
+                    settings: None,
+                    updated_at: chrono::Utc::now(),
+                })
+                .await
+                .map_err(ChangeError::Store)?;
+        }
         self.remove_now(name)
     }
 
@@ -1083,6 +1166,35 @@ fn connect_remote(slot: &Slot, base: &GatewayConfig) {
             slot.ready.store(false, Ordering::SeqCst);
             slot.set_state(ModelState::Failed, message);
         }
+    }
+}
+
+impl Registry {
+    /// Each model's state and requests, for `/metrics`.
+    pub fn gauges(&self) -> Vec<crate::metrics::ModelGauge> {
+        self.slots()
+            .iter()
+            .map(|slot| crate::metrics::ModelGauge {
+                name: slot.config.name.clone(),
+                state: slot.state().as_str(),
+                in_flight: u64::from(slot.in_flight.load(Ordering::Relaxed)),
+                queued: u64::from(slot.queued.load(Ordering::Relaxed)),
+            })
+            .collect()
+    }
+}
+
+impl ModelEvents for crate::metrics::Metrics {
+    fn names_changed(&self, names: &[String]) {
+        self.set_model_names(names.iter().cloned());
+    }
+
+    fn loaded(&self, model: &str, seconds: f64) {
+        self.model_loaded(model, seconds);
+    }
+
+    fn evicted(&self, model: &str) {
+        self.model_evicted(model);
     }
 }
 

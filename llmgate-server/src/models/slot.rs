@@ -183,6 +183,19 @@ impl Slot {
         }
     }
 
+    /// Where the model is now, its server's own state included.
+    pub(crate) fn state(&self) -> ModelState {
+        let life = self.life();
+        match (&life.runner, life.state) {
+            (Some(runner), ModelState::Ready) => match runner.status() {
+                RunnerStatus::Restarting { .. } => ModelState::Loading,
+                RunnerStatus::Failed { .. } => ModelState::Failed,
+                _ => ModelState::Ready,
+            },
+            (_, state) => state,
+        }
+    }
+
     /// What the console shows.
     pub(crate) fn view(&self) -> ModelView {
         let life = self.life();

@@ -24,7 +24,6 @@ pub async fn render(
             tracing::error!(error = %err, "system report failed");
             ApiError::internal()
         })?;
-    let status = state.models.servers().first().map(|(_, m)| m.status());
-    let body = state.metrics.render(&system, status.as_ref(), format);
+    let body = state.metrics.render(&system, format);
     Ok(([(header::CONTENT_TYPE, format.content_type())], body))
 }

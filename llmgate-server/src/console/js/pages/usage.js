@@ -1,5 +1,5 @@
-// The Usage page: totals per key and charts of requests and tokens over time, polled
-// every 5 seconds.
+// The Usage page: totals per key (split by endpoint and by model) and charts of requests
+// and tokens over time, polled every 5 seconds.
 
 import { $, h } from "../dom.js";
 import { admin } from "../api.js";
@@ -58,6 +58,7 @@ function renderUsageTable(rows) {
   $("usage-body").replaceChildren(
     ...rows.map((row) => {
       const endpoints = Object.entries(row.endpoints || {}).sort((a, b) => b[1] - a[1]);
+      const models = Object.entries(row.models || {}).sort((a, b) => b[1].requests - a[1].requests || (a[0] < b[0] ? -1 : 1));
       const unknown = row.requests_without_usage > 0 ? h("span", { class: "sub" }, `${fmtInt(row.requests_without_usage)} without token counts`) : null;
       return h(
         "tr",
@@ -75,10 +76,23 @@ function renderUsageTable(rows) {
             ? h("ul", { class: "endpoints" }, endpoints.map(([path, count]) => h("li", {}, h("code", {}, path), ` × ${fmtInt(count)}`)))
             : null,
         ),
+        h("td", { "data-label": "Models", "data-testid": "usage-models" }, models.length ? h("ul", { class: "endpoints" }, models.map(modelItem)) : null),
       );
     }),
   );
   $("usage-empty").hidden = rows.length > 0;
+}
+
+// One model's share of a key's usage: requests, tokens, and how many had no token counts.
+function modelItem([name, usage]) {
+  const tokens = fmtInt(usage.prompt_tokens + usage.completion_tokens);
+  const unknown = usage.requests_without_usage > 0 ? `, ${fmtInt(usage.requests_without_usage)} without counts` : "";
+  return h(
+    "li",
+    { "data-model": name, title: `${fmtInt(usage.prompt_tokens)} prompt + ${fmtInt(usage.completion_tokens)} completion tokens${unknown}` },
+    h("code", {}, name),
+    ` × ${fmtInt(usage.requests)} · ${tokens} tokens`,
+  );
 }
 
 function renderChartKeyOptions(rows) {
