@@ -350,9 +350,12 @@ impl ModelManager {
 impl Reporter for ModelManager {
     fn step(&self, stage: Stage, message: &str) {
         if let Some(terminal) = &self.echo {
+            // Said once on the terminal; the log has it only when asked for more.
             terminal.step(stage, message);
+            tracing::debug!("{message}");
+        } else {
+            tracing::info!("{message}");
         }
-        tracing::info!("{message}");
         let mut inner = self.inner.lock().unwrap();
         inner.state = stage.into();
         inner.message = message.to_owned();
