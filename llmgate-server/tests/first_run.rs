@@ -67,7 +67,10 @@ async fn up_without_a_model_runs_the_default_and_says_each_step_once_without_col
     );
     for step in &steps {
         let mentions = text.lines().filter(|l| l.contains(step)).count();
-        assert_eq!(mentions, 1, "'{step}' is said once, not again as a log line");
+        assert_eq!(
+            mentions, 1,
+            "'{step}' is said once, not again as a log line"
+        );
     }
     assert!(
         text.contains(&format!("    cached: {}", model.display())),

@@ -9,8 +9,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use llmgate_core::config::{GatewayConfig, RunnerKind};
 use llmgate_core::hub::{DownloadProgress, HubClient, HubError, HubSettings, ModelSource};
 use llmgate_core::runner::{
-    builtin_model, BuiltinModel, LlamaCppPythonRunner, LlamaServerRunner, ModelRunner,
-    ModelSpec, PythonEnv, PythonEnvManager, RunnerError,
+    builtin_model, BuiltinModel, LlamaCppPythonRunner, LlamaServerRunner, ModelRunner, ModelSpec,
+    PythonEnv, PythonEnvManager, RunnerError,
 };
 
 use crate::settings::DEFAULT_MODEL;
