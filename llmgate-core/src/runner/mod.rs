@@ -234,10 +234,12 @@ impl ModelSpec {
 /// The chat format to use when none is configured, from the file name:
 /// - Gemma GGUFs need `gemma`: with the template llama-cpp-python 0.3.x guesses from
 ///   their metadata, chat requests come back empty.
-/// - SmolLM and SmolLM2 (the default model) get `chatml`, the format their own template
-///   writes (SmolLM2's adds a stock system prompt when none is given; without it the
-///   answers are as good) and one [`format_chat_prompt`] rebuilds exactly, so streamed
-///   usage is exact. SmolLM3 has a template of its own and is left to the server.
+/// - SmolLM and SmolLM2 (the default model) get `chatml`, the format they were trained
+///   on, which [`format_chat_prompt`] rebuilds exactly (so streamed usage is exact).
+///   SmolLM2's own GGUF template adds a stock system prompt when none is given; with it
+///   SmolLM2 135M Instruct (Q4_1, llama-cpp-python 0.3.36, temperature 0) answers "What
+///   is the capital of France?" with a list of French words, with `chatml` "The capital
+///   of France is Paris." SmolLM3 has a template of its own and is left to the server.
 /// - Other models: let the server decide.
 pub fn default_chat_format(model: &std::path::Path) -> Option<String> {
     let name = model.file_name()?.to_string_lossy().to_ascii_lowercase();
