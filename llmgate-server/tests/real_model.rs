@@ -321,6 +321,13 @@ async fn up_without_a_model_answers_a_question_and_counts_its_stream_exactly() {
     }
     assert_eq!(rows.len(), 2, "both requests recorded: {rows:#?}");
     let (plain, stream) = (&rows[1], &rows[0]); // newest first
+    eprintln!(
+        "prompt + completion tokens: {} + {} non-streamed, {} + {} counted for the stream",
+        plain["prompt_tokens"],
+        plain["completion_tokens"],
+        stream["prompt_tokens"],
+        stream["completion_tokens"]
+    );
     assert_eq!(
         plain["prompt_tokens"], answer["usage"]["prompt_tokens"],
         "the answer's own usage is recorded"
