@@ -141,8 +141,8 @@ where
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Set up everything and run: the model server (default: Gemma 3 270M on the CPU)
-    /// and the gateway in front of it
+    /// Set up everything and run: the model server (default: an instruction-tuned model,
+    /// SmolLM2 135M Instruct, on the CPU) and the gateway in front of it
     Up(ServeArgs),
     /// Run the gateway in front of an OpenAI-compatible upstream, or of a --model
     Serve(ServeArgs),
@@ -255,7 +255,8 @@ pub struct ServeArgs {
 /// Options for a model llmgate runs itself.
 #[derive(Debug, Args)]
 pub struct ModelArgs {
-    /// A GGUF file or a Hugging Face repo (owner/name or owner/name:file.gguf) to run
+    /// A GGUF file, a Hugging Face repo (owner/name or owner/name:file.gguf), or a model
+    /// known by name: default (SmolLM2 135M Instruct) or gemma-3-270m (Gemma 3 270M base)
     #[arg(long, env = "LLMGATE_MODEL", value_name = "MODEL")]
     pub model: Option<String>,
 
@@ -263,7 +264,8 @@ pub struct ModelArgs {
     #[arg(long, env = "LLMGATE_BACKEND", value_name = "BACKEND", value_parser = given::<Backend>)]
     pub backend: Option<Given<Backend>>,
 
-    /// Chat format, e.g. gemma or chatml [default: gemma for Gemma models]
+    /// Chat format, e.g. gemma or chatml [default: gemma for Gemma models, chatml for
+    /// SmolLM2]
     #[arg(long, env = "LLMGATE_CHAT_FORMAT", value_name = "FORMAT")]
     pub chat_format: Option<String>,
 

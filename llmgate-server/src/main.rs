@@ -1,5 +1,7 @@
 //! `llmgate`: see `llmgate --help`.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 // Many small, short-lived allocations per request: mimalloc handles them with less
@@ -14,6 +16,9 @@ fn main() {
             EnvFilter::try_from_env("LLMGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal: in a file or a pipe (systemd, docker logs, a
+        // test) they are noise.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let status = llmgate_server::main_with_args(std::env::args_os().collect());
     std::process::exit(status);

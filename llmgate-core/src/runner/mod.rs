@@ -51,8 +51,7 @@ use serde::{Deserialize, Serialize};
 pub use chat_template::format_chat_prompt;
 #[cfg(feature = "runner")]
 pub use default_model::{
-    default_model_from_pypi, default_model_path, DEFAULT_MODEL_FILE, DEFAULT_MODEL_PACKAGE,
-    DEFAULT_MODEL_REPO,
+    builtin_model, BuiltinModel, PypiSource, BUILTIN_MODELS, DEFAULT_MODEL, GEMMA_3_270M,
 };
 #[cfg(feature = "runner")]
 pub use external::ExternalRunner;
@@ -244,12 +243,25 @@ impl ModelSpec {
 }
 
 #[cfg(feature = "runner")]
-/// The chat format to use when none is configured. Gemma GGUFs need `gemma`: with the
-/// template llama-cpp-python 0.3.x guesses from their metadata, chat requests come back
-/// empty. Other models: let the server decide.
+/// The chat format to use when none is configured, from the file name:
+/// - Gemma GGUFs need `gemma`: with the template llama-cpp-python 0.3.x guesses from
+///   their metadata, chat requests come back empty.
+/// - SmolLM and SmolLM2 (the default model) get `chatml`, the format they were trained
+///   on, which [`format_chat_prompt`] rebuilds exactly (so streamed usage is exact).
+///   SmolLM2's own GGUF template adds a stock system prompt when none is given; with it
+///   SmolLM2 135M Instruct (Q4_1, llama-cpp-python 0.3.36, temperature 0) answers "What
+///   is the capital of France?" with a list of French words, with `chatml` "The capital
+///   of France is Paris." SmolLM3 has a template of its own and is left to the server.
+/// - Other models: let the server decide.
 pub fn default_chat_format(model: &std::path::Path) -> Option<String> {
     let name = model.file_name()?.to_string_lossy().to_ascii_lowercase();
-    name.contains("gemma").then(|| "gemma".to_owned())
+    if name.contains("gemma") {
+        Some("gemma".to_owned())
+    } else if name.contains("smollm2") || name.contains("smollm-") {
+        Some("chatml".to_owned())
+    } else {
+        None
+    }
 }
 
 #[cfg(feature = "runner")]
@@ -323,6 +335,20 @@ mod tests {
         assert_eq!(spec.chat_format.as_deref(), Some("gemma"));
         assert_eq!(spec.alias(), "gemma-3-270m-q4_k_m");
         assert_eq!(ModelSpec::new("/m/qwen2.5-0.5b.gguf").chat_format, None);
+    }
+
+    #[cfg(feature = "runner")]
+    #[test]
+    fn smollm_models_get_chatml_but_smollm3_is_left_to_the_server() {
+        let format = |file: &str| ModelSpec::new(file).chat_format;
+        for file in [
+            "/m/SmolLM2-135M-Instruct.Q4_1.gguf",
+            "/m/smollm2-360m-instruct-q8_0.gguf",
+            "/m/SmolLM-135M-Instruct.Q4_K_M.gguf",
+        ] {
+            assert_eq!(format(file).as_deref(), Some("chatml"), "{file}");
+        }
+        assert_eq!(format("/m/SmolLM3-3B-Q4_K_M.gguf"), None);
     }
 
     #[cfg(feature = "runner")]

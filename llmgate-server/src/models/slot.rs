@@ -264,7 +264,12 @@ impl Reporter for Slot {
         if let Some(terminal) = &self.echo {
             terminal.step(stage, message);
         }
-        tracing::debug!(model = %self.name, "{message}");
+        // On the terminal already when it echoes there: the log line would say it twice.
+        if self.echo.is_some() {
+            tracing::debug!(model = %self.name, "{message}");
+        } else {
+            tracing::info!(model = %self.name, "{message}");
+        }
         {
             let mut life = self.life();
             life.state = match stage {

@@ -228,3 +228,40 @@ impl TestDatabase {
             .unwrap();
     }
 }
+
+/// A llama-cpp-python environment under `root` (as `--python-env-dir` lays them out,
+/// marker included) whose `llama_cpp.server` is the stand-in
+/// `tests/fixtures/fake_llama_cpp_server.py`: `llmgate up --python-env-dir ROOT` runs
+/// its real set-up and runner code with no build and no model. The stand-in's "model
+/// file" says how it behaves (`ok`: answers).
+pub fn fake_llama_cpp_env(root: &Path) {
+    use llmgate_core::runner::{Backend, LLAMA_CPP_PYTHON_VERSION};
+    let env = root.join("llama-cpp-python-cpu");
+    let status = std::process::Command::new("python3")
+        .args(["-m", "venv", "--without-pip"])
+        .arg(&env)
+        .status()
+        .expect("python3 runs");
+    assert!(status.success(), "python3 -m venv");
+    let site = std::fs::read_dir(env.join("lib"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join("site-packages/llama_cpp/server");
+    std::fs::create_dir_all(&site).unwrap();
+    std::fs::write(site.join("../__init__.py"), "").unwrap();
+    std::fs::write(site.join("__init__.py"), "").unwrap();
+    std::fs::write(
+        site.join("__main__.py"),
+        include_str!("../../../tests/fixtures/fake_llama_cpp_server.py"),
+    )
+    .unwrap();
+    let marker = json!({
+        "backend": "cpu",
+        "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION,
+        "cmake_args": Backend::Cpu.cmake_args(),
+    });
+    std::fs::write(env.join("llmgate-env.json"), marker.to_string()).unwrap();
+}
