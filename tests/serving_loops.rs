@@ -40,6 +40,12 @@ async fn the_serving_loops_answer_stream_meter_and_stop_gracefully() {
         )
         .await;
     assert_eq!(answer["usage"]["completion_tokens"], REPLY.len());
+    // A thread takes its name when it first runs: one that has served nothing yet may
+    // not have run on a loaded machine.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while threads_named("llmgate-serve-") < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     assert_eq!(threads_named("llmgate-serve-"), 2, "one thread per loop");
     let streamed = gw
         .post(
