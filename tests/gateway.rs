@@ -880,7 +880,7 @@ async fn metrics_count_requests_tokens_and_latency_per_key_and_need_an_admin_key
 
 #[tokio::test]
 #[ignore = "needs Python 3 with venv (python3-venv); scripts/test installs it"]
-async fn admins_run_and_stop_a_model_over_http_while_the_gateway_keeps_serving() {
+async fn admins_add_a_llama_cpp_python_model_over_http_while_the_gateway_keeps_serving() {
     let envs = tempfile::tempdir().unwrap();
     llmgate_tests::fake_llama_cpp_env(envs.path());
     let model = envs.path().join("tiny.gguf");
@@ -891,11 +891,10 @@ async fn admins_run_and_stop_a_model_over_http_while_the_gateway_keeps_serving()
     })
     .await;
 
-    let view: Value = gw.get_json("/admin/models", &gw.admin).await;
-    assert_eq!(
-        view["state"], "external",
-        "forwarding to --upstream: {view}"
-    );
+    let list: Value = gw.get_json("/admin/models", &gw.admin).await;
+    assert_eq!(list["models"][0]["name"], "upstream", "{list}");
+    assert_eq!(list["models"][0]["kind"], "upstream");
+    assert_eq!(list["models"][0]["state"], "ready");
     assert_eq!(
         gw.get("/admin/models", &gw.alice)
             .send()
@@ -907,9 +906,9 @@ async fn admins_run_and_stop_a_model_over_http_while_the_gateway_keeps_serving()
 
     let bad = gw
         .post(
-            "/admin/models/run",
+            "/admin/models",
             &gw.admin,
-            &json!({"model": "x", "backend": "tpu"}),
+            &json!({"name": "tiny", "source": model, "backend": "tpu"}),
         )
         .send()
         .await
@@ -918,24 +917,24 @@ async fn admins_run_and_stop_a_model_over_http_while_the_gateway_keeps_serving()
     assert!(openai_error(bad).await["error"]["message"]
         .as_str()
         .unwrap()
-        .contains("cpu, cuda, metal or openblas"));
+        .contains("tpu"));
 
-    let started = gw
+    let added = gw
         .post(
-            "/admin/models/run",
+            "/admin/models",
             &gw.admin,
-            &json!({"model": model, "backend": "cpu"}),
+            &json!({"name": "tiny", "source": model, "backend": "cpu"}),
         )
         .send()
         .await
         .unwrap();
-    assert_eq!(started.status(), 202, "set-up runs in the background");
-    let again = gw
-        .post("/admin/models/run", &gw.admin, &json!({"model": model}))
+    assert_eq!(added.status(), 201);
+    let loading = gw
+        .post("/admin/models/tiny/load", &gw.admin, &json!({}))
         .send()
         .await
         .unwrap();
-    assert_eq!(again.status(), 409, "one set-up at a time");
+    assert_eq!(loading.status(), 202, "set-up runs in the background");
     // The gateway keeps answering while the model starts.
     assert_eq!(
         gw.http
@@ -949,7 +948,7 @@ async fn admins_run_and_stop_a_model_over_http_while_the_gateway_keeps_serving()
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let view = loop {
-        let view: Value = gw.get_json("/admin/models", &gw.admin).await;
+        let view: Value = gw.get_json("/admin/models/tiny", &gw.admin).await;
         if view["state"] == "ready" {
             break view;
         }
@@ -974,28 +973,23 @@ async fn admins_run_and_stop_a_model_over_http_while_the_gateway_keeps_serving()
         "{log}"
     );
 
-    // Requests now reach the model, not the old upstream.
-    let answer: Value = gw
-        .post_json("/v1/chat/completions", &gw.alice, &chat("hi"))
-        .await;
+    // Requests naming it reach it; the others still reach the upstream.
+    let mut ask = chat("hi");
+    ask["model"] = json!("tiny");
+    let answer: Value = gw.post_json("/v1/chat/completions", &gw.alice, &ask).await;
     assert_eq!(answer["choices"][0]["message"]["content"], "fake answer");
     let system: Value = gw.get_json("/admin/system", &gw.admin).await;
-    assert!(system["model_server"]["pid"].as_u64().is_some(), "{system}");
+    let servers = system["model_servers"].as_array().unwrap();
+    assert_eq!(servers.len(), 1, "{system}");
+    assert_eq!(servers[0]["model"], "tiny");
+    assert!(servers[0]["pid"].as_u64().is_some(), "{system}");
 
     let stopped: Value = gw
-        .post_json("/admin/models/stop", &gw.admin, &json!({}))
+        .post_json("/admin/models/tiny/unload", &gw.admin, &json!({}))
         .await;
     assert_eq!(stopped["state"], "stopped");
-    let refused = gw
-        .post("/v1/chat/completions", &gw.alice, &chat("hi"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(refused.status(), 503);
-    assert_eq!(
-        openai_error(refused).await["error"]["code"],
-        "model_not_running"
-    );
+    let system: Value = gw.get_json("/admin/system", &gw.admin).await;
+    assert_eq!(system["model_servers"], json!([]));
 }
 
 #[tokio::test]

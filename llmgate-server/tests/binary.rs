@@ -270,7 +270,7 @@ async fn an_admin_key_from_the_environment_is_used_instead_of_a_generated_one() 
         .text()
         .await
         .unwrap()
-        .contains(r#"llmgate_model_state{model="default",state="ready"} 1"#));
+        .contains(r#"llmgate_model_state{model="upstream",state="ready"} 1"#));
     terminate(server).await;
 }
 

