@@ -95,7 +95,11 @@ pub fn load(cli: &Cli) -> Result<GatewayConfig, SettingsErrors> {
     match cli.command.gateway() {
         Some((args, launch)) => {
             apply_serve_flags(&mut config, args, &mut errors);
-            if launch == Launch::Up && config.model.is_none() && config.upstream.is_none() {
+            if launch == Launch::Up
+                && config.model.is_none()
+                && config.upstream.is_none()
+                && config.models.is_empty()
+            {
                 // `up` runs the default model; `serve` needs to be told what to front.
                 config.model = Some(DEFAULT_MODEL.to_owned());
             }

