@@ -360,9 +360,14 @@ async fn wait_ready(http: &LocalHttp, launch: &Launch, child: &mut Child) -> Res
         if Instant::now() >= deadline {
             return Err(Readiness::TimedOut);
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Often: each poll's wait is added to every cold start (a refused connection or a
+        // 503 from a loading server costs next to nothing).
+        tokio::time::sleep(READY_POLL).await;
     }
 }
+
+/// How often a starting server is asked whether it is ready.
+const READY_POLL: Duration = Duration::from_millis(20);
 
 fn describe_exit(status: std::io::Result<ExitStatus>) -> String {
     match status {

@@ -516,6 +516,13 @@ impl Registry {
             if slot.ready.load(Ordering::SeqCst) {
                 return Ok(());
             }
+            if !slot.is_local() {
+                // An upstream model is ready from the start, unless its URL cannot work.
+                return Err(RouteError::LoadFailed {
+                    name: slot.name().to_owned(),
+                    message: slot.life().message.clone(),
+                });
+            }
             {
                 let life = slot.life();
                 match life.state {
