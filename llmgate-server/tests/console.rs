@@ -1,6 +1,6 @@
 //! The web console in real headless Chromium: `tests/browser/console.test.mjs`, driven by
 //! playwright-core under Node's test runner, against the built `llmgate` in front of a
-//! mock upstream. Screenshots of each page land in `target/screenshots/` (in
+//! mock upstream (the model `upstream`; the Models page adds and removes a second one). Screenshots of each page land in `target/screenshots/` (in
 //! `docs/screenshots/` with `UPDATE_SCREENSHOTS=1`).
 //!
 //! Needs Node.js, Debian's `chromium` and `npm ci` in `tests/browser` (the README's test
@@ -55,6 +55,8 @@ async fn the_console_works_in_a_real_browser() {
         .current_dir(&browser_tests)
         .env("LLMGATE_URL", &url)
         .env("LLMGATE_ADMIN_KEY", &admin)
+        // The Models page adds a second model in front of the same mock.
+        .env("LLMGATE_UPSTREAM_URL", &upstream.url)
         .env("SCREENSHOT_DIR", screenshots)
         .kill_on_drop(true)
         .output();
