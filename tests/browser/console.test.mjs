@@ -240,6 +240,12 @@ test('remove the added model after confirming; cancelling keeps it', async () =>
   await id('model-remove-cancel').click();
   await page.waitForTimeout(2500); // one poll later, it is still there
   assert.equal(await row.count(), 1, 'cancelling keeps the model');
+  // The closed dialog hands focus back to the button, and a refresh keeps it there.
+  assert.equal(
+    await page.evaluate(() => `${document.activeElement?.dataset.testid} ${document.activeElement?.closest('tr')?.dataset.model}`),
+    'model-remove added',
+    'a keyboard user keeps their place across refreshes',
+  );
   assert.ok(await modelOnServer('added'));
 
   await row.getByTestId('model-remove').click();

@@ -43,23 +43,25 @@ async function loadModels() {
 
 function render(view) {
   const table = $("models-table");
-  const seen = new Set();
+  const names = new Set(view.models.map((model) => model.name));
+  for (const [name, entry] of rows) {
+    if (!names.has(name)) {
+      entry.body.remove();
+      rows.delete(name);
+    }
+  }
+  // In the gateway's order, moving a model's rows only when they are out of place: a
+  // moved element loses the focus, the selection and its log's scroll position.
+  let previous = table.tHead;
   for (const model of view.models) {
-    seen.add(model.name);
     let entry = rows.get(model.name);
     if (!entry) {
       entry = buildRows(model.name);
       rows.set(model.name, entry);
     }
     updateRows(entry, model, view.default_model);
-    // Keep the gateway's order (appending an element already in place moves nothing).
-    table.append(entry.body);
-  }
-  for (const [name, entry] of rows) {
-    if (!seen.has(name)) {
-      entry.body.remove();
-      rows.delete(name);
-    }
+    if (previous.nextElementSibling !== entry.body) previous.after(entry.body);
+    previous = entry.body;
   }
   $("models-empty").hidden = view.models.length > 0;
   renderMemory(view);
