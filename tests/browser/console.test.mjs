@@ -3,6 +3,8 @@
 //   LLMGATE_URL        the gateway, e.g. http://127.0.0.1:41234
 //   LLMGATE_ADMIN_KEY  its admin key
 //   LLMGATE_UPSTREAM_URL  the mock upstream's URL (the Models page adds a model in front of it)
+//   LLMGATE_MODEL_FILE    a 64 MiB stand-in model file, which fake-llama-server.mjs "loads"
+//                         in 3 s (the gateway runs it as llama-server)
 //   SCREENSHOT_DIR     where each page's screenshot goes (docs/screenshots)
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -13,7 +15,8 @@ const base = process.env.LLMGATE_URL;
 const adminKey = process.env.LLMGATE_ADMIN_KEY;
 const shots = process.env.SCREENSHOT_DIR;
 const upstreamUrl = process.env.LLMGATE_UPSTREAM_URL;
-assert.ok(base && adminKey && upstreamUrl, 'LLMGATE_URL, LLMGATE_ADMIN_KEY and LLMGATE_UPSTREAM_URL are set by the Rust test');
+const modelFile = process.env.LLMGATE_MODEL_FILE;
+assert.ok(base && adminKey && upstreamUrl && modelFile, 'LLMGATE_URL, LLMGATE_ADMIN_KEY, LLMGATE_UPSTREAM_URL and LLMGATE_MODEL_FILE are set by the Rust test');
 
 let browser;
 let page;
@@ -35,6 +38,8 @@ after(async () => {
 async function shot(name) {
   if (!shots) return;
   mkdirSync(shots, { recursive: true });
+  // From the top: a page scrolled by a click would draw the sticky bar mid-page.
+  await page.evaluate(() => window.scrollTo(0, 0));
   await page.screenshot({ path: `${shots}/${name}.png`, fullPage: true });
 }
 
@@ -189,7 +194,6 @@ test('add an upstream model through the form; it is listed, ready, and answers i
   assert.deepEqual(stored.aliases, ['added-alias', 'another']);
   assert.equal(stored.max_concurrency, 2);
   assert.ok(await cannotPress(modelRow('added').getByTestId('model-load')));
-  await shot('models');
 
   // The playground offers both models and talks to the one picked.
   await id('nav-playground').click();
@@ -203,6 +207,48 @@ test('add an upstream model through the form; it is listed, ready, and answers i
   await id('nav-models').click();
   await page.waitForFunction(() =>
     !/never/.test(document.querySelector('[data-testid="model-row"][data-model="added"] [data-testid="model-last-used"]')?.innerText ?? 'never'));
+});
+
+test('a local model loads with Load (shown loading, then ready with its memory and log) and stops with Unload', async () => {
+  await id('model-add-name').fill('local');
+  await id('model-add-kind').selectOption('local');
+  await id('model-add-source').fill(modelFile);
+  await id('model-add-runner').selectOption('llama-server');
+  await id('model-add-ttl').fill('600');
+  await id('model-add-submit').click();
+  const row = modelRow('local');
+  await row.waitFor();
+  await waitForState('local', 'stopped');
+  assert.match(await row.getByTestId('model-settings').innerText(), /unloads after 10 min idle/);
+  assert.ok(await row.getByTestId('model-unload').isDisabled(), 'nothing to unload yet');
+
+  await row.getByTestId('model-load').click();
+  await page.waitForFunction(() =>
+    ['setting_up', 'downloading', 'loading'].includes(document.querySelector('[data-testid="model-row"][data-model="local"] [data-testid="model-state"]')?.dataset.state));
+  assert.ok(await row.getByTestId('model-progress').isVisible(), 'a load in progress shows a progress bar');
+  assert.ok(await row.getByTestId('model-load').isDisabled(), 'a loading model cannot be loaded twice');
+
+  await waitForState('local', 'ready');
+  assert.equal(await row.getByTestId('model-progress').count(), 0, 'no progress bar once ready');
+  assert.equal((await row.getByTestId('model-memory').innerText()).trim(), '64 MiB', 'the file\'s size, as the loader counts it');
+  const server = await modelOnServer('local');
+  assert.ok(server.pid > 0);
+  assert.match(await row.innerText(), new RegExp(`process ${server.pid}`), 'the model server\'s process is shown');
+  assert.ok(await row.getByTestId('model-unload').isEnabled());
+  assert.ok(await row.getByTestId('model-load').isDisabled());
+  // Its log is folded until asked for.
+  const log = page.locator('tbody[data-model="local"] [data-testid="model-log"]');
+  assert.ok(await log.isHidden(), 'a healthy model\'s log is folded');
+  await page.locator('tbody[data-model="local"] details summary').click();
+  await page.waitForFunction(() =>
+    /fake llama-server .*model loaded/s.test(document.querySelector('tbody[data-model="local"] [data-testid="model-log"]')?.innerText || ''));
+  await shot('models');
+
+  await row.getByTestId('model-unload').click();
+  await waitForState('local', 'stopped');
+  assert.equal((await modelOnServer('local')).pid, null, 'the model server is gone');
+  assert.ok(await row.getByTestId('model-load').isEnabled(), 'it can be loaded again');
+  assert.ok(await log.isVisible(), 'the log the user opened stays open across refreshes');
 });
 
 test('a local model that cannot start can be loaded, fails with its log shown, and is removed', async () => {
