@@ -1,6 +1,7 @@
 //! The web console in real headless Chromium: `tests/browser/console.test.mjs`, driven by
 //! playwright-core under Node's test runner, against the built `llmgate` in front of a
-//! mock upstream. Screenshots of each page land in `target/screenshots/` (in
+//! mock upstream (the model `upstream`; the Models page adds and removes more, local ones
+//! run by `tests/browser/fake-llama-server.mjs`). Screenshots of each page land in `target/screenshots/` (in
 //! `docs/screenshots/` with `UPDATE_SCREENSHOTS=1`).
 //!
 //! Needs Node.js, Debian's `chromium` and `npm ci` in `tests/browser` (the README's test
@@ -28,8 +29,28 @@ async fn the_console_works_in_a_real_browser() {
     let upstream = MockUpstream::start().await;
     let data = tempfile::tempdir().unwrap();
     let admin = format!("sk-lg-{}", "Console7Test".repeat(4));
+    // Local models the page adds run under a stand-in `llama-server` (a Node script, as
+    // this test needs Node anyway), from a sparse 64 MiB "model file" the loader counts
+    // by its size.
+    let fake_llama_server = browser_tests.join("fake-llama-server.mjs");
+    let model_file = data.path().join("model.gguf");
+    std::fs::File::create(&model_file)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let config = data.path().join("llmgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "llama_server = {}\n",
+            toml_string(&fake_llama_server.canonicalize().unwrap())
+        ),
+    )
+    .unwrap();
     let mut command = Command::new(BIN);
     command
+        .arg("--config")
+        .arg(&config)
         .args([
             "serve",
             "--upstream",
@@ -40,7 +61,9 @@ async fn the_console_works_in_a_real_browser() {
         ])
         .arg(data.path())
         .env("LLMGATE_ADMIN_KEY", &admin)
-        .env("LLMGATE_LOG", "warn");
+        .env("LLMGATE_LOG", "warn")
+        // Longer than the page's 2 s poll, so that it sees the model loading.
+        .env("FAKE_LOAD_MS", "3000");
     let server = start(command, Duration::from_secs(20)).await;
     let url = server.url.clone();
 
@@ -55,6 +78,9 @@ async fn the_console_works_in_a_real_browser() {
         .current_dir(&browser_tests)
         .env("LLMGATE_URL", &url)
         .env("LLMGATE_ADMIN_KEY", &admin)
+        // The Models page adds a second model in front of the same mock.
+        .env("LLMGATE_UPSTREAM_URL", &upstream.url)
+        .env("LLMGATE_MODEL_FILE", &model_file)
         .env("SCREENSHOT_DIR", screenshots)
         .kill_on_drop(true)
         .output();
@@ -69,4 +95,9 @@ async fn the_console_works_in_a_real_browser() {
     );
     eprintln!("{report}");
     assert!(output.status.success(), "browser tests failed:\n{report}");
+}
+
+/// `path` as a TOML basic string.
+fn toml_string(path: &Path) -> String {
+    serde_json::to_string(&path.to_string_lossy()).unwrap()
 }

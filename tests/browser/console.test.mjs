@@ -2,6 +2,9 @@
 // which runs llmgate in front of a mock upstream and passes:
 //   LLMGATE_URL        the gateway, e.g. http://127.0.0.1:41234
 //   LLMGATE_ADMIN_KEY  its admin key
+//   LLMGATE_UPSTREAM_URL  the mock upstream's URL (the Models page adds a model in front of it)
+//   LLMGATE_MODEL_FILE    a 64 MiB stand-in model file, which fake-llama-server.mjs "loads"
+//                         in 3 s (the gateway runs it as llama-server)
 //   SCREENSHOT_DIR     where each page's screenshot goes (docs/screenshots)
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -11,7 +14,9 @@ import { chromium } from 'playwright-core';
 const base = process.env.LLMGATE_URL;
 const adminKey = process.env.LLMGATE_ADMIN_KEY;
 const shots = process.env.SCREENSHOT_DIR;
-assert.ok(base && adminKey, 'LLMGATE_URL and LLMGATE_ADMIN_KEY are set by the Rust test');
+const upstreamUrl = process.env.LLMGATE_UPSTREAM_URL;
+const modelFile = process.env.LLMGATE_MODEL_FILE;
+assert.ok(base && adminKey && upstreamUrl && modelFile, 'LLMGATE_URL, LLMGATE_ADMIN_KEY, LLMGATE_UPSTREAM_URL and LLMGATE_MODEL_FILE are set by the Rust test');
 
 let browser;
 let page;
@@ -33,10 +38,35 @@ after(async () => {
 async function shot(name) {
   if (!shots) return;
   mkdirSync(shots, { recursive: true });
+  // From the top: a page scrolled by a click would draw the sticky bar mid-page.
+  await page.evaluate(() => window.scrollTo(0, 0));
   await page.screenshot({ path: `${shots}/${name}.png`, fullPage: true });
 }
 
 const id = (testId) => page.getByTestId(testId);
+const modelRow = (name) => page.locator(`[data-testid="model-row"][data-model="${name}"]`);
+
+/** The gateway's own view of a model: its JSON, or null when it answers 404. */
+async function modelOnServer(name) {
+  const response = await fetch(`${base}/admin/models/${encodeURIComponent(name)}`, { headers: { authorization: `Bearer ${adminKey}` } });
+  if (response.status === 404) return null;
+  assert.equal(response.status, 200, `GET /admin/models/${name}`);
+  return response.json();
+}
+
+/** Waits until the row of `name` shows `state` in its badge. */
+async function waitForState(name, state) {
+  await page.waitForFunction(
+    ([n, s]) => document.querySelector(`[data-testid="model-row"][data-model="${n}"] [data-testid="model-state"]`)?.dataset.state === s,
+    [name, state],
+  );
+}
+
+/** A button a user cannot press: not there, hidden, or disabled. */
+async function cannotPress(locator) {
+  if ((await locator.count()) === 0) return true;
+  return !(await locator.isVisible()) || (await locator.isDisabled());
+}
 
 test('a wrong key is refused in words, the admin key signs in', async () => {
   await page.goto(base + '/');
@@ -84,6 +114,8 @@ test('revoke a key after confirming', async () => {
 test('the playground streams an answer and shows the usage it was charged', async () => {
   await id('nav-playground').click();
   await id('playground-key').fill(userKey);
+  // The one model there is, picked for the user.
+  await page.waitForFunction(() => document.querySelector('[data-testid="playground-model"]')?.value === 'upstream');
   await id('playground-message').fill('Tell me about foxes');
   await id('playground-send').click();
   await page.waitForFunction(() =>
@@ -105,7 +137,7 @@ test('the usage table shows the request and its tokens', async () => {
   const tokens = Number((await row.getByTestId('usage-total-tokens').innerText()).replace(/[^0-9]/g, ''));
   assert.ok(tokens > 0, `tokens were counted: ${tokens}`);
   // The playground's request, under the model it named.
-  const model = await row.locator('[data-testid="usage-models"] li[data-model="any"]').innerText();
+  const model = await row.locator('[data-testid="usage-models"] li[data-model="upstream"]').innerText();
   assert.match(model, /× 1 · .+ tokens/, `the model's share: ${model}`);
   assert.equal(Number(model.split('·')[1].replace(/[^0-9]/g, '')), tokens, 'one model holds all the tokens');
   await shot('usage');
@@ -119,10 +151,154 @@ test('the system page shows CPU and memory', async () => {
   await shot('system');
 });
 
-test('the models page shows the state of the model', async () => {
+test('the models page lists the upstream model as ready, with nothing to load or unload', async () => {
   await id('nav-models').click();
-  await id('model-run').waitFor();
+  await id('models-table').waitFor();
+  await modelRow('upstream').waitFor();
+  await waitForState('upstream', 'ready');
+  const row = modelRow('upstream');
+  assert.ok((await row.innerText()).includes(new URL(upstreamUrl).host), 'the row says where it forwards to');
+  assert.ok(await cannotPress(row.getByTestId('model-load')), 'an upstream model has no Load button to press');
+  assert.ok(await cannotPress(row.getByTestId('model-unload')), 'an upstream model has no Unload button to press');
+  assert.ok(await row.getByTestId('model-remove').isEnabled(), 'it can be removed');
+  assert.doesNotMatch(await id('models-table').innerText(), /\b(null|undefined|NaN)\b/, 'no placeholder leaks into the page');
+  // The playground's request shows as its last use.
+  assert.doesNotMatch(await row.getByTestId('model-last-used').innerText(), /never/);
+});
+
+test('adding a model without a source or an upstream shows the server\'s reason', async () => {
+  await id('model-add-name').fill('nowhere');
+  await id('model-add-submit').click();
+  await id('model-add-error').waitFor();
+  assert.match(await id('model-add-error').innerText(), /source.*upstream/i);
+  assert.equal(await modelOnServer('nowhere'), null, 'nothing was added');
+  assert.equal(await modelRow('nowhere').count(), 0);
+});
+
+test('add an upstream model through the form; it is listed, ready, and answers in the playground', async () => {
+  await id('model-add-name').fill('added');
+  await id('model-add-aliases').fill('added-alias, another');
+  await id('model-add-kind').selectOption('upstream');
+  await id('model-add-upstream').fill(upstreamUrl);
+  await id('model-add-max-concurrency').fill('2');
+  await id('model-add-submit').click();
+  await modelRow('added').waitFor();
+  await waitForState('added', 'ready');
+  assert.ok(await id('model-add-error').isHidden(), 'no error after a good add');
+  assert.equal(await id('model-add-name').inputValue(), '', 'the form is cleared for the next one');
+  const text = await modelRow('added').innerText();
+  assert.match(text, /added-alias, another/, 'the aliases are shown');
+  assert.match(text, /2 at once/, 'its concurrency limit is shown');
+  const stored = await modelOnServer('added');
+  assert.equal(stored.upstream, upstreamUrl);
+  assert.deepEqual(stored.aliases, ['added-alias', 'another']);
+  assert.equal(stored.max_concurrency, 2);
+  assert.ok(await cannotPress(modelRow('added').getByTestId('model-load')));
+
+  // The playground offers both models and talks to the one picked.
+  await id('nav-playground').click();
+  await page.waitForFunction(() => [...document.querySelectorAll('[data-testid="playground-model"] option')].some((o) => o.value === 'added'));
+  await id('playground-model').selectOption('added');
+  await id('playground-message').fill('Tell me about foxes again');
+  await id('playground-send').click();
+  await page.waitForFunction(() =>
+    document.querySelector('[data-testid="playground-answer"]')?.innerText.includes('The quick brown fox jumps'));
+  await page.waitForFunction(() => document.querySelector('[data-testid="playground-usage"]')?.dataset.requests === '1');
+  await id('nav-models').click();
+  await page.waitForFunction(() =>
+    !/never/.test(document.querySelector('[data-testid="model-row"][data-model="added"] [data-testid="model-last-used"]')?.innerText ?? 'never'));
+});
+
+test('a local model loads with Load (shown loading, then ready with its memory and log) and stops with Unload', async () => {
+  await id('model-add-name').fill('local');
+  await id('model-add-kind').selectOption('local');
+  await id('model-add-source').fill(modelFile);
+  await id('model-add-runner').selectOption('llama-server');
+  await id('model-add-ttl').fill('600');
+  await id('model-add-submit').click();
+  const row = modelRow('local');
+  await row.waitFor();
+  await waitForState('local', 'stopped');
+  assert.match(await row.getByTestId('model-settings').innerText(), /unloads after 10 min idle/);
+  assert.ok(await row.getByTestId('model-unload').isDisabled(), 'nothing to unload yet');
+
+  await row.getByTestId('model-load').click();
+  await page.waitForFunction(() =>
+    ['setting_up', 'downloading', 'loading'].includes(document.querySelector('[data-testid="model-row"][data-model="local"] [data-testid="model-state"]')?.dataset.state));
+  assert.ok(await row.getByTestId('model-progress').isVisible(), 'a load in progress shows a progress bar');
+  assert.ok(await row.getByTestId('model-load').isDisabled(), 'a loading model cannot be loaded twice');
+
+  await waitForState('local', 'ready');
+  assert.equal(await row.getByTestId('model-progress').count(), 0, 'no progress bar once ready');
+  assert.equal((await row.getByTestId('model-memory').innerText()).trim(), '64 MiB', 'the file\'s size, as the loader counts it');
+  const server = await modelOnServer('local');
+  assert.ok(server.pid > 0);
+  assert.match(await row.innerText(), new RegExp(`process ${server.pid}`), 'the model server\'s process is shown');
+  assert.ok(await row.getByTestId('model-unload').isEnabled());
+  assert.ok(await row.getByTestId('model-load').isDisabled());
+  // Its log is folded until asked for.
+  const log = page.locator('tbody[data-model="local"] [data-testid="model-log"]');
+  assert.ok(await log.isHidden(), 'a healthy model\'s log is folded');
+  await page.locator('tbody[data-model="local"] details summary').click();
+  await page.waitForFunction(() =>
+    /fake llama-server .*model loaded/s.test(document.querySelector('tbody[data-model="local"] [data-testid="model-log"]')?.innerText || ''));
   await shot('models');
+
+  await row.getByTestId('model-unload').click();
+  await waitForState('local', 'stopped');
+  assert.equal((await modelOnServer('local')).pid, null, 'the model server is gone');
+  assert.ok(await row.getByTestId('model-load').isEnabled(), 'it can be loaded again');
+  assert.ok(await log.isVisible(), 'the log the user opened stays open across refreshes');
+});
+
+test('a local model that cannot start can be loaded, fails with its log shown, and is removed', async () => {
+  await id('model-add-name').fill('broken-local');
+  await id('model-add-kind').selectOption('local');
+  await id('model-add-source').fill('/nonexistent/llmgate-console-test.gguf');
+  await id('model-add-runner').selectOption('llama-server');
+  await id('model-add-submit').click();
+  const row = modelRow('broken-local');
+  await row.waitFor();
+  await waitForState('broken-local', 'stopped');
+  assert.ok(await row.getByTestId('model-load').isEnabled(), 'a stopped local model can be loaded');
+  assert.ok(await row.getByTestId('model-unload').isDisabled(), 'a stopped model has nothing to unload');
+  await row.getByTestId('model-load').click();
+  await waitForState('broken-local', 'failed');
+  const log = page.locator('tbody[data-model="broken-local"] [data-testid="model-log"]');
+  await log.waitFor({ state: 'visible' });
+  assert.ok((await row.getByTestId('model-message').innerText()).trim().length > 0, 'the failure says why');
+  assert.ok(await row.getByTestId('model-load').isEnabled(), 'a failed model can be loaded again');
+  assert.doesNotMatch(await id('models-table').innerText(), /\b(null|undefined|NaN)\b/);
+  await shot('models-failed');
+
+  page.once('dialog', () => assert.fail('removing asks in the page, not in a browser dialog'));
+  await row.getByTestId('model-remove').click();
+  await id('model-remove-confirm').click();
+  await page.waitForFunction(() => !document.querySelector('[data-testid="model-row"][data-model="broken-local"]'));
+  assert.equal(await modelOnServer('broken-local'), null);
+});
+
+test('remove the added model after confirming; cancelling keeps it', async () => {
+  const row = modelRow('added');
+  await row.getByTestId('model-remove').click();
+  await id('model-remove-dialog').waitFor();
+  assert.match(await id('model-remove-dialog').innerText(), /added/);
+  await id('model-remove-cancel').click();
+  await page.waitForTimeout(2500); // one poll later, it is still there
+  assert.equal(await row.count(), 1, 'cancelling keeps the model');
+  // The closed dialog hands focus back to the button, and a refresh keeps it there.
+  assert.equal(
+    await page.evaluate(() => `${document.activeElement?.dataset.testid} ${document.activeElement?.closest('tr')?.dataset.model}`),
+    'model-remove added',
+    'a keyboard user keeps their place across refreshes',
+  );
+  assert.ok(await modelOnServer('added'));
+
+  await row.getByTestId('model-remove').click();
+  await id('model-remove-confirm').click();
+  await page.waitForFunction(() => !document.querySelector('[data-testid="model-row"][data-model="added"]'));
+  assert.equal(await modelOnServer('added'), null, 'the server has it removed');
+  assert.equal(await modelRow('upstream').count(), 1, 'the other model stays');
 });
 
 test('the console is readable on a phone', async () => {
@@ -132,4 +308,11 @@ test('the console is readable on a phone', async () => {
   const overflow = await page.evaluate(() => document.documentElement.scrollWidth > window.innerWidth + 1);
   assert.equal(overflow, false, 'no sideways scrolling on a phone');
   await shot('keys-phone');
+
+  await id('nav-models').click();
+  await modelRow('upstream').waitFor();
+  await id('model-add-form').waitFor();
+  const modelsOverflow = await page.evaluate(() => document.documentElement.scrollWidth > window.innerWidth + 1);
+  assert.equal(modelsOverflow, false, 'no sideways scrolling on the Models page either');
+  await shot('models-phone');
 });

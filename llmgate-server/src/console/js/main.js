@@ -16,9 +16,19 @@
  *   Navigation:  nav-models, nav-keys, nav-usage, nav-system, nav-playground
  *   Pages:       page-signin, page-models, page-keys, page-usage, page-system, page-playground
  *   Errors:      error-banner (role=alert; its text is the message), error-dismiss
- *   Models:      model-form, model-name, model-backend, model-run, model-stop,
- *                model-state (badge; data-state holds the raw state), model-message,
- *                model-progress (data-percent when known), model-log
+ *   Models:      models-table, models-memory,
+ *                model-row (data-model = the name, data-state, data-kind="local"|"upstream"),
+ *                in each row: model-state (badge; data-state holds the raw state),
+ *                model-message, model-progress (data-percent when known), model-memory,
+ *                model-last-used, model-requests, model-in-flight, model-queued (data-count),
+ *                model-settings, model-load, model-unload (local models only), model-remove,
+ *                model-log (in the row after it);
+ *                model-remove-dialog, model-remove-cancel, model-remove-confirm;
+ *                model-add-form, model-add-name, model-add-aliases, model-add-kind,
+ *                model-add-source, model-add-runner, model-add-backend, model-add-n-ctx,
+ *                model-add-upstream, model-add-upstream-key, model-add-ttl,
+ *                model-add-max-concurrency, model-add-preload, model-add-submit,
+ *                model-add-error (the server's message when adding fails)
  *   Keys:        create-key-form, create-key-name, create-key-role, create-key-submit,
  *                new-key-panel, new-key-secret (the new secret; exists only while shown), copy-key,
  *                new-key-done,
@@ -29,7 +39,7 @@
  *                usage-row (data-key-name, data-key-id), usage-requests,
  *                usage-prompt-tokens, usage-completion-tokens, usage-total-tokens
  *   System:      system-cpu, system-memory, system-gateway, system-model-server, system-gpu
- *   Playground:  playground-form, playground-key, playground-message, playground-send,
+ *   Playground:  playground-form, playground-key, playground-model, playground-message, playground-send,
  *                playground-stop, playground-answer,
  *                playground-usage (data-requests, data-prompt-tokens,
  *                data-completion-tokens, data-total-tokens: the difference charged)

@@ -27,7 +27,7 @@ export function signOut(message) {
   forgetKeys();
   $("playground-key").value = "";
   keys.forgetSecret();
-  if ($("confirm-dialog").open) $("confirm-dialog").close("cancel");
+  for (const dialog of document.querySelectorAll("dialog[open]")) dialog.close("cancel");
   route();
   if (message) showError(message, "signin");
 }

@@ -2,7 +2,7 @@
 // streamed answer, and what that key was charged for it.
 
 import { $, h } from "../dom.js";
-import { ApiError, request } from "../api.js";
+import { ApiError, admin, request } from "../api.js";
 import { playgroundKey, rememberPlaygroundKey } from "../session.js";
 import { clearError, messageOf, showError } from "../banner.js";
 import { fmtInt } from "../format.js";
@@ -22,12 +22,33 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 export function enter() {
   const saved = playgroundKey();
   if (saved && !$("playground-key").value) $("playground-key").value = saved;
+  listModels().catch((err) => showError(`Could not list the models: ${messageOf(err)}`, "playground"));
+}
+
+/**
+ * Fills the model picker from the gateway's list, keeping the user's pick while it still
+ * exists; the default model comes first. No pick sends no `model`, so the gateway's
+ * default answers.
+ */
+async function listModels() {
+  const view = await admin("GET", "/admin/models");
+  const select = $("playground-model");
+  const previous = select.value;
+  const names = view.models.map((model) => model.name);
+  const first = view.default_model && names.includes(view.default_model) ? view.default_model : names[0];
+  const ordered = first ? [first, ...names.filter((name) => name !== first)] : names;
+  select.replaceChildren(
+    ...(ordered.length ? [] : [h("option", { value: "" }, "No model is configured")]),
+    ...ordered.map((name) => h("option", { value: name }, name === view.default_model ? `${name} (default)` : name)),
+  );
+  if (previous && names.includes(previous)) select.value = previous;
 }
 
 function playgroundError(err) {
   if (err instanceof ApiError) {
     if (err.status === 401) return "That key is not valid (unknown, revoked or expired). Create a user key on the Keys page and paste it here.";
-    if (err.status === 503 && err.code === "model_not_running") return "No model is running. Start one on the Models page, then send again.";
+    if (err.status === 404 && err.code === "model_not_found") return `${err.message} See the Models page for the models there are.`;
+    if (err.status === 503 && err.code === "model_not_running") return "That model is not running. Load it on the Models page, then send again.";
     if (err.status === 503) return `The model is not available right now: ${err.message}`;
     if (err.status === 502) return `The model server could not be reached. (${err.message})`;
     if (err.status === 504) return `The model server took too long to answer. (${err.message})`;
@@ -73,7 +94,7 @@ async function sendPlayground(event) {
       key,
       raw: true,
       signal: controller.signal,
-      body: { model: "any", messages: [{ role: "user", content: message }], stream: true },
+      body: { model: $("playground-model").value || undefined, messages: [{ role: "user", content: message }], stream: true },
     });
     status.textContent = "The model is answering…";
     answer.classList.add("streaming");
