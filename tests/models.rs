@@ -229,6 +229,28 @@ async fn under_a_tight_budget_the_least_recently_used_idle_model_makes_room() {
 }
 
 #[tokio::test]
+async fn max_loaded_models_caps_how_many_run_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = vec![
+        local(dir.path(), "a", 1, 0, 0),
+        local(dir.path(), "b", 1, 0, 0),
+    ];
+    let gw = Gateway::start_with(Options {
+        models,
+        max_loaded_models: Some(1),
+        llama_server: Some(fake_server()),
+        ..Options::default()
+    })
+    .await;
+    let (_, a) = ask(&gw, "a").await;
+    let (status, b) = ask(&gw, "b").await;
+    assert_eq!(status, 200, "{b}");
+    assert_eq!(view(&gw, "a").await["state"], "stopped", "a made room");
+    assert!(!process_alive(pid(&a)));
+    assert_eq!(view(&gw, "b").await["state"], "ready");
+}
+
+#[tokio::test]
 async fn a_model_serving_a_request_is_not_stopped_and_the_refusal_names_it() {
     let dir = tempfile::tempdir().unwrap();
     // Room for one; `slow` answers in 1.5 s.

@@ -291,7 +291,8 @@ pub enum ChangeError {
 #[derive(Debug, Default)]
 struct Catalog {
     slots: Vec<Arc<Slot>>,
-    by_name: HashMap<String, usize>,
+    /// Looked up for every model call: a fast hash (the names are the admin's).
+    by_name: HashMap<String, usize, foldhash::fast::RandomState>,
     /// The slot a request without a model goes to.
     default: Option<usize>,
     /// The one model `--upstream` or `--model` gave, alone in the list: it takes any name.
@@ -300,7 +301,7 @@ struct Catalog {
 
 impl Catalog {
     fn new(slots: Vec<Arc<Slot>>, default_model: Option<&str>) -> Self {
-        let mut by_name = HashMap::new();
+        let mut by_name = HashMap::with_hasher(foldhash::fast::RandomState::default());
         for (i, slot) in slots.iter().enumerate() {
             for name in slot.config.names() {
                 by_name.entry(name.to_owned()).or_insert(i);
@@ -1253,6 +1254,39 @@ mod tests {
         let (api, _) = err.to_api();
         assert_eq!(api.status, StatusCode::NOT_FOUND);
         assert_eq!(api.code, Some("model_not_found"));
+    }
+
+    #[tokio::test]
+    async fn a_long_set_up_answers_503_at_once_and_a_short_one_is_waited_for() {
+        let config = GatewayConfig {
+            models: vec![ModelConfig::local("big", "/nowhere/big.gguf")],
+            ..GatewayConfig::default()
+        };
+        let registry = Registry::new(config, Progress::ConsoleOnly);
+        let slot = registry.find("big").unwrap();
+        {
+            let mut life = slot.life();
+            life.state = ModelState::Downloading;
+            life.message = "Downloading big.gguf".into();
+            life.percent = Some(45.0);
+            life.load_started = Some(Instant::now() - Duration::from_secs(3));
+        }
+        let err = registry.lease(&slot).await.unwrap_err();
+        let (api, retry_after) = err.to_api();
+        assert_eq!(api.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(api.code, Some("model_loading"));
+        assert!(
+            api.message.contains("downloading big.gguf (45 %)"),
+            "{}",
+            api.message
+        );
+        assert_eq!(retry_after, Some(10));
+        assert_eq!(slot.queued.load(Ordering::SeqCst), 0, "it left the queue");
+
+        // Just begun: the request waits for the load instead.
+        slot.life().load_started = Some(Instant::now());
+        let waited = tokio::time::timeout(Duration::from_millis(300), registry.lease(&slot)).await;
+        assert!(waited.is_err(), "still waiting");
     }
 
     #[tokio::test]

@@ -175,12 +175,9 @@ impl Slot {
             slot: self.clone(),
             _permit: permit,
         };
-        if self.ready.load(Ordering::SeqCst) {
-            self.touch();
-            Some(lease)
-        } else {
-            None
-        }
+        // `last_used` is set when the request ends: while it is in flight the model is not
+        // idle anyway.
+        self.ready.load(Ordering::SeqCst).then_some(lease)
     }
 
     /// Where the model is now, its server's own state included.
@@ -324,8 +321,10 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.slot.touch();
-        if self.slot.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
-            // An unload may be waiting for the last request to end.
+        // An unload (which clears `ready` first) may be waiting for the last request.
+        if self.slot.in_flight.fetch_sub(1, Ordering::SeqCst) == 1
+            && !self.slot.ready.load(Ordering::SeqCst)
+        {
             self.slot.changed();
         }
     }
