@@ -532,3 +532,43 @@ async fn models_added_changed_and_removed_at_run_time_survive_a_restart() {
         Some("http://127.0.0.1:10")
     );
 }
+
+#[tokio::test]
+async fn a_change_made_on_one_replica_reaches_another_sharing_the_database() {
+    use llmgate_core::config::GatewayConfig;
+    use llmgate_core::storage::SqliteStore;
+    use llmgate_server::models::{Progress, Put, Registry};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("llmgate.db");
+    let config = GatewayConfig {
+        models: vec![ModelConfig::remote("shared", "http://127.0.0.1:9")],
+        data_dir: dir.path().to_owned(),
+        ..GatewayConfig::default()
+    };
+    let one = Registry::new(config.clone(), Progress::ConsoleOnly);
+    one.restore(Arc::new(SqliteStore::open(&db).await.unwrap()))
+        .await
+        .unwrap();
+    let two = Registry::new(config, Progress::ConsoleOnly);
+    two.restore(Arc::new(SqliteStore::open(&db).await.unwrap()))
+        .await
+        .unwrap();
+
+    one.put(ModelConfig::remote("new", "http://127.0.0.1:10"), Put::New)
+        .await
+        .unwrap();
+    one.remove("shared").await.unwrap();
+    assert_eq!(two.names(), ["shared"], "not yet");
+    two.sync().await;
+    assert_eq!(two.names(), ["new"]);
+    // Applied once: a second look changes nothing, and a change back on two reaches one.
+    two.sync().await;
+    assert_eq!(two.names(), ["new"]);
+    let mut changed = two.config_of("new").unwrap();
+    changed.ttl_secs = 30;
+    two.put(changed, Put::Replace).await.unwrap();
+    one.sync().await;
+    assert_eq!(one.config_of("new").unwrap().ttl_secs, 30);
+}

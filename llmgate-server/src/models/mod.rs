@@ -340,6 +340,10 @@ pub struct Registry {
     hooks: RwLock<Option<Arc<dyn ModelEvents>>>,
     /// Where admin changes are kept across restarts (and shared by replicas).
     store: RwLock<Option<Arc<dyn ModelStore>>>,
+    /// When each stored change applied here was made (ms since the epoch): what the
+    /// database holds is the last write (whichever replica made it, whatever its clock),
+    /// applied once when it differs from this.
+    applied: std::sync::Mutex<HashMap<String, i64>>,
 }
 
 /// What the registry tells the rest of the gateway (metrics, persistence).
@@ -383,6 +387,7 @@ impl Registry {
             runtime: tokio::runtime::Handle::current(),
             hooks: RwLock::new(None),
             store: RwLock::new(None),
+            applied: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -407,12 +412,16 @@ impl Registry {
         self.runtime.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(500));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
+            for n in 1u64.. {
                 tick.tick().await;
                 let Some(registry) = weak.upgrade() else {
                     return;
                 };
                 registry.unload_idle().await;
+                // Other replicas' changes, every 5 s.
+                if n % 10 == 0 {
+                    registry.sync().await;
+                }
             }
         });
     }
@@ -935,26 +944,49 @@ impl Registry {
         if let Some(store) = self.model_store() {
             let settings =
                 serde_json::to_string(&model).map_err(|e| ChangeError::Invalid(e.to_string()))?;
+            let at = chrono::Utc::now();
             store
                 .store_model(&StoredModel {
                     name: model.name.clone(),
                     settings: Some(settings),
-                    updated_at: chrono::Utc::now(),
+                    updated_at: at,
                 })
                 .await
                 .map_err(ChangeError::Store)?;
+            self.mark_applied(&model.name, at.timestamp_millis());
         }
         self.put_now(model, how, Origin::Admin)
     }
 
-    fn model_store(&self) -> Option<Arc<dyn ModelStore>> {
-        self.store.read().unwrap_or_else(|e| e.into_inner()).clone()
+    fn mark_applied(&self, name: &str, at: i64) {
+        self.applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_owned(), at);
     }
 
-    /// Applies the changes admins made before (kept in `store`), and keeps later ones
-    /// there. Call it before [`Registry::start`].
-    pub async fn restore(self: &Arc<Self>, store: Arc<dyn ModelStore>) -> Result<(), StorageError> {
-        for stored in store.stored_models().await? {
+    /// Applies the changes in the store that this gateway has not applied yet (another
+    /// replica's); the registry does it every few seconds once started.
+    pub async fn sync(self: &Arc<Self>) {
+        let Some(store) = self.model_store() else {
+            return;
+        };
+        match store.stored_models().await {
+            Ok(stored) => self.apply_stored(stored),
+            Err(err) => tracing::debug!(error = %err, "model changes not read; trying again later"),
+        }
+    }
+
+    fn apply_stored(self: &Arc<Self>, stored: Vec<StoredModel>) {
+        for stored in stored {
+            let at = stored.updated_at.timestamp_millis();
+            {
+                let applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
+                if applied.get(&stored.name) == Some(&at) {
+                    continue;
+                }
+            }
+            self.mark_applied(&stored.name, at);
             let exists = self
                 .catalog()
                 .slots
@@ -972,12 +1004,22 @@ impl Registry {
                             tracing::warn!(model = %stored.name, error = %err, "a stored model's settings no longer apply; skipped");
                         }
                     }
-                    Err(err) => {
-                        tracing::warn!(model = %stored.name, error = %err, "a stored model's settings cannot be read; skipped");
+                    Err(_) => {
+                        tracing::warn!(model = %stored.name, "a stored model's settings cannot be read; skipped");
                     }
                 },
             }
         }
+    }
+
+    fn model_store(&self) -> Option<Arc<dyn ModelStore>> {
+        self.store.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Applies the changes admins made before (kept in `store`), and keeps later ones
+    /// there. Call it before [`Registry::start`].
+    pub async fn restore(self: &Arc<Self>, store: Arc<dyn ModelStore>) -> Result<(), StorageError> {
+        self.apply_stored(store.stored_models().await?);
         *self.store.write().unwrap_or_else(|e| e.into_inner()) = Some(store);
         Ok(())
     }
@@ -1056,14 +1098,16 @@ impl Registry {
             return Err(ChangeError::Unknown(name.to_owned()));
         }
         if let Some(store) = self.model_store() {
+            let at = chrono::Utc::now();
             store
                 .store_model(&StoredModel {
                     name: name.to_owned(),
                     settings: None,
-                    updated_at: chrono::Utc::now(),
+                    updated_at: at,
                 })
                 .await
                 .map_err(ChangeError::Store)?;
+            self.mark_applied(name, at.timestamp_millis());
         }
         self.remove_now(name)
     }
