@@ -572,3 +572,34 @@ async fn a_change_made_on_one_replica_reaches_another_sharing_the_database() {
     one.sync().await;
     assert_eq!(one.config_of("new").unwrap().ttl_secs, 30);
 }
+
+#[tokio::test]
+async fn new_settings_for_a_busy_model_keep_its_waiting_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = local(dir.path(), "busy", 1, 0, 700);
+    model.max_concurrency = Some(1);
+    let gw = start(dir.path(), vec![model], None).await;
+    let (status, _) = ask(&gw, "busy").await;
+    assert_eq!(status, 200);
+    let asks = futures_util::future::join_all((0..3).map(|_| ask(&gw, "busy")));
+    let change = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let changed = gw
+            .http
+            .patch(format!("{}/admin/models/busy", gw.url))
+            .bearer_auth(gw.admin.expose())
+            .json(&json!({"ttl_secs": 600}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(changed.status(), 200);
+    };
+    let (answers, ()) = tokio::join!(asks, change);
+    for (status, answer) in answers {
+        assert_eq!(
+            status, 200,
+            "a waiting request is served under the new settings: {answer}"
+        );
+    }
+    assert_eq!(view(&gw, "busy").await["ttl_secs"], 600);
+}

@@ -323,6 +323,12 @@ impl ModelConfig {
                 }
             }
         }
+        if self.max_queue == 0 {
+            problems.push(
+                "max_queue must be at least 1 (a request for a stopped model waits in it while the model loads)"
+                    .into(),
+            );
+        }
         if self.max_concurrency == Some(0) {
             problems.push("max_concurrency must be at least 1 (leave it out for no limit)".into());
         }

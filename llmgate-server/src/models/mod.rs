@@ -344,6 +344,8 @@ pub struct Registry {
     /// database holds is the last write (whichever replica made it, whatever its clock),
     /// applied once when it differs from this.
     applied: std::sync::Mutex<HashMap<String, i64>>,
+    /// Models out of the list whose servers may still be draining (stopped at shutdown).
+    retired: std::sync::Mutex<Vec<Arc<Slot>>>,
 }
 
 /// What the registry tells the rest of the gateway (metrics, persistence).
@@ -388,6 +390,7 @@ impl Registry {
             hooks: RwLock::new(None),
             store: RwLock::new(None),
             applied: std::sync::Mutex::new(HashMap::new()),
+            retired: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -480,6 +483,23 @@ impl Registry {
     /// A place at `slot` for one request: waits for it to load (starting the load if
     /// needed) and for a free place, within the limits.
     pub async fn lease(self: &Arc<Self>, slot: &Arc<Slot>) -> Result<Lease, RouteError> {
+        let mut slot = slot.clone();
+        loop {
+            match self.lease_at(&slot).await {
+                // New settings replaced the model while the request waited: wait for the
+                // model under its new settings; only a removed model is unknown.
+                Err(RouteError::Unknown(name)) if slot.retired.load(Ordering::SeqCst) => {
+                    match self.find(&name) {
+                        Some(next) if !Arc::ptr_eq(&next, &slot) => slot = next,
+                        _ => return Err(RouteError::Unknown(name)),
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn lease_at(self: &Arc<Self>, slot: &Arc<Slot>) -> Result<Lease, RouteError> {
         if let Some(lease) = slot.try_lease() {
             return Ok(lease);
         }
@@ -597,7 +617,12 @@ impl Registry {
     fn begin_load(self: &Arc<Self>, slot: &Arc<Slot>) -> u64 {
         let generation = {
             let mut life = slot.life();
-            if life.state.is_loading() || life.state == ModelState::Ready {
+            // A load under way is shared; an unload under way finishes first (its
+            // waiters then start the next load).
+            if life.state.is_loading()
+                || life.state == ModelState::Ready
+                || life.state == ModelState::Unloading
+            {
                 return life.load_generation;
             }
             life.load_generation += 1;
@@ -672,12 +697,15 @@ impl Registry {
                     self.fail(slot, crate::error_chain(&err));
                     return;
                 }
-                if slot.retired.load(Ordering::SeqCst) {
-                    runner.stop().await;
-                    return;
-                }
                 {
                     let mut life = slot.life();
+                    if slot.retired.load(Ordering::SeqCst) {
+                        drop(life);
+                        slot.proxy.set_upstream(None).ok();
+                        runner.stop().await;
+                        slot.set_state(ModelState::Stopped, "removed");
+                        return;
+                    }
                     life.runner = Some(runner);
                     life.state = ModelState::Ready;
                     life.message = "ready".into();
@@ -715,11 +743,15 @@ impl Registry {
     ) -> Result<(), RouteError> {
         let _one_at_a_time = self.admission.lock().await;
         loop {
+            // Only models in the same memory (RAM or GPU) make room for each other.
             let others: Vec<Arc<Slot>> = self
                 .slots()
                 .into_iter()
                 .filter(|s| !Arc::ptr_eq(s, slot) && s.is_local())
-                .filter(|s| s.life().memory_bytes.is_some())
+                .filter(|s| {
+                    let life = s.life();
+                    life.memory_bytes.is_some() && life.on_gpu == gpu
+                })
                 .collect();
             let held: u64 = others.iter().filter_map(|s| s.life().memory_bytes).sum();
             // Models still loading have not taken their memory yet: count it for them.
@@ -744,7 +776,9 @@ impl Registry {
                 .max_loaded_models
                 .is_none_or(|max| (others.len() as u64) < u64::from(max));
             if count_ok && needed <= free {
-                slot.life().memory_bytes = Some(needed);
+                let mut life = slot.life();
+                life.memory_bytes = Some(needed);
+                life.on_gpu = gpu;
                 return Ok(());
             }
             let victim = others
@@ -812,12 +846,15 @@ impl Registry {
         }
         {
             let mut life = slot.life();
-            if life.state != ModelState::Ready {
+            if life.state != ModelState::Ready && !(how == Unload::Now && life.runner.is_some()) {
                 return false;
             }
             slot.ready.store(false, Ordering::SeqCst);
             if how == Unload::IfIdle && !slot.idle() {
                 slot.ready.store(true, Ordering::SeqCst);
+                drop(life);
+                // A waiter may have seen `ready` false for this moment.
+                slot.changed();
                 return false;
             }
             life.state = ModelState::Unloading;
@@ -864,7 +901,13 @@ impl Registry {
 
     /// Stops every model server (the gateway is stopping).
     pub async fn stop_all(&self) {
-        for slot in self.slots() {
+        let retired: Vec<Arc<Slot>> = self
+            .retired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+            .collect();
+        for slot in self.slots().into_iter().chain(retired) {
             if slot.runner().is_some() {
                 slot.step(
                     Stage::Stopping,
@@ -1063,6 +1106,9 @@ impl Registry {
             Self::check_in(&guard, &model, how)?;
             let mut slots = guard.slots.clone();
             let existing = slots.iter().position(|s| s.config.name == model.name);
+            // New settings keep where the model came from (the one model of the flags
+            // keeps taking any name).
+            let origin = existing.map_or(origin, |i| slots[i].origin);
             let slot = Arc::new(Slot::new(model, origin, false));
             connect_remote(&slot, &self.base);
             let old = match existing {
@@ -1138,8 +1184,18 @@ impl Registry {
 
     /// A slot out of the list: waiters are told, its server stops after its requests.
     fn retire(self: &Arc<Self>, slot: Arc<Slot>) {
-        slot.retired.store(true, Ordering::SeqCst);
+        {
+            // Under the lock a finishing load publishes under: it sees this, or this
+            // sees its runner.
+            let _life = slot.life();
+            slot.retired.store(true, Ordering::SeqCst);
+        }
         slot.changed();
+        {
+            let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+            retired.retain(|s| s.runner().is_some());
+            retired.push(slot.clone());
+        }
         let registry = self.clone();
         self.runtime.spawn(async move {
             registry.unload(&slot, Unload::Drain).await;

@@ -207,7 +207,8 @@ async fn wait_then_forward(
 ) -> Response<RoutedBody> {
     match registry.lease(&slot).await {
         Ok(lease) => {
-            let Ok(response) = slot.proxy.clone().call(request).await;
+            // The lease's model: new settings may have replaced the one asked for.
+            let Ok(response) = lease.slot().proxy.clone().call(request).await;
             finish(response, Some(lease), served)
         }
         Err(err) => refuse(&err),

@@ -34,6 +34,8 @@ pub(crate) struct Life {
     pub load_generation: u64,
     /// The last load failed for want of memory (not a broken model).
     pub no_room: bool,
+    /// Its memory is the GPU's (else RAM).
+    pub on_gpu: bool,
 }
 
 /// One model: settings, life, requests.
@@ -92,6 +94,7 @@ impl Slot {
                 load_started: None,
                 load_generation: 0,
                 no_room: false,
+                on_gpu: false,
             }),
             changes: watch::channel(0).0,
             in_flight: AtomicU32::new(0),
