@@ -969,6 +969,43 @@ pub(super) mod before_usage_models {
         }
     }
 
+    /// What an upgraded `store` must show: the rows above split by model as
+    /// [`expected`] says, and new requests added to that (a key at the bound counting a new
+    /// model under `other`). The same checks for every backend.
+    pub(in crate::storage) async fn check(store: &dyn crate::storage::UsageStore) {
+        let all = store.totals().await.unwrap();
+        for (key, model, usage) in expected() {
+            assert_eq!(all[key].models.get(model), Some(&usage), "{key} {model}");
+        }
+        assert_eq!(all["k1"].models.len(), 3);
+        assert_eq!(all["k3"].models.len(), 101);
+        assert_eq!(store.totals_for_key("k3").await.unwrap(), all["k3"]);
+        let request = |key: &str, model: &str, at_ms: i64| crate::storage::RequestRecord {
+            at: chrono::DateTime::from_timestamp_millis(at_ms).unwrap(),
+            key_id: key.into(),
+            method: "POST".into(),
+            path: "/v1/chat/completions".into(),
+            model: Some(model.into()),
+            status: 200,
+            prompt_tokens: Some(3),
+            completion_tokens: None,
+            latency_ms: 7,
+            first_byte_ms: Some(2),
+        };
+        store
+            .record(&[request("k1", "chat", 9_000), request("k3", "new", 9_001)])
+            .await
+            .unwrap();
+        let k1 = store.totals_for_key("k1").await.unwrap();
+        assert_eq!(
+            (k1.models["chat"].requests, k1.models["chat"].prompt_tokens),
+            (4, 13)
+        );
+        let k3 = store.totals_for_key("k3").await.unwrap();
+        assert_eq!(k3.models.len(), 101);
+        assert_eq!(k3.models["other"].requests, 3);
+    }
+
     /// What the migration makes of them: (key, model, usage), for a few.
     pub(in crate::storage) fn expected() -> Vec<(&'static str, &'static str, ModelUsage)> {
         vec![

@@ -218,6 +218,28 @@ mod tests {
         crate::storage::contract::models(&SqliteStore::in_memory().await.unwrap()).await;
     }
 
+    /// A database file as the migrations up to `version` left it.
+    async fn migrated_up_to(path: &std::path::Path, version: i64) -> sqlx::SqlitePool {
+        let pool = SqlitePoolOptions::new()
+            .connect_with(
+                SqliteConnectOptions::new()
+                    .filename(path)
+                    .create_if_missing(true),
+            )
+            .await
+            .unwrap();
+        let mut old = sqlx::migrate!("./migrations/sqlite");
+        old.migrations = old
+            .migrations
+            .iter()
+            .filter(|m| m.version <= version)
+            .cloned()
+            .collect::<Vec<_>>()
+            .into();
+        old.run(&pool).await.unwrap();
+        pool
+    }
+
     fn request(key: &str, model: Option<&str>, at_ms: i64) -> RequestRecord {
         RequestRecord {
             at: DateTime::from_timestamp_millis(at_ms).unwrap(),
@@ -241,23 +263,7 @@ mod tests {
         let key = KeyRecord::new("old", Role::Admin, &secret);
         {
             // The database as the first two migrations left it, with rows in the old table.
-            let pool = SqlitePoolOptions::new()
-                .connect_with(
-                    SqliteConnectOptions::new()
-                        .filename(&path)
-                        .create_if_missing(true),
-                )
-                .await
-                .unwrap();
-            let mut old = sqlx::migrate!("./migrations/sqlite");
-            old.migrations = old
-                .migrations
-                .iter()
-                .filter(|m| m.version <= 2)
-                .cloned()
-                .collect::<Vec<_>>()
-                .into();
-            old.run(&pool).await.unwrap();
+            let pool = migrated_up_to(&path, 2).await;
             sqlx::query(
                 "INSERT INTO api_keys (id, name, role, prefix, key_hash, created_at, expires_at, revoked_at) \
                  VALUES (?, ?, 'admin', ?, ?, ?, NULL, NULL)",
@@ -349,53 +355,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("llmgate.db");
         {
-            let pool = SqlitePoolOptions::new()
-                .connect_with(
-                    SqliteConnectOptions::new()
-                        .filename(&path)
-                        .create_if_missing(true),
-                )
-                .await
-                .unwrap();
-            let mut old = sqlx::migrate!("./migrations/sqlite");
-            old.migrations = old
-                .migrations
-                .iter()
-                .filter(|m| m.version <= 3)
-                .cloned()
-                .collect::<Vec<_>>()
-                .into();
-            old.run(&pool).await.unwrap();
+            let pool = migrated_up_to(&path, 3).await;
             for sql in crate::storage::sql::before_usage_models::statements() {
                 sqlx::query(&sql).execute(&pool).await.unwrap();
             }
             pool.close().await;
         }
         let store = SqliteStore::open(&path).await.unwrap();
-        let all = store.totals().await.unwrap();
-        for (key, model, usage) in crate::storage::sql::before_usage_models::expected() {
-            assert_eq!(all[key].models.get(model), Some(&usage), "{key} {model}");
-        }
-        assert_eq!(all["k1"].models.len(), 3);
-        assert_eq!(all["k3"].models.len(), 101);
-        assert_eq!(store.totals_for_key("k3").await.unwrap(), all["k3"]);
-        // New requests add to what the migration filled in, and a key already at the
-        // bound counts a new model under `other`.
-        store
-            .record(&[
-                request("k1", Some("chat"), 9_000),
-                request("k3", Some("new"), 9_001),
-            ])
-            .await
-            .unwrap();
-        let k1 = store.totals_for_key("k1").await.unwrap();
-        assert_eq!(
-            (k1.models["chat"].requests, k1.models["chat"].prompt_tokens),
-            (4, 13)
-        );
-        let k3 = store.totals_for_key("k3").await.unwrap();
-        assert_eq!(k3.models.len(), 101);
-        assert_eq!(k3.models["other"].requests, 3);
+        crate::storage::sql::before_usage_models::check(&store).await;
     }
 
     #[tokio::test]
