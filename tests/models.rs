@@ -380,6 +380,24 @@ async fn admins_add_change_load_unload_and_remove_models_at_run_time() {
         .as_str()
         .unwrap()
         .contains("source"));
+    let huge = gw
+        .post(
+            "/admin/models",
+            &gw.admin,
+            &json!({"name": "huge", "upstream": "http://127.0.0.1:9", "args": ["x".repeat(70_000)]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        huge.status(),
+        400,
+        "settings too large to keep are the admin's to fix"
+    );
+    assert!(openai_error(huge).await["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("at most"));
     let user = gw
         .post(
             "/admin/models",

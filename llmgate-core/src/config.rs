@@ -242,8 +242,9 @@ fn default_max_queue() -> u32 {
     DEFAULT_MAX_QUEUE
 }
 
-/// The longest model name or alias accepted.
-pub const MAX_MODEL_NAME_LEN: usize = 256;
+/// The longest model name or alias accepted: what the store keeps
+/// ([`storage::MAX_MODEL_BYTES`](crate::storage::MAX_MODEL_BYTES)).
+pub const MAX_MODEL_NAME_LEN: usize = crate::storage::MAX_MODEL_BYTES;
 
 impl ModelConfig {
     /// A local model named `name` served from `source`, with every other setting at its
@@ -691,15 +692,6 @@ impl GatewayConfig {
                 .as_deref()
                 .ok_or(ConfigError::MissingUpstream)?,
         )
-    }
-
-    /// The proxy settings.
-    pub fn proxy(&self) -> Result<ProxyConfig, ConfigError> {
-        Ok(ProxyConfig {
-            upstream: self.upstream_uri()?,
-            upstream_key: self.upstream_key.clone().map(Secret::new),
-            timeout: Duration::from_secs(self.upstream_timeout_secs),
-        })
     }
 
     /// The SQLite database file.

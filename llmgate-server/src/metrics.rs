@@ -20,21 +20,23 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::models::ModelState;
+
 /// The label of requests for a model not set with [`Metrics::set_model_names`], or for
 /// none.
 pub const OTHER_MODEL: &str = "other";
 
 /// The states `llmgate_model_state` always has a series for (0 or 1), so that a
 /// dashboard can plot each; a gauge in another state gets a series of its own too.
-pub const MODEL_STATES: [&str; 7] = [
-    "stopped",
-    "setting_up",
-    "downloading",
-    "loading",
-    "ready",
-    "unloading",
-    "failed",
-];
+pub const MODEL_STATES: [&str; ModelState::ALL.len()] = {
+    let mut names = [""; ModelState::ALL.len()];
+    let mut i = 0;
+    while i < names.len() {
+        names[i] = ModelState::ALL[i].as_str();
+        i += 1;
+    }
+    names
+};
 
 /// One model as `/metrics` shows it at a scrape, from the source set with
 /// [`Metrics::set_model_gauges`].

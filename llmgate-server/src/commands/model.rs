@@ -125,15 +125,6 @@ impl Reporter for TerminalReporter {
     }
 }
 
-/// Sets up the backend if needed, gets the model if needed, and starts its server.
-pub async fn start_model(
-    config: &GatewayConfig,
-    say: &dyn Reporter,
-) -> Result<Arc<dyn ModelRunner>, StartError> {
-    let prepared = prepare_model(config, &ModelSpecExtras::default(), say).await?;
-    launch_model(prepared.runner, config, say).await
-}
-
 /// What [`ModelSpec`] takes beyond the gateway-wide settings: a `[[models]]` entry's own.
 #[derive(Debug, Clone, Default)]
 pub struct ModelSpecExtras {

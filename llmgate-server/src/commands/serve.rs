@@ -4,8 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use llmgate_core::auth::{KeyCache, KeyRecord, Role, Secret};
-use llmgate_core::config::{ConfigError, GatewayConfig};
-use llmgate_core::proxy::ProxyError;
+use llmgate_core::config::GatewayConfig;
 use llmgate_core::storage::{KeyStore, Storage, StorageError};
 use llmgate_core::usage::{RecorderOptions, UsageRecorder};
 
@@ -51,12 +50,6 @@ pub enum ServeError {
     /// The bound socket has no address.
     #[error("cannot read the address the gateway listens on")]
     LocalAddress(#[source] std::io::Error),
-    /// The upstream setting is unusable.
-    #[error(transparent)]
-    Upstream(#[from] ConfigError),
-    /// The proxy could not be built.
-    #[error(transparent)]
-    Proxy(#[from] ProxyError),
     /// The system monitor could not start.
     #[error(transparent)]
     Monitor(#[from] llmgate_core::system::SystemError),

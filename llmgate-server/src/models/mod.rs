@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use http::StatusCode;
-use llmgate_core::config::{GatewayConfig, ModelConfig, RunnerKind};
+use llmgate_core::config::{GatewayConfig, ModelConfig};
 use llmgate_core::error::ApiError;
 use llmgate_core::proxy::ProxyConfig;
 use llmgate_core::runner::{Backend, ModelRunner, RunnerTokenCounter};
@@ -25,7 +25,7 @@ use llmgate_core::BoxError;
 use serde::Serialize;
 use serde_json::Value;
 
-pub use route::{ModelRouter, RoutedBody};
+pub use route::{ModelRouter, RouteFuture, RoutedBody};
 pub use slot::{Lease, Slot};
 
 use crate::commands::model::{launch_model, prepare_model, ModelSpecExtras, Reporter, Stage};
@@ -65,7 +65,7 @@ impl ModelState {
     ];
 
     /// The name the console and `/metrics` use, e.g. `setting_up`.
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             Self::Stopped => "stopped",
             Self::SettingUp => "setting_up",
@@ -333,10 +333,8 @@ pub struct Registry {
     catalog: RwLock<Arc<Catalog>>,
     /// One load decides at a time whether it fits (and what to stop for it).
     admission: tokio::sync::Mutex<()>,
-    progress: Progress,
     /// Where loads run: the runtime that made the registry, not a serving loop.
     runtime: tokio::runtime::Handle,
-    default_model: RwLock<Option<String>>,
     hooks: RwLock<Option<Arc<dyn ModelEvents>>>,
     /// Where admin changes are kept across restarts (and shared by replicas).
     store: RwLock<Option<Arc<dyn ModelStore>>>,
@@ -381,11 +379,9 @@ impl Registry {
         }
         let catalog = Catalog::new(slots, config.default_model.as_deref());
         Arc::new(Self {
-            default_model: RwLock::new(config.default_model.clone()),
             base: config,
             catalog: RwLock::new(Arc::new(catalog)),
             admission: tokio::sync::Mutex::new(()),
-            progress,
             runtime: tokio::runtime::Handle::current(),
             hooks: RwLock::new(None),
             store: RwLock::new(None),
@@ -459,15 +455,33 @@ impl Registry {
 
     /// The model for a request naming `requested` (or none).
     pub fn route(&self, requested: Option<&str>) -> Result<Arc<Slot>, RouteError> {
+        self.resolve(requested).map(|route| route.slot)
+    }
+
+    /// The model for a request naming `requested` (or none), and the name its usage goes
+    /// under when that is not the one the client sent: the canonical name for an alias
+    /// or for no name; none for the one model of the flags taking any name (the client's
+    /// name stays).
+    pub fn resolve(&self, requested: Option<&str>) -> Result<Route, RouteError> {
         let catalog = self.catalog();
         let found = match requested {
-            Some(name) => catalog
-                .find(name)
-                .or_else(|| catalog.catch_all.then(|| &catalog.slots[0])),
-            None => catalog.default.map(|i| &catalog.slots[i]),
+            Some(name) => match catalog.find(name) {
+                Some(slot) => Some((slot, name != slot.name())),
+                None if catalog.catch_all => Some((&catalog.slots[0], false)),
+                None => None,
+            },
+            None => catalog.default.map(|i| {
+                (
+                    &catalog.slots[i],
+                    !catalog.catch_all || catalog.slots[i].is_local(),
+                )
+            }),
         };
         match found {
-            Some(slot) => Ok(slot.clone()),
+            Some((slot, renamed)) => Ok(Route {
+                served: renamed.then(|| slot.name.clone()),
+                slot: slot.clone(),
+            }),
             None if catalog.slots.is_empty() => Err(RouteError::NoModels),
             None => Err(RouteError::Unknown(
                 requested.unwrap_or_default().to_owned(),
@@ -918,20 +932,6 @@ impl Registry {
         }
     }
 
-    /// Waits until the `preload` models are ready or failed (for `serve --model` in
-    /// scripts that expect the model up when the gateway prints its address).
-    pub async fn wait_for_preloads(&self) {
-        for slot in self.slots() {
-            if !(slot.config.preload && slot.is_local()) {
-                continue;
-            }
-            let mut changes = slot.changes.subscribe();
-            while slot.life().state.is_loading() {
-                let _ = changes.changed().await;
-            }
-        }
-    }
-
     /// What `/admin/models` shows.
     pub fn view(&self) -> ModelsView {
         let slots = self.slots();
@@ -1118,12 +1118,7 @@ impl Registry {
                     None
                 }
             };
-            let default = self
-                .default_model
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
-            *guard = Arc::new(Catalog::new(slots, default.as_deref()));
+            *guard = Arc::new(Catalog::new(slots, self.base.default_model.as_deref()));
             (slot, old)
         };
         if let Some(old) = old {
@@ -1167,12 +1162,7 @@ impl Registry {
                 .position(|s| s.config.name == name)
                 .ok_or_else(|| ChangeError::Unknown(name.to_owned()))?;
             let old = slots.remove(i);
-            let default = self
-                .default_model
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
-            *guard = Arc::new(Catalog::new(slots, default.as_deref()));
+            *guard = Arc::new(Catalog::new(slots, self.base.default_model.as_deref()));
             old
         };
         self.retire(old);
@@ -1207,11 +1197,6 @@ impl Registry {
         self.find(name).map(|s| s.config.clone())
     }
 
-    /// The runner kind a model would use.
-    pub fn runner_kind(&self, model: &ModelConfig) -> RunnerKind {
-        model.runner.unwrap_or(self.base.runner)
-    }
-
     /// Each running model server: its model and process id.
     pub fn servers(&self) -> Vec<(String, Arc<dyn ModelRunner>)> {
         self.slots()
@@ -1219,11 +1204,15 @@ impl Registry {
             .filter_map(|s| s.runner().map(|r| (s.config.name.clone(), r)))
             .collect()
     }
+}
 
-    /// How set-up is reported.
-    pub fn progress(&self) -> Progress {
-        self.progress
-    }
+/// Where [`Registry::resolve`] sends a request.
+#[derive(Debug)]
+pub struct Route {
+    /// The model.
+    pub slot: Arc<Slot>,
+    /// The name usage goes under, when not the one the client sent.
+    pub served: Option<Arc<str>>,
 }
 
 /// How [`Registry::put`] treats a model of the same name.

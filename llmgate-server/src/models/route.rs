@@ -171,20 +171,11 @@ impl Service<Request<Body>> for ModelRouter {
             .extensions()
             .get::<RequestedModel>()
             .map(|m| m.0.as_str());
-        let slot = match self.registry.route(requested) {
-            Ok(slot) => slot,
+        let (slot, served) = match self.registry.resolve(requested) {
+            Ok(route) => (route.slot, route.served),
             Err(err) => {
                 return RouteFuture::Waiting(Box::pin(std::future::ready(refuse(&err))));
             }
-        };
-        // Usage goes under the canonical name, not an alias (or no name at all); the one
-        // upstream `--upstream` gives takes any name, and keeps the client's.
-        let served = match requested {
-            Some(name) if name == slot.name() => None,
-            Some(name) if slot.config.names().any(|n| n == name) => Some(slot.name.clone()),
-            Some(_) => None,
-            None if self.registry.lists_upstream_models() => None,
-            None => Some(slot.name.clone()),
         };
         if let Some(lease) = slot.try_lease() {
             let call = slot.proxy.clone().call(request);

@@ -183,41 +183,36 @@ impl Slot {
         self.ready.load(Ordering::SeqCst).then_some(lease)
     }
 
-    /// Where the model is now, its server's own state included.
-    pub(crate) fn state(&self) -> ModelState {
-        let life = self.life();
+    /// Where the model is now, its server's own state included, and what it is doing
+    /// when that differs from what the registry last said.
+    fn current(life: &Life) -> (ModelState, Option<String>) {
         match (&life.runner, life.state) {
             (Some(runner), ModelState::Ready) => match runner.status() {
-                RunnerStatus::Restarting { .. } => ModelState::Loading,
-                RunnerStatus::Failed { .. } => ModelState::Failed,
-                _ => ModelState::Ready,
+                RunnerStatus::Restarting { attempt, reason } => (
+                    ModelState::Loading,
+                    Some(format!("restart {attempt}: {reason}")),
+                ),
+                RunnerStatus::Failed { reason } => (ModelState::Failed, Some(reason)),
+                _ => (ModelState::Ready, None),
             },
-            (_, state) => state,
+            (_, state) => (state, None),
         }
+    }
+
+    /// Where the model is now, its server's own state included.
+    pub(crate) fn state(&self) -> ModelState {
+        Self::current(&self.life()).0
     }
 
     /// What the console shows.
     pub(crate) fn view(&self) -> ModelView {
         let life = self.life();
         let mut log: Vec<String> = life.setup_log.iter().cloned().collect();
-        let mut state = life.state;
-        let mut message = life.message.clone();
         if let Some(runner) = &life.runner {
             log.extend(runner.log_tail(50));
-            if state == ModelState::Ready {
-                match runner.status() {
-                    RunnerStatus::Restarting { attempt, reason } => {
-                        state = ModelState::Loading;
-                        message = format!("restart {attempt}: {reason}");
-                    }
-                    RunnerStatus::Failed { reason } => {
-                        state = ModelState::Failed;
-                        message = reason;
-                    }
-                    _ => {}
-                }
-            }
         }
+        let (state, said) = Self::current(&life);
+        let message = said.unwrap_or_else(|| life.message.clone());
         let last = self.last_used_ms.load(Ordering::Relaxed);
         let config = &self.config;
         ModelView {

@@ -7,6 +7,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use llmgate_core::config::ModelConfig;
 use llmgate_core::error::ApiError;
+use llmgate_core::storage::{RefusedModel, StorageError};
 use serde_json::Value;
 
 use super::HandlerError;
@@ -24,6 +25,10 @@ impl From<ChangeError> for HandlerError {
             ChangeError::Invalid(_) => ApiError::bad_request(err.to_string()),
             ChangeError::Taken(_) => ApiError::conflict(err.to_string()),
             ChangeError::Route(route) => route.to_api().0,
+            // Settings the store will not keep (too large): the admin's to fix.
+            ChangeError::Store(StorageError::Rejected(why)) if why.is::<RefusedModel>() => {
+                ApiError::bad_request(format!("Those settings cannot be kept: {why}."))
+            }
             ChangeError::Store(_) => {
                 tracing::error!(error = %crate::error_chain(&err), "storing a model change failed");
                 ApiError::internal()
