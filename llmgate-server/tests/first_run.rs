@@ -18,18 +18,9 @@ const ADMIN: &str = "sk-lg-FirstRunAdminKey0FirstRunAdminKey0";
 /// Waits until the default model is ready or failed (the gateway answers while it
 /// loads); returns its view.
 async fn settled_default(url: &str) -> serde_json::Value {
-    let http = reqwest::Client::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let list: serde_json::Value = http
-            .get(format!("{url}/admin/models"))
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let list: serde_json::Value = common::get_json(&format!("{url}/admin/models"), ADMIN).await;
         let model = list["models"][0].clone();
         if model["state"] == "ready" || model["state"] == "failed" {
             return model;

@@ -42,18 +42,9 @@ async fn up(data: &Path, args: &[&str]) -> common::Started {
     // The gateway answers at once; the model loads behind it. Up to 30 minutes: the very
     // first run on a machine compiles llama.cpp.
     let admin = key_after(&started.printed, "first admin key").expect("an admin key on first run");
-    let http = reqwest::Client::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(1800);
     loop {
-        let list: Value = http
-            .get(format!("{}/admin/models", started.url))
-            .bearer_auth(&admin)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let list: Value = common::get_json(&format!("{}/admin/models", started.url), &admin).await;
         let state = &list["models"][0]["state"];
         assert_ne!(state, "failed", "the model failed: {list}");
         // Models that are not preloaded load on their first request.
@@ -152,28 +143,15 @@ async fn the_openai_sdk_works_unchanged_against_a_real_model_and_usage_is_exact(
     assert_eq!(seen["completion_stream_text"], seen["completion_text"]);
 
     // What the gateway recorded, request by request (newest first).
-    let http = reqwest::Client::new();
-    let me: Value = http
-        .get(format!("{url}/v1/me/usage"))
-        .bearer_auth(&user)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let rows: Value = http
-        .get(format!(
+    let me: Value = common::get_json(&format!("{url}/v1/me/usage"), &user).await;
+    let rows: Value = common::get_json(
+        &format!(
             "{url}/admin/usage/{}/requests",
             me["key_id"].as_str().unwrap()
-        ))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        ),
+        &admin,
+    )
+    .await;
     let rows: Vec<&Value> = rows.as_array().unwrap().iter().rev().collect();
     let paths: Vec<&str> = rows.iter().map(|r| r["path"].as_str().unwrap()).collect();
     assert_eq!(
@@ -316,30 +294,18 @@ async fn up_without_a_model_answers_a_question_and_counts_its_stream_exactly() {
     // counts it with the model's tokenizer and the chat format it rebuilt (ChatML).
     let streamed = chat_streamed(&url, &user, &question).await;
     assert_eq!(streamed, text, "temperature 0: the stream says the same");
-    let me: Value = reqwest::Client::new()
-        .get(format!("{url}/v1/me/usage"))
-        .bearer_auth(&user)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let me: Value = common::get_json(&format!("{url}/v1/me/usage"), &user).await;
     // Usage is written in the background, the stream's after it is counted.
     let mut rows = Vec::new();
     for _ in 0..100 {
-        let listed: Value = reqwest::Client::new()
-            .get(format!(
+        let listed: Value = common::get_json(
+            &format!(
                 "{url}/admin/usage/{}/requests",
                 me["key_id"].as_str().unwrap()
-            ))
-            .bearer_auth(&admin)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            ),
+            &admin,
+        )
+        .await;
         rows = listed.as_array().unwrap().clone();
         if rows.len() == 2 {
             break;
@@ -436,12 +402,9 @@ print(json.dumps(seen))
         .all(|c| !c["text"].as_str().unwrap().is_empty()));
 
     let http = reqwest::Client::new();
-    let get = |path: String| {
-        let request = http.get(format!("{url}{path}")).bearer_auth(&admin);
-        async move { request.send().await.unwrap().json::<Value>().await.unwrap() }
-    };
+    let get = |path: &str| common::get_json(format!("{url}{path}"), &admin);
     // Each load of one stopped the other: a, then b (a out), then a (b out).
-    let list = get("/admin/models".into()).await;
+    let list = get("/admin/models").await;
     let state = |name: &str| {
         list["models"]
             .as_array()
@@ -486,7 +449,7 @@ print(json.dumps(seen))
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let usage = loop {
-        let all = get("/admin/usage".into()).await;
+        let all = get("/admin/usage").await;
         let mine = all
             .as_array()
             .unwrap()

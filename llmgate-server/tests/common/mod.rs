@@ -10,6 +10,19 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+/// `GET url` with `key`, its JSON answer.
+pub async fn get_json(url: impl reqwest::IntoUrl, key: &str) -> Value {
+    reqwest::Client::new()
+        .get(url)
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_llmgate");
 
