@@ -98,6 +98,7 @@ pub mod error;
 #[cfg(feature = "hub")]
 #[cfg_attr(docsrs, doc(cfg(feature = "hub")))]
 pub mod hub;
+pub mod limits;
 pub mod proxy;
 pub mod runner;
 pub mod storage;

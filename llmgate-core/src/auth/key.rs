@@ -7,6 +7,8 @@ use rand::distributions::{Alphanumeric, DistString};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::limits::KeyLimits;
+
 /// Every key llmgate issues starts with this.
 pub const KEY_PREFIX: &str = "sk-lg-";
 /// Random base62 characters after [`KEY_PREFIX`].
@@ -140,6 +142,9 @@ pub struct KeyRecord {
     pub expires_at: Option<DateTime<Utc>>,
     /// When the key was revoked; a revoked key is refused.
     pub revoked_at: Option<DateTime<Utc>>,
+    /// The key's own limits (unset fields fall back to the configured defaults).
+    #[serde(default, skip_serializing_if = "KeyLimits::is_empty")]
+    pub limits: KeyLimits,
 }
 
 impl KeyRecord {
@@ -156,6 +161,7 @@ impl KeyRecord {
             created_at: now_millis(),
             expires_at: None,
             revoked_at: None,
+            limits: KeyLimits::default(),
         }
     }
 
@@ -185,6 +191,9 @@ pub struct Caller {
     pub name: String,
     /// The key's role.
     pub role: Role,
+    /// The key's share of a busy model against other keys waiting for it (its
+    /// [`KeyLimits::weight`], or the default's when the metering layer has limits).
+    pub weight: u32,
 }
 
 impl From<&KeyRecord> for Caller {
@@ -193,6 +202,7 @@ impl From<&KeyRecord> for Caller {
             key_id: key.id.clone(),
             name: key.name.clone(),
             role: key.role,
+            weight: key.limits.weight(),
         }
     }
 }

@@ -72,6 +72,8 @@ where
         created_at: required_time(get(row, "created_at")?)?,
         expires_at: time(get(row, "expires_at")?)?,
         revoked_at: time(get(row, "revoked_at")?)?,
+        // Stored limits arrive with the storage part of fair use.
+        limits: Default::default(),
     })
 }
 
