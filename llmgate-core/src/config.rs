@@ -10,6 +10,7 @@ use http::Uri;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::Secret;
+use crate::limits::KeyLimits;
 use crate::proxy::ProxyConfig;
 use crate::runner::Backend;
 
@@ -33,6 +34,12 @@ pub enum ConfigError {
     /// The database URL is not a PostgreSQL one.
     #[error("database_url must start with postgres:// or postgresql:// (leave it unset for the SQLite file in the data directory)")]
     BadDatabaseUrl,
+    /// The Redis URL is not one.
+    #[error("redis_url must start with redis://, rediss:// or redis+unix:// (leave it unset for limits counted in this process)")]
+    BadRedisUrl,
+    /// A value of `[key_defaults]` that cannot work.
+    #[error("{0}")]
+    BadKeyDefaults(String),
     /// A `[[models]]` entry that cannot work.
     #[error("model '{name}': {reason}")]
     BadModel {
@@ -177,6 +184,18 @@ pub struct GatewayConfig {
     /// At most this much memory (MiB) for the local models together, whatever is free
     /// (default: no cap beyond what is free).
     pub memory_limit_mb: Option<u64>,
+    /// Limits for every user key, where the key sets none of its own (the TOML
+    /// `[key_defaults]` table). Admin keys have only their own.
+    pub key_defaults: KeyLimits,
+    /// Redis that keeps the limits' counters for every replica, e.g.
+    /// `redis://127.0.0.1:6379`; without it each process counts for itself.
+    pub redis_url: Option<String>,
+    /// How many replicas share the limits: while Redis cannot be reached, each replica
+    /// enforces this share of every limit on its own.
+    pub replicas: u32,
+    /// The completion tokens a request that sets no `max_tokens` is assumed to ask for,
+    /// when it is admitted against a `tpm` limit (the real count settles it later).
+    pub estimated_completion_tokens: u64,
 }
 
 /// One model behind the gateway: a local GGUF file llmgate runs, or an `upstream` it
@@ -418,6 +437,11 @@ pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_MAX_CONNECTIONS: u64 = 10_000;
 /// Default of [`GatewayConfig::shutdown_timeout_secs`].
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 30;
+/// Default of [`GatewayConfig::estimated_completion_tokens`].
+// stand-in until L merges: then the limiter's own DEFAULT_ESTIMATED_COMPLETION_TOKENS.
+pub const DEFAULT_ESTIMATED_COMPLETION_TOKENS: u64 = 256;
+/// The most replicas [`GatewayConfig::replicas`] may name.
+pub const MAX_REPLICAS: u32 = 1000;
 /// Default of [`GatewayConfig::usage_queue_max`] (the recorder's own default).
 pub const DEFAULT_USAGE_QUEUE_MAX: u64 = crate::usage::DEFAULT_QUEUE_MAX as u64;
 
@@ -494,6 +518,10 @@ impl Default for GatewayConfig {
             memory_reserve_mb: DEFAULT_MEMORY_RESERVE_MB,
             gpu_memory_reserve_mb: DEFAULT_GPU_MEMORY_RESERVE_MB,
             memory_limit_mb: None,
+            key_defaults: KeyLimits::default(),
+            redis_url: None,
+            replicas: 1,
+            estimated_completion_tokens: DEFAULT_ESTIMATED_COMPLETION_TOKENS,
         }
     }
 }
@@ -514,7 +542,8 @@ impl GatewayConfig {
         }
         errors.extend(self.validate_models());
         errors.extend(self.validate_database().err());
-        let ranges: [(&'static str, u64, u64, u64, &'static str); 10] = [
+        errors.extend(self.validate_limits());
+        let ranges: [(&'static str, u64, u64, u64, &'static str); 12] = [
             (
                 "workers",
                 self.workers.unwrap_or(1),
@@ -584,6 +613,20 @@ impl GatewayConfig {
                 1,
                 MAX_USAGE_QUEUE,
                 "between 1 and 10000000",
+            ),
+            (
+                "replicas",
+                u64::from(self.replicas),
+                1,
+                u64::from(MAX_REPLICAS),
+                "between 1 and 1000",
+            ),
+            (
+                "estimated_completion_tokens",
+                self.estimated_completion_tokens,
+                1,
+                crate::storage::MAX_TOKENS_PER_REQUEST,
+                "between 1 and 1000000000",
             ),
         ];
         for (name, value, min, max, rule) in ranges {
@@ -671,6 +714,24 @@ impl GatewayConfig {
                 rule: "at least 1 (leave it out for no limit)",
                 value: 0,
             });
+        }
+        errors
+    }
+
+    fn validate_limits(&self) -> Vec<ConfigError> {
+        let mut errors: Vec<ConfigError> = self
+            .key_defaults
+            .problems("key_defaults")
+            .into_iter()
+            .map(ConfigError::BadKeyDefaults)
+            .collect();
+        if let Some(url) = &self.redis_url {
+            if !["redis://", "rediss://", "redis+unix://", "unix://"]
+                .iter()
+                .any(|scheme| url.starts_with(scheme))
+            {
+                errors.push(ConfigError::BadRedisUrl);
+            }
         }
         errors
     }
@@ -785,5 +846,34 @@ mod tests {
     fn unknown_fields_in_a_file_are_refused() {
         let err = toml::from_str::<GatewayConfig>("listn = \"127.0.0.1:1\"").unwrap_err();
         assert!(err.to_string().contains("listn"));
+    }
+
+    #[test]
+    fn key_defaults_come_from_a_table_and_bad_values_name_their_field() {
+        let config: GatewayConfig = toml::from_str(
+            "upstream = \"http://127.0.0.1:1\"\nredis_url = \"redis://127.0.0.1:6379\"\nreplicas = 3\n\
+             [key_defaults]\nrpm = 60\nmodels = [\"gemma-*\"]\nquota_tokens = 1000\nquota_period = \"day\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.key_defaults.rpm, Some(60));
+        assert_eq!(config.key_defaults.period(), crate::limits::QuotaPeriod::Day);
+        assert_eq!(config.replicas, 3);
+        assert!(config.validate().is_ok());
+        assert!(toml::from_str::<GatewayConfig>("[key_defaults]\nrpmm = 1\n").is_err());
+
+        let bad = GatewayConfig {
+            upstream: Some("http://127.0.0.1:1".into()),
+            redis_url: Some("127.0.0.1:6379".into()),
+            replicas: 0,
+            key_defaults: KeyLimits {
+                rpm: Some(0),
+                ..KeyLimits::default()
+            },
+            ..GatewayConfig::default()
+        };
+        let text = bad.validate().unwrap_err().to_string();
+        for expected in ["key_defaults.rpm", "redis_url", "replicas"] {
+            assert!(text.contains(expected), "no {expected} in {text}");
+        }
     }
 }

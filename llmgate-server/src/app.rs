@@ -39,6 +39,8 @@ use crate::console;
 use crate::metrics::Metrics;
 use crate::models::{ModelRouter, Registry, RoutedBody};
 use crate::routes;
+use crate::standin::{Limiter, Refused, WithLimiter};
+use llmgate_core::limits::KeyLimits;
 
 /// What the handlers share.
 #[derive(Clone, Debug)]
@@ -57,12 +59,16 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Serve `/metrics` without a key (default: admin key needed).
     pub metrics_public: bool,
+    /// What each key may use, and what it has left (the model calls' and `/v1/me`'s).
+    pub limiter: Limiter,
 }
 
 impl AppState {
-    /// The handlers' state, with a [`SystemMonitor`] of its own and `/metrics` behind
-    /// the admin key (set [`metrics_public`](Self::metrics_public) to open it); fails
-    /// only when the system monitor cannot start.
+    /// The handlers' state, with a [`SystemMonitor`] of its own, `/metrics` behind the
+    /// admin key (set [`metrics_public`](Self::metrics_public) to open it) and a
+    /// [`Limiter`] counting in this process with no defaults (set
+    /// [`limiter`](Self::limiter) for others); fails only when the system monitor cannot
+    /// start.
     pub fn new(
         keys: KeyCache,
         usage: Arc<dyn UsageStore>,
@@ -72,6 +78,7 @@ impl AppState {
     ) -> Result<Self, llmgate_core::system::SystemError> {
         Ok(Self {
             keys,
+            limiter: Limiter::local(KeyLimits::default(), usage.clone()),
             usage,
             recorder,
             system: Arc::new(SystemMonitor::new()?),
@@ -89,9 +96,14 @@ impl AppState {
 /// calls, shown only at DEBUG, skip those two layers when the log level is lower.
 pub fn app(state: AppState, max_body_bytes: usize) -> App {
     let keys = state.keys.clone();
-    let gateway = AuthUsageLayer::new(keys.clone(), state.recorder.clone())
-        .max_body_bytes(max_body_bytes)
-        .layer(NoteCaller(ModelRouter::new(state.models.clone())));
+    state.metrics.set_limiter(state.limiter.clone());
+    let gateway = CountRefusals {
+        inner: AuthUsageLayer::new(keys.clone(), state.recorder.clone())
+            .max_body_bytes(max_body_bytes)
+            .limiter(state.limiter.clone())
+            .layer(NoteCaller(ModelRouter::new(state.models.clone()))),
+        metrics: state.metrics.clone(),
+    };
     let admin = Router::new()
         .route("/usage", get(routes::usage::all))
         .route("/usage/rejected", get(routes::usage::rejected))
@@ -119,7 +131,11 @@ pub fn app(state: AppState, max_body_bytes: usize) -> App {
         )
         .route(
             "/keys/{key_id}",
-            axum::routing::delete(routes::keys::revoke),
+            axum::routing::delete(routes::keys::revoke).patch(routes::keys::update),
+        )
+        .route(
+            "/keys/{key_id}/rotate",
+            axum::routing::post(routes::keys::rotate),
         )
         .layer(NoteCallerLayer)
         .layer(axum::middleware::from_fn(routes::answer_within))
@@ -133,6 +149,7 @@ pub fn app(state: AppState, max_body_bytes: usize) -> App {
         metrics.layer(RequireKeyLayer::admin(keys.clone()))
     };
     let me = Router::new()
+        .route(ME, get(routes::keys::me))
         .route(ME_USAGE, get(routes::usage::me))
         .layer(NoteCallerLayer)
         .layer(axum::middleware::from_fn(routes::answer_within))
@@ -156,7 +173,9 @@ pub fn app(state: AppState, max_body_bytes: usize) -> App {
     }
 }
 
-/// The one `/v1/` path llmgate answers itself.
+/// The `/v1/` paths llmgate answers itself: the caller's key and its limits, and its
+/// usage.
+const ME: &str = "/v1/me";
 const ME_USAGE: &str = "/v1/me/usage";
 
 /// The access log's target. At INFO (the default level) it has a line for each request
@@ -417,12 +436,72 @@ struct Dispatch {
 
 impl Dispatch {
     fn is_model_call(path: &str) -> bool {
-        path.len() > "/v1/".len() && path.starts_with("/v1/") && path != ME_USAGE
+        path.len() > "/v1/".len() && path.starts_with("/v1/") && path != ME && path != ME_USAGE
     }
 }
 
 /// The metered proxy, sending each call to the model it names.
-type Gateway = AuthUsage<NoteCaller<ModelRouter>>;
+type Gateway = CountRefusals<AuthUsage<NoteCaller<ModelRouter>>>;
+
+/// Counts the model calls the limiter refused (in `llmgate_rate_limited_total`), by the
+/// reason it gives them ([`Refused`]). A look at the status of each answer, nothing more
+/// for the others.
+#[derive(Clone, Debug)]
+struct CountRefusals<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S, R, B> Service<R> for CountRefusals<S>
+where
+    S: Service<R, Response = http::Response<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Counted<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: R) -> Self::Future {
+        Counted {
+            inner: self.inner.call(request),
+            metrics: Some(self.metrics.clone()),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`CountRefusals`]' answer on its way.
+    struct Counted<F> {
+        #[pin]
+        inner: F,
+        metrics: Option<Arc<Metrics>>,
+    }
+}
+
+impl<F, B, E> Future for Counted<F>
+where
+    F: Future<Output = Result<http::Response<B>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let output = std::task::ready!(this.inner.poll(cx));
+        if let Ok(response) = &output {
+            if response.status() == http::StatusCode::TOO_MANY_REQUESTS {
+                if let (Some(Refused(reason)), Some(metrics)) =
+                    (response.extensions().get::<Refused>(), this.metrics.take())
+                {
+                    metrics.rate_limited(reason);
+                }
+            }
+        }
+        Poll::Ready(output)
+    }
+}
 
 /// An answer's body: the metered proxy's, or the router's (no box for either: the
 /// panic layer boxes it once).
@@ -430,7 +509,7 @@ type DispatchBody = http_body_util::Either<AuthUsageBody<RoutedBody>, Body>;
 type GatewayResponse = http::Response<AuthUsageBody<RoutedBody>>;
 type DispatchResult = Result<http::Response<DispatchBody>, Infallible>;
 type GatewayFuture = futures_util::future::Map<
-    ResponseFuture<RoutedBody, Infallible>,
+    Counted<ResponseFuture<RoutedBody, Infallible>>,
     fn(Result<GatewayResponse, Infallible>) -> DispatchResult,
 >;
 type RouterFuture = futures_util::future::Map<
@@ -536,6 +615,7 @@ mod tests {
     fn only_model_calls_skip_the_router() {
         assert!(Dispatch::is_model_call("/v1/chat/completions"));
         assert!(!Dispatch::is_model_call(ME_USAGE));
+        assert!(!Dispatch::is_model_call(ME));
         assert!(!Dispatch::is_model_call("/v1/"));
         assert!(!Dispatch::is_model_call("/admin/keys"));
     }

@@ -14,6 +14,7 @@ use llmgate_core::config::{
     DEFAULT_MODEL_READY_TIMEOUT_SECS, DEFAULT_PYTHON, DEFAULT_SHUTDOWN_TIMEOUT_SECS,
     DEFAULT_UPSTREAM_TIMEOUT_SECS, DEFAULT_USAGE_QUEUE_MAX,
 };
+use llmgate_core::limits::QuotaPeriod;
 use llmgate_core::runner::Backend;
 
 /// llmgate: share an OpenAI-compatible model server safely, with per-user API keys and
@@ -75,8 +76,9 @@ impl Cli {
 }
 
 /// What `serve` and `up` do when an option is given nowhere: `(argument id, default)`.
-fn serve_defaults() -> [(&'static str, String); 13] {
+fn serve_defaults() -> [(&'static str, String); 14] {
     [
+        ("replicas", "1".to_owned()),
         ("listen", DEFAULT_LISTEN.to_string()),
         (
             "upstream_timeout_secs",
@@ -247,6 +249,21 @@ pub struct ServeArgs {
     #[arg(long, env = "LLMGATE_USAGE_QUEUE_MAX", value_name = "RECORDS", value_parser = given::<u64>)]
     pub usage_queue_max: Option<Given<u64>>,
 
+    /// Redis that keeps the key limits' counters for every replica, e.g.
+    /// redis://127.0.0.1:6379 [default: each process counts on its own]
+    #[arg(
+        long,
+        env = "LLMGATE_REDIS_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub redis_url: Option<String>,
+
+    /// How many replicas share the limits: while Redis is unreachable each enforces this
+    /// share of every limit
+    #[arg(long, env = "LLMGATE_REPLICAS", value_name = "N", value_parser = given::<u32>)]
+    pub replicas: Option<Given<u32>>,
+
     /// The model to run.
     #[command(flatten)]
     pub model: ModelArgs,
@@ -304,6 +321,43 @@ pub enum KeysCommand {
         /// Make it an admin key (manages keys, reads everyone's usage)
         #[arg(long)]
         admin: bool,
+        /// Its limits (those left out come from the config's [key_defaults])
+        #[command(flatten)]
+        limits: LimitArgs,
+        /// Print JSON instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a key's limits, name or expiry; a running gateway applies them within a
+    /// second
+    Update {
+        /// The key's id (key_…) or its name
+        #[arg(value_name = "ID|NAME")]
+        key: String,
+        /// A new name
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+        /// The limits to set
+        #[command(flatten)]
+        limits: LimitArgs,
+        /// Unset a limit (back to the default) or the expiry: rpm, tpm, models,
+        /// max-parallel, quota, quota-period, weight, per-user-rpm, per-user-quota,
+        /// expires; repeatable
+        #[arg(long, value_name = "FIELD", value_parser = given::<ClearField>)]
+        clear: Vec<Given<ClearField>>,
+        /// Print the key as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Give a key a new secret (same id, limits and usage) and print it; the old secret
+    /// keeps working for --grace seconds
+    Rotate {
+        /// The key's id (key_…) or its name
+        #[arg(value_name = "ID|NAME")]
+        key: String,
+        /// Seconds the old secret keeps working (at most 30 days)
+        #[arg(long, value_name = "SECS", default_value_t = 0)]
+        grace: u64,
         /// Print JSON instead of text
         #[arg(long)]
         json: bool,
@@ -320,6 +374,91 @@ pub enum KeysCommand {
         #[arg(value_name = "ID|NAME")]
         key: String,
     },
+}
+
+/// A key's limits on the command line (`keys create`, `keys update`); a flag left out
+/// leaves the limit as it is.
+#[derive(Debug, Clone, Default, Args)]
+pub struct LimitArgs {
+    /// Requests per minute
+    #[arg(long, value_name = "N")]
+    pub rpm: Option<u32>,
+    /// Tokens (prompt and completion) per minute
+    #[arg(long, value_name = "N")]
+    pub tpm: Option<u64>,
+    /// Models it may use: names or globs, comma-separated (e.g. gemma-*,smollm2)
+    #[arg(long, value_name = "A,B", value_delimiter = ',')]
+    pub models: Option<Vec<String>>,
+    /// Requests in flight at once
+    #[arg(long, value_name = "N")]
+    pub max_parallel: Option<u32>,
+    /// Tokens per quota period
+    #[arg(long, value_name = "TOKENS")]
+    pub quota: Option<u64>,
+    /// The quota's period, calendar UTC: day, week or month [default: month]
+    #[arg(long, value_name = "PERIOD")]
+    pub quota_period: Option<QuotaPeriod>,
+    /// Its share of a busy model against other keys (1 to 1000) [default: 1]
+    #[arg(long, value_name = "N")]
+    pub weight: Option<u32>,
+    /// Requests per minute for each end user of the key
+    #[arg(long, value_name = "N")]
+    pub per_user_rpm: Option<u32>,
+    /// Tokens per quota period for each end user of the key
+    #[arg(long, value_name = "TOKENS")]
+    pub per_user_quota: Option<u64>,
+    /// When the key stops working: a time (2027-01-31T00:00:00Z) or a duration from now
+    /// (30d, 12h, 45m)
+    #[arg(long, value_name = "WHEN")]
+    pub expires: Option<String>,
+}
+
+/// What `keys update --clear` can unset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClearField {
+    /// `rpm`
+    Rpm,
+    /// `tpm`
+    Tpm,
+    /// `models`
+    Models,
+    /// `max-parallel`
+    MaxParallel,
+    /// `quota`
+    Quota,
+    /// `quota-period`
+    QuotaPeriod,
+    /// `weight`
+    Weight,
+    /// `per-user-rpm`
+    PerUserRpm,
+    /// `per-user-quota`
+    PerUserQuota,
+    /// `expires`
+    Expires,
+}
+
+impl std::str::FromStr for ClearField {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s.replace('_', "-").as_str() {
+            "rpm" => Self::Rpm,
+            "tpm" => Self::Tpm,
+            "models" => Self::Models,
+            "max-parallel" => Self::MaxParallel,
+            "quota" | "quota-tokens" => Self::Quota,
+            "quota-period" => Self::QuotaPeriod,
+            "weight" => Self::Weight,
+            "per-user-rpm" => Self::PerUserRpm,
+            "per-user-quota" | "per-user-quota-tokens" => Self::PerUserQuota,
+            "expires" | "expires-at" => Self::Expires,
+            other => {
+                return Err(format!(
+                    "'{other}' is not a field: rpm, tpm, models, max-parallel, quota, quota-period, weight, per-user-rpm, per-user-quota or expires"
+                ))
+            }
+        })
+    }
 }
 
 #[cfg(test)]

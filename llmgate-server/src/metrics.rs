@@ -21,6 +21,22 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::models::ModelState;
+use crate::standin::{Limiter, LimiterMode};
+
+/// The reasons `llmgate_rate_limited_total` counts refusals by, each with a series from
+/// the start: over `rpm` (`requests`), over `tpm` (`tokens`), the token quota used up
+/// (`quota`), too many requests in flight (`parallel`).
+pub const REFUSAL_REASONS: [&str; 4] = ["requests", "tokens", "quota", "parallel"];
+
+/// The limiter whose mode `/metrics` shows, if one is set.
+#[derive(Default, Clone)]
+struct LimiterSource(Option<Limiter>);
+
+impl std::fmt::Debug for LimiterSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "set" } else { "none" })
+    }
+}
 
 /// The label of requests for a model not set with [`Metrics::set_model_names`], or for
 /// none.
@@ -91,6 +107,16 @@ struct ModelStateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    r#type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabels {
+    mode: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EndpointLabels {
     endpoint: String,
 }
@@ -140,6 +166,11 @@ pub struct Metrics {
     usage_rejected: Counter,
     usage_spilled: Counter,
     usage_lost: Counter,
+    rate_limited: Family<RefusalLabels, Counter>,
+    limiter_shared: Gauge,
+    limiter_mode: Family<ModeLabels, Gauge>,
+    /// The limiter whose mode the two gauges above show ([`Metrics::set_limiter`]).
+    limiter: RwLock<LimiterSource>,
     /// The series the last record counted into, kept across batches: the usage intake
     /// hands over small batches, and consecutive records nearly always share one.
     last_series: Mutex<Option<LastSeries>>,
@@ -206,6 +237,10 @@ impl Default for Metrics {
             usage_rejected: Counter::default(),
             usage_spilled: Counter::default(),
             usage_lost: Counter::default(),
+            rate_limited: Family::default(),
+            limiter_shared: Gauge::default(),
+            limiter_mode: Family::default(),
+            limiter: RwLock::default(),
             last_series: Mutex::new(None),
             registry: Registry::default(),
         };
@@ -338,6 +373,27 @@ impl Default for Metrics {
             "Usage records lost: the spill file could not be written",
             metrics.usage_lost.clone(),
         );
+        registry.register(
+            "rate_limited",
+            "Model calls refused for a key's limits, by type: requests (rpm), tokens (tpm), quota, parallel (max_parallel)",
+            metrics.rate_limited.clone(),
+        );
+        for reason in REFUSAL_REASONS {
+            // A series at 0 from the start, so that a dashboard can plot each reason.
+            drop(metrics.rate_limited.get_or_create(&RefusalLabels {
+                r#type: reason.to_owned(),
+            }));
+        }
+        registry.register(
+            "limiter_shared",
+            "1 while the limits are counted in Redis for every replica, 0 while each replica counts on its own (no Redis, or Redis unreachable)",
+            metrics.limiter_shared.clone(),
+        );
+        registry.register(
+            "limiter_mode",
+            "1 for the limiter's mode (local: one process; shared: Redis; fallback: Redis unreachable, each replica its share), 0 for the others",
+            metrics.limiter_mode.clone(),
+        );
         Self {
             registry,
             ..metrics
@@ -369,6 +425,35 @@ impl Series {
 }
 
 impl Metrics {
+    /// Counts a model call refused for a key's limits; `reason` is one of
+    /// [`REFUSAL_REASONS`] (anything else counts too, as the limiter names it).
+    pub fn rate_limited(&self, reason: &str) {
+        self.rate_limited
+            .get_or_create(&RefusalLabels {
+                r#type: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Sets the limiter whose mode `/metrics` shows, read at each scrape.
+    pub fn set_limiter(&self, limiter: Limiter) {
+        *self.limiter.write().unwrap_or_else(|e| e.into_inner()) = LimiterSource(Some(limiter));
+    }
+
+    fn update_limiter_gauges(&self) {
+        let source = self.limiter.read().unwrap_or_else(|e| e.into_inner());
+        let Some(limiter) = &source.0 else { return };
+        let mode = limiter.mode();
+        self.limiter_shared.set(i64::from(limiter.is_shared()));
+        for each in [LimiterMode::Local, LimiterMode::Shared, LimiterMode::Fallback] {
+            self.limiter_mode
+                .get_or_create(&ModeLabels {
+                    mode: each.as_str().to_owned(),
+                })
+                .set(i64::from(each == mode));
+        }
+    }
+
     /// Sets the model names that are `model` labels of their own: the configured
     /// models' canonical names. Requests for any other model (or none) count as
     /// [`OTHER_MODEL`]. Call it again when the models change; series already counted
@@ -534,6 +619,7 @@ impl Metrics {
     pub fn render(&self, system: &SystemReport, format: Format) -> String {
         let _rendering = self.rendering.lock().unwrap_or_else(|e| e.into_inner());
         self.update_model_gauges();
+        self.update_limiter_gauges();
         self.cpu_percent.set(f64::from(system.cpu.usage_percent));
         self.memory_used.set(system.memory.used_bytes as i64);
         self.memory_total.set(system.memory.total_bytes as i64);

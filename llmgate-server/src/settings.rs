@@ -166,6 +166,12 @@ fn apply_serve_flags(
     if let Some(key) = &args.upstream_key {
         config.upstream_key = Some(key.clone());
     }
+    if let Some(url) = &args.redis_url {
+        config.redis_url = Some(url.clone());
+    }
+    if let Some(replicas) = parsed(errors, "replicas", &args.replicas) {
+        config.replicas = replicas;
+    }
     if args.metrics_public {
         config.metrics_public = true;
     }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use llmgate_core::auth::{KeyCache, KeyRecord, Role, Secret};
 use llmgate_core::config::GatewayConfig;
-use llmgate_core::storage::{KeyStore, Storage, StorageError};
+use llmgate_core::storage::{KeyStore, Storage, StorageError, UsageStore};
 use llmgate_core::usage::{RecorderOptions, UsageRecorder};
 
 use super::OpenStoreError;
@@ -13,6 +13,7 @@ use crate::app::{app, AppState};
 use crate::cli::Launch;
 use crate::metrics::Metrics;
 use crate::models::{Progress, Registry};
+use crate::standin::Limiter;
 
 /// The environment variable that supplies the first admin key instead of generating one.
 pub const ADMIN_KEY_ENV: &str = "LLMGATE_ADMIN_KEY";
@@ -53,6 +54,14 @@ pub enum ServeError {
     /// The system monitor could not start.
     #[error(transparent)]
     Monitor(#[from] llmgate_core::system::SystemError),
+    /// The Redis URL cannot be used.
+    #[error("redis_url {url}: {reason}")]
+    Redis {
+        /// The URL without its password.
+        url: String,
+        /// What the client library said.
+        reason: String,
+    },
     /// The serving threads could not start.
     #[error("cannot start the threads that serve requests")]
     Threads(#[source] std::io::Error),
@@ -134,6 +143,7 @@ async fn serve(
     );
     let mut state = AppState::new(keys, store.clone(), recorder, metrics, models.clone())?;
     state.metrics_public = config.metrics_public;
+    state.limiter = limiter(config, store.clone())?;
     let router = app(state, config.max_body_bytes as usize);
 
     let user_key = match user_key {
@@ -169,6 +179,43 @@ async fn serve(
     tracing::info!("shutting down: writing queued usage");
     writer.shutdown().await;
     Ok(())
+}
+
+/// The limiter the config asks for: counters in Redis shared by the replicas when
+/// `redis_url` is set (connecting in the background: an unreachable Redis never stops
+/// the gateway), else in this process.
+fn limiter(config: &GatewayConfig, store: Arc<dyn Storage>) -> Result<Limiter, ServeError> {
+    let defaults = config.key_defaults.clone();
+    let usage: Arc<dyn UsageStore> = store;
+    let limiter = match &config.redis_url {
+        Some(url) => {
+            let shown = without_password(url);
+            let limiter = Limiter::shared(url, defaults, usage, config.replicas).map_err(|err| {
+                ServeError::Redis {
+                    url: shown.clone(),
+                    reason: err.to_string(),
+                }
+            })?;
+            tracing::info!(redis = %shown, replicas = config.replicas, "key limits counted in Redis, shared by the replicas");
+            limiter
+        }
+        None => Limiter::local(defaults, usage),
+    };
+    Ok(limiter.with_token_estimate(config.estimated_completion_tokens))
+}
+
+/// `url` with its password (and user name) replaced by `***`, for the log.
+pub fn without_password(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let authority_end = rest.find('/').unwrap_or(rest.len());
+            match rest[..authority_end].rfind('@') {
+                Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+                None => url.to_owned(),
+            }
+        }
+        None => "(not a URL)".to_owned(),
+    }
 }
 
 /// How many threads serve requests: `workers`, else Tokio's `TOKIO_WORKER_THREADS`,
@@ -292,4 +339,26 @@ fn free_name(keys: &[KeyRecord], base: &str) -> String {
         .map(|n| format!("{base}-{n}"))
         .find(|n| !taken(n))
         .expect("some name is free")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_redis_password_never_reaches_the_log() {
+        assert_eq!(
+            without_password("redis://:hunter2@cache:6379/0"),
+            "redis://***@cache:6379/0"
+        );
+        assert_eq!(
+            without_password("rediss://user:pw@cache/"),
+            "rediss://***@cache/"
+        );
+        assert_eq!(
+            without_password("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+        assert_eq!(without_password("hunter2"), "(not a URL)");
+    }
 }

@@ -7,10 +7,12 @@ use llmgate_core::auth::Caller;
 use llmgate_core::error::ApiError;
 use llmgate_core::storage::RequestRecord;
 use llmgate_core::usage::{usage_report, KeyUsage, RejectedRecord};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
+use super::keys::{caller_key, MeQuery};
 use super::HandlerError;
 use crate::app::AppState;
+use crate::standin::LimitStatus;
 
 /// `GET /admin/usage`: every key's totals.
 pub async fn all(State(state): State<AppState>) -> Result<Json<Vec<KeyUsage>>, HandlerError> {
@@ -41,12 +43,24 @@ pub async fn one(
     Ok(Json(usage_of(&state, &key_id).await?))
 }
 
-/// `GET /v1/me/usage`: the caller's own totals.
+/// What `GET /v1/me/usage` answers: the key's totals and its limits, with what is left.
+#[derive(Debug, Serialize)]
+pub struct MeUsage {
+    #[serde(flatten)]
+    usage: KeyUsage,
+    limits: LimitStatus,
+}
+
+/// `GET /v1/me/usage[?user=NAME]`: the caller's own totals, and its limits.
 pub async fn me(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-) -> Result<Json<KeyUsage>, HandlerError> {
-    Ok(Json(usage_of(&state, &caller.key_id).await?))
+    Query(query): Query<MeQuery>,
+) -> Result<Json<MeUsage>, HandlerError> {
+    let usage = usage_of(&state, &caller.key_id).await?;
+    let key = caller_key(&state, &caller).await?;
+    let limits = state.limiter.status(&key, query.end_user()).await;
+    Ok(Json(MeUsage { usage, limits }))
 }
 
 /// Query of `GET /admin/usage/{key_id}/requests`.
