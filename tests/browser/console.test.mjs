@@ -95,6 +95,64 @@ test('create a key, see it listed with its prefix, and copy the secret', async (
   await shot('keys');
 });
 
+test('edit a key: its limits are listed and kept by the server; an empty field unsets one', async () => {
+  const row = page.locator('[data-testid="key-row"][data-key-name="browser-user"]');
+  assert.match(await row.getByTestId('key-limits').innerText(), /defaults/);
+  await row.getByTestId('edit-key').click();
+  await id('key-edit-limits-rpm').fill('600');
+  await id('key-edit-limits-weight').fill('2');
+  await id('key-edit-save').click();
+  await page.waitForFunction(() =>
+    /600 req\/min/.test(document.querySelector('[data-testid="key-row"][data-key-name="browser-user"] [data-testid="key-limits"]')?.innerText || ''));
+  const listed = async () => {
+    const response = await fetch(base + '/admin/keys', { headers: { authorization: `Bearer ${adminKey}` } });
+    return (await response.json()).find((k) => k.name === 'browser-user');
+  };
+  let key = await listed();
+  assert.equal(key.rpm, 600);
+  assert.equal(key.weight, 2);
+  await shot('keys-edit');
+  // The dialog opens with the key's values; emptying one clears it.
+  await row.getByTestId('edit-key').click();
+  assert.equal(await id('key-edit-limits-rpm').inputValue(), '600');
+  await id('key-edit-limits-weight').fill('');
+  await id('key-edit-save').click();
+  await page.waitForFunction(() =>
+    !/weight/.test(document.querySelector('[data-testid="key-row"][data-key-name="browser-user"] [data-testid="key-limits"]')?.innerText || 'weight'));
+  key = await listed();
+  assert.equal(key.rpm, 600);
+  assert.equal(key.weight, undefined);
+  // A value the server refuses is shown in the dialog, which stays open.
+  await row.getByTestId('edit-key').click();
+  await id('key-edit-limits-rpm').fill('0');
+  await id('key-edit-save').click();
+  await page.waitForFunction(() => /rpm/.test(document.querySelector('[data-testid="key-edit-error"]')?.innerText || ''));
+  await id('key-edit-cancel').click();
+  assert.equal((await listed()).rpm, 600);
+});
+
+test('create a key with limits, rotate it: the new secret is shown once and works, the old one stops', async () => {
+  await page.locator('#create-key-limits-section summary').click();
+  await id('create-key-name').fill('to-rotate');
+  await id('create-key-limits-tpm').fill('5000');
+  await id('create-key-submit').click();
+  const old = (await id('new-key-secret').innerText()).trim();
+  const row = page.locator('[data-testid="key-row"][data-key-name="to-rotate"]');
+  await row.waitFor();
+  assert.match(await row.getByTestId('key-limits').innerText(), /5000 tokens\/min/);
+  await id('new-key-done').click();
+  await row.getByTestId('rotate-key').click();
+  await id('key-rotate-confirm').click();
+  await id('new-key-secret').waitFor();
+  const fresh = (await id('new-key-secret').innerText()).trim();
+  assert.match(fresh, /^sk-lg-[A-Za-z0-9]{32,}$/);
+  assert.notEqual(fresh, old);
+  const me = (key) => fetch(base + '/v1/me', { headers: { authorization: `Bearer ${key}` } });
+  assert.equal((await me(fresh)).status, 200);
+  assert.equal((await me(old)).status, 401, 'rotated with no grace: the old secret stops at once');
+  await id('new-key-done').click();
+});
+
 test('revoke a key after confirming', async () => {
   await id('create-key-name').fill('to-revoke');
   await id('create-key-submit').click();

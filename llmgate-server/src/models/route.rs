@@ -13,11 +13,17 @@ use http::{header, HeaderValue, Method, Request, Response};
 use http_body::{Frame, SizeHint};
 use http_body_util::Full;
 use llmgate_core::auth_usage::{RequestedModel, ServedModel};
+use llmgate_core::limits::KeyLimits;
 use llmgate_core::proxy::ProxyBody;
 use llmgate_core::BoxError;
 use tower::Service;
 
 use super::{Lease, Registry, RouteError, Slot};
+use crate::standin::Effective;
+
+/// The largest upstream model list the gateway reads to filter it for a key that may use
+/// only some models.
+const MAX_UPSTREAM_MODEL_LIST_BYTES: usize = 4 << 20;
 
 /// Sends each request to the model its `model` names (by name or alias; the default
 /// model when it names none) and holds the model's place until the response body ends.
@@ -160,12 +166,24 @@ impl Service<Request<Body>> for ModelRouter {
 
     fn call(&mut self, request: Request<Body>) -> RouteFuture {
         let path = request.uri().path();
-        if path.starts_with("/v1/models")
-            && matches!(*request.method(), Method::GET | Method::HEAD)
-            && !self.registry.lists_upstream_models()
+        if path.starts_with("/v1/models") && matches!(*request.method(), Method::GET | Method::HEAD)
         {
-            let answer = list_models(&self.registry, path);
-            return RouteFuture::Waiting(Box::pin(std::future::ready(answer)));
+            // Only the models the key may use; a key that may use every model has none.
+            let allowed = request
+                .extensions()
+                .get::<Effective>()
+                .map(|effective| effective.0.clone())
+                .filter(|limits| limits.models.as_ref().is_some_and(|m| !m.is_empty()));
+            if !self.registry.lists_upstream_models() {
+                let answer = list_models(&self.registry, path, allowed.as_deref());
+                return RouteFuture::Waiting(Box::pin(std::future::ready(answer)));
+            }
+            if let Some(allowed) = allowed {
+                let registry = self.registry.clone();
+                return RouteFuture::Waiting(Box::pin(upstream_models_for(
+                    registry, request, allowed,
+                )));
+            }
         }
         let requested = request
             .extensions()
@@ -207,8 +225,14 @@ async fn wait_then_forward(
 }
 
 /// `GET /v1/models` and `/v1/models/{id}` in OpenAI's format, from the list, whether or
-/// not the models are loaded.
-fn list_models(registry: &Registry, path: &str) -> Response<RoutedBody> {
+/// not the models are loaded; with `allowed`, only the models it allows (another is
+/// answered as a model that does not exist).
+fn list_models(
+    registry: &Registry,
+    path: &str,
+    allowed: Option<&KeyLimits>,
+) -> Response<RoutedBody> {
+    let may_use = |name: &str| allowed.is_none_or(|limits| limits.allows_model(name));
     let entry = |name: &str| {
         serde_json::json!({
             "id": name,
@@ -220,7 +244,12 @@ fn list_models(registry: &Registry, path: &str) -> Response<RoutedBody> {
     let body = match path.strip_prefix("/v1/models").unwrap_or("") {
         "" | "/" => serde_json::json!({
             "object": "list",
-            "data": registry.names().iter().map(|n| entry(n)).collect::<Vec<_>>(),
+            "data": registry
+                .names()
+                .iter()
+                .filter(|n| may_use(n))
+                .map(|n| entry(n))
+                .collect::<Vec<_>>(),
         }),
         id => {
             let id = id.trim_start_matches('/');
@@ -228,8 +257,8 @@ fn list_models(registry: &Registry, path: &str) -> Response<RoutedBody> {
                 .decode_utf8_lossy()
                 .into_owned();
             match registry.find(&id) {
-                Some(_) => entry(&id),
-                None => return refuse(&RouteError::Unknown(id)),
+                Some(slot) if may_use(slot.name()) || may_use(&id) => entry(&id),
+                _ => return refuse(&RouteError::Unknown(id)),
             }
         }
     };
@@ -239,4 +268,67 @@ fn list_models(registry: &Registry, path: &str) -> Response<RoutedBody> {
         HeaderValue::from_static("application/json"),
     );
     response
+}
+
+/// The one upstream's `/v1/models` answer with only the models `allowed` allows (the
+/// gateway fronts one upstream that knows its models): `data` filtered in a list, a
+/// single model's answer refused as unknown when not allowed. An answer that is not such
+/// JSON, or larger than [`MAX_UPSTREAM_MODEL_LIST_BYTES`], becomes an empty list.
+async fn upstream_models_for(
+    registry: Arc<Registry>,
+    request: Request<Body>,
+    allowed: Arc<KeyLimits>,
+) -> Response<RoutedBody> {
+    use http_body_util::BodyExt;
+
+    let single = request
+        .uri()
+        .path()
+        .strip_prefix("/v1/models")
+        .map(|rest| rest.trim_start_matches('/'))
+        .filter(|rest| !rest.is_empty())
+        .map(|id| {
+            percent_encoding::percent_decode_str(id)
+                .decode_utf8_lossy()
+                .into_owned()
+        });
+    if let Some(id) = &single {
+        if !allowed.allows_model(id) {
+            return refuse(&RouteError::Unknown(id.clone()));
+        }
+    }
+    let slot = match registry.resolve(None) {
+        Ok(route) => route.slot,
+        Err(err) => return refuse(&err),
+    };
+    let lease = match registry.lease(&slot).await {
+        Ok(lease) => lease,
+        Err(err) => return refuse(&err),
+    };
+    let Ok(response) = lease.slot().proxy.clone().call(request).await;
+    if single.is_some() || !response.status().is_success() {
+        return finish(response, Some(lease), None);
+    }
+    let (mut parts, body) = response.into_parts();
+    let limited = http_body_util::Limited::new(body, MAX_UPSTREAM_MODEL_LIST_BYTES);
+    let bytes = limited.collect().await.map(|b| b.to_bytes()).ok();
+    let mut list: serde_json::Value = bytes
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_else(|| serde_json::json!({"object": "list", "data": []}));
+    match list.get_mut("data").and_then(|d| d.as_array_mut()) {
+        Some(data) => data.retain(|model| {
+            model
+                .get("id")
+                .and_then(|id| id.as_str())
+                .is_some_and(|id| allowed.allows_model(id))
+        }),
+        None => list = serde_json::json!({"object": "list", "data": []}),
+    }
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.remove(header::TRANSFER_ENCODING);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, RoutedBody::answer(Bytes::from(list.to_string())))
 }

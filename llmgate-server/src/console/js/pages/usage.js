@@ -59,6 +59,7 @@ function renderUsageTable(rows) {
     ...rows.map((row) => {
       const endpoints = Object.entries(row.endpoints || {}).sort((a, b) => b[1] - a[1]);
       const models = Object.entries(row.models || {}).sort((a, b) => b[1].requests - a[1].requests || (a[0] < b[0] ? -1 : 1));
+      const users = Object.entries(row.users || {}).sort((a, b) => b[1].requests - a[1].requests || (a[0] < b[0] ? -1 : 1));
       const unknown = row.requests_without_usage > 0 ? h("span", { class: "sub" }, `${fmtInt(row.requests_without_usage)} without token counts`) : null;
       return h(
         "tr",
@@ -77,6 +78,7 @@ function renderUsageTable(rows) {
             : null,
         ),
         h("td", { "data-label": "Models", "data-testid": "usage-models" }, models.length ? h("ul", { class: "endpoints" }, models.map(modelItem)) : null),
+        h("td", { "data-label": "End users", "data-testid": "usage-users" }, users.length ? h("ul", { class: "endpoints" }, users.map(userItem)) : null),
       );
     }),
   );
@@ -90,6 +92,17 @@ function modelItem([name, usage]) {
   return h(
     "li",
     { "data-model": name, title: `${fmtInt(usage.prompt_tokens)} prompt + ${fmtInt(usage.completion_tokens)} completion tokens${unknown}` },
+    h("code", {}, name),
+    ` × ${fmtInt(usage.requests)} · ${tokens} tokens`,
+  );
+}
+
+// One end user's share of a key's usage (the `user` of its requests, or Open WebUI's user header).
+function userItem([name, usage]) {
+  const tokens = fmtInt(usage.prompt_tokens + usage.completion_tokens);
+  return h(
+    "li",
+    { "data-user": name, title: `${fmtInt(usage.prompt_tokens)} prompt + ${fmtInt(usage.completion_tokens)} completion tokens` },
     h("code", {}, name),
     ` × ${fmtInt(usage.requests)} · ${tokens} tokens`,
   );
