@@ -274,12 +274,16 @@ fn read_file(path: &Path, errors: &mut Vec<SettingsError>) -> Option<GatewayConf
     Some(config)
 }
 
-/// The line of the file where `key` is set (top-level keys only, which is all the file
-/// has).
+/// The line of the file where `key` is set: `key = …`, or the header of its table
+/// (`[key]`, `[[key]]`).
 fn line_of_key(text: &str, key: &str) -> Option<usize> {
     text.lines()
         .position(|line| {
             let line = line.trim_start();
+            let header = line.trim_start_matches('[').trim_end().trim_end_matches(']');
+            if line.starts_with('[') && header.trim() == key {
+                return true;
+            }
             let rest = line
                 .strip_prefix(key)
                 .or_else(|| line.strip_prefix(&format!("\"{key}\"")))
@@ -319,6 +323,46 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("usage_queue_max"), "{err}");
+    }
+
+    #[test]
+    fn key_limits_settings_come_from_the_file_and_the_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("llmgate.toml");
+        std::fs::write(
+            &file,
+            "replicas = 2\nredis_url = \"redis://file:6379\"\n[key_defaults]\nrpm = 30\n",
+        )
+        .unwrap();
+        let file = file.to_str().unwrap();
+        let config = serve_config(&["--config", file]).unwrap();
+        assert_eq!(config.key_defaults.rpm, Some(30));
+        assert_eq!(config.replicas, 2);
+        assert_eq!(config.redis_url.as_deref(), Some("redis://file:6379"));
+        let config = serve_config(&[
+            "--config",
+            file,
+            "--replicas",
+            "3",
+            "--redis-url",
+            "redis://flag:6379",
+        ])
+        .unwrap();
+        assert_eq!(config.replicas, 3);
+        assert_eq!(config.redis_url.as_deref(), Some("redis://flag:6379"));
+
+        std::fs::write(dir.path().join("bad.toml"), "[key_defaults]\nrpm = 0\nburst = 3\n").unwrap();
+        let bad = dir.path().join("bad.toml");
+        let errors = serve_config(&["--config", bad.to_str().unwrap(), "--replicas", "none"])
+            .unwrap_err()
+            .to_string();
+        assert!(errors.contains("line 1") && errors.contains("burst"), "{errors}");
+        assert!(errors.contains("--replicas"), "{errors}");
+        std::fs::write(&bad, "[key_defaults]\nrpm = 0\n").unwrap();
+        let errors = serve_config(&["--config", bad.to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(errors.contains("key_defaults.rpm must be at least 1"), "{errors}");
     }
 
     #[test]
