@@ -103,6 +103,7 @@ fn row(key: &str, path: &str, at_ms: i64, tokens: Option<(u64, u64)>) -> Request
         completion_tokens: tokens.map(|t| t.1),
         latency_ms: 5,
         first_byte_ms: Some(2),
+        end_user: None,
     }
 }
 

@@ -14,8 +14,8 @@ use sqlx::Postgres;
 
 use super::sql::{Dialect, SqlStore, Statements};
 use super::{
-    Context, KeyStore, ModelStore, RequestRecord, Storage, StorageError, StoredModel, UsageStore,
-    UsageTotals,
+    Context, KeyStore, KeyUpdate, ModelStore, RequestRecord, Storage, StorageError, StoredModel,
+    UsageStore, UsageTotals,
 };
 use crate::auth::{KeyHash, KeyRecord};
 
@@ -86,6 +86,26 @@ impl KeyStore for PostgresStore {
     async fn revoke_key(&self, id: &str, at: DateTime<Utc>) -> Result<bool, StorageError> {
         self.inner.revoke_key(id, at).await
     }
+
+    async fn update_key(
+        &self,
+        id: &str,
+        update: &KeyUpdate,
+    ) -> Result<Option<KeyRecord>, StorageError> {
+        self.inner.update_key(id, update).await
+    }
+
+    async fn rotate_key(
+        &self,
+        id: &str,
+        new_hash: &KeyHash,
+        new_prefix: &str,
+        old_valid_until: DateTime<Utc>,
+    ) -> Result<bool, StorageError> {
+        self.inner
+            .rotate_key(id, new_hash, new_prefix, old_valid_until)
+            .await
+    }
 }
 
 #[async_trait]
@@ -120,6 +140,15 @@ impl UsageStore for PostgresStore {
         limit: u32,
     ) -> Result<Vec<RequestRecord>, StorageError> {
         self.inner.requests(key_id, since, limit).await
+    }
+
+    async fn tokens_since(
+        &self,
+        key_id: &str,
+        end_user: Option<&str>,
+        since: DateTime<Utc>,
+    ) -> Result<u64, StorageError> {
+        self.inner.tokens_since(key_id, end_user, since).await
     }
 }
 
@@ -241,6 +270,7 @@ pub(crate) mod tests {
             completion_tokens: None,
             latency_ms: 7,
             first_byte_ms: Some(2),
+            end_user: None,
         }
     }
 
@@ -405,6 +435,7 @@ pub(crate) mod tests {
             completion_tokens: Some(3),
             latency_ms: 1,
             first_byte_ms: None,
+            end_user: None,
         };
         let batch_a: Vec<_> = (0..50).map(row).collect();
         let batch_b: Vec<_> = (50..100).map(row).collect();
@@ -434,6 +465,7 @@ pub(crate) mod tests {
             completion_tokens: Some(1),
             latency_ms: 1,
             first_byte_ms: None,
+            end_user: None,
         };
         store.record(&[row(1)]).await.unwrap();
         sqlx::query("UPDATE usage_totals SET prompt_tokens = 9223372036854775800")

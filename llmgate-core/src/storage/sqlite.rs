@@ -15,8 +15,8 @@ use sqlx::Sqlite;
 
 use super::sql::{Dialect, SqlStore, Statements};
 use super::{
-    Context, KeyStore, ModelStore, RequestRecord, Storage, StorageError, StoredModel, UsageStore,
-    UsageTotals,
+    Context, KeyStore, KeyUpdate, ModelStore, RequestRecord, Storage, StorageError, StoredModel,
+    UsageStore, UsageTotals,
 };
 use crate::auth::{KeyHash, KeyRecord};
 
@@ -151,6 +151,26 @@ impl KeyStore for SqliteStore {
     async fn revoke_key(&self, id: &str, at: DateTime<Utc>) -> Result<bool, StorageError> {
         self.inner.revoke_key(id, at).await
     }
+
+    async fn update_key(
+        &self,
+        id: &str,
+        update: &KeyUpdate,
+    ) -> Result<Option<KeyRecord>, StorageError> {
+        self.inner.update_key(id, update).await
+    }
+
+    async fn rotate_key(
+        &self,
+        id: &str,
+        new_hash: &KeyHash,
+        new_prefix: &str,
+        old_valid_until: DateTime<Utc>,
+    ) -> Result<bool, StorageError> {
+        self.inner
+            .rotate_key(id, new_hash, new_prefix, old_valid_until)
+            .await
+    }
 }
 
 #[async_trait]
@@ -185,6 +205,15 @@ impl UsageStore for SqliteStore {
         limit: u32,
     ) -> Result<Vec<RequestRecord>, StorageError> {
         self.inner.requests(key_id, since, limit).await
+    }
+
+    async fn tokens_since(
+        &self,
+        key_id: &str,
+        end_user: Option<&str>,
+        since: DateTime<Utc>,
+    ) -> Result<u64, StorageError> {
+        self.inner.tokens_since(key_id, end_user, since).await
     }
 }
 
@@ -252,6 +281,7 @@ mod tests {
             completion_tokens: None,
             latency_ms: 7,
             first_byte_ms: Some(2),
+            end_user: None,
         }
     }
 
