@@ -267,6 +267,16 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn key_changes_contract() {
+        crate::storage::contract::key_changes(&MemoryStore::new()).await;
+    }
+
+    #[tokio::test]
+    async fn end_users_contract() {
+        crate::storage::contract::end_users(&MemoryStore::new()).await;
+    }
+
+    #[tokio::test]
     async fn models_contract() {
         crate::storage::contract::models(&MemoryStore::new()).await;
     }

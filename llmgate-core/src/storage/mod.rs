@@ -300,6 +300,17 @@ impl RequestRecord {
     }
 }
 
+/// An end user's name as storage keeps it ([`RequestRecord::normalize`]): what a
+/// lookup by end user compares with.
+fn stored_end_user(name: &str) -> Cow<'_, str> {
+    if name.len() <= MAX_END_USER_BYTES && !name.as_bytes().contains(&0) {
+        return Cow::Borrowed(name);
+    }
+    let mut name = name.to_owned();
+    normalize_name(&mut name, MAX_END_USER_BYTES);
+    Cow::Owned(name)
+}
+
 fn normalize_name(name: &mut String, max: usize) {
     if name.as_bytes().contains(&0) {
         *name = name.replace('\0', NUL_REPLACEMENT);
@@ -498,6 +509,8 @@ pub trait UsageStore: Send + Sync {
 
 /// The tokens of `rows` ([`UsageStore::tokens_since`]), of `end_user`'s only when given.
 fn tokens_of<'r>(rows: impl IntoIterator<Item = &'r RequestRecord>, end_user: Option<&str>) -> u64 {
+    let end_user = end_user.map(stored_end_user);
+    let end_user = end_user.as_deref();
     rows.into_iter()
         .filter(|r| end_user.is_none_or(|u| r.end_user.as_deref() == Some(u)))
         .map(|r| {

@@ -251,6 +251,24 @@ pub(crate) mod tests {
 
     #[tokio::test]
     #[ignore = "needs PostgreSQL (LLMGATE_TEST_POSTGRES or 127.0.0.1:5432)"]
+    async fn key_changes_contract() {
+        let db = TestDatabase::create().await;
+        let store = PostgresStore::connect(&db.url).await.unwrap();
+        crate::storage::contract::key_changes(&store).await;
+        store.close().await;
+    }
+
+    #[tokio::test]
+    #[ignore = "needs PostgreSQL (LLMGATE_TEST_POSTGRES or 127.0.0.1:5432)"]
+    async fn end_users_contract() {
+        let db = TestDatabase::create().await;
+        let store = PostgresStore::connect(&db.url).await.unwrap();
+        crate::storage::contract::end_users(&store).await;
+        store.close().await;
+    }
+
+    #[tokio::test]
+    #[ignore = "needs PostgreSQL (LLMGATE_TEST_POSTGRES or 127.0.0.1:5432)"]
     async fn models_contract() {
         let db = TestDatabase::create().await;
         let store = PostgresStore::connect(&db.url).await.unwrap();
@@ -404,6 +422,45 @@ pub(crate) mod tests {
         }
         let store = PostgresStore::connect(&db.url).await.unwrap();
         crate::storage::sql::before_usage_models::check(&store).await;
+        store.close().await;
+    }
+
+    #[tokio::test]
+    #[ignore = "needs PostgreSQL (LLMGATE_TEST_POSTGRES or 127.0.0.1:5432)"]
+    async fn a_database_made_before_fair_use_upgrades() {
+        let db = TestDatabase::create().await;
+        let secret = crate::auth::Secret::generate();
+        let key = KeyRecord::new("old", Role::User, &secret);
+        {
+            let pool = PgPool::connect(&db.url).await.unwrap();
+            let mut old = sqlx::migrate!("./migrations/postgres");
+            old.migrations = old
+                .migrations
+                .iter()
+                .filter(|m| m.version <= 3)
+                .cloned()
+                .collect::<Vec<_>>()
+                .into();
+            old.run(&pool).await.unwrap();
+            sqlx::query(
+                "INSERT INTO api_keys (id, name, role, prefix, key_hash, created_at, expires_at, revoked_at) \
+                 VALUES ($1, $2, 'user', $3, $4, $5, NULL, NULL)",
+            )
+            .bind(&key.id)
+            .bind(&key.name)
+            .bind(&key.prefix)
+            .bind(&secret.hash().0[..])
+            .bind(key.created_at.timestamp_millis())
+            .execute(&pool)
+            .await
+            .unwrap();
+            for sql in crate::storage::sql::before_usage_models::statements() {
+                sqlx::query(&sql).execute(&pool).await.unwrap();
+            }
+            pool.close().await;
+        }
+        let store = PostgresStore::connect(&db.url).await.unwrap();
+        crate::storage::sql::before_fair_use::check(&store, &secret, &key).await;
         store.close().await;
     }
 

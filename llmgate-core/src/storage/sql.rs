@@ -15,8 +15,9 @@ use chrono::{DateTime, Utc};
 use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type};
 
 use super::{
-    normalized_batch, KeyUpdate, ModelUsage, RequestRecord, StorageError, StoredModel, UsageTotals,
-    MAX_END_USERS_PER_KEY, MAX_MODELS_PER_KEY, MAX_TOKENS_PER_REQUEST, OTHER_END_USER, OTHER_MODEL,
+    normalized_batch, stored_end_user, KeyUpdate, ModelUsage, RequestRecord, StorageError,
+    StoredModel, UsageTotals, MAX_END_USERS_PER_KEY, MAX_MODELS_PER_KEY, MAX_TOKENS_PER_REQUEST,
+    OTHER_END_USER, OTHER_MODEL,
 };
 use crate::auth::{KeyHash, KeyRecord, Role};
 use crate::limits::KeyLimits;
@@ -397,7 +398,7 @@ const ROW_COLUMNS: &str =
 /// Every statement a SQL store runs, in one dialect, built once per backend.
 pub(super) struct Statements {
     insert_key: String,
-    key_by_hash: String,
+    pub(super) key_by_hash: String,
     list_keys: String,
     revoke_key: String,
     update_key: String,
@@ -414,8 +415,8 @@ pub(super) struct Statements {
     all_users: String,
     key_users: String,
     key_user_names: String,
-    tokens_since: String,
-    user_tokens_since: String,
+    pub(super) tokens_since: String,
+    pub(super) user_tokens_since: String,
     stored_models: String,
     store_model: String,
     requests: String,
@@ -1058,9 +1059,10 @@ where
             None => &self.sql.tokens_since,
             Some(_) => &self.sql.user_tokens_since,
         };
+        let end_user = end_user.map(stored_end_user);
         let mut query = sqlx::query(sql).bind(key_id).bind(millis(since));
-        if let Some(end_user) = end_user {
-            query = query.bind(end_user);
+        if let Some(end_user) = &end_user {
+            query = query.bind(end_user.as_ref());
         }
         let row = query.fetch_one(&self.pool).await?;
         Ok(count(get(&row, "tokens")?))
@@ -1284,6 +1286,117 @@ pub(super) mod before_usage_models {
     }
 }
 
+/// A database as llmgate left it before fair use (keys without limits or a previous
+/// secret, request rows without end users), for the tests of its migration: the checks
+/// every SQL backend's upgraded database must pass. The rows are
+/// [`before_usage_models`]'s.
+#[cfg(test)]
+pub(super) mod before_fair_use {
+    use chrono::{DateTime, Duration};
+
+    use crate::auth::{now_millis, KeyRecord, Secret};
+    use crate::limits::KeyLimits;
+    use crate::storage::{KeyStore, KeyUpdate, RequestRecord, UsageStore};
+
+    /// `key`, stored before the upgrade under `secret`, and the rows of
+    /// [`before_usage_models`](super::before_usage_models) read back as they were,
+    /// without end users, and work as new ones do.
+    pub(in crate::storage) async fn check<S: KeyStore + UsageStore>(
+        store: &S,
+        secret: &Secret,
+        key: &KeyRecord,
+    ) {
+        assert!(key.limits.is_empty());
+        assert_eq!(
+            store.key_by_hash(&secret.hash()).await.unwrap().as_ref(),
+            Some(key)
+        );
+        assert_eq!(store.list_keys().await.unwrap(), std::slice::from_ref(key));
+        let rows = store.requests("k1", None, 100).await.unwrap();
+        assert_eq!(rows.len(), 6);
+        assert!(rows.iter().all(|r| r.end_user.is_none()));
+        assert!(store
+            .totals()
+            .await
+            .unwrap()
+            .values()
+            .all(|t| t.users.is_empty()));
+
+        // Quota sums over the old rows: counts no request can have add nothing.
+        let at = |ms: i64| DateTime::from_timestamp_millis(ms).unwrap();
+        assert_eq!(store.tokens_since("k1", None, at(0)).await.unwrap(), 30);
+        assert_eq!(store.tokens_since("k1", None, at(1_003)).await.unwrap(), 10);
+        assert_eq!(store.tokens_since("k3", None, at(0)).await.unwrap(), 202);
+        assert_eq!(
+            store
+                .tokens_since("k1", Some("alice"), at(0))
+                .await
+                .unwrap(),
+            0
+        );
+
+        // The old key takes limits and a new secret.
+        let limits = KeyLimits {
+            rpm: Some(5),
+            ..KeyLimits::default()
+        };
+        let update = KeyUpdate {
+            limits: Some(limits.clone()),
+            ..KeyUpdate::default()
+        };
+        let updated = store.update_key(&key.id, &update).await.unwrap().unwrap();
+        assert_eq!(updated.limits, limits);
+        let new = Secret::generate();
+        let grace = now_millis() + Duration::minutes(1);
+        assert!(store
+            .rotate_key(&key.id, &new.hash(), &new.public_prefix(), grace)
+            .await
+            .unwrap());
+        assert_eq!(
+            store
+                .key_by_hash(&new.hash())
+                .await
+                .unwrap()
+                .unwrap()
+                .limits,
+            limits
+        );
+        let old = store.key_by_hash(&secret.hash()).await.unwrap().unwrap();
+        assert_eq!(
+            (old.id.as_str(), old.expires_at),
+            (key.id.as_str(), Some(grace))
+        );
+
+        // New rows keep their end user beside the old ones.
+        let request = RequestRecord {
+            at: at(9_000),
+            key_id: "k1".into(),
+            method: "POST".into(),
+            path: "/v1/chat/completions".into(),
+            model: Some("chat".into()),
+            status: 200,
+            prompt_tokens: Some(3),
+            completion_tokens: Some(4),
+            latency_ms: 7,
+            first_byte_ms: None,
+            end_user: Some("alice".into()),
+        };
+        store.record(std::slice::from_ref(&request)).await.unwrap();
+        let k1 = store.totals_for_key("k1").await.unwrap();
+        assert_eq!(k1.users["alice"].total_tokens(), 7);
+        assert_eq!(k1.users.len(), 1);
+        assert_eq!(
+            store
+                .tokens_since("k1", Some("alice"), at(0))
+                .await
+                .unwrap(),
+            7
+        );
+        assert_eq!(store.tokens_since("k1", None, at(0)).await.unwrap(), 37);
+        assert_eq!(store.requests("k1", None, 1).await.unwrap(), [request]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1299,9 +1412,10 @@ mod tests {
         assert_eq!(
             sql,
             "INSERT INTO usage_rows (at, key, method, path, model, status, prompt_tokens, \
-             completion_tokens, latency_ms, first_byte_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+             completion_tokens, latency_ms, first_byte_ms, end_user) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
         );
         let (sql, _) = inserts.runs(&rows[..4]).next().unwrap();
-        assert!(sql.ends_with("($31, $32, $33, $34, $35, $36, $37, $38, $39, $40)"));
+        assert!(sql.ends_with("($34, $35, $36, $37, $38, $39, $40, $41, $42, $43, $44)"));
     }
 }
