@@ -943,6 +943,7 @@ impl UsageGuard {
             completion_tokens: None,
             latency_ms: 0,
             first_byte_ms: None,
+            end_user: None,
         };
         Self {
             recorder,
@@ -1679,6 +1680,7 @@ mod tests {
             completion_tokens: Some(1),
             latency_ms: 3,
             first_byte_ms: None,
+            end_user: None,
         };
         let mut line = serde_json::to_vec(&record).unwrap();
         line.push(b'\n');
