@@ -378,6 +378,17 @@ pub trait UsageStore: Send + Sync {
         since: Option<DateTime<Utc>>,
         limit: u32,
     ) -> Result<Vec<RequestRecord>, StorageError>;
+    /// Prompt plus completion tokens of the key's requests at or after `since` (of that
+    /// end user's only, when given).
+    // stand-in until S merges: S's branch implements it in every backend.
+    async fn tokens_since(
+        &self,
+        _key_id: &str,
+        _end_user: Option<&str>,
+        _since: DateTime<Utc>,
+    ) -> Result<u64, StorageError> {
+        Ok(0)
+    }
 }
 
 /// A model's settings as the admin API last set them.
