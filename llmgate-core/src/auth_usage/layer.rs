@@ -6,6 +6,7 @@ use tower::Layer;
 
 use super::AuthUsage;
 use crate::auth::KeyCache;
+use crate::limits::Limiter;
 use crate::usage::UsageRecorder;
 
 /// Default request body limit: 16 MiB.
@@ -29,6 +30,7 @@ pub(crate) struct Shared {
     pub(crate) keys: KeyCache,
     pub(crate) recorder: UsageRecorder,
     pub(crate) max_body_bytes: usize,
+    pub(crate) limiter: Option<Limiter>,
 }
 
 impl AuthUsageLayer {
@@ -39,6 +41,7 @@ impl AuthUsageLayer {
                 keys,
                 recorder,
                 max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+                limiter: None,
             }),
         }
     }
@@ -47,6 +50,20 @@ impl AuthUsageLayer {
     pub fn max_body_bytes(self, bytes: usize) -> Self {
         let mut shared = Arc::unwrap_or_clone(self.shared);
         shared.max_body_bytes = bytes;
+        Self {
+            shared: Arc::new(shared),
+        }
+    }
+
+    /// Enforce every key's limits with `limiter` ([`crate::limits`]): a request over a
+    /// limit gets 429 (`rate_limit_exceeded` or `insufficient_quota`) with `Retry-After`,
+    /// a model the key may not use gets the 404 of an unknown model, and every answer
+    /// to a key with `rpm` or `tpm` carries OpenAI's `x-ratelimit-*` headers. The
+    /// key's effective limits go into the request's extensions as
+    /// [`Effective`](crate::limits::Effective).
+    pub fn limiter(self, limiter: Limiter) -> Self {
+        let mut shared = Arc::unwrap_or_clone(self.shared);
+        shared.limiter = Some(limiter);
         Self {
             shared: Arc::new(shared),
         }

@@ -61,6 +61,7 @@
 mod body;
 mod future;
 mod layer;
+mod limit;
 mod service;
 
 pub use body::{AuthUsageBody, UsageBody};

@@ -11,9 +11,10 @@ use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use tower::{Service, ServiceExt};
 
 use super::layer::Shared;
-use super::{AuthUsageBody, RequestedModel, ResponseFuture, ServedModel, UsageBody};
+use super::{limit, AuthUsageBody, RequestedModel, ResponseFuture, ServedModel, UsageBody};
 use crate::auth::{now_millis, AuthError, Caller};
 use crate::error::ApiError;
+use crate::limits::Effective;
 use crate::usage::{inspect_request, ForCounting, RequestPlan, UsageGuard};
 use crate::BoxError;
 
@@ -138,6 +139,45 @@ where
         }
     };
 
+    let end_user = limit::end_user(plan.end_user.take(), request.headers());
+    let mut windows = None;
+    if let Some(limiter) = &shared.limiter {
+        let limits = Arc::new(limiter.effective(&key));
+        if let Some(model) = plan.model.as_deref() {
+            if !limits.allows_model(model) {
+                let response = limit::model_not_found(model);
+                guard.set_model(plan.model.take());
+                guard.set_end_user(end_user);
+                guard.set_status(404);
+                guard.set_no_tokens();
+                return Ok(response);
+            }
+        }
+        let tokens = limiter.estimate(plan.body_len, plan.max_tokens);
+        match limiter
+            .admit(&key, &limits, end_user.as_deref(), tokens)
+            .await
+        {
+            Ok(Some(admission)) => {
+                windows = Some(admission.windows());
+                guard.set_admission(admission);
+            }
+            Ok(None) => {}
+            Err(refusal) => {
+                guard.set_model(plan.model.take());
+                guard.set_end_user(end_user);
+                guard.set_status(429);
+                guard.set_no_tokens();
+                return Ok(limit::refused(&refusal));
+            }
+        }
+        if let Some(caller) = request.extensions_mut().get_mut::<Caller>() {
+            caller.weight = limits.weight();
+        }
+        request.extensions_mut().insert(Effective(limits));
+    }
+    guard.set_end_user(end_user);
+
     // The model asked for is known now, even if the client leaves before the answer.
     if let Some(model) = plan.model.take() {
         request
@@ -156,6 +196,9 @@ where
         guard.set_no_tokens();
     }
     let (mut parts, body) = response.into_parts();
+    if let Some((requests, tokens)) = windows {
+        limit::rate_headers(&mut parts.headers, requests, tokens);
+    }
     let content_type = parts
         .headers
         .get(header::CONTENT_TYPE)
@@ -210,7 +253,8 @@ where
         .headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
-    let (bytes, plan) = inspect_request(parts.uri.path(), content_type, bytes, counting);
+    let (bytes, mut plan) = inspect_request(parts.uri.path(), content_type, bytes, counting);
+    plan.body_len = original_len;
     // A length that was declared and still holds stays as it is.
     if bytes.len() != original_len || declared != Some(original_len as u64) {
         parts

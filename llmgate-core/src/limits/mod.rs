@@ -1,5 +1,695 @@
-//! Fair use: what each key may use ([`KeyLimits`]), set per key and as defaults.
+//! Fair use: what each key may use ([`KeyLimits`], set per key and as defaults) and the
+//! [`Limiter`] that enforces it.
+//!
+//! [`AuthUsageLayer::limiter`](crate::AuthUsageLayer::limiter) gives the metering layer
+//! a limiter. Each request of a key with limits is then checked, after its key and body
+//! are read, in this order: the model allow-list (a model the key may not use gets the
+//! same 404 as one that does not exist), the token quota of the period, the requests in
+//! flight, requests per minute, tokens per minute, then the same for the end user the
+//! request names. All or nothing: a refused request takes nothing from any counter.
+//!
+//! - **Per-minute limits** (`rpm`, `tpm`, `per_user_rpm`) are token buckets: a burst of
+//!   the limit, then the limit / 60 each second. A request takes the *estimate* of its
+//!   tokens from the `tpm` bucket (its body's bytes / 4, plus its `max_tokens` or the
+//!   configured completion estimate); when its answer ends the bucket is settled with the
+//!   real count, so it may go into debt.
+//! - **Quotas** (`quota_tokens`, `per_user_quota_tokens`) count the tokens of a calendar
+//!   period (UTC). A request is admitted while the count is below the quota; the count
+//!   holds settled requests and the estimates of those in flight. It starts from the
+//!   store ([`UsageStore::tokens_since`]) the first time a key is seen in a period.
+//! - **`max_parallel`** counts requests from admission until their response body ends or
+//!   the client leaves.
+//!
+//! [`Limiter::local`] keeps the counters in the process: right for one replica.
+//! [`Limiter::shared`] (feature `redis`) keeps them in Redis, one script run per
+//! admission, so that every replica sees the same counts; while Redis is unreachable
+//! each replica falls back to local counters with every per-minute and parallel limit
+//! divided by the number of replicas, and returns to Redis when it answers again.
 
+mod bucket;
+mod local;
 mod settings;
+#[cfg(feature = "redis")]
+mod shared;
+mod status;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use serde::Serialize;
 
 pub use settings::{glob_matches, KeyLimits, QuotaPeriod, MAX_MODEL_PATTERNS, MAX_WEIGHT};
+pub use status::{EndUserStatus, InFlightStatus, LimitStatus, QuotaStatus, WindowStatus};
+
+pub(crate) use bucket::Window;
+
+use crate::auth::{KeyRecord, Role};
+use crate::storage::UsageStore;
+use local::Local;
+
+/// The completion tokens a request is assumed to ask for when it sets no `max_tokens`
+/// (or `max_completion_tokens`), for the `tpm` estimate.
+pub const DEFAULT_ESTIMATED_COMPLETION_TOKENS: u64 = 256;
+
+/// The longest end user name kept, in bytes (longer ones are cut at a character
+/// boundary); the store keeps the same.
+pub(crate) const END_USER_BYTES: usize = 256;
+
+/// How long the store may take to say how many tokens a key used in the period, before a
+/// request is admitted without its quota checked (and the next one asks again).
+const QUOTA_LOAD_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The effective limits of the request's key, which the metering layer puts in the
+/// request's extensions when it has a [`Limiter`]: a router can list only the models
+/// the key may use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Effective(pub Arc<KeyLimits>);
+
+/// In the extensions of a response the limiter refused: which limit, one of
+/// `"requests"`, `"tokens"`, `"quota"` or `"parallel"` (for metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused(pub &'static str);
+
+/// Where a [`Limiter`] keeps its counters now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimiterMode {
+    /// In this process ([`Limiter::local`]).
+    Local,
+    /// In Redis, shared by every replica.
+    Shared,
+    /// In this process while Redis is unreachable, with the limits divided by the
+    /// number of replicas.
+    Fallback,
+}
+
+impl LimiterMode {
+    /// `"local"`, `"shared"` or `"fallback"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimiterMode::Local => "local",
+            LimiterMode::Shared => "shared",
+            LimiterMode::Fallback => "fallback",
+        }
+    }
+}
+
+/// Why a [`Limiter`] could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LimitError {
+    /// The Redis URL does not parse (the URL itself is not repeated: it may hold a
+    /// password).
+    #[cfg(feature = "redis")]
+    #[error("the Redis URL is not valid: {0}")]
+    RedisUrl(#[source] redis::RedisError),
+}
+
+/// Enforces every key's limits. Cheap to clone: clones share their counters.
+#[derive(Clone)]
+pub struct Limiter {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    defaults: KeyLimits,
+    usage: Arc<dyn UsageStore>,
+    estimate: AtomicU64,
+    local: Local,
+    /// Redis, for a shared limiter.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    shared: Option<SharedCounters>,
+    clock: Clock,
+}
+
+#[cfg(feature = "redis")]
+type SharedCounters = shared::Shared;
+#[cfg(not(feature = "redis"))]
+type SharedCounters = std::convert::Infallible;
+
+type Clock = Box<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+
+impl std::fmt::Debug for Limiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limiter")
+            .field("mode", &self.mode())
+            .field("defaults", &self.inner.defaults)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Limiter {
+    /// In-process counters: right for one replica.
+    pub fn local(defaults: KeyLimits, usage: Arc<dyn UsageStore>) -> Self {
+        Self::build(defaults, usage, Box::new(Utc::now), None)
+    }
+
+    /// Counters in Redis shared by every replica. While Redis is unreachable, local
+    /// counters with each per-minute and parallel limit divided by `replicas` (said once
+    /// in the log at each change), back to Redis when it answers again: a request never
+    /// fails for Redis. Fails only for a URL that does not parse; the connection is made
+    /// in the background (on the current Tokio runtime, or a thread of its own).
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub fn shared(
+        redis_url: &str,
+        defaults: KeyLimits,
+        usage: Arc<dyn UsageStore>,
+        replicas: u32,
+    ) -> Result<Self, LimitError> {
+        Self::shared_under("llmgate:", redis_url, defaults, usage, replicas)
+    }
+
+    /// [`shared`](Self::shared), with every Redis key starting with `prefix` (tests keep
+    /// apart that way).
+    #[cfg(feature = "redis")]
+    pub(crate) fn shared_under(
+        prefix: &str,
+        redis_url: &str,
+        defaults: KeyLimits,
+        usage: Arc<dyn UsageStore>,
+        replicas: u32,
+    ) -> Result<Self, LimitError> {
+        let client = redis::Client::open(redis_url).map_err(LimitError::RedisUrl)?;
+        let shared = shared::Shared::new(client, replicas, prefix.to_owned());
+        let limiter = Self::build(defaults, usage, Box::new(Utc::now), Some(shared));
+        if let Some(shared) = &limiter.inner.shared {
+            shared.start(Arc::downgrade(&limiter.inner));
+        }
+        Ok(limiter)
+    }
+
+    fn build(
+        defaults: KeyLimits,
+        usage: Arc<dyn UsageStore>,
+        clock: Clock,
+        shared: Option<SharedCounters>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                defaults,
+                usage,
+                estimate: AtomicU64::new(DEFAULT_ESTIMATED_COMPLETION_TOKENS),
+                local: Local::default(),
+                shared,
+                clock,
+            }),
+        }
+    }
+
+    /// A local limiter whose time is `clock`'s, for tests.
+    #[cfg(test)]
+    pub(crate) fn local_with_clock(
+        defaults: KeyLimits,
+        usage: Arc<dyn UsageStore>,
+        clock: impl Fn() -> DateTime<Utc> + Send + Sync + 'static,
+    ) -> Self {
+        Self::build(defaults, usage, Box::new(clock), None)
+    }
+
+    /// The completion tokens assumed for a request that sets no `max_tokens`
+    /// ([`DEFAULT_ESTIMATED_COMPLETION_TOKENS`] unless set).
+    pub fn with_token_estimate(self, default_max_tokens: u64) -> Self {
+        self.inner
+            .estimate
+            .store(default_max_tokens, Ordering::Relaxed);
+        self
+    }
+
+    /// The limits of every user key that sets none of its own.
+    pub fn defaults(&self) -> &KeyLimits {
+        &self.inner.defaults
+    }
+
+    /// The limits that apply to `key`: its own, then the defaults for a user key; an
+    /// admin key has only its own.
+    pub fn effective(&self, key: &KeyRecord) -> KeyLimits {
+        match key.role {
+            Role::Admin => key.limits.clone(),
+            Role::User => key.limits.or(&self.inner.defaults),
+        }
+    }
+
+    /// Whether the counters are shared by the replicas right now (false for a local
+    /// limiter and while a shared one falls back).
+    pub fn is_shared(&self) -> bool {
+        self.mode() == LimiterMode::Shared
+    }
+
+    /// Where the counters are kept right now.
+    pub fn mode(&self) -> LimiterMode {
+        #[cfg(feature = "redis")]
+        if let Some(shared) = &self.inner.shared {
+            return if shared.is_up() {
+                LimiterMode::Shared
+            } else {
+                LimiterMode::Fallback
+            };
+        }
+        LimiterMode::Local
+    }
+
+    /// What `key` (and `end_user` of it, when given) may still use, and when each limit
+    /// resets. Counts nothing.
+    pub async fn status(&self, key: &KeyRecord, end_user: Option<&str>) -> LimitStatus {
+        let limits = self.effective(key);
+        let now = (self.inner.clock)();
+        let plan = Plan::new(
+            key,
+            &limits,
+            end_user.map(cut_end_user).map(str::to_owned),
+            0,
+            now,
+        );
+        let peek = self.peek(&plan).await;
+        status::build(limits, self.mode(), &plan, peek, now)
+    }
+
+    /// The estimated tokens of a request whose body has `body_len` bytes and asks for at
+    /// most `max_tokens` completion tokens.
+    pub(crate) fn estimate(&self, body_len: usize, max_tokens: Option<u64>) -> u64 {
+        let prompt = (body_len as u64).div_ceil(4);
+        let completion = max_tokens.unwrap_or_else(|| self.inner.estimate.load(Ordering::Relaxed));
+        prompt.saturating_add(completion.min(crate::storage::MAX_TOKENS_PER_REQUEST))
+    }
+
+    /// Checks and counts one request of `key` under `limits` (its effective limits).
+    pub(crate) async fn admit(
+        &self,
+        key: &KeyRecord,
+        limits: &KeyLimits,
+        end_user: Option<&str>,
+        tokens: u64,
+    ) -> Result<Option<Admission>, Box<Refusal>> {
+        if !limits.counts() {
+            return Ok(None);
+        }
+        let now = (self.inner.clock)();
+        let user = end_user
+            .filter(|_| limits.per_user_rpm.is_some() || limits.per_user_quota_tokens.is_some())
+            .map(str::to_owned);
+        let mut plan = Plan::new(key, limits, user, tokens, now);
+        #[cfg(feature = "redis")]
+        if let Some(shared) = &self.inner.shared {
+            if shared.is_up() {
+                match shared.admit(&plan, &*self.inner.usage).await {
+                    Ok(Ok(granted)) => {
+                        return Ok(Some(self.admission(plan, Backend::Shared, granted)))
+                    }
+                    Ok(Err(refusal)) => return Err(refusal),
+                    Err(()) => shared.went_down(&self.inner.local),
+                }
+            }
+            plan = plan.divided(shared.replicas());
+        }
+        self.load_quotas(&plan).await;
+        let granted = self.inner.local.admit(&plan, millis(now))?;
+        Ok(Some(self.admission(plan, Backend::Local, granted)))
+    }
+
+    fn admission(&self, plan: Plan, backend: Backend, granted: Granted) -> Admission {
+        Admission {
+            limiter: self.clone(),
+            plan,
+            backend,
+            granted,
+            released: false,
+        }
+    }
+
+    /// Reads the tokens used in the period for the quotas not yet counted locally.
+    async fn load_quotas(&self, plan: &Plan) {
+        let (key, user) = self.inner.local.quotas_to_load(plan);
+        if key {
+            if let Some(used) = self.tokens_since(plan, None).await {
+                self.inner.local.set_quota(plan, None, used);
+            }
+        }
+        if let (true, Some(user)) = (user, &plan.user) {
+            if let Some(used) = self.tokens_since(plan, Some(user)).await {
+                self.inner.local.set_quota(plan, Some(user), used);
+            }
+        }
+    }
+
+    /// The tokens the store counts for the key (or an end user of it) in the period.
+    async fn tokens_since(&self, plan: &Plan, user: Option<&str>) -> Option<u64> {
+        let since = plan.period_start;
+        let read = self.inner.usage.tokens_since(&plan.key, user, since);
+        match tokio::time::timeout(QUOTA_LOAD_TIMEOUT, read).await {
+            Ok(Ok(used)) => Some(used),
+            Ok(Err(err)) => {
+                tracing::warn!(key_id = %plan.key, error = %err, "cannot read the tokens used in the quota period; admitting without the quota for now");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(key_id = %plan.key, "the store did not say the tokens used in the quota period in time; admitting without the quota for now");
+                None
+            }
+        }
+    }
+
+    async fn peek(&self, plan: &Plan) -> Peek {
+        #[cfg(feature = "redis")]
+        if let Some(shared) = &self.inner.shared {
+            if shared.is_up() {
+                match shared.peek(plan, &*self.inner.usage).await {
+                    Ok(peek) => return peek,
+                    Err(()) => shared.went_down(&self.inner.local),
+                }
+            }
+            let plan = plan.clone().divided(shared.replicas());
+            self.load_quotas(&plan).await;
+            return self.inner.local.peek(&plan, millis((self.inner.clock)()));
+        }
+        self.load_quotas(plan).await;
+        self.inner.local.peek(plan, millis((self.inner.clock)()))
+    }
+}
+
+/// Milliseconds since the Unix epoch, as the buckets count.
+fn millis(at: DateTime<Utc>) -> f64 {
+    at.timestamp_millis() as f64
+}
+
+/// `name` cut to [`END_USER_BYTES`] at a character boundary.
+pub(crate) fn cut_end_user(name: &str) -> &str {
+    if name.len() <= END_USER_BYTES {
+        return name;
+    }
+    let mut end = END_USER_BYTES;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
+}
+
+/// What one request is checked against: the effective limits that count, the key, the
+/// end user, the estimate.
+#[derive(Debug, Clone)]
+pub(crate) struct Plan {
+    key: String,
+    user: Option<String>,
+    rpm: Option<u64>,
+    tpm: Option<u64>,
+    cost: u64,
+    parallel: Option<u32>,
+    quota: Option<u64>,
+    user_rpm: Option<u64>,
+    user_quota: Option<u64>,
+    period: QuotaPeriod,
+    period_start: DateTime<Utc>,
+    period_end: DateTime<Utc>,
+}
+
+impl Plan {
+    fn new(
+        key: &KeyRecord,
+        limits: &KeyLimits,
+        user: Option<String>,
+        cost: u64,
+        now: DateTime<Utc>,
+    ) -> Self {
+        let period = limits.period();
+        let has_user = user.is_some();
+        Self {
+            key: key.id.clone(),
+            user,
+            rpm: limits.rpm.map(u64::from),
+            tpm: limits.tpm,
+            cost,
+            parallel: limits.max_parallel,
+            quota: limits.quota_tokens,
+            user_rpm: limits.per_user_rpm.map(u64::from).filter(|_| has_user),
+            user_quota: limits.per_user_quota_tokens.filter(|_| has_user),
+            period,
+            period_start: period.start(now),
+            period_end: period.end(now),
+        }
+    }
+
+    /// The plan with each per-minute and parallel limit divided by `replicas` (at least
+    /// 1 each): what one replica enforces alone while the shared counters are out of
+    /// reach. Quotas stay whole: their counts start from the shared store.
+    fn divided(mut self, replicas: u32) -> Self {
+        let n = u64::from(replicas.max(1));
+        let cut = |limit: u64| (limit / n).max(1);
+        self.rpm = self.rpm.map(cut);
+        self.tpm = self.tpm.map(cut);
+        self.user_rpm = self.user_rpm.map(cut);
+        self.parallel = self.parallel.map(|p| (p / replicas.max(1)).max(1));
+        self
+    }
+
+    fn period_start_secs(&self) -> i64 {
+        self.period_start.timestamp()
+    }
+
+    fn until_period_end_ms(&self, now_ms: f64) -> u64 {
+        (self.period_end.timestamp_millis() as f64 - now_ms).max(1000.0) as u64
+    }
+}
+
+/// What the counters hold for a plan, without counting.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Peek {
+    requests: Option<Window>,
+    tokens: Option<Window>,
+    in_flight: u32,
+    quota_used: Option<u64>,
+    user_requests: Option<Window>,
+    user_quota_used: Option<u64>,
+}
+
+/// What an admitted request took.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Granted {
+    /// The `rpm` bucket after it: for the `x-ratelimit-*-requests` headers.
+    pub(crate) requests: Option<Window>,
+    /// The `tpm` bucket after it.
+    pub(crate) tokens: Option<Window>,
+    /// Counted in flight (under this id in Redis).
+    in_flight: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Local,
+    #[cfg(feature = "redis")]
+    Shared,
+}
+
+/// A request the limiter admitted: releases its place in flight when dropped (or
+/// [`release`](Self::release)d), and settles its tokens with [`settle`](Self::settle).
+pub(crate) struct Admission {
+    limiter: Limiter,
+    plan: Plan,
+    backend: Backend,
+    granted: Granted,
+    released: bool,
+}
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admission")
+            .field("key", &self.plan.key)
+            .field("backend", &self.backend)
+            .field("granted", &self.granted)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Admission {
+    /// The `rpm` and `tpm` buckets as this request left them.
+    pub(crate) fn windows(&self) -> (Option<Window>, Option<Window>) {
+        (self.granted.requests, self.granted.tokens)
+    }
+
+    /// The request is over (its body ended or its client left): its place in flight is
+    /// free. Its tokens may be counted later.
+    pub(crate) fn release(&mut self) {
+        if std::mem::replace(&mut self.released, true) {
+            return;
+        }
+        let Some(id) = self.granted.in_flight.take() else {
+            return;
+        };
+        match self.backend {
+            Backend::Local => self.limiter.inner.local.release(&self.plan),
+            #[cfg(feature = "redis")]
+            Backend::Shared => {
+                if let Some(shared) = &self.limiter.inner.shared {
+                    shared.release(&self.plan, id);
+                }
+            }
+        }
+        #[cfg(not(feature = "redis"))]
+        let _ = id;
+    }
+
+    /// The request used `tokens` (prompt and completion; `None` when unknown, taken as
+    /// the estimate): the `tpm` bucket and the quotas are corrected by the difference.
+    pub(crate) fn settle(mut self, tokens: Option<u64>) {
+        self.release();
+        let Some(real) = tokens else { return };
+        let delta = real as i64 - self.plan.cost as i64;
+        if delta == 0
+            || (self.plan.tpm.is_none()
+                && self.plan.quota.is_none()
+                && self.plan.user_quota.is_none())
+        {
+            return;
+        }
+        match self.backend {
+            Backend::Local => self.limiter.inner.local.settle(&self.plan, delta),
+            #[cfg(feature = "redis")]
+            Backend::Shared => {
+                if let Some(shared) = &self.limiter.inner.shared {
+                    shared.settle(&self.plan, delta);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// Which limit refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Limit {
+    Quota,
+    Parallel,
+    Requests,
+    Tokens,
+    UserRequests,
+    UserQuota,
+}
+
+/// Why a request was refused, with what the client is told.
+#[derive(Debug, Clone)]
+pub(crate) struct Refusal {
+    pub(crate) limit: Limit,
+    /// The limit's value.
+    pub(crate) allowed: u64,
+    /// What is used of it.
+    pub(crate) used: u64,
+    /// What the request asked for.
+    pub(crate) requested: u64,
+    /// When it may be tried again.
+    pub(crate) retry_ms: u64,
+    pub(crate) end_user: Option<String>,
+    pub(crate) period: QuotaPeriod,
+    /// The buckets, for the `x-ratelimit-*` headers.
+    pub(crate) requests: Option<Window>,
+    pub(crate) tokens: Option<Window>,
+}
+
+impl Refusal {
+    fn new(
+        limit: Limit,
+        plan: &Plan,
+        allowed: u64,
+        used: u64,
+        requested: u64,
+        retry_ms: u64,
+    ) -> Box<Self> {
+        Box::new(Self {
+            limit,
+            allowed,
+            used,
+            requested,
+            retry_ms: retry_ms.max(1),
+            end_user: plan.user.clone(),
+            period: plan.period,
+            requests: None,
+            tokens: None,
+        })
+    }
+
+    /// The reason in [`Refused`]: `requests`, `tokens`, `quota` or `parallel`.
+    pub(crate) fn reason(&self) -> &'static str {
+        match self.limit {
+            Limit::Quota | Limit::UserQuota => "quota",
+            Limit::Parallel => "parallel",
+            Limit::Requests | Limit::UserRequests => "requests",
+            Limit::Tokens => "tokens",
+        }
+    }
+
+    /// Whether the quota is what is exhausted (`insufficient_quota`), not a rate.
+    pub(crate) fn is_quota(&self) -> bool {
+        matches!(self.limit, Limit::Quota | Limit::UserQuota)
+    }
+
+    /// OpenAI's error `type` for it: `requests`, `tokens` or `insufficient_quota`.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self.limit {
+            Limit::Quota | Limit::UserQuota => "insufficient_quota",
+            Limit::Tokens => "tokens",
+            _ => "requests",
+        }
+    }
+
+    /// The sentence the client reads, in OpenAI's words where it has some.
+    pub(crate) fn message(&self) -> String {
+        let wait = format_duration(self.retry_ms);
+        let who = match &self.end_user {
+            Some(user) => format!(" for end user '{user}'"),
+            None => String::new(),
+        };
+        let (Limit::Quota | Limit::UserQuota) = self.limit else {
+            let what = match self.limit {
+                Limit::Parallel => "requests in flight at once",
+                Limit::Tokens => "tokens per min (TPM)",
+                _ => "requests per min (RPM)",
+            };
+            return format!(
+                "Rate limit reached{who} on {what}: Limit {}, Used {}, Requested {}. Please try again in {wait}.",
+                self.allowed, self.used, self.requested
+            );
+        };
+        format!(
+            "You exceeded your current quota{who}: {} of {} tokens this {} are used. It resets in {wait}.",
+            self.used,
+            self.allowed,
+            self.period.as_str()
+        )
+    }
+}
+
+/// A duration as OpenAI writes it in `x-ratelimit-reset-*`: `20ms`, `1s`, `1.5s`,
+/// `6m0s`, `1h2m3s`.
+pub(crate) fn format_duration(ms: u64) -> String {
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let (hours, rest) = (ms / 3_600_000, ms % 3_600_000);
+    let (minutes, rest) = (rest / 60_000, rest % 60_000);
+    let seconds = if rest % 1000 == 0 {
+        format!("{}s", rest / 1000)
+    } else {
+        let text = format!("{:.3}", rest as f64 / 1000.0);
+        format!("{}s", text.trim_end_matches('0'))
+    };
+    match (hours, minutes) {
+        (0, 0) => seconds,
+        (0, m) => format!("{m}m{seconds}"),
+        (h, m) => format!("{h}h{m}m{seconds}"),
+    }
+}
+
+/// An instant `ms` after `now`.
+fn after(now: DateTime<Utc>, ms: u64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(now.timestamp_millis().saturating_add(ms as i64))
+        .single()
+        .unwrap_or(now)
+}
+
+#[cfg(test)]
+mod tests;

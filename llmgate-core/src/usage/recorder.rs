@@ -26,6 +26,7 @@ use super::spill::{RejectedLog, SpillFile};
 pub use super::spill::{RejectedRecord, MAX_REJECTED_SHOWN, REJECTED_FILE, SPILL_FILE};
 use super::{TokenCounter, TokenUsage};
 use crate::auth::KeyRecord;
+use crate::limits::Admission;
 use crate::storage::{RequestRecord, StorageError, UsageStore};
 
 /// The most records written in one transaction.
@@ -66,6 +67,8 @@ struct Pending {
     record: RequestRecord,
     key_name: String,
     count: Option<(Arc<Value>, String)>,
+    /// The limiter's count of the request, settled once its tokens are known.
+    admission: Option<Admission>,
 }
 
 /// Sees every finished request, in the background writer (never on the request path):
@@ -582,7 +585,12 @@ impl Intake {
             if to_count == 0 || counter.is_none() {
                 // Nothing to ask the model server (nearly always): no futures.
                 skipped += to_count;
-                settled.extend(chunk.into_iter().map(|p| (p.record, p.key_name)));
+                settled.extend(chunk.into_iter().map(|p| {
+                    if let Some(admission) = p.admission {
+                        admission.settle(tokens_of(&p.record));
+                    }
+                    (p.record, p.key_name)
+                }));
                 continue;
             }
             let done: Vec<_> =
@@ -892,6 +900,7 @@ async fn settle_count(
         mut record,
         count,
         key_name,
+        admission,
     } = pending;
     if let (Some(counter), Some((request, completion))) = (counter, count) {
         match counter.count(&request, &completion).await {
@@ -904,7 +913,18 @@ async fn settle_count(
             }
         }
     }
+    if let Some(admission) = admission {
+        admission.settle(tokens_of(&record));
+    }
     (record, key_name)
+}
+
+/// Prompt plus completion tokens, when both are known.
+fn tokens_of(record: &RequestRecord) -> Option<u64> {
+    record
+        .prompt_tokens
+        .zip(record.completion_tokens)
+        .map(|(p, c)| p.saturating_add(c))
 }
 
 /// Held by a request from the moment its key is accepted; settles exactly one record,
@@ -916,6 +936,11 @@ pub(crate) struct UsageGuard {
     started: Instant,
     /// The request as JSON and the streamed text, for the token counter.
     count: Option<(Arc<Value>, String)>,
+    /// The limiter's count of the request: its place in flight is freed when the guard
+    /// drops, its tokens settled once known.
+    admission: Option<Admission>,
+    /// The end user the request names.
+    end_user: Option<String>,
 }
 
 impl UsageGuard {
@@ -951,6 +976,8 @@ impl UsageGuard {
             key_name: key.name.clone(),
             started,
             count: None,
+            admission: None,
+            end_user: None,
         }
     }
 
@@ -1007,6 +1034,16 @@ impl UsageGuard {
         self.count = Some((request, completion));
     }
 
+    /// The limiter admitted the request: the guard settles it.
+    pub(crate) fn set_admission(&mut self, admission: Admission) {
+        self.admission = Some(admission);
+    }
+
+    /// The end user the request names (its `user`, or a front-end's header).
+    pub(crate) fn set_end_user(&mut self, end_user: Option<String>) {
+        self.end_user = end_user;
+    }
+
     pub(crate) fn has_model(&self) -> bool {
         self.record.as_ref().is_some_and(|r| r.model.is_some())
     }
@@ -1022,16 +1059,30 @@ impl Drop for UsageGuard {
     fn drop(&mut self) {
         if let Some(mut record) = self.record.take() {
             record.latency_ms = self.started.elapsed().as_millis() as u64;
+            // stand-in until S merges: record.end_user = self.end_user.take();
+            let _end_user = self.end_user.take();
             let count = if record.prompt_tokens.is_none() {
                 self.count.take()
             } else {
                 None
             };
+            // The request is over: its place in flight is free now, even if its tokens
+            // are counted later.
+            let mut admission = self.admission.take();
+            if let Some(admission) = &mut admission {
+                admission.release();
+            }
+            if count.is_none() {
+                if let Some(admission) = admission.take() {
+                    admission.settle(tokens_of(&record));
+                }
+            }
             let key_name = std::mem::take(&mut self.key_name);
             self.recorder.send(Pending {
                 record,
                 key_name,
                 count,
+                admission,
             });
         }
     }

@@ -20,6 +20,12 @@ pub(crate) struct RequestPlan {
     /// The parsed request, kept for a [`TokenCounter`](super::TokenCounter) when the
     /// request streams.
     pub for_counting: Option<Arc<Value>>,
+    /// The `user` field: the end user the client names.
+    pub end_user: Option<String>,
+    /// `max_completion_tokens`, else `max_tokens`.
+    pub max_tokens: Option<u64>,
+    /// The request body's size in bytes, as the client sent it.
+    pub body_len: usize,
 }
 
 /// Only the fields we need; serde skips the rest without allocating.
@@ -29,6 +35,10 @@ struct Peek<'a> {
     model: Option<Cow<'a, str>>,
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
+    #[serde(borrow)]
+    user: Option<Cow<'a, str>>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -42,6 +52,8 @@ struct Fields {
     model: Option<String>,
     streams: bool,
     asked_for_usage: bool,
+    user: Option<String>,
+    max_tokens: Option<u64>,
 }
 
 impl Fields {
@@ -52,6 +64,8 @@ impl Fields {
                 model: peek.model.map(Cow::into_owned),
                 streams: peek.stream == Some(true),
                 asked_for_usage: peek.stream_options.and_then(|o| o.include_usage) == Some(true),
+                user: peek.user.filter(|u| !u.is_empty()).map(Cow::into_owned),
+                max_tokens: peek.max_completion_tokens.or(peek.max_tokens),
             });
         }
         // A name given twice, or a field of an unexpected type: read it as the
@@ -66,6 +80,15 @@ impl Fields {
             streams: value.get("stream").is_some_and(truthy),
             asked_for_usage: value.pointer("/stream_options/include_usage")
                 == Some(&Value::Bool(true)),
+            user: value
+                .get("user")
+                .and_then(Value::as_str)
+                .filter(|u| !u.is_empty())
+                .map(str::to_owned),
+            max_tokens: value
+                .get("max_completion_tokens")
+                .and_then(Value::as_u64)
+                .or_else(|| value.get("max_tokens").and_then(Value::as_u64)),
         })
     }
 }
@@ -134,6 +157,8 @@ pub(crate) fn inspect_request(
     };
     let mut plan = RequestPlan {
         model: fields.model,
+        end_user: fields.user,
+        max_tokens: fields.max_tokens,
         ..RequestPlan::default()
     };
     if !fields.streams || (fields.asked_for_usage && !keep_for_counting) {

@@ -1,0 +1,455 @@
+//! What the metering layer answers for the [`Limiter`](crate::limits::Limiter): the
+//! 429s and 404s in OpenAI's shape, the `x-ratelimit-*` headers, the end user.
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+use http_body_util::{Either, Full};
+
+use super::AuthUsageBody;
+use crate::error::ApiError;
+use crate::limits::{cut_end_user, format_duration, Refusal, Refused, Window};
+
+/// Open WebUI's headers naming its user, when `ENABLE_FORWARD_USER_INFO_HEADERS` is on.
+const END_USER_HEADERS: [&str; 2] = ["x-openwebui-user-id", "x-openwebui-user-email"];
+
+/// The end user a request names: its body's `user`, else Open WebUI's headers; cut to
+/// the length the store keeps.
+pub(super) fn end_user(from_body: Option<String>, headers: &HeaderMap) -> Option<String> {
+    let name = match from_body {
+        Some(name) => name,
+        None => END_USER_HEADERS
+            .iter()
+            .filter_map(|h| headers.get(*h))
+            .filter_map(|v| v.to_str().ok())
+            .map(str::trim)
+            .find(|v| !v.is_empty())?
+            .to_owned(),
+    };
+    Some(match cut_end_user(&name).len() {
+        len if len == name.len() => name,
+        len => name[..len].to_owned(),
+    })
+}
+
+/// The answer to a model the key may not use: the same as for a model that does not
+/// exist (the router's), so that a key cannot learn which models are there.
+pub(super) fn model_not_found<B>(model: &str) -> Response<AuthUsageBody<B>> {
+    let mut err = ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        Some("model_not_found"),
+        format!("The model `{model}` does not exist or you do not have access to it."),
+    );
+    err.param = Some("model");
+    err.into_response::<Full<Bytes>>().map(Either::Right)
+}
+
+/// The 429 of a refused request, as OpenAI sends it: `rate_limit_exceeded` (type
+/// `requests` or `tokens`) or `insufficient_quota`, with `Retry-After` (whole seconds)
+/// and `retry-after-ms`, and the buckets' headers.
+pub(super) fn refused<B>(refusal: &Refusal) -> Response<AuthUsageBody<B>> {
+    let code = if refusal.is_quota() {
+        "insufficient_quota"
+    } else {
+        "rate_limit_exceeded"
+    };
+    let err = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        refusal.kind(),
+        Some(code),
+        refusal.message(),
+    );
+    let mut response = err.into_response::<Full<Bytes>>().map(Either::Right);
+    let headers = response.headers_mut();
+    let seconds = refusal.retry_ms.div_ceil(1000).max(1);
+    headers.insert(http::header::RETRY_AFTER, HeaderValue::from(seconds));
+    headers.insert(
+        HeaderName::from_static("retry-after-ms"),
+        HeaderValue::from(refusal.retry_ms),
+    );
+    rate_headers(headers, refusal.requests, refusal.tokens);
+    response.extensions_mut().insert(Refused(refusal.reason()));
+    response
+}
+
+/// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`, for the buckets a key has.
+pub(super) fn rate_headers(
+    headers: &mut HeaderMap,
+    requests: Option<Window>,
+    tokens: Option<Window>,
+) {
+    const NAMES: [[&str; 3]; 2] = [
+        [
+            "x-ratelimit-limit-requests",
+            "x-ratelimit-remaining-requests",
+            "x-ratelimit-reset-requests",
+        ],
+        [
+            "x-ratelimit-limit-tokens",
+            "x-ratelimit-remaining-tokens",
+            "x-ratelimit-reset-tokens",
+        ],
+    ];
+    for (names, window) in NAMES.iter().zip([requests, tokens]) {
+        let Some(w) = window else { continue };
+        let [limit, remaining, reset] = names.map(HeaderName::from_static);
+        headers.insert(limit, HeaderValue::from(w.limit));
+        headers.insert(remaining, HeaderValue::from(w.remaining));
+        if let Ok(value) = HeaderValue::from_str(&format_duration(w.reset_ms)) {
+            headers.insert(reset, value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use http::{Request, Response};
+    use http_body_util::combinators::BoxBody;
+    use http_body_util::{BodyExt, Full, StreamBody};
+    use serde_json::Value;
+    use tower::{service_fn, ServiceExt};
+
+    use crate::auth::{KeyCache, KeyRecord, Role, Secret};
+    use crate::limits::{Effective, KeyLimits, Limiter, Refused};
+    use crate::storage::{KeyStore, MemoryStore};
+    use crate::usage::{UsageRecorder, UsageWriter};
+    use crate::AuthUsageLayer;
+
+    type Body = BoxBody<Bytes, Infallible>;
+
+    /// A gateway with one user key of `limits` in front of a model that answers
+    /// `x-tokens` tokens (half prompt, half completion), or never finishes its answer
+    /// when asked `x-hang`. It answers 500 if the layer gave it no `Effective` limits.
+    struct Gateway {
+        service: tower::util::BoxCloneService<
+            Request<Full<Bytes>>,
+            Response<crate::auth_usage::AuthUsageBody<Body>>,
+            Infallible,
+        >,
+        secret: Secret,
+        key_id: String,
+        store: Arc<MemoryStore>,
+        recorder: UsageRecorder,
+        _writer: UsageWriter,
+    }
+
+    async fn gateway(limits: KeyLimits) -> Gateway {
+        let store = Arc::new(MemoryStore::new());
+        let secret = Secret::generate();
+        let mut key = KeyRecord::new("alice", Role::User, &secret);
+        key.limits = limits;
+        store.insert_key(&key, &secret.hash()).await.unwrap();
+        let (recorder, writer) = UsageRecorder::start(store.clone());
+        let limiter = Limiter::local(KeyLimits::default(), store.clone());
+        let layer =
+            AuthUsageLayer::new(KeyCache::new(store.clone()), recorder.clone()).limiter(limiter);
+        let model = service_fn(|request: Request<Full<Bytes>>| async move {
+            if request.extensions().get::<Effective>().is_none() {
+                let body = Full::new(Bytes::from_static(b"no limits")).boxed();
+                return Ok::<_, Infallible>(Response::builder().status(500).body(body).unwrap());
+            }
+            if request.headers().contains_key("x-hang") {
+                let body = StreamBody::new(futures_util::stream::pending::<
+                    Result<http_body::Frame<Bytes>, Infallible>,
+                >());
+                return Ok(Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .body(body.boxed())
+                    .unwrap());
+            }
+            let tokens: u64 = request
+                .headers()
+                .get("x-tokens")
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .unwrap_or(10);
+            let json = format!(
+                r#"{{"model":"m","usage":{{"prompt_tokens":{},"completion_tokens":{}}}}}"#,
+                tokens / 2,
+                tokens - tokens / 2
+            );
+            Ok(Response::builder()
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(json)).boxed())
+                .unwrap())
+        });
+        let service = tower::ServiceBuilder::new().layer(layer).service(model);
+        Gateway {
+            service: tower::util::BoxCloneService::new(service),
+            secret,
+            key_id: key.id.clone(),
+            store,
+            recorder,
+            _writer: writer,
+        }
+    }
+
+    impl Gateway {
+        async fn rows(&self) -> Vec<crate::storage::RequestRecord> {
+            crate::storage::UsageStore::requests(&*self.store, &self.key_id, None, 100)
+                .await
+                .unwrap()
+        }
+
+        fn request(&self, _body: &str) -> http::request::Builder {
+            Request::post("/v1/chat/completions")
+                .header("authorization", format!("Bearer {}", self.secret.expose()))
+                .header("content-type", "application/json")
+        }
+
+        /// Sends `body` and reads the whole answer.
+        async fn send(&self, builder: http::request::Builder, body: &str) -> (Response<()>, Value) {
+            let request = builder
+                .body(Full::new(Bytes::from(body.to_owned())))
+                .unwrap();
+            let response = self.service.clone().oneshot(request).await.unwrap();
+            let (parts, body) = response.into_parts();
+            let bytes = body.collect().await.unwrap().to_bytes();
+            let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            (Response::from_parts(parts, ()), json)
+        }
+
+        async fn chat(&self, body: &str) -> (Response<()>, Value) {
+            self.send(self.request(body), body).await
+        }
+    }
+
+    fn header<'a>(response: &'a Response<()>, name: &str) -> &'a str {
+        response
+            .headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap())
+            .unwrap_or_else(|| panic!("no {name} header"))
+    }
+
+    const CHAT: &str =
+        r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":20}"#;
+
+    #[tokio::test]
+    async fn over_the_request_limit_a_client_gets_openais_429_and_headers() {
+        let gw = gateway(KeyLimits {
+            rpm: Some(3),
+            ..KeyLimits::default()
+        })
+        .await;
+        for left in ["2", "1", "0"] {
+            let (response, _) = gw.chat(CHAT).await;
+            assert_eq!(response.status(), 200);
+            assert_eq!(header(&response, "x-ratelimit-limit-requests"), "3");
+            assert_eq!(header(&response, "x-ratelimit-remaining-requests"), left);
+            assert!(response.headers().get("x-ratelimit-limit-tokens").is_none());
+        }
+        let (response, body) = gw.chat(CHAT).await;
+        assert_eq!(response.status(), 429);
+        assert_eq!(body["error"]["type"], "requests");
+        assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+        assert_eq!(body["error"]["param"], Value::Null);
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("Limit 3, Used 3, Requested 1"),
+            "{message}"
+        );
+        assert!(
+            message.contains("Please try again in 19.") || message.contains("in 20s"),
+            "{message}"
+        );
+        // 3 a minute: the next one in 20 s (less the moments the test took).
+        assert_eq!(header(&response, "retry-after"), "20");
+        let retry_ms: u64 = header(&response, "retry-after-ms").parse().unwrap();
+        assert!((19_000..=20_000).contains(&retry_ms), "{retry_ms}");
+        assert_eq!(header(&response, "x-ratelimit-remaining-requests"), "0");
+        assert_eq!(header(&response, "x-ratelimit-reset-requests"), "1m0s");
+        assert_eq!(
+            response.extensions().get::<Refused>(),
+            Some(&Refused("requests"))
+        );
+        // The refusal is in the key's usage, without tokens.
+        gw.recorder.flush().await;
+        let rows = gw.rows().await;
+        assert_eq!(rows.iter().filter(|r| r.status == 429).count(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_token_window_is_settled_with_the_real_count() {
+        let gw = gateway(KeyLimits {
+            tpm: Some(10_000),
+            ..KeyLimits::default()
+        })
+        .await;
+        let body = r#"{"model":"m","max_tokens":4000}"#; // estimate: 8 + 4000
+        let (first, _) = gw
+            .send(gw.request(body).header("x-tokens", "100"), body)
+            .await;
+        let after_first: u64 = header(&first, "x-ratelimit-remaining-tokens")
+            .parse()
+            .unwrap();
+        assert!(
+            after_first <= 10_000 - 4000,
+            "the estimate is taken: {after_first}"
+        );
+        let (second, _) = gw
+            .send(gw.request(body).header("x-tokens", "100"), body)
+            .await;
+        let after_second: u64 = header(&second, "x-ratelimit-remaining-tokens")
+            .parse()
+            .unwrap();
+        // The first request counts 100 now, not its estimate of 4008.
+        assert!(after_second >= 10_000 - 100 - 4008, "{after_second}");
+        assert!(after_second < 10_000 - 4008, "{after_second}");
+        // Both settled at 100: 9800 left, not enough for an estimate of 9900 and more.
+        let large = r#"{"model":"m","max_tokens":9900}"#;
+        let (third, body) = gw.send(gw.request(large), large).await;
+        assert_eq!(third.status(), 429);
+        assert_eq!(body["error"]["type"], "tokens");
+        assert!(header(&third, "x-ratelimit-reset-tokens").ends_with('s'));
+    }
+
+    #[tokio::test]
+    async fn a_quota_is_overshot_by_at_most_one_request() {
+        let gw = gateway(KeyLimits {
+            quota_tokens: Some(1000),
+            ..KeyLimits::default()
+        })
+        .await;
+        let mut admitted = 0;
+        loop {
+            let (response, body) = gw
+                .send(gw.request(CHAT).header("x-tokens", "300"), CHAT)
+                .await;
+            if response.status() == 429 {
+                assert_eq!(body["error"]["type"], "insufficient_quota");
+                assert_eq!(body["error"]["code"], "insufficient_quota");
+                assert!(header(&response, "retry-after").parse::<u64>().unwrap() >= 1);
+                break;
+            }
+            assert_eq!(response.status(), 200);
+            admitted += 1;
+            assert!(admitted < 10, "the quota never refused");
+        }
+        gw.recorder.flush().await;
+        let used: u64 = gw
+            .rows()
+            .await
+            .iter()
+            .map(|r| r.prompt_tokens.unwrap_or(0) + r.completion_tokens.unwrap_or(0))
+            .sum();
+        assert_eq!(admitted, 4, "admitted at 0, 300, 600 and 900 used");
+        assert!(
+            used <= 1000 + 300,
+            "used {used}: more than one request over"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_place_in_flight_is_freed_when_the_client_leaves() {
+        let gw = gateway(KeyLimits {
+            max_parallel: Some(1),
+            ..KeyLimits::default()
+        })
+        .await;
+        let hanging = gw
+            .service
+            .clone()
+            .oneshot(
+                gw.request(CHAT)
+                    .header("x-hang", "1")
+                    .body(Full::new(Bytes::from(CHAT)))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(hanging.status(), 200);
+        let (response, body) = gw.chat(CHAT).await;
+        assert_eq!(response.status(), 429);
+        assert_eq!(
+            response.extensions().get::<Refused>(),
+            Some(&Refused("parallel"))
+        );
+        assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+        drop(hanging); // the client leaves mid-answer
+        let (response, _) = gw.chat(CHAT).await;
+        assert_eq!(response.status(), 200);
+    }
+
+    #[tokio::test]
+    async fn end_users_are_limited_apart_by_body_or_open_webui_headers() {
+        let gw = gateway(KeyLimits {
+            per_user_rpm: Some(1),
+            ..KeyLimits::default()
+        })
+        .await;
+        let ann = r#"{"model":"m","user":"ann"}"#;
+        assert_eq!(gw.chat(ann).await.0.status(), 200);
+        let (response, body) = gw.chat(ann).await;
+        assert_eq!(response.status(), 429);
+        assert!(body["error"]["message"].as_str().unwrap().contains("'ann'"));
+        assert_eq!(
+            gw.chat(r#"{"model":"m","user":"bob"}"#).await.0.status(),
+            200
+        );
+        let carol = || gw.request(CHAT).header("x-openwebui-user-id", "carol");
+        assert_eq!(gw.send(carol(), CHAT).await.0.status(), 200);
+        assert_eq!(gw.send(carol(), CHAT).await.0.status(), 429);
+        let by_email = || {
+            gw.request(CHAT)
+                .header("x-openwebui-user-email", "dan@example.com")
+        };
+        assert_eq!(gw.send(by_email(), CHAT).await.0.status(), 200);
+        assert_eq!(gw.send(by_email(), CHAT).await.0.status(), 429);
+        // Without an end user only the key's limits apply (it has none that count).
+        assert_eq!(gw.chat(CHAT).await.0.status(), 200);
+        assert_eq!(gw.chat(CHAT).await.0.status(), 200);
+    }
+
+    #[tokio::test]
+    async fn a_model_the_key_may_not_use_is_answered_as_an_unknown_model() {
+        let gw = gateway(KeyLimits {
+            models: Some(vec!["gemma-*".into()]),
+            ..KeyLimits::default()
+        })
+        .await;
+        let body = r#"{"model":"llama-3"}"#;
+        let (response, json) = gw.chat(body).await;
+        assert_eq!(response.status(), 404);
+        assert_eq!(
+            json["error"],
+            serde_json::json!({
+                "message": "The model `llama-3` does not exist or you do not have access to it.",
+                "type": "invalid_request_error",
+                "param": "model",
+                "code": "model_not_found",
+            })
+        );
+        let (response, _) = gw.chat(r#"{"model":"gemma-3-270m"}"#).await;
+        assert_eq!(
+            response.status(),
+            200,
+            "the model sees the Effective limits"
+        );
+        assert!(response
+            .headers()
+            .get("x-ratelimit-limit-requests")
+            .is_none());
+    }
+
+    #[test]
+    fn the_end_user_comes_from_the_body_first_and_is_cut() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-openwebui-user-id", HeaderValue::from_static("id-1"));
+        headers.insert("x-openwebui-user-email", HeaderValue::from_static("a@b"));
+        assert_eq!(
+            end_user(Some("ann".into()), &headers).as_deref(),
+            Some("ann")
+        );
+        assert_eq!(end_user(None, &headers).as_deref(), Some("id-1"));
+        headers.remove("x-openwebui-user-id");
+        assert_eq!(end_user(None, &headers).as_deref(), Some("a@b"));
+        assert_eq!(end_user(None, &HeaderMap::new()), None);
+        let long = "x".repeat(1000);
+        assert_eq!(end_user(Some(long), &headers).unwrap().len(), 256);
+    }
+    use super::*;
+}

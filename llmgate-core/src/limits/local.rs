@@ -1,0 +1,311 @@
+//! Counters in this process: [`Limiter::local`](super::Limiter::local), and a shared
+//! limiter's fallback.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use super::bucket::Bucket;
+use super::{Granted, Limit, Peek, Plan, Refusal};
+
+/// End users counted at once beyond which those with nothing to remember (a full
+/// bucket, no quota count) are forgotten: clients name end users, so their number must
+/// not grow without bound. A forgotten quota count is read from the store again.
+pub(super) const MAX_END_USERS: usize = 100_000;
+
+#[derive(Debug, Default)]
+pub(super) struct Local {
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    keys: HashMap<String, KeyEntry>,
+    end_users: usize,
+    /// The count of end users at which they are pruned next.
+    prune_at: usize,
+}
+
+#[derive(Debug, Default)]
+struct KeyEntry {
+    requests: Bucket,
+    tokens: Bucket,
+    in_flight: u32,
+    quota: Option<Quota>,
+    users: HashMap<String, UserEntry>,
+}
+
+#[derive(Debug, Default)]
+struct UserEntry {
+    requests: Bucket,
+    quota: Option<Quota>,
+}
+
+/// Tokens counted in one quota period (settled, plus the estimates of requests in
+/// flight).
+#[derive(Debug, Clone, Copy)]
+struct Quota {
+    period_start: i64,
+    used: u64,
+}
+
+impl Quota {
+    fn used_in(quota: &Option<Quota>, period_start: i64) -> Option<u64> {
+        quota
+            .filter(|q| q.period_start == period_start)
+            .map(|q| q.used)
+    }
+}
+
+impl Local {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while counting leaves numbers, never a broken invariant: go on.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// End users counted now.
+    #[cfg(test)]
+    pub(super) fn end_users(&self) -> usize {
+        self.lock().end_users
+    }
+
+    /// Forgets everything (the counters live elsewhere from now on, or start again).
+    pub(super) fn clear(&self) {
+        *self.lock() = State::default();
+    }
+
+    /// Whether the key's quota and the end user's must be read from the store first.
+    pub(super) fn quotas_to_load(&self, plan: &Plan) -> (bool, bool) {
+        let state = self.lock();
+        let start = plan.period_start_secs();
+        let entry = state.keys.get(&plan.key);
+        let key = plan.quota.is_some()
+            && entry
+                .and_then(|e| Quota::used_in(&e.quota, start))
+                .is_none();
+        let user = match (&plan.user, plan.user_quota) {
+            (Some(user), Some(_)) => entry
+                .and_then(|e| e.users.get(user))
+                .and_then(|u| Quota::used_in(&u.quota, start))
+                .is_none(),
+            _ => false,
+        };
+        (key, user)
+    }
+
+    /// The tokens the store counts in the period, unless counted here already.
+    pub(super) fn set_quota(&self, plan: &Plan, user: Option<&str>, used: u64) {
+        let start = plan.period_start_secs();
+        let mut state = self.lock();
+        let state = &mut *state;
+        let entry = state.keys.entry(plan.key.clone()).or_default();
+        let quota = match user {
+            None => &mut entry.quota,
+            Some(user) => {
+                if !entry.users.contains_key(user) {
+                    state.end_users += 1;
+                }
+                &mut entry.users.entry(user.to_owned()).or_default().quota
+            }
+        };
+        if Quota::used_in(quota, start).is_none() {
+            *quota = Some(Quota {
+                period_start: start,
+                used,
+            });
+        }
+    }
+
+    /// Checks every limit of `plan` in order and counts the request only if all pass.
+    pub(super) fn admit(&self, plan: &Plan, now: f64) -> Result<Granted, Box<Refusal>> {
+        let start = plan.period_start_secs();
+        let mut state = self.lock();
+        let state = &mut *state;
+        if plan.user.is_some() && state.end_users >= state.prune_at.max(MAX_END_USERS) {
+            state.prune(now);
+        }
+        if !state.keys.contains_key(&plan.key) {
+            state.keys.insert(plan.key.clone(), KeyEntry::default());
+        }
+        let entry = state.keys.get_mut(&plan.key).expect("inserted above");
+        let refuse = |limit, allowed, used, requested, retry_ms, entry: &KeyEntry| {
+            let mut refusal = Refusal::new(limit, plan, allowed, used, requested, retry_ms);
+            refusal.requests = plan.rpm.map(|rpm| entry.requests.window(rpm, now));
+            refusal.tokens = plan.tpm.map(|tpm| entry.tokens.window(tpm, now));
+            Err(refusal)
+        };
+        if let Some(quota) = plan.quota {
+            if let Some(used) = Quota::used_in(&entry.quota, start) {
+                if used >= quota {
+                    let retry = plan.until_period_end_ms(now);
+                    return refuse(Limit::Quota, quota, used, plan.cost, retry, entry);
+                }
+            }
+        }
+        if let Some(max) = plan.parallel {
+            if entry.in_flight >= max {
+                return refuse(
+                    Limit::Parallel,
+                    max.into(),
+                    entry.in_flight.into(),
+                    1,
+                    1000,
+                    entry,
+                );
+            }
+        }
+        let mut requests = None;
+        if let Some(rpm) = plan.rpm {
+            match entry.requests.try_take(rpm, 1, now) {
+                Ok(tat) => requests = Some(tat),
+                Err(short) => {
+                    let used = rpm - short.window.remaining;
+                    return refuse(Limit::Requests, rpm, used, 1, short.retry_ms, entry);
+                }
+            }
+        }
+        let mut tokens = None;
+        if let Some(tpm) = plan.tpm {
+            match entry.tokens.try_take(tpm, plan.cost, now) {
+                Ok(tat) => tokens = Some(tat),
+                Err(short) => {
+                    let used = tpm - short.window.remaining;
+                    return refuse(Limit::Tokens, tpm, used, plan.cost, short.retry_ms, entry);
+                }
+            }
+        }
+        let mut user_requests = None;
+        if let (Some(user), true) = (
+            &plan.user,
+            plan.user_rpm.is_some() || plan.user_quota.is_some(),
+        ) {
+            if !entry.users.contains_key(user) {
+                state.end_users += 1;
+                entry.users.insert(user.clone(), UserEntry::default());
+            }
+            let user_entry = &entry.users[user];
+            if let Some(rpm) = plan.user_rpm {
+                match user_entry.requests.try_take(rpm, 1, now) {
+                    Ok(tat) => user_requests = Some(tat),
+                    Err(short) => {
+                        let used = rpm - short.window.remaining;
+                        return refuse(Limit::UserRequests, rpm, used, 1, short.retry_ms, entry);
+                    }
+                }
+            }
+            if let Some(quota) = plan.user_quota {
+                if let Some(used) = Quota::used_in(&user_entry.quota, start) {
+                    if used >= quota {
+                        let retry = plan.until_period_end_ms(now);
+                        return refuse(Limit::UserQuota, quota, used, plan.cost, retry, entry);
+                    }
+                }
+            }
+        }
+        // Everything passed: count it.
+        let mut granted = Granted::default();
+        if let (Some(rpm), Some(tat)) = (plan.rpm, requests) {
+            entry.requests.tat = tat;
+            granted.requests = Some(entry.requests.window(rpm, now));
+        }
+        if let (Some(tpm), Some(tat)) = (plan.tpm, tokens) {
+            entry.tokens.tat = tat;
+            granted.tokens = Some(entry.tokens.window(tpm, now));
+        }
+        if plan.parallel.is_some() {
+            entry.in_flight += 1;
+            granted.in_flight = Some(String::new());
+        }
+        if let Some(q) = entry.quota.as_mut().filter(|q| q.period_start == start) {
+            q.used = q.used.saturating_add(plan.cost);
+        }
+        if let Some(user) = &plan.user {
+            if let Some(u) = entry.users.get_mut(user) {
+                if let Some(tat) = user_requests {
+                    u.requests.tat = tat;
+                }
+                if let Some(q) = u.quota.as_mut().filter(|q| q.period_start == start) {
+                    q.used = q.used.saturating_add(plan.cost);
+                }
+            }
+        }
+        Ok(granted)
+    }
+
+    /// A request counted in flight is over.
+    pub(super) fn release(&self, plan: &Plan) {
+        if let Some(entry) = self.lock().keys.get_mut(&plan.key) {
+            entry.in_flight = entry.in_flight.saturating_sub(1);
+        }
+    }
+
+    /// A request used `delta` tokens more (or fewer, when negative) than estimated.
+    pub(super) fn settle(&self, plan: &Plan, delta: i64) {
+        let start = plan.period_start_secs();
+        let mut state = self.lock();
+        let Some(entry) = state.keys.get_mut(&plan.key) else {
+            return;
+        };
+        if let Some(tpm) = plan.tpm {
+            entry.tokens.adjust(tpm, delta);
+        }
+        let apply = |quota: &mut Option<Quota>| {
+            if let Some(q) = quota.as_mut().filter(|q| q.period_start == start) {
+                q.used = q.used.saturating_add_signed(delta);
+            }
+        };
+        apply(&mut entry.quota);
+        if let Some(user) = plan.user.as_ref().and_then(|u| entry.users.get_mut(u)) {
+            apply(&mut user.quota);
+        }
+    }
+
+    /// What the counters hold for `plan`.
+    pub(super) fn peek(&self, plan: &Plan, now: f64) -> Peek {
+        let start = plan.period_start_secs();
+        let state = self.lock();
+        let entry = state.keys.get(&plan.key);
+        let user = plan
+            .user
+            .as_ref()
+            .and_then(|u| entry.and_then(|e| e.users.get(u)));
+        let empty = Bucket::default();
+        Peek {
+            requests: plan
+                .rpm
+                .map(|rpm| entry.map_or(&empty, |e| &e.requests).window(rpm, now)),
+            tokens: plan
+                .tpm
+                .map(|tpm| entry.map_or(&empty, |e| &e.tokens).window(tpm, now)),
+            in_flight: entry.map_or(0, |e| e.in_flight),
+            quota_used: entry.and_then(|e| Quota::used_in(&e.quota, start)),
+            user_requests: plan
+                .user_rpm
+                .map(|rpm| user.map_or(&empty, |u| &u.requests).window(rpm, now)),
+            user_quota_used: user.and_then(|u| Quota::used_in(&u.quota, start)),
+        }
+    }
+}
+
+impl State {
+    /// Forgets end users with nothing to remember; prunes again only once as many more
+    /// are counted, so that pruning costs O(1) per request on average.
+    fn prune(&mut self, now: f64) {
+        let mut kept = 0;
+        for entry in self.keys.values_mut() {
+            entry
+                .users
+                .retain(|_, u| !u.requests.is_full(now) || u.quota.is_some_and(|q| q.used > 0));
+            kept += entry.users.len();
+        }
+        if kept >= MAX_END_USERS {
+            // Still too many with something to remember: forget quota counts too (they
+            // are read from the store again).
+            for entry in self.keys.values_mut() {
+                entry.users.retain(|_, u| !u.requests.is_full(now));
+            }
+            kept = self.keys.values().map(|e| e.users.len()).sum();
+        }
+        self.end_users = kept;
+        self.prune_at = (kept * 2).max(MAX_END_USERS);
+    }
+}

@@ -1,0 +1,475 @@
+//! The limiter's rules with a clock the tests move.
+
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+
+use super::*;
+use crate::auth::{KeyRecord, Role, Secret};
+use crate::storage::MemoryStore;
+
+struct Setup {
+    limiter: Limiter,
+    clock: Arc<Mutex<DateTime<Utc>>>,
+    key: KeyRecord,
+}
+
+impl Setup {
+    fn new(limits: KeyLimits) -> Self {
+        let clock = Arc::new(Mutex::new(
+            Utc.with_ymd_and_hms(2026, 12, 2, 23, 59, 0).unwrap(),
+        ));
+        let now = clock.clone();
+        let limiter = Limiter::local_with_clock(
+            KeyLimits::default(),
+            Arc::new(MemoryStore::new()),
+            move || *now.lock().unwrap(),
+        );
+        let mut key = KeyRecord::new("alice", Role::User, &Secret::generate());
+        key.limits = limits;
+        Self {
+            limiter,
+            clock,
+            key,
+        }
+    }
+
+    fn advance(&self, ms: i64) {
+        *self.clock.lock().unwrap() += Duration::milliseconds(ms);
+    }
+
+    async fn ask(
+        &self,
+        user: Option<&str>,
+        tokens: u64,
+    ) -> Result<Option<Admission>, Box<Refusal>> {
+        let limits = self.limiter.effective(&self.key);
+        self.limiter.admit(&self.key, &limits, user, tokens).await
+    }
+}
+
+#[tokio::test]
+async fn requests_per_minute_burst_then_refill() {
+    let s = Setup::new(KeyLimits {
+        rpm: Some(3),
+        ..KeyLimits::default()
+    });
+    for left in [2, 1, 0] {
+        let admitted = s.ask(None, 10).await.unwrap().unwrap();
+        assert_eq!(admitted.windows().0.unwrap().remaining, left);
+    }
+    let refused = s.ask(None, 10).await.unwrap_err();
+    assert_eq!(refused.reason(), "requests");
+    assert_eq!(refused.retry_ms, 20_000, "3 a minute: one each 20 s");
+    assert!(
+        refused.message().contains("Limit 3, Used 3, Requested 1"),
+        "{}",
+        refused.message()
+    );
+    s.advance(19_999);
+    assert!(s.ask(None, 10).await.is_err());
+    s.advance(1);
+    assert!(s.ask(None, 10).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_refused_request_takes_nothing_from_any_limit() {
+    let s = Setup::new(KeyLimits {
+        rpm: Some(2),
+        tpm: Some(100),
+        ..KeyLimits::default()
+    });
+    s.ask(None, 90).await.unwrap();
+    // Over the tokens: refused, and its request is not counted.
+    assert_eq!(s.ask(None, 50).await.unwrap_err().reason(), "tokens");
+    let admitted = s.ask(None, 5).await.unwrap().unwrap();
+    assert_eq!(admitted.windows().0.unwrap().remaining, 0);
+}
+
+#[tokio::test]
+async fn tokens_are_settled_with_the_real_count() {
+    let s = Setup::new(KeyLimits {
+        tpm: Some(1000),
+        ..KeyLimits::default()
+    });
+    let first = s.ask(None, 800).await.unwrap().unwrap();
+    assert_eq!(first.windows().1.unwrap().remaining, 200);
+    assert!(s.ask(None, 300).await.is_err());
+    first.settle(Some(100));
+    let second = s.ask(None, 300).await.unwrap().unwrap();
+    assert_eq!(second.windows().1.unwrap().remaining, 600);
+    // More than estimated: the bucket goes into debt.
+    second.settle(Some(1500));
+    let refused = s.ask(None, 1).await.unwrap_err();
+    assert_eq!(refused.reason(), "tokens");
+    assert!(refused.retry_ms > 1000);
+}
+
+#[tokio::test]
+async fn a_quota_admits_while_below_and_overshoots_by_at_most_one_request() {
+    let s = Setup::new(KeyLimits {
+        quota_tokens: Some(100),
+        quota_period: Some(QuotaPeriod::Day),
+        ..KeyLimits::default()
+    });
+    let mut used = 0;
+    let mut admitted = 0;
+    while let Ok(Some(admission)) = s.ask(None, 50).await {
+        admission.settle(Some(30));
+        used += 30;
+        admitted += 1;
+        assert!(admitted < 10);
+    }
+    assert_eq!(admitted, 4, "admitted at 0, 30, 60 and 90 tokens used");
+    assert!(used <= 100 + 30, "at most one request over the quota");
+    let refused = s.ask(None, 50).await.unwrap_err();
+    assert!(refused.is_quota());
+    assert_eq!(refused.kind(), "insufficient_quota");
+    // The day ends at midnight UTC, a minute later: a new quota.
+    assert_eq!(refused.retry_ms, 60_000);
+    s.advance(60_000);
+    assert!(s.ask(None, 50).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_place_in_flight_is_freed_when_the_request_ends() {
+    let s = Setup::new(KeyLimits {
+        max_parallel: Some(2),
+        ..KeyLimits::default()
+    });
+    let a = s.ask(None, 1).await.unwrap().unwrap();
+    let b = s.ask(None, 1).await.unwrap().unwrap();
+    assert_eq!(s.ask(None, 1).await.unwrap_err().reason(), "parallel");
+    drop(a);
+    let c = s.ask(None, 1).await.unwrap().unwrap();
+    let status = s.limiter.status(&s.key, None).await;
+    assert_eq!(status.in_flight.unwrap().current, 2);
+    drop((b, c));
+    let status = s.limiter.status(&s.key, None).await;
+    assert_eq!(status.in_flight.unwrap().current, 0);
+}
+
+#[tokio::test]
+async fn end_users_have_their_own_limits_within_the_key() {
+    let s = Setup::new(KeyLimits {
+        rpm: Some(10),
+        per_user_rpm: Some(1),
+        per_user_quota_tokens: Some(1000),
+        ..KeyLimits::default()
+    });
+    s.ask(Some("ann"), 5).await.unwrap();
+    let refused = s.ask(Some("ann"), 5).await.unwrap_err();
+    assert_eq!(refused.reason(), "requests");
+    assert!(refused.message().contains("end user 'ann'"));
+    s.ask(Some("bob"), 5).await.unwrap();
+    // Requests without an end user count only against the key.
+    s.ask(None, 5).await.unwrap();
+    let status = s.limiter.status(&s.key, Some("ann")).await;
+    let user = status.end_user.unwrap();
+    assert_eq!(user.requests.unwrap().remaining, 0);
+    assert_eq!(user.quota.unwrap().used, 5);
+    assert_eq!(status.requests.unwrap().remaining, 10 - 3);
+}
+
+#[tokio::test]
+async fn status_shows_what_is_left_and_when_it_resets() {
+    let s = Setup::new(KeyLimits {
+        rpm: Some(60),
+        tpm: Some(6000),
+        quota_tokens: Some(1000),
+        ..KeyLimits::default()
+    });
+    s.ask(None, 600).await.unwrap().unwrap().settle(Some(600));
+    let now = *s.clock.lock().unwrap();
+    let status = s.limiter.status(&s.key, None).await;
+    let requests = status.requests.unwrap();
+    assert_eq!((requests.limit, requests.remaining), (60, 59));
+    assert_eq!(requests.resets_at, now + Duration::seconds(1));
+    let tokens = status.tokens.unwrap();
+    assert_eq!(tokens.remaining, 5400);
+    let quota = status.quota.unwrap();
+    assert_eq!((quota.used, quota.remaining), (600, 400));
+    assert_eq!(quota.period, QuotaPeriod::Month);
+    assert_eq!(
+        quota.resets_at,
+        Utc.with_ymd_and_hms(2027, 1, 1, 0, 0, 0).unwrap()
+    );
+    assert_eq!(status.mode, LimiterMode::Local);
+    let json = serde_json::to_value(&status).unwrap();
+    assert_eq!(json["limits"]["rpm"], 60);
+    assert_eq!(json["mode"], "local");
+}
+
+#[tokio::test]
+async fn admin_keys_ignore_the_defaults() {
+    let limiter = Limiter::local(
+        KeyLimits {
+            rpm: Some(1),
+            ..KeyLimits::default()
+        },
+        Arc::new(MemoryStore::new()),
+    );
+    let admin = KeyRecord::new("root", Role::Admin, &Secret::generate());
+    assert!(limiter.effective(&admin).is_empty());
+    let user = KeyRecord::new("u", Role::User, &Secret::generate());
+    assert_eq!(limiter.effective(&user).rpm, Some(1));
+}
+
+#[test]
+fn the_fallback_divides_per_minute_and_parallel_limits_but_not_quotas() {
+    let key = KeyRecord::new("k", Role::User, &Secret::generate());
+    let limits = KeyLimits {
+        rpm: Some(60),
+        tpm: Some(1000),
+        max_parallel: Some(3),
+        quota_tokens: Some(500),
+        per_user_rpm: Some(1),
+        ..KeyLimits::default()
+    };
+    let plan = Plan::new(&key, &limits, Some("u".into()), 1, Utc::now()).divided(4);
+    assert_eq!(plan.rpm, Some(15));
+    assert_eq!(plan.tpm, Some(250));
+    assert_eq!(plan.parallel, Some(1));
+    assert_eq!(plan.user_rpm, Some(1), "never below 1");
+    assert_eq!(plan.quota, Some(500));
+}
+
+#[test]
+fn durations_are_written_as_openai_writes_them() {
+    for (ms, text) in [
+        (20, "20ms"),
+        (1000, "1s"),
+        (1500, "1.5s"),
+        (360_000, "6m0s"),
+        (61_250, "1m1.25s"),
+        (3_723_000, "1h2m3s"),
+    ] {
+        assert_eq!(format_duration(ms), text);
+    }
+}
+
+#[test]
+fn end_user_names_are_cut_at_a_character_boundary() {
+    let long = "é".repeat(200);
+    let cut = cut_end_user(&long);
+    assert!(cut.len() <= END_USER_BYTES && cut.len() >= END_USER_BYTES - 1);
+    assert_eq!(cut_end_user("ann"), "ann");
+}
+
+#[tokio::test]
+async fn many_end_users_do_not_grow_memory_without_bound() {
+    let s = Setup::new(KeyLimits {
+        per_user_rpm: Some(1000),
+        ..KeyLimits::default()
+    });
+    for i in 0..(local_end_user_bound() + 5000) {
+        s.ask(Some(&format!("user-{i}")), 1).await.unwrap();
+        if i % 10_000 == 0 {
+            s.advance(61_000);
+        }
+    }
+    assert!(s.limiter.inner.local.end_users() <= local_end_user_bound() + 10_000);
+}
+
+fn local_end_user_bound() -> usize {
+    local::MAX_END_USERS
+}
+
+#[cfg(feature = "redis")]
+mod shared_counters {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    const REDIS: &str = "redis://127.0.0.1:6379";
+
+    fn prefix() -> String {
+        format!("llmgate-test:{:x}:", rand::random::<u64>())
+    }
+
+    fn user_key(limits: KeyLimits) -> KeyRecord {
+        let mut key = KeyRecord::new("k", Role::User, &Secret::generate());
+        key.limits = limits;
+        key
+    }
+
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let started = Instant::now();
+        while !done() {
+            assert!(started.elapsed() < Duration::from_secs(10), "never: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn admit(limiter: &Limiter, key: &KeyRecord) -> Result<Option<Admission>, Box<Refusal>> {
+        limiter.admit(key, &limiter.effective(key), None, 10).await
+    }
+
+    /// A TCP proxy to Redis that the test can stop (closing every connection) and start
+    /// again on the same port.
+    struct Proxy {
+        port: u16,
+        task: Option<tokio::task::JoinHandle<()>>,
+    }
+
+    impl Proxy {
+        async fn start(port: u16) -> Self {
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+                .await
+                .unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let task = tokio::spawn(async move {
+                let mut connections = tokio::task::JoinSet::new();
+                while let Ok((mut client, _)) = listener.accept().await {
+                    connections.spawn(async move {
+                        if let Ok(mut redis) =
+                            tokio::net::TcpStream::connect("127.0.0.1:6379").await
+                        {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut redis).await;
+                        }
+                    });
+                }
+            });
+            Self {
+                port,
+                task: Some(task),
+            }
+        }
+
+        async fn stop(&mut self) {
+            if let Some(task) = self.task.take() {
+                task.abort();
+                let _ = task.await;
+            }
+        }
+    }
+
+    #[tokio::test]
+    #[ignore = "needs Redis"]
+    async fn replicas_on_one_redis_share_one_limit() {
+        let prefix = prefix();
+        let store: Arc<MemoryStore> = Arc::new(MemoryStore::new());
+        let replicas: Vec<Limiter> = (0..2)
+            .map(|_| {
+                Limiter::shared_under(&prefix, REDIS, KeyLimits::default(), store.clone(), 2)
+                    .unwrap()
+            })
+            .collect();
+        until("both replicas use Redis", || {
+            replicas.iter().all(Limiter::is_shared)
+        })
+        .await;
+        assert_eq!(replicas[0].mode(), LimiterMode::Shared);
+        let key = user_key(KeyLimits {
+            rpm: Some(10),
+            max_parallel: Some(20),
+            quota_tokens: Some(1_000_000),
+            ..KeyLimits::default()
+        });
+        let mut admitted = 0;
+        let mut held = Vec::new();
+        for i in 0..30 {
+            match admit(&replicas[i % 2], &key).await {
+                Ok(admission) => {
+                    admitted += 1;
+                    if held.len() < 3 {
+                        held.push(admission);
+                    }
+                }
+                Err(refusal) => assert_eq!(refusal.reason(), "requests"),
+            }
+        }
+        assert!(
+            (10..=11).contains(&admitted),
+            "admitted {admitted} of rpm 10 on two replicas"
+        );
+        // 3 held in flight: the others were freed as they were dropped.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let status = replicas[1].status(&key, None).await;
+        assert_eq!(status.in_flight.unwrap().current, 3);
+        assert_eq!(status.requests.unwrap().remaining, 0);
+        assert_eq!(status.quota.unwrap().used, 10 * admitted as u64);
+        drop(held);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let status = replicas[0].status(&key, None).await;
+        assert_eq!(
+            status.in_flight.unwrap().current,
+            0,
+            "places freed in Redis"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_redis_means_local_limits_divided_by_the_replicas() {
+        let store: Arc<MemoryStore> = Arc::new(MemoryStore::new());
+        // Nothing listens on port 1.
+        let limiter = Limiter::shared_under(
+            &prefix(),
+            "redis://127.0.0.1:1",
+            KeyLimits::default(),
+            store,
+            4,
+        )
+        .unwrap();
+        assert_eq!(limiter.mode(), LimiterMode::Fallback);
+        assert!(!limiter.is_shared());
+        let key = user_key(KeyLimits {
+            rpm: Some(20),
+            ..KeyLimits::default()
+        });
+        let mut admitted = 0;
+        for _ in 0..20 {
+            if admit(&limiter, &key).await.is_ok() {
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, 5, "20 a minute over 4 replicas");
+        assert!(Limiter::shared(
+            "not a url",
+            KeyLimits::default(),
+            Arc::new(MemoryStore::new()),
+            1
+        )
+        .is_err());
+    }
+
+    #[tokio::test]
+    #[ignore = "needs Redis"]
+    async fn a_replica_falls_back_while_redis_is_away_and_shares_again_when_it_returns() {
+        let mut proxy = Proxy::start(0).await;
+        let url = format!("redis://127.0.0.1:{}", proxy.port);
+        let store: Arc<MemoryStore> = Arc::new(MemoryStore::new());
+        let limiter =
+            Limiter::shared_under(&prefix(), &url, KeyLimits::default(), store, 2).unwrap();
+        until("the limiter uses Redis", || limiter.is_shared()).await;
+        let key = user_key(KeyLimits {
+            rpm: Some(10),
+            ..KeyLimits::default()
+        });
+        admit(&limiter, &key).await.unwrap();
+
+        proxy.stop().await;
+        let started = Instant::now();
+        // Never an error: counted locally, with half the limit.
+        let mut admitted = 0;
+        for _ in 0..10 {
+            if admit(&limiter, &key).await.is_ok() {
+                admitted += 1;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(limiter.mode(), LimiterMode::Fallback);
+        assert_eq!(admitted, 5, "10 a minute over 2 replicas");
+
+        let _proxy = Proxy::start(proxy.port).await;
+        until("the limiter uses Redis again", || limiter.is_shared()).await;
+        // The shared bucket kept its one request.
+        let status = limiter.status(&key, None).await;
+        assert_eq!(status.mode, LimiterMode::Shared);
+        assert_eq!(status.requests.unwrap().remaining, 9);
+    }
+}
