@@ -438,8 +438,7 @@ pub const DEFAULT_MAX_CONNECTIONS: u64 = 10_000;
 /// Default of [`GatewayConfig::shutdown_timeout_secs`].
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 30;
 /// Default of [`GatewayConfig::estimated_completion_tokens`].
-// stand-in until L merges: then the limiter's own DEFAULT_ESTIMATED_COMPLETION_TOKENS.
-pub const DEFAULT_ESTIMATED_COMPLETION_TOKENS: u64 = 256;
+pub const DEFAULT_ESTIMATED_COMPLETION_TOKENS: u64 = crate::limits::DEFAULT_ESTIMATED_COMPLETION_TOKENS;
 /// The most replicas [`GatewayConfig::replicas`] may name.
 pub const MAX_REPLICAS: u32 = 1000;
 /// Default of [`GatewayConfig::usage_queue_max`] (the recorder's own default).

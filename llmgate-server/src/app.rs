@@ -39,8 +39,7 @@ use crate::console;
 use crate::metrics::Metrics;
 use crate::models::{ModelRouter, Registry, RoutedBody};
 use crate::routes;
-use crate::standin::{Limiter, Refused, WithLimiter};
-use llmgate_core::limits::KeyLimits;
+use llmgate_core::limits::{KeyLimits, Limiter, Refused};
 
 /// What the handlers share.
 #[derive(Clone, Debug)]

@@ -11,7 +11,6 @@ pub mod metrics;
 pub mod models;
 pub mod routes;
 pub mod settings;
-pub mod standin;
 
 use cli::{Cli, Command, Launch};
 use commands::Output;

@@ -21,7 +21,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::models::ModelState;
-use crate::standin::{Limiter, LimiterMode};
+use llmgate_core::limits::{Limiter, LimiterMode};
 
 /// The reasons `llmgate_rate_limited_total` counts refusals by, each with a series from
 /// the start: over `rpm` (`requests`), over `tpm` (`tokens`), the token quota used up

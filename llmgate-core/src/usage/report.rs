@@ -37,6 +37,11 @@ pub struct KeyUsage {
     /// Usage per model (`none` for requests that named none, `other` past
     /// [`MAX_MODELS_PER_KEY`](crate::storage::MAX_MODELS_PER_KEY) models).
     pub models: BTreeMap<String, ModelUsage>,
+    /// Usage per end user the requests named (`other` past
+    /// [`MAX_END_USERS_PER_KEY`](crate::storage::MAX_END_USERS_PER_KEY) of them);
+    /// requests that named none are in no entry. Left out when empty.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub users: BTreeMap<String, ModelUsage>,
 }
 
 impl KeyUsage {
@@ -55,6 +60,7 @@ impl KeyUsage {
             last_request_at: totals.last_request_at,
             endpoints: totals.endpoints,
             models: totals.models,
+            users: totals.users,
         }
     }
 }

@@ -3,13 +3,12 @@
 use chrono::{DateTime, Duration, Utc};
 use llmgate_core::auth::{now_millis, KeyRecord, Role, Secret};
 use llmgate_core::limits::KeyLimits;
-use llmgate_core::storage::{KeyStore, StorageError};
+use llmgate_core::storage::{KeyStore, KeyUpdate, StorageError};
 use serde_json::json;
 
 use super::Output;
 use crate::cli::{ClearField, KeysCommand, LimitArgs};
 use crate::routes::keys::{validate_name, MAX_ROTATION_GRACE_SECS};
-use crate::standin::{KeyStoreFairUse, KeyUpdate};
 
 /// Why a `keys` subcommand failed.
 #[derive(Debug, thiserror::Error)]

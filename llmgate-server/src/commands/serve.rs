@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use llmgate_core::auth::{KeyCache, KeyRecord, Role, Secret};
 use llmgate_core::config::GatewayConfig;
+use llmgate_core::limits::Limiter;
 use llmgate_core::storage::{KeyStore, Storage, StorageError, UsageStore};
 use llmgate_core::usage::{RecorderOptions, UsageRecorder};
 
@@ -13,7 +14,6 @@ use crate::app::{app, AppState};
 use crate::cli::Launch;
 use crate::metrics::Metrics;
 use crate::models::{Progress, Registry};
-use crate::standin::Limiter;
 
 /// The environment variable that supplies the first admin key instead of generating one.
 pub const ADMIN_KEY_ENV: &str = "LLMGATE_ADMIN_KEY";

@@ -13,13 +13,12 @@ use http::{header, HeaderValue, Method, Request, Response};
 use http_body::{Frame, SizeHint};
 use http_body_util::Full;
 use llmgate_core::auth_usage::{RequestedModel, ServedModel};
-use llmgate_core::limits::KeyLimits;
+use llmgate_core::limits::{Effective, KeyLimits};
 use llmgate_core::proxy::ProxyBody;
 use llmgate_core::BoxError;
 use tower::Service;
 
 use super::{Lease, Registry, RouteError, Slot};
-use crate::standin::Effective;
 
 /// The largest upstream model list the gateway reads to filter it for a key that may use
 /// only some models.

@@ -7,13 +7,13 @@ use axum::{Extension, Json};
 use chrono::{DateTime, Duration, Utc};
 use llmgate_core::auth::{now_millis, Caller, KeyRecord, Role, Secret};
 use llmgate_core::error::ApiError;
-use llmgate_core::limits::KeyLimits;
+use llmgate_core::limits::{KeyLimits, LimitStatus};
+use llmgate_core::storage::{KeyUpdate, MAX_END_USER_BYTES};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::HandlerError;
 use crate::app::AppState;
-use crate::standin::{KeyStoreFairUse, KeyUpdate, LimitStatus};
 
 /// A key as listed (never with its secret), with its own limits as flat fields (those it
 /// does not set fall back to `[key_defaults]` for a user key).
@@ -363,16 +363,13 @@ impl MeQuery {
     /// The end user asked about, cut to what the gateway records of one.
     pub fn end_user(&self) -> Option<&str> {
         let user = self.user.as_deref().filter(|u| !u.is_empty())?;
-        let mut end = user.len().min(END_USER_BYTES);
+        let mut end = user.len().min(MAX_END_USER_BYTES);
         while !user.is_char_boundary(end) {
             end -= 1;
         }
         Some(&user[..end])
     }
 }
-
-// stand-in until S merges: storage::MAX_END_USER_BYTES.
-const END_USER_BYTES: usize = 256;
 
 /// What `GET /v1/me` answers: the caller's key and its limits, with what is left of each
 /// and when it resets.
@@ -384,7 +381,9 @@ pub struct MeView {
     prefix: String,
     created_at: DateTime<Utc>,
     expires_at: Option<DateTime<Utc>>,
-    limits: LimitStatus,
+    /// The effective limits, where the counters are kept, and what is left of each.
+    #[serde(flatten)]
+    status: LimitStatus,
 }
 
 /// The caller's key record.
@@ -399,7 +398,7 @@ pub async fn me(
     Query(query): Query<MeQuery>,
 ) -> Result<Json<MeView>, HandlerError> {
     let key = caller_key(&state, &caller).await?;
-    let limits = state.limiter.status(&key, query.end_user()).await;
+    let status = state.limiter.status(&key, query.end_user()).await;
     Ok(Json(MeView {
         id: key.id,
         name: key.name,
@@ -407,7 +406,7 @@ pub async fn me(
         prefix: key.prefix,
         created_at: key.created_at,
         expires_at: key.expires_at,
-        limits,
+        status,
     }))
 }
 

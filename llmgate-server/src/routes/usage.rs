@@ -5,6 +5,7 @@ use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use llmgate_core::auth::Caller;
 use llmgate_core::error::ApiError;
+use llmgate_core::limits::LimitStatus;
 use llmgate_core::storage::RequestRecord;
 use llmgate_core::usage::{usage_report, KeyUsage, RejectedRecord};
 use serde::{Deserialize, Serialize};
@@ -12,7 +13,6 @@ use serde::{Deserialize, Serialize};
 use super::keys::{caller_key, MeQuery};
 use super::HandlerError;
 use crate::app::AppState;
-use crate::standin::LimitStatus;
 
 /// `GET /admin/usage`: every key's totals.
 pub async fn all(State(state): State<AppState>) -> Result<Json<Vec<KeyUsage>>, HandlerError> {
