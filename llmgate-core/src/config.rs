@@ -438,7 +438,8 @@ pub const DEFAULT_MAX_CONNECTIONS: u64 = 10_000;
 /// Default of [`GatewayConfig::shutdown_timeout_secs`].
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 30;
 /// Default of [`GatewayConfig::estimated_completion_tokens`].
-pub const DEFAULT_ESTIMATED_COMPLETION_TOKENS: u64 = crate::limits::DEFAULT_ESTIMATED_COMPLETION_TOKENS;
+pub const DEFAULT_ESTIMATED_COMPLETION_TOKENS: u64 =
+    crate::limits::DEFAULT_ESTIMATED_COMPLETION_TOKENS;
 /// The most replicas [`GatewayConfig::replicas`] may name.
 pub const MAX_REPLICAS: u32 = 1000;
 /// Default of [`GatewayConfig::usage_queue_max`] (the recorder's own default).
@@ -855,7 +856,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.key_defaults.rpm, Some(60));
-        assert_eq!(config.key_defaults.period(), crate::limits::QuotaPeriod::Day);
+        assert_eq!(
+            config.key_defaults.period(),
+            crate::limits::QuotaPeriod::Day
+        );
         assert_eq!(config.replicas, 3);
         assert!(config.validate().is_ok());
         assert!(toml::from_str::<GatewayConfig>("[key_defaults]\nrpmm = 1\n").is_err());

@@ -445,7 +445,11 @@ impl Metrics {
         let Some(limiter) = &source.0 else { return };
         let mode = limiter.mode();
         self.limiter_shared.set(i64::from(limiter.is_shared()));
-        for each in [LimiterMode::Local, LimiterMode::Shared, LimiterMode::Fallback] {
+        for each in [
+            LimiterMode::Local,
+            LimiterMode::Shared,
+            LimiterMode::Fallback,
+        ] {
             self.limiter_mode
                 .get_or_create(&ModeLabels {
                     mode: each.as_str().to_owned(),

@@ -280,7 +280,10 @@ fn line_of_key(text: &str, key: &str) -> Option<usize> {
     text.lines()
         .position(|line| {
             let line = line.trim_start();
-            let header = line.trim_start_matches('[').trim_end().trim_end_matches(']');
+            let header = line
+                .trim_start_matches('[')
+                .trim_end()
+                .trim_end_matches(']');
             if line.starts_with('[') && header.trim() == key {
                 return true;
             }
@@ -351,18 +354,28 @@ mod tests {
         assert_eq!(config.replicas, 3);
         assert_eq!(config.redis_url.as_deref(), Some("redis://flag:6379"));
 
-        std::fs::write(dir.path().join("bad.toml"), "[key_defaults]\nrpm = 0\nburst = 3\n").unwrap();
+        std::fs::write(
+            dir.path().join("bad.toml"),
+            "[key_defaults]\nrpm = 0\nburst = 3\n",
+        )
+        .unwrap();
         let bad = dir.path().join("bad.toml");
         let errors = serve_config(&["--config", bad.to_str().unwrap(), "--replicas", "none"])
             .unwrap_err()
             .to_string();
-        assert!(errors.contains("line 1") && errors.contains("burst"), "{errors}");
+        assert!(
+            errors.contains("line 1") && errors.contains("burst"),
+            "{errors}"
+        );
         assert!(errors.contains("--replicas"), "{errors}");
         std::fs::write(&bad, "[key_defaults]\nrpm = 0\n").unwrap();
         let errors = serve_config(&["--config", bad.to_str().unwrap()])
             .unwrap_err()
             .to_string();
-        assert!(errors.contains("key_defaults.rpm must be at least 1"), "{errors}");
+        assert!(
+            errors.contains("key_defaults.rpm must be at least 1"),
+            "{errors}"
+        );
     }
 
     #[test]

@@ -47,7 +47,8 @@ async fn create(gateway: &Gateway, body: Value) -> Value {
 }
 
 fn chat(model: &str, user: Option<&str>) -> Value {
-    let mut body = json!({"model": model, "messages": [{"role": "user", "content": "hello there"}]});
+    let mut body =
+        json!({"model": model, "messages": [{"role": "user", "content": "hello there"}]});
     if let Some(user) = user {
         body["user"] = json!(user);
     }
@@ -144,7 +145,11 @@ async fn limits_are_set_at_creation_changed_by_a_merge_patch_and_checked() {
         assert!(body["error"]["message"].is_string(), "{body}");
     }
     let (_, listed) = admin_call(reqwest::Method::GET, &keys, None).await;
-    assert!(!listed.as_array().unwrap().iter().any(|k| k["name"] == "carol"));
+    assert!(!listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|k| k["name"] == "carol"));
 
     // A merge patch: a field present sets, null clears, a field left out stays.
     let one = format!("{keys}/{id}");
@@ -171,8 +176,12 @@ async fn limits_are_set_at_creation_changed_by_a_merge_patch_and_checked() {
     assert_eq!(bob["tpm"], 5000);
     assert_eq!(bob["name"], "bobby");
     assert!(bob["expires_at"].as_str().unwrap().starts_with("2099"));
-    let (status, view) =
-        admin_call(reqwest::Method::PATCH, &one, Some(json!({"expires_at": null}))).await;
+    let (status, view) = admin_call(
+        reqwest::Method::PATCH,
+        &one,
+        Some(json!({"expires_at": null})),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     assert!(view["expires_at"].is_null(), "{view}");
 
@@ -223,11 +232,19 @@ async fn a_rotated_key_keeps_its_id_and_limits_and_the_old_secret_works_only_for
     );
 
     let rotate = format!("{}/admin/keys/{id}/rotate", gateway.url);
-    let (status, body) =
-        admin_call(reqwest::Method::POST, &rotate, Some(json!({"grace_secs": 2_592_001}))).await;
+    let (status, body) = admin_call(
+        reqwest::Method::POST,
+        &rotate,
+        Some(json!({"grace_secs": 2_592_001})),
+    )
+    .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-    let (status, rotated) =
-        admin_call(reqwest::Method::POST, &rotate, Some(json!({"grace_secs": 2}))).await;
+    let (status, rotated) = admin_call(
+        reqwest::Method::POST,
+        &rotate,
+        Some(json!({"grace_secs": 2})),
+    )
+    .await;
     let rotated_at = Instant::now();
     assert_eq!(status, StatusCode::OK, "{rotated}");
     assert_eq!(rotated["id"], id);
@@ -377,7 +394,11 @@ async fn a_key_sees_and_uses_only_its_models_and_the_defaults_apply_to_user_keys
         &[("LLMGATE_CONFIG", config.to_str().unwrap())],
     )
     .await;
-    let only_other = create(&gateway, json!({"name": "other-only", "models": ["other-*"]})).await;
+    let only_other = create(
+        &gateway,
+        json!({"name": "other-only", "models": ["other-*"]}),
+    )
+    .await;
     let defaulted = create(&gateway, json!({"name": "defaulted"})).await;
     let models = |key: String| {
         let url = format!("{}/v1/models", gateway.url);
@@ -485,7 +506,10 @@ async fn usage_is_shown_per_end_user_within_a_key() {
         .await
         .unwrap();
     assert_eq!(mine["requests"], 5);
-    assert!(mine["limits"].to_string().contains("per_user_rpm"), "{mine}");
+    assert!(
+        mine["limits"].to_string().contains("per_user_rpm"),
+        "{mine}"
+    );
 }
 
 async fn llmgate(data: &Path, args: &[&str]) -> (bool, String, String) {
@@ -509,8 +533,18 @@ async fn the_cli_creates_updates_lists_and_rotates_keys_with_limits() {
     let (ok, out, err) = llmgate(
         data.path(),
         &[
-            "keys", "create", "alice", "--rpm", "60", "--models", "gemma-*,smollm2", "--quota",
-            "1000", "--quota-period", "week", "--json",
+            "keys",
+            "create",
+            "alice",
+            "--rpm",
+            "60",
+            "--models",
+            "gemma-*,smollm2",
+            "--quota",
+            "1000",
+            "--quota-period",
+            "week",
+            "--json",
         ],
     )
     .await;
@@ -527,7 +561,9 @@ async fn the_cli_creates_updates_lists_and_rotates_keys_with_limits() {
 
     let (ok, out, err) = llmgate(
         data.path(),
-        &["keys", "update", "alice", "--clear", "rpm", "--tpm", "5000", "--weight", "3", "--json"],
+        &[
+            "keys", "update", "alice", "--clear", "rpm", "--tpm", "5000", "--weight", "3", "--json",
+        ],
     )
     .await;
     assert!(ok, "{err}");
@@ -536,13 +572,22 @@ async fn the_cli_creates_updates_lists_and_rotates_keys_with_limits() {
     assert_eq!(updated["limits"]["tpm"], 5000);
     assert_eq!(updated["limits"]["weight"], 3);
     assert_eq!(updated["limits"]["quota_tokens"], 1000);
-    let (ok, _, err) = llmgate(data.path(), &["keys", "update", "alice", "--clear", "colour"]).await;
+    let (ok, _, err) = llmgate(
+        data.path(),
+        &["keys", "update", "alice", "--clear", "colour"],
+    )
+    .await;
     assert!(!ok && err.contains("colour"), "{err}");
 
     let (ok, out, _) = llmgate(data.path(), &["keys", "list"]).await;
     assert!(ok);
     let line = out.lines().find(|l| l.contains("alice")).unwrap();
-    for shown in ["models=gemma-*,smollm2", "tpm=5000", "quota=1000", "weight=3"] {
+    for shown in [
+        "models=gemma-*,smollm2",
+        "tpm=5000",
+        "quota=1000",
+        "weight=3",
+    ] {
         assert!(line.contains(shown), "{shown} in {line}");
     }
     assert!(!line.contains("rpm="), "{line}");
@@ -550,7 +595,10 @@ async fn the_cli_creates_updates_lists_and_rotates_keys_with_limits() {
     let (ok, out, err) = llmgate(data.path(), &["keys", "rotate", "alice", "--grace", "60"]).await;
     assert!(ok, "{err}");
     let secret = out.trim();
-    assert!(secret.starts_with("sk-lg-") && secret != first_secret, "{out}");
+    assert!(
+        secret.starts_with("sk-lg-") && secret != first_secret,
+        "{out}"
+    );
     assert!(err.contains("works until"), "{err}");
     let (ok, _, err) = llmgate(
         data.path(),

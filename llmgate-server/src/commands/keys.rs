@@ -131,7 +131,9 @@ fn expiry(raw: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, KeysError> {
         now.checked_add_signed(length).ok_or_else(bad)?
     };
     if at <= now {
-        return Err(KeysError::BadValue(format!("--expires {raw} is in the past")));
+        return Err(KeysError::BadValue(format!(
+            "--expires {raw} is in the past"
+        )));
     }
     Ok(at)
 }
@@ -221,7 +223,10 @@ pub fn limits_text(limits: &KeyLimits) -> String {
     add("tpm", limits.tpm.map(|n| n.to_string()));
     add("max-parallel", limits.max_parallel.map(|n| n.to_string()));
     add("quota", limits.quota_tokens.map(|n| n.to_string()));
-    add("quota-period", limits.quota_period.map(|p| p.as_str().to_owned()));
+    add(
+        "quota-period",
+        limits.quota_period.map(|p| p.as_str().to_owned()),
+    );
     add("weight", limits.weight.map(|n| n.to_string()));
     add("per-user-rpm", limits.per_user_rpm.map(|n| n.to_string()));
     add(

@@ -190,12 +190,13 @@ fn limiter(config: &GatewayConfig, store: Arc<dyn Storage>) -> Result<Limiter, S
     let limiter = match &config.redis_url {
         Some(url) => {
             let shown = without_password(url);
-            let limiter = Limiter::shared(url, defaults, usage, config.replicas).map_err(|err| {
-                ServeError::Redis {
-                    url: shown.clone(),
-                    reason: err.to_string(),
-                }
-            })?;
+            let limiter =
+                Limiter::shared(url, defaults, usage, config.replicas).map_err(|err| {
+                    ServeError::Redis {
+                        url: shown.clone(),
+                        reason: err.to_string(),
+                    }
+                })?;
             tracing::info!(redis = %shown, replicas = config.replicas, "key limits counted in Redis, shared by the replicas");
             limiter
         }

@@ -82,9 +82,8 @@ const KEY_FIELDS: [&str; 3] = ["name", "role", "expires_at"];
 /// The body as a JSON object whose fields are all known (`allowed`), else a 400 naming
 /// the others.
 fn object_of(body: &[u8], example: &str, allowed: &[&str]) -> Result<Map<String, Value>, ApiError> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request(format!("The body must be JSON like {example}: {e}"))
-    })?;
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("The body must be JSON like {example}: {e}")))?;
     let Value::Object(object) = value else {
         return Err(ApiError::bad_request(format!(
             "The body must be a JSON object like {example}."
@@ -201,8 +200,9 @@ pub async fn create(
     body: Bytes,
 ) -> Result<(StatusCode, Json<CreatedKey>), HandlerError> {
     let object = object_of(&body, CREATE_EXAMPLE, &KEY_FIELDS)?;
-    let name: String = field(&object, "name", "a string")?
-        .ok_or_else(|| ApiError::bad_request(format!("A key needs a name, like {CREATE_EXAMPLE}.")))?;
+    let name: String = field(&object, "name", "a string")?.ok_or_else(|| {
+        ApiError::bad_request(format!("A key needs a name, like {CREATE_EXAMPLE}."))
+    })?;
     validate_name(&name)?;
     let role: Role = field(&object, "role", "'user' or 'admin'")?.unwrap_or_default();
     let expires_at: Option<DateTime<Utc>> =
@@ -252,8 +252,11 @@ pub async fn update(
         update.name = Some(name);
     }
     if patch.contains_key("expires_at") {
-        let expires_at: Option<DateTime<Utc>> =
-            field(&patch, "expires_at", "a time like 2027-01-01T00:00:00Z, or null")?;
+        let expires_at: Option<DateTime<Utc>> = field(
+            &patch,
+            "expires_at",
+            "a time like 2027-01-01T00:00:00Z, or null",
+        )?;
         if expires_at.is_some_and(|at| at <= Utc::now()) {
             return Err(ApiError::bad_request("expires_at is in the past.").into());
         }
@@ -265,7 +268,10 @@ pub async fn update(
         else {
             unreachable!("limits serialize to an object")
         };
-        for (field, value) in patch.iter().filter(|(f, _)| LIMIT_FIELDS.contains(&f.as_str())) {
+        for (field, value) in patch
+            .iter()
+            .filter(|(f, _)| LIMIT_FIELDS.contains(&f.as_str()))
+        {
             if value.is_null() {
                 merged.remove(field);
             } else {
@@ -317,7 +323,12 @@ pub async fn rotate(
     let rotated = state
         .keys
         .store()
-        .rotate_key(&key_id, &secret.hash(), &secret.public_prefix(), old_valid_until)
+        .rotate_key(
+            &key_id,
+            &secret.hash(),
+            &secret.public_prefix(),
+            old_valid_until,
+        )
         .await?;
     if !rotated {
         return Err(ApiError::not_found(format!("No active key with id '{key_id}'.")).into());
