@@ -133,7 +133,7 @@ function renderKeys(keys) {
         h("td", { "data-label": "Created" }, h("time", { datetime: key.created_at, title: fullFormat.format(parseTime(key.created_at) || 0) }, fmtDateTime(key.created_at))),
         h("td", { "data-label": "Last used" }, timeCell(key.last_used_at, "never")),
         h("td", { "data-label": "Status" }, h("div", { class: "stack" }, statusBadge, key.expires_at && status === "active" ? h("span", { class: "sub" }, `expires ${fmtDateTime(key.expires_at)}`) : null)),
-        h("td", { class: "limits-cell", "data-label": "Limits", "data-testid": "key-limits" }, limitsText(key)),
+        h("td", { class: "limits-cell", "data-label": "Limits", "data-testid": "key-limits" }, h("span", {}, limitsText(key))),
         h(
           "td",
           { class: "actions-cell" },
