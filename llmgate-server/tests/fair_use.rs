@@ -607,3 +607,187 @@ async fn the_cli_creates_updates_lists_and_rotates_keys_with_limits() {
     .await;
     assert!(!ok && err.contains("30 days"), "{err}");
 }
+
+/// Sends `body` to the gateways in turn, `n` times, `parallel` at once; the statuses.
+async fn spread(
+    gateways: &[&Gateway],
+    key: &str,
+    body: &Value,
+    n: usize,
+    parallel: usize,
+) -> Vec<u16> {
+    use futures_util::StreamExt;
+    let urls: Vec<String> = gateways
+        .iter()
+        .map(|g| format!("{}/v1/chat/completions", g.url))
+        .collect();
+    futures_util::stream::iter(0..n)
+        .map(|i| {
+            let request = client()
+                .post(&urls[i % urls.len()])
+                .bearer_auth(key)
+                .json(body);
+            async move { request.send().await.unwrap().status().as_u16() }
+        })
+        .buffered(parallel)
+        .collect()
+        .await
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL (LLMGATE_TEST_POSTGRES, default 127.0.0.1:5432) and Redis at 127.0.0.1:6379; scripts/test starts them"]
+async fn two_replicas_on_one_database_and_one_redis_allow_each_limit_once() {
+    let upstream = MockUpstream::start().await;
+    let database = common::TestDatabase::create("fair_replicas").await;
+    let url = database.url();
+    let env = [
+        ("LLMGATE_DATABASE_URL", url.as_str()),
+        ("LLMGATE_REDIS_URL", "redis://127.0.0.1:6379"),
+        ("LLMGATE_REPLICAS", "2"),
+    ];
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = serve_fronting(dir_a.path(), &upstream.url, &env).await;
+    let b = serve_fronting(dir_b.path(), &upstream.url, &env).await;
+    for gateway in [&a, &b] {
+        let text = metrics(gateway).await;
+        assert_eq!(sample(&text, "llmgate_limiter_shared"), Some(1.0), "{text}");
+        assert_eq!(
+            sample(&text, "llmgate_limiter_mode{mode=\"shared\"}"),
+            Some(1.0)
+        );
+    }
+
+    // rpm = 60: 200 requests over both replicas get the 60 of the burst, plus what
+    // refills (one a second) while they run.
+    let limited = create(&a, json!({"name": "sixty", "rpm": 60})).await;
+    let started = Instant::now();
+    let statuses = spread(
+        &[&a, &b],
+        limited["key"].as_str().unwrap(),
+        &chat("mock-model", None),
+        200,
+        8,
+    )
+    .await;
+    let refill = started.elapsed().as_secs() + 1;
+    let ok = statuses.iter().filter(|&&s| s == 200).count() as u64;
+    let refused = statuses.iter().filter(|&&s| s == 429).count() as u64;
+    assert_eq!(ok + refused, 200, "{statuses:?}");
+    assert!(
+        (60..=60 + refill).contains(&ok),
+        "{ok} admitted in {:?}",
+        started.elapsed()
+    );
+
+    // A quota holds across both: sequential requests, each of the mock's ~10 tokens,
+    // stop once the used tokens reach it, with at most one request's overshoot.
+    let quota = create(
+        &a,
+        json!({"name": "quota", "quota_tokens": 100, "quota_period": "day"}),
+    )
+    .await;
+    let key = quota["key"].as_str().unwrap();
+    let mut admitted = 0;
+    for i in 0..40 {
+        let gateway = if i % 2 == 0 { &a } else { &b };
+        let response = call_model(gateway, key, &chat("mock-model", None)).await;
+        match response.status().as_u16() {
+            200 => admitted += 1,
+            429 => {
+                let body: Value = response.json().await.unwrap();
+                assert_eq!(body["error"]["code"], "insufficient_quota", "{body}");
+            }
+            other => panic!("status {other}"),
+        }
+    }
+    let (_, usage) = admin_call(
+        reqwest::Method::GET,
+        &format!("{}/admin/usage/{}", a.url, quota["id"].as_str().unwrap()),
+        None,
+    )
+    .await;
+    let used = usage["total_tokens"].as_u64().unwrap();
+    let per_request = used / admitted.max(1);
+    assert!(admitted < 40, "the quota stopped the key");
+    assert!(
+        used >= 100 && used <= 100 + per_request,
+        "{used} tokens in {admitted} requests"
+    );
+
+    // A revocation or a rotation on one replica is refused by the other within a second.
+    for change in ["revoke", "rotate"] {
+        let victim = create(&a, json!({"name": format!("victim-{change}")})).await;
+        let secret = victim["key"].as_str().unwrap();
+        assert_eq!(me(&b, secret).await.0, StatusCode::OK);
+        let id = victim["id"].as_str().unwrap();
+        let (status, _) = if change == "revoke" {
+            admin_call(
+                reqwest::Method::DELETE,
+                &format!("{}/admin/keys/{id}", a.url),
+                None,
+            )
+            .await
+        } else {
+            admin_call(
+                reqwest::Method::POST,
+                &format!("{}/admin/keys/{id}/rotate", a.url),
+                None,
+            )
+            .await
+        };
+        assert_eq!(status, StatusCode::OK);
+        let changed = Instant::now();
+        while me(&b, secret).await.0 == StatusCode::OK {
+            assert!(
+                changed.elapsed() < Duration::from_secs(1),
+                "{change}: still accepted after 1 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    // A replica whose Redis cannot be reached serves with its share of the limits and
+    // says so; never a 500.
+    let c_dir = tempfile::tempdir().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_url = format!("redis://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let c = serve_fronting(
+        c_dir.path(),
+        &upstream.url,
+        &[
+            ("LLMGATE_DATABASE_URL", url.as_str()),
+            ("LLMGATE_REDIS_URL", closed_url.as_str()),
+            ("LLMGATE_REPLICAS", "2"),
+        ],
+    )
+    .await;
+    let ten = create(&c, json!({"name": "ten", "rpm": 10})).await;
+    let statuses = spread(
+        &[&c],
+        ten["key"].as_str().unwrap(),
+        &chat("mock-model", None),
+        12,
+        1,
+    )
+    .await;
+    assert!(
+        statuses.iter().all(|&s| s == 200 || s == 429),
+        "{statuses:?}"
+    );
+    let ok = statuses.iter().filter(|&&s| s == 200).count();
+    assert!(
+        (5..=6).contains(&ok),
+        "rpm 10 over 2 replicas: {ok} admitted"
+    );
+    let text = metrics(&c).await;
+    assert_eq!(sample(&text, "llmgate_limiter_shared"), Some(0.0), "{text}");
+    assert_eq!(
+        sample(&text, "llmgate_limiter_mode{mode=\"fallback\"}"),
+        Some(1.0),
+        "{text}"
+    );
+
+    drop((a, b, c));
+    database.drop().await;
+}
