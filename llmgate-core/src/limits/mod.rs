@@ -290,20 +290,23 @@ impl Limiter {
         let user = end_user
             .filter(|_| limits.per_user_rpm.is_some() || limits.per_user_quota_tokens.is_some())
             .map(str::to_owned);
-        let mut plan = Plan::new(key, limits, user, tokens, now);
+        let plan = Plan::new(key, limits, user, tokens, now);
         #[cfg(feature = "redis")]
-        if let Some(shared) = &self.inner.shared {
-            if shared.is_up() {
-                match shared.admit(&plan, &*self.inner.usage).await {
-                    Ok(Ok(granted)) => {
-                        return Ok(Some(self.admission(plan, Backend::Shared, granted)))
+        let plan = match &self.inner.shared {
+            None => plan,
+            Some(shared) => {
+                if shared.is_up() {
+                    match shared.admit(&plan, &*self.inner.usage).await {
+                        Ok(Ok(granted)) => {
+                            return Ok(Some(self.admission(plan, Backend::Shared, granted)))
+                        }
+                        Ok(Err(refusal)) => return Err(refusal),
+                        Err(()) => shared.went_down(&self.inner.local),
                     }
-                    Ok(Err(refusal)) => return Err(refusal),
-                    Err(()) => shared.went_down(&self.inner.local),
                 }
+                plan.divided(shared.replicas())
             }
-            plan = plan.divided(shared.replicas());
-        }
+        };
         self.load_quotas(&plan).await;
         let granted = self.inner.local.admit(&plan, millis(now))?;
         Ok(Some(self.admission(plan, Backend::Local, granted)))
@@ -433,6 +436,7 @@ impl Plan {
     /// The plan with each per-minute and parallel limit divided by `replicas` (at least
     /// 1 each): what one replica enforces alone while the shared counters are out of
     /// reach. Quotas stay whole: their counts start from the shared store.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     fn divided(mut self, replicas: u32) -> Self {
         let n = u64::from(replicas.max(1));
         let cut = |limit: u64| (limit / n).max(1);

@@ -40,7 +40,6 @@ local W = 60000
 local rpm, tpm, cost = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local par, id, stale = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
 local quota, urpm, uquota = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
-local qttl = tonumber(ARGV[11])
 
 local function tat_of(key)
   local v = redis.call('GET', key)
@@ -296,8 +295,6 @@ impl Shared {
         for key in self.keys(plan) {
             call.key(key);
         }
-        let quota_ttl =
-            (plan.period_end.timestamp() - chrono::Utc::now().timestamp()).max(0) + QUOTA_KEEP_SECS;
         call.arg(mode)
             .arg(plan.rpm.unwrap_or(0))
             .arg(plan.tpm.unwrap_or(0))
@@ -307,8 +304,7 @@ impl Shared {
             .arg(IN_FLIGHT_STALE.as_millis() as u64)
             .arg(plan.quota.filter(|_| quotas).unwrap_or(0))
             .arg(plan.user_rpm.unwrap_or(0))
-            .arg(plan.user_quota.filter(|_| quotas).unwrap_or(0))
-            .arg(quota_ttl);
+            .arg(plan.user_quota.filter(|_| quotas).unwrap_or(0));
         match tokio::time::timeout(CALL_TIMEOUT, call.invoke_async::<Vec<i64>>(&mut connection))
             .await
         {
@@ -456,17 +452,18 @@ impl Shared {
             user_requests: window(plan.user_rpm, at(8), at(9)),
         };
         // Not counted in Redis yet: what the store says.
+        let stored = |user| async move {
+            let read = usage.tokens_since(&plan.key, user, plan.period_start);
+            match tokio::time::timeout(super::QUOTA_LOAD_TIMEOUT, read).await {
+                Ok(Ok(used)) => Some(used),
+                _ => None,
+            }
+        };
         if plan.quota.is_some() && peek.quota_used.is_none() {
-            peek.quota_used = usage
-                .tokens_since(&plan.key, None, plan.period_start)
-                .await
-                .ok();
+            peek.quota_used = stored(None).await;
         }
         if let (Some(user), Some(_), None) = (&plan.user, plan.user_quota, peek.user_quota_used) {
-            peek.user_quota_used = usage
-                .tokens_since(&plan.key, Some(user), plan.period_start)
-                .await
-                .ok();
+            peek.user_quota_used = stored(Some(user.as_str())).await;
         }
         Ok(peek)
     }

@@ -1,7 +1,8 @@
 //! What `AuthUsageLayer` costs per request, in process, without a network: the same
 //! JSON chat completion answered by a trivial service, bare and behind the layer
-//! (auth only, with `RequireKeyLayer`, and auth with usage recording to the in-memory
-//! store).
+//! (auth only, with `RequireKeyLayer`, auth with usage recording to the in-memory
+//! store, and the same with a key whose `rpm` and `tpm` limits are counted in process,
+//! set high enough never to refuse).
 //!
 //! ```text
 //! cargo run --release -p llmgate-examples --bin layer_overhead
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 use axum::body::{Body, Bytes};
 use http_body_util::BodyExt;
 use llmgate_core::auth::{KeyCache, KeyRecord, RequireKeyLayer, Role, Secret};
+use llmgate_core::limits::{KeyLimits, Limiter};
 use llmgate_core::storage::{KeyStore, MemoryStore};
 use llmgate_core::usage::UsageRecorder;
 use llmgate_core::AuthUsageLayer;
@@ -91,6 +93,26 @@ async fn main() {
         .layer(tower::service_fn(answer))
         .map_response(|r| r.map(|b| b.map_err(Into::into).boxed_unsync()));
     let full = measure("auth + usage", usage, key).await;
+    let limited_secret = Secret::generate();
+    let mut limited_key = KeyRecord::new("limited", Role::User, &limited_secret);
+    limited_key.limits = KeyLimits {
+        rpm: Some(1_000_000_000),
+        tpm: Some(1_000_000_000_000),
+        ..KeyLimits::default()
+    };
+    store
+        .insert_key(&limited_key, &limited_secret.hash())
+        .await
+        .unwrap();
+    let limiter = Limiter::local(KeyLimits::default(), store.clone());
+    let limited = AuthUsageLayer::new(
+        KeyCache::new(store.clone()),
+        UsageRecorder::start(store.clone()).0,
+    )
+    .limiter(limiter)
+    .layer(tower::service_fn(answer))
+    .map_response(|r| r.map(|b| b.map_err(Into::into).boxed_unsync()));
+    let with_limits = measure("auth + usage + rpm/tpm", limited, limited_secret.expose()).await;
     let routed_service = AuthUsageLayer::new(
         KeyCache::new(store.clone()),
         UsageRecorder::start(store.clone()).0,
@@ -103,8 +125,9 @@ async fn main() {
     );
     measure("axum router + auth + usage", routed, key).await;
     println!(
-        "layer overhead: auth {:.2} µs, auth + usage {:.2} µs per request",
+        "layer overhead: auth {:.2} µs, auth + usage {:.2} µs, with rpm/tpm limits {:.2} µs per request",
         (auth_only.saturating_sub(base)).as_secs_f64() * 1e6,
-        (full.saturating_sub(base)).as_secs_f64() * 1e6
+        (full.saturating_sub(base)).as_secs_f64() * 1e6,
+        (with_limits.saturating_sub(base)).as_secs_f64() * 1e6
     );
 }
