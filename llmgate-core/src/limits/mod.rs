@@ -324,6 +324,9 @@ impl Limiter {
 
     /// Reads the tokens used in the period for the quotas not yet counted locally.
     async fn load_quotas(&self, plan: &Plan) {
+        if plan.quota.is_none() && plan.user_quota.is_none() {
+            return;
+        }
         let (key, user) = self.inner.local.quotas_to_load(plan);
         if key {
             if let Some(used) = self.tokens_since(plan, None).await {
@@ -417,6 +420,14 @@ impl Plan {
     ) -> Self {
         let period = limits.period();
         let has_user = user.is_some();
+        // Calendar arithmetic only for a key with a quota.
+        let counts_period =
+            limits.quota_tokens.is_some() || (has_user && limits.per_user_quota_tokens.is_some());
+        let (period_start, period_end) = if counts_period {
+            (period.start(now), period.end(now))
+        } else {
+            (now, now)
+        };
         Self {
             key: key.id.clone(),
             user,
@@ -428,8 +439,8 @@ impl Plan {
             user_rpm: limits.per_user_rpm.map(u64::from).filter(|_| has_user),
             user_quota: limits.per_user_quota_tokens.filter(|_| has_user),
             period,
-            period_start: period.start(now),
-            period_end: period.end(now),
+            period_start,
+            period_end,
         }
     }
 

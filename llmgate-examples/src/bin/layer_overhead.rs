@@ -46,7 +46,15 @@ where
     S::Response: Into<http::Response<BoxedBody>>,
     S::Error: std::fmt::Debug,
 {
-    let rounds = 200_000u32;
+    measure_rounds(name, service, key, 200_000).await
+}
+
+async fn measure_rounds<S>(name: &str, service: S, key: &str, rounds: u32) -> Duration
+where
+    S: Service<http::Request<Body>> + Clone,
+    S::Response: Into<http::Response<BoxedBody>>,
+    S::Error: std::fmt::Debug,
+{
     let run = |n: u32| {
         let service = service.clone();
         async move {
@@ -59,7 +67,7 @@ where
             started.elapsed()
         }
     };
-    run(20_000).await; // warm-up
+    run(rounds / 10).await; // warm-up
     let elapsed = run(rounds).await;
     let per = elapsed / rounds;
     println!("{name:<28} {:>8.2} µs per request", per.as_secs_f64() * 1e6);
@@ -113,6 +121,31 @@ async fn main() {
     .layer(tower::service_fn(answer))
     .map_response(|r| r.map(|b| b.map_err(Into::into).boxed_unsync()));
     let with_limits = measure("auth + usage + rpm/tpm", limited, limited_secret.expose()).await;
+    // With LLMGATE_BENCH_REDIS_URL set, the same limits counted in that Redis.
+    if let Ok(url) = std::env::var("LLMGATE_BENCH_REDIS_URL") {
+        let limiter = Limiter::shared(&url, KeyLimits::default(), store.clone(), 1).unwrap();
+        while !limiter.is_shared() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let shared = AuthUsageLayer::new(
+            KeyCache::new(store.clone()),
+            UsageRecorder::start(store.clone()).0,
+        )
+        .limiter(limiter)
+        .layer(tower::service_fn(answer))
+        .map_response(|r| r.map(|b| b.map_err(Into::into).boxed_unsync()));
+        let in_redis = measure_rounds(
+            "auth + usage + rpm/tpm, Redis",
+            shared,
+            limited_secret.expose(),
+            20_000,
+        )
+        .await;
+        println!(
+            "Redis adds {:.2} µs per request over in-process limits",
+            (in_redis.saturating_sub(with_limits)).as_secs_f64() * 1e6
+        );
+    }
     let routed_service = AuthUsageLayer::new(
         KeyCache::new(store.clone()),
         UsageRecorder::start(store.clone()).0,
