@@ -676,6 +676,7 @@ mod tests {
             completion_tokens: Some(tokens * 2),
             latency_ms,
             first_byte_ms: (status == 200).then_some(latency_ms / 2),
+            end_user: None,
         }
     }
 

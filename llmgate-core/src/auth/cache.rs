@@ -192,7 +192,7 @@ mod tests {
     use chrono::{DateTime, Utc};
 
     use crate::auth::{now_millis, Role};
-    use crate::storage::{MemoryStore, StorageError};
+    use crate::storage::{KeyUpdate, MemoryStore, StorageError};
 
     #[tokio::test]
     async fn revocation_elsewhere_is_seen_after_the_ttl_and_here_at_once() {
@@ -262,6 +262,24 @@ mod tests {
             self.check()?;
             self.keys.revoke_key(id, at).await
         }
+        async fn update_key(
+            &self,
+            id: &str,
+            update: &KeyUpdate,
+        ) -> Result<Option<KeyRecord>, StorageError> {
+            self.check()?;
+            self.keys.update_key(id, update).await
+        }
+        async fn rotate_key(
+            &self,
+            id: &str,
+            hash: &KeyHash,
+            prefix: &str,
+            until: DateTime<Utc>,
+        ) -> Result<bool, StorageError> {
+            self.check()?;
+            self.keys.rotate_key(id, hash, prefix, until).await
+        }
     }
 
     /// A store whose lookups read at once but answer only when let go: a lookup that
@@ -287,6 +305,22 @@ mod tests {
         }
         async fn revoke_key(&self, id: &str, at: DateTime<Utc>) -> Result<bool, StorageError> {
             self.inner.revoke_key(id, at).await
+        }
+        async fn update_key(
+            &self,
+            id: &str,
+            update: &KeyUpdate,
+        ) -> Result<Option<KeyRecord>, StorageError> {
+            self.inner.update_key(id, update).await
+        }
+        async fn rotate_key(
+            &self,
+            id: &str,
+            hash: &KeyHash,
+            prefix: &str,
+            until: DateTime<Utc>,
+        ) -> Result<bool, StorageError> {
+            self.inner.rotate_key(id, hash, prefix, until).await
         }
     }
 

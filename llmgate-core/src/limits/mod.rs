@@ -46,16 +46,12 @@ pub use status::{EndUserStatus, InFlightStatus, LimitStatus, QuotaStatus, Window
 pub(crate) use bucket::Window;
 
 use crate::auth::{KeyRecord, Role};
-use crate::storage::UsageStore;
+use crate::storage::{UsageStore, MAX_END_USER_BYTES as END_USER_BYTES};
 use local::Local;
 
 /// The completion tokens a request is assumed to ask for when it sets no `max_tokens`
 /// (or `max_completion_tokens`), for the `tpm` estimate.
 pub const DEFAULT_ESTIMATED_COMPLETION_TOKENS: u64 = 256;
-
-/// The longest end user name kept, in bytes (longer ones are cut at a character
-/// boundary); the store keeps the same.
-pub(crate) const END_USER_BYTES: usize = 256;
 
 /// How long the store may take to say how many tokens a key used in the period, before a
 /// request is admitted without its quota checked (and the next one asks again).

@@ -132,6 +132,59 @@ async fn a_quota_admits_while_below_and_overshoots_by_at_most_one_request() {
 }
 
 #[tokio::test]
+async fn a_quota_counts_from_the_usage_stored_in_the_period() {
+    let store = Arc::new(MemoryStore::new());
+    let mut key = KeyRecord::new("alice", Role::User, &Secret::generate());
+    key.limits = KeyLimits {
+        quota_tokens: Some(1000),
+        quota_period: Some(QuotaPeriod::Day),
+        per_user_quota_tokens: Some(100),
+        ..KeyLimits::default()
+    };
+    let now = Utc.with_ymd_and_hms(2026, 12, 2, 12, 0, 0).unwrap();
+    let row = |at: DateTime<Utc>, tokens: u64, user: Option<&str>| crate::storage::RequestRecord {
+        at,
+        key_id: key.id.clone(),
+        method: "POST".into(),
+        path: "/v1/chat/completions".into(),
+        model: Some("m".into()),
+        status: 200,
+        prompt_tokens: Some(tokens / 2),
+        completion_tokens: Some(tokens - tokens / 2),
+        latency_ms: 1,
+        first_byte_ms: Some(1),
+        end_user: user.map(str::to_owned),
+    };
+    crate::storage::UsageStore::record(
+        &*store,
+        &[
+            // Yesterday's tokens do not count today.
+            row(now - Duration::days(1), 5000, None),
+            row(now - Duration::hours(1), 850, None),
+            row(now - Duration::hours(1), 100, Some("ann")),
+        ],
+    )
+    .await
+    .unwrap();
+    let limiter = Limiter::local_with_clock(KeyLimits::default(), store, move || now);
+    let limits = limiter.effective(&key);
+    let ask = |user| limiter.admit(&key, &limits, user, 10);
+    let refused = ask(Some("ann")).await.unwrap_err();
+    assert_eq!(refused.limit, Limit::UserQuota, "ann used her 100 today");
+    ask(Some("bob")).await.unwrap().unwrap().settle(Some(40));
+    let status = limiter.status(&key, None).await;
+    assert_eq!(status.quota.unwrap().used, 990);
+    ask(None).await.unwrap();
+    let refused = ask(None).await.unwrap_err();
+    assert_eq!(refused.limit, Limit::Quota);
+    assert!(
+        refused.message().contains("1000 of 1000 tokens this day"),
+        "{}",
+        refused.message()
+    );
+}
+
+#[tokio::test]
 async fn a_place_in_flight_is_freed_when_the_request_ends() {
     let s = Setup::new(KeyLimits {
         max_parallel: Some(2),

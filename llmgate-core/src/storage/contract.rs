@@ -23,14 +23,16 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 
-use chrono::DateTime;
+use chrono::{DateTime, Duration, Utc};
 
 use super::{
-    KeyStore, ModelStore, ModelUsage, RefusedModel, RequestRecord, StorageError, StoredModel,
-    UsageStore, UsageTotals, MAX_LATENCY_MS, MAX_MODELS_PER_KEY, MAX_MODEL_BYTES,
-    MAX_MODEL_SETTINGS_BYTES, MAX_PATH_BYTES, MAX_TOKENS_PER_REQUEST, NO_MODEL, OTHER_MODEL,
+    KeyStore, KeyUpdate, ModelStore, ModelUsage, RefusedModel, RequestRecord, StorageError,
+    StoredModel, UsageStore, UsageTotals, MAX_END_USERS_PER_KEY, MAX_END_USER_BYTES,
+    MAX_LATENCY_MS, MAX_MODELS_PER_KEY, MAX_MODEL_BYTES, MAX_MODEL_SETTINGS_BYTES, MAX_PATH_BYTES,
+    MAX_TOKENS_PER_REQUEST, NO_MODEL, OTHER_END_USER, OTHER_MODEL,
 };
 use crate::auth::{now_millis, KeyRecord, Role, Secret};
+use crate::limits::{KeyLimits, QuotaPeriod};
 
 /// Runs every contract, each on a fresh store from `make_store`.
 pub async fn run_all<S, F, Fut>(mut make_store: F)
@@ -40,7 +42,9 @@ where
     Fut: Future<Output = S>,
 {
     keys(&make_store().await).await;
+    key_changes(&make_store().await).await;
     usage(&make_store().await).await;
+    end_users(&make_store().await).await;
     usage_per_model(&make_store().await).await;
     hostile_values(&make_store().await).await;
     models(&make_store().await).await;
@@ -91,6 +95,207 @@ pub async fn keys(store: &dyn KeyStore) {
     );
 }
 
+/// Keys after their creation: their own limits kept as set; [`KeyStore::update_key`]
+/// changing only what it is given (name, expiry, limits), refusing a name another active
+/// key has, and leaving revoked keys alone; [`KeyStore::rotate_key`] giving a key a new
+/// secret while the previous one works until its grace ends (and not past the key's own
+/// expiry), one previous secret at a time.
+pub async fn key_changes(store: &dyn KeyStore) {
+    let every_limit = KeyLimits {
+        models: Some(vec!["gemma-*".into(), "it's \"quoted\" \u{1F980}".into()]),
+        rpm: Some(60),
+        tpm: Some(10_000),
+        max_parallel: Some(2),
+        quota_tokens: Some(0),
+        quota_period: Some(QuotaPeriod::Week),
+        weight: Some(3),
+        per_user_rpm: Some(5),
+        per_user_quota_tokens: Some(u64::MAX),
+    };
+    let first = Secret::generate();
+    let bob = KeyRecord {
+        limits: every_limit.clone(),
+        ..KeyRecord::new("bob", Role::User, &first)
+    };
+    store.insert_key(&bob, &first.hash()).await.unwrap();
+    let carol_secret = Secret::generate();
+    let carol = KeyRecord::new("carol", Role::Admin, &carol_secret);
+    store
+        .insert_key(&carol, &carol_secret.hash())
+        .await
+        .unwrap();
+    let found = |secret: &Secret| {
+        let hash = secret.hash();
+        async move { store.key_by_hash(&hash).await.unwrap() }
+    };
+    assert_eq!(found(&first).await, Some(bob.clone()));
+    assert_eq!(found(&carol_secret).await, Some(carol.clone()));
+    assert_eq!(
+        store.list_keys().await.unwrap(),
+        [bob.clone(), carol.clone()]
+    );
+
+    // Only what an update names changes; the key comes back as it now is.
+    let now = now_millis();
+    let tomorrow = now + Duration::days(1);
+    let update = |name: Option<&str>,
+                  expires_at: Option<Option<DateTime<Utc>>>,
+                  limits: Option<KeyLimits>| KeyUpdate {
+        name: name.map(Into::into),
+        expires_at,
+        limits,
+    };
+    let mut expected = KeyRecord {
+        name: "robert".into(),
+        expires_at: Some(tomorrow),
+        ..bob.clone()
+    };
+    let updated = store
+        .update_key(&bob.id, &update(Some("robert"), Some(Some(tomorrow)), None))
+        .await
+        .unwrap();
+    assert_eq!(updated.as_ref(), Some(&expected));
+    assert_eq!(found(&first).await.as_ref(), Some(&expected));
+    // Limits are replaced as a whole; no limits at all is no limits.
+    let fewer = KeyLimits {
+        rpm: Some(5),
+        ..KeyLimits::default()
+    };
+    expected.limits = fewer.clone();
+    let updated = store
+        .update_key(&bob.id, &update(None, None, Some(fewer)))
+        .await
+        .unwrap();
+    assert_eq!(updated.as_ref(), Some(&expected));
+    expected.limits = KeyLimits::default();
+    expected.expires_at = None;
+    let updated = store
+        .update_key(
+            &bob.id,
+            &update(None, Some(None), Some(KeyLimits::default())),
+        )
+        .await
+        .unwrap();
+    assert_eq!(updated.as_ref(), Some(&expected));
+    assert_eq!(found(&first).await.as_ref(), Some(&expected));
+    let unchanged = store
+        .update_key(&bob.id, &KeyUpdate::default())
+        .await
+        .unwrap();
+    assert_eq!(unchanged.as_ref(), Some(&expected));
+
+    // Another active key's name is refused and nothing changes; the key's own is fine.
+    let clash = store
+        .update_key(&bob.id, &update(Some("carol"), Some(Some(now)), None))
+        .await;
+    assert!(matches!(clash, Err(StorageError::Conflict(_))), "{clash:?}");
+    assert_eq!(found(&first).await.as_ref(), Some(&expected));
+    let same = store
+        .update_key(&bob.id, &update(Some("robert"), None, None))
+        .await
+        .unwrap();
+    assert_eq!(same.as_ref(), Some(&expected));
+    assert_eq!(
+        store
+            .update_key("key_nobody", &update(Some("x"), None, None))
+            .await
+            .unwrap(),
+        None
+    );
+    // A revoked key is not changed, and its name is free for another.
+    assert!(store.revoke_key(&carol.id, now).await.unwrap());
+    assert_eq!(
+        store
+            .update_key(&carol.id, &update(Some("carla"), None, None))
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(found(&carol_secret).await.unwrap().name, "carol");
+    expected.name = "carol".into();
+    let renamed = store
+        .update_key(&bob.id, &update(Some("carol"), None, None))
+        .await
+        .unwrap();
+    assert_eq!(renamed.as_ref(), Some(&expected));
+
+    // Rotation: a new secret for the same key; the previous one works until the grace ends.
+    let expected_limits = KeyLimits {
+        tpm: Some(99),
+        ..KeyLimits::default()
+    };
+    store
+        .update_key(&bob.id, &update(None, None, Some(expected_limits.clone())))
+        .await
+        .unwrap();
+    expected.limits = expected_limits;
+    let second = Secret::generate();
+    let grace_end = now + Duration::hours(1);
+    assert!(store
+        .rotate_key(&bob.id, &second.hash(), &second.public_prefix(), grace_end)
+        .await
+        .unwrap());
+    expected.prefix = second.public_prefix();
+    assert_eq!(found(&second).await.as_ref(), Some(&expected));
+    let by_first = found(&first)
+        .await
+        .expect("the previous secret, in its grace");
+    assert_eq!(
+        by_first,
+        KeyRecord {
+            expires_at: Some(grace_end),
+            ..expected.clone()
+        }
+    );
+    assert!(by_first.is_active(now) && !by_first.is_active(grace_end));
+    let listed = store.list_keys().await.unwrap();
+    assert_eq!(listed.iter().find(|k| k.id == bob.id), Some(&expected));
+    assert_eq!(listed.len(), 2, "a rotation adds no key");
+    // The key's own expiry, when sooner, ends the grace too.
+    let soon = now + Duration::minutes(30);
+    store
+        .update_key(&bob.id, &update(None, Some(Some(soon)), None))
+        .await
+        .unwrap();
+    assert_eq!(found(&first).await.unwrap().expires_at, Some(soon));
+    assert_eq!(found(&second).await.unwrap().expires_at, Some(soon));
+    store
+        .update_key(&bob.id, &update(None, Some(None), None))
+        .await
+        .unwrap();
+
+    // Rotating again keeps one previous secret: the first is forgotten, and a grace
+    // ending now stops the second at once.
+    let third = Secret::generate();
+    assert!(store
+        .rotate_key(&bob.id, &third.hash(), &third.public_prefix(), now)
+        .await
+        .unwrap());
+    assert_eq!(found(&first).await, None);
+    let by_second = found(&second).await.unwrap();
+    assert_eq!(by_second.expires_at, Some(now));
+    assert!(!by_second.is_active(now));
+    let by_third = found(&third).await.unwrap();
+    assert!(by_third.is_active(now));
+    assert_eq!(by_third.prefix, third.public_prefix());
+
+    // A revoked key cannot be rotated, and none of its secrets works.
+    assert!(store.revoke_key(&bob.id, now).await.unwrap());
+    let fourth = Secret::generate();
+    assert!(!store
+        .rotate_key(&bob.id, &fourth.hash(), &fourth.public_prefix(), grace_end)
+        .await
+        .unwrap());
+    assert_eq!(found(&fourth).await, None);
+    for secret in [&second, &third] {
+        assert!(found(secret).await.unwrap().revoked_at.is_some());
+    }
+    assert!(!store
+        .rotate_key("key_nobody", &fourth.hash(), "sk-lg-xxxx", grace_end)
+        .await
+        .unwrap());
+}
+
 fn row(key: &str, path: &str, at_ms: i64, tokens: Option<(u64, u64)>) -> RequestRecord {
     RequestRecord {
         at: DateTime::from_timestamp_millis(at_ms).unwrap(),
@@ -103,6 +308,7 @@ fn row(key: &str, path: &str, at_ms: i64, tokens: Option<(u64, u64)>) -> Request
         completion_tokens: tokens.map(|t| t.1),
         latency_ms: 5,
         first_byte_ms: Some(2),
+        end_user: None,
     }
 }
 
@@ -428,10 +634,235 @@ pub async fn usage_per_model(store: &dyn UsageStore) {
     assert_eq!(store.totals().await.unwrap()["hostile"], hostile);
 }
 
+/// End users: each request of an end user counts under its name in the key's
+/// [`UsageTotals::users`] (requests without one, or with an empty name, only in the
+/// key's totals), names as they are kept ([`RequestRecord::normalized`]), at most
+/// [`MAX_END_USERS_PER_KEY`] per key and the rest under [`OTHER_END_USER`]; request rows
+/// read back with their end user; [`UsageStore::tokens_since`] sums the known tokens of
+/// a key's (or one end user's) requests from a time on, that time included.
+pub async fn end_users(store: &dyn UsageStore) {
+    let chat = "/v1/chat/completions";
+    let by = |key: &str, at: i64, user: Option<&str>, tokens: Option<(u64, u64)>| RequestRecord {
+        end_user: user.map(Into::into),
+        ..row(key, chat, at, tokens)
+    };
+    store
+        .record(&[
+            by("k1", 1_000, Some("alice"), Some((10, 5))),
+            by("k1", 1_001, Some("bob"), Some((1, 1))),
+            by("k1", 1_002, None, Some((100, 100))),
+            by("k1", 1_003, Some("alice"), None),
+            by("k1", 1_004, Some(""), Some((7, 7))),
+            by("k2", 1_005, Some("alice"), Some((50, 50))),
+        ])
+        .await
+        .unwrap();
+    store
+        .record(&[by("k1", 2_000, Some("alice"), Some((2, 3)))])
+        .await
+        .unwrap();
+    let usage = |requests, prompt_tokens, completion_tokens, requests_without_usage| ModelUsage {
+        requests,
+        prompt_tokens,
+        completion_tokens,
+        requests_without_usage,
+    };
+    let k1 = store.totals_for_key("k1").await.unwrap();
+    assert_eq!(
+        k1.users,
+        BTreeMap::from([
+            ("alice".to_owned(), usage(3, 12, 8, 1)),
+            ("bob".to_owned(), usage(1, 1, 1, 0)),
+        ])
+    );
+    assert_eq!((k1.requests, k1.total_tokens()), (6, 236));
+    let all = store.totals().await.unwrap();
+    assert_eq!(all["k1"], k1);
+    assert_eq!(
+        all["k2"].users,
+        BTreeMap::from([("alice".to_owned(), usage(1, 50, 50, 0))])
+    );
+    let rows = store.requests("k1", None, 10).await.unwrap();
+    let users: Vec<_> = rows.iter().map(|r| r.end_user.as_deref()).collect();
+    assert_eq!(
+        users,
+        [
+            Some("alice"),
+            None,
+            Some("alice"),
+            None,
+            Some("bob"),
+            Some("alice")
+        ],
+        "newest first; an empty name is none"
+    );
+
+    let at = |ms: i64| DateTime::from_timestamp_millis(ms).unwrap();
+    let since = |key: &'static str, user: Option<&'static str>, ms: i64| async move {
+        store.tokens_since(key, user, at(ms)).await.unwrap()
+    };
+    assert_eq!(since("k1", None, 0).await, 236);
+    assert_eq!(since("k1", Some("alice"), 0).await, 20);
+    assert_eq!(since("k1", Some("alice"), 1_001).await, 5);
+    assert_eq!(
+        since("k1", None, 2_000).await,
+        5,
+        "the time itself included"
+    );
+    assert_eq!(since("k1", None, 2_001).await, 0);
+    assert_eq!(since("k1", Some("bob"), 0).await, 2);
+    assert_eq!(since("k1", Some("nobody"), 0).await, 0);
+    assert_eq!(since("k2", Some("alice"), 0).await, 100);
+    assert_eq!(since("nokey", None, 0).await, 0);
+    // A count known on one side only adds that side; a count no request can have adds
+    // nothing; sums go past 32 bits.
+    store
+        .record(&[
+            by("k4", 3_000, Some("dan"), Some((4, 0))),
+            RequestRecord {
+                completion_tokens: None,
+                ..by("k4", 3_001, Some("dan"), Some((6, 0)))
+            },
+            by(
+                "k4",
+                3_002,
+                Some("dan"),
+                Some((MAX_TOKENS_PER_REQUEST + 1, 1)),
+            ),
+            by(
+                "k4",
+                3_003,
+                Some("eve"),
+                Some((MAX_TOKENS_PER_REQUEST, MAX_TOKENS_PER_REQUEST)),
+            ),
+            by(
+                "k4",
+                3_004,
+                Some("eve"),
+                Some((MAX_TOKENS_PER_REQUEST, MAX_TOKENS_PER_REQUEST)),
+            ),
+            by(
+                "k4",
+                3_005,
+                Some("eve"),
+                Some((MAX_TOKENS_PER_REQUEST, MAX_TOKENS_PER_REQUEST)),
+            ),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(since("k4", Some("dan"), 0).await, 11);
+    assert_eq!(
+        since("k4", Some("eve"), 0).await,
+        6 * MAX_TOKENS_PER_REQUEST
+    );
+    assert_eq!(since("k4", None, 0).await, 6 * MAX_TOKENS_PER_REQUEST + 11);
+
+    // Names as a client may send them: kept as every name is (NUL replaced, cut to
+    // MAX_END_USER_BYTES at a character boundary), and found again by the name sent.
+    let crabs = "\u{1F980}".repeat(100);
+    let kept = &crabs[..MAX_END_USER_BYTES];
+    let quoted = "it's \"o'brien\"; DROP TABLE api_keys; --";
+    store
+        .record(&[
+            by("k3", 5_000, Some("a\0b"), Some((1, 0))),
+            by("k3", 5_001, Some(&crabs), Some((2, 0))),
+            by("k3", 5_002, Some(quoted), Some((4, 0))),
+            by("k3", 5_003, Some("%"), Some((8, 0))),
+        ])
+        .await
+        .unwrap();
+    let k3 = store.totals_for_key("k3").await.unwrap();
+    let names: Vec<&str> = k3.users.keys().map(String::as_str).collect();
+    let mut expected = vec!["a\u{FFFD}b", kept, quoted, "%"];
+    expected.sort();
+    assert_eq!(names, expected);
+    for (name, tokens) in [
+        ("a\0b", 1),
+        (crabs.as_str(), 2),
+        (kept, 2),
+        (quoted, 4),
+        ("%", 8),
+    ] {
+        assert_eq!(
+            store.tokens_since("k3", Some(name), at(0)).await.unwrap(),
+            tokens,
+            "{name}"
+        );
+    }
+    let rows = store.requests("k3", None, 10).await.unwrap();
+    assert_eq!(rows[2].end_user.as_deref(), Some(kept));
+    assert_eq!(rows[3].end_user.as_deref(), Some("a\u{FFFD}b"));
+
+    // A key with more end users than are kept apart: the first ones keep counting under
+    // their names, new ones count under `other`, and nothing is lost from the sums.
+    let first: Vec<_> = (0..MAX_END_USERS_PER_KEY)
+        .map(|i| {
+            by(
+                "many",
+                10_000 + i as i64,
+                Some(&format!("u{i:04}")),
+                Some((1, 1)),
+            )
+        })
+        .collect();
+    store.record(&first).await.unwrap();
+    let mut more: Vec<_> = (0..50)
+        .map(|i| by("many", 20_000 + i, Some(&format!("x{i:03}")), Some((2, 0))))
+        .collect();
+    more.push(by("many", 21_000, Some("u0000"), Some((3, 3))));
+    store.record(&more).await.unwrap();
+    store
+        .record(&[by("many", 22_000, Some("x999"), None)])
+        .await
+        .unwrap();
+    let many = store.totals_for_key("many").await.unwrap();
+    assert_eq!(many.users.len(), MAX_END_USERS_PER_KEY + 1);
+    assert_eq!(many.users["u0000"], usage(2, 4, 4, 0));
+    assert_eq!(many.users["u0999"], usage(1, 1, 1, 0));
+    assert_eq!(many.users[OTHER_END_USER], usage(51, 100, 0, 1));
+    assert!(!many.users.contains_key("x000"));
+    assert_shares_match(&many, &many.users);
+    assert_eq!(
+        store
+            .tokens_since("many", Some("x007"), at(0))
+            .await
+            .unwrap(),
+        2,
+        "the request rows keep the name, past the bound too"
+    );
+
+    // Thousands of made-up names in one batch add no more rows than that.
+    let made_up: Vec<_> = (0..3_000)
+        .map(|i| {
+            by(
+                "hostile",
+                30_000 + i,
+                Some(&format!("made-up-{i}")),
+                Some((1, 0)),
+            )
+        })
+        .collect();
+    store.record(&made_up).await.unwrap();
+    let hostile = store.totals_for_key("hostile").await.unwrap();
+    assert_eq!(hostile.users.len(), MAX_END_USERS_PER_KEY + 1);
+    assert_eq!(
+        hostile.users[OTHER_END_USER].requests,
+        3_000 - MAX_END_USERS_PER_KEY as u64
+    );
+    assert_shares_match(&hostile, &hostile.users);
+    assert_eq!(store.totals().await.unwrap()["hostile"], hostile);
+}
+
 /// The per-model shares add up to the key's totals.
 fn assert_sums_match(totals: &UsageTotals) {
+    assert_shares_match(totals, &totals.models);
+}
+
+/// The shares (per model, or per end user when every request had one) add up to the
+/// key's totals.
+fn assert_shares_match(totals: &UsageTotals, shares: &BTreeMap<String, ModelUsage>) {
     let mut sum = ModelUsage::default();
-    for usage in totals.models.values() {
+    for usage in shares.values() {
         sum.merge(usage);
     }
     assert_eq!(

@@ -8,17 +8,31 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::{
-    normalized_batch, KeyStore, ModelStore, RequestRecord, Storage, StorageError, StoredModel,
-    UsageStore, UsageTotals,
+    normalized_batch, tokens_of, KeyStore, KeyUpdate, ModelStore, RequestRecord, Storage,
+    StorageError, StoredModel, UsageStore, UsageTotals,
 };
 use crate::auth::{KeyHash, KeyRecord};
 
 /// Keys, usage and model settings in memory.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    keys: Mutex<Vec<(KeyHash, KeyRecord)>>,
+    keys: Mutex<Vec<StoredKey>>,
     usage: Mutex<Usage>,
     models: Mutex<BTreeMap<String, StoredModel>>,
+}
+
+#[derive(Debug)]
+struct StoredKey {
+    hash: KeyHash,
+    record: KeyRecord,
+    /// The secret before the last rotation, and until when it still works.
+    previous: Option<(KeyHash, DateTime<Utc>)>,
+}
+
+impl StoredKey {
+    fn is_active_named(&self, name: &str) -> bool {
+        self.record.revoked_at.is_none() && self.record.name == name
+    }
 }
 
 #[derive(Debug, Default)]
@@ -38,25 +52,37 @@ impl MemoryStore {
 impl KeyStore for MemoryStore {
     async fn insert_key(&self, record: &KeyRecord, hash: &KeyHash) -> Result<(), StorageError> {
         let mut keys = self.keys.lock().unwrap();
-        if keys.iter().any(|(h, _)| h == hash) {
-            return Err(StorageError::Conflict("this key already exists".into()));
-        }
         if keys
             .iter()
-            .any(|(_, k)| k.revoked_at.is_none() && k.name == record.name)
+            .any(|k| k.hash == *hash || k.previous.is_some_and(|(h, _)| h == *hash))
         {
-            return Err(StorageError::Conflict(format!(
-                "an active key named '{}' already exists",
-                record.name
-            )));
+            return Err(StorageError::Conflict("this key already exists".into()));
         }
-        keys.push((*hash, record.clone()));
+        if keys.iter().any(|k| k.is_active_named(&record.name)) {
+            return Err(name_taken(&record.name));
+        }
+        keys.push(StoredKey {
+            hash: *hash,
+            record: record.clone(),
+            previous: None,
+        });
         Ok(())
     }
 
     async fn key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StorageError> {
         let keys = self.keys.lock().unwrap();
-        Ok(keys.iter().find(|(h, _)| h == hash).map(|(_, k)| k.clone()))
+        if let Some(key) = keys.iter().find(|k| k.hash == *hash) {
+            return Ok(Some(key.record.clone()));
+        }
+        let previous = keys.iter().find_map(|k| match k.previous {
+            Some((h, until)) if h == *hash => Some((k, until)),
+            _ => None,
+        });
+        Ok(previous.map(|(k, until)| {
+            let mut record = k.record.clone();
+            record.expires_at = Some(record.expires_at.map_or(until, |at| at.min(until)));
+            record
+        }))
     }
 
     async fn list_keys(&self) -> Result<Vec<KeyRecord>, StorageError> {
@@ -65,23 +91,67 @@ impl KeyStore for MemoryStore {
             .lock()
             .unwrap()
             .iter()
-            .map(|(_, k)| k.clone())
+            .map(|k| k.record.clone())
             .collect())
     }
 
     async fn revoke_key(&self, id: &str, at: DateTime<Utc>) -> Result<bool, StorageError> {
         let mut keys = self.keys.lock().unwrap();
-        match keys
-            .iter_mut()
-            .find(|(_, k)| k.id == id && k.revoked_at.is_none())
-        {
-            Some((_, key)) => {
-                key.revoked_at = Some(at);
+        match active(&mut keys, id) {
+            Some(key) => {
+                key.record.revoked_at = Some(at);
                 Ok(true)
             }
             None => Ok(false),
         }
     }
+
+    async fn update_key(
+        &self,
+        id: &str,
+        update: &KeyUpdate,
+    ) -> Result<Option<KeyRecord>, StorageError> {
+        let mut keys = self.keys.lock().unwrap();
+        if let Some(name) = &update.name {
+            if keys
+                .iter()
+                .any(|k| k.record.id != id && k.is_active_named(name))
+            {
+                return Err(name_taken(name));
+            }
+        }
+        Ok(active(&mut keys, id).map(|key| {
+            update.apply(&mut key.record);
+            key.record.clone()
+        }))
+    }
+
+    async fn rotate_key(
+        &self,
+        id: &str,
+        new_hash: &KeyHash,
+        new_prefix: &str,
+        old_valid_until: DateTime<Utc>,
+    ) -> Result<bool, StorageError> {
+        let mut keys = self.keys.lock().unwrap();
+        let Some(key) = active(&mut keys, id) else {
+            return Ok(false);
+        };
+        key.previous = Some((key.hash, old_valid_until));
+        key.hash = *new_hash;
+        key.record.prefix = new_prefix.to_owned();
+        Ok(true)
+    }
+}
+
+/// The active key with this id.
+fn active<'k>(keys: &'k mut [StoredKey], id: &str) -> Option<&'k mut StoredKey> {
+    keys.iter_mut()
+        .find(|k| k.record.id == id && k.record.revoked_at.is_none())
+}
+
+fn name_taken(name: &str) -> StorageError {
+    StorageError::Conflict(format!("an active key named '{name}' already exists"))
 }
 
 #[async_trait]
@@ -138,6 +208,20 @@ impl UsageStore for MemoryStore {
         rows.truncate(limit as usize);
         Ok(rows)
     }
+
+    async fn tokens_since(
+        &self,
+        key_id: &str,
+        end_user: Option<&str>,
+        since: DateTime<Utc>,
+    ) -> Result<u64, StorageError> {
+        let usage = self.usage.lock().unwrap();
+        let rows = usage
+            .rows
+            .iter()
+            .filter(|r| r.key_id == key_id && r.at >= since);
+        Ok(tokens_of(rows, end_user))
+    }
 }
 
 #[async_trait]
@@ -180,6 +264,16 @@ mod tests {
     #[tokio::test]
     async fn usage_per_model_contract() {
         crate::storage::contract::usage_per_model(&MemoryStore::new()).await;
+    }
+
+    #[tokio::test]
+    async fn key_changes_contract() {
+        crate::storage::contract::key_changes(&MemoryStore::new()).await;
+    }
+
+    #[tokio::test]
+    async fn end_users_contract() {
+        crate::storage::contract::end_users(&MemoryStore::new()).await;
     }
 
     #[tokio::test]

@@ -46,6 +46,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{KeyHash, KeyRecord};
+use crate::limits::KeyLimits;
 
 /// Errors of a storage backend.
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +113,56 @@ pub trait KeyStore: Send + Sync {
     async fn list_keys(&self) -> Result<Vec<KeyRecord>, StorageError>;
     /// Marks a key revoked. `Ok(false)` when no active key has this id.
     async fn revoke_key(&self, id: &str, at: DateTime<Utc>) -> Result<bool, StorageError>;
+    /// Changes what `update` sets on the active key with this id and returns the key as
+    /// it now is; `Ok(None)` when no active key has this id. Fails with
+    /// [`StorageError::Conflict`] when another active key has the new name.
+    async fn update_key(
+        &self,
+        id: &str,
+        update: &KeyUpdate,
+    ) -> Result<Option<KeyRecord>, StorageError>;
+    /// Gives the active key with this id a new secret (its hash and public prefix),
+    /// keeping its id, settings and usage. The previous secret keeps working until
+    /// `old_valid_until` (one at or before now stops it at once): [`key_by_hash`] finds
+    /// the key by it, with an `expires_at` no later than that. One previous secret is
+    /// kept; rotating again replaces it. `Ok(false)` when no active key has this id.
+    ///
+    /// [`key_by_hash`]: Self::key_by_hash
+    async fn rotate_key(
+        &self,
+        id: &str,
+        new_hash: &KeyHash,
+        new_prefix: &str,
+        old_valid_until: DateTime<Utc>,
+    ) -> Result<bool, StorageError>;
+}
+
+/// What [`KeyStore::update_key`] changes: each field that is `Some` is set, the others
+/// stay as they are.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyUpdate {
+    /// The new name; unique among active keys.
+    pub name: Option<String>,
+    /// The new expiry: `Some(None)` makes the key never expire.
+    pub expires_at: Option<Option<DateTime<Utc>>>,
+    /// The key's own limits, replacing the ones it had (all of them: an unset field
+    /// falls back to the defaults).
+    pub limits: Option<KeyLimits>,
+}
+
+impl KeyUpdate {
+    /// Applies the update to `key`.
+    pub fn apply(&self, key: &mut KeyRecord) {
+        if let Some(name) = &self.name {
+            key.name.clone_from(name);
+        }
+        if let Some(expires_at) = self.expires_at {
+            key.expires_at = expires_at;
+        }
+        if let Some(limits) = &self.limits {
+            key.limits.clone_from(limits);
+        }
+    }
 }
 
 /// The most tokens one request may count, prompt or completion; a count above it is
@@ -145,6 +196,17 @@ pub const NO_MODEL: &str = "none";
 /// The per-model label of requests for models past [`MAX_MODELS_PER_KEY`]. A model
 /// named `other` counts with them.
 pub const OTHER_MODEL: &str = "other";
+/// The longest end user name kept, in bytes; longer ones are cut at a character
+/// boundary.
+pub const MAX_END_USER_BYTES: usize = 256;
+/// How many end users a key's per-user totals keep apart. Clients name the end user,
+/// so without a bound one key could add a totals row per made-up name; past it, end
+/// users the key has not had yet count under [`OTHER_END_USER`]. Replicas writing at
+/// once may each add a few past it.
+pub const MAX_END_USERS_PER_KEY: usize = 1000;
+/// The per-user label of requests of end users past [`MAX_END_USERS_PER_KEY`]. An end
+/// user named `other` counts with them.
+pub const OTHER_END_USER: &str = "other";
 
 /// What a NUL character in a name becomes: PostgreSQL text cannot hold NUL.
 const NUL_REPLACEMENT: &str = "\u{FFFD}";
@@ -172,6 +234,11 @@ pub struct RequestRecord {
     pub latency_ms: u64,
     /// From arrival to the upstream's response headers; `None` when none came.
     pub first_byte_ms: Option<u64>,
+    /// Who the request was for, when the client said so (OpenAI's `user` field, or a
+    /// front-end's header): one of the people sharing a key. `None` when unsaid (an
+    /// empty name is none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_user: Option<String>,
 }
 
 impl RequestRecord {
@@ -202,6 +269,12 @@ impl RequestRecord {
         if let Some(model) = &mut self.model {
             normalize_name(model, MAX_MODEL_BYTES);
         }
+        if self.end_user.as_deref() == Some("") {
+            self.end_user = None;
+        }
+        if let Some(end_user) = &mut self.end_user {
+            normalize_name(end_user, MAX_END_USER_BYTES);
+        }
     }
 
     /// Whether [`normalize`](Self::normalize) would leave it as it is.
@@ -220,7 +293,22 @@ impl RequestRecord {
                 .model
                 .as_deref()
                 .is_none_or(|m| name_ok(m, MAX_MODEL_BYTES))
+            && self
+                .end_user
+                .as_deref()
+                .is_none_or(|u| !u.is_empty() && name_ok(u, MAX_END_USER_BYTES))
     }
+}
+
+/// An end user's name as storage keeps it ([`RequestRecord::normalize`]): what a
+/// lookup by end user compares with.
+fn stored_end_user(name: &str) -> Cow<'_, str> {
+    if name.len() <= MAX_END_USER_BYTES && !name.as_bytes().contains(&0) {
+        return Cow::Borrowed(name);
+    }
+    let mut name = name.to_owned();
+    normalize_name(&mut name, MAX_END_USER_BYTES);
+    Cow::Owned(name)
 }
 
 fn normalize_name(name: &mut String, max: usize) {
@@ -317,6 +405,11 @@ pub struct UsageTotals {
     /// Usage per model, by the name requests gave ([`NO_MODEL`] when none), at most
     /// [`MAX_MODELS_PER_KEY`] of them and [`OTHER_MODEL`] for the rest.
     pub models: BTreeMap<String, ModelUsage>,
+    /// Usage per end user ([`RequestRecord::end_user`]), at most
+    /// [`MAX_END_USERS_PER_KEY`] of them and [`OTHER_END_USER`] for the rest. Requests
+    /// that named no end user are not in it.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub users: BTreeMap<String, ModelUsage>,
 }
 
 impl UsageTotals {
@@ -346,6 +439,25 @@ impl UsageTotals {
         match self.models.get_mut(model) {
             Some(usage) => usage.add(record),
             None => self.models.entry(model.to_owned()).or_default().add(record),
+        }
+        if let Some(user) = self.end_user_label(record.end_user.as_deref()) {
+            match self.users.get_mut(user) {
+                Some(usage) => usage.add(record),
+                None => self.users.entry(user.to_owned()).or_default().add(record),
+            }
+        }
+    }
+
+    /// The label a request of `end_user` counts under in [`users`](Self::users): its
+    /// name, or [`OTHER_END_USER`] when it is new and these totals already keep
+    /// [`MAX_END_USERS_PER_KEY`] end users apart; `None` (not counted per user) for no
+    /// end user or an empty name.
+    pub fn end_user_label<'a>(&self, end_user: Option<&'a str>) -> Option<&'a str> {
+        let user = end_user.filter(|u| !u.is_empty())?;
+        if self.users.len() >= MAX_END_USERS_PER_KEY && !self.users.contains_key(user) {
+            Some(OTHER_END_USER)
+        } else {
+            Some(user)
         }
     }
 
@@ -378,17 +490,34 @@ pub trait UsageStore: Send + Sync {
         since: Option<DateTime<Utc>>,
         limit: u32,
     ) -> Result<Vec<RequestRecord>, StorageError>;
-    /// Prompt plus completion tokens of the key's requests at or after `since` (of that
-    /// end user's only, when given).
-    // stand-in until S merges: S's branch implements it in every backend.
+    /// Prompt plus completion tokens of the key's requests at or after `since` (only
+    /// those of `end_user` when given; requests without a known count add nothing):
+    /// where a token quota's counter starts.
+    ///
+    /// The default reads every such request through [`requests`](Self::requests); the
+    /// backends in this crate sum them in the database.
     async fn tokens_since(
         &self,
-        _key_id: &str,
-        _end_user: Option<&str>,
-        _since: DateTime<Utc>,
+        key_id: &str,
+        end_user: Option<&str>,
+        since: DateTime<Utc>,
     ) -> Result<u64, StorageError> {
-        Ok(0)
+        let rows = self.requests(key_id, Some(since), u32::MAX).await?;
+        Ok(tokens_of(&rows, end_user))
     }
+}
+
+/// The tokens of `rows` ([`UsageStore::tokens_since`]), of `end_user`'s only when given.
+fn tokens_of<'r>(rows: impl IntoIterator<Item = &'r RequestRecord>, end_user: Option<&str>) -> u64 {
+    let end_user = end_user.map(stored_end_user);
+    let end_user = end_user.as_deref();
+    rows.into_iter()
+        .filter(|r| end_user.is_none_or(|u| r.end_user.as_deref() == Some(u)))
+        .map(|r| {
+            let known = |n: Option<u64>| n.filter(|&n| n <= MAX_TOKENS_PER_REQUEST).unwrap_or(0);
+            known(r.prompt_tokens) + known(r.completion_tokens)
+        })
+        .fold(0u64, u64::saturating_add)
 }
 
 /// A model's settings as the admin API last set them.

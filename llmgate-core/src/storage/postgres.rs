@@ -14,8 +14,8 @@ use sqlx::Postgres;
 
 use super::sql::{Dialect, SqlStore, Statements};
 use super::{
-    Context, KeyStore, ModelStore, RequestRecord, Storage, StorageError, StoredModel, UsageStore,
-    UsageTotals,
+    Context, KeyStore, KeyUpdate, ModelStore, RequestRecord, Storage, StorageError, StoredModel,
+    UsageStore, UsageTotals,
 };
 use crate::auth::{KeyHash, KeyRecord};
 
@@ -86,6 +86,26 @@ impl KeyStore for PostgresStore {
     async fn revoke_key(&self, id: &str, at: DateTime<Utc>) -> Result<bool, StorageError> {
         self.inner.revoke_key(id, at).await
     }
+
+    async fn update_key(
+        &self,
+        id: &str,
+        update: &KeyUpdate,
+    ) -> Result<Option<KeyRecord>, StorageError> {
+        self.inner.update_key(id, update).await
+    }
+
+    async fn rotate_key(
+        &self,
+        id: &str,
+        new_hash: &KeyHash,
+        new_prefix: &str,
+        old_valid_until: DateTime<Utc>,
+    ) -> Result<bool, StorageError> {
+        self.inner
+            .rotate_key(id, new_hash, new_prefix, old_valid_until)
+            .await
+    }
 }
 
 #[async_trait]
@@ -120,6 +140,15 @@ impl UsageStore for PostgresStore {
         limit: u32,
     ) -> Result<Vec<RequestRecord>, StorageError> {
         self.inner.requests(key_id, since, limit).await
+    }
+
+    async fn tokens_since(
+        &self,
+        key_id: &str,
+        end_user: Option<&str>,
+        since: DateTime<Utc>,
+    ) -> Result<u64, StorageError> {
+        self.inner.tokens_since(key_id, end_user, since).await
     }
 }
 
@@ -222,6 +251,24 @@ pub(crate) mod tests {
 
     #[tokio::test]
     #[ignore = "needs PostgreSQL (LLMGATE_TEST_POSTGRES or 127.0.0.1:5432)"]
+    async fn key_changes_contract() {
+        let db = TestDatabase::create().await;
+        let store = PostgresStore::connect(&db.url).await.unwrap();
+        crate::storage::contract::key_changes(&store).await;
+        store.close().await;
+    }
+
+    #[tokio::test]
+    #[ignore = "needs PostgreSQL (LLMGATE_TEST_POSTGRES or 127.0.0.1:5432)"]
+    async fn end_users_contract() {
+        let db = TestDatabase::create().await;
+        let store = PostgresStore::connect(&db.url).await.unwrap();
+        crate::storage::contract::end_users(&store).await;
+        store.close().await;
+    }
+
+    #[tokio::test]
+    #[ignore = "needs PostgreSQL (LLMGATE_TEST_POSTGRES or 127.0.0.1:5432)"]
     async fn models_contract() {
         let db = TestDatabase::create().await;
         let store = PostgresStore::connect(&db.url).await.unwrap();
@@ -241,6 +288,7 @@ pub(crate) mod tests {
             completion_tokens: None,
             latency_ms: 7,
             first_byte_ms: Some(2),
+            end_user: None,
         }
     }
 
@@ -379,6 +427,45 @@ pub(crate) mod tests {
 
     #[tokio::test]
     #[ignore = "needs PostgreSQL (LLMGATE_TEST_POSTGRES or 127.0.0.1:5432)"]
+    async fn a_database_made_before_fair_use_upgrades() {
+        let db = TestDatabase::create().await;
+        let secret = crate::auth::Secret::generate();
+        let key = KeyRecord::new("old", Role::User, &secret);
+        {
+            let pool = PgPool::connect(&db.url).await.unwrap();
+            let mut old = sqlx::migrate!("./migrations/postgres");
+            old.migrations = old
+                .migrations
+                .iter()
+                .filter(|m| m.version <= 3)
+                .cloned()
+                .collect::<Vec<_>>()
+                .into();
+            old.run(&pool).await.unwrap();
+            sqlx::query(
+                "INSERT INTO api_keys (id, name, role, prefix, key_hash, created_at, expires_at, revoked_at) \
+                 VALUES ($1, $2, 'user', $3, $4, $5, NULL, NULL)",
+            )
+            .bind(&key.id)
+            .bind(&key.name)
+            .bind(&key.prefix)
+            .bind(&secret.hash().0[..])
+            .bind(key.created_at.timestamp_millis())
+            .execute(&pool)
+            .await
+            .unwrap();
+            for sql in crate::storage::sql::before_usage_models::statements() {
+                sqlx::query(&sql).execute(&pool).await.unwrap();
+            }
+            pool.close().await;
+        }
+        let store = PostgresStore::connect(&db.url).await.unwrap();
+        crate::storage::sql::before_fair_use::check(&store, &secret, &key).await;
+        store.close().await;
+    }
+
+    #[tokio::test]
+    #[ignore = "needs PostgreSQL (LLMGATE_TEST_POSTGRES or 127.0.0.1:5432)"]
     async fn replicas_sharing_a_database_see_each_others_keys_and_usage() {
         let db = TestDatabase::create().await;
         // Two replicas start at once; both migrate.
@@ -405,6 +492,7 @@ pub(crate) mod tests {
             completion_tokens: Some(3),
             latency_ms: 1,
             first_byte_ms: None,
+            end_user: None,
         };
         let batch_a: Vec<_> = (0..50).map(row).collect();
         let batch_b: Vec<_> = (50..100).map(row).collect();
@@ -434,6 +522,7 @@ pub(crate) mod tests {
             completion_tokens: Some(1),
             latency_ms: 1,
             first_byte_ms: None,
+            end_user: None,
         };
         store.record(&[row(1)]).await.unwrap();
         sqlx::query("UPDATE usage_totals SET prompt_tokens = 9223372036854775800")

@@ -15,10 +15,12 @@ use chrono::{DateTime, Utc};
 use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type};
 
 use super::{
-    normalized_batch, ModelUsage, RequestRecord, StorageError, StoredModel, UsageTotals,
-    MAX_MODELS_PER_KEY, MAX_TOKENS_PER_REQUEST, OTHER_MODEL,
+    normalized_batch, stored_end_user, KeyUpdate, ModelUsage, RequestRecord, StorageError,
+    StoredModel, UsageTotals, MAX_END_USERS_PER_KEY, MAX_MODELS_PER_KEY, MAX_TOKENS_PER_REQUEST,
+    OTHER_END_USER, OTHER_MODEL,
 };
 use crate::auth::{KeyHash, KeyRecord, Role};
+use crate::limits::KeyLimits;
 
 fn get<R, T>(row: &R, column: &str) -> Result<T, StorageError>
 where
@@ -53,7 +55,8 @@ pub(super) fn saturating_sum(current: &str, added: &str) -> String {
 }
 
 /// The columns [`key_from_row`] reads.
-pub(super) const KEY_COLUMNS: &str = "id, name, role, prefix, created_at, expires_at, revoked_at";
+pub(super) const KEY_COLUMNS: &str =
+    "id, name, role, prefix, created_at, expires_at, revoked_at, limits";
 
 pub(super) fn key_from_row<R: Row>(row: &R) -> Result<KeyRecord, StorageError>
 where
@@ -72,9 +75,22 @@ where
         created_at: required_time(get(row, "created_at")?)?,
         expires_at: time(get(row, "expires_at")?)?,
         revoked_at: time(get(row, "revoked_at")?)?,
-        // Stored limits arrive with the storage part of fair use.
-        limits: Default::default(),
+        limits: limits_from_text(get(row, "limits")?)?,
     })
+}
+
+/// A key's limits as the `limits` column keeps them: JSON, `None` (NULL) when it sets
+/// none.
+fn limits_text(limits: &KeyLimits) -> Option<String> {
+    (!limits.is_empty()).then(|| serde_json::to_string(limits).expect("limits serialize to JSON"))
+}
+
+fn limits_from_text(text: Option<String>) -> Result<KeyLimits, StorageError> {
+    match text {
+        None => Ok(KeyLimits::default()),
+        Some(text) => serde_json::from_str(&text)
+            .map_err(|e| StorageError::Corrupt(format!("a key's limits: {e}"))),
+    }
 }
 
 /// From `requests, prompt_tokens, completion_tokens, requests_without_usage,
@@ -95,10 +111,12 @@ where
         last_request_at: time(get(row, "last_request_at")?)?,
         endpoints: BTreeMap::new(),
         models: BTreeMap::new(),
+        users: BTreeMap::new(),
     })
 }
 
-/// A `usage_models` row's name and counts (the columns of [`MODEL_COLUMNS`]).
+/// A `usage_models` (or `usage_end_users`) row's label and counts (the columns of
+/// [`MODEL_COLUMNS`], or [`END_USER_COLUMNS`] with the end user as `model`).
 fn model_from_row<R: Row>(row: &R) -> Result<(String, ModelUsage), StorageError>
 where
     for<'r> &'r str: ColumnIndex<R>,
@@ -121,6 +139,9 @@ where
 /// The columns of `usage_models` that [`model_from_row`] reads.
 const MODEL_COLUMNS: &str =
     "model, requests, prompt_tokens, completion_tokens, requests_without_usage";
+/// The columns of `usage_end_users` that [`model_from_row`] reads.
+const END_USER_COLUMNS: &str =
+    "end_user AS model, requests, prompt_tokens, completion_tokens, requests_without_usage";
 
 /// A `model_settings` row.
 fn stored_model_from_row<R: Row>(row: &R) -> Result<StoredModel, StorageError>
@@ -140,7 +161,8 @@ where
 
 /// The columns [`request_from_row`] reads (from the view `usage_requests`).
 pub(super) const REQUEST_COLUMNS: &str =
-    "at, key_id, method, path, model, status, prompt_tokens, completion_tokens, latency_ms, first_byte_ms";
+    "at, key_id, method, path, model, status, prompt_tokens, completion_tokens, latency_ms, \
+     first_byte_ms, end_user";
 
 pub(super) fn request_from_row<R: Row>(row: &R) -> Result<RequestRecord, StorageError>
 where
@@ -161,7 +183,18 @@ where
         completion_tokens: tokens(get(row, "completion_tokens")?),
         latency_ms: count(get(row, "latency_ms")?),
         first_byte_ms: get::<_, Option<i64>>(row, "first_byte_ms")?.map(count),
+        end_user: get(row, "end_user")?,
     })
+}
+
+/// `err`, with a clash of names told as the name `name` being taken.
+fn name_conflict(err: sqlx::Error, name: &str) -> StorageError {
+    match StorageError::from(err) {
+        StorageError::Conflict(_) => {
+            StorageError::Conflict(format!("an active key named '{name}' already exists"))
+        }
+        other => other,
+    }
 }
 
 impl From<sqlx::Error> for StorageError {
@@ -237,6 +270,9 @@ pub(super) struct TotalsUpserts {
     /// Adds `(key_id, model, requests, prompt_tokens, completion_tokens,
     /// requests_without_usage)` to `usage_models`.
     pub(super) models: String,
+    /// Adds `(key_id, end_user, requests, prompt_tokens, completion_tokens,
+    /// requests_without_usage)` to `usage_end_users`.
+    pub(super) users: String,
 }
 
 impl TotalsUpserts {
@@ -266,24 +302,27 @@ impl TotalsUpserts {
             params(3),
             sum("usage_endpoints", "requests"),
         );
-        let models = format!(
-            "INSERT INTO usage_models \
-             (key_id, model, requests, prompt_tokens, completion_tokens, requests_without_usage) \
-             VALUES ({}) ON CONFLICT (key_id, model) DO UPDATE SET {}",
-            params(6),
-            [
-                "requests",
-                "prompt_tokens",
-                "completion_tokens",
-                "requests_without_usage"
-            ]
-            .map(|column| sum("usage_models", column))
-            .join(", "),
-        );
+        let per = |table: &str, label: &str| {
+            format!(
+                "INSERT INTO {table} \
+                 (key_id, {label}, requests, prompt_tokens, completion_tokens, requests_without_usage) \
+                 VALUES ({}) ON CONFLICT (key_id, {label}) DO UPDATE SET {}",
+                params(6),
+                [
+                    "requests",
+                    "prompt_tokens",
+                    "completion_tokens",
+                    "requests_without_usage"
+                ]
+                .map(|column| sum(table, column))
+                .join(", "),
+            )
+        };
         Self {
             totals,
             endpoints,
-            models,
+            models: per("usage_models", "model"),
+            users: per("usage_end_users", "end_user"),
         }
     }
 }
@@ -353,14 +392,17 @@ pub(super) struct Dialect {
 /// The columns of `usage_rows`, in the order [`SqlStore::record`] binds them: names by
 /// their id in `usage_names`.
 const ROW_COLUMNS: &str =
-    "at, key, method, path, model, status, prompt_tokens, completion_tokens, latency_ms, first_byte_ms";
+    "at, key, method, path, model, status, prompt_tokens, completion_tokens, latency_ms, \
+     first_byte_ms, end_user";
 
 /// Every statement a SQL store runs, in one dialect, built once per backend.
 pub(super) struct Statements {
     insert_key: String,
-    key_by_hash: String,
+    pub(super) key_by_hash: String,
     list_keys: String,
     revoke_key: String,
+    update_key: String,
+    rotate_key: String,
     insert_name: String,
     name_id: String,
     all_totals: String,
@@ -370,6 +412,11 @@ pub(super) struct Statements {
     all_models: String,
     key_models: String,
     key_model_names: String,
+    all_users: String,
+    key_users: String,
+    key_user_names: String,
+    pub(super) tokens_since: String,
+    pub(super) user_tokens_since: String,
     stored_models: String,
     store_model: String,
     requests: String,
@@ -397,18 +444,36 @@ impl Statements {
         } = *dialect;
         Self {
             insert_key: numbered(
-                "INSERT INTO api_keys (id, name, role, prefix, key_hash, created_at, expires_at, revoked_at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                "INSERT INTO api_keys \
+                 (id, name, role, prefix, key_hash, created_at, expires_at, revoked_at, limits) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
                     .into(),
             ),
+            // Found by its secret, or by the one it had before its last rotation: then
+            // with when that one stops working.
             key_by_hash: numbered(format!(
-                "SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = ?"
+                "SELECT {KEY_COLUMNS}, \
+                 CASE WHEN key_hash = ? THEN NULL ELSE previous_valid_until END AS previous_valid_until \
+                 FROM api_keys WHERE key_hash = ? OR previous_hash = ?"
             )),
             list_keys: format!(
                 "SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at, {key_tiebreak}"
             ),
             revoke_key: numbered(
                 "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL RETURNING id"
+                    .into(),
+            ),
+            update_key: numbered(format!(
+                "UPDATE api_keys SET name = COALESCE(?, name), \
+                 expires_at = CASE WHEN ? = 1 THEN ? ELSE expires_at END, \
+                 limits = CASE WHEN ? = 1 THEN ? ELSE limits END \
+                 WHERE id = ? AND revoked_at IS NULL RETURNING {KEY_COLUMNS}"
+            )),
+            // The right-hand sides read the row as it was: the current hash becomes the
+            // previous one.
+            rotate_key: numbered(
+                "UPDATE api_keys SET previous_hash = key_hash, previous_valid_until = ?, \
+                 key_hash = ?, prefix = ? WHERE id = ? AND revoked_at IS NULL RETURNING id"
                     .into(),
             ),
             insert_name: numbered(
@@ -430,6 +495,15 @@ impl Statements {
                 "SELECT {MODEL_COLUMNS} FROM usage_models WHERE key_id = ?"
             )),
             key_model_names: numbered("SELECT model FROM usage_models WHERE key_id = ?".into()),
+            all_users: format!("SELECT key_id, {END_USER_COLUMNS} FROM usage_end_users"),
+            key_users: numbered(format!(
+                "SELECT {END_USER_COLUMNS} FROM usage_end_users WHERE key_id = ?"
+            )),
+            key_user_names: numbered(
+                "SELECT end_user AS model FROM usage_end_users WHERE key_id = ?".into(),
+            ),
+            tokens_since: numbered(tokens_since(false)),
+            user_tokens_since: numbered(tokens_since(true)),
             stored_models: "SELECT name, settings, updated_at FROM model_settings".into(),
             store_model: numbered(
                 "INSERT INTO model_settings (name, settings, updated_at) VALUES (?, ?, ?) \
@@ -448,11 +522,95 @@ impl Statements {
     }
 }
 
+/// The sum of a key's tokens since a time (and of one end user's), from the rows:
+/// through `usage_rows_key_at` (or `usage_rows_key_end_user_at`). A count no request can
+/// have is unknown, as when rows are read back.
+fn tokens_since(of_end_user: bool) -> String {
+    let known = |column: &str| {
+        format!(
+            "CASE WHEN {column} BETWEEN 0 AND {MAX_TOKENS_PER_REQUEST} THEN {column} ELSE 0 END"
+        )
+    };
+    let name_id = "(SELECT id FROM usage_names WHERE name = ?)";
+    format!(
+        "SELECT CAST(COALESCE(SUM({} + {}), 0) AS BIGINT) AS tokens FROM usage_rows \
+         WHERE key = {name_id} AND at >= ?{}",
+        known("prompt_tokens"),
+        known("completion_tokens"),
+        if of_end_user {
+            format!(" AND end_user = {name_id}")
+        } else {
+            String::new()
+        }
+    )
+}
+
 /// How many names' ids a store keeps in memory before it starts over.
 const MAX_REMEMBERED_NAMES: usize = 10_000;
-/// How many keys' model labels a store keeps in memory before it starts over: at most
-/// [`MAX_MODELS_PER_KEY`] labels of up to 256 bytes each, so a few MiB at worst.
-const MAX_REMEMBERED_KEYS: usize = 1_000;
+/// How many per-model labels a store keeps in memory (over all keys) before it starts
+/// over: of up to 256 bytes each, so a few tens of MiB at worst.
+const MAX_REMEMBERED_MODEL_LABELS: usize = 100_000;
+/// How many per-user labels a store keeps in memory (over all keys) before it starts
+/// over; as many keys' end users as that many models.
+const MAX_REMEMBERED_USER_LABELS: usize = 100_000;
+
+/// One breakdown of a key's totals by a label the client chooses (per model, per end
+/// user), kept within a bound: what differs between them.
+struct Breakdown {
+    /// How many labels one key keeps apart.
+    max_per_key: usize,
+    /// The label of the rest.
+    other: &'static str,
+}
+
+const PER_MODEL: Breakdown = Breakdown {
+    max_per_key: MAX_MODELS_PER_KEY,
+    other: OTHER_MODEL,
+};
+const PER_END_USER: Breakdown = Breakdown {
+    max_per_key: MAX_END_USERS_PER_KEY,
+    other: OTHER_END_USER,
+};
+
+/// Per key, the labels of one breakdown this process has seen committed: a batch naming
+/// only these adds no label, so it needs no look at the table to keep within the
+/// bound. Labels are never removed, so they stay true.
+#[derive(Debug)]
+struct KnownLabels {
+    per_key: HashMap<String, HashSet<String>>,
+    /// Labels over all keys.
+    count: usize,
+    /// At most this many are kept; past it, all are forgotten and read again.
+    limit: usize,
+}
+
+impl KnownLabels {
+    fn new(limit: usize) -> Self {
+        Self {
+            per_key: HashMap::new(),
+            count: 0,
+            limit,
+        }
+    }
+
+    fn knows_all<'l>(&self, key_id: &str, mut labels: impl Iterator<Item = &'l String>) -> bool {
+        self.per_key
+            .get(key_id)
+            .is_some_and(|known| labels.all(|l| known.contains(l)))
+    }
+
+    fn remember(&mut self, key_id: &str, labels: HashSet<String>) {
+        let before = self.per_key.get(key_id).map_or(0, HashSet::len);
+        if self.count - before + labels.len() > self.limit {
+            self.per_key.clear();
+            self.count = 0;
+        } else {
+            self.count -= before;
+        }
+        self.count += labels.len();
+        self.per_key.insert(key_id.to_owned(), labels);
+    }
+}
 
 /// Keys, usage and model settings in a SQL database, whichever the driver: the logic
 /// both SQL backends share. Request rows name their key, method, path and model by id, from the table
@@ -467,10 +625,10 @@ pub(super) struct SqlStore<DB: Database> {
     pub(super) names: Arc<Mutex<HashMap<String, i64>>>,
     /// At most this many are kept ([`MAX_REMEMBERED_NAMES`]; smaller in tests).
     pub(super) names_limit: usize,
-    /// Per key, the model labels this process has seen committed in `usage_models`: a
-    /// batch naming only these adds no label, so it needs no look at the table to keep
-    /// within [`MAX_MODELS_PER_KEY`]. Labels are never removed, so they stay true.
-    model_labels: Arc<Mutex<HashMap<String, HashSet<String>>>>,
+    /// The labels of `usage_models` this process has seen committed.
+    model_labels: Arc<Mutex<KnownLabels>>,
+    /// The labels of `usage_end_users` this process has seen committed.
+    user_labels: Arc<Mutex<KnownLabels>>,
 }
 
 impl<DB: Database> Clone for SqlStore<DB> {
@@ -481,6 +639,7 @@ impl<DB: Database> Clone for SqlStore<DB> {
             names: self.names.clone(),
             names_limit: self.names_limit,
             model_labels: self.model_labels.clone(),
+            user_labels: self.user_labels.clone(),
         }
     }
 }
@@ -513,7 +672,8 @@ where
             sql,
             names: Arc::default(),
             names_limit: MAX_REMEMBERED_NAMES,
-            model_labels: Arc::default(),
+            model_labels: Arc::new(Mutex::new(KnownLabels::new(MAX_REMEMBERED_MODEL_LABELS))),
+            user_labels: Arc::new(Mutex::new(KnownLabels::new(MAX_REMEMBERED_USER_LABELS))),
         }
     }
 
@@ -531,15 +691,10 @@ where
             .bind(millis(record.created_at))
             .bind(record.expires_at.map(millis))
             .bind(record.revoked_at.map(millis))
+            .bind(limits_text(&record.limits).as_deref())
             .execute(&self.pool)
             .await
-            .map_err(|e| match StorageError::from(e) {
-                StorageError::Conflict(_) => StorageError::Conflict(format!(
-                    "an active key named '{}' already exists",
-                    record.name
-                )),
-                other => other,
-            })?;
+            .map_err(|e| name_conflict(e, &record.name))?;
         Ok(())
     }
 
@@ -549,9 +704,54 @@ where
     ) -> Result<Option<KeyRecord>, StorageError> {
         let row = sqlx::query(&self.sql.key_by_hash)
             .bind(&hash.0[..])
+            .bind(&hash.0[..])
+            .bind(&hash.0[..])
             .fetch_optional(&self.pool)
             .await?;
+        let Some(row) = row else { return Ok(None) };
+        let mut key = key_from_row(&row)?;
+        // Found by its previous secret: that one works until its grace ends.
+        if let Some(until) = time(get(&row, "previous_valid_until")?)? {
+            key.expires_at = Some(key.expires_at.map_or(until, |at| at.min(until)));
+        }
+        Ok(Some(key))
+    }
+
+    pub(super) async fn update_key(
+        &self,
+        id: &str,
+        update: &KeyUpdate,
+    ) -> Result<Option<KeyRecord>, StorageError> {
+        let flag = |set: bool| i64::from(set);
+        let limits = update.limits.as_ref().and_then(limits_text);
+        let row = sqlx::query(&self.sql.update_key)
+            .bind(update.name.as_deref())
+            .bind(flag(update.expires_at.is_some()))
+            .bind(update.expires_at.flatten().map(millis))
+            .bind(flag(update.limits.is_some()))
+            .bind(limits.as_deref())
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| name_conflict(e, update.name.as_deref().unwrap_or_default()))?;
         row.as_ref().map(key_from_row).transpose()
+    }
+
+    pub(super) async fn rotate_key(
+        &self,
+        id: &str,
+        new_hash: &KeyHash,
+        new_prefix: &str,
+        old_valid_until: DateTime<Utc>,
+    ) -> Result<bool, StorageError> {
+        let rotated = sqlx::query(&self.sql.rotate_key)
+            .bind(millis(old_valid_until))
+            .bind(&new_hash.0[..])
+            .bind(new_prefix)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(rotated.is_some())
     }
 
     pub(super) async fn list_keys(&self) -> Result<Vec<KeyRecord>, StorageError> {
@@ -590,7 +790,7 @@ where
         for (sql, rows) in self.sql.inserts.runs(batch) {
             let query = rows.iter().fold(sqlx::query(sql), |query, r| {
                 // Every name of the batch has an id (`name_ids`).
-                let [key, method, path, model] = row_names(r).map(|(column, name)| {
+                let [key, method, path, model, end_user] = row_names(r).map(|(column, name)| {
                     name.map(|name| ids.get(column, name).unwrap_or_default())
                 });
                 query
@@ -604,11 +804,12 @@ where
                     .bind(r.completion_tokens.map(to_i64))
                     .bind(to_i64(r.latency_ms))
                     .bind(r.first_byte_ms.map(to_i64))
+                    .bind(end_user)
             });
             query.execute(&mut *tx).await?;
         }
         // Keys in order (a BTreeMap), so that two writers never wait on each other's rows.
-        let mut new_labels = Vec::new();
+        let (mut new_models, mut new_users) = (Vec::new(), Vec::new());
         for (key_id, t) in &per_key {
             sqlx::query(&self.sql.upserts.totals)
                 .bind(*key_id)
@@ -627,30 +828,56 @@ where
                     .execute(&mut *tx)
                     .await?;
             }
-            let (models, labels) = self.key_models(&mut tx, key_id, &t.models).await?;
-            for (model, usage) in &models {
-                sqlx::query(&self.sql.upserts.models)
-                    .bind(*key_id)
-                    .bind(*model)
-                    .bind(to_i64(usage.requests))
-                    .bind(to_i64(usage.prompt_tokens))
-                    .bind(to_i64(usage.completion_tokens))
-                    .bind(to_i64(usage.requests_without_usage))
-                    .execute(&mut *tx)
+            for (breakdown, known, upsert, names, batch, new) in [
+                (
+                    &PER_MODEL,
+                    &self.model_labels,
+                    &self.sql.upserts.models,
+                    &self.sql.key_model_names,
+                    &t.models,
+                    &mut new_models,
+                ),
+                (
+                    &PER_END_USER,
+                    &self.user_labels,
+                    &self.sql.upserts.users,
+                    &self.sql.key_user_names,
+                    &t.users,
+                    &mut new_users,
+                ),
+            ] {
+                if batch.is_empty() {
+                    continue;
+                }
+                let (shares, labels) = self
+                    .key_labels(&mut tx, key_id, batch, breakdown, known, names)
                     .await?;
-            }
-            if let Some(labels) = labels {
-                new_labels.push((*key_id, labels));
+                for (label, usage) in &shares {
+                    sqlx::query(upsert)
+                        .bind(*key_id)
+                        .bind(*label)
+                        .bind(to_i64(usage.requests))
+                        .bind(to_i64(usage.prompt_tokens))
+                        .bind(to_i64(usage.completion_tokens))
+                        .bind(to_i64(usage.requests_without_usage))
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                if let Some(labels) = labels {
+                    new.push((*key_id, labels));
+                }
             }
         }
         tx.commit().await?;
-        if !new_labels.is_empty() {
-            let mut known = self.model_labels.lock().expect("model labels lock");
-            if known.len() + new_labels.len() > MAX_REMEMBERED_KEYS {
-                known.clear();
-            }
-            for (key_id, labels) in new_labels {
-                known.insert(key_id.to_owned(), labels);
+        for (known, new) in [
+            (&self.model_labels, new_models),
+            (&self.user_labels, new_users),
+        ] {
+            if !new.is_empty() {
+                let mut known = known.lock().expect("labels lock");
+                for (key_id, labels) in new {
+                    known.remember(key_id, labels);
+                }
             }
         }
         // Only committed ids are remembered: a rolled-back name may get another id.
@@ -663,45 +890,43 @@ where
         Ok(())
     }
 
-    /// A batch's usage per model for one key, as it is to be added to `usage_models`:
-    /// labels the key has not used yet count under [`OTHER_MODEL`] once it has
-    /// [`MAX_MODELS_PER_KEY`] (as [`UsageTotals::add`] does). With the key's labels after
-    /// the batch when they had to be read (to remember once the transaction commits).
-    async fn key_models<'m>(
+    /// A batch's usage per label (model, end user) for one key, as it is to be added to
+    /// its table: labels the key has not used yet count under the breakdown's `other`
+    /// once it has as many as the bound (as [`UsageTotals::add`] does). With the key's
+    /// labels after the batch when they had to be read (`names` reads them; to
+    /// remember once the transaction commits).
+    async fn key_labels<'m>(
         &self,
         tx: &mut DB::Connection,
         key_id: &str,
         batch: &'m BTreeMap<String, ModelUsage>,
+        breakdown: &Breakdown,
+        known: &Mutex<KnownLabels>,
+        names: &str,
     ) -> Result<(BTreeMap<&'m str, ModelUsage>, Option<HashSet<String>>), StorageError> {
-        let as_is = || batch.iter().map(|(m, u)| (m.as_str(), *u)).collect();
+        if known
+            .lock()
+            .expect("labels lock")
+            .knows_all(key_id, batch.keys())
         {
-            let known = self.model_labels.lock().expect("model labels lock");
-            if known
-                .get(key_id)
-                .is_some_and(|labels| batch.keys().all(|m| labels.contains(m)))
-            {
-                return Ok((as_is(), None));
-            }
+            return Ok((batch.iter().map(|(m, u)| (m.as_str(), *u)).collect(), None));
         }
-        let rows = sqlx::query(&self.sql.key_model_names)
-            .bind(key_id)
-            .fetch_all(&mut *tx)
-            .await?;
+        let rows = sqlx::query(names).bind(key_id).fetch_all(&mut *tx).await?;
         let mut labels = rows
             .iter()
             .map(|row| get::<_, String>(row, "model"))
             .collect::<Result<HashSet<_>, _>>()?;
-        let mut models: BTreeMap<&str, ModelUsage> = BTreeMap::new();
-        for (model, usage) in batch {
-            let label = if labels.len() >= MAX_MODELS_PER_KEY && !labels.contains(model) {
-                OTHER_MODEL
+        let mut shares: BTreeMap<&str, ModelUsage> = BTreeMap::new();
+        for (label, usage) in batch {
+            let label = if labels.len() >= breakdown.max_per_key && !labels.contains(label) {
+                breakdown.other
             } else {
-                model.as_str()
+                label.as_str()
             };
             labels.insert(label.to_owned());
-            models.entry(label).or_default().merge(usage);
+            shares.entry(label).or_default().merge(usage);
         }
-        Ok((models, Some(labels)))
+        Ok((shares, Some(labels)))
     }
 
     /// The id of every name the batch uses, and those of them this process had not seen
@@ -774,6 +999,16 @@ where
                 t.models.insert(model, usage);
             }
         }
+        let rows = sqlx::query(&self.sql.all_users)
+            .fetch_all(&self.pool)
+            .await?;
+        for row in &rows {
+            let key_id: String = get(row, "key_id")?;
+            if let Some(t) = all.get_mut(&key_id) {
+                let (user, usage) = model_from_row(row)?;
+                t.users.insert(user, usage);
+            }
+        }
         Ok(all)
     }
 
@@ -803,7 +1038,34 @@ where
             let (model, usage) = model_from_row(row)?;
             totals.models.insert(model, usage);
         }
+        let rows = sqlx::query(&self.sql.key_users)
+            .bind(key_id)
+            .fetch_all(&self.pool)
+            .await?;
+        for row in &rows {
+            let (user, usage) = model_from_row(row)?;
+            totals.users.insert(user, usage);
+        }
         Ok(totals)
+    }
+
+    pub(super) async fn tokens_since(
+        &self,
+        key_id: &str,
+        end_user: Option<&str>,
+        since: DateTime<Utc>,
+    ) -> Result<u64, StorageError> {
+        let sql = match end_user {
+            None => &self.sql.tokens_since,
+            Some(_) => &self.sql.user_tokens_since,
+        };
+        let end_user = end_user.map(stored_end_user);
+        let mut query = sqlx::query(sql).bind(key_id).bind(millis(since));
+        if let Some(end_user) = &end_user {
+            query = query.bind(end_user.as_ref());
+        }
+        let row = query.fetch_one(&self.pool).await?;
+        Ok(count(get(&row, "tokens")?))
     }
 
     pub(super) async fn stored_models(&self) -> Result<Vec<StoredModel>, StorageError> {
@@ -846,13 +1108,14 @@ where
     }
 }
 
-/// A request row's names, by column of `usage_rows`: key, method, path, model.
-fn row_names(r: &RequestRecord) -> [(usize, Option<&str>); 4] {
+/// A request row's names, by column of `usage_rows`: key, method, path, model, end user.
+fn row_names(r: &RequestRecord) -> [(usize, Option<&str>); 5] {
     [
         (0, Some(r.key_id.as_str())),
         (1, Some(r.method.as_str())),
         (2, Some(r.path.as_str())),
         (3, r.model.as_deref()),
+        (4, r.end_user.as_deref()),
     ]
 }
 
@@ -861,7 +1124,7 @@ fn row_names(r: &RequestRecord) -> [(usize, Option<&str>); 4] {
 #[derive(Default)]
 struct NameIds<'b> {
     all: HashMap<&'b str, i64>,
-    last: [Option<(&'b str, i64)>; 4],
+    last: [Option<(&'b str, i64)>; 5],
 }
 
 impl<'b> NameIds<'b> {
@@ -993,6 +1256,7 @@ pub(super) mod before_usage_models {
             completion_tokens: None,
             latency_ms: 7,
             first_byte_ms: Some(2),
+            end_user: None,
         };
         store
             .record(&[request("k1", "chat", 9_000), request("k3", "new", 9_001)])
@@ -1022,6 +1286,117 @@ pub(super) mod before_usage_models {
     }
 }
 
+/// A database as llmgate left it before fair use (keys without limits or a previous
+/// secret, request rows without end users), for the tests of its migration: the checks
+/// every SQL backend's upgraded database must pass. The rows are
+/// [`before_usage_models`]'s.
+#[cfg(test)]
+pub(super) mod before_fair_use {
+    use chrono::{DateTime, Duration};
+
+    use crate::auth::{now_millis, KeyRecord, Secret};
+    use crate::limits::KeyLimits;
+    use crate::storage::{KeyStore, KeyUpdate, RequestRecord, UsageStore};
+
+    /// `key`, stored before the upgrade under `secret`, and the rows of
+    /// [`before_usage_models`](super::before_usage_models) read back as they were,
+    /// without end users, and work as new ones do.
+    pub(in crate::storage) async fn check<S: KeyStore + UsageStore>(
+        store: &S,
+        secret: &Secret,
+        key: &KeyRecord,
+    ) {
+        assert!(key.limits.is_empty());
+        assert_eq!(
+            store.key_by_hash(&secret.hash()).await.unwrap().as_ref(),
+            Some(key)
+        );
+        assert_eq!(store.list_keys().await.unwrap(), std::slice::from_ref(key));
+        let rows = store.requests("k1", None, 100).await.unwrap();
+        assert_eq!(rows.len(), 6);
+        assert!(rows.iter().all(|r| r.end_user.is_none()));
+        assert!(store
+            .totals()
+            .await
+            .unwrap()
+            .values()
+            .all(|t| t.users.is_empty()));
+
+        // Quota sums over the old rows: counts no request can have add nothing.
+        let at = |ms: i64| DateTime::from_timestamp_millis(ms).unwrap();
+        assert_eq!(store.tokens_since("k1", None, at(0)).await.unwrap(), 30);
+        assert_eq!(store.tokens_since("k1", None, at(1_003)).await.unwrap(), 10);
+        assert_eq!(store.tokens_since("k3", None, at(0)).await.unwrap(), 202);
+        assert_eq!(
+            store
+                .tokens_since("k1", Some("alice"), at(0))
+                .await
+                .unwrap(),
+            0
+        );
+
+        // The old key takes limits and a new secret.
+        let limits = KeyLimits {
+            rpm: Some(5),
+            ..KeyLimits::default()
+        };
+        let update = KeyUpdate {
+            limits: Some(limits.clone()),
+            ..KeyUpdate::default()
+        };
+        let updated = store.update_key(&key.id, &update).await.unwrap().unwrap();
+        assert_eq!(updated.limits, limits);
+        let new = Secret::generate();
+        let grace = now_millis() + Duration::minutes(1);
+        assert!(store
+            .rotate_key(&key.id, &new.hash(), &new.public_prefix(), grace)
+            .await
+            .unwrap());
+        assert_eq!(
+            store
+                .key_by_hash(&new.hash())
+                .await
+                .unwrap()
+                .unwrap()
+                .limits,
+            limits
+        );
+        let old = store.key_by_hash(&secret.hash()).await.unwrap().unwrap();
+        assert_eq!(
+            (old.id.as_str(), old.expires_at),
+            (key.id.as_str(), Some(grace))
+        );
+
+        // New rows keep their end user beside the old ones.
+        let request = RequestRecord {
+            at: at(9_000),
+            key_id: "k1".into(),
+            method: "POST".into(),
+            path: "/v1/chat/completions".into(),
+            model: Some("chat".into()),
+            status: 200,
+            prompt_tokens: Some(3),
+            completion_tokens: Some(4),
+            latency_ms: 7,
+            first_byte_ms: None,
+            end_user: Some("alice".into()),
+        };
+        store.record(std::slice::from_ref(&request)).await.unwrap();
+        let k1 = store.totals_for_key("k1").await.unwrap();
+        assert_eq!(k1.users["alice"].total_tokens(), 7);
+        assert_eq!(k1.users.len(), 1);
+        assert_eq!(
+            store
+                .tokens_since("k1", Some("alice"), at(0))
+                .await
+                .unwrap(),
+            7
+        );
+        assert_eq!(store.tokens_since("k1", None, at(0)).await.unwrap(), 37);
+        assert_eq!(store.requests("k1", None, 1).await.unwrap(), [request]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1037,9 +1412,10 @@ mod tests {
         assert_eq!(
             sql,
             "INSERT INTO usage_rows (at, key, method, path, model, status, prompt_tokens, \
-             completion_tokens, latency_ms, first_byte_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+             completion_tokens, latency_ms, first_byte_ms, end_user) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
         );
         let (sql, _) = inserts.runs(&rows[..4]).next().unwrap();
-        assert!(sql.ends_with("($31, $32, $33, $34, $35, $36, $37, $38, $39, $40)"));
+        assert!(sql.ends_with("($34, $35, $36, $37, $38, $39, $40, $41, $42, $43, $44)"));
     }
 }

@@ -15,8 +15,8 @@ use sqlx::Sqlite;
 
 use super::sql::{Dialect, SqlStore, Statements};
 use super::{
-    Context, KeyStore, ModelStore, RequestRecord, Storage, StorageError, StoredModel, UsageStore,
-    UsageTotals,
+    Context, KeyStore, KeyUpdate, ModelStore, RequestRecord, Storage, StorageError, StoredModel,
+    UsageStore, UsageTotals,
 };
 use crate::auth::{KeyHash, KeyRecord};
 
@@ -151,6 +151,26 @@ impl KeyStore for SqliteStore {
     async fn revoke_key(&self, id: &str, at: DateTime<Utc>) -> Result<bool, StorageError> {
         self.inner.revoke_key(id, at).await
     }
+
+    async fn update_key(
+        &self,
+        id: &str,
+        update: &KeyUpdate,
+    ) -> Result<Option<KeyRecord>, StorageError> {
+        self.inner.update_key(id, update).await
+    }
+
+    async fn rotate_key(
+        &self,
+        id: &str,
+        new_hash: &KeyHash,
+        new_prefix: &str,
+        old_valid_until: DateTime<Utc>,
+    ) -> Result<bool, StorageError> {
+        self.inner
+            .rotate_key(id, new_hash, new_prefix, old_valid_until)
+            .await
+    }
 }
 
 #[async_trait]
@@ -186,6 +206,15 @@ impl UsageStore for SqliteStore {
     ) -> Result<Vec<RequestRecord>, StorageError> {
         self.inner.requests(key_id, since, limit).await
     }
+
+    async fn tokens_since(
+        &self,
+        key_id: &str,
+        end_user: Option<&str>,
+        since: DateTime<Utc>,
+    ) -> Result<u64, StorageError> {
+        self.inner.tokens_since(key_id, end_user, since).await
+    }
 }
 
 #[cfg(test)]
@@ -211,6 +240,16 @@ mod tests {
     #[tokio::test]
     async fn usage_per_model_contract() {
         crate::storage::contract::usage_per_model(&SqliteStore::in_memory().await.unwrap()).await;
+    }
+
+    #[tokio::test]
+    async fn key_changes_contract() {
+        crate::storage::contract::key_changes(&SqliteStore::in_memory().await.unwrap()).await;
+    }
+
+    #[tokio::test]
+    async fn end_users_contract() {
+        crate::storage::contract::end_users(&SqliteStore::in_memory().await.unwrap()).await;
     }
 
     #[tokio::test]
@@ -252,6 +291,7 @@ mod tests {
             completion_tokens: None,
             latency_ms: 7,
             first_byte_ms: Some(2),
+            end_user: None,
         }
     }
 
@@ -363,6 +403,63 @@ mod tests {
         }
         let store = SqliteStore::open(&path).await.unwrap();
         crate::storage::sql::before_usage_models::check(&store).await;
+    }
+
+    #[tokio::test]
+    async fn a_database_made_before_fair_use_upgrades() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("llmgate.db");
+        let secret = Secret::generate();
+        let key = KeyRecord::new("old", Role::User, &secret);
+        {
+            let pool = migrated_up_to(&path, 4).await;
+            sqlx::query(
+                "INSERT INTO api_keys (id, name, role, prefix, key_hash, created_at, expires_at, revoked_at) \
+                 VALUES (?, ?, 'user', ?, ?, ?, NULL, NULL)",
+            )
+            .bind(&key.id)
+            .bind(&key.name)
+            .bind(&key.prefix)
+            .bind(&secret.hash().0[..])
+            .bind(key.created_at.timestamp_millis())
+            .execute(&pool)
+            .await
+            .unwrap();
+            for sql in crate::storage::sql::before_usage_models::statements() {
+                sqlx::query(&sql).execute(&pool).await.unwrap();
+            }
+            pool.close().await;
+        }
+        let store = SqliteStore::open(&path).await.unwrap();
+        crate::storage::sql::before_fair_use::check(&store, &secret, &key).await;
+    }
+
+    #[tokio::test]
+    async fn key_and_quota_lookups_search_an_index() {
+        let store = SqliteStore::in_memory().await.unwrap();
+        for (sql, index) in [
+            (&statements().key_by_hash, "api_keys_previous_hash"),
+            (&statements().tokens_since, "usage_rows_key_at"),
+            (
+                &statements().user_tokens_since,
+                "usage_rows_key_end_user_at",
+            ),
+        ] {
+            let rows = sqlx::query(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .fetch_all(&store.inner.pool)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            let plan: Vec<String> = rows
+                .iter()
+                .map(|row| sqlx::Row::get::<String, _>(row, "detail"))
+                .collect();
+            let plan = plan.join("\n");
+            assert!(
+                plan.contains(&format!("USING INDEX {index}")),
+                "{sql}:\n{plan}"
+            );
+            assert!(!plan.contains("SCAN"), "{sql}:\n{plan}");
+        }
     }
 
     #[tokio::test]

@@ -469,6 +469,7 @@ mod tests {
             completion_tokens: None,
             latency_ms: 3,
             first_byte_ms: None,
+            end_user: None,
         }
     }
 

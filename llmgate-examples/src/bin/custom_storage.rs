@@ -20,8 +20,8 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use llmgate_core::auth::{KeyCache, KeyHash, KeyRecord, Role, Secret};
 use llmgate_core::storage::{
-    normalized_batch, KeyStore, ModelStore, RequestRecord, Storage, StorageError, StoredModel,
-    UsageStore, UsageTotals,
+    normalized_batch, KeyStore, KeyUpdate, ModelStore, RequestRecord, Storage, StorageError,
+    StoredModel, UsageStore, UsageTotals,
 };
 use llmgate_core::usage::UsageRecorder;
 use llmgate_core::AuthUsageLayer;
@@ -37,6 +37,8 @@ pub struct DailyStore {
 struct State {
     /// Oldest first, as `list_keys` answers.
     keys: Vec<(KeyHash, KeyRecord)>,
+    /// By key id, the secret a key had before its last rotation, and until when it works.
+    previous: BTreeMap<String, (KeyHash, DateTime<Utc>)>,
     rows: Vec<RequestRecord>,
     days: BTreeMap<(String, NaiveDate), UsageTotals>,
     /// Model settings changed at run time, by name.
@@ -72,6 +74,9 @@ fn add_day(sum: &mut UsageTotals, day: &UsageTotals) {
     for (model, usage) in &day.models {
         sum.models.entry(model.clone()).or_default().merge(usage);
     }
+    for (user, usage) in &day.users {
+        sum.users.entry(user.clone()).or_default().merge(usage);
+    }
 }
 
 #[async_trait]
@@ -94,11 +99,22 @@ impl KeyStore for DailyStore {
 
     async fn key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StorageError> {
         let state = self.state.lock().unwrap();
-        Ok(state
-            .keys
+        if let Some((_, key)) = state.keys.iter().find(|(h, _)| h == hash) {
+            return Ok(Some(key.clone()));
+        }
+        // A previous secret works until its grace ends: the key expires then for it.
+        let Some((id, until)) = state
+            .previous
             .iter()
-            .find(|(h, _)| h == hash)
-            .map(|(_, k)| k.clone()))
+            .find_map(|(id, (h, until))| (h == hash).then_some((id, *until)))
+        else {
+            return Ok(None);
+        };
+        Ok(state.keys.iter().find(|(_, k)| &k.id == id).map(|(_, k)| {
+            let mut key = k.clone();
+            key.expires_at = Some(key.expires_at.map_or(until, |at| at.min(until)));
+            key
+        }))
     }
 
     async fn list_keys(&self) -> Result<Vec<KeyRecord>, StorageError> {
@@ -113,6 +129,54 @@ impl KeyStore for DailyStore {
             .iter_mut()
             .find(|(_, k)| k.id == id && k.revoked_at.is_none());
         Ok(active.map(|(_, k)| k.revoked_at = Some(at)).is_some())
+    }
+
+    async fn update_key(
+        &self,
+        id: &str,
+        update: &KeyUpdate,
+    ) -> Result<Option<KeyRecord>, StorageError> {
+        let mut state = self.state.lock().unwrap();
+        if let Some(name) = &update.name {
+            if state
+                .keys
+                .iter()
+                .any(|(_, k)| k.id != id && k.revoked_at.is_none() && &k.name == name)
+            {
+                return Err(StorageError::Conflict(format!(
+                    "an active key named '{name}' already exists"
+                )));
+            }
+        }
+        let active = state
+            .keys
+            .iter_mut()
+            .find(|(_, k)| k.id == id && k.revoked_at.is_none());
+        Ok(active.map(|(_, k)| {
+            update.apply(k);
+            k.clone()
+        }))
+    }
+
+    async fn rotate_key(
+        &self,
+        id: &str,
+        new_hash: &KeyHash,
+        new_prefix: &str,
+        old_valid_until: DateTime<Utc>,
+    ) -> Result<bool, StorageError> {
+        let mut state = self.state.lock().unwrap();
+        let Some((hash, key)) = state
+            .keys
+            .iter_mut()
+            .find(|(_, k)| k.id == id && k.revoked_at.is_none())
+        else {
+            return Ok(false);
+        };
+        let old = std::mem::replace(hash, *new_hash);
+        key.prefix = new_prefix.to_owned();
+        state.previous.insert(id.to_owned(), (old, old_valid_until));
+        Ok(true)
     }
 }
 
