@@ -453,6 +453,81 @@ mod shared_counters {
     }
 
     #[tokio::test]
+    #[ignore = "needs Redis"]
+    async fn a_shared_quota_starts_from_the_stored_usage_and_overshoots_by_one_request() {
+        let prefix = prefix();
+        let store: Arc<MemoryStore> = Arc::new(MemoryStore::new());
+        let key = user_key(KeyLimits {
+            quota_tokens: Some(1000),
+            per_user_rpm: Some(2),
+            ..KeyLimits::default()
+        });
+        let mut row = crate::storage::RequestRecord {
+            at: Utc::now(),
+            key_id: key.id.clone(),
+            method: "POST".into(),
+            path: "/v1/chat/completions".into(),
+            model: None,
+            status: 200,
+            prompt_tokens: Some(400),
+            completion_tokens: Some(300),
+            latency_ms: 1,
+            first_byte_ms: None,
+            end_user: None,
+        };
+        crate::storage::UsageStore::record(&*store, std::slice::from_mut(&mut row))
+            .await
+            .unwrap();
+        let replicas: Vec<Limiter> = (0..2)
+            .map(|_| {
+                Limiter::shared_under(&prefix, REDIS, KeyLimits::default(), store.clone(), 2)
+                    .unwrap()
+            })
+            .collect();
+        until("both replicas use Redis", || {
+            replicas.iter().all(Limiter::is_shared)
+        })
+        .await;
+        let limits = replicas[0].effective(&key);
+        // 700 used: admitted at 700, 800, 900 and 1000 would be refused.
+        let mut admitted = 0;
+        for i in 0..10 {
+            let limiter = &replicas[i % 2];
+            match limiter.admit(&key, &limits, None, 50).await {
+                Ok(Some(admission)) => {
+                    admission.settle(Some(100));
+                    admitted += 1;
+                    // Settling is sent in the background.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Ok(None) => unreachable!("the key has a quota"),
+                Err(refusal) => assert!(refusal.is_quota()),
+            }
+        }
+        assert_eq!(admitted, 3);
+        let used = replicas[1].status(&key, None).await.quota.unwrap().used;
+        assert_eq!(used, 1000, "at most one request over: {used}");
+        // End users' rates are shared too.
+        let ann = Some("ann");
+        let other_key = user_key(KeyLimits {
+            per_user_rpm: Some(2),
+            ..KeyLimits::default()
+        });
+        let limits = replicas[0].effective(&other_key);
+        assert!(replicas[0].admit(&other_key, &limits, ann, 1).await.is_ok());
+        assert!(replicas[1].admit(&other_key, &limits, ann, 1).await.is_ok());
+        let refused = replicas[0]
+            .admit(&other_key, &limits, ann, 1)
+            .await
+            .unwrap_err();
+        assert_eq!(refused.limit, Limit::UserRequests);
+        assert!(replicas[1]
+            .admit(&other_key, &limits, Some("bob"), 1)
+            .await
+            .is_ok());
+    }
+
+    #[tokio::test]
     async fn an_unreachable_redis_means_local_limits_divided_by_the_replicas() {
         let store: Arc<MemoryStore> = Arc::new(MemoryStore::new());
         // Nothing listens on port 1.
