@@ -33,7 +33,7 @@ mod settings;
 mod shared;
 mod status;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,6 +56,10 @@ pub const DEFAULT_ESTIMATED_COMPLETION_TOKENS: u64 = 256;
 /// How long the store may take to say how many tokens a key used in the period, before a
 /// request is admitted without its quota checked (and the next one asks again).
 const QUOTA_LOAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// After a failed read of the tokens used in a period, how long requests are admitted
+/// without their quota before the store is asked again: a store that hangs must not
+/// make every request wait [`QUOTA_LOAD_TIMEOUT`].
+const QUOTA_LOAD_PAUSE_MS: i64 = 10_000;
 
 /// The effective limits of the request's key, which the metering layer puts in the
 /// request's extensions when it has a [`Limiter`]: a router can list only the models
@@ -113,6 +117,9 @@ struct Inner {
     defaults: KeyLimits,
     usage: Arc<dyn UsageStore>,
     estimate: AtomicU64,
+    /// Until when (ms since the epoch) quota counts are not read from the store, after
+    /// a failed read.
+    quota_reads_paused_until: AtomicI64,
     local: Local,
     /// Redis, for a shared limiter.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
@@ -188,6 +195,7 @@ impl Limiter {
                 defaults,
                 usage,
                 estimate: AtomicU64::new(DEFAULT_ESTIMATED_COMPLETION_TOKENS),
+                quota_reads_paused_until: AtomicI64::new(0),
                 local: Local::default(),
                 shared,
                 clock,
@@ -292,7 +300,7 @@ impl Limiter {
             None => plan,
             Some(shared) => {
                 if shared.is_up() {
-                    match shared.admit(&plan, &*self.inner.usage).await {
+                    match shared.admit(&plan, self).await {
                         Ok(Ok(granted)) => {
                             return Ok(Some(self.admission(plan, Backend::Shared, granted)))
                         }
@@ -336,28 +344,33 @@ impl Limiter {
         }
     }
 
-    /// The tokens the store counts for the key (or an end user of it) in the period.
-    async fn tokens_since(&self, plan: &Plan, user: Option<&str>) -> Option<u64> {
-        let since = plan.period_start;
-        let read = self.inner.usage.tokens_since(&plan.key, user, since);
-        match tokio::time::timeout(QUOTA_LOAD_TIMEOUT, read).await {
-            Ok(Ok(used)) => Some(used),
-            Ok(Err(err)) => {
-                tracing::warn!(key_id = %plan.key, error = %err, "cannot read the tokens used in the quota period; admitting without the quota for now");
-                None
-            }
-            Err(_) => {
-                tracing::warn!(key_id = %plan.key, "the store did not say the tokens used in the quota period in time; admitting without the quota for now");
-                None
-            }
+    /// The tokens the store counts for the key (or an end user of it) in the period;
+    /// `None` when it cannot say now.
+    pub(crate) async fn tokens_since(&self, plan: &Plan, user: Option<&str>) -> Option<u64> {
+        let now = (self.inner.clock)().timestamp_millis();
+        let paused = &self.inner.quota_reads_paused_until;
+        if now < paused.load(Ordering::Relaxed) {
+            return None;
         }
+        let read = self
+            .inner
+            .usage
+            .tokens_since(&plan.key, user, plan.period_start);
+        let error = match tokio::time::timeout(QUOTA_LOAD_TIMEOUT, read).await {
+            Ok(Ok(used)) => return Some(used),
+            Ok(Err(err)) => err.to_string(),
+            Err(_) => format!("no answer within {QUOTA_LOAD_TIMEOUT:?}"),
+        };
+        paused.store(now + QUOTA_LOAD_PAUSE_MS, Ordering::Relaxed);
+        tracing::warn!(key_id = %plan.key, error = %error, "cannot read the tokens used in the quota period; quotas are not checked for {} s", QUOTA_LOAD_PAUSE_MS / 1000);
+        None
     }
 
     async fn peek(&self, plan: &Plan) -> Peek {
         #[cfg(feature = "redis")]
         if let Some(shared) = &self.inner.shared {
             if shared.is_up() {
-                match shared.peek(plan, &*self.inner.usage).await {
+                match shared.peek(plan, self).await {
                     Ok(peek) => return peek,
                     Err(()) => shared.went_down(&self.inner.local),
                 }

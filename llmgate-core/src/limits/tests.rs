@@ -6,7 +6,7 @@ use chrono::{DateTime, Duration, TimeZone, Utc};
 
 use super::*;
 use crate::auth::{KeyRecord, Role, Secret};
-use crate::storage::MemoryStore;
+use crate::storage::{MemoryStore, StorageError};
 
 struct Setup {
     limiter: Limiter,
@@ -182,6 +182,67 @@ async fn a_quota_counts_from_the_usage_stored_in_the_period() {
         "{}",
         refused.message()
     );
+}
+
+/// A usage store that cannot say how many tokens were used, and counts the asks.
+#[derive(Default)]
+struct Broken {
+    asked: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl crate::storage::UsageStore for Broken {
+    async fn record(&self, _: &[crate::storage::RequestRecord]) -> Result<(), StorageError> {
+        Ok(())
+    }
+    async fn totals(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, crate::storage::UsageTotals>, StorageError> {
+        Ok(Default::default())
+    }
+    async fn totals_for_key(&self, _: &str) -> Result<crate::storage::UsageTotals, StorageError> {
+        Ok(Default::default())
+    }
+    async fn requests(
+        &self,
+        _: &str,
+        _: Option<DateTime<Utc>>,
+        _: u32,
+    ) -> Result<Vec<crate::storage::RequestRecord>, StorageError> {
+        Ok(Vec::new())
+    }
+    async fn tokens_since(
+        &self,
+        _: &str,
+        _: Option<&str>,
+        _: DateTime<Utc>,
+    ) -> Result<u64, StorageError> {
+        self.asked
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Err(StorageError::Database("down".into()))
+    }
+}
+
+#[tokio::test]
+async fn a_store_that_cannot_count_the_quota_is_asked_again_only_after_a_pause() {
+    let store = Arc::new(Broken::default());
+    let clock = Arc::new(Mutex::new(Utc::now()));
+    let now = clock.clone();
+    let limiter = Limiter::local_with_clock(KeyLimits::default(), store.clone(), move || {
+        *now.lock().unwrap()
+    });
+    let mut key = KeyRecord::new("k", Role::User, &Secret::generate());
+    key.limits.quota_tokens = Some(10);
+    let limits = limiter.effective(&key);
+    for _ in 0..5 {
+        // Admitted: a store outage is no reason to refuse.
+        assert!(limiter.admit(&key, &limits, None, 100).await.is_ok());
+    }
+    let asked = || store.asked.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(asked(), 1);
+    *clock.lock().unwrap() += Duration::milliseconds(QUOTA_LOAD_PAUSE_MS);
+    assert!(limiter.admit(&key, &limits, None, 100).await.is_ok());
+    assert_eq!(asked(), 2);
 }
 
 #[tokio::test]
