@@ -10,7 +10,10 @@ use crate::error::ApiError;
 use crate::limits::{cut_end_user, format_duration, Refusal, Refused, Window};
 
 /// Open WebUI's headers naming its user, when `ENABLE_FORWARD_USER_INFO_HEADERS` is on.
-const END_USER_HEADERS: [&str; 2] = ["x-openwebui-user-id", "x-openwebui-user-email"];
+const END_USER_HEADERS: [HeaderName; 2] = [
+    HeaderName::from_static("x-openwebui-user-id"),
+    HeaderName::from_static("x-openwebui-user-email"),
+];
 
 /// The end user a request names: its body's `user`, else Open WebUI's headers; cut to
 /// the length the store keeps.
@@ -19,7 +22,7 @@ pub(super) fn end_user(from_body: Option<String>, headers: &HeaderMap) -> Option
         Some(name) => name,
         None => END_USER_HEADERS
             .iter()
-            .filter_map(|h| headers.get(*h))
+            .filter_map(|h| headers.get(h))
             .filter_map(|v| v.to_str().ok())
             .map(str::trim)
             .find(|v| !v.is_empty())?
@@ -111,7 +114,7 @@ mod tests {
     use http_body_util::combinators::BoxBody;
     use http_body_util::{BodyExt, Full, StreamBody};
     use serde_json::Value;
-    use tower::{service_fn, ServiceExt};
+    use tower::{service_fn, Layer, ServiceExt};
 
     use crate::auth::{KeyCache, KeyRecord, Role, Secret};
     use crate::limits::{Effective, KeyLimits, Limiter, Refused};
@@ -261,7 +264,9 @@ mod tests {
         let retry_ms: u64 = header(&response, "retry-after-ms").parse().unwrap();
         assert!((19_000..=20_000).contains(&retry_ms), "{retry_ms}");
         assert_eq!(header(&response, "x-ratelimit-remaining-requests"), "0");
-        assert_eq!(header(&response, "x-ratelimit-reset-requests"), "1m0s");
+        // Full again a minute after the first request.
+        let reset = header(&response, "x-ratelimit-reset-requests");
+        assert!(reset == "1m0s" || reset.starts_with("59."), "{reset}");
         assert_eq!(
             response.extensions().get::<Refused>(),
             Some(&Refused("requests"))
@@ -402,6 +407,54 @@ mod tests {
         // Without an end user only the key's limits apply (it has none that count).
         assert_eq!(gw.chat(CHAT).await.0.status(), 200);
         assert_eq!(gw.chat(CHAT).await.0.status(), 200);
+        // Each request is recorded with its end user, refused or not.
+        gw.recorder.flush().await;
+        let mut users: Vec<_> = gw
+            .rows()
+            .await
+            .into_iter()
+            .map(|r| (r.end_user.unwrap_or_default(), r.status))
+            .collect();
+        users.sort();
+        let expected = [
+            ("", 200),
+            ("", 200),
+            ("ann", 200),
+            ("ann", 429),
+            ("bob", 200),
+            ("carol", 200),
+            ("carol", 429),
+            ("dan@example.com", 200),
+            ("dan@example.com", 429),
+        ];
+        let expected: Vec<_> = expected.iter().map(|(u, s)| (u.to_string(), *s)).collect();
+        assert_eq!(users, expected);
+    }
+
+    #[tokio::test]
+    async fn the_end_user_is_recorded_without_a_limiter_too() {
+        let store = Arc::new(MemoryStore::new());
+        let secret = Secret::generate();
+        let key = KeyRecord::new("alice", Role::User, &secret);
+        store.insert_key(&key, &secret.hash()).await.unwrap();
+        let (recorder, _writer) = UsageRecorder::start(store.clone());
+        let service = AuthUsageLayer::new(KeyCache::new(store.clone()), recorder.clone()).layer(
+            service_fn(|_: Request<Full<Bytes>>| async {
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"{}"))))
+            }),
+        );
+        let request = Request::post("/v1/chat/completions")
+            .header("authorization", format!("Bearer {}", secret.expose()))
+            .header("x-openwebui-user-email", "eve@example.com")
+            .body(Full::new(Bytes::from_static(br#"{"model":"m"}"#)))
+            .unwrap();
+        let response = service.oneshot(request).await.unwrap();
+        response.into_body().collect().await.unwrap();
+        recorder.flush().await;
+        let rows = crate::storage::UsageStore::requests(&*store, &key.id, None, 10)
+            .await
+            .unwrap();
+        assert_eq!(rows[0].end_user.as_deref(), Some("eve@example.com"));
     }
 
     #[tokio::test]

@@ -33,7 +33,7 @@ mod settings;
 mod shared;
 mod status;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,20 +46,20 @@ pub use status::{EndUserStatus, InFlightStatus, LimitStatus, QuotaStatus, Window
 pub(crate) use bucket::Window;
 
 use crate::auth::{KeyRecord, Role};
-use crate::storage::UsageStore;
+use crate::storage::{UsageStore, MAX_END_USER_BYTES as END_USER_BYTES};
 use local::Local;
 
 /// The completion tokens a request is assumed to ask for when it sets no `max_tokens`
 /// (or `max_completion_tokens`), for the `tpm` estimate.
 pub const DEFAULT_ESTIMATED_COMPLETION_TOKENS: u64 = 256;
 
-/// The longest end user name kept, in bytes (longer ones are cut at a character
-/// boundary); the store keeps the same.
-pub(crate) const END_USER_BYTES: usize = 256;
-
 /// How long the store may take to say how many tokens a key used in the period, before a
 /// request is admitted without its quota checked (and the next one asks again).
 const QUOTA_LOAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// After a failed read of the tokens used in a period, how long requests are admitted
+/// without their quota before the store is asked again: a store that hangs must not
+/// make every request wait [`QUOTA_LOAD_TIMEOUT`].
+const QUOTA_LOAD_PAUSE_MS: i64 = 10_000;
 
 /// The effective limits of the request's key, which the metering layer puts in the
 /// request's extensions when it has a [`Limiter`]: a router can list only the models
@@ -117,6 +117,9 @@ struct Inner {
     defaults: KeyLimits,
     usage: Arc<dyn UsageStore>,
     estimate: AtomicU64,
+    /// Until when (ms since the epoch) quota counts are not read from the store, after
+    /// a failed read.
+    quota_reads_paused_until: AtomicI64,
     local: Local,
     /// Redis, for a shared limiter.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
@@ -192,6 +195,7 @@ impl Limiter {
                 defaults,
                 usage,
                 estimate: AtomicU64::new(DEFAULT_ESTIMATED_COMPLETION_TOKENS),
+                quota_reads_paused_until: AtomicI64::new(0),
                 local: Local::default(),
                 shared,
                 clock,
@@ -290,20 +294,23 @@ impl Limiter {
         let user = end_user
             .filter(|_| limits.per_user_rpm.is_some() || limits.per_user_quota_tokens.is_some())
             .map(str::to_owned);
-        let mut plan = Plan::new(key, limits, user, tokens, now);
+        let plan = Plan::new(key, limits, user, tokens, now);
         #[cfg(feature = "redis")]
-        if let Some(shared) = &self.inner.shared {
-            if shared.is_up() {
-                match shared.admit(&plan, &*self.inner.usage).await {
-                    Ok(Ok(granted)) => {
-                        return Ok(Some(self.admission(plan, Backend::Shared, granted)))
+        let plan = match &self.inner.shared {
+            None => plan,
+            Some(shared) => {
+                if shared.is_up() {
+                    match shared.admit(&plan, self).await {
+                        Ok(Ok(granted)) => {
+                            return Ok(Some(self.admission(plan, Backend::Shared, granted)))
+                        }
+                        Ok(Err(refusal)) => return Err(refusal),
+                        Err(()) => shared.went_down(&self.inner.local),
                     }
-                    Ok(Err(refusal)) => return Err(refusal),
-                    Err(()) => shared.went_down(&self.inner.local),
                 }
+                plan.divided(shared.replicas())
             }
-            plan = plan.divided(shared.replicas());
-        }
+        };
         self.load_quotas(&plan).await;
         let granted = self.inner.local.admit(&plan, millis(now))?;
         Ok(Some(self.admission(plan, Backend::Local, granted)))
@@ -321,6 +328,9 @@ impl Limiter {
 
     /// Reads the tokens used in the period for the quotas not yet counted locally.
     async fn load_quotas(&self, plan: &Plan) {
+        if plan.quota.is_none() && plan.user_quota.is_none() {
+            return;
+        }
         let (key, user) = self.inner.local.quotas_to_load(plan);
         if key {
             if let Some(used) = self.tokens_since(plan, None).await {
@@ -334,28 +344,33 @@ impl Limiter {
         }
     }
 
-    /// The tokens the store counts for the key (or an end user of it) in the period.
-    async fn tokens_since(&self, plan: &Plan, user: Option<&str>) -> Option<u64> {
-        let since = plan.period_start;
-        let read = self.inner.usage.tokens_since(&plan.key, user, since);
-        match tokio::time::timeout(QUOTA_LOAD_TIMEOUT, read).await {
-            Ok(Ok(used)) => Some(used),
-            Ok(Err(err)) => {
-                tracing::warn!(key_id = %plan.key, error = %err, "cannot read the tokens used in the quota period; admitting without the quota for now");
-                None
-            }
-            Err(_) => {
-                tracing::warn!(key_id = %plan.key, "the store did not say the tokens used in the quota period in time; admitting without the quota for now");
-                None
-            }
+    /// The tokens the store counts for the key (or an end user of it) in the period;
+    /// `None` when it cannot say now.
+    pub(crate) async fn tokens_since(&self, plan: &Plan, user: Option<&str>) -> Option<u64> {
+        let now = (self.inner.clock)().timestamp_millis();
+        let paused = &self.inner.quota_reads_paused_until;
+        if now < paused.load(Ordering::Relaxed) {
+            return None;
         }
+        let read = self
+            .inner
+            .usage
+            .tokens_since(&plan.key, user, plan.period_start);
+        let error = match tokio::time::timeout(QUOTA_LOAD_TIMEOUT, read).await {
+            Ok(Ok(used)) => return Some(used),
+            Ok(Err(err)) => err.to_string(),
+            Err(_) => format!("no answer within {QUOTA_LOAD_TIMEOUT:?}"),
+        };
+        paused.store(now + QUOTA_LOAD_PAUSE_MS, Ordering::Relaxed);
+        tracing::warn!(key_id = %plan.key, error = %error, "cannot read the tokens used in the quota period; quotas are not checked for {} s", QUOTA_LOAD_PAUSE_MS / 1000);
+        None
     }
 
     async fn peek(&self, plan: &Plan) -> Peek {
         #[cfg(feature = "redis")]
         if let Some(shared) = &self.inner.shared {
             if shared.is_up() {
-                match shared.peek(plan, &*self.inner.usage).await {
+                match shared.peek(plan, self).await {
                     Ok(peek) => return peek,
                     Err(()) => shared.went_down(&self.inner.local),
                 }
@@ -414,6 +429,14 @@ impl Plan {
     ) -> Self {
         let period = limits.period();
         let has_user = user.is_some();
+        // Calendar arithmetic only for a key with a quota.
+        let counts_period =
+            limits.quota_tokens.is_some() || (has_user && limits.per_user_quota_tokens.is_some());
+        let (period_start, period_end) = if counts_period {
+            (period.start(now), period.end(now))
+        } else {
+            (now, now)
+        };
         Self {
             key: key.id.clone(),
             user,
@@ -425,14 +448,15 @@ impl Plan {
             user_rpm: limits.per_user_rpm.map(u64::from).filter(|_| has_user),
             user_quota: limits.per_user_quota_tokens.filter(|_| has_user),
             period,
-            period_start: period.start(now),
-            period_end: period.end(now),
+            period_start,
+            period_end,
         }
     }
 
     /// The plan with each per-minute and parallel limit divided by `replicas` (at least
     /// 1 each): what one replica enforces alone while the shared counters are out of
     /// reach. Quotas stay whole: their counts start from the shared store.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     fn divided(mut self, replicas: u32) -> Self {
         let n = u64::from(replicas.max(1));
         let cut = |limit: u64| (limit / n).max(1);

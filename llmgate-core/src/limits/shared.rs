@@ -18,8 +18,7 @@ use redis::Script;
 
 use super::bucket::Window;
 use super::local::Local;
-use super::{Granted, Inner, Limit, Peek, Plan, Refusal};
-use crate::storage::UsageStore;
+use super::{Granted, Inner, Limit, Limiter, Peek, Plan, Refusal};
 
 /// The longest a Redis call may take before the request is counted locally instead.
 const CALL_TIMEOUT: Duration = Duration::from_millis(100);
@@ -40,7 +39,6 @@ local W = 60000
 local rpm, tpm, cost = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local par, id, stale = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
 local quota, urpm, uquota = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
-local qttl = tonumber(ARGV[11])
 
 local function tat_of(key)
   local v = redis.call('GET', key)
@@ -296,8 +294,6 @@ impl Shared {
         for key in self.keys(plan) {
             call.key(key);
         }
-        let quota_ttl =
-            (plan.period_end.timestamp() - chrono::Utc::now().timestamp()).max(0) + QUOTA_KEEP_SECS;
         call.arg(mode)
             .arg(plan.rpm.unwrap_or(0))
             .arg(plan.tpm.unwrap_or(0))
@@ -307,8 +303,7 @@ impl Shared {
             .arg(IN_FLIGHT_STALE.as_millis() as u64)
             .arg(plan.quota.filter(|_| quotas).unwrap_or(0))
             .arg(plan.user_rpm.unwrap_or(0))
-            .arg(plan.user_quota.filter(|_| quotas).unwrap_or(0))
-            .arg(quota_ttl);
+            .arg(plan.user_quota.filter(|_| quotas).unwrap_or(0));
         match tokio::time::timeout(CALL_TIMEOUT, call.invoke_async::<Vec<i64>>(&mut connection))
             .await
         {
@@ -326,7 +321,7 @@ impl Shared {
     pub(super) async fn admit(
         &self,
         plan: &Plan,
-        usage: &dyn UsageStore,
+        limiter: &Limiter,
     ) -> Result<Result<Granted, Box<Refusal>>, ()> {
         let id = format!(
             "{:x}-{:x}",
@@ -339,7 +334,7 @@ impl Shared {
             // The first request of the period (or of this Redis): its quota counts start
             // from what the store holds.
             let missing = reply.get(1).copied().unwrap_or(0);
-            quotas = self.start_quotas(plan, usage, missing).await?;
+            quotas = self.start_quotas(plan, limiter, missing).await?;
             reply = self.run("admit", plan, &id, quotas).await?;
             if reply[0] == 2 {
                 reply = self.run("admit", plan, &id, false).await?;
@@ -398,12 +393,7 @@ impl Shared {
     /// Sets the quota counts Redis lacks (`missing`: 1 the key's, 2 the end user's)
     /// from the store. `Ok(false)` when the store could not say: the request is then
     /// admitted without its quotas.
-    async fn start_quotas(
-        &self,
-        plan: &Plan,
-        usage: &dyn UsageStore,
-        missing: i64,
-    ) -> Result<bool, ()> {
+    async fn start_quotas(&self, plan: &Plan, limiter: &Limiter, missing: i64) -> Result<bool, ()> {
         let keys = self.keys(plan);
         let ttl =
             (plan.period_end.timestamp() - chrono::Utc::now().timestamp()).max(0) + QUOTA_KEEP_SECS;
@@ -412,13 +402,8 @@ impl Shared {
             if missing & bit == 0 {
                 continue;
             }
-            let read = usage.tokens_since(&plan.key, user, plan.period_start);
-            let used = match tokio::time::timeout(super::QUOTA_LOAD_TIMEOUT, read).await {
-                Ok(Ok(used)) => used,
-                _ => {
-                    tracing::warn!(key_id = %plan.key, "cannot read the tokens used in the quota period; admitting without the quota for now");
-                    return Ok(false);
-                }
+            let Some(used) = limiter.tokens_since(plan, user).await else {
+                return Ok(false);
             };
             pipe.cmd("SET")
                 .arg(key)
@@ -436,7 +421,7 @@ impl Shared {
     }
 
     /// What Redis holds for `plan`, counting nothing.
-    pub(super) async fn peek(&self, plan: &Plan, usage: &dyn UsageStore) -> Result<Peek, ()> {
+    pub(super) async fn peek(&self, plan: &Plan, limiter: &Limiter) -> Result<Peek, ()> {
         let reply = self.run("peek", plan, "", true).await?;
         let at = |i: usize| reply.get(i).copied().unwrap_or(-1);
         let window = |limit: Option<u64>, remaining: i64, reset: i64| {
@@ -457,16 +442,10 @@ impl Shared {
         };
         // Not counted in Redis yet: what the store says.
         if plan.quota.is_some() && peek.quota_used.is_none() {
-            peek.quota_used = usage
-                .tokens_since(&plan.key, None, plan.period_start)
-                .await
-                .ok();
+            peek.quota_used = limiter.tokens_since(plan, None).await;
         }
         if let (Some(user), Some(_), None) = (&plan.user, plan.user_quota, peek.user_quota_used) {
-            peek.user_quota_used = usage
-                .tokens_since(&plan.key, Some(user), plan.period_start)
-                .await
-                .ok();
+            peek.user_quota_used = limiter.tokens_since(plan, Some(user)).await;
         }
         Ok(peek)
     }

@@ -6,7 +6,7 @@ use chrono::{DateTime, Duration, TimeZone, Utc};
 
 use super::*;
 use crate::auth::{KeyRecord, Role, Secret};
-use crate::storage::MemoryStore;
+use crate::storage::{MemoryStore, StorageError};
 
 struct Setup {
     limiter: Limiter,
@@ -129,6 +129,120 @@ async fn a_quota_admits_while_below_and_overshoots_by_at_most_one_request() {
     assert_eq!(refused.retry_ms, 60_000);
     s.advance(60_000);
     assert!(s.ask(None, 50).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_quota_counts_from_the_usage_stored_in_the_period() {
+    let store = Arc::new(MemoryStore::new());
+    let mut key = KeyRecord::new("alice", Role::User, &Secret::generate());
+    key.limits = KeyLimits {
+        quota_tokens: Some(1000),
+        quota_period: Some(QuotaPeriod::Day),
+        per_user_quota_tokens: Some(100),
+        ..KeyLimits::default()
+    };
+    let now = Utc.with_ymd_and_hms(2026, 12, 2, 12, 0, 0).unwrap();
+    let row = |at: DateTime<Utc>, tokens: u64, user: Option<&str>| crate::storage::RequestRecord {
+        at,
+        key_id: key.id.clone(),
+        method: "POST".into(),
+        path: "/v1/chat/completions".into(),
+        model: Some("m".into()),
+        status: 200,
+        prompt_tokens: Some(tokens / 2),
+        completion_tokens: Some(tokens - tokens / 2),
+        latency_ms: 1,
+        first_byte_ms: Some(1),
+        end_user: user.map(str::to_owned),
+    };
+    crate::storage::UsageStore::record(
+        &*store,
+        &[
+            // Yesterday's tokens do not count today.
+            row(now - Duration::days(1), 5000, None),
+            row(now - Duration::hours(1), 850, None),
+            row(now - Duration::hours(1), 100, Some("ann")),
+        ],
+    )
+    .await
+    .unwrap();
+    let limiter = Limiter::local_with_clock(KeyLimits::default(), store, move || now);
+    let limits = limiter.effective(&key);
+    let ask = |user| limiter.admit(&key, &limits, user, 10);
+    let refused = ask(Some("ann")).await.unwrap_err();
+    assert_eq!(refused.limit, Limit::UserQuota, "ann used her 100 today");
+    ask(Some("bob")).await.unwrap().unwrap().settle(Some(40));
+    let status = limiter.status(&key, None).await;
+    assert_eq!(status.quota.unwrap().used, 990);
+    ask(None).await.unwrap();
+    let refused = ask(None).await.unwrap_err();
+    assert_eq!(refused.limit, Limit::Quota);
+    assert!(
+        refused.message().contains("1000 of 1000 tokens this day"),
+        "{}",
+        refused.message()
+    );
+}
+
+/// A usage store that cannot say how many tokens were used, and counts the asks.
+#[derive(Default)]
+struct Broken {
+    asked: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl crate::storage::UsageStore for Broken {
+    async fn record(&self, _: &[crate::storage::RequestRecord]) -> Result<(), StorageError> {
+        Ok(())
+    }
+    async fn totals(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, crate::storage::UsageTotals>, StorageError> {
+        Ok(Default::default())
+    }
+    async fn totals_for_key(&self, _: &str) -> Result<crate::storage::UsageTotals, StorageError> {
+        Ok(Default::default())
+    }
+    async fn requests(
+        &self,
+        _: &str,
+        _: Option<DateTime<Utc>>,
+        _: u32,
+    ) -> Result<Vec<crate::storage::RequestRecord>, StorageError> {
+        Ok(Vec::new())
+    }
+    async fn tokens_since(
+        &self,
+        _: &str,
+        _: Option<&str>,
+        _: DateTime<Utc>,
+    ) -> Result<u64, StorageError> {
+        self.asked
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Err(StorageError::Database("down".into()))
+    }
+}
+
+#[tokio::test]
+async fn a_store_that_cannot_count_the_quota_is_asked_again_only_after_a_pause() {
+    let store = Arc::new(Broken::default());
+    let clock = Arc::new(Mutex::new(Utc::now()));
+    let now = clock.clone();
+    let limiter = Limiter::local_with_clock(KeyLimits::default(), store.clone(), move || {
+        *now.lock().unwrap()
+    });
+    let mut key = KeyRecord::new("k", Role::User, &Secret::generate());
+    key.limits.quota_tokens = Some(10);
+    let limits = limiter.effective(&key);
+    for _ in 0..5 {
+        // Admitted: a store outage is no reason to refuse.
+        assert!(limiter.admit(&key, &limits, None, 100).await.is_ok());
+    }
+    let asked = || store.asked.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(asked(), 1);
+    *clock.lock().unwrap() += Duration::milliseconds(QUOTA_LOAD_PAUSE_MS);
+    assert!(limiter.admit(&key, &limits, None, 100).await.is_ok());
+    assert_eq!(asked(), 2);
 }
 
 #[tokio::test]
@@ -397,6 +511,81 @@ mod shared_counters {
             0,
             "places freed in Redis"
         );
+    }
+
+    #[tokio::test]
+    #[ignore = "needs Redis"]
+    async fn a_shared_quota_starts_from_the_stored_usage_and_overshoots_by_one_request() {
+        let prefix = prefix();
+        let store: Arc<MemoryStore> = Arc::new(MemoryStore::new());
+        let key = user_key(KeyLimits {
+            quota_tokens: Some(1000),
+            per_user_rpm: Some(2),
+            ..KeyLimits::default()
+        });
+        let mut row = crate::storage::RequestRecord {
+            at: Utc::now(),
+            key_id: key.id.clone(),
+            method: "POST".into(),
+            path: "/v1/chat/completions".into(),
+            model: None,
+            status: 200,
+            prompt_tokens: Some(400),
+            completion_tokens: Some(300),
+            latency_ms: 1,
+            first_byte_ms: None,
+            end_user: None,
+        };
+        crate::storage::UsageStore::record(&*store, std::slice::from_mut(&mut row))
+            .await
+            .unwrap();
+        let replicas: Vec<Limiter> = (0..2)
+            .map(|_| {
+                Limiter::shared_under(&prefix, REDIS, KeyLimits::default(), store.clone(), 2)
+                    .unwrap()
+            })
+            .collect();
+        until("both replicas use Redis", || {
+            replicas.iter().all(Limiter::is_shared)
+        })
+        .await;
+        let limits = replicas[0].effective(&key);
+        // 700 used: admitted at 700, 800, 900 and 1000 would be refused.
+        let mut admitted = 0;
+        for i in 0..10 {
+            let limiter = &replicas[i % 2];
+            match limiter.admit(&key, &limits, None, 50).await {
+                Ok(Some(admission)) => {
+                    admission.settle(Some(100));
+                    admitted += 1;
+                    // Settling is sent in the background.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Ok(None) => unreachable!("the key has a quota"),
+                Err(refusal) => assert!(refusal.is_quota()),
+            }
+        }
+        assert_eq!(admitted, 3);
+        let used = replicas[1].status(&key, None).await.quota.unwrap().used;
+        assert_eq!(used, 1000, "at most one request over: {used}");
+        // End users' rates are shared too.
+        let ann = Some("ann");
+        let other_key = user_key(KeyLimits {
+            per_user_rpm: Some(2),
+            ..KeyLimits::default()
+        });
+        let limits = replicas[0].effective(&other_key);
+        assert!(replicas[0].admit(&other_key, &limits, ann, 1).await.is_ok());
+        assert!(replicas[1].admit(&other_key, &limits, ann, 1).await.is_ok());
+        let refused = replicas[0]
+            .admit(&other_key, &limits, ann, 1)
+            .await
+            .unwrap_err();
+        assert_eq!(refused.limit, Limit::UserRequests);
+        assert!(replicas[1]
+            .admit(&other_key, &limits, Some("bob"), 1)
+            .await
+            .is_ok());
     }
 
     #[tokio::test]

@@ -939,8 +939,6 @@ pub(crate) struct UsageGuard {
     /// The limiter's count of the request: its place in flight is freed when the guard
     /// drops, its tokens settled once known.
     admission: Option<Admission>,
-    /// The end user the request names.
-    end_user: Option<String>,
 }
 
 impl UsageGuard {
@@ -977,7 +975,6 @@ impl UsageGuard {
             started,
             count: None,
             admission: None,
-            end_user: None,
         }
     }
 
@@ -1041,7 +1038,7 @@ impl UsageGuard {
 
     /// The end user the request names (its `user`, or a front-end's header).
     pub(crate) fn set_end_user(&mut self, end_user: Option<String>) {
-        self.end_user = end_user;
+        self.record().end_user = end_user;
     }
 
     pub(crate) fn has_model(&self) -> bool {
@@ -1059,8 +1056,6 @@ impl Drop for UsageGuard {
     fn drop(&mut self) {
         if let Some(mut record) = self.record.take() {
             record.latency_ms = self.started.elapsed().as_millis() as u64;
-            // stand-in until S merges: record.end_user = self.end_user.take();
-            let _end_user = self.end_user.take();
             let count = if record.prompt_tokens.is_none() {
                 self.count.take()
             } else {

@@ -1,7 +1,8 @@
 //! What `AuthUsageLayer` costs per request, in process, without a network: the same
 //! JSON chat completion answered by a trivial service, bare and behind the layer
-//! (auth only, with `RequireKeyLayer`, and auth with usage recording to the in-memory
-//! store).
+//! (auth only, with `RequireKeyLayer`, auth with usage recording to the in-memory
+//! store, and the same with a key whose `rpm` and `tpm` limits are counted in process,
+//! set high enough never to refuse).
 //!
 //! ```text
 //! cargo run --release -p llmgate-examples --bin layer_overhead
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 use axum::body::{Body, Bytes};
 use http_body_util::BodyExt;
 use llmgate_core::auth::{KeyCache, KeyRecord, RequireKeyLayer, Role, Secret};
+use llmgate_core::limits::{KeyLimits, Limiter};
 use llmgate_core::storage::{KeyStore, MemoryStore};
 use llmgate_core::usage::UsageRecorder;
 use llmgate_core::AuthUsageLayer;
@@ -44,7 +46,15 @@ where
     S::Response: Into<http::Response<BoxedBody>>,
     S::Error: std::fmt::Debug,
 {
-    let rounds = 200_000u32;
+    measure_rounds(name, service, key, 200_000).await
+}
+
+async fn measure_rounds<S>(name: &str, service: S, key: &str, rounds: u32) -> Duration
+where
+    S: Service<http::Request<Body>> + Clone,
+    S::Response: Into<http::Response<BoxedBody>>,
+    S::Error: std::fmt::Debug,
+{
     let run = |n: u32| {
         let service = service.clone();
         async move {
@@ -57,7 +67,7 @@ where
             started.elapsed()
         }
     };
-    run(20_000).await; // warm-up
+    run(rounds / 10).await; // warm-up
     let elapsed = run(rounds).await;
     let per = elapsed / rounds;
     println!("{name:<28} {:>8.2} µs per request", per.as_secs_f64() * 1e6);
@@ -91,6 +101,51 @@ async fn main() {
         .layer(tower::service_fn(answer))
         .map_response(|r| r.map(|b| b.map_err(Into::into).boxed_unsync()));
     let full = measure("auth + usage", usage, key).await;
+    let limited_secret = Secret::generate();
+    let mut limited_key = KeyRecord::new("limited", Role::User, &limited_secret);
+    limited_key.limits = KeyLimits {
+        rpm: Some(1_000_000_000),
+        tpm: Some(1_000_000_000_000),
+        ..KeyLimits::default()
+    };
+    store
+        .insert_key(&limited_key, &limited_secret.hash())
+        .await
+        .unwrap();
+    let limiter = Limiter::local(KeyLimits::default(), store.clone());
+    let limited = AuthUsageLayer::new(
+        KeyCache::new(store.clone()),
+        UsageRecorder::start(store.clone()).0,
+    )
+    .limiter(limiter)
+    .layer(tower::service_fn(answer))
+    .map_response(|r| r.map(|b| b.map_err(Into::into).boxed_unsync()));
+    let with_limits = measure("auth + usage + rpm/tpm", limited, limited_secret.expose()).await;
+    // With LLMGATE_BENCH_REDIS_URL set, the same limits counted in that Redis.
+    if let Ok(url) = std::env::var("LLMGATE_BENCH_REDIS_URL") {
+        let limiter = Limiter::shared(&url, KeyLimits::default(), store.clone(), 1).unwrap();
+        while !limiter.is_shared() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let shared = AuthUsageLayer::new(
+            KeyCache::new(store.clone()),
+            UsageRecorder::start(store.clone()).0,
+        )
+        .limiter(limiter)
+        .layer(tower::service_fn(answer))
+        .map_response(|r| r.map(|b| b.map_err(Into::into).boxed_unsync()));
+        let in_redis = measure_rounds(
+            "auth + usage + rpm/tpm, Redis",
+            shared,
+            limited_secret.expose(),
+            20_000,
+        )
+        .await;
+        println!(
+            "Redis adds {:.2} µs per request over in-process limits",
+            (in_redis.saturating_sub(with_limits)).as_secs_f64() * 1e6
+        );
+    }
     let routed_service = AuthUsageLayer::new(
         KeyCache::new(store.clone()),
         UsageRecorder::start(store.clone()).0,
@@ -103,8 +158,9 @@ async fn main() {
     );
     measure("axum router + auth + usage", routed, key).await;
     println!(
-        "layer overhead: auth {:.2} µs, auth + usage {:.2} µs per request",
+        "layer overhead: auth {:.2} µs, auth + usage {:.2} µs, with rpm/tpm limits {:.2} µs per request",
         (auth_only.saturating_sub(base)).as_secs_f64() * 1e6,
-        (full.saturating_sub(base)).as_secs_f64() * 1e6
+        (full.saturating_sub(base)).as_secs_f64() * 1e6,
+        (with_limits.saturating_sub(base)).as_secs_f64() * 1e6
     );
 }
