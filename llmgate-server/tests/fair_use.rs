@@ -666,16 +666,22 @@ async fn two_replicas_on_one_database_and_one_redis_allow_each_limit_once() {
         limited["key"].as_str().unwrap(),
         &chat("mock-model", None),
         200,
-        8,
+        4,
     )
     .await;
     let refill = started.elapsed().as_secs() + 1;
+    // A Redis call over 100 ms (a machine overloaded by other tests) sends a replica to
+    // its local share for a second, which may admit more: say so if it happened.
+    let mut modes = Vec::new();
+    for gateway in [&a, &b] {
+        modes.push(sample(&metrics(gateway).await, "llmgate_limiter_shared"));
+    }
     let ok = statuses.iter().filter(|&&s| s == 200).count() as u64;
     let refused = statuses.iter().filter(|&&s| s == 429).count() as u64;
     assert_eq!(ok + refused, 200, "{statuses:?}");
     assert!(
         (60..=60 + refill).contains(&ok),
-        "{ok} admitted in {:?}",
+        "{ok} admitted in {:?} (llmgate_limiter_shared after: {modes:?})",
         started.elapsed()
     );
 
