@@ -797,3 +797,148 @@ async fn two_replicas_on_one_database_and_one_redis_allow_each_limit_once() {
     drop((a, b, c));
     database.drop().await;
 }
+
+/// A Python with the `openai` package (the one `real_model.rs` makes), created once.
+async fn python_with_openai() -> std::path::PathBuf {
+    let dir = llmgate_core::config::default_cache_dir().join("test-python");
+    let python = dir.join("bin/python");
+    let ready = Command::new(&python)
+        .args(["-c", "import openai"])
+        .status()
+        .await
+        .is_ok_and(|s| s.success());
+    if !ready {
+        let made = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&dir)
+            .status()
+            .await
+            .unwrap();
+        assert!(made.success(), "python3 -m venv failed");
+        let installed = Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .arg("openai>=1.40,<3")
+            .status()
+            .await
+            .unwrap();
+        assert!(installed.success(), "pip install openai failed");
+    }
+    python
+}
+
+#[tokio::test]
+#[ignore = "needs Python 3 with venv and PyPI (the openai package); scripts/test runs it"]
+async fn the_openai_sdk_reads_the_limits_and_its_retry_waits_as_told() {
+    let upstream = MockUpstream::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let gateway = serve_fronting(data.path(), &upstream.url, &[]).await;
+    let created = create(&gateway, json!({"name": "sdk", "rpm": 60})).await;
+    let python = python_with_openai().await;
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/openai_sdk_limits.py");
+    let output = Command::new(python)
+        .arg(script)
+        .arg(format!("{}/v1", gateway.url))
+        .arg(created["key"].as_str().unwrap())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let seen: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(seen["limit_header"], "60", "{seen}");
+    assert_eq!(seen["remaining_header"], "59", "{seen}");
+    assert!(
+        seen["reset_header"].as_str().unwrap().ends_with('s'),
+        "{seen}"
+    );
+    assert!(
+        seen["tokens_limit_header"].is_null(),
+        "no tpm, no token headers: {seen}"
+    );
+    assert_eq!(seen["refused"], true, "{seen}");
+    assert_eq!(seen["status"], 429);
+    assert_eq!(seen["type"], "requests");
+    assert_eq!(seen["code"], "rate_limit_exceeded");
+    assert_eq!(
+        seen["retry_after"], "1",
+        "one request refills in a second: {seen}"
+    );
+    assert_eq!(seen["retried_ok"], true);
+    let waited = seen["retry_wait_secs"].as_f64().unwrap();
+    assert!((0.3..10.0).contains(&waited), "{seen}");
+}
+
+#[tokio::test]
+async fn the_model_list_shows_a_key_only_the_models_it_may_use() {
+    let upstream = MockUpstream::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let config = data.path().join("llmgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[models]]\nname = \"mock-a\"\nupstream = \"{0}\"\n\n[[models]]\nname = \"other-b\"\nupstream = \"{0}\"\n",
+            upstream.url
+        ),
+    )
+    .unwrap();
+    let gateway = serve_fronting(
+        data.path(),
+        &upstream.url,
+        &[("LLMGATE_CONFIG", config.to_str().unwrap())],
+    )
+    .await;
+    let key = create(&gateway, json!({"name": "mocks", "models": ["mock-*"]})).await;
+    let key = key["key"].as_str().unwrap();
+    let get = |path: &str, key: &str| {
+        client()
+            .get(format!("{}{path}", gateway.url))
+            .bearer_auth(key.to_owned())
+            .send()
+    };
+    let ids = |list: Value| -> Vec<String> {
+        list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let mine = get("/v1/models", key).await.unwrap().json().await.unwrap();
+    assert_eq!(ids(mine), ["mock-a"]);
+    let all = get("/v1/models", ADMIN)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(ids(all).contains(&"other-b".to_owned()));
+    assert_eq!(get("/v1/models/mock-a", key).await.unwrap().status(), 200);
+    let hidden = get("/v1/models/other-b", key).await.unwrap();
+    let missing = get("/v1/models/no-such-model", key).await.unwrap();
+    assert_eq!(hidden.status(), 404);
+    assert_eq!(missing.status(), 404);
+    let (hidden, missing): (Value, Value) =
+        (hidden.json().await.unwrap(), missing.json().await.unwrap());
+    assert_eq!(hidden["error"]["code"], missing["error"]["code"]);
+    assert_eq!(
+        hidden["error"]["message"]
+            .as_str()
+            .unwrap()
+            .replace("other-b", "X"),
+        missing["error"]["message"]
+            .as_str()
+            .unwrap()
+            .replace("no-such-model", "X"),
+        "the same answer as for a model that does not exist"
+    );
+}
