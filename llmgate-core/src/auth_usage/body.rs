@@ -172,7 +172,10 @@ impl<B> Drop for UsageBody<B> {
     fn drop(&mut self) {
         let unfinished = self.tracking.as_ref().is_some_and(|t| !t.inner_done);
         if let (true, Some(read_rest)) = (unfinished, self.finish_in_background) {
-            if let (Some(inner), Some(tracking)) = (self.inner.take(), self.tracking.take()) {
+            if let (Some(inner), Some(mut tracking)) = (self.inner.take(), self.tracking.take()) {
+                // The client has gone: its place in flight is free, though the rest of
+                // the answer is still read for its tokens.
+                tracking.guard.release_in_flight();
                 read_rest(inner, tracking);
             }
         }

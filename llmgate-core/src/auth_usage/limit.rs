@@ -155,12 +155,12 @@ mod tests {
                 let body = Full::new(Bytes::from_static(b"no limits")).boxed();
                 return Ok::<_, Infallible>(Response::builder().status(500).body(body).unwrap());
             }
-            if request.headers().contains_key("x-hang") {
+            if let Some(content_type) = request.headers().get("x-hang").cloned() {
                 let body = StreamBody::new(futures_util::stream::pending::<
                     Result<http_body::Frame<Bytes>, Infallible>,
                 >());
                 return Ok(Response::builder()
-                    .header("content-type", "text/event-stream")
+                    .header("content-type", content_type)
                     .body(body.boxed())
                     .unwrap());
             }
@@ -350,33 +350,31 @@ mod tests {
 
     #[tokio::test]
     async fn a_place_in_flight_is_freed_when_the_client_leaves() {
-        let gw = gateway(KeyLimits {
-            max_parallel: Some(1),
-            ..KeyLimits::default()
-        })
-        .await;
-        let hanging = gw
-            .service
-            .clone()
-            .oneshot(
-                gw.request(CHAT)
-                    .header("x-hang", "1")
-                    .body(Full::new(Bytes::from(CHAT)))
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
-        assert_eq!(hanging.status(), 200);
-        let (response, body) = gw.chat(CHAT).await;
-        assert_eq!(response.status(), 429);
-        assert_eq!(
-            response.extensions().get::<Refused>(),
-            Some(&Refused("parallel"))
-        );
-        assert_eq!(body["error"]["code"], "rate_limit_exceeded");
-        drop(hanging); // the client leaves mid-answer
-        let (response, _) = gw.chat(CHAT).await;
-        assert_eq!(response.status(), 200);
+        // A stream, and a JSON answer (whose rest is still read for its tokens).
+        for content_type in ["text/event-stream", "application/json"] {
+            let gw = gateway(KeyLimits {
+                max_parallel: Some(1),
+                ..KeyLimits::default()
+            })
+            .await;
+            let request = gw
+                .request(CHAT)
+                .header("x-hang", content_type)
+                .body(Full::new(Bytes::from(CHAT)))
+                .unwrap();
+            let hanging = gw.service.clone().oneshot(request).await.unwrap();
+            assert_eq!(hanging.status(), 200);
+            let (response, body) = gw.chat(CHAT).await;
+            assert_eq!(response.status(), 429, "{content_type}");
+            assert_eq!(
+                response.extensions().get::<Refused>(),
+                Some(&Refused("parallel"))
+            );
+            assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+            drop(hanging); // the client leaves mid-answer
+            let (response, _) = gw.chat(CHAT).await;
+            assert_eq!(response.status(), 200, "{content_type}");
+        }
     }
 
     #[tokio::test]

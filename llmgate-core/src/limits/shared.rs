@@ -9,7 +9,7 @@
 //! [`IN_FLIGHT_STALE`], so that a replica that dies holding places does not hold them
 //! for ever.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Mutex, Weak};
 use std::time::Duration;
 
@@ -30,6 +30,13 @@ const PROBE_EVERY: Duration = Duration::from_secs(1);
 pub(super) const IN_FLIGHT_STALE: Duration = Duration::from_secs(30 * 60);
 /// How long a quota count outlives its period.
 const QUOTA_KEEP_SECS: i64 = 24 * 3600;
+
+/// Not connected yet: counted locally, nothing said yet.
+const STARTING: u8 = 0;
+/// Counted in Redis.
+const UP: u8 = 1;
+/// Counted locally, said in the log.
+const DOWN: u8 = 2;
 
 const ADMIT: &str = r#"
 local mode = ARGV[1]
@@ -154,7 +161,8 @@ return 0
 pub(super) struct Shared {
     client: redis::Client,
     connection: Mutex<Option<ConnectionManager>>,
-    up: AtomicBool,
+    /// [`STARTING`], [`UP`] or [`DOWN`].
+    state: AtomicU8,
     replicas: u32,
     prefix: String,
     admit: Script,
@@ -168,7 +176,7 @@ impl Shared {
         Self {
             client,
             connection: Mutex::new(None),
-            up: AtomicBool::new(false),
+            state: AtomicU8::new(STARTING),
             replicas: replicas.max(1),
             prefix,
             admit: Script::new(ADMIT),
@@ -183,7 +191,7 @@ impl Shared {
     }
 
     pub(super) fn is_up(&self) -> bool {
-        self.up.load(Ordering::Relaxed)
+        self.state.load(Ordering::Relaxed) == UP
     }
 
     /// Starts the background task that connects and checks Redis every second; it ends
@@ -216,8 +224,11 @@ impl Shared {
 
     /// A call failed or timed out: count locally until the probe finds Redis again.
     pub(super) fn went_down(&self, local: &Local) {
-        if self.up.swap(false, Ordering::Relaxed) {
+        let before = self.state.swap(DOWN, Ordering::Relaxed);
+        if before == UP {
             local.clear();
+        }
+        if before != DOWN {
             tracing::warn!(
                 replicas = self.replicas,
                 "Redis does not answer: limits are counted by this replica alone, each divided by {}",
@@ -227,7 +238,7 @@ impl Shared {
     }
 
     fn came_up(&self, local: &Local) {
-        if !self.up.swap(true, Ordering::Relaxed) {
+        if self.state.swap(UP, Ordering::Relaxed) != UP {
             local.clear();
             tracing::info!("limits are counted in Redis, shared by every replica");
         }

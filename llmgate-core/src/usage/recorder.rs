@@ -1036,6 +1036,14 @@ impl UsageGuard {
         self.admission = Some(admission);
     }
 
+    /// The client has gone: the request's place in flight is free (its tokens are
+    /// settled later, with the record).
+    pub(crate) fn release_in_flight(&mut self) {
+        if let Some(admission) = &mut self.admission {
+            admission.release();
+        }
+    }
+
     /// The end user the request names (its `user`, or a front-end's header).
     pub(crate) fn set_end_user(&mut self, end_user: Option<String>) {
         self.record().end_user = end_user;
