@@ -233,6 +233,38 @@ pub struct ModelConfig {
     /// `Retry-After`.
     #[serde(default = "default_max_queue")]
     pub max_queue: u32,
+    /// The order in which requests waiting for a place are served: weighted turns
+    /// between keys (`fair`, the default) or arrival order (`fifo`).
+    #[serde(default, skip_serializing_if = "QueuePolicy::is_fair")]
+    pub queue: QueuePolicy,
+}
+
+/// How a busy model's waiting requests take their turns ([`ModelConfig::queue`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueuePolicy {
+    /// Turns go round the keys that wait, each key's requests in their order, a key of
+    /// `weight` w taking w turns for another's one: a key with many requests waiting
+    /// does not hold up a key that sends one.
+    #[default]
+    Fair,
+    /// First come, first served, whoever sent them.
+    Fifo,
+}
+
+impl QueuePolicy {
+    /// Whether this is the default, [`QueuePolicy::Fair`].
+    pub fn is_fair(&self) -> bool {
+        *self == Self::Fair
+    }
+
+    /// Its name in the configuration: `fair` or `fifo`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Fair => "fair",
+            Self::Fifo => "fifo",
+        }
+    }
 }
 
 /// Default of [`ModelConfig::max_queue`].
@@ -281,6 +313,7 @@ impl ModelConfig {
             preload: false,
             max_concurrency: None,
             max_queue: DEFAULT_MAX_QUEUE,
+            queue: QueuePolicy::Fair,
         }
     }
 
