@@ -819,4 +819,33 @@ mod tests {
         let err = toml::from_str::<GatewayConfig>("listn = \"127.0.0.1:1\"").unwrap_err();
         assert!(err.to_string().contains("listn"));
     }
+
+    #[test]
+    fn a_model_queues_fairly_unless_it_says_fifo() {
+        let file = r#"
+            [[models]]
+            name = "shared"
+            upstream = "http://127.0.0.1:9"
+            max_concurrency = 1
+
+            [[models]]
+            name = "batch"
+            upstream = "http://127.0.0.1:9"
+            queue = "fifo"
+        "#;
+        let config = toml::from_str::<GatewayConfig>(file).unwrap();
+        assert_eq!(config.models[0].queue, QueuePolicy::Fair);
+        assert_eq!(config.models[1].queue, QueuePolicy::Fifo);
+        // Kept as the admin API stores it: the default is left out, settings stored
+        // before the field existed still read.
+        let stored = serde_json::to_value(&config.models[0]).unwrap();
+        assert!(stored.get("queue").is_none(), "{stored}");
+        let fifo = serde_json::to_value(&config.models[1]).unwrap();
+        assert_eq!(fifo["queue"], "fifo");
+        let err = toml::from_str::<GatewayConfig>(
+            "[[models]]\nname = \"x\"\nupstream = \"http://127.0.0.1:9\"\nqueue = \"lifo\"",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("fifo"), "{err}");
+    }
 }
