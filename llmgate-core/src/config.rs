@@ -797,30 +797,6 @@ mod tests {
     }
 
     #[test]
-    fn every_problem_is_reported_on_a_line_of_its_own() {
-        let config = GatewayConfig {
-            upstream: Some("ftp://h".into()),
-            database_url: Some("mysql://db".into()),
-            max_body_bytes: 0,
-            usage_queue_max: 0,
-            ..Default::default()
-        };
-        let text = config.validate().unwrap_err().to_string();
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 4, "{text}");
-        assert!(lines[0].contains("ftp://h"), "{text}");
-        assert!(lines[1].contains("database_url"), "{text}");
-        assert!(lines[2].contains("max_body_bytes"), "{text}");
-        assert!(lines[3].contains("usage_queue_max"), "{text}");
-    }
-
-    #[test]
-    fn unknown_fields_in_a_file_are_refused() {
-        let err = toml::from_str::<GatewayConfig>("listn = \"127.0.0.1:1\"").unwrap_err();
-        assert!(err.to_string().contains("listn"));
-    }
-
-    #[test]
     fn a_model_queues_fairly_unless_it_says_fifo() {
         let file = r#"
             [[models]]
@@ -847,5 +823,29 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("fifo"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_on_a_line_of_its_own() {
+        let config = GatewayConfig {
+            upstream: Some("ftp://h".into()),
+            database_url: Some("mysql://db".into()),
+            max_body_bytes: 0,
+            usage_queue_max: 0,
+            ..Default::default()
+        };
+        let text = config.validate().unwrap_err().to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(lines[0].contains("ftp://h"), "{text}");
+        assert!(lines[1].contains("database_url"), "{text}");
+        assert!(lines[2].contains("max_body_bytes"), "{text}");
+        assert!(lines[3].contains("usage_queue_max"), "{text}");
+    }
+
+    #[test]
+    fn unknown_fields_in_a_file_are_refused() {
+        let err = toml::from_str::<GatewayConfig>("listn = \"127.0.0.1:1\"").unwrap_err();
+        assert!(err.to_string().contains("listn"));
     }
 }
