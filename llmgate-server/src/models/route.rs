@@ -17,7 +17,7 @@ use llmgate_core::proxy::ProxyBody;
 use llmgate_core::BoxError;
 use tower::Service;
 
-use super::{Lease, Registry, RouteError, Slot};
+use super::{Lease, Registry, Requester, RouteError, Slot};
 
 /// Sends each request to the model its `model` names (by name or alias; the default
 /// model when it names none) and holds the model's place until the response body ends.
@@ -196,7 +196,10 @@ async fn wait_then_forward(
     request: Request<Body>,
     served: Option<Arc<str>>,
 ) -> Response<RoutedBody> {
-    match registry.lease(&slot).await {
+    match registry
+        .lease(&slot, &Requester::of(request.extensions()))
+        .await
+    {
         Ok(lease) => {
             // The lease's model: new settings may have replaced the one asked for.
             let Ok(response) = lease.slot().proxy.clone().call(request).await;
