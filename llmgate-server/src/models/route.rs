@@ -18,7 +18,7 @@ use llmgate_core::proxy::ProxyBody;
 use llmgate_core::BoxError;
 use tower::Service;
 
-use super::{Lease, Registry, RouteError, Slot};
+use super::{Lease, Registry, Requester, RouteError, Slot};
 
 /// The largest upstream model list the gateway reads to filter it for a key that may use
 /// only some models.
@@ -213,7 +213,10 @@ async fn wait_then_forward(
     request: Request<Body>,
     served: Option<Arc<str>>,
 ) -> Response<RoutedBody> {
-    match registry.lease(&slot).await {
+    match registry
+        .lease(&slot, &Requester::of(request.extensions()))
+        .await
+    {
         Ok(lease) => {
             // The lease's model: new settings may have replaced the one asked for.
             let Ok(response) = lease.slot().proxy.clone().call(request).await;

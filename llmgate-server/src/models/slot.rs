@@ -10,8 +10,9 @@ use llmgate_core::config::ModelConfig;
 use llmgate_core::hub::DownloadProgress;
 use llmgate_core::proxy::Proxy;
 use llmgate_core::runner::{ModelRunner, RunnerStatus};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::watch;
 
+use super::fair::{FairQueue, Permit};
 use super::{unix_millis, ModelState, ModelView, Origin};
 use crate::commands::model::{Reporter, Stage, TerminalReporter};
 
@@ -53,8 +54,9 @@ pub struct Slot {
     pub(crate) in_flight: AtomicU32,
     /// Requests waiting for the model to load or for a free place.
     pub(crate) queued: AtomicU32,
-    /// Places for requests at once, when `max_concurrency` is set.
-    pub(crate) permits: Option<Arc<Semaphore>>,
+    /// Places for requests at once and the requests waiting for one, when
+    /// `max_concurrency` is set.
+    pub(crate) places: Option<Arc<FairQueue>>,
     /// Milliseconds since the Unix epoch of the last request's start or end (0: never).
     pub(crate) last_used_ms: AtomicU64,
     /// Requests may go straight to the server.
@@ -68,9 +70,9 @@ pub struct Slot {
 impl Slot {
     pub(crate) fn new(config: ModelConfig, origin: Origin, echo: bool) -> Self {
         let remote = config.is_remote();
-        let permits = config
+        let places = config
             .max_concurrency
-            .map(|n| Arc::new(Semaphore::new(n as usize)));
+            .map(|n| Arc::new(FairQueue::new(n, config.queue)));
         Self {
             name: Arc::from(config.name.as_str()),
             config,
@@ -99,7 +101,7 @@ impl Slot {
             changes: watch::channel(0).0,
             in_flight: AtomicU32::new(0),
             queued: AtomicU32::new(0),
-            permits,
+            places,
             last_used_ms: AtomicU64::new(0),
             ready: AtomicBool::new(remote),
             echo: echo.then(TerminalReporter::default),
@@ -157,13 +159,13 @@ impl Slot {
         if !self.ready.load(Ordering::SeqCst) {
             return None;
         }
-        let permit = match &self.permits {
-            Some(permits) => {
-                // Someone waiting goes first.
+        let permit = match &self.places {
+            Some(places) => {
+                // Someone waiting (for a load too) goes first.
                 if self.queued.load(Ordering::SeqCst) > 0 {
                     return None;
                 }
-                Some(permits.clone().try_acquire_owned().ok()?)
+                Some(places.try_acquire()?)
             }
             None => None,
         };
@@ -172,7 +174,7 @@ impl Slot {
 
     /// Counts a request in, then checks the model still answers: an unload sets `ready`
     /// false before it counts the requests in flight, so one of the two sees the other.
-    pub(crate) fn enter(self: &Arc<Self>, permit: Option<OwnedSemaphorePermit>) -> Option<Lease> {
+    pub(crate) fn enter(self: &Arc<Self>, permit: Option<Permit>) -> Option<Lease> {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         let lease = Lease {
             slot: self.clone(),
@@ -242,6 +244,7 @@ impl Slot {
             preload: config.preload,
             max_concurrency: config.max_concurrency,
             max_queue: config.max_queue,
+            queue: config.queue,
             origin: self.origin,
         }
     }
@@ -306,7 +309,7 @@ impl Reporter for Slot {
 #[derive(Debug)]
 pub struct Lease {
     slot: Arc<Slot>,
-    _permit: Option<OwnedSemaphorePermit>,
+    _permit: Option<Permit>,
 }
 
 impl Lease {

@@ -148,6 +148,7 @@ function updateRows(entry, model, defaultModel) {
     model.preload ? "preloaded" : null,
     model.max_concurrency ? `${fmtInt(model.max_concurrency)} at once` : "no limit at once",
     `queue ${fmtInt(model.max_queue)}`,
+    model.max_concurrency ? (model.queue === "fifo" ? "waiters in arrival order" : "waiters take turns by key") : null,
   ].filter(Boolean);
   cells.settings.replaceChildren(h("div", { class: "stack" }, settings.map((s) => h("span", { class: "sub" }, s))));
 
