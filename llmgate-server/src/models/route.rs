@@ -303,7 +303,8 @@ async fn upstream_models_for(
         Ok(route) => route.slot,
         Err(err) => return refuse(&err),
     };
-    let lease = match registry.lease(&slot).await {
+    let requester = Requester::of(request.extensions());
+    let lease = match registry.lease(&slot, &requester).await {
         Ok(lease) => lease,
         Err(err) => return refuse(&err),
     };
