@@ -7,7 +7,7 @@ use http_body_util::{Either, Full};
 
 use super::AuthUsageBody;
 use crate::error::ApiError;
-use crate::limits::{cut_end_user, format_duration, Refusal, Refused, Window};
+use crate::limits::{cut_end_user, write_duration, Refusal, Refused, Window};
 
 /// Open WebUI's headers naming its user, when `ENABLE_FORWARD_USER_INFO_HEADERS` is on.
 const END_USER_HEADERS: [HeaderName; 2] = [
@@ -81,26 +81,47 @@ pub(super) fn rate_headers(
     requests: Option<Window>,
     tokens: Option<Window>,
 ) {
-    const NAMES: [[&str; 3]; 2] = [
+    // Constants: `from_static` checks its name each time it runs.
+    const NAMES: [[HeaderName; 3]; 2] = [
         [
-            "x-ratelimit-limit-requests",
-            "x-ratelimit-remaining-requests",
-            "x-ratelimit-reset-requests",
+            HeaderName::from_static("x-ratelimit-limit-requests"),
+            HeaderName::from_static("x-ratelimit-remaining-requests"),
+            HeaderName::from_static("x-ratelimit-reset-requests"),
         ],
         [
-            "x-ratelimit-limit-tokens",
-            "x-ratelimit-remaining-tokens",
-            "x-ratelimit-reset-tokens",
+            HeaderName::from_static("x-ratelimit-limit-tokens"),
+            HeaderName::from_static("x-ratelimit-remaining-tokens"),
+            HeaderName::from_static("x-ratelimit-reset-tokens"),
         ],
     ];
-    for (names, window) in NAMES.iter().zip([requests, tokens]) {
+    headers.reserve(3 * (usize::from(requests.is_some()) + usize::from(tokens.is_some())));
+    for ([limit, remaining, reset], window) in NAMES.into_iter().zip([requests, tokens]) {
         let Some(w) = window else { continue };
-        let [limit, remaining, reset] = names.map(HeaderName::from_static);
         headers.insert(limit, HeaderValue::from(w.limit));
         headers.insert(remaining, HeaderValue::from(w.remaining));
-        if let Ok(value) = HeaderValue::from_str(&format_duration(w.reset_ms)) {
-            headers.insert(reset, value);
+        let mut text = DurationText::default();
+        if write_duration(&mut text, w.reset_ms).is_ok() {
+            if let Ok(value) = HeaderValue::from_bytes(&text.bytes[..text.len]) {
+                headers.insert(reset, value);
+            }
         }
+    }
+}
+
+/// A duration's text on the stack: no allocation but the header value's own.
+#[derive(Default)]
+struct DurationText {
+    bytes: [u8; 32],
+    len: usize,
+}
+
+impl std::fmt::Write for DurationText {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        let room = self.bytes.get_mut(self.len..end).ok_or(std::fmt::Error)?;
+        room.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
     }
 }
 

@@ -154,10 +154,10 @@ where
             }
         }
         let tokens = limiter.estimate(plan.body_len, plan.max_tokens);
-        match limiter
-            .admit(&key, &limits, end_user.as_deref(), tokens)
-            .await
-        {
+        // Boxed: the admission's future (a Redis call) would otherwise make this
+        // future larger, and every request's moves of it dearer, limiter or not.
+        let admit = Box::pin(limiter.admit(&key, &limits, end_user.as_deref(), tokens));
+        match admit.await {
             Ok(Some(admission)) => {
                 windows = Some(admission.windows());
                 guard.set_admission(admission);

@@ -690,21 +690,29 @@ impl Refusal {
 /// A duration as OpenAI writes it in `x-ratelimit-reset-*`: `20ms`, `1s`, `1.5s`,
 /// `6m0s`, `1h2m3s`.
 pub(crate) fn format_duration(ms: u64) -> String {
+    let mut text = String::new();
+    let _ = write_duration(&mut text, ms);
+    text
+}
+
+/// [`format_duration`] into `out` (a buffer on the stack, for a header).
+pub(crate) fn write_duration(out: &mut impl std::fmt::Write, ms: u64) -> std::fmt::Result {
     if ms < 1000 {
-        return format!("{ms}ms");
+        return write!(out, "{ms}ms");
     }
     let (hours, rest) = (ms / 3_600_000, ms % 3_600_000);
     let (minutes, rest) = (rest / 60_000, rest % 60_000);
-    let seconds = if rest % 1000 == 0 {
-        format!("{}s", rest / 1000)
-    } else {
-        let text = format!("{:.3}", rest as f64 / 1000.0);
-        format!("{}s", text.trim_end_matches('0'))
-    };
-    match (hours, minutes) {
-        (0, 0) => seconds,
-        (0, m) => format!("{m}m{seconds}"),
-        (h, m) => format!("{h}h{m}m{seconds}"),
+    if hours > 0 {
+        write!(out, "{hours}h{minutes}m")?;
+    } else if minutes > 0 {
+        write!(out, "{minutes}m")?;
+    }
+    let (seconds, millis) = (rest / 1000, rest % 1000);
+    match millis {
+        0 => write!(out, "{seconds}s"),
+        m if m % 100 == 0 => write!(out, "{seconds}.{}s", m / 100),
+        m if m % 10 == 0 => write!(out, "{seconds}.{:02}s", m / 10),
+        m => write!(out, "{seconds}.{m:03}s"),
     }
 }
 

@@ -46,7 +46,12 @@ where
     S::Response: Into<http::Response<BoxedBody>>,
     S::Error: std::fmt::Debug,
 {
-    measure_rounds(name, service, key, 200_000).await
+    // LLMGATE_BENCH_ROUNDS: fewer rounds, for a run under callgrind.
+    let rounds = std::env::var("LLMGATE_BENCH_ROUNDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(200_000);
+    measure_rounds(name, service, key, rounds).await
 }
 
 async fn measure_rounds<S>(name: &str, service: S, key: &str, rounds: u32) -> Duration
@@ -55,6 +60,11 @@ where
     S::Response: Into<http::Response<BoxedBody>>,
     S::Error: std::fmt::Debug,
 {
+    // LLMGATE_BENCH_ONLY=NAME runs one variant, for counting its instructions
+    // (under `valgrind --tool=callgrind`).
+    if std::env::var("LLMGATE_BENCH_ONLY").is_ok_and(|only| only != name) {
+        return Duration::ZERO;
+    }
     let run = |n: u32| {
         let service = service.clone();
         async move {
