@@ -89,9 +89,10 @@ impl AppState {
 /// calls, shown only at DEBUG, skip those two layers when the log level is lower.
 pub fn app(state: AppState, max_body_bytes: usize) -> App {
     let keys = state.keys.clone();
-    let gateway = AuthUsageLayer::new(keys.clone(), state.recorder.clone())
-        .max_body_bytes(max_body_bytes)
-        .layer(NoteCaller(ModelRouter::new(state.models.clone())));
+    let metered =
+        AuthUsageLayer::new(keys.clone(), state.recorder.clone()).max_body_bytes(max_body_bytes);
+    let router_of_models = ModelRouter::new(state.models.clone());
+    let gateway = metered.layer(NoteCaller(router_of_models.clone()));
     let admin = Router::new()
         .route("/usage", get(routes::usage::all))
         .route("/usage/rejected", get(routes::usage::rejected))
@@ -149,9 +150,11 @@ pub fn app(state: AppState, max_body_bytes: usize) -> App {
     // Model calls are in the access log only at DEBUG: below that, they skip its layers
     // (about 2 000 instructions a request, a few per cent of a proxied one).
     let traced_model_calls = tracing::enabled!(target: ACCESS_LOG, tracing::Level::DEBUG);
+    // Nor do they need the caller noted: without the access log's layers there is no
+    // span to note it in.
     App {
         fast: (!traced_model_calls)
-            .then(|| CatchPanicLayer::custom(AnswerPanic).layer(dispatch.gateway.clone())),
+            .then(|| CatchPanicLayer::custom(AnswerPanic).layer(metered.layer(router_of_models))),
         inner: served(dispatch),
     }
 }
@@ -348,7 +351,7 @@ impl<S> Layer<S> for NoteCallerLayer {
 pub struct App {
     inner: Served<Dispatch>,
     /// Model calls past the access log's layers, when it would not show them.
-    fast: Option<CatchPanic<Gateway, AnswerPanic>>,
+    fast: Option<CatchPanic<FastGateway, AnswerPanic>>,
 }
 
 pin_project_lite::pin_project! {
@@ -357,7 +360,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: Either<
             <Served<Dispatch> as Service<Request>>::Future,
-            <CatchPanic<Gateway, AnswerPanic> as Service<Request>>::Future,
+            <CatchPanic<FastGateway, AnswerPanic> as Service<Request>>::Future,
         >,
     }
 }
@@ -423,6 +426,9 @@ impl Dispatch {
 
 /// The metered proxy, sending each call to the model it names.
 type Gateway = AuthUsage<NoteCaller<ModelRouter>>;
+
+/// The metered proxy of model calls that skip the access log's layers.
+type FastGateway = AuthUsage<ModelRouter>;
 
 /// An answer's body: the metered proxy's, or the router's (no box for either: the
 /// panic layer boxes it once).
