@@ -96,12 +96,14 @@ impl AppState {
 pub fn app(state: AppState, max_body_bytes: usize) -> App {
     let keys = state.keys.clone();
     state.metrics.set_limiter(state.limiter.clone());
+    let counted_in = state.metrics.clone();
+    let metered = AuthUsageLayer::new(keys.clone(), state.recorder.clone())
+        .max_body_bytes(max_body_bytes)
+        .limiter(state.limiter.clone());
+    let router_of_models = ModelRouter::new(state.models.clone());
     let gateway = CountRefusals {
-        inner: AuthUsageLayer::new(keys.clone(), state.recorder.clone())
-            .max_body_bytes(max_body_bytes)
-            .limiter(state.limiter.clone())
-            .layer(NoteCaller(ModelRouter::new(state.models.clone()))),
-        metrics: state.metrics.clone(),
+        inner: metered.layer(NoteCaller(router_of_models.clone())),
+        metrics: counted_in.clone(),
     };
     let admin = Router::new()
         .route("/usage", get(routes::usage::all))
@@ -165,9 +167,15 @@ pub fn app(state: AppState, max_body_bytes: usize) -> App {
     // Model calls are in the access log only at DEBUG: below that, they skip its layers
     // (about 2 000 instructions a request, a few per cent of a proxied one).
     let traced_model_calls = tracing::enabled!(target: ACCESS_LOG, tracing::Level::DEBUG);
+    // Nor do they need the caller noted: without the access log's layers there is no
+    // span to note it in.
     App {
-        fast: (!traced_model_calls)
-            .then(|| CatchPanicLayer::custom(AnswerPanic).layer(dispatch.gateway.clone())),
+        fast: (!traced_model_calls).then(|| {
+            CatchPanicLayer::custom(AnswerPanic).layer(CountRefusals {
+                inner: metered.layer(router_of_models),
+                metrics,
+            })
+        }),
         inner: served(dispatch),
     }
 }
@@ -366,7 +374,7 @@ impl<S> Layer<S> for NoteCallerLayer {
 pub struct App {
     inner: Served<Dispatch>,
     /// Model calls past the access log's layers, when it would not show them.
-    fast: Option<CatchPanic<Gateway, AnswerPanic>>,
+    fast: Option<CatchPanic<FastGateway, AnswerPanic>>,
 }
 
 pin_project_lite::pin_project! {
@@ -375,7 +383,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: Either<
             <Served<Dispatch> as Service<Request>>::Future,
-            <CatchPanic<Gateway, AnswerPanic> as Service<Request>>::Future,
+            <CatchPanic<FastGateway, AnswerPanic> as Service<Request>>::Future,
         >,
     }
 }
@@ -501,6 +509,9 @@ where
         Poll::Ready(output)
     }
 }
+
+/// The metered proxy of model calls that skip the access log's layers.
+type FastGateway = CountRefusals<AuthUsage<ModelRouter>>;
 
 /// An answer's body: the metered proxy's, or the router's (no box for either: the
 /// panic layer boxes it once).

@@ -301,6 +301,8 @@ struct Catalog {
     default: Option<usize>,
     /// The one model `--upstream` or `--model` gave, alone in the list: it takes any name.
     catch_all: bool,
+    /// That model has no aliases either: every name goes to it as it is, no lookup needed.
+    any_name_as_is: bool,
 }
 
 impl Catalog {
@@ -317,11 +319,13 @@ impl Catalog {
         }
         .or((!slots.is_empty()).then_some(0));
         let catch_all = slots.len() == 1 && slots[0].origin == Origin::Flags;
+        let any_name_as_is = catch_all && slots[0].config.aliases.is_empty();
         Self {
             slots,
             by_name,
             default,
             catch_all,
+            any_name_as_is,
         }
     }
 
@@ -469,6 +473,7 @@ impl Registry {
     pub fn resolve(&self, requested: Option<&str>) -> Result<Route, RouteError> {
         let catalog = self.catalog();
         let found = match requested {
+            Some(_) if catalog.any_name_as_is => Some((&catalog.slots[0], false)),
             Some(name) => match catalog.find(name) {
                 Some(slot) => Some((slot, name != slot.name())),
                 None if catalog.catch_all => Some((&catalog.slots[0], false)),
@@ -1406,5 +1411,11 @@ mod tests {
         let registry = Registry::new(config, Progress::ConsoleOnly);
         assert_eq!(registry.route(Some("gpt-4o")).unwrap().name(), "upstream");
         assert!(registry.lists_upstream_models());
+        // Usage goes under the name the client sent, whichever it is (or none).
+        for requested in [Some("gpt-4o"), Some("upstream"), None] {
+            let route = registry.resolve(requested).unwrap();
+            assert_eq!(route.slot.name(), "upstream");
+            assert_eq!(route.served, None, "{requested:?}");
+        }
     }
 }
