@@ -173,7 +173,7 @@ pub fn app(state: AppState, max_body_bytes: usize) -> App {
         fast: (!traced_model_calls).then(|| {
             CatchPanicLayer::custom(AnswerPanic).layer(CountRefusals {
                 inner: metered.layer(router_of_models),
-                metrics,
+                metrics: counted_in,
             })
         }),
         inner: served(dispatch),
