@@ -67,8 +67,9 @@ struct Pending {
     record: RequestRecord,
     key_name: String,
     count: Option<(Arc<Value>, String)>,
-    /// The limiter's count of the request, settled once its tokens are known.
-    admission: Option<Admission>,
+    /// The limiter's count of the request, settled once its tokens are known (boxed:
+    /// every record passes through the channel, few with an admission).
+    admission: Option<Box<Admission>>,
 }
 
 /// Sees every finished request, in the background writer (never on the request path):
@@ -937,8 +938,9 @@ pub(crate) struct UsageGuard {
     /// The request as JSON and the streamed text, for the token counter.
     count: Option<(Arc<Value>, String)>,
     /// The limiter's count of the request: its place in flight is freed when the guard
-    /// drops, its tokens settled once known.
-    admission: Option<Admission>,
+    /// drops, its tokens settled once known. Boxed, to keep the guard small without a
+    /// limiter.
+    admission: Option<Box<Admission>>,
 }
 
 impl UsageGuard {
@@ -1033,7 +1035,7 @@ impl UsageGuard {
 
     /// The limiter admitted the request: the guard settles it.
     pub(crate) fn set_admission(&mut self, admission: Admission) {
-        self.admission = Some(admission);
+        self.admission = Some(Box::new(admission));
     }
 
     /// The client has gone: the request's place in flight is free (its tokens are
