@@ -210,21 +210,25 @@ async fn the_openai_sdk_works_unchanged_against_a_real_model_and_usage_is_exact(
     assert_eq!(me["requests"], 5);
     assert_eq!(me["requests_without_usage"], 0);
 
-    // A graceful stop takes the model server with it.
+    // A graceful stop takes the model server with it. The server's own processes are
+    // checked, by pid: other runs on the machine may use the same Python environment.
+    let system = common::get_json(&format!("{url}/admin/system"), &admin).await;
+    let pids: Vec<u64> = system["model_servers"]
+        .as_array()
+        .map(|list| list.iter().filter_map(|p| p["pid"].as_u64()).collect())
+        .unwrap_or_default();
+    assert!(!pids.is_empty(), "the model server is listed: {system}");
     let status = common::terminate(&mut server, Duration::from_secs(30)).await;
     assert!(status.success(), "{status}");
     let server_python = envs.join("llama-cpp-python-cpu/bin/python");
-    let leftover = Command::new("pgrep")
-        .arg("-f")
-        .arg(&server_python)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        leftover.stdout.is_empty(),
-        "no process of this run is left: {}",
-        String::from_utf8_lossy(&leftover.stdout)
-    );
+    for pid in pids {
+        // Gone, or its pid taken by some other program since.
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&cmdline).contains(server_python.to_str().unwrap()),
+            "the model server (pid {pid}) outlived the gateway"
+        );
+    }
 }
 
 /// One chat request as `user`; the answer's JSON.
