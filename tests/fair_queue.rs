@@ -228,7 +228,6 @@ async fn add_key_with(gw: &Gateway, name: &str, limits: KeyLimits) -> Secret {
 }
 
 #[tokio::test]
-#[ignore = "needs key limits kept by the store (the storage part of fair use)"]
 async fn keys_share_a_busy_model_by_their_weights() {
     let dir = tempfile::tempdir().unwrap();
     let gw = Arc::new(start(dir.path(), QueuePolicy::Fair).await);

@@ -141,7 +141,14 @@ where
 
     let end_user = limit::end_user(plan.end_user.take(), request.headers());
     let mut windows = None;
-    if let Some(limiter) = &shared.limiter {
+    // A key with no limits of its own, under no defaults, has nothing to check: no
+    // allocation, no admission, no extension (every model, weight 1, as the `Caller`
+    // already says).
+    let limiter = shared
+        .limiter
+        .as_ref()
+        .filter(|limiter| limiter.limits_anything(&key));
+    if let Some(limiter) = limiter {
         let limits = Arc::new(limiter.effective(&key));
         if let Some(model) = plan.model.as_deref() {
             if !limits.allows_model(model) {

@@ -227,6 +227,12 @@ impl Limiter {
         &self.inner.defaults
     }
 
+    /// Whether anything limits `key` (its own limits, or the defaults for a user key):
+    /// when not, the layer skips the limiter altogether.
+    pub(crate) fn limits_anything(&self, key: &KeyRecord) -> bool {
+        !key.limits.is_empty() || (key.role == Role::User && !self.inner.defaults.is_empty())
+    }
+
     /// The limits that apply to `key`: its own, then the defaults for a user key; an
     /// admin key has only its own.
     pub fn effective(&self, key: &KeyRecord) -> KeyLimits {
