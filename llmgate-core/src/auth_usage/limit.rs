@@ -37,6 +37,17 @@ pub(super) fn end_user(from_body: Option<String>, headers: &HeaderMap) -> Option
 /// The answer to a model the key may not use: the same as for a model that does not
 /// exist (the router's), so that a key cannot learn which models are there.
 pub(super) fn model_not_found<B>(model: &str) -> Response<AuthUsageBody<B>> {
+    if model.is_empty() {
+        // As OpenAI answers a request without a model.
+        let mut err = ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            None,
+            "You must provide a model parameter: this key may use only some models.",
+        );
+        err.param = Some("model");
+        return err.into_response::<Full<Bytes>>().map(Either::Right);
+    }
     let mut err = ApiError::new(
         StatusCode::NOT_FOUND,
         "invalid_request_error",
@@ -505,6 +516,48 @@ mod tests {
             .headers()
             .get("x-ratelimit-limit-requests")
             .is_none());
+        // Naming no model (or one the gateway cannot read) would reach the default
+        // model, or let an upstream choose: refused, as OpenAI refuses a missing model.
+        for body in [
+            r#"{"messages":[]}"#,
+            r#"{"model":null}"#,
+            r#"{"model":123}"#,
+        ] {
+            let (response, json) = gw.chat(body).await;
+            assert_eq!(response.status(), 400, "{body}");
+            assert_eq!(json["error"]["param"], "model", "{body}");
+        }
+        // A name longer than any model's is refused without matching it.
+        let long = format!(r#"{{"model":"gemma-{}"}}"#, "x".repeat(100_000));
+        assert_eq!(gw.chat(&long).await.0.status(), 404);
+    }
+
+    #[tokio::test]
+    async fn a_huge_max_tokens_charges_at_most_a_minute_of_tokens() {
+        // One request naming max_tokens 10^9 whose client leaves before the count is
+        // known keeps its estimate: capped at the tpm, the key waits a minute at most.
+        let gw = gateway(KeyLimits {
+            tpm: Some(1000),
+            ..KeyLimits::default()
+        })
+        .await;
+        let huge = r#"{"model":"m","max_tokens":1000000000}"#;
+        let request = gw
+            .request(huge)
+            .header("x-hang", "text/event-stream")
+            .body(Full::new(Bytes::from(huge)))
+            .unwrap();
+        let hanging = gw.service.clone().oneshot(request).await.unwrap();
+        assert_eq!(hanging.status(), 200);
+        drop(hanging); // the client leaves: no count, the estimate stays
+        let (response, _) = gw.chat(CHAT).await;
+        assert_eq!(response.status(), 429);
+        let retry: u64 = response.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(retry <= 60, "waits {retry} s");
     }
 
     #[test]

@@ -150,12 +150,22 @@ where
         .filter(|limiter| limiter.limits_anything(&key));
     if let Some(limiter) = limiter {
         let limits = Arc::new(limiter.effective(&key));
-        if let Some(model) = plan.model.as_deref() {
-            if !limits.allows_model(model) {
+        // A key limited to some models must name one it may use: a request that names
+        // none (or one the gateway cannot read, e.g. deep in a form) would go to the
+        // default model, or let an upstream choose. Reads (`GET /v1/models`) name none
+        // and are filtered by the router instead.
+        let unnamed_write = plan.model.is_none()
+            && limits.models.as_ref().is_some_and(|m| !m.is_empty())
+            && !matches!(
+                method,
+                Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
+            );
+        if let Some(model) = plan.model.as_deref().or(unnamed_write.then_some("")) {
+            if unnamed_write || !limits.allows_model(model) {
                 let response = limit::model_not_found(model);
                 guard.set_model(plan.model.take());
                 guard.set_end_user(end_user);
-                guard.set_status(404);
+                guard.set_status(response.status().as_u16());
                 guard.set_no_tokens();
                 return Ok(response);
             }

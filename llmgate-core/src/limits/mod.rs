@@ -448,7 +448,11 @@ impl Plan {
             user,
             rpm: limits.rpm.map(u64::from),
             tpm: limits.tpm,
-            cost,
+            // Never more than a minute's tokens: the estimate stays charged when the real
+            // count is unknown (a client that left), and one request naming a huge
+            // `max_tokens` must not lock its key (or a shared key's other users) out
+            // for longer than that.
+            cost: limits.tpm.map_or(cost, |tpm| cost.min(tpm)),
             parallel: limits.max_parallel,
             quota: limits.quota_tokens,
             user_rpm: limits.per_user_rpm.map(u64::from).filter(|_| has_user),

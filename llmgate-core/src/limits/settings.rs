@@ -81,6 +81,9 @@ impl KeyLimits {
         match &self.models {
             None => true,
             Some(patterns) if patterns.is_empty() => true,
+            // No model has a longer name (the store keeps no longer ones), and the match
+            // below is quadratic at worst: a client's megabyte name is refused unread.
+            Some(_) if name.len() > crate::storage::MAX_MODEL_BYTES => false,
             Some(patterns) => patterns.iter().any(|p| glob_matches(p, name)),
         }
     }
