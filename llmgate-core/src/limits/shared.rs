@@ -342,6 +342,15 @@ impl Shared {
             self.replica_id,
             self.next_id.fetch_add(1, Ordering::Relaxed)
         );
+        // The script may have taken a place in flight even when its answer is lost (a
+        // timeout, or this future dropped by a client that left): unless the place is
+        // handed to the admission below, it is freed, else it would hold one of the
+        // key's `max_parallel` on every replica until it goes stale.
+        let mut place = PlaceGuard {
+            shared: self,
+            plan,
+            id: plan.parallel.map(|_| id.clone()),
+        };
         let mut quotas = true;
         let mut reply = self.run("admit", plan, &id, quotas).await?;
         if reply[0] == 2 {
@@ -364,11 +373,14 @@ impl Shared {
         let at = |i: usize| reply.get(i).copied().unwrap_or(0);
         let requests = window(plan.rpm, at(5), at(6));
         let tokens = window(plan.tpm, at(7), at(8));
+        if at(0) == 1 {
+            place.id = None; // refused: the script took nothing
+        }
         match at(0) {
             0 => Ok(Ok(Granted {
                 requests,
                 tokens,
-                in_flight: plan.parallel.map(|_| id),
+                in_flight: place.id.take(),
             })),
             1 => {
                 let limit = match at(1) {
@@ -508,6 +520,22 @@ impl Shared {
                 tracing::debug!("Redis did not take a request's settled tokens");
             }
         });
+    }
+}
+
+/// Frees the place in flight an admission may have taken in Redis, unless taken out
+/// (`id` set to `None`) by an admission that holds it.
+struct PlaceGuard<'a> {
+    shared: &'a Shared,
+    plan: &'a Plan,
+    id: Option<String>,
+}
+
+impl Drop for PlaceGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            self.shared.release(self.plan, id);
+        }
     }
 }
 

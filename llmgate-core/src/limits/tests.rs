@@ -515,6 +515,43 @@ mod shared_counters {
 
     #[tokio::test]
     #[ignore = "needs Redis"]
+    async fn an_admission_whose_answer_is_lost_frees_its_place_in_redis() {
+        // The script runs in Redis, then its caller goes away (a client that left, or
+        // a call past its timeout): the place it took must not stay taken.
+        let prefix = prefix();
+        let store: Arc<MemoryStore> = Arc::new(MemoryStore::new());
+        let replicas: Vec<Limiter> = (0..2)
+            .map(|_| {
+                Limiter::shared_under(&prefix, REDIS, KeyLimits::default(), store.clone(), 2)
+                    .unwrap()
+            })
+            .collect();
+        until("both replicas use Redis", || {
+            replicas.iter().all(Limiter::is_shared)
+        })
+        .await;
+        let key = user_key(KeyLimits {
+            max_parallel: Some(100),
+            ..KeyLimits::default()
+        });
+        for _ in 0..20 {
+            // Polled until its call is sent, then dropped.
+            let mut admission = std::pin::pin!(admit(&replicas[0], &key));
+            let _ = futures_util::poll!(admission.as_mut());
+            tokio::task::yield_now().await;
+            let _ = futures_util::poll!(admission.as_mut());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let status = replicas[1].status(&key, None).await;
+        assert_eq!(
+            status.in_flight.unwrap().current,
+            0,
+            "no place is left taken by an admission nobody holds"
+        );
+    }
+
+    #[tokio::test]
+    #[ignore = "needs Redis"]
     async fn a_shared_quota_starts_from_the_stored_usage_and_overshoots_by_one_request() {
         let prefix = prefix();
         let store: Arc<MemoryStore> = Arc::new(MemoryStore::new());
