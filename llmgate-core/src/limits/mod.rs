@@ -382,11 +382,23 @@ impl Limiter {
                 }
             }
             let plan = plan.clone().divided(shared.replicas());
-            self.load_quotas(&plan).await;
-            return self.inner.local.peek(&plan, millis((self.inner.clock)()));
+            return self.peek_local(&plan).await;
         }
-        self.load_quotas(plan).await;
-        self.inner.local.peek(plan, millis((self.inner.clock)()))
+        self.peek_local(plan).await
+    }
+
+    /// The local counters of `plan`; a quota not counted yet is read from the store
+    /// without being kept, so that asking about end users (`/v1/me?user=…`) adds
+    /// nothing to the counters.
+    async fn peek_local(&self, plan: &Plan) -> Peek {
+        let mut peek = self.inner.local.peek(plan, millis((self.inner.clock)()));
+        if plan.quota.is_some() && peek.quota_used.is_none() {
+            peek.quota_used = self.tokens_since(plan, None).await;
+        }
+        if let (Some(user), Some(_), None) = (&plan.user, plan.user_quota, peek.user_quota_used) {
+            peek.user_quota_used = self.tokens_since(plan, Some(user)).await;
+        }
+        peek
     }
 }
 

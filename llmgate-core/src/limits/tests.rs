@@ -385,6 +385,20 @@ async fn many_end_users_do_not_grow_memory_without_bound() {
     assert!(s.limiter.inner.local.end_users() <= local_end_user_bound() + 10_000);
 }
 
+#[tokio::test]
+async fn asking_about_end_users_adds_nothing_to_the_counters() {
+    // `/v1/me?user=…` with made-up names: each is read, none is kept.
+    let s = Setup::new(KeyLimits {
+        per_user_quota_tokens: Some(1000),
+        ..KeyLimits::default()
+    });
+    for i in 0..50 {
+        let status = s.limiter.status(&s.key, Some(&format!("nobody-{i}"))).await;
+        assert!(status.end_user.is_some());
+    }
+    assert_eq!(s.limiter.inner.local.end_users(), 0);
+}
+
 fn local_end_user_bound() -> usize {
     local::MAX_END_USERS
 }
