@@ -205,18 +205,26 @@ fn limiter(config: &GatewayConfig, store: Arc<dyn Storage>) -> Result<Limiter, S
     Ok(limiter.with_token_estimate(config.estimated_completion_tokens))
 }
 
-/// `url` with its password (and user name) replaced by `***`, for the log.
+/// `url` with its password (and user name) replaced by `***`, for the log. A password
+/// may sit in the user info (`redis://:pw@host`, the password itself holding `/` or
+/// `@`) or in the query (`redis+unix:///sock?pass=pw`): everything before the last `@`
+/// and everything from `?` or `#` on is hidden.
 pub fn without_password(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => {
-            let authority_end = rest.find('/').unwrap_or(rest.len());
-            match rest[..authority_end].rfind('@') {
-                Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
-                None => url.to_owned(),
-            }
-        }
-        None => "(not a URL)".to_owned(),
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "(not a URL)".to_owned();
+    };
+    let (rest, hidden_query) = match rest.find(['?', '#']) {
+        Some(at) => (&rest[..at], true),
+        None => (rest, false),
+    };
+    let mut shown = match rest.rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => format!("{scheme}://{rest}"),
+    };
+    if hidden_query {
+        shown.push_str("?***");
     }
+    shown
 }
 
 /// How many threads serve requests: `workers`, else Tokio's `TOKIO_WORKER_THREADS`,
@@ -361,5 +369,19 @@ mod tests {
             "redis://127.0.0.1:6379"
         );
         assert_eq!(without_password("hunter2"), "(not a URL)");
+        // The same secret elsewhere in the URL: a password holding `/` or `@`, or given
+        // in the query.
+        for (url, shown) in [
+            ("redis://:hun/ter2@cache:6379/0", "redis://***@cache:6379/0"),
+            ("redis://:hun@ter2@cache/", "redis://***@cache/"),
+            (
+                "redis+unix:///run/redis.sock?pass=hunter2",
+                "redis+unix:///run/redis.sock?***",
+            ),
+            ("redis://cache/0?password=hunter2#x", "redis://cache/0?***"),
+        ] {
+            assert_eq!(without_password(url), shown);
+            assert!(!without_password(url).contains("hunter2"));
+        }
     }
 }
