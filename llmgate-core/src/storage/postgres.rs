@@ -292,6 +292,22 @@ pub(crate) mod tests {
         }
     }
 
+    /// A database as the migrations up to `version` left it (SQLite's tests have the
+    /// same helper).
+    async fn migrated_up_to(url: &str, version: i64) -> PgPool {
+        let pool = PgPool::connect(url).await.unwrap();
+        let mut old = sqlx::migrate!("./migrations/postgres");
+        old.migrations = old
+            .migrations
+            .iter()
+            .filter(|m| m.version <= version)
+            .cloned()
+            .collect::<Vec<_>>()
+            .into();
+        old.run(&pool).await.unwrap();
+        pool
+    }
+
     #[tokio::test]
     #[ignore = "needs PostgreSQL (LLMGATE_TEST_POSTGRES or 127.0.0.1:5432)"]
     async fn a_database_made_before_names_were_numbered_reads_back_the_same() {
@@ -300,16 +316,7 @@ pub(crate) mod tests {
         let key = KeyRecord::new("old", Role::Admin, &secret);
         {
             // The database as the first migration left it, with what the code then wrote.
-            let pool = PgPool::connect(&db.url).await.unwrap();
-            let mut old = sqlx::migrate!("./migrations/postgres");
-            old.migrations = old
-                .migrations
-                .iter()
-                .filter(|m| m.version <= 1)
-                .cloned()
-                .collect::<Vec<_>>()
-                .into();
-            old.run(&pool).await.unwrap();
+            let pool = migrated_up_to(&db.url, 1).await;
             sqlx::query(
                 "INSERT INTO api_keys (id, name, role, prefix, key_hash, created_at, expires_at, revoked_at) \
                  VALUES ($1, $2, 'admin', $3, $4, $5, NULL, NULL)",
@@ -405,16 +412,7 @@ pub(crate) mod tests {
     async fn an_upgraded_database_shows_its_past_usage_per_model() {
         let db = TestDatabase::create().await;
         {
-            let pool = PgPool::connect(&db.url).await.unwrap();
-            let mut old = sqlx::migrate!("./migrations/postgres");
-            old.migrations = old
-                .migrations
-                .iter()
-                .filter(|m| m.version <= 2)
-                .cloned()
-                .collect::<Vec<_>>()
-                .into();
-            old.run(&pool).await.unwrap();
+            let pool = migrated_up_to(&db.url, 2).await;
             for sql in crate::storage::sql::before_usage_models::statements() {
                 sqlx::query(&sql).execute(&pool).await.unwrap();
             }
@@ -432,16 +430,7 @@ pub(crate) mod tests {
         let secret = crate::auth::Secret::generate();
         let key = KeyRecord::new("old", Role::User, &secret);
         {
-            let pool = PgPool::connect(&db.url).await.unwrap();
-            let mut old = sqlx::migrate!("./migrations/postgres");
-            old.migrations = old
-                .migrations
-                .iter()
-                .filter(|m| m.version <= 3)
-                .cloned()
-                .collect::<Vec<_>>()
-                .into();
-            old.run(&pool).await.unwrap();
+            let pool = migrated_up_to(&db.url, 3).await;
             sqlx::query(
                 "INSERT INTO api_keys (id, name, role, prefix, key_hash, created_at, expires_at, revoked_at) \
                  VALUES ($1, $2, 'user', $3, $4, $5, NULL, NULL)",
