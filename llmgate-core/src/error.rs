@@ -83,6 +83,20 @@ impl ApiError {
         )
     }
 
+    /// 404 `model_not_found` (`param: "model"`), as OpenAI answers a model that does not
+    /// exist. The router's answer for an unknown model and the limiter's for a model a
+    /// key may not use are this one, so that a key cannot tell the two apart.
+    pub fn model_not_found(model: &str) -> Self {
+        let mut err = Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            Some("model_not_found"),
+            format!("The model `{model}` does not exist or you do not have access to it."),
+        );
+        err.param = Some("model");
+        err
+    }
+
     /// 409: the request conflicts with existing state.
     pub fn conflict(message: impl Into<Cow<'static, str>>) -> Self {
         Self::new(

@@ -48,14 +48,9 @@ pub(super) fn model_not_found<B>(model: &str) -> Response<AuthUsageBody<B>> {
         err.param = Some("model");
         return err.into_response::<Full<Bytes>>().map(Either::Right);
     }
-    let mut err = ApiError::new(
-        StatusCode::NOT_FOUND,
-        "invalid_request_error",
-        Some("model_not_found"),
-        format!("The model `{model}` does not exist or you do not have access to it."),
-    );
-    err.param = Some("model");
-    err.into_response::<Full<Bytes>>().map(Either::Right)
+    ApiError::model_not_found(model)
+        .into_response::<Full<Bytes>>()
+        .map(Either::Right)
 }
 
 /// The 429 of a refused request, as OpenAI sends it: `rate_limit_exceeded` (type

@@ -250,16 +250,7 @@ impl RouteError {
             )
         };
         match self {
-            Self::Unknown(_) => {
-                let mut err = ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    "invalid_request_error",
-                    Some("model_not_found"),
-                    self.to_string(),
-                );
-                err.param = Some("model");
-                (err, None)
-            }
+            Self::Unknown(model) => (ApiError::model_not_found(model), None),
             Self::NoModels => (unavailable("no_model"), Some(30)),
             Self::SettingUp { .. } => (unavailable("model_loading"), Some(10)),
             Self::NotReady { .. } => (unavailable("model_not_ready"), Some(10)),
