@@ -898,7 +898,11 @@ async fn the_model_list_shows_a_key_only_the_models_it_may_use() {
         &[("LLMGATE_CONFIG", config.to_str().unwrap())],
     )
     .await;
-    let key = create(&gateway, json!({"name": "mocks", "models": ["mock-*"]})).await;
+    let key = create(
+        &gateway,
+        json!({"name": "mocks", "models": ["mock-*"], "rpm": 100}),
+    )
+    .await;
     let key = key["key"].as_str().unwrap();
     let get = |path: &str, key: &str| {
         client()
@@ -942,4 +946,52 @@ async fn the_model_list_shows_a_key_only_the_models_it_may_use() {
             .replace("no-such-model", "X"),
         "the same answer as for a model that does not exist"
     );
+
+    // A model call, headers and all: a model the key may not use is counted and
+    // answered as a model that does not exist (one of the key's globs, or none).
+    let call = |model: &str| call_model(&gateway, key, &chat(model, None));
+    let (hidden, missing, unmatched) = (
+        call("other-b").await,
+        call("mock-missing").await,
+        call("nothing-like-it").await,
+    );
+    let names = |response: &reqwest::Response| {
+        let mut names: Vec<String> = response
+            .headers()
+            .keys()
+            .map(|name| name.as_str().to_owned())
+            .filter(|name| !["date", "content-length", "x-request-id"].contains(&name.as_str()))
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(names(&hidden), names(&missing));
+    assert_eq!(names(&unmatched), names(&missing));
+    let remaining = |response: &reqwest::Response| -> u64 {
+        response.headers()["x-ratelimit-remaining-requests"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(
+        remaining(&hidden),
+        remaining(&missing) + 1,
+        "each one counted"
+    );
+    assert_eq!(remaining(&missing), remaining(&unmatched) + 1);
+    for (response, name) in [
+        (hidden, "other-b"),
+        (missing, "mock-missing"),
+        (unmatched, "nothing-like-it"),
+    ] {
+        assert_eq!(response.status(), 404);
+        assert_eq!(response.headers()["x-ratelimit-limit-requests"], "100");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "model_not_found", "{body}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(name),
+            "{body}"
+        );
+    }
 }

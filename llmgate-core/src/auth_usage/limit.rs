@@ -1,7 +1,7 @@
 //! What the metering layer answers for the [`Limiter`](crate::limits::Limiter): the
 //! 429s and 404s in OpenAI's shape, the `x-ratelimit-*` headers, the end user.
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
 
@@ -9,29 +9,49 @@ use super::AuthUsageBody;
 use crate::error::ApiError;
 use crate::limits::{cut_end_user, write_duration, Refusal, Refused, Window};
 
-/// Open WebUI's headers naming its user, when `ENABLE_FORWARD_USER_INFO_HEADERS` is on.
-const END_USER_HEADERS: [HeaderName; 2] = [
-    HeaderName::from_static("x-openwebui-user-id"),
-    HeaderName::from_static("x-openwebui-user-email"),
-];
+/// What Open WebUI's headers naming its user start with, when
+/// `ENABLE_FORWARD_USER_INFO_HEADERS` is on: `-id`, else `-email`, names the user.
+const END_USER_HEADER_PREFIX: &str = "x-openwebui-user-";
 
 /// The end user a request names: its body's `user`, else Open WebUI's headers; cut to
 /// the length the store keeps.
 pub(super) fn end_user(from_body: Option<String>, headers: &HeaderMap) -> Option<String> {
     let name = match from_body {
         Some(name) => name,
-        None => END_USER_HEADERS
-            .iter()
-            .filter_map(|h| headers.get(h))
-            .filter_map(|v| v.to_str().ok())
-            .map(str::trim)
-            .find(|v| !v.is_empty())?
-            .to_owned(),
+        None => from_headers(headers)?.to_owned(),
     };
     Some(match cut_end_user(&name).len() {
         len if len == name.len() => name,
         len => name[..len].to_owned(),
     })
+}
+
+/// `X-OpenWebUI-User-Id`, else `-Email` (the first value of each, trimmed, if not
+/// empty). One pass over the headers, comparing lengths and a prefix, instead of two
+/// hashed lookups: it runs on every request, and nearly none has them.
+fn from_headers(headers: &HeaderMap) -> Option<&str> {
+    let mut email = None;
+    let mut seen = (false, false);
+    for (name, value) in headers {
+        let Some(rest) = name.as_str().strip_prefix(END_USER_HEADER_PREFIX) else {
+            continue;
+        };
+        let text = || value.to_str().ok().map(str::trim).filter(|v| !v.is_empty());
+        match rest {
+            "id" if !seen.0 => {
+                seen.0 = true;
+                if let Some(id) = text() {
+                    return Some(id);
+                }
+            }
+            "email" if !seen.1 => {
+                seen.1 = true;
+                email = text();
+            }
+            _ => {}
+        }
+    }
+    email
 }
 
 /// The answer to a model the key may not use: the same as for a model that does not
@@ -100,34 +120,39 @@ pub(super) fn rate_headers(
             HeaderName::from_static("x-ratelimit-reset-tokens"),
         ],
     ];
-    headers.reserve(3 * (usize::from(requests.is_some()) + usize::from(tokens.is_some())));
-    for ([limit, remaining, reset], window) in NAMES.into_iter().zip([requests, tokens]) {
-        let Some(w) = window else { continue };
-        headers.insert(limit, HeaderValue::from(w.limit));
-        headers.insert(remaining, HeaderValue::from(w.remaining));
-        let mut text = DurationText::default();
-        if write_duration(&mut text, w.reset_ms).is_ok() {
-            if let Ok(value) = HeaderValue::from_bytes(&text.bytes[..text.len]) {
-                headers.insert(reset, value);
-            }
-        }
+    let windows = [requests, tokens];
+    let count = windows.iter().flatten().count();
+    if count == 0 {
+        return;
     }
-}
-
-/// A duration's text on the stack: no allocation but the header value's own.
-#[derive(Default)]
-struct DurationText {
-    bytes: [u8; 32],
-    len: usize,
-}
-
-impl std::fmt::Write for DurationText {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        let end = self.len + s.len();
-        let room = self.bytes.get_mut(self.len..end).ok_or(std::fmt::Error)?;
-        room.copy_from_slice(s.as_bytes());
-        self.len = end;
-        Ok(())
+    // Every value in one buffer, each header a slice of it: one allocation for them
+    // all (on every answer to a limited key), not one per value.
+    let mut text = BytesMut::with_capacity(count * 64);
+    let mut ends = [[0; 3]; 2];
+    let mut number = itoa::Buffer::new();
+    for (w, ends) in windows.iter().zip(&mut ends) {
+        let Some(w) = w else { continue };
+        text.extend_from_slice(number.format(w.limit).as_bytes());
+        ends[0] = text.len();
+        text.extend_from_slice(number.format(w.remaining).as_bytes());
+        ends[1] = text.len();
+        // Writing to a `BytesMut` cannot fail.
+        let _ = write_duration(&mut text, w.reset_ms);
+        ends[2] = text.len();
+    }
+    let text = text.freeze();
+    headers.reserve(3 * count);
+    let mut start = 0;
+    for (names, (w, ends)) in NAMES.into_iter().zip(windows.iter().zip(ends)) {
+        if w.is_none() {
+            continue;
+        }
+        for (name, end) in names.into_iter().zip(ends) {
+            if let Ok(value) = HeaderValue::from_maybe_shared(text.slice(start..end)) {
+                headers.insert(name, value);
+            }
+            start = end;
+        }
     }
 }
 
@@ -555,18 +580,56 @@ mod tests {
         assert!(retry <= 60, "waits {retry} s");
     }
 
+    #[tokio::test]
+    async fn clients_that_leave_before_their_count_do_not_use_up_the_quota() {
+        // The store counts an answer whose tokens are unknown as 0: so does the quota.
+        let gw = gateway(KeyLimits {
+            quota_tokens: Some(1000),
+            ..KeyLimits::default()
+        })
+        .await;
+        let huge = r#"{"model":"m","max_tokens":1000000000}"#;
+        for _ in 0..3 {
+            let request = gw
+                .request(huge)
+                .header("x-hang", "text/event-stream")
+                .body(Full::new(Bytes::from(huge)))
+                .unwrap();
+            let hanging = gw.service.clone().oneshot(request).await.unwrap();
+            assert_eq!(hanging.status(), 200);
+            drop(hanging); // the client leaves: no count
+            gw.recorder.flush().await;
+            let (response, _) = gw.chat(CHAT).await;
+            assert_eq!(response.status(), 200);
+            gw.recorder.flush().await;
+        }
+        let rows = gw.rows().await;
+        assert_eq!(rows.len(), 6);
+        assert_eq!(rows.iter().filter(|r| r.prompt_tokens.is_none()).count(), 3);
+    }
+
     #[test]
     fn the_end_user_comes_from_the_body_first_and_is_cut() {
         let mut headers = HeaderMap::new();
-        headers.insert("x-openwebui-user-id", HeaderValue::from_static("id-1"));
         headers.insert("x-openwebui-user-email", HeaderValue::from_static("a@b"));
+        headers.insert("x-openwebui-user-id", HeaderValue::from_static("id-1"));
+        headers.insert("x-openwebui-user-name", HeaderValue::from_static("Ann B"));
         assert_eq!(
             end_user(Some("ann".into()), &headers).as_deref(),
             Some("ann")
         );
         assert_eq!(end_user(None, &headers).as_deref(), Some("id-1"));
+        // An empty or blank id: the email.
+        headers.insert("x-openwebui-user-id", HeaderValue::from_static("  "));
+        assert_eq!(end_user(None, &headers).as_deref(), Some("a@b"));
         headers.remove("x-openwebui-user-id");
         assert_eq!(end_user(None, &headers).as_deref(), Some("a@b"));
+        // Only the first value of each counts, as a client reading one value sees it.
+        headers.append("x-openwebui-user-email", HeaderValue::from_static("c@d"));
+        assert_eq!(end_user(None, &headers).as_deref(), Some("a@b"));
+        headers.insert("x-openwebui-user-email", HeaderValue::from_static(" "));
+        headers.append("x-openwebui-user-email", HeaderValue::from_static("c@d"));
+        assert_eq!(end_user(None, &headers).as_deref(), None);
         assert_eq!(end_user(None, &HeaderMap::new()), None);
         let long = "x".repeat(1000);
         assert_eq!(end_user(Some(long), &headers).unwrap().len(), 256);

@@ -150,6 +150,31 @@ where
         .filter(|limiter| limiter.limits_anything(&key));
     if let Some(limiter) = limiter {
         let limits = Arc::new(limiter.effective(&key));
+        let tokens = limiter.estimate(plan.body_len, plan.max_tokens);
+        let admitted = match limiter.admit_now(&key, &limits, end_user.as_deref(), tokens) {
+            Some(admitted) => admitted,
+            // Boxed: the admission's future (a Redis call, a quota read) would otherwise
+            // make this future larger, and every request's moves of it dearer.
+            None => Box::pin(limiter.admit(&key, &limits, end_user.as_deref(), tokens)).await,
+        };
+        match admitted {
+            Ok(Some(admission)) => {
+                windows = Some(admission.windows());
+                guard.set_admission(admission);
+            }
+            Ok(None) => {}
+            Err(refusal) => {
+                guard.set_model(plan.model.take());
+                guard.set_end_user(end_user);
+                guard.set_status(429);
+                guard.set_no_tokens();
+                return Ok(limit::refused(&refusal));
+            }
+        }
+        // The model allow-list, after the admission: a model the key may not use is
+        // counted and answered exactly as the router answers a missing one (404 with
+        // the same rate headers), so a key cannot tell the two apart.
+        //
         // A key limited to some models must name one it may use: a request that names
         // none (or one the gateway cannot read, e.g. deep in a form) would go to the
         // default model, or let an upstream choose. Reads (`GET /v1/models`) name none
@@ -162,30 +187,15 @@ where
             );
         if let Some(model) = plan.model.as_deref().or(unnamed_write.then_some("")) {
             if unnamed_write || !limits.allows_model(model) {
-                let response = limit::model_not_found(model);
+                let mut response = limit::model_not_found(model);
+                if let Some((requests, tokens)) = windows {
+                    limit::rate_headers(response.headers_mut(), requests, tokens);
+                }
                 guard.set_model(plan.model.take());
                 guard.set_end_user(end_user);
                 guard.set_status(response.status().as_u16());
                 guard.set_no_tokens();
                 return Ok(response);
-            }
-        }
-        let tokens = limiter.estimate(plan.body_len, plan.max_tokens);
-        // Boxed: the admission's future (a Redis call) would otherwise make this
-        // future larger, and every request's moves of it dearer, limiter or not.
-        let admit = Box::pin(limiter.admit(&key, &limits, end_user.as_deref(), tokens));
-        match admit.await {
-            Ok(Some(admission)) => {
-                windows = Some(admission.windows());
-                guard.set_admission(admission);
-            }
-            Ok(None) => {}
-            Err(refusal) => {
-                guard.set_model(plan.model.take());
-                guard.set_end_user(end_user);
-                guard.set_status(429);
-                guard.set_no_tokens();
-                return Ok(limit::refused(&refusal));
             }
         }
         if let Some(caller) = request.extensions_mut().get_mut::<Caller>() {

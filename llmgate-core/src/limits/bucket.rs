@@ -81,12 +81,15 @@ impl Bucket {
         Ok(start + n as f64 * interval)
     }
 
-    /// Gives back `n` (a settled request used less than taken) or takes `n` more
-    /// (it used more: the bucket may go into debt).
-    pub(crate) fn adjust(&mut self, limit: u64, delta: i64) {
-        if self.tat > 0.0 {
-            self.tat += delta as f64 * Self::interval(limit);
+    /// Gives back `-delta` (a settled request used less than taken) or takes `delta`
+    /// more at `now` (it used more: the bucket may go into debt). Debt is taken from
+    /// `now` when the bucket has refilled since the request was admitted, so that an
+    /// answer longer than the refill time is charged in full.
+    pub(crate) fn adjust(&mut self, limit: u64, delta: i64, now: f64) {
+        if delta > 0 {
+            self.tat = self.tat.max(now);
         }
+        self.tat += delta as f64 * Self::interval(limit);
     }
 
     /// Whether the bucket is full at `now` (nothing to remember).
@@ -135,13 +138,28 @@ mod tests {
     fn settling_gives_back_or_goes_into_debt() {
         let mut bucket = Bucket::default();
         bucket.take(600, 500, 0.0).unwrap();
-        bucket.adjust(600, -400); // used 100 of the 500 estimated
+        bucket.adjust(600, -400, 0.0); // used 100 of the 500 estimated
         assert_eq!(bucket.window(600, 0.0).remaining, 500);
-        bucket.adjust(600, 900); // used far more than estimated
+        bucket.adjust(600, 900, 0.0); // used far more than estimated
         let w = bucket.window(600, 0.0);
         assert_eq!(w.remaining, 0);
         assert!(w.reset_ms > 60_000, "in debt: {w:?}");
         assert!(bucket.take(600, 1, 0.0).is_err());
+    }
+
+    #[test]
+    fn debt_settled_after_the_bucket_refilled_is_charged_in_full() {
+        // 600 a minute: 100 ms a token. A request took 10 at t=0 and its answer, 60 s
+        // later, counted 610: the bucket had refilled, and all 600 more are owed now.
+        let mut bucket = Bucket::default();
+        bucket.take(600, 10, 0.0).unwrap();
+        bucket.adjust(600, 600, 60_000.0);
+        let w = bucket.window(600, 60_000.0);
+        assert_eq!((w.remaining, w.reset_ms), (0, 60_000));
+        // Giving back on a full bucket leaves it full.
+        let mut full = Bucket::default();
+        full.adjust(600, -50, 1_000.0);
+        assert_eq!(full.window(600, 1_000.0).remaining, 600);
     }
 
     #[test]

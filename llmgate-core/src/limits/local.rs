@@ -4,7 +4,7 @@
 use std::sync::Mutex;
 
 use super::bucket::Bucket;
-use super::{Granted, Limit, Peek, Plan, Refusal};
+use super::{Granted, Limit, Peek, Plan, Refusal, Settled};
 
 /// A map keyed by names: foldhash, several times cheaper per lookup than the standard
 /// SipHash, and still seeded per process (clients choose end users' names).
@@ -242,19 +242,27 @@ impl Local {
         }
     }
 
-    /// A request used `delta` tokens more (or fewer, when negative) than estimated.
-    pub(super) fn settle(&self, plan: &Plan, delta: i64) {
+    /// A request is over: its place in flight is free (`release`), and it used
+    /// `tokens` more (or fewer, when negative) than its `tpm` estimate and `quota` more
+    /// or fewer than its quotas counted: one lock for all of it.
+    pub(super) fn settle(&self, plan: &Plan, release: bool, settled: Settled, now: f64) {
         let start = plan.period_start_secs();
         let mut state = self.lock();
         let Some(entry) = state.keys.get_mut(&plan.key) else {
             return;
         };
-        if let Some(tpm) = plan.tpm {
-            entry.tokens.adjust(tpm, delta);
+        if release {
+            entry.in_flight = entry.in_flight.saturating_sub(1);
+        }
+        if let (Some(tpm), true) = (plan.tpm, settled.tokens != 0) {
+            entry.tokens.adjust(tpm, settled.tokens, now);
+        }
+        if settled.quota == 0 {
+            return;
         }
         let apply = |quota: &mut Option<Quota>| {
             if let Some(q) = quota.as_mut().filter(|q| q.period_start == start) {
-                q.used = q.used.saturating_add_signed(delta);
+                q.used = q.used.saturating_add_signed(settled.quota);
             }
         };
         apply(&mut entry.quota);

@@ -3,20 +3,24 @@
 //!
 //! [`AuthUsageLayer::limiter`](crate::AuthUsageLayer::limiter) gives the metering layer
 //! a limiter. Each request of a key with limits is then checked, after its key and body
-//! are read, in this order: the model allow-list (a model the key may not use gets the
-//! same 404 as one that does not exist), the token quota of the period, the requests in
-//! flight, requests per minute, tokens per minute, then the same for the end user the
-//! request names. All or nothing: a refused request takes nothing from any counter.
+//! are read, in this order: the token quota of the period, the requests in flight,
+//! requests per minute, tokens per minute, then the same for the end user the request
+//! names. All or nothing: a refused request takes nothing from any counter. Then the
+//! model allow-list: a model the key may not use is counted and answered as one that
+//! does not exist (the same 404, with the same rate headers), so that a key cannot tell
+//! the two apart.
 //!
 //! - **Per-minute limits** (`rpm`, `tpm`, `per_user_rpm`) are token buckets: a burst of
 //!   the limit, then the limit / 60 each second. A request takes the *estimate* of its
 //!   tokens from the `tpm` bucket (its body's bytes / 4, plus its `max_tokens` or the
 //!   configured completion estimate); when its answer ends the bucket is settled with the
-//!   real count, so it may go into debt.
+//!   real count, so it may go into debt. An answer whose count stays unknown (a client
+//!   that left, an upstream that reports none) keeps its estimate, capped at the `tpm`.
 //! - **Quotas** (`quota_tokens`, `per_user_quota_tokens`) count the tokens of a calendar
 //!   period (UTC). A request is admitted while the count is below the quota; the count
-//!   holds settled requests and the estimates of those in flight. It starts from the
-//!   store ([`UsageStore::tokens_since`]) the first time a key is seen in a period.
+//!   holds settled requests and the estimates of those in flight; an answer whose count
+//!   stays unknown counts 0, as the store counts it. It starts from the store
+//!   ([`UsageStore::tokens_since`]) the first time a key is seen in a period.
 //! - **`max_parallel`** counts requests from admission until their response body ends or
 //!   the client leaves.
 //!
@@ -296,11 +300,7 @@ impl Limiter {
         if !limits.counts() {
             return Ok(None);
         }
-        let now = (self.inner.clock)();
-        let user = end_user
-            .filter(|_| limits.per_user_rpm.is_some() || limits.per_user_quota_tokens.is_some())
-            .map(str::to_owned);
-        let plan = Plan::new(key, limits, user, tokens, now);
+        let plan = self.plan(key, limits, end_user, tokens);
         #[cfg(feature = "redis")]
         let plan = match &self.inner.shared {
             None => plan,
@@ -318,7 +318,50 @@ impl Limiter {
             }
         };
         self.load_quotas(&plan).await;
-        let granted = self.inner.local.admit(&plan, millis(now))?;
+        self.admit_local(plan)
+    }
+
+    /// [`admit`](Self::admit) without a future, when nothing has to be waited for: a
+    /// local limiter whose quotas for the request are counted already (nearly every
+    /// request). `None` when the request must go through `admit`.
+    pub(crate) fn admit_now(
+        &self,
+        key: &KeyRecord,
+        limits: &KeyLimits,
+        end_user: Option<&str>,
+        tokens: u64,
+    ) -> Option<Result<Option<Admission>, Box<Refusal>>> {
+        if !limits.counts() {
+            return Some(Ok(None));
+        }
+        if self.inner.shared.is_some() {
+            return None;
+        }
+        let plan = self.plan(key, limits, end_user, tokens);
+        if (plan.quota.is_some() || plan.user_quota.is_some())
+            && self.inner.local.quotas_to_load(&plan) != (false, false)
+        {
+            return None;
+        }
+        Some(self.admit_local(plan))
+    }
+
+    fn plan(
+        &self,
+        key: &KeyRecord,
+        limits: &KeyLimits,
+        end_user: Option<&str>,
+        tokens: u64,
+    ) -> Plan {
+        let now = (self.inner.clock)();
+        let user = end_user
+            .filter(|_| limits.per_user_rpm.is_some() || limits.per_user_quota_tokens.is_some())
+            .map(str::to_owned);
+        Plan::new(key, limits, user, tokens, now)
+    }
+
+    fn admit_local(&self, plan: Plan) -> Result<Option<Admission>, Box<Refusal>> {
+        let granted = self.inner.local.admit(&plan, millis(plan.at))?;
         Ok(Some(self.admission(plan, Backend::Local, granted)))
     }
 
@@ -435,6 +478,8 @@ pub(crate) struct Plan {
     period: QuotaPeriod,
     period_start: DateTime<Utc>,
     period_end: DateTime<Utc>,
+    /// When it was made: the instant the local counters check it at.
+    at: DateTime<Utc>,
 }
 
 impl Plan {
@@ -472,6 +517,7 @@ impl Plan {
             period,
             period_start,
             period_end,
+            at: now,
         }
     }
 
@@ -556,12 +602,7 @@ impl Admission {
     /// The request is over (its body ended or its client left): its place in flight is
     /// free. Its tokens may be counted later.
     pub(crate) fn release(&mut self) {
-        if std::mem::replace(&mut self.released, true) {
-            return;
-        }
-        let Some(id) = self.granted.in_flight.take() else {
-            return;
-        };
+        let Some(id) = self.take_place() else { return };
         match self.backend {
             Backend::Local => self.limiter.inner.local.release(&self.plan),
             #[cfg(feature = "redis")]
@@ -575,28 +616,76 @@ impl Admission {
         let _ = id;
     }
 
-    /// The request used `tokens` (prompt and completion; `None` when unknown, taken as
-    /// the estimate): the `tpm` bucket and the quotas are corrected by the difference.
-    pub(crate) fn settle(mut self, tokens: Option<u64>) {
-        self.release();
-        let Some(real) = tokens else { return };
-        let delta = real as i64 - self.plan.cost as i64;
-        if delta == 0
-            || (self.plan.tpm.is_none()
-                && self.plan.quota.is_none()
-                && self.plan.user_quota.is_none())
-        {
-            return;
+    /// The place in flight this admission still holds, taken out (once).
+    fn take_place(&mut self) -> Option<String> {
+        if std::mem::replace(&mut self.released, true) {
+            return None;
         }
+        self.granted.in_flight.take()
+    }
+
+    /// The request is over and used `tokens` (prompt and completion; `None` when
+    /// unknown): its place in flight is free, and the `tpm` bucket and the quotas are
+    /// corrected by the difference from the estimate. An unknown count keeps the
+    /// estimate in the `tpm` bucket (capped at the tpm, so a client that leaves cannot
+    /// lock its key out for long) and counts 0 for the quotas, as the store counts it:
+    /// a huge `max_tokens` whose answer is never counted must not use up a quota.
+    pub(crate) fn settle(mut self, tokens: Option<u64>) {
+        let place = self.take_place();
+        let plan = &self.plan;
+        let cost = plan.cost as i64;
+        let (on_tokens, on_quota) = match tokens {
+            Some(real) => (real as i64 - cost, real as i64 - cost),
+            None => (0, -cost),
+        };
+        let settled = Settled {
+            tokens: if plan.tpm.is_some() { on_tokens } else { 0 },
+            quota: if plan.quota.is_some() || plan.user_quota.is_some() {
+                on_quota
+            } else {
+                0
+            },
+        };
         match self.backend {
-            Backend::Local => self.limiter.inner.local.settle(&self.plan, delta),
+            Backend::Local => {
+                if place.is_none() && settled.is_nothing() {
+                    return;
+                }
+                // The clock only for debt, which is taken from now.
+                let now = if settled.tokens > 0 {
+                    millis((self.limiter.inner.clock)())
+                } else {
+                    0.0
+                };
+                let local = &self.limiter.inner.local;
+                local.settle(plan, place.is_some(), settled, now);
+            }
             #[cfg(feature = "redis")]
             Backend::Shared => {
                 if let Some(shared) = &self.limiter.inner.shared {
-                    shared.settle(&self.plan, delta);
+                    if let Some(id) = place {
+                        shared.release(plan, id);
+                    }
+                    if !settled.is_nothing() {
+                        shared.settle(plan, settled);
+                    }
                 }
             }
         }
+    }
+}
+
+/// What settling a request corrects, in tokens: the `tpm` bucket and the quotas (each
+/// positive when the request used more than it was charged at admission).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Settled {
+    tokens: i64,
+    quota: i64,
+}
+
+impl Settled {
+    fn is_nothing(self) -> bool {
+        self.tokens == 0 && self.quota == 0
     }
 }
 
@@ -717,25 +806,42 @@ pub(crate) fn format_duration(ms: u64) -> String {
     text
 }
 
-/// [`format_duration`] into `out` (a buffer on the stack, for a header).
+/// [`format_duration`] into `out` (a header's buffer). Numbers are written with
+/// `itoa`, not the formatting machinery: it runs on every answer to a limited key.
 pub(crate) fn write_duration(out: &mut impl std::fmt::Write, ms: u64) -> std::fmt::Result {
+    let mut n = itoa::Buffer::new();
     if ms < 1000 {
-        return write!(out, "{ms}ms");
+        out.write_str(n.format(ms))?;
+        return out.write_str("ms");
     }
     let (hours, rest) = (ms / 3_600_000, ms % 3_600_000);
     let (minutes, rest) = (rest / 60_000, rest % 60_000);
     if hours > 0 {
-        write!(out, "{hours}h{minutes}m")?;
-    } else if minutes > 0 {
-        write!(out, "{minutes}m")?;
+        out.write_str(n.format(hours))?;
+        out.write_str("h")?;
+    }
+    if hours > 0 || minutes > 0 {
+        out.write_str(n.format(minutes))?;
+        out.write_str("m")?;
     }
     let (seconds, millis) = (rest / 1000, rest % 1000);
-    match millis {
-        0 => write!(out, "{seconds}s"),
-        m if m % 100 == 0 => write!(out, "{seconds}.{}s", m / 100),
-        m if m % 10 == 0 => write!(out, "{seconds}.{:02}s", m / 10),
-        m => write!(out, "{seconds}.{m:03}s"),
+    out.write_str(n.format(seconds))?;
+    // The fraction without its trailing zeros: `.5`, `.25`, `.125`.
+    let (fraction, digits) = match millis {
+        0 => (0, 0),
+        m if m % 100 == 0 => (m / 100, 1),
+        m if m % 10 == 0 => (m / 10, 2),
+        m => (m, 3),
+    };
+    if digits > 0 {
+        out.write_str(".")?;
+        let text = n.format(fraction);
+        for _ in text.len()..digits {
+            out.write_str("0")?;
+        }
+        out.write_str(text)?;
     }
+    out.write_str("s")
 }
 
 /// An instant `ms` after `now`.

@@ -18,7 +18,7 @@ use redis::Script;
 
 use super::bucket::Window;
 use super::local::Local;
-use super::{Granted, Inner, Limit, Limiter, Peek, Plan, Refusal};
+use super::{Granted, Inner, Limit, Limiter, Peek, Plan, Refusal, Settled};
 
 /// The longest a Redis call may take before the request is counted locally instead. A
 /// local Redis answers in well under a millisecond; 250 ms leaves room for a machine
@@ -139,23 +139,25 @@ return {0, 0, 0, 0, 0, rrem, rreset, trem, treset}
 "#;
 
 const SETTLE: &str = r#"
-local tpm, delta = tonumber(ARGV[1]), tonumber(ARGV[2])
-if tpm > 0 then
-  local v = redis.call('GET', KEYS[1])
-  if v then
-    local t = redis.call('TIME')
-    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-    local tat = tonumber(v) + delta * 60000 / tpm
-    if tat > now then
-      redis.call('SET', KEYS[1], string.format('%.3f', tat), 'PX', math.ceil(tat - now) + 1000)
-    else
-      redis.call('DEL', KEYS[1])
-    end
+local tpm, delta, qdelta = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if tpm > 0 and delta ~= 0 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+  -- Debt counts from now when the bucket refilled (or expired) since the admission.
+  if delta > 0 and tat < now then tat = now end
+  tat = tat + delta * 60000 / tpm
+  if tat > now then
+    redis.call('SET', KEYS[1], string.format('%.3f', tat), 'PX', math.ceil(tat - now) + 1000)
+  else
+    redis.call('DEL', KEYS[1])
   end
 end
-for i = 2, 3 do
-  if ARGV[i + 1] == '1' and redis.call('EXISTS', KEYS[i]) == 1 then
-    redis.call('INCRBY', KEYS[i], delta)
+if qdelta ~= 0 then
+  for i = 2, 3 do
+    if ARGV[i + 2] == '1' and redis.call('EXISTS', KEYS[i]) == 1 then
+      redis.call('INCRBY', KEYS[i], qdelta)
+    end
   end
 end
 return 0
@@ -492,9 +494,8 @@ impl Shared {
         });
     }
 
-    /// Corrects the `tpm` bucket and the quota counts by `delta` tokens, in the
-    /// background.
-    pub(super) fn settle(&self, plan: &Plan, delta: i64) {
+    /// Corrects the `tpm` bucket and the quota counts, in the background.
+    pub(super) fn settle(&self, plan: &Plan, settled: Settled) {
         let Some(mut connection) = self.connection() else {
             return;
         };
@@ -509,7 +510,8 @@ impl Shared {
                 .key(&keys[3])
                 .key(&keys[5])
                 .arg(tpm)
-                .arg(delta)
+                .arg(settled.tokens)
+                .arg(settled.quota)
                 .arg(quota)
                 .arg(user_quota);
             let settled = call.invoke_async::<i64>(&mut connection);

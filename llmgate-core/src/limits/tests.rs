@@ -106,6 +106,50 @@ async fn tokens_are_settled_with_the_real_count() {
 }
 
 #[tokio::test]
+async fn an_unknown_count_keeps_the_tpm_estimate_and_counts_nothing_on_the_quota() {
+    let s = Setup::new(KeyLimits {
+        tpm: Some(1000),
+        quota_tokens: Some(1000),
+        ..KeyLimits::default()
+    });
+    // A client that left before its answer was counted: the estimate stays in the
+    // bucket (capped at the tpm), and the quota counts what the store counts, 0.
+    s.ask(None, 5000).await.unwrap().unwrap().settle(None);
+    assert_eq!(s.ask(None, 1).await.unwrap_err().reason(), "tokens");
+    let status = s.limiter.status(&s.key, None).await;
+    assert_eq!(status.quota.unwrap().used, 0);
+    // A quota without a tpm: a huge `max_tokens` whose count never arrives does not
+    // use it up.
+    let s = Setup::new(KeyLimits {
+        quota_tokens: Some(1000),
+        ..KeyLimits::default()
+    });
+    s.ask(None, 1_000_000_000)
+        .await
+        .unwrap()
+        .unwrap()
+        .settle(None);
+    s.ask(None, 10).await.unwrap().unwrap().settle(Some(10));
+    assert_eq!(s.limiter.status(&s.key, None).await.quota.unwrap().used, 10);
+}
+
+#[tokio::test]
+async fn debt_settled_after_the_bucket_refilled_is_owed_in_full() {
+    let s = Setup::new(KeyLimits {
+        tpm: Some(600),
+        ..KeyLimits::default()
+    });
+    let long = s.ask(None, 10).await.unwrap().unwrap();
+    // Its answer ends two minutes later with 1210 tokens: 1200 more than taken, two
+    // minutes' worth, owed from now: the bucket is empty for another minute.
+    s.advance(120_000);
+    long.settle(Some(1210));
+    let refused = s.ask(None, 1).await.unwrap_err();
+    assert_eq!(refused.reason(), "tokens");
+    assert!(refused.retry_ms > 59_000, "{}", refused.retry_ms);
+}
+
+#[tokio::test]
 async fn a_quota_admits_while_below_and_overshoots_by_at_most_one_request() {
     let s = Setup::new(KeyLimits {
         quota_tokens: Some(100),
@@ -357,6 +401,11 @@ fn durations_are_written_as_openai_writes_them() {
         (360_000, "6m0s"),
         (61_250, "1m1.25s"),
         (3_723_000, "1h2m3s"),
+        (3_600_000, "1h0m0s"),
+        (1_005, "1.005s"),
+        (1_050, "1.05s"),
+        (7_200_099, "2h0m0.099s"),
+        (0, "0ms"),
     ] {
         assert_eq!(format_duration(ms), text);
     }
@@ -637,6 +686,75 @@ mod shared_counters {
             .admit(&other_key, &limits, Some("bob"), 1)
             .await
             .is_ok());
+    }
+
+    #[tokio::test]
+    async fn in_redis_debt_settled_after_the_bucket_expired_is_owed_and_unknown_counts_are_0_on_quotas(
+    ) {
+        let store: Arc<MemoryStore> = Arc::new(MemoryStore::new());
+        let limiter =
+            Limiter::shared_under(&prefix(), REDIS, KeyLimits::default(), store, 1).unwrap();
+        until("Redis is used", || limiter.is_shared()).await;
+        // 60 000 a minute: 10 tokens refill in 10 ms, and the bucket's Redis key
+        // expires a second after it is full again.
+        let key = user_key(KeyLimits {
+            tpm: Some(60_000),
+            quota_tokens: Some(1_000_000),
+            ..KeyLimits::default()
+        });
+        let limits = limiter.effective(&key);
+        let long = limiter
+            .admit(&key, &limits, None, 10)
+            .await
+            .unwrap()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        // The answer used two minutes' tokens: owed in full, though the key expired.
+        long.settle(Some(120_010));
+        let mut refused = None;
+        for _ in 0..50 {
+            match limiter.admit(&key, &limits, None, 10).await {
+                Err(refusal) => {
+                    refused = Some(refusal);
+                    break;
+                }
+                // Settling is sent in the background.
+                Ok(admission) => {
+                    admission.unwrap().settle(Some(10));
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        let refused = refused.expect("the debt was dropped");
+        assert_eq!(refused.reason(), "tokens");
+        assert!(refused.retry_ms > 50_000, "{}", refused.retry_ms);
+        // The quota counted 120 010 (settled) and nothing for a request whose count is
+        // unknown.
+        let other = user_key(KeyLimits {
+            quota_tokens: Some(1000),
+            ..KeyLimits::default()
+        });
+        let limits = limiter.effective(&other);
+        let huge = limiter.admit(&other, &limits, None, 1_000_000_000);
+        huge.await.unwrap().unwrap().settle(None);
+        until_used(&limiter, &other, 0).await;
+        let used = limiter.status(&key, None).await.quota.unwrap().used;
+        assert!(used >= 120_010 && used % 10 == 0, "{used}");
+    }
+
+    async fn until_used(limiter: &Limiter, key: &KeyRecord, used: u64) {
+        let started = Instant::now();
+        loop {
+            let now = limiter.status(key, None).await.quota.unwrap().used;
+            if now == used {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "used {now}, not {used}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     #[tokio::test]

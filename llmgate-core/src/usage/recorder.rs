@@ -1074,13 +1074,12 @@ impl Drop for UsageGuard {
             // The request is over: its place in flight is free now, even if its tokens
             // are counted later.
             let mut admission = self.admission.take();
-            if let Some(admission) = &mut admission {
-                admission.release();
-            }
             if count.is_none() {
                 if let Some(admission) = admission.take() {
                     admission.settle(tokens_of(&record));
                 }
+            } else if let Some(admission) = &mut admission {
+                admission.release();
             }
             let key_name = std::mem::take(&mut self.key_name);
             self.recorder.send(Pending {
