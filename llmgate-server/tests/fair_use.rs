@@ -949,11 +949,10 @@ async fn the_model_list_shows_a_key_only_the_models_it_may_use() {
 
     // A model call, headers and all: a model the key may not use is counted and
     // answered as a model that does not exist (one of the key's globs, or none).
-    let call = |model: &str| call_model(&gateway, key, &chat(model, None));
     let (hidden, missing, unmatched) = (
-        call("other-b").await,
-        call("mock-missing").await,
-        call("nothing-like-it").await,
+        call_model(&gateway, key, &chat("other-b", None)).await,
+        call_model(&gateway, key, &chat("mock-missing", None)).await,
+        call_model(&gateway, key, &chat("nothing-like-it", None)).await,
     );
     let names = |response: &reqwest::Response| {
         let mut names: Vec<String> = response
