@@ -129,6 +129,33 @@ test('edit a key: its limits are listed and kept by the server; an empty field u
   await page.waitForFunction(() => /rpm/.test(document.querySelector('[data-testid="key-edit-error"]')?.innerText || ''));
   await id('key-edit-cancel').click();
   assert.equal((await listed()).rpm, 600);
+  // Enter in a field saves, as in the create form; Escape closes without saving.
+  await row.getByTestId('edit-key').click();
+  await id('key-edit-limits-rpm').fill('700');
+  await id('key-edit-limits-rpm').press('Enter');
+  await id('key-edit-dialog').waitFor({ state: 'hidden' });
+  assert.equal((await listed()).rpm, 700, 'Enter in a field of the edit dialog saves it');
+  await page.waitForFunction(() =>
+    /700 req\/min/.test(document.querySelector('[data-testid="key-row"][data-key-name="browser-user"] [data-testid="key-limits"]')?.innerText || ''));
+  await row.getByTestId('edit-key').click();
+  await id('key-edit-limits-rpm').fill('800');
+  await id('key-edit-limits-rpm').press('Escape');
+  await id('key-edit-dialog').waitFor({ state: 'hidden' });
+  assert.equal((await listed()).rpm, 700, 'Escape closes the edit dialog unsaved');
+});
+
+test('Enter in a field of any form or dialog does what its main button does, never Cancel', async () => {
+  // A browser submits a form on Enter with its first submit button: in every form with
+  // a text field, that must be the form's own action.
+  const wrong = await page.evaluate(() =>
+    [...document.querySelectorAll('form')]
+      .filter((form) => form.querySelector('input:not([type="hidden"]):not([type="checkbox"]):not([type="radio"])'))
+      .map((form) => {
+        const first = form.querySelector('button:not([type]), button[type="submit"], input[type="submit"]');
+        return { form: form.id || form.closest('dialog')?.id || '(unnamed)', first: first ? `${first.textContent.trim()} (${first.value || 'no value'})` : null };
+      })
+      .filter(({ first }) => first === null || /cancel/i.test(first)));
+  assert.deepEqual(wrong, []);
 });
 
 test('create a key with limits, rotate it: the new secret is shown once and works, the old one stops', async () => {
