@@ -92,6 +92,9 @@ test('create a key, see it listed with its prefix, and copy the secret', async (
   await row.waitFor();
   assert.ok((await row.innerText()).includes(secret.slice(0, 10)), 'the listing shows the prefix');
   assert.ok(!(await row.innerText()).includes(secret.slice(12)), 'the listing never shows the secret');
+  // The Limits column is wide enough for a word: "defaults" on one line, not "default / s".
+  const lines = await row.getByTestId('key-limits').locator('span').evaluate((span) => span.getClientRects().length);
+  assert.equal(lines, 1, `the limits "${await row.getByTestId('key-limits').innerText()}" take ${lines} lines`);
   await shot('keys');
 });
 
