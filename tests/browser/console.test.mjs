@@ -40,6 +40,10 @@ async function shot(name) {
   mkdirSync(shots, { recursive: true });
   // From the top: a page scrolled by a click would draw the sticky bar mid-page.
   await page.evaluate(() => window.scrollTo(0, 0));
+  // Bars drawn at their value, not halfway through their 0.4 s transition to it.
+  await page.evaluate(() => Promise.all(document.getAnimations()
+    .filter((a) => a.effect?.getComputedTiming().iterations !== Infinity)
+    .map((a) => a.finished.catch(() => {}))));
   await page.screenshot({ path: `${shots}/${name}.png`, fullPage: true });
 }
 
