@@ -216,6 +216,105 @@ async fn limits_are_set_at_creation_changed_by_a_merge_patch_and_checked() {
     assert!(bob.get("max_parallel").is_none());
 }
 
+/// Two admins (or scripts) changing different fields of a key at the same moment: every
+/// change holds, none is undone by another that wrote back the limits it had read before.
+#[tokio::test]
+async fn patches_of_different_fields_sent_at_once_all_hold() {
+    let upstream = MockUpstream::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let gateway = serve_fronting(data.path(), &upstream.url, &[]).await;
+    let keys = format!("{}/admin/keys", gateway.url);
+    let numbers = [
+        "rpm",
+        "tpm",
+        "max_parallel",
+        "quota_tokens",
+        "weight",
+        "per_user_rpm",
+        "per_user_quota_tokens",
+    ];
+    let mut ids = Vec::new();
+    for name in ["alice", "bob"] {
+        let mut body = json!({"name": name, "models": ["mock-*"], "quota_period": "day"});
+        for field in numbers {
+            body[field] = json!(1);
+        }
+        ids.push(
+            create(&gateway, body).await["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+
+    for round in 1..=3u64 {
+        // Per key, one patch per field (each limit, the name, the expiry): 22 at once.
+        // Every round changes every field; some limits are cleared with null.
+        let mut patches = Vec::new();
+        let mut expected = Vec::new();
+        for (k, id) in ids.iter().enumerate() {
+            let url = format!("{keys}/{id}");
+            let mut fields = Vec::new();
+            for (i, field) in numbers.into_iter().enumerate() {
+                let value = if (i as u64 + round) % 3 == 0 {
+                    Value::Null
+                } else {
+                    json!(round * 100 + i as u64 + 1)
+                };
+                fields.push((field, value));
+            }
+            fields.push(("models", json!([format!("mock-{round}-*")])));
+            fields.push((
+                "quota_period",
+                json!(["day", "week", "month"][round as usize % 3]),
+            ));
+            fields.push(("name", json!(format!("{}-{round}", ["alice", "bob"][k]))));
+            fields.push(("expires_at", json!(format!("209{round}-01-01T00:00:00Z"))));
+            for (field, value) in &fields {
+                patches.push((url.clone(), json!({ *field: value })));
+            }
+            expected.push((id.clone(), fields));
+        }
+        assert_eq!(patches.len(), 22);
+        let answers = futures_util::future::join_all(
+            patches
+                .iter()
+                .map(|(url, patch)| admin_call(reqwest::Method::PATCH, url, Some(patch.clone()))),
+        )
+        .await;
+        for ((_, patch), (status, body)) in patches.iter().zip(&answers) {
+            assert_eq!(*status, StatusCode::OK, "{patch}: {body}");
+        }
+
+        let (_, listed) = admin_call(reqwest::Method::GET, &keys, None).await;
+        for (id, fields) in expected {
+            let key = listed
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|k| k["id"] == id.as_str())
+                .unwrap();
+            let lost: Vec<String> = fields
+                .iter()
+                .filter(|(field, value)| match key.get(field) {
+                    // A cleared limit is left out of the listing.
+                    None => !value.is_null(),
+                    Some(listed) if field == &"expires_at" => !listed
+                        .as_str()
+                        .unwrap()
+                        .starts_with(&value.as_str().unwrap()[..4]),
+                    Some(listed) => listed != value,
+                })
+                .map(|(field, value)| format!("{field}: {value}"))
+                .collect();
+            assert!(
+                lost.is_empty(),
+                "round {round}: changes lost, the key shows {key} where the patches set {lost:?}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_rotated_key_keeps_its_id_and_limits_and_the_old_secret_works_only_for_the_grace() {
     let upstream = MockUpstream::start().await;

@@ -40,6 +40,10 @@ async function shot(name) {
   mkdirSync(shots, { recursive: true });
   // From the top: a page scrolled by a click would draw the sticky bar mid-page.
   await page.evaluate(() => window.scrollTo(0, 0));
+  // Bars drawn at their value, not halfway through their 0.4 s transition to it.
+  await page.evaluate(() => Promise.all(document.getAnimations()
+    .filter((a) => a.effect?.getComputedTiming().iterations !== Infinity)
+    .map((a) => a.finished.catch(() => {}))));
   await page.screenshot({ path: `${shots}/${name}.png`, fullPage: true });
 }
 
@@ -92,6 +96,9 @@ test('create a key, see it listed with its prefix, and copy the secret', async (
   await row.waitFor();
   assert.ok((await row.innerText()).includes(secret.slice(0, 10)), 'the listing shows the prefix');
   assert.ok(!(await row.innerText()).includes(secret.slice(12)), 'the listing never shows the secret');
+  // The Limits column is wide enough for a word: "defaults" on one line, not "default / s".
+  const lines = await row.getByTestId('key-limits').locator('span').evaluate((span) => span.getClientRects().length);
+  assert.equal(lines, 1, `the limits "${await row.getByTestId('key-limits').innerText()}" take ${lines} lines`);
   await shot('keys');
 });
 
@@ -129,6 +136,33 @@ test('edit a key: its limits are listed and kept by the server; an empty field u
   await page.waitForFunction(() => /rpm/.test(document.querySelector('[data-testid="key-edit-error"]')?.innerText || ''));
   await id('key-edit-cancel').click();
   assert.equal((await listed()).rpm, 600);
+  // Enter in a field saves, as in the create form; Escape closes without saving.
+  await row.getByTestId('edit-key').click();
+  await id('key-edit-limits-rpm').fill('700');
+  await id('key-edit-limits-rpm').press('Enter');
+  await id('key-edit-dialog').waitFor({ state: 'hidden' });
+  assert.equal((await listed()).rpm, 700, 'Enter in a field of the edit dialog saves it');
+  await page.waitForFunction(() =>
+    /700 req\/min/.test(document.querySelector('[data-testid="key-row"][data-key-name="browser-user"] [data-testid="key-limits"]')?.innerText || ''));
+  await row.getByTestId('edit-key').click();
+  await id('key-edit-limits-rpm').fill('800');
+  await id('key-edit-limits-rpm').press('Escape');
+  await id('key-edit-dialog').waitFor({ state: 'hidden' });
+  assert.equal((await listed()).rpm, 700, 'Escape closes the edit dialog unsaved');
+});
+
+test('Enter in a field of any form or dialog does what its main button does, never Cancel', async () => {
+  // A browser submits a form on Enter with its first submit button: in every form with
+  // a text field, that must be the form's own action.
+  const wrong = await page.evaluate(() =>
+    [...document.querySelectorAll('form')]
+      .filter((form) => form.querySelector('input:not([type="hidden"]):not([type="checkbox"]):not([type="radio"])'))
+      .map((form) => {
+        const first = form.querySelector('button:not([type]), button[type="submit"], input[type="submit"]');
+        return { form: form.id || form.closest('dialog')?.id || '(unnamed)', first: first ? `${first.textContent.trim()} (${first.value || 'no value'})` : null };
+      })
+      .filter(({ first }) => first === null || /cancel/i.test(first)));
+  assert.deepEqual(wrong, []);
 });
 
 test('create a key with limits, rotate it: the new secret is shown once and works, the old one stops', async () => {

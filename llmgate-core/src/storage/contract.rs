@@ -26,10 +26,11 @@ use std::future::Future;
 use chrono::{DateTime, Duration, Utc};
 
 use super::{
-    KeyStore, KeyUpdate, ModelStore, ModelUsage, RefusedModel, RequestRecord, StorageError,
-    StoredModel, UsageStore, UsageTotals, MAX_END_USERS_PER_KEY, MAX_END_USER_BYTES,
-    MAX_LATENCY_MS, MAX_MODELS_PER_KEY, MAX_MODEL_BYTES, MAX_MODEL_SETTINGS_BYTES, MAX_PATH_BYTES,
-    MAX_TOKENS_PER_REQUEST, NO_MODEL, OTHER_END_USER, OTHER_MODEL,
+    KeyStore, KeyUpdate, LimitField, LimitsPatch, ModelStore, ModelUsage, RefusedModel,
+    RequestRecord, StorageError, StoredModel, UsageStore, UsageTotals, MAX_END_USERS_PER_KEY,
+    MAX_END_USER_BYTES, MAX_LATENCY_MS, MAX_MODELS_PER_KEY, MAX_MODEL_BYTES,
+    MAX_MODEL_SETTINGS_BYTES, MAX_PATH_BYTES, MAX_TOKENS_PER_REQUEST, NO_MODEL, OTHER_END_USER,
+    OTHER_MODEL,
 };
 use crate::auth::{now_millis, KeyRecord, Role, Secret};
 use crate::limits::{KeyLimits, QuotaPeriod};
@@ -43,6 +44,8 @@ where
 {
     keys(&make_store().await).await;
     key_changes(&make_store().await).await;
+    let store = make_store().await;
+    limit_changes_at_once(&store, &store).await;
     usage(&make_store().await).await;
     end_users(&make_store().await).await;
     usage_per_model(&make_store().await).await;
@@ -96,8 +99,8 @@ pub async fn keys(store: &dyn KeyStore) {
 }
 
 /// Keys after their creation: their own limits kept as set; [`KeyStore::update_key`]
-/// changing only what it is given (name, expiry, limits), refusing a name another active
-/// key has, and leaving revoked keys alone; [`KeyStore::rotate_key`] giving a key a new
+/// changing only what it is given (name, expiry, the limits its patch names), refusing a
+/// name another active key has, and leaving revoked keys alone; [`KeyStore::rotate_key`] giving a key a new
 /// secret while the previous one works until its grace ends (and not past the key's own
 /// expiry), one previous secret at a time.
 pub async fn key_changes(store: &dyn KeyStore) {
@@ -143,7 +146,7 @@ pub async fn key_changes(store: &dyn KeyStore) {
                   limits: Option<KeyLimits>| KeyUpdate {
         name: name.map(Into::into),
         expires_at,
-        limits,
+        limits: limits.map_or_else(LimitsPatch::default, LimitsPatch::replacing),
     };
     let mut expected = KeyRecord {
         name: "robert".into(),
@@ -156,7 +159,39 @@ pub async fn key_changes(store: &dyn KeyStore) {
         .unwrap();
     assert_eq!(updated.as_ref(), Some(&expected));
     assert_eq!(found(&first).await.as_ref(), Some(&expected));
-    // Limits are replaced as a whole; no limits at all is no limits.
+    // A patch changes the limits it names and leaves the others as they are.
+    let patch = LimitsPatch {
+        clear: [LimitField::Models, LimitField::Rpm].into(),
+        set: KeyLimits {
+            tpm: Some(7),
+            quota_period: Some(QuotaPeriod::Day),
+            ..KeyLimits::default()
+        },
+    };
+    patch.apply(&mut expected.limits);
+    assert_eq!(
+        expected.limits,
+        KeyLimits {
+            models: None,
+            rpm: None,
+            tpm: Some(7),
+            quota_period: Some(QuotaPeriod::Day),
+            ..every_limit.clone()
+        }
+    );
+    let patched = store
+        .update_key(
+            &bob.id,
+            &KeyUpdate {
+                limits: patch.clone(),
+                ..KeyUpdate::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(patched.as_ref(), Some(&expected));
+    assert_eq!(found(&first).await.as_ref(), Some(&expected));
+    // Replaced as a whole; no limits at all is no limits.
     let fewer = KeyLimits {
         rpm: Some(5),
         ..KeyLimits::default()
@@ -211,7 +246,17 @@ pub async fn key_changes(store: &dyn KeyStore) {
             .unwrap(),
         None
     );
-    assert_eq!(found(&carol_secret).await.unwrap().name, "carol");
+    let patch_revoked = KeyUpdate {
+        limits: LimitsPatch::replacing(every_limit.clone()),
+        ..KeyUpdate::default()
+    };
+    assert_eq!(
+        store.update_key(&carol.id, &patch_revoked).await.unwrap(),
+        None
+    );
+    let carol_now = found(&carol_secret).await.unwrap();
+    assert_eq!(carol_now.name, "carol");
+    assert_eq!(carol_now.limits, KeyLimits::default());
     expected.name = "carol".into();
     let renamed = store
         .update_key(&bob.id, &update(Some("carol"), None, None))
@@ -294,6 +339,90 @@ pub async fn key_changes(store: &dyn KeyStore) {
         .rotate_key("key_nobody", &fourth.hash(), "sk-lg-xxxx", grace_end)
         .await
         .unwrap());
+}
+
+/// Changes of different limits of one key made at the same time, half of them through
+/// `replica` (a second store on the same data, as a second gateway sharing the database
+/// has; or `store` again), all hold: none is lost to another written over it. So do a
+/// name and an expiry changed at the same time.
+pub async fn limit_changes_at_once(store: &dyn KeyStore, replica: &dyn KeyStore) {
+    let secret = Secret::generate();
+    let key = KeyRecord::new("shared", Role::User, &secret);
+    store.insert_key(&key, &secret.hash()).await.unwrap();
+    let now = now_millis();
+    let mut expected = key.clone();
+    for round in 1..=6u32 {
+        // Each round sets some limits and clears others; every field changes every round.
+        let mut updates: Vec<KeyUpdate> = LimitField::ALL
+            .into_iter()
+            .zip(0u32..)
+            .map(|(field, i)| {
+                let limits = if (i + round) % 3 == 0 {
+                    LimitsPatch {
+                        clear: [field].into(),
+                        ..LimitsPatch::default()
+                    }
+                } else {
+                    LimitsPatch {
+                        set: setting(field, 10 * round + i),
+                        ..LimitsPatch::default()
+                    }
+                };
+                KeyUpdate {
+                    limits,
+                    ..KeyUpdate::default()
+                }
+            })
+            .collect();
+        updates.push(KeyUpdate {
+            name: Some(format!("shared-{round}")),
+            ..KeyUpdate::default()
+        });
+        updates.push(KeyUpdate {
+            expires_at: Some((round % 2 == 0).then(|| now + Duration::days(round.into()))),
+            ..KeyUpdate::default()
+        });
+        for update in &updates {
+            update.apply(&mut expected);
+        }
+        let results =
+            futures_util::future::join_all(updates.iter().enumerate().map(|(i, update)| {
+                let via = if i % 2 == 0 { store } else { replica };
+                via.update_key(&key.id, update)
+            }))
+            .await;
+        for result in results {
+            assert!(result.unwrap().is_some(), "round {round}: the key is there");
+        }
+        let stored = store.key_by_hash(&secret.hash()).await.unwrap();
+        assert_eq!(stored.as_ref(), Some(&expected), "round {round}");
+        let seen = replica.key_by_hash(&secret.hash()).await.unwrap();
+        assert_eq!(
+            seen.as_ref(),
+            Some(&expected),
+            "round {round}, via the replica"
+        );
+    }
+}
+
+/// Limits setting only `field`, to a value made from `n`.
+fn setting(field: LimitField, n: u32) -> KeyLimits {
+    let mut limits = KeyLimits::default();
+    match field {
+        LimitField::Models => limits.models = Some(vec![format!("model-{n}-*")]),
+        LimitField::Rpm => limits.rpm = Some(n),
+        LimitField::Tpm => limits.tpm = Some(n.into()),
+        LimitField::MaxParallel => limits.max_parallel = Some(n),
+        LimitField::QuotaTokens => limits.quota_tokens = Some(n.into()),
+        LimitField::QuotaPeriod => {
+            let periods = [QuotaPeriod::Day, QuotaPeriod::Week, QuotaPeriod::Month];
+            limits.quota_period = Some(periods[n as usize % periods.len()]);
+        }
+        LimitField::Weight => limits.weight = Some(n),
+        LimitField::PerUserRpm => limits.per_user_rpm = Some(n),
+        LimitField::PerUserQuotaTokens => limits.per_user_quota_tokens = Some(n.into()),
+    }
+    limits
 }
 
 fn row(key: &str, path: &str, at_ms: i64, tokens: Option<(u64, u64)>) -> RequestRecord {

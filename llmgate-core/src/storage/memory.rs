@@ -272,6 +272,12 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn limit_changes_at_once_contract() {
+        let store = MemoryStore::new();
+        crate::storage::contract::limit_changes_at_once(&store, &store).await;
+    }
+
+    #[tokio::test]
     async fn end_users_contract() {
         crate::storage::contract::end_users(&MemoryStore::new()).await;
     }

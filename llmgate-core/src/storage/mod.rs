@@ -19,6 +19,7 @@
 #[cfg(any(test, feature = "test-util"))]
 pub mod contract;
 mod endpoint;
+mod limits_patch;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -30,6 +31,7 @@ mod sql;
 mod sqlite;
 
 pub use endpoint::{endpoint_label, OTHER_ENDPOINT};
+pub use limits_patch::{LimitField, LimitsPatch};
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
@@ -46,7 +48,6 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{KeyHash, KeyRecord};
-use crate::limits::KeyLimits;
 
 /// Errors of a storage backend.
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +117,11 @@ pub trait KeyStore: Send + Sync {
     /// Changes what `update` sets on the active key with this id and returns the key as
     /// it now is; `Ok(None)` when no active key has this id. Fails with
     /// [`StorageError::Conflict`] when another active key has the new name.
+    ///
+    /// The change is atomic: its [`limits`](KeyUpdate::limits) patch applies to the
+    /// limits the key has when it is written, so updates made at the same time, through
+    /// this store or another one on the same data (a second replica, the CLI), each keep
+    /// the limits they set.
     async fn update_key(
         &self,
         id: &str,
@@ -137,21 +143,22 @@ pub trait KeyStore: Send + Sync {
     ) -> Result<bool, StorageError>;
 }
 
-/// What [`KeyStore::update_key`] changes: each field that is `Some` is set, the others
-/// stay as they are.
+/// What [`KeyStore::update_key`] changes: the name and expiry when they are `Some`, and
+/// the limits the patch names; everything else stays as it is.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KeyUpdate {
     /// The new name; unique among active keys.
     pub name: Option<String>,
     /// The new expiry: `Some(None)` makes the key never expire.
     pub expires_at: Option<Option<DateTime<Utc>>>,
-    /// The key's own limits, replacing the ones it had (all of them: an unset field
-    /// falls back to the defaults).
-    pub limits: Option<KeyLimits>,
+    /// The key's own limits to unset or set; the default changes none
+    /// ([`LimitsPatch::replacing`] replaces them all).
+    pub limits: LimitsPatch,
 }
 
 impl KeyUpdate {
-    /// Applies the update to `key`.
+    /// Applies the update to `key`. A backend applies it to the key as stored, in one
+    /// step with writing it back (under its lock, or in one transaction).
     pub fn apply(&self, key: &mut KeyRecord) {
         if let Some(name) = &self.name {
             key.name.clone_from(name);
@@ -159,9 +166,7 @@ impl KeyUpdate {
         if let Some(expires_at) = self.expires_at {
             key.expires_at = expires_at;
         }
-        if let Some(limits) = &self.limits {
-            key.limits.clone_from(limits);
-        }
+        self.limits.apply(&mut key.limits);
     }
 }
 

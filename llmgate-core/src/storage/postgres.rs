@@ -258,6 +258,18 @@ pub(crate) mod tests {
         store.close().await;
     }
 
+    /// Two stores on one database: two replicas, whose changes race.
+    #[tokio::test]
+    #[ignore = "needs PostgreSQL (LLMGATE_TEST_POSTGRES or 127.0.0.1:5432)"]
+    async fn limit_changes_at_once_on_two_replicas_contract() {
+        let db = TestDatabase::create().await;
+        let store = PostgresStore::connect(&db.url).await.unwrap();
+        let replica = PostgresStore::connect(&db.url).await.unwrap();
+        crate::storage::contract::limit_changes_at_once(&store, &replica).await;
+        store.close().await;
+        replica.close().await;
+    }
+
     #[tokio::test]
     #[ignore = "needs PostgreSQL (LLMGATE_TEST_POSTGRES or 127.0.0.1:5432)"]
     async fn end_users_contract() {

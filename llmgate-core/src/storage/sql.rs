@@ -395,12 +395,17 @@ const ROW_COLUMNS: &str =
     "at, key, method, path, model, status, prompt_tokens, completion_tokens, latency_ms, \
      first_byte_ms, end_user";
 
+/// How many times [`SqlStore::update_key`] reads and writes a key's limits before it
+/// gives up: it loses a try only to another writer of the same key's limits.
+const MAX_LIMITS_TRIES: usize = 100;
+
 /// Every statement a SQL store runs, in one dialect, built once per backend.
 pub(super) struct Statements {
     insert_key: String,
     pub(super) key_by_hash: String,
     list_keys: String,
     revoke_key: String,
+    key_limits: String,
     update_key: String,
     rotate_key: String,
     insert_name: String,
@@ -463,11 +468,17 @@ impl Statements {
                 "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL RETURNING id"
                     .into(),
             ),
+            key_limits: numbered(
+                "SELECT limits FROM api_keys WHERE id = ? AND revoked_at IS NULL".into(),
+            ),
+            // Limits are written only over those the patch was applied to (the text read
+            // by `key_limits`; limits are never stored as ''), else nothing is written.
             update_key: numbered(format!(
                 "UPDATE api_keys SET name = COALESCE(?, name), \
                  expires_at = CASE WHEN ? = 1 THEN ? ELSE expires_at END, \
                  limits = CASE WHEN ? = 1 THEN ? ELSE limits END \
-                 WHERE id = ? AND revoked_at IS NULL RETURNING {KEY_COLUMNS}"
+                 WHERE id = ? AND revoked_at IS NULL \
+                 AND (? = 0 OR COALESCE(limits, '') = COALESCE(?, '')) RETURNING {KEY_COLUMNS}"
             )),
             // The right-hand sides read the row as it was: the current hash becomes the
             // previous one.
@@ -717,24 +728,57 @@ where
         Ok(Some(key))
     }
 
+    /// A compare-and-swap on the key's limits, so that it holds between processes
+    /// sharing the database as well: each try reads the limits, applies the patch and
+    /// writes only if they are still what it read; when another writer changed them in
+    /// between, it tries again on theirs. A try is lost only to another writer's
+    /// success, so it gives up only when [`MAX_LIMITS_TRIES`] other changes of the key's
+    /// limits land while it tries.
     pub(super) async fn update_key(
         &self,
         id: &str,
         update: &KeyUpdate,
     ) -> Result<Option<KeyRecord>, StorageError> {
         let flag = |set: bool| i64::from(set);
-        let limits = update.limits.as_ref().and_then(limits_text);
-        let row = sqlx::query(&self.sql.update_key)
-            .bind(update.name.as_deref())
-            .bind(flag(update.expires_at.is_some()))
-            .bind(update.expires_at.flatten().map(millis))
-            .bind(flag(update.limits.is_some()))
-            .bind(limits.as_deref())
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| name_conflict(e, update.name.as_deref().unwrap_or_default()))?;
-        row.as_ref().map(key_from_row).transpose()
+        let patches_limits = !update.limits.is_empty();
+        for _ in 0..MAX_LIMITS_TRIES {
+            let (before, after) = if patches_limits {
+                let row = sqlx::query(&self.sql.key_limits)
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                let Some(row) = row else { return Ok(None) };
+                let before: Option<String> = get(&row, "limits")?;
+                let mut limits = limits_from_text(before.clone())?;
+                update.limits.apply(&mut limits);
+                (before, limits_text(&limits))
+            } else {
+                (None, None)
+            };
+            let row = sqlx::query(&self.sql.update_key)
+                .bind(update.name.as_deref())
+                .bind(flag(update.expires_at.is_some()))
+                .bind(update.expires_at.flatten().map(millis))
+                .bind(flag(patches_limits))
+                .bind(after.as_deref())
+                .bind(id)
+                .bind(flag(patches_limits))
+                .bind(before.as_deref())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| name_conflict(e, update.name.as_deref().unwrap_or_default()))?;
+            match row {
+                Some(row) => return key_from_row(&row).map(Some),
+                // No active key with this id.
+                None if !patches_limits => return Ok(None),
+                // Revoked, or its limits changed since they were read: read again.
+                None => continue,
+            }
+        }
+        Err(StorageError::Database(
+            format!("the limits of key {id} changed under {MAX_LIMITS_TRIES} tries to change them")
+                .into(),
+        ))
     }
 
     pub(super) async fn rotate_key(
@@ -1296,7 +1340,7 @@ pub(super) mod before_fair_use {
 
     use crate::auth::{now_millis, KeyRecord, Secret};
     use crate::limits::KeyLimits;
-    use crate::storage::{KeyStore, KeyUpdate, RequestRecord, UsageStore};
+    use crate::storage::{KeyStore, KeyUpdate, LimitsPatch, RequestRecord, UsageStore};
 
     /// `key`, stored before the upgrade under `secret`, and the rows of
     /// [`before_usage_models`](super::before_usage_models) read back as they were,
@@ -1341,7 +1385,7 @@ pub(super) mod before_fair_use {
             ..KeyLimits::default()
         };
         let update = KeyUpdate {
-            limits: Some(limits.clone()),
+            limits: LimitsPatch::replacing(limits.clone()),
             ..KeyUpdate::default()
         };
         let updated = store.update_key(&key.id, &update).await.unwrap().unwrap();

@@ -248,6 +248,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn limit_changes_at_once_contract() {
+        let store = SqliteStore::in_memory().await.unwrap();
+        crate::storage::contract::limit_changes_at_once(&store, &store).await;
+    }
+
+    /// On a file, as the gateway and the CLI beside it share one: two stores, several
+    /// connections each, so the changes really race.
+    #[tokio::test]
+    async fn limit_changes_at_once_through_two_stores_on_one_file_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("llmgate.db");
+        let gateway = SqliteStore::open(&path).await.unwrap();
+        let cli = SqliteStore::open(&path).await.unwrap();
+        crate::storage::contract::limit_changes_at_once(&gateway, &cli).await;
+        gateway.close().await;
+        cli.close().await;
+    }
+
+    #[tokio::test]
     async fn end_users_contract() {
         crate::storage::contract::end_users(&SqliteStore::in_memory().await.unwrap()).await;
     }

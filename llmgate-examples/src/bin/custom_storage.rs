@@ -152,6 +152,8 @@ impl KeyStore for DailyStore {
             .keys
             .iter_mut()
             .find(|(_, k)| k.id == id && k.revoked_at.is_none());
+        // Applied under the lock, to the key as it is: two updates at once of different
+        // limits both hold (the contract's `limit_changes_at_once` checks it).
         Ok(active.map(|(_, k)| {
             update.apply(k);
             k.clone()

@@ -3,7 +3,7 @@
 use chrono::{DateTime, Duration, Utc};
 use llmgate_core::auth::{now_millis, KeyRecord, Role, Secret};
 use llmgate_core::limits::KeyLimits;
-use llmgate_core::storage::{KeyStore, KeyUpdate, StorageError};
+use llmgate_core::storage::{KeyStore, KeyUpdate, LimitField, LimitsPatch, StorageError};
 use serde_json::json;
 
 use super::Output;
@@ -64,8 +64,9 @@ pub async fn run(store: &dyn KeyStore, command: KeysCommand) -> Result<(), KeysE
     }
 }
 
-/// The limits the flags set, over `limits`.
-fn with_flags(mut limits: KeyLimits, flags: &LimitArgs) -> KeyLimits {
+/// The limits the flags set (the others unset).
+fn flag_limits(flags: &LimitArgs) -> KeyLimits {
+    let mut limits = KeyLimits::default();
     fn set<T>(own: &mut Option<T>, flag: Option<T>) {
         if flag.is_some() {
             *own = flag;
@@ -91,6 +92,22 @@ fn with_flags(mut limits: KeyLimits, flags: &LimitArgs) -> KeyLimits {
     set(&mut limits.per_user_rpm, flags.per_user_rpm);
     set(&mut limits.per_user_quota_tokens, flags.per_user_quota);
     limits
+}
+
+/// The limit `--clear FIELD` unsets; `None` for `expires`, which is no limit.
+fn limit_field(field: ClearField) -> Option<LimitField> {
+    Some(match field {
+        ClearField::Rpm => LimitField::Rpm,
+        ClearField::Tpm => LimitField::Tpm,
+        ClearField::Models => LimitField::Models,
+        ClearField::MaxParallel => LimitField::MaxParallel,
+        ClearField::Quota => LimitField::QuotaTokens,
+        ClearField::QuotaPeriod => LimitField::QuotaPeriod,
+        ClearField::Weight => LimitField::Weight,
+        ClearField::PerUserRpm => LimitField::PerUserRpm,
+        ClearField::PerUserQuota => LimitField::PerUserQuotaTokens,
+        ClearField::Expires => return None,
+    })
 }
 
 fn checked(limits: KeyLimits) -> Result<KeyLimits, KeysError> {
@@ -146,7 +163,7 @@ async fn create(
     output: Output,
 ) -> Result<(), KeysError> {
     validate_name(&name).map_err(|e| KeysError::BadName(e.message.to_string()))?;
-    let limits = checked(with_flags(KeyLimits::default(), flags))?;
+    let limits = checked(flag_limits(flags))?;
     let expires_at = flags
         .expires
         .as_deref()
@@ -265,22 +282,12 @@ async fn update(
     if let Some(name) = &name {
         validate_name(name).map_err(|e| KeysError::BadName(e.message.to_string()))?;
     }
-    let mut limits = key.limits.clone();
-    for field in clear {
-        match field {
-            ClearField::Rpm => limits.rpm = None,
-            ClearField::Tpm => limits.tpm = None,
-            ClearField::Models => limits.models = None,
-            ClearField::MaxParallel => limits.max_parallel = None,
-            ClearField::Quota => limits.quota_tokens = None,
-            ClearField::QuotaPeriod => limits.quota_period = None,
-            ClearField::Weight => limits.weight = None,
-            ClearField::PerUserRpm => limits.per_user_rpm = None,
-            ClearField::PerUserQuota => limits.per_user_quota_tokens = None,
-            ClearField::Expires => {}
-        }
-    }
-    let limits = checked(with_flags(limits, flags))?;
+    // A patch the store applies to the key as it is when it writes: a gateway changing
+    // other limits of the key at the same time keeps its changes.
+    let limits = LimitsPatch {
+        clear: clear.iter().copied().filter_map(limit_field).collect(),
+        set: checked(flag_limits(flags))?,
+    };
     let expires_at = match &flags.expires {
         Some(raw) => Some(Some(expiry(raw, now_millis())?)),
         None if clear.contains(&ClearField::Expires) => Some(None),
@@ -289,7 +296,7 @@ async fn update(
     let update = KeyUpdate {
         name,
         expires_at,
-        limits: (limits != key.limits).then_some(limits),
+        limits,
     };
     let updated = store
         .update_key(&key.id, &update)

@@ -8,7 +8,7 @@ use chrono::{DateTime, Duration, Utc};
 use llmgate_core::auth::{now_millis, Caller, KeyRecord, Role, Secret};
 use llmgate_core::error::ApiError;
 use llmgate_core::limits::{KeyLimits, LimitStatus};
-use llmgate_core::storage::{KeyUpdate, MAX_END_USER_BYTES};
+use llmgate_core::storage::{KeyUpdate, LimitField, LimitsPatch, MAX_END_USER_BYTES};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -235,7 +235,9 @@ async fn active_key(state: &AppState, key_id: &str) -> Result<KeyRecord, Handler
 }
 
 /// `PATCH /admin/keys/{key_id}`: a JSON merge patch of the key's name, expiry and
-/// limits: a field present sets it, `null` clears it, a field left out stays.
+/// limits: a field present sets it, `null` clears it, a field left out stays. The store
+/// applies it to the key as it is when it writes, so patches of different fields sent at
+/// once (to this gateway or another replica) all hold.
 pub async fn update(
     State(state): State<AppState>,
     Path(key_id): Path<String>,
@@ -243,7 +245,6 @@ pub async fn update(
 ) -> Result<Json<KeyView>, HandlerError> {
     let example = r#"{"rpm": 120, "tpm": null}"#;
     let patch = object_of(&body, example, &["name", "expires_at"])?;
-    let current = active_key(&state, &key_id).await?;
     let mut update = KeyUpdate::default();
     if let Some(name) = patch.get("name") {
         let name: String = serde_json::from_value(name.clone())
@@ -262,24 +263,16 @@ pub async fn update(
         }
         update.expires_at = Some(expires_at);
     }
-    if patch.keys().any(|f| LIMIT_FIELDS.contains(&f.as_str())) {
-        let Value::Object(mut merged) =
-            serde_json::to_value(&current.limits).expect("limits serialize")
-        else {
-            unreachable!("limits serialize to an object")
-        };
-        for (field, value) in patch
+    // Read and merged in the store, not here: limits read here could be stale by the
+    // time they were written back, and the write would undo another patch's change.
+    update.limits = LimitsPatch {
+        clear: patch
             .iter()
-            .filter(|(f, _)| LIMIT_FIELDS.contains(&f.as_str()))
-        {
-            if value.is_null() {
-                merged.remove(field);
-            } else {
-                merged.insert(field.clone(), value.clone());
-            }
-        }
-        update.limits = Some(limits_of(&merged)?);
-    }
+            .filter(|(_, value)| value.is_null())
+            .filter_map(|(field, _)| LimitField::from_name(field))
+            .collect(),
+        set: limits_of(&patch)?,
+    };
     let updated = state
         .keys
         .store()

@@ -89,7 +89,13 @@ export function init() {
   $("copy-key").addEventListener("click", copySecret);
   $("new-key-done").addEventListener("click", forgetSecret);
   $("confirm-dialog").addEventListener("close", onConfirmClosed);
-  $("key-edit-save").addEventListener("click", saveEdit);
+  // Save is the form's only submit button, so Enter in a field saves (the browser
+  // submits a form with its first submit button); Cancel and Escape close unsaved.
+  $("key-edit-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    saveEdit();
+  });
+  $("key-edit-cancel").addEventListener("click", () => $("key-edit-dialog").close());
   $("key-rotate-dialog").addEventListener("close", onRotateClosed);
 }
 
