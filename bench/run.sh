@@ -4,6 +4,8 @@
 #   2. a bare reverse proxy (nginx, keepalive to the upstream),
 #   3. llmgate's Proxy service alone on hyper (no auth, no usage, no router),
 #   4. llmgate with auth and usage recording on,
+#   5. the same llmgate with a key whose rpm and tpm limits are counted but never reached
+#      ("limited": what per-key limits cost),
 # all against the same fixed-response upstream (nginx returning a chat completion with a
 # usage object), in one run (wrk, fixed duration; ROUNDS alternating rounds, median kept,
 # since on a small shared machine one run varies by ±20%). For each proxy it also reports
@@ -76,14 +78,24 @@ for _ in $(seq 100); do curl -sf "http://127.0.0.1:$GATEWAY_PORT/healthz" >/dev/
 KEY="$(bench_key "$LLMGATE" "$WORK/data")"
 KEY_ID="$("$LLMGATE" keys list --json --data-dir "$WORK/data" | grep -B1 '"name": "bench"' | sed -nE 's/.*"id": "([^"]+)".*/\1/p')"
 
-wrk_script "$WORK/post.lua" "$KEY"
+wrk_script "$WORK/llmgate.lua" "$KEY"
+# A second key of the same gateway with rpm and tpm limits far above what the run can
+# reach: counted on every request (x-ratelimit-* headers on every answer), never refused.
+# Its arm, "limited", runs in the same rounds as "llmgate": what limits cost.
+LIMITED_KEY="$("$LLMGATE" keys create bench-limited --json --data-dir "$WORK/data" \
+  --rpm 1000000000 --tpm 1000000000000 | sed -E 's/.*"key":"([^"]+)".*/\1/')"
+wrk_script "$WORK/limited.lua" "$LIMITED_KEY"
+curl -s -D - -o /dev/null "http://127.0.0.1:$GATEWAY_PORT/v1/chat/completions" -H "Authorization: Bearer $LIMITED_KEY" \
+  -H 'Content-Type: application/json' -d "$REQUEST" | grep -qi '^x-ratelimit-remaining-tokens:' ||
+  { echo "the limited key's answer carries no x-ratelimit headers" >&2; exit 1; }
+script_of() { case "$1" in limited) echo "$WORK/limited.lua" ;; *) echo "$WORK/llmgate.lua" ;; esac; }
 
 url_of() {
   case "$1" in
     direct) echo "http://127.0.0.1:$UPSTREAM_PORT/v1/chat/completions" ;;
     nginx) echo "http://127.0.0.1:$PROXY_PORT/v1/chat/completions" ;;
     bare) echo "http://127.0.0.1:$BARE_PORT/v1/chat/completions" ;;
-    llmgate) echo "http://127.0.0.1:$GATEWAY_PORT/v1/chat/completions" ;;
+    llmgate|limited) echo "http://127.0.0.1:$GATEWAY_PORT/v1/chat/completions" ;;
   esac
 }
 # The processes of each proxy, and the CPU time (user + system, in clock ticks) they have used.
@@ -91,7 +103,7 @@ pids_of() {
   case "$1" in
     nginx) pgrep -P "$(cat "$WORK/proxy.pid")" | tr '\n' ' ' ;;
     bare) echo "$BARE_PID" ;;
-    llmgate) echo "$LLMGATE_PID" ;;
+    llmgate|limited) echo "$LLMGATE_PID" ;;
   esac
 }
 cpu_ticks() { local sum=0; for p in $1; do sum=$((sum + $(awk '{ print $14 + $15 }' "/proc/$p/stat"))); done; echo "$sum"; }
@@ -100,12 +112,12 @@ TICK_US=$((1000000 / $(getconf CLK_TCK)))
 machine_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6 }' /proc/stat; }
 # nginx and llmgate run back to back in each round, so that the round's ratio compares
 # them under the same conditions (the load on a shared machine drifts within seconds).
-TARGETS="direct bare nginx llmgate"
-for t in $TARGETS; do wrk -t1 -c"$CONNECTIONS" -d2s -s "$WORK/post.lua" "$(url_of "$t")" >/dev/null; done  # warm-up
+TARGETS="direct bare nginx llmgate limited"
+for t in $TARGETS; do wrk -t1 -c"$CONNECTIONS" -d2s -s "$(script_of "$t")" "$(url_of "$t")" >/dev/null; done  # warm-up
 for round in $(seq "$ROUNDS"); do
   for t in $TARGETS; do
     pids="$(pids_of "$t")"; before=$(cpu_ticks "$pids"); read -r busy0 idle0 <<<"$(machine_ticks)"
-    wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$WORK/post.lua" "$(url_of "$t")" > "$WORK/$t.$round.txt"
+    wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$(script_of "$t")" "$(url_of "$t")" > "$WORK/$t.$round.txt"
     requests=$(sed -nE 's/^[[:space:]]+([0-9]+) requests in.*/\1/p' "$WORK/$t.$round.txt")
     # The machine's CPU per request (load generator and upstream included) and its idle
     # share: with the machine saturated, requests/s follow the first.
@@ -157,6 +169,12 @@ RATIOS=$(for r in $(seq "$ROUNDS"); do
   awk -v g="$(field "$WORK/llmgate.$r.txt" rps)" -v n="$(field "$WORK/nginx.$r.txt" rps)" 'BEGIN { printf "%.2f ", g / n }'
 done)
 PAIRED=$(echo "$RATIOS" | tr ' ' '\n' | grep . | median)
+# The same for the limited key against the unlimited one (back to back in each round).
+LIMITED_RATIO=$(awk -v l="$(field "$WORK/limited.txt" rps)" -v g="$GATE" 'BEGIN { printf "%.3f", l / g }')
+LIMITED_RATIOS=$(for r in $(seq "$ROUNDS"); do
+  awk -v l="$(field "$WORK/limited.$r.txt" rps)" -v g="$(field "$WORK/llmgate.$r.txt" rps)" 'BEGIN { printf "%.3f ", l / g }'
+done)
+LIMITED_PAIRED=$(echo "$LIMITED_RATIOS" | tr ' ' '\n' | grep . | median)
 CPU_MEDIAN() { for r in $(seq "$ROUNDS"); do cat "$WORK/$1.$r.cpu"; done | median; }
 MACHINE_MEDIAN() { for r in $(seq "$ROUNDS"); do cut -d' ' -f"$2" "$WORK/$1.$r.machine"; done | median; }
 EXACT=no
@@ -174,6 +192,8 @@ EXACT=no
   done
   echo
   echo "llmgate / nginx requests/s: **$RATIO** (medians; bar: ≥ 0.80); round by round: $RATIOS(median **$PAIRED**)"
+  echo
+  echo "limited key / unlimited key requests/s: **$LIMITED_RATIO** (medians; bar: ≥ 0.95); round by round: $LIMITED_RATIOS(median **$LIMITED_PAIRED**)"
   echo
   echo "Usage exact under load: **$EXACT** — ab sent $EXACT_N requests over $CONNECTIONS connections"
   echo "($COMPLETE complete, $FAILED failed); the upstream served $SERVED; llmgate recorded"

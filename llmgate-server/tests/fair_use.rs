@@ -256,7 +256,7 @@ async fn patches_of_different_fields_sent_at_once_all_hold() {
             let url = format!("{keys}/{id}");
             let mut fields = Vec::new();
             for (i, field) in numbers.into_iter().enumerate() {
-                let value = if (i as u64 + round) % 3 == 0 {
+                let value = if (i as u64 + round).is_multiple_of(3) {
                     Value::Null
                 } else {
                     json!(round * 100 + i as u64 + 1)

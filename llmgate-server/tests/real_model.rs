@@ -377,6 +377,29 @@ n_ctx = 2048
     let (mut server, url) = (started.child, started.url);
     let admin = key_after(&started.printed, "first admin key").expect("an admin key");
     let user = key_after(&started.printed, "user key named 'default'").expect("a user key");
+    // Loaded before the SDK's first call: on a new machine the first load builds
+    // llama-cpp-python (minutes), and a call meanwhile is answered 503 model_loading.
+    let http = reqwest::Client::new();
+    let load = http
+        .post(format!("{url}/admin/models/gemma-a/load"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(load.status(), 202);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1800);
+    loop {
+        let model = common::get_json(format!("{url}/admin/models/gemma-a"), &admin).await;
+        assert_ne!(model["state"], "failed", "{model}");
+        if model["state"] == "ready" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never ready: {model}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 
     let script = r#"
 import json, sys
@@ -405,7 +428,6 @@ print(json.dumps(seen))
         .iter()
         .all(|c| !c["text"].as_str().unwrap().is_empty()));
 
-    let http = reqwest::Client::new();
     let get = |path: &str| common::get_json(format!("{url}{path}"), &admin);
     // Each load of one stopped the other: a, then b (a out), then a (b out).
     let list = get("/admin/models").await;

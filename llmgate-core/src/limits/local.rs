@@ -127,10 +127,11 @@ impl Local {
         if plan.user.is_some() && state.end_users >= state.prune_at.max(MAX_END_USERS) {
             state.prune(now);
         }
-        if !state.keys.contains_key(&plan.key) {
-            state.keys.insert(plan.key.clone(), KeyEntry::default());
-        }
-        let entry = state.keys.get_mut(&plan.key).expect("inserted above");
+        // One hash of the key for a key seen before (nearly every request).
+        let entry = match state.keys.get_mut(plan.key.as_str()) {
+            Some(entry) => entry,
+            None => state.keys.entry(plan.key.clone()).or_default(),
+        };
         let refuse = |limit, allowed, used, requested, retry_ms, entry: &KeyEntry| {
             let mut refusal = Refusal::new(limit, plan, allowed, used, requested, retry_ms);
             refusal.requests = plan.rpm.map(|rpm| entry.requests.window(rpm, now));

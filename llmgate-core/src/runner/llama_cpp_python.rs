@@ -120,8 +120,21 @@ impl PythonEnvManager {
     ) -> Result<PythonEnv, RunnerError> {
         let dir = self.env_dir(backend);
         let wanted = Marker::for_backend(backend);
+        let ready =
+            |dir: &Path| read_marker(dir) == Some(wanted.clone()) && python_in(dir).exists();
+        if ready(&dir) {
+            return Ok(PythonEnv { dir, backend });
+        }
+        // One builder at a time for an environment: two models of one backend loading at
+        // once, or two gateways sharing the directory, would otherwise remove and create
+        // it under each other. The lock goes with the file (and with the process).
+        std::fs::create_dir_all(&self.root)
+            .map_err(|e| setup_io("the environment directory", e))?;
+        let lock = self.root.join(format!(".llama-cpp-python-{backend}.lock"));
+        let _held = hold_lock(&lock, &dir, say).await?;
         match read_marker(&dir) {
-            Some(found) if found == wanted && python_in(&dir).exists() => {
+            // Built by whoever held the lock before.
+            Some(_) if ready(&dir) => {
                 return Ok(PythonEnv { dir, backend });
             }
             Some(found) => {
@@ -131,14 +144,14 @@ impl PythonEnvManager {
                     found.backend,
                     found.llama_cpp_python
                 ));
-                remove_dir(&dir)?;
+                remove_dir(&dir).await?;
             }
             None if dir.exists() => {
                 say(&format!(
                     "{} is incomplete; creating it again.",
                     dir.display()
                 ));
-                remove_dir(&dir)?;
+                remove_dir(&dir).await?;
             }
             None => {}
         }
@@ -150,10 +163,13 @@ impl PythonEnvManager {
     /// The cached wheels of `backend`, emptied first when they were built with other
     /// flags (or by a version of llmgate that did not mark its builds): a wheel is reused
     /// only for the exact build it was made by.
-    fn wheel_dir(&self, backend: Backend) -> Result<PathBuf, RunnerError> {
+    async fn wheel_dir(&self, backend: Backend) -> Result<PathBuf, RunnerError> {
         let wheels = self.wheel_cache.join(backend.as_str());
+        // Called with the environment's lock held; environments of other roots that share
+        // this wheel cache build under their own, so the wheel cache has one too (taken
+        // by the caller, `create`).
         if wheels.exists() && read_marker(&wheels) != Some(Marker::for_backend(backend)) {
-            remove_dir(&wheels)?;
+            remove_dir(&wheels).await?;
         }
         std::fs::create_dir_all(&wheels).map_err(|e| setup_io("the wheel cache", e))?;
         Ok(wheels)
@@ -184,7 +200,11 @@ impl PythonEnvManager {
         )
         .await?;
         let python = python_in(dir);
-        let wheels = self.wheel_dir(backend)?;
+        std::fs::create_dir_all(&self.wheel_cache).map_err(|e| setup_io("the wheel cache", e))?;
+        let wheel_lock = self.wheel_cache.join(format!(".{backend}.lock"));
+        let _wheels_held =
+            hold_lock(&wheel_lock, &self.wheel_cache.join(backend.as_str()), say).await?;
+        let wheels = self.wheel_dir(backend).await?;
         let build = Marker::for_backend(backend);
         if !has_wheel(&wheels) {
             say(&format!(
@@ -294,8 +314,54 @@ fn write_marker(dir: &Path, marker: &Marker) -> Result<(), RunnerError> {
     std::fs::write(dir.join(MARKER), bytes).map_err(|e| setup_io("the build marker", e))
 }
 
-fn remove_dir(dir: &Path) -> Result<(), RunnerError> {
-    std::fs::remove_dir_all(dir).map_err(|e| setup_io(&format!("removing {}", dir.display()), e))
+/// How long a removal keeps trying while something still writes into the directory (a
+/// set-up command left running by a gateway that was killed).
+const REMOVE_TRIES: u32 = 40;
+const REMOVE_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
+
+async fn remove_dir(dir: &Path) -> Result<(), RunnerError> {
+    let mut tries = 0;
+    loop {
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(_) if tries + 1 < REMOVE_TRIES => {
+                tries += 1;
+                tokio::time::sleep(REMOVE_PAUSE).await;
+            }
+            Err(e) => return Err(setup_io(&format!("removing {}", dir.display()), e)),
+        }
+    }
+}
+
+/// Takes the exclusive lock on the file `lock` (made if missing) for building `what`,
+/// waiting for whoever holds it (saying so once); held until the file is dropped.
+async fn hold_lock(
+    lock: &Path,
+    what: &Path,
+    say: &(dyn Fn(&str) + Send + Sync),
+) -> Result<std::fs::File, RunnerError> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(lock)
+        .map_err(|e| setup_io(&format!("the lock file {}", lock.display()), e))?;
+    match file.try_lock() {
+        Ok(()) => return Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => say(&format!(
+            "Waiting for another llmgate that is setting up {}…",
+            what.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(setup_io(&format!("the lock file {}", lock.display()), e))
+        }
+    }
+    let path = lock.to_owned();
+    tokio::task::spawn_blocking(move || file.lock().map(|()| file))
+        .await
+        .map_err(|e| setup_err("waiting for the set-up lock", e.to_string()))?
+        .map_err(|e| setup_io(&format!("the lock file {}", path.display()), e))
 }
 
 fn has_wheel(dir: &Path) -> bool {
@@ -571,8 +637,8 @@ mod tests {
             .starts_with("-DGGML_BLAS=ON -DGGML_BLAS_VENDOR=OpenBLAS"));
     }
 
-    #[test]
-    fn a_wheel_is_reused_only_for_the_build_that_made_it() {
+    #[tokio::test]
+    async fn a_wheel_is_reused_only_for_the_build_that_made_it() {
         let dir = tempfile::tempdir().unwrap();
         let manager = PythonEnvManager {
             root: dir.path().join("python"),
@@ -585,18 +651,89 @@ mod tests {
         // A wheel from before builds were marked (possibly built with AMX): thrown away.
         std::fs::create_dir_all(&cpu).unwrap();
         std::fs::write(cpu.join(&wheel), "old").unwrap();
-        assert!(!has_wheel(&manager.wheel_dir(Backend::Cpu).unwrap()));
+        assert!(!has_wheel(&manager.wheel_dir(Backend::Cpu).await.unwrap()));
 
         // One marked as built by these flags: kept.
         std::fs::write(cpu.join(&wheel), "new").unwrap();
         write_marker(&cpu, &Marker::for_backend(Backend::Cpu)).unwrap();
-        assert!(has_wheel(&manager.wheel_dir(Backend::Cpu).unwrap()));
+        assert!(has_wheel(&manager.wheel_dir(Backend::Cpu).await.unwrap()));
 
         // One marked with other flags: thrown away.
         let mut other = Marker::for_backend(Backend::Cpu);
         other.cmake_args = Some("-DGGML_NATIVE=ON".into());
         write_marker(&cpu, &other).unwrap();
-        assert!(!has_wheel(&manager.wheel_dir(Backend::Cpu).unwrap()));
+        assert!(!has_wheel(&manager.wheel_dir(Backend::Cpu).await.unwrap()));
+    }
+
+    /// Two models of one backend loading at once (or two gateways on one directory)
+    /// build its environment once: the second waits, then uses it. Without the lock
+    /// both ran `venv` into the same directory and removed it under each other.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn an_environment_is_built_once_when_asked_for_twice_at_once() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let counter = dir.path().join("venvs-made");
+        // A base Python whose `-m venv DIR` takes a second and makes a Python whose
+        // `-m pip wheel … -w DIR` leaves a wheel there and `-m pip install` does nothing.
+        let python = dir.path().join("python3");
+        std::fs::write(
+            &python,
+            format!(
+                r#"#!/bin/sh
+echo made >> "{counter}"
+sleep 1
+mkdir -p "$3/bin"
+cat > "$3/bin/python" <<'EOS'
+#!/bin/sh
+if [ "$3" = wheel ]; then
+  while [ "$1" != "-w" ]; do shift; done
+  touch "$2/llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}-py3-none-any.whl"
+fi
+EOS
+chmod +x "$3/bin/python"
+"#,
+                counter = counter.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let manager = PythonEnvManager {
+            root: dir.path().join("envs"),
+            wheel_cache: dir.path().join("wheels"),
+            base_python: python,
+        };
+        let said = std::sync::Mutex::new(Vec::<String>::new());
+        let say = |line: &str| said.lock().unwrap().push(line.to_owned());
+        let (a, b) = tokio::join!(
+            manager.ensure(Backend::Cpu, &say),
+            manager.ensure(Backend::Cpu, &say)
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!(a.dir, b.dir);
+        assert!(a.python().exists());
+        let made = std::fs::read_to_string(&counter).unwrap();
+        assert_eq!(
+            made.lines().count(),
+            1,
+            "venv ran {} times",
+            made.lines().count()
+        );
+        let said = said.into_inner().unwrap();
+        assert!(
+            said.iter()
+                .any(|l| l.starts_with("Waiting for another llmgate")),
+            "{said:?}"
+        );
+        // Asked again, it is reused as it is.
+        assert_eq!(
+            manager.ensure(Backend::Cpu, &|_| {}).await.unwrap().dir,
+            a.dir
+        );
+        assert_eq!(
+            std::fs::read_to_string(&counter).unwrap().lines().count(),
+            1
+        );
     }
 
     #[test]

@@ -576,7 +576,11 @@ impl StoredModel {
         let refuse = |why: RefusedModel| StorageError::Rejected(Box::new(why));
         let mut model = Cow::Borrowed(self);
         let millis = self.updated_at.timestamp_millis();
-        if self.updated_at.timestamp_subsec_nanos() % 1_000_000 != 0 {
+        if !self
+            .updated_at
+            .timestamp_subsec_nanos()
+            .is_multiple_of(1_000_000)
+        {
             model.to_mut().updated_at =
                 DateTime::from_timestamp_millis(millis).expect("a time cut to the millisecond");
         }
