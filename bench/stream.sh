@@ -9,6 +9,7 @@
 #
 #   bench/stream.sh [streams ...]         (default: 1000 5000)
 #   CHUNKS=300 RAMP=3 BIN_DIR=dir bench/stream.sh 1000
+#   BARE=1 bench/stream.sh 1000            (also llmgate's Proxy alone on hyper: bare_proxy)
 #
 # Each stream holds one connection to the proxy and the proxy one to the upstream: the
 # open files limit (raised here to the hard limit) bounds the streams a proxy can hold.
@@ -23,6 +24,7 @@ if ! command -v nginx >/dev/null; then
 fi
 if [ -z "${BIN_DIR:-}" ]; then
   cargo build --release -q -p llmgate-server -p llmgate-bench-stream
+  [ -n "${BARE:-}" ] && cargo build --release -q -p llmgate-examples --bin bare_proxy
 fi
 BIN="${BIN_DIR:-${CARGO_TARGET_DIR:-target}/release}"
 LLMGATE="$BIN/llmgate"
@@ -32,7 +34,7 @@ WORK="$(mktemp -d)"
 trap 'kill $(jobs -p) 2>/dev/null || true; for p in "$WORK"/*.pid; do kill "$(cat "$p")" 2>/dev/null || true; done; rm -rf "$WORK"' EXIT
 # shellcheck source=bench/common.sh
 source bench/common.sh
-UPSTREAM_PORT=18101 NGINX_PORT=18102 GATEWAY_PORT=18103
+UPSTREAM_PORT=18101 NGINX_PORT=18102 GATEWAY_PORT=18103 BARE_PORT=18104
 export LLMGATE_LOG=warn LLMGATE_ADMIN_KEY="sk-lg-$(head -c 64 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | head -c 40)"
 
 "$BIN/stream-upstream" --listen "127.0.0.1:$UPSTREAM_PORT" >/dev/null &
@@ -81,6 +83,14 @@ for N in "${COUNTS[@]}"; do
   arm direct "http://127.0.0.1:$UPSTREAM_PORT$URL" "" "$UPSTREAM_PID"
   # shellcheck disable=SC2046
   arm nginx "http://127.0.0.1:$NGINX_PORT$URL" "" $(pgrep -P "$(cat "$WORK/nginx$N.pid")")
+  if [ -n "${BARE:-}" ]; then
+    "$BIN/bare_proxy" "127.0.0.1:$BARE_PORT" "http://127.0.0.1:$UPSTREAM_PORT" >/dev/null &
+    BARE_PID=$!
+    echo "$BARE_PID" > "$WORK/bare$N.pid"
+    sleep 1
+    arm bare "http://127.0.0.1:$BARE_PORT$URL" "" "$BARE_PID"
+    kill "$BARE_PID"; rm -f "$WORK/bare$N.pid"
+  fi
   arm llmgate "http://127.0.0.1:$GATEWAY_PORT$URL" "$KEY" "$GATEWAY_PID"
   # What llmgate recorded, once a graceful stop has written every record.
   kill -TERM "$GATEWAY_PID"; wait "$GATEWAY_PID" || true; rm -f "$WORK/llmgate$N.pid"
@@ -95,9 +105,9 @@ done
 
 echo
 echo "## Summary ($(uptime | sed 's/.*load/load/'))"
-printf '%-8s %7s %9s %9s %9s %10s %10s %9s %9s %8s %8s %6s\n' arm streams complete "cpu µs/ev" "KiB/strm" "ttfb p50" "ttfb p99" "gap p50" "gap p99" "ups cpu" "load cpu" busy
+printf '%-8s %7s %9s %9s %9s %10s %10s %9s %9s %9s %8s %8s %6s\n' arm streams complete "cpu µs/ev" "KiB/strm" "ttfb p50" "ttfb p99" "gap p50" "gap p99" "trans p99" "ups cpu" "load cpu" busy
 awk '/^summary / {
   for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
-  printf "%-8s %7s %9s %9s %9s %9sms %9sms %7sms %7sms %7s%% %7s%% %5s%%\n", v["label"], v["streams"], v["complete"], v["cpu_us_per_event"], v["kib_per_stream"], v["ttfb_p50_ms"], v["ttfb_p99_ms"], v["gap_p50_ms"], v["gap_p99_ms"], v["upstream_cpu_pct"], v["load_cpu_pct"], v["machine_busy_pct"]
+  printf "%-8s %7s %9s %9s %9s %9sms %9sms %7sms %7sms %7sms %7s%% %7s%% %5s%%\n", v["label"], v["streams"], v["complete"], v["cpu_us_per_event"], v["kib_per_stream"], v["ttfb_p50_ms"], v["ttfb_p99_ms"], v["gap_p50_ms"], v["gap_p99_ms"], v["transit_p99_ms"], v["upstream_cpu_pct"], v["load_cpu_pct"], v["machine_busy_pct"]
 }
 /^usage / { print "llmgate usage, " $2 ": " $3 " " $4 }' "$SUMMARIES"

@@ -371,7 +371,7 @@ fn report(args: &Args, results: &[StreamResult], m: Measured) {
         TICK_US
     );
     println!(
-        "summary label={} streams={} complete={ok} failed={} chunks={chunks} events={events} prompt_tokens={} completion_tokens={} total_tokens={} usage_exact_streams={usage_matches} ttfb_p50_ms={:.2} ttfb_p99_ms={:.2} gap_p50_ms={:.3} gap_p99_ms={:.3} gap_p999_ms={:.3} late_p99_ms={:.3} cpu_us_per_event={:.1} kib_per_stream={:.1} rss_before_kib={} rss_plateau_kib={} plateau_samples={} upstream_cpu_pct={} load_cpu_pct={load_share:.0} machine_busy_pct={machine_busy:.0}",
+        "summary label={} streams={} complete={ok} failed={} chunks={chunks} events={events} prompt_tokens={} completion_tokens={} total_tokens={} usage_exact_streams={usage_matches} ttfb_p50_ms={:.2} ttfb_p99_ms={:.2} gap_p50_ms={:.3} gap_p99_ms={:.3} gap_p999_ms={:.3} transit_p50_ms={:.3} transit_p99_ms={:.3} late_p99_ms={:.3} cpu_us_per_event={:.1} kib_per_stream={:.1} rss_before_kib={} rss_plateau_kib={} plateau_samples={} upstream_cpu_pct={} load_cpu_pct={load_share:.0} machine_busy_pct={machine_busy:.0}",
         args.label,
         args.streams,
         failed.len(),
@@ -383,6 +383,8 @@ fn report(args: &Args, results: &[StreamResult], m: Measured) {
         pct(&gaps, 50.0),
         pct(&gaps, 99.0),
         pct(&gaps, 99.9),
+        pct(&transit, 50.0),
+        pct(&transit, 99.0),
         pct(&late, 99.0),
         cpu_per_chunk,
         kib_per_stream,
