@@ -45,13 +45,20 @@ for _ in $(seq 100); do curl -sf "http://127.0.0.1:$UPSTREAM_PORT/healthz" >/dev
 echo "# $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null || echo '?'); $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores; open files $FILES; $CHUNKS chunks a stream, opened over $RAMP s"
 SUMMARIES="$WORK/summaries"
 : > "$SUMMARIES"
+# Connections the kernel refused because a listen queue was full (the client's SYN is
+# retried a second later, which shows as a TTFB over 1 s).
+listen_overflows() {
+  awk '/^TcpExt:/ { if (!n) { for (i = 1; i <= NF; i++) f[$i] = i; n = 1 } else print $f["ListenOverflows"] }' /proc/net/netstat
+}
 arm() { # label, url, key, proxy pids...
   local label="$1" url="$2" key="$3"; shift 3
-  local pids=()
+  local pids=() overflows
   for p in "$@"; do pids+=(--proxy-pid "$p"); done
   echo "-- $label, $(uptime | sed 's/.*load/load/')"
+  overflows="$(listen_overflows)"
   "$BIN/stream-load" --url "$url" --key "$key" --streams "$N" --chunks "$CHUNKS" --ramp-secs "$RAMP" \
     --upstream-pid "$UPSTREAM_PID" --label "$label" "${pids[@]}" | tee "$WORK/$label.$N.out"
+  echo "listen queue overflows during the arm: $(( $(listen_overflows) - overflows ))"
   grep '^summary ' "$WORK/$label.$N.out" >> "$SUMMARIES" || true
   sleep 2  # connections closed before the next arm
 }
