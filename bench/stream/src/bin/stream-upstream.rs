@@ -23,7 +23,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use llmgate_bench_stream::chunk::{content_event, usage_and_done, wall_us, Stamp};
 use llmgate_bench_stream::stats::Intervals;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::time::{Instant, Sleep};
 
 #[derive(Parser, Debug)]
@@ -57,9 +57,8 @@ fn main() {
 }
 
 async fn serve(args: Args) {
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .unwrap_or_else(|err| panic!("cannot listen on {}: {err}", args.listen));
+    let listener =
+        listen(args.listen).unwrap_or_else(|err| panic!("cannot listen on {}: {err}", args.listen));
     println!("stream-upstream listening on http://{}", args.listen);
     let args: &'static Args = Box::leak(Box::new(args));
     loop {
@@ -77,6 +76,23 @@ async fn serve(args: Args) {
         });
     }
 }
+
+/// A listener whose queue holds a whole ramp of new connections (Tokio's default is
+/// 1 024): a full queue drops a SYN, which the proxy retries a second later, and that
+/// second would count against the proxy.
+fn listen(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Connections waiting to be accepted (the kernel caps it at `net.core.somaxconn`).
+const LISTEN_BACKLOG: u32 = 16_384;
 
 type Body = Either<ModelStream, Full<Bytes>>;
 
