@@ -8,13 +8,15 @@ REQUEST='{"model":"bench","messages":[{"role":"user","content":"Say something sh
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 
 # nginx_conf NAME SERVER_BLOCKS WORKERS: starts an nginx with these server (and upstream)
-# blocks, its files in $WORK (its pid in $WORK/NAME.pid).
+# blocks, its files in $WORK (its pid in $WORK/NAME.pid). NGINX_CONNECTIONS sets each
+# worker's connections (default 4096) and the files it may open.
 nginx_conf() {
   cat > "$WORK/$1.conf" <<CONF
 worker_processes $3;
+${NGINX_CONNECTIONS:+worker_rlimit_nofile $NGINX_CONNECTIONS;}
 pid $WORK/$1.pid;
 error_log $WORK/$1-error.log warn;
-events { worker_connections 4096; }
+events { worker_connections ${NGINX_CONNECTIONS:-4096}; }
 http {
   access_log off;
   client_body_temp_path $WORK/$1-body; proxy_temp_path $WORK/$1-proxy;
