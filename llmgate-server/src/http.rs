@@ -259,8 +259,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Tells HTTP/2 from HTTP/1 by peeking at a new connection's first bytes, which stay in
 /// the socket for hyper. `auto` reads them itself instead and hands them back: hyper's
 /// first read then returns only those few bytes, and the next one doubles its 8 KiB read
-/// buffer, about 9 KiB more resident memory for each open connection
-/// (docs/benchmarks.md). Bytes that are the preface so far are peeked again until the
+/// buffer: 5–6 KiB more resident memory for each open stream (docs/benchmarks.md). Bytes that are the preface so far are peeked again until the
 /// preface is whole or differs; a client that stops there is cut off by the watchdog's
 /// head timeout, as a client that stops within a head is.
 async fn peek_protocol(stream: &TcpStream) -> Protocol {
