@@ -227,13 +227,57 @@ impl EventLoop {
 struct Connections {
     app: App,
     limits: ConnectionLimits,
-    builder: auto::Builder<TokioExecutor>,
+    builders: Arc<Builders>,
     graceful: GracefulShutdown,
     tasks: TaskTracker,
+    /// Becomes true when the shutdown starts: a connection that has not sent its first
+    /// bytes yet closes.
+    closing: watch::Sender<bool>,
     /// Becomes true when the shutdown deadline has passed: every connection closes.
     force_close: watch::Sender<bool>,
     /// Counts down as connections close (the loops' load, for handing out new ones).
     open: Option<Arc<AtomicUsize>>,
+}
+
+/// hyper-util's `auto` builder fixed to each protocol, for a connection whose protocol
+/// [`peek_protocol`] has told.
+struct Builders {
+    http1: auto::Builder<TokioExecutor>,
+    http2: auto::Builder<TokioExecutor>,
+}
+
+/// What a connection speaks, from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// The first bytes of every HTTP/2 connection with prior knowledge (RFC 9113, 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Tells HTTP/2 from HTTP/1 by peeking at a new connection's first bytes, which stay in
+/// the socket for hyper. `auto` reads them itself instead and hands them back: hyper's
+/// first read then returns only those few bytes, and the next one doubles its 8 KiB read
+/// buffer: 5–6 KiB more resident memory for each open stream (docs/benchmarks.md). Bytes that are the preface so far are peeked again until the
+/// preface is whole or differs; a client that stops there is cut off by the watchdog's
+/// head timeout, as a client that stops within a head is.
+async fn peek_protocol(stream: &TcpStream) -> Protocol {
+    let mut first = [0u8; H2_PREFACE.len()];
+    loop {
+        match stream.peek(&mut first).await {
+            Ok(n) if n > 0 && first[..n] == H2_PREFACE[..n] => {
+                if n == H2_PREFACE.len() {
+                    return Protocol::Http2;
+                }
+                // Peeking returns the same bytes until more come: wait a little.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            // Anything else, or the client gone: hyper's HTTP/1 reads it and answers
+            // or closes.
+            _ => return Protocol::Http1,
+        }
+    }
 }
 
 impl Connections {
@@ -241,9 +285,13 @@ impl Connections {
         Self {
             app,
             limits,
-            builder: auto::Builder::new(TokioExecutor::new()),
+            builders: Arc::new(Builders {
+                http1: auto::Builder::new(TokioExecutor::new()).http1_only(),
+                http2: auto::Builder::new(TokioExecutor::new()).http2_only(),
+            }),
             graceful: GracefulShutdown::new(),
             tasks: TaskTracker::new(),
+            closing: watch::channel(false).0,
             force_close: watch::channel(false).0,
             open: None,
         }
@@ -253,23 +301,33 @@ impl Connections {
     /// past the limits, or is closed at the shutdown deadline.
     fn serve(&self, stream: TcpStream, slot: OwnedSemaphorePermit) {
         let activity = Arc::new(Activity::default());
-        let io = WatchedIo {
-            io: stream,
-            activity: activity.clone(),
-        };
-        let service = ConnectionService {
-            app: RefCell::new(self.app.clone()),
-            activity: activity.clone(),
-        };
-        let connection = self
-            .builder
-            .serve_connection(TokioIo::new(io), service)
-            .into_owned();
-        let connection = self.graceful.watch(connection);
+        let app = self.app.clone();
+        let builders = self.builders.clone();
+        // Made now, before a shutdown can start, so that the connection sees it.
+        let watcher = self.graceful.watcher();
+        let mut closing = self.closing.subscribe();
+        let connection_activity = activity.clone();
         let open = self.open.clone();
         let limits = self.limits;
         let mut force_close = self.force_close.subscribe();
         let mut served = self.tasks.spawn(async move {
+            let protocol = tokio::select! {
+                protocol = peek_protocol(&stream) => protocol,
+                _ = closing.wait_for(|closing| *closing) => return,
+            };
+            let io = WatchedIo {
+                io: stream,
+                activity: connection_activity.clone(),
+            };
+            let service = ConnectionService {
+                app: RefCell::new(app),
+                activity: connection_activity,
+            };
+            let builder = match protocol {
+                Protocol::Http1 => &builders.http1,
+                Protocol::Http2 => &builders.http2,
+            };
+            let connection = watcher.watch(builder.serve_connection(TokioIo::new(io), service));
             if let Err(err) = connection.await {
                 tracing::debug!(error = %err, "connection closed with an error");
             }
@@ -298,6 +356,7 @@ impl Connections {
     /// closes the rest. Their answers' usage is settled as their bodies are dropped.
     async fn shut_down(self) {
         self.tasks.close();
+        let _ = self.closing.send(true);
         let in_time = tokio::time::timeout(self.limits.shutdown_timeout, self.graceful.shutdown())
             .await
             .is_ok();

@@ -455,6 +455,12 @@ async fn workers_sets_how_many_threads_serve_requests() {
             .unwrap();
         assert_eq!(answer.status(), 200);
         let pid = server.child.id().unwrap();
+        // A thread names itself when it first runs, which on a busy machine can come
+        // after another thread has served the request: give it a moment.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while threads_named(pid, "llmgate-serve-").len() < expected && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert_eq!(
             threads_named(pid, "llmgate-serve-").len(),
             expected,
