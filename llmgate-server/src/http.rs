@@ -240,10 +240,12 @@ struct Connections {
 }
 
 /// hyper-util's `auto` builder fixed to each protocol, for a connection whose protocol
-/// [`peek_protocol`] has told.
+/// [`peek_protocol`] has told, and left to tell it itself for one whose first bytes do
+/// not yet say.
 struct Builders {
     http1: auto::Builder<TokioExecutor>,
     http2: auto::Builder<TokioExecutor>,
+    undecided: auto::Builder<TokioExecutor>,
 }
 
 /// What a connection speaks, from its first bytes.
@@ -251,6 +253,8 @@ struct Builders {
 enum Protocol {
     Http1,
     Http2,
+    /// The bytes so far begin the HTTP/2 preface but do not complete it.
+    Undecided,
 }
 
 /// The first bytes of every HTTP/2 connection with prior knowledge (RFC 9113, 3.4).
@@ -259,24 +263,20 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Tells HTTP/2 from HTTP/1 by peeking at a new connection's first bytes, which stay in
 /// the socket for hyper. `auto` reads them itself instead and hands them back: hyper's
 /// first read then returns only those few bytes, and the next one doubles its 8 KiB read
-/// buffer: 5–6 KiB more resident memory for each open stream (docs/benchmarks.md). Bytes that are the preface so far are peeked again until the
-/// preface is whole or differs; a client that stops there is cut off by the watchdog's
-/// head timeout, as a client that stops within a head is.
+/// buffer: 5–6 KiB more resident memory for each open stream (docs/benchmarks.md).
+///
+/// Bytes that begin the preface without completing it are left to `auto`, which waits
+/// for the rest on the socket's readiness: peeking again would find the same bytes at
+/// once, and a client that stops there would keep the loop polling (a timer and a
+/// system call every few milliseconds, for each such connection) until the head timeout.
 async fn peek_protocol(stream: &TcpStream) -> Protocol {
     let mut first = [0u8; H2_PREFACE.len()];
-    loop {
-        match stream.peek(&mut first).await {
-            Ok(n) if n > 0 && first[..n] == H2_PREFACE[..n] => {
-                if n == H2_PREFACE.len() {
-                    return Protocol::Http2;
-                }
-                // Peeking returns the same bytes until more come: wait a little.
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            // Anything else, or the client gone: hyper's HTTP/1 reads it and answers
-            // or closes.
-            _ => return Protocol::Http1,
-        }
+    match stream.peek(&mut first).await {
+        Ok(n) if n == H2_PREFACE.len() && first == H2_PREFACE => Protocol::Http2,
+        Ok(n) if n > 0 && first[..n] == H2_PREFACE[..n] => Protocol::Undecided,
+        // Anything else, or the client gone: hyper's HTTP/1 reads it and answers or
+        // closes.
+        _ => Protocol::Http1,
     }
 }
 
@@ -288,6 +288,7 @@ impl Connections {
             builders: Arc::new(Builders {
                 http1: auto::Builder::new(TokioExecutor::new()).http1_only(),
                 http2: auto::Builder::new(TokioExecutor::new()).http2_only(),
+                undecided: auto::Builder::new(TokioExecutor::new()),
             }),
             graceful: GracefulShutdown::new(),
             tasks: TaskTracker::new(),
@@ -326,6 +327,7 @@ impl Connections {
             let builder = match protocol {
                 Protocol::Http1 => &builders.http1,
                 Protocol::Http2 => &builders.http2,
+                Protocol::Undecided => &builders.undecided,
             };
             let connection = watcher.watch(builder.serve_connection(TokioIo::new(io), service));
             if let Err(err) = connection.await {

@@ -465,3 +465,69 @@ async fn a_client_that_does_not_read_its_answer_is_cut_off_after_the_idle_timeou
     let exit = common::terminate(&mut gw.child, Duration::from_secs(10)).await;
     assert!(exit.success());
 }
+
+/// The CPU time (user and system) a process has used so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // After the command's name in parentheses: state is field 3, utime 14, stime 15.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    let per_second = 100; // USER_HZ on Linux
+    Duration::from_millis(ticks * 1000 / per_second)
+}
+
+/// Clients whose first bytes begin HTTP/2's preface ("PR") and stop there cost the
+/// gateway nothing while they wait: it waits on the sockets, not polling them, and a
+/// client that goes on is served (HTTP/1 or HTTP/2 as its bytes say).
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn clients_that_stop_inside_the_http2_preface_cost_nothing_while_they_wait() {
+    let upstream = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = gateway(dir.path(), &upstream.url, &[]).await;
+    let addr = gw.url.trim_start_matches("http://").to_owned();
+    let pid = gw.child.id().unwrap();
+    let mut stalled = Vec::new();
+    for _ in 0..200 {
+        let mut client = TcpStream::connect(&addr).await.unwrap();
+        client.write_all(b"PR").await.unwrap();
+        stalled.push(client);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = cpu_time(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = cpu_time(pid) - before;
+    assert!(
+        used < Duration::from_millis(150),
+        "200 waiting clients took {used:?} of CPU in 2 s"
+    );
+    // One that goes on with an HTTP/1 request ("PR" cannot begin one: a 400) and one
+    // that completes the preface as an HTTP/2 client (its SETTINGS answered).
+    let mut http1 = TcpStream::connect(&addr).await.unwrap();
+    http1.write_all(b"P").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    http1
+        .write_all(b"OST /healthz HTTP/1.1\r\nHost: x\r\ncontent-length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = [0u8; 12];
+    http1.read_exact(&mut answer).await.unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 "), "{answer:?}");
+    let mut http2 = TcpStream::connect(&addr).await.unwrap();
+    http2.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The rest of the preface, then an empty SETTINGS frame.
+    http2
+        .write_all(b"\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let mut frame = [0u8; 9];
+    http2.read_exact(&mut frame).await.unwrap();
+    assert_eq!(
+        frame[3], 4,
+        "the server's first frame is SETTINGS: {frame:?}"
+    );
+    drop(stalled);
+    let exit = common::terminate(&mut gw.child, Duration::from_secs(10)).await;
+    assert!(exit.success());
+}

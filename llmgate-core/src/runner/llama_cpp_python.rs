@@ -325,7 +325,11 @@ async fn remove_dir(dir: &Path) -> Result<(), RunnerError> {
         match std::fs::remove_dir_all(dir) {
             Ok(()) => return Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(_) if tries + 1 < REMOVE_TRIES => {
+            // Files still appearing in it; any other failure will not go away.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::DirectoryNotEmpty
+                    && tries + 1 < REMOVE_TRIES =>
+            {
                 tries += 1;
                 tokio::time::sleep(REMOVE_PAUSE).await;
             }
