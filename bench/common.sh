@@ -38,12 +38,12 @@ fixed_upstream() {
   }" 1
 }
 
-# bench_key LLMGATE DATA_DIR: creates a key named bench and prints its secret.
-# KEY_FLAGS adds `keys create` flags, e.g. KEY_FLAGS="--rpm 1000000000 --tpm 1000000000000"
-# for a key whose limits are counted on every request but never reached.
+# bench_key LLMGATE DATA_DIR [NAME]: creates a key named NAME (default bench) and prints
+# its secret. KEY_FLAGS adds `keys create` flags, e.g. KEY_FLAGS="--rpm 1000000000 --tpm
+# 1000000000000" for a key whose limits are counted on every request but never reached.
 bench_key() {
   # shellcheck disable=SC2086
-  "$1" keys create bench --json --data-dir "$2" ${KEY_FLAGS:-} | sed -E 's/.*"key":"([^"]+)".*/\1/'
+  "$1" keys create "${3:-bench}" --json --data-dir "$2" ${KEY_FLAGS:-} | sed -E 's/.*"key":"([^"]+)".*/\1/'
 }
 
 # wrk_script FILE KEY: a wrk script that POSTs REQUEST with the key.

@@ -82,8 +82,7 @@ wrk_script "$WORK/llmgate.lua" "$KEY"
 # A second key of the same gateway with rpm and tpm limits far above what the run can
 # reach: counted on every request (x-ratelimit-* headers on every answer), never refused.
 # Its arm, "limited", runs in the same rounds as "llmgate": what limits cost.
-LIMITED_KEY="$("$LLMGATE" keys create bench-limited --json --data-dir "$WORK/data" \
-  --rpm 1000000000 --tpm 1000000000000 | sed -E 's/.*"key":"([^"]+)".*/\1/')"
+LIMITED_KEY="$(KEY_FLAGS="--rpm 1000000000 --tpm 1000000000000" bench_key "$LLMGATE" "$WORK/data" bench-limited)"
 wrk_script "$WORK/limited.lua" "$LIMITED_KEY"
 curl -s -D - -o /dev/null "http://127.0.0.1:$GATEWAY_PORT/v1/chat/completions" -H "Authorization: Bearer $LIMITED_KEY" \
   -H 'Content-Type: application/json' -d "$REQUEST" | grep -qi '^x-ratelimit-remaining-tokens:' ||

@@ -10,3 +10,14 @@ pub mod chunk;
 pub mod proc;
 pub mod sse;
 pub mod stats;
+
+/// Runs `task` on a multi-threaded Tokio runtime of `threads` workers (at least one):
+/// what both binaries' `main` does.
+pub fn block_on<F: std::future::Future>(threads: usize, task: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .enable_all()
+        .build()
+        .expect("a Tokio runtime")
+        .block_on(task)
+}

@@ -121,7 +121,7 @@ impl PythonEnvManager {
         let dir = self.env_dir(backend);
         let wanted = Marker::for_backend(backend);
         let ready =
-            |dir: &Path| read_marker(dir) == Some(wanted.clone()) && python_in(dir).exists();
+            |dir: &Path| read_marker(dir).as_ref() == Some(&wanted) && python_in(dir).exists();
         if ready(&dir) {
             return Ok(PythonEnv { dir, backend });
         }
@@ -132,11 +132,11 @@ impl PythonEnvManager {
             .map_err(|e| setup_io("the environment directory", e))?;
         let lock = self.root.join(format!(".llama-cpp-python-{backend}.lock"));
         let _held = hold_lock(&lock, &dir, say).await?;
+        // Built by whoever held the lock before.
+        if ready(&dir) {
+            return Ok(PythonEnv { dir, backend });
+        }
         match read_marker(&dir) {
-            // Built by whoever held the lock before.
-            Some(_) if ready(&dir) => {
-                return Ok(PythonEnv { dir, backend });
-            }
             Some(found) => {
                 say(&format!(
                     "The environment in {} was built for {} (llama-cpp-python {}); rebuilding it for {backend}.",
@@ -165,9 +165,6 @@ impl PythonEnvManager {
     /// only for the exact build it was made by.
     async fn wheel_dir(&self, backend: Backend) -> Result<PathBuf, RunnerError> {
         let wheels = self.wheel_cache.join(backend.as_str());
-        // Called with the environment's lock held; environments of other roots that share
-        // this wheel cache build under their own, so the wheel cache has one too (taken
-        // by the caller, `create`).
         if wheels.exists() && read_marker(&wheels) != Some(Marker::for_backend(backend)) {
             remove_dir(&wheels).await?;
         }
@@ -200,6 +197,8 @@ impl PythonEnvManager {
         )
         .await?;
         let python = python_in(dir);
+        // Environments of other roots may share the wheel cache: it has a lock of its own,
+        // held until the wheel is built.
         std::fs::create_dir_all(&self.wheel_cache).map_err(|e| setup_io("the wheel cache", e))?;
         let wheel_lock = self.wheel_cache.join(format!(".{backend}.lock"));
         let _wheels_held =

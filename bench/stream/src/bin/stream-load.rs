@@ -78,12 +78,7 @@ struct Progress {
 
 fn main() {
     let args = Args::parse();
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.threads.max(1))
-        .enable_all()
-        .build()
-        .expect("a Tokio runtime")
-        .block_on(run(args));
+    llmgate_bench_stream::block_on(args.threads, run(args));
 }
 
 fn pids_cpu_us(pids: &[u32]) -> u64 {

@@ -48,12 +48,7 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.threads.max(1))
-        .enable_all()
-        .build()
-        .expect("a Tokio runtime")
-        .block_on(serve(args));
+    llmgate_bench_stream::block_on(args.threads, serve(args));
 }
 
 async fn serve(args: Args) {
