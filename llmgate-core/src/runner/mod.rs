@@ -35,6 +35,8 @@ mod local_server;
 #[cfg(feature = "runner")]
 pub mod process;
 #[cfg(feature = "runner")]
+mod setup_lock;
+#[cfg(feature = "runner")]
 mod token_counter;
 
 use std::fmt;
