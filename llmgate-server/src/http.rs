@@ -182,6 +182,9 @@ impl EventLoop {
             .name(format!("llmgate-serve-{index}"))
             .spawn(move || {
                 runtime.block_on(async move {
+                    tokio::spawn(crate::allocator::give_back_freed_memory_when_quiet(
+                        requests_begun_here,
+                    ));
                     let mut served = Connections::new(app, limits);
                     served.open = Some(counter.clone());
                     while let Some((stream, slot)) = queue.recv().await {
@@ -560,8 +563,36 @@ impl AsyncWrite for WatchedIo {
 /// done or dropped.
 struct InFlight(Arc<Activity>);
 
+thread_local! {
+    /// Requests begun on this thread, ever.
+    static REQUESTS_BEGUN_HERE: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Requests begun on all serving threads, as each last told at its quiet check (at most
+/// [`crate::allocator::PURGE_DELAY_MS`] behind).
+static REQUESTS_BEGUN: AtomicU64 = AtomicU64::new(0);
+
+/// Requests begun on the calling serving thread; adds those begun since its last call to
+/// [`requests_begun`]. Called once a tick, not per request: the count per request stays a
+/// thread's own.
+fn requests_begun_here() -> u64 {
+    thread_local! {
+        static TOLD: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+    let now = REQUESTS_BEGUN_HERE.with(std::cell::Cell::get);
+    let told = TOLD.with(|told| told.replace(now));
+    REQUESTS_BEGUN.fetch_add(now - told, Ordering::Relaxed);
+    now
+}
+
+/// Requests begun on all serving threads (see [`requests_begun_here`]).
+pub fn requests_begun() -> u64 {
+    REQUESTS_BEGUN.load(Ordering::Relaxed)
+}
+
 impl InFlight {
     fn new(activity: &Arc<Activity>) -> Self {
+        REQUESTS_BEGUN_HERE.with(|n| n.set(n.get() + 1));
         activity.requests.fetch_add(1, Ordering::Relaxed);
         activity.in_flight.fetch_add(1, Ordering::Relaxed);
         Self(activity.clone())

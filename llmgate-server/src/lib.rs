@@ -106,6 +106,12 @@ pub fn main_with_args(args: Vec<std::ffi::OsString>) -> i32 {
             return 1;
         }
     };
+    if cli.command.gateway().is_some() {
+        // This runtime's work follows the requests: the usage writer, the access log.
+        runtime.spawn(allocator::give_back_freed_memory_when_quiet(
+            http::requests_begun,
+        ));
+    }
     let status = runtime.block_on(async {
         match run(cli.command, config).await {
             Ok(()) => 0,
