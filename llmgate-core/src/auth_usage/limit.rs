@@ -1,7 +1,7 @@
 //! What the metering layer answers for the [`Limiter`](crate::limits::Limiter): the
 //! 429s and 404s in OpenAI's shape, the `x-ratelimit-*` headers, the end user.
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
 
@@ -101,55 +101,92 @@ pub(super) fn refused<B>(refusal: &Refusal) -> Response<AuthUsageBody<B>> {
     response
 }
 
+/// The names of `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`. A static, not a
+/// constant: a constant array is copied out on every use, and `from_static` checks its
+/// name each time it runs.
+static RATE_HEADER_NAMES: [[HeaderName; 3]; 2] = [
+    [
+        HeaderName::from_static("x-ratelimit-limit-requests"),
+        HeaderName::from_static("x-ratelimit-remaining-requests"),
+        HeaderName::from_static("x-ratelimit-reset-requests"),
+    ],
+    [
+        HeaderName::from_static("x-ratelimit-limit-tokens"),
+        HeaderName::from_static("x-ratelimit-remaining-tokens"),
+        HeaderName::from_static("x-ratelimit-reset-tokens"),
+    ],
+];
+
+/// The values of the rate headers side by side, written on the stack and then moved
+/// into the one allocation they all share (`Bytes::from_owner`): a `BytesMut` frozen
+/// and sliced costs two allocations and a copy of its bookkeeping per slice.
+struct RateValues {
+    bytes: [u8; RateValues::CAPACITY],
+    len: usize,
+}
+
+impl RateValues {
+    /// Two windows' values at their longest: a limit and a remaining count of 20 digits
+    /// each, and a reset of `{hours}h59m59.999s` (15 digits of hours).
+    const CAPACITY: usize = 2 * (20 + 20 + 15 + 11);
+
+    fn number(&mut self, n: u64) {
+        let _ = std::fmt::Write::write_str(self, itoa::Buffer::new().format(n));
+    }
+}
+
+impl std::fmt::Write for RateValues {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        let to = self.bytes.get_mut(self.len..end).ok_or(std::fmt::Error)?;
+        to.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+impl AsRef<[u8]> for RateValues {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
 /// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`, for the buckets a key has.
 pub(super) fn rate_headers(
     headers: &mut HeaderMap,
     requests: Option<Window>,
     tokens: Option<Window>,
 ) {
-    // Constants: `from_static` checks its name each time it runs.
-    const NAMES: [[HeaderName; 3]; 2] = [
-        [
-            HeaderName::from_static("x-ratelimit-limit-requests"),
-            HeaderName::from_static("x-ratelimit-remaining-requests"),
-            HeaderName::from_static("x-ratelimit-reset-requests"),
-        ],
-        [
-            HeaderName::from_static("x-ratelimit-limit-tokens"),
-            HeaderName::from_static("x-ratelimit-remaining-tokens"),
-            HeaderName::from_static("x-ratelimit-reset-tokens"),
-        ],
-    ];
     let windows = [requests, tokens];
     let count = windows.iter().flatten().count();
     if count == 0 {
         return;
     }
-    // Every value in one buffer, each header a slice of it: one allocation for them
-    // all (on every answer to a limited key), not one per value.
-    let mut text = BytesMut::with_capacity(count * 64);
+    let mut values = RateValues {
+        bytes: [0; RateValues::CAPACITY],
+        len: 0,
+    };
     let mut ends = [[0; 3]; 2];
-    let mut number = itoa::Buffer::new();
     for (w, ends) in windows.iter().zip(&mut ends) {
         let Some(w) = w else { continue };
-        text.extend_from_slice(number.format(w.limit).as_bytes());
-        ends[0] = text.len();
-        text.extend_from_slice(number.format(w.remaining).as_bytes());
-        ends[1] = text.len();
-        // Writing to a `BytesMut` cannot fail.
-        let _ = write_duration(&mut text, w.reset_ms);
-        ends[2] = text.len();
+        values.number(w.limit);
+        ends[0] = values.len;
+        values.number(w.remaining);
+        ends[1] = values.len;
+        // Cannot fail: the buffer holds the longest values.
+        let _ = write_duration(&mut values, w.reset_ms);
+        ends[2] = values.len;
     }
-    let text = text.freeze();
+    let text = Bytes::from_owner(values);
     headers.reserve(3 * count);
     let mut start = 0;
-    for (names, (w, ends)) in NAMES.into_iter().zip(windows.iter().zip(ends)) {
+    for (names, (w, ends)) in RATE_HEADER_NAMES.iter().zip(windows.iter().zip(ends)) {
         if w.is_none() {
             continue;
         }
-        for (name, end) in names.into_iter().zip(ends) {
+        for (name, end) in names.iter().zip(ends) {
             if let Ok(value) = HeaderValue::from_maybe_shared(text.slice(start..end)) {
-                headers.insert(name, value);
+                headers.insert(name.clone(), value);
             }
             start = end;
         }
@@ -160,6 +197,7 @@ pub(super) fn rate_headers(
 mod tests {
     use std::convert::Infallible;
     use std::sync::Arc;
+    use std::time::Duration;
 
     use bytes::Bytes;
     use http::{Request, Response};
@@ -327,6 +365,42 @@ mod tests {
         gw.recorder.flush().await;
         let rows = gw.rows().await;
         assert_eq!(rows.iter().filter(|r| r.status == 429).count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_change_to_a_keys_limits_holds_from_its_next_request() {
+        let gw = gateway(KeyLimits {
+            rpm: Some(100),
+            tpm: Some(10_000),
+            ..KeyLimits::default()
+        })
+        .await;
+        let (response, _) = gw.chat(CHAT).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(header(&response, "x-ratelimit-limit-requests"), "100");
+        assert_eq!(header(&response, "x-ratelimit-limit-tokens"), "10000");
+        let update = crate::storage::KeyUpdate {
+            limits: crate::storage::LimitsPatch::replacing(KeyLimits {
+                rpm: Some(7),
+                models: Some(vec!["gemma-*".into()]),
+                ..KeyLimits::default()
+            }),
+            ..Default::default()
+        };
+        gw.store
+            .update_key(&gw.key_id, &update)
+            .await
+            .unwrap()
+            .unwrap();
+        // Once the key cache reads the key again, its next request has the new limits.
+        tokio::time::sleep(crate::auth::DEFAULT_KEY_TTL + Duration::from_millis(100)).await;
+        let (response, body) = gw.chat(CHAT).await;
+        assert_eq!(response.status(), 404, "{body}");
+        assert_eq!(header(&response, "x-ratelimit-limit-requests"), "7");
+        assert!(response.headers().get("x-ratelimit-limit-tokens").is_none());
+        let (response, _) = gw.chat(r#"{"model":"gemma-3"}"#).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(header(&response, "x-ratelimit-limit-requests"), "7");
     }
 
     #[tokio::test]
@@ -606,6 +680,52 @@ mod tests {
         let rows = gw.rows().await;
         assert_eq!(rows.len(), 6);
         assert_eq!(rows.iter().filter(|r| r.prompt_tokens.is_none()).count(), 3);
+    }
+
+    #[test]
+    fn rate_headers_carry_each_window_exactly() {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        let requests = Window {
+            limit: 1_000_000_000,
+            remaining: 999_999_999,
+            reset_ms: 1,
+        };
+        let tokens = Window {
+            limit: u64::MAX,
+            remaining: u64::MAX,
+            reset_ms: u64::MAX,
+        };
+        rate_headers(&mut headers, Some(requests), Some(tokens));
+        let text = |name: &str| headers[name].to_str().unwrap().to_owned();
+        assert_eq!(text("x-ratelimit-limit-requests"), "1000000000");
+        assert_eq!(text("x-ratelimit-remaining-requests"), "999999999");
+        assert_eq!(text("x-ratelimit-reset-requests"), "1ms");
+        // The longest values there are fit.
+        assert_eq!(text("x-ratelimit-limit-tokens"), u64::MAX.to_string());
+        assert_eq!(text("x-ratelimit-remaining-tokens"), u64::MAX.to_string());
+        assert_eq!(
+            text("x-ratelimit-reset-tokens"),
+            crate::limits::format_duration(u64::MAX)
+        );
+        assert!(text("x-ratelimit-reset-tokens").starts_with("5124095576030h25m"));
+        assert_eq!(headers.len(), 7);
+        // Only the windows a key has; a value already there is replaced.
+        let mut headers = HeaderMap::new();
+        headers.insert("x-ratelimit-limit-tokens", HeaderValue::from_static("1"));
+        let tokens = Window {
+            limit: 90_000,
+            remaining: 89_500,
+            reset_ms: 61_500,
+        };
+        rate_headers(&mut headers, None, Some(tokens));
+        let text = |name: &str| headers[name].to_str().unwrap().to_owned();
+        assert_eq!(text("x-ratelimit-limit-tokens"), "90000");
+        assert_eq!(text("x-ratelimit-remaining-tokens"), "89500");
+        assert_eq!(text("x-ratelimit-reset-tokens"), "1m1.5s");
+        assert_eq!(headers.len(), 3);
+        rate_headers(&mut headers, None, None);
+        assert_eq!(headers.len(), 3);
     }
 
     #[test]

@@ -149,13 +149,14 @@ where
         .as_ref()
         .filter(|limiter| limiter.limits_anything(&key));
     if let Some(limiter) = limiter {
-        let limits = Arc::new(limiter.effective(&key));
+        let card = limiter.card(&key);
+        let limits = &card.limits;
         let tokens = limiter.estimate(plan.body_len, plan.max_tokens);
-        let admitted = match limiter.admit_now(&key, &limits, end_user.as_deref(), tokens) {
+        let admitted = match limiter.admit_now(&card, end_user.as_deref(), tokens) {
             Some(admitted) => admitted,
             // Boxed: the admission's future (a Redis call, a quota read) would otherwise
             // make this future larger, and every request's moves of it dearer.
-            None => Box::pin(limiter.admit(&key, &limits, end_user.as_deref(), tokens)).await,
+            None => Box::pin(limiter.admit(&card, end_user.as_deref(), tokens)).await,
         };
         match admitted {
             Ok(Some(admission)) => {
@@ -201,7 +202,7 @@ where
         if let Some(caller) = request.extensions_mut().get_mut::<Caller>() {
             caller.weight = limits.weight();
         }
-        request.extensions_mut().insert(Effective(limits));
+        request.extensions_mut().insert(Effective(limits.clone()));
     }
     guard.set_end_user(end_user);
 
