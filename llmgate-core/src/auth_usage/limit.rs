@@ -7,7 +7,7 @@ use http_body_util::{Either, Full};
 
 use super::AuthUsageBody;
 use crate::error::ApiError;
-use crate::limits::{cut_end_user, write_duration, Refusal, Refused, Window};
+use crate::limits::{cut_end_user, write_duration, LimitValues, Refusal, Refused, Window};
 
 /// What Open WebUI's headers naming its user start with, when
 /// `ENABLE_FORWARD_USER_INFO_HEADERS` is on: `-id`, else `-email`, names the user.
@@ -76,7 +76,7 @@ pub(super) fn model_not_found<B>(model: &str) -> Response<AuthUsageBody<B>> {
 /// The 429 of a refused request, as OpenAI sends it: `rate_limit_exceeded` (type
 /// `requests` or `tokens`) or `insufficient_quota`, with `Retry-After` (whole seconds)
 /// and `retry-after-ms`, and the buckets' headers.
-pub(super) fn refused<B>(refusal: &Refusal) -> Response<AuthUsageBody<B>> {
+pub(super) fn refused<B>(refusal: &Refusal, known: &LimitValues) -> Response<AuthUsageBody<B>> {
     let code = if refusal.is_quota() {
         "insufficient_quota"
     } else {
@@ -96,30 +96,23 @@ pub(super) fn refused<B>(refusal: &Refusal) -> Response<AuthUsageBody<B>> {
         HeaderName::from_static("retry-after-ms"),
         HeaderValue::from(refusal.retry_ms),
     );
-    rate_headers(headers, refusal.requests, refusal.tokens);
+    rate_headers(headers, refusal.requests, refusal.tokens, known);
     response.extensions_mut().insert(Refused(refusal.reason()));
     response
 }
 
-/// The names of `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`. A static, not a
-/// constant: a constant array is copied out on every use, and `from_static` checks its
-/// name each time it runs.
-static RATE_HEADER_NAMES: [[HeaderName; 3]; 2] = [
-    [
-        HeaderName::from_static("x-ratelimit-limit-requests"),
-        HeaderName::from_static("x-ratelimit-remaining-requests"),
-        HeaderName::from_static("x-ratelimit-reset-requests"),
-    ],
-    [
-        HeaderName::from_static("x-ratelimit-limit-tokens"),
-        HeaderName::from_static("x-ratelimit-remaining-tokens"),
-        HeaderName::from_static("x-ratelimit-reset-tokens"),
-    ],
-];
+// Constants, each copied where it is used: `from_static` checks its name each time it
+// runs, and a clone of a static name costs a call through its `Bytes`' table.
+const LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
+const REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
+const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
+const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
+const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
 
-/// The values of the rate headers side by side, written on the stack and then moved
-/// into the one allocation they all share (`Bytes::from_owner`): a `BytesMut` frozen
-/// and sliced costs two allocations and a copy of its bookkeeping per slice.
+/// The values of the rate headers that change from one answer to the next, written
+/// side by side on the stack and then moved into the one allocation they all share
+/// (`Bytes::from_owner`): a `BytesMut` frozen and sliced costs two.
 struct RateValues {
     bytes: [u8; RateValues::CAPACITY],
     len: usize,
@@ -127,8 +120,8 @@ struct RateValues {
 
 impl RateValues {
     /// Two windows' values at their longest: a limit and a remaining count of 20 digits
-    /// each, and a reset of `{hours}h59m59.999s` (15 digits of hours).
-    const CAPACITY: usize = 2 * (20 + 20 + 15 + 11);
+    /// each, and a reset of `{hours}h59m59.999s` (13 digits of hours).
+    const CAPACITY: usize = 2 * (20 + 20 + 24);
 
     fn number(&mut self, n: u64) {
         let _ = std::fmt::Write::write_str(self, itoa::Buffer::new().format(n));
@@ -151,45 +144,88 @@ impl AsRef<[u8]> for RateValues {
     }
 }
 
-/// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`, for the buckets a key has.
+/// Where one window's values are: its limit (made before, or written at
+/// `..limit_end`), then its remaining count and its reset.
+struct WindowValues<'a> {
+    known_limit: Option<&'a HeaderValue>,
+    limit_end: usize,
+    remaining_end: usize,
+    reset_end: usize,
+}
+
+impl<'a> WindowValues<'a> {
+    fn write(values: &mut RateValues, w: &Window, known: &'a Option<(u64, HeaderValue)>) -> Self {
+        let known_limit = match known {
+            Some((limit, value)) if *limit == w.limit => Some(value),
+            _ => None,
+        };
+        if known_limit.is_none() {
+            values.number(w.limit);
+        }
+        let limit_end = values.len;
+        values.number(w.remaining);
+        let remaining_end = values.len;
+        // Cannot fail: the buffer holds the longest values.
+        let _ = write_duration(values, w.reset_ms);
+        Self {
+            known_limit,
+            limit_end,
+            remaining_end,
+            reset_end: values.len,
+        }
+    }
+
+    /// Inserts the three headers, `names` in the order limit, remaining, reset; `start`
+    /// is where this window's values begin in `text`.
+    fn insert(&self, headers: &mut HeaderMap, names: [HeaderName; 3], text: &Bytes, start: usize) {
+        let [limit, remaining, reset] = names;
+        let value = |from, to| HeaderValue::from_maybe_shared(text.slice(from..to)).ok();
+        match self.known_limit {
+            Some(known) => {
+                headers.insert(limit, known.clone());
+            }
+            None => {
+                if let Some(value) = value(start, self.limit_end) {
+                    headers.insert(limit, value);
+                }
+            }
+        }
+        if let Some(value) = value(self.limit_end, self.remaining_end) {
+            headers.insert(remaining, value);
+        }
+        if let Some(value) = value(self.remaining_end, self.reset_end) {
+            headers.insert(reset, value);
+        }
+    }
+}
+
+/// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`, for the buckets a key has;
+/// `known` holds the key's limits' values made before.
 pub(super) fn rate_headers(
     headers: &mut HeaderMap,
     requests: Option<Window>,
     tokens: Option<Window>,
+    known: &LimitValues,
 ) {
-    let windows = [requests, tokens];
-    let count = windows.iter().flatten().count();
-    if count == 0 {
+    if requests.is_none() && tokens.is_none() {
         return;
     }
     let mut values = RateValues {
         bytes: [0; RateValues::CAPACITY],
         len: 0,
     };
-    let mut ends = [[0; 3]; 2];
-    for (w, ends) in windows.iter().zip(&mut ends) {
-        let Some(w) = w else { continue };
-        values.number(w.limit);
-        ends[0] = values.len;
-        values.number(w.remaining);
-        ends[1] = values.len;
-        // Cannot fail: the buffer holds the longest values.
-        let _ = write_duration(&mut values, w.reset_ms);
-        ends[2] = values.len;
-    }
+    let requests = requests.map(|w| WindowValues::write(&mut values, &w, &known[0]));
+    let tokens_start = values.len;
+    let tokens = tokens.map(|w| WindowValues::write(&mut values, &w, &known[1]));
     let text = Bytes::from_owner(values);
-    headers.reserve(3 * count);
-    let mut start = 0;
-    for (names, (w, ends)) in RATE_HEADER_NAMES.iter().zip(windows.iter().zip(ends)) {
-        if w.is_none() {
-            continue;
-        }
-        for (name, end) in names.iter().zip(ends) {
-            if let Ok(value) = HeaderValue::from_maybe_shared(text.slice(start..end)) {
-                headers.insert(name.clone(), value);
-            }
-            start = end;
-        }
+    headers.reserve(3 * (usize::from(requests.is_some()) + usize::from(tokens.is_some())));
+    if let Some(requests) = requests {
+        let names = [LIMIT_REQUESTS, REMAINING_REQUESTS, RESET_REQUESTS];
+        requests.insert(headers, names, &text, 0);
+    }
+    if let Some(tokens) = tokens {
+        let names = [LIMIT_TOKENS, REMAINING_TOKENS, RESET_TOKENS];
+        tokens.insert(headers, names, &text, tokens_start);
     }
 }
 
@@ -696,7 +732,7 @@ mod tests {
             remaining: u64::MAX,
             reset_ms: u64::MAX,
         };
-        rate_headers(&mut headers, Some(requests), Some(tokens));
+        rate_headers(&mut headers, Some(requests), Some(tokens), &[None, None]);
         let text = |name: &str| headers[name].to_str().unwrap().to_owned();
         assert_eq!(text("x-ratelimit-limit-requests"), "1000000000");
         assert_eq!(text("x-ratelimit-remaining-requests"), "999999999");
@@ -718,14 +754,52 @@ mod tests {
             remaining: 89_500,
             reset_ms: 61_500,
         };
-        rate_headers(&mut headers, None, Some(tokens));
+        rate_headers(&mut headers, None, Some(tokens), &[None, None]);
         let text = |name: &str| headers[name].to_str().unwrap().to_owned();
         assert_eq!(text("x-ratelimit-limit-tokens"), "90000");
         assert_eq!(text("x-ratelimit-remaining-tokens"), "89500");
         assert_eq!(text("x-ratelimit-reset-tokens"), "1m1.5s");
         assert_eq!(headers.len(), 3);
-        rate_headers(&mut headers, None, None);
+        rate_headers(&mut headers, None, None, &[None, None]);
         assert_eq!(headers.len(), 3);
+        // The key's limits made before are used where the windows show them; a window
+        // showing another limit (a fallback's share of it) has its own written.
+        let known: LimitValues = [
+            Some((1000, HeaderValue::from(1000u64))),
+            Some((90_000, HeaderValue::from(90_000u64))),
+        ];
+        let requests = Window {
+            limit: 1000,
+            remaining: 10,
+            reset_ms: 0,
+        };
+        let tokens = Window {
+            limit: 45_000,
+            remaining: 1,
+            reset_ms: 30_000,
+        };
+        let mut headers = HeaderMap::new();
+        rate_headers(&mut headers, Some(requests), Some(tokens), &known);
+        let text = |name: &str| headers[name].to_str().unwrap().to_owned();
+        assert_eq!(text("x-ratelimit-limit-requests"), "1000");
+        assert_eq!(text("x-ratelimit-remaining-requests"), "10");
+        assert_eq!(text("x-ratelimit-reset-requests"), "0ms");
+        assert_eq!(text("x-ratelimit-limit-tokens"), "45000");
+        assert_eq!(text("x-ratelimit-remaining-tokens"), "1");
+        assert_eq!(text("x-ratelimit-reset-tokens"), "30s");
+        let names: Vec<_> = headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests",
+                "x-ratelimit-limit-tokens",
+                "x-ratelimit-remaining-tokens",
+                "x-ratelimit-reset-tokens",
+            ],
+            "in OpenAI's order"
+        );
     }
 
     #[test]

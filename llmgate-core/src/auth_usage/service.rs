@@ -140,7 +140,9 @@ where
     };
 
     let end_user = limit::end_user(plan.end_user.take(), request.headers());
-    let mut windows = None;
+    // The rate windows as the admission left them, and the key's card, for the
+    // `x-ratelimit-*` headers.
+    let mut rate = None;
     // A key with no limits of its own, under no defaults, has nothing to check: no
     // allocation, no admission, no extension (every model, weight 1, as the `Caller`
     // already says).
@@ -151,6 +153,7 @@ where
     if let Some(limiter) = limiter {
         let card = limiter.card(&key);
         let limits = &card.limits;
+        let mut windows = None;
         let tokens = limiter.estimate(plan.body_len, plan.max_tokens);
         let admitted = match limiter.admit_now(&card, end_user.as_deref(), tokens) {
             Some(admitted) => admitted,
@@ -169,7 +172,7 @@ where
                 guard.set_end_user(end_user);
                 guard.set_status(429);
                 guard.set_no_tokens();
-                return Ok(limit::refused(&refusal));
+                return Ok(limit::refused(&refusal, &card.limit_values));
             }
         }
         // The model allow-list, after the admission: a model the key may not use is
@@ -190,7 +193,12 @@ where
             if unnamed_write || !limits.allows_model(model) {
                 let mut response = limit::model_not_found(model);
                 if let Some((requests, tokens)) = windows {
-                    limit::rate_headers(response.headers_mut(), requests, tokens);
+                    limit::rate_headers(
+                        response.headers_mut(),
+                        requests,
+                        tokens,
+                        &card.limit_values,
+                    );
                 }
                 guard.set_model(plan.model.take());
                 guard.set_end_user(end_user);
@@ -203,6 +211,7 @@ where
             caller.weight = limits.weight();
         }
         request.extensions_mut().insert(Effective(limits.clone()));
+        rate = windows.map(|(requests, tokens)| (requests, tokens, card));
     }
     guard.set_end_user(end_user);
 
@@ -224,8 +233,8 @@ where
         guard.set_no_tokens();
     }
     let (mut parts, body) = response.into_parts();
-    if let Some((requests, tokens)) = windows {
-        limit::rate_headers(&mut parts.headers, requests, tokens);
+    if let Some((requests, tokens, card)) = rate {
+        limit::rate_headers(&mut parts.headers, requests, tokens, &card.limit_values);
     }
     let content_type = parts
         .headers

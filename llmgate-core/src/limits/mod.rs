@@ -146,6 +146,11 @@ type Clock = Box<dyn Fn() -> DateTime<Utc> + Send + Sync>;
 /// A map keyed by key ids: foldhash, several times cheaper per lookup than SipHash.
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
+/// A key's `rpm` and `tpm` as the values of `x-ratelimit-limit-{requests,tokens}`, each
+/// with the limit it shows: made once per key (its [`KeyCard`]), so that an answer
+/// shares them instead of writing and checking them again.
+pub(crate) type LimitValues = [Option<(u64, http::HeaderValue)>; 2];
+
 /// What every request of a key starts from, kept between its requests: its id and its
 /// effective limits, shared (the request's [`Effective`] and its [`Plan`] hold them)
 /// instead of copied into fresh allocations each time. Made again when the key's role
@@ -158,6 +163,8 @@ pub(crate) struct KeyCard {
     id: Arc<str>,
     /// The limits that apply to the key ([`Limiter::effective`]).
     pub(crate) limits: Arc<KeyLimits>,
+    /// Its `rpm` and `tpm` as the values of `x-ratelimit-limit-*`.
+    pub(crate) limit_values: LimitValues,
 }
 
 impl KeyCard {
@@ -286,11 +293,17 @@ impl Limiter {
                 return card.clone();
             }
         }
+        let limits = self.effective(key);
+        let value = |limit: u64| Some((limit, http::HeaderValue::from(limit)));
         let card = Arc::new(KeyCard {
             role: key.role,
             own: key.limits.clone(),
             id: Arc::from(key.id.as_str()),
-            limits: Arc::new(self.effective(key)),
+            limit_values: [
+                limits.rpm.and_then(|rpm| value(rpm.into())),
+                limits.tpm.and_then(value),
+            ],
+            limits: Arc::new(limits),
         });
         if cards.len() >= MAX_CARDS && !cards.contains_key(key.id.as_str()) {
             cards.clear();

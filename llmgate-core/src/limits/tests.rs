@@ -416,6 +416,7 @@ fn the_fallback_divides_per_minute_and_parallel_limits_but_not_quotas() {
         own: limits.clone(),
         id: Arc::from(key.id.as_str()),
         limits: Arc::new(limits),
+        limit_values: [None, None],
     };
     let plan = Plan::new(&card, Some("u".into()), 1, Utc::now()).divided(4);
     assert_eq!(plan.rpm, Some(15));
