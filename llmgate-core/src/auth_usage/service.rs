@@ -96,7 +96,7 @@ fn refuse<B>(err: AuthError) -> Response<AuthUsageBody<B>> {
 async fn handle<S, ReqBody, ResBody>(
     shared: Arc<Shared>,
     inner: S,
-    mut request: Request<ReqBody>,
+    request: Request<ReqBody>,
 ) -> Result<Response<AuthUsageBody<ResBody>>, S::Error>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
@@ -110,7 +110,6 @@ where
         Ok(key) => key,
         Err(err) => return Ok(refuse(err)),
     };
-    request.extensions_mut().insert(Caller::from(&*key));
 
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
@@ -140,6 +139,8 @@ where
     };
 
     let end_user = limit::end_user(plan.end_user.take(), request.headers());
+    // Put in once its weight is known (a lookup less than setting it afterwards).
+    let mut caller = Caller::from(&*key);
     // The rate windows as the admission left them, and the key's card, for the
     // `x-ratelimit-*` headers.
     let mut rate = None;
@@ -207,12 +208,11 @@ where
                 return Ok(response);
             }
         }
-        if let Some(caller) = request.extensions_mut().get_mut::<Caller>() {
-            caller.weight = limits.weight();
-        }
+        caller.weight = limits.weight();
         request.extensions_mut().insert(Effective(limits.clone()));
         rate = windows.map(|(requests, tokens)| (requests, tokens, card));
     }
+    request.extensions_mut().insert(caller);
     guard.set_end_user(end_user);
 
     // The model asked for is known now, even if the client leaves before the answer.
