@@ -355,7 +355,7 @@ impl Limiter {
         card: &KeyCard,
         end_user: Option<&str>,
         tokens: u64,
-    ) -> Result<Option<Admission>, Box<Refusal>> {
+    ) -> Admitted {
         if !card.limits.counts() {
             return Ok(None);
         }
@@ -388,7 +388,7 @@ impl Limiter {
         card: &KeyCard,
         end_user: Option<&str>,
         tokens: u64,
-    ) -> Option<Result<Option<Admission>, Box<Refusal>>> {
+    ) -> Option<Admitted> {
         if !card.limits.counts() {
             return Some(Ok(None));
         }
@@ -413,19 +413,21 @@ impl Limiter {
         Plan::new(card, user, tokens, now)
     }
 
-    fn admit_local(&self, plan: Plan) -> Result<Option<Admission>, Box<Refusal>> {
+    fn admit_local(&self, plan: Plan) -> Admitted {
         let granted = self.inner.local.admit(&plan, millis(plan.at))?;
         Ok(Some(self.admission(plan, Backend::Local, granted)))
     }
 
-    fn admission(&self, plan: Plan, backend: Backend, granted: Granted) -> Admission {
-        Admission {
+    /// Boxed where it is made: the request's usage guard keeps it boxed, and an
+    /// `Admission` is large enough that every move of it on the way there costs a copy.
+    fn admission(&self, plan: Plan, backend: Backend, granted: Granted) -> Box<Admission> {
+        Box::new(Admission {
             limiter: self.clone(),
             plan,
             backend,
             granted,
             released: false,
-        }
+        })
     }
 
     /// Reads the tokens used in the period for the quotas not yet counted locally.
@@ -723,6 +725,10 @@ impl Admission {
         }
     }
 }
+
+/// What [`Limiter::admit`] answers: the request's admission (`None` when nothing counts
+/// for its key), or why it is refused.
+pub(crate) type Admitted = Result<Option<Box<Admission>>, Box<Refusal>>;
 
 /// What settling a request corrects, in tokens: the `tpm` bucket and the quotas (each
 /// positive when the request used more than it was charged at admission).

@@ -38,11 +38,7 @@ impl Setup {
         *self.clock.lock().unwrap() += Duration::milliseconds(ms);
     }
 
-    async fn ask(
-        &self,
-        user: Option<&str>,
-        tokens: u64,
-    ) -> Result<Option<Admission>, Box<Refusal>> {
+    async fn ask(&self, user: Option<&str>, tokens: u64) -> Admitted {
         let card = self.limiter.card(&self.key);
         self.limiter.admit(&card, user, tokens).await
     }
@@ -512,7 +508,7 @@ mod shared_counters {
         }
     }
 
-    async fn admit(limiter: &Limiter, key: &KeyRecord) -> Result<Option<Admission>, Box<Refusal>> {
+    async fn admit(limiter: &Limiter, key: &KeyRecord) -> Admitted {
         limiter.admit(&limiter.card(key), None, 10).await
     }
 
