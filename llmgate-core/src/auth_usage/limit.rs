@@ -1,13 +1,13 @@
 //! What the metering layer answers for the [`Limiter`](crate::limits::Limiter): the
 //! 429s and 404s in OpenAI's shape, the `x-ratelimit-*` headers, the end user.
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
 
 use super::AuthUsageBody;
 use crate::error::ApiError;
-use crate::limits::{cut_end_user, write_duration, Refusal, Refused, Window};
+use crate::limits::{cut_end_user, write_duration, LimitValues, Refusal, Refused, Window};
 
 /// What Open WebUI's headers naming its user start with, when
 /// `ENABLE_FORWARD_USER_INFO_HEADERS` is on: `-id`, else `-email`, names the user.
@@ -76,7 +76,7 @@ pub(super) fn model_not_found<B>(model: &str) -> Response<AuthUsageBody<B>> {
 /// The 429 of a refused request, as OpenAI sends it: `rate_limit_exceeded` (type
 /// `requests` or `tokens`) or `insufficient_quota`, with `Retry-After` (whole seconds)
 /// and `retry-after-ms`, and the buckets' headers.
-pub(super) fn refused<B>(refusal: &Refusal) -> Response<AuthUsageBody<B>> {
+pub(super) fn refused<B>(refusal: &Refusal, known: &LimitValues) -> Response<AuthUsageBody<B>> {
     let code = if refusal.is_quota() {
         "insufficient_quota"
     } else {
@@ -96,63 +96,136 @@ pub(super) fn refused<B>(refusal: &Refusal) -> Response<AuthUsageBody<B>> {
         HeaderName::from_static("retry-after-ms"),
         HeaderValue::from(refusal.retry_ms),
     );
-    rate_headers(headers, refusal.requests, refusal.tokens);
+    rate_headers(headers, refusal.requests, refusal.tokens, known);
     response.extensions_mut().insert(Refused(refusal.reason()));
     response
 }
 
-/// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`, for the buckets a key has.
+// Constants, each copied where it is used: `from_static` checks its name each time it
+// runs, and a clone of a static name costs a call through its `Bytes`' table.
+const LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
+const REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
+const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
+const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
+const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+
+/// The values of the rate headers that change from one answer to the next, written
+/// side by side on the stack and then moved into the one allocation they all share
+/// (`Bytes::from_owner`): a `BytesMut` frozen and sliced costs two.
+struct RateValues {
+    bytes: [u8; RateValues::CAPACITY],
+    len: usize,
+}
+
+impl RateValues {
+    /// Two windows' values at their longest: a limit and a remaining count of 20 digits
+    /// each, and a reset of `{hours}h59m59.999s` (13 digits of hours).
+    const CAPACITY: usize = 2 * (20 + 20 + 24);
+
+    fn number(&mut self, n: u64) {
+        let _ = std::fmt::Write::write_str(self, itoa::Buffer::new().format(n));
+    }
+}
+
+impl std::fmt::Write for RateValues {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        let to = self.bytes.get_mut(self.len..end).ok_or(std::fmt::Error)?;
+        to.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+impl AsRef<[u8]> for RateValues {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+/// Where one window's values are: its limit (made before, or written at
+/// `..limit_end`), then its remaining count and its reset.
+struct WindowValues<'a> {
+    known_limit: Option<&'a HeaderValue>,
+    limit_end: usize,
+    remaining_end: usize,
+    reset_end: usize,
+}
+
+impl<'a> WindowValues<'a> {
+    fn write(values: &mut RateValues, w: &Window, known: &'a Option<(u64, HeaderValue)>) -> Self {
+        let known_limit = match known {
+            Some((limit, value)) if *limit == w.limit => Some(value),
+            _ => None,
+        };
+        if known_limit.is_none() {
+            values.number(w.limit);
+        }
+        let limit_end = values.len;
+        values.number(w.remaining);
+        let remaining_end = values.len;
+        // Cannot fail: the buffer holds the longest values.
+        let _ = write_duration(values, w.reset_ms);
+        Self {
+            known_limit,
+            limit_end,
+            remaining_end,
+            reset_end: values.len,
+        }
+    }
+
+    /// Inserts the three headers, `names` in the order limit, remaining, reset; `start`
+    /// is where this window's values begin in `text`.
+    fn insert(&self, headers: &mut HeaderMap, names: [HeaderName; 3], text: &Bytes, start: usize) {
+        let [limit, remaining, reset] = names;
+        let value = |from, to| HeaderValue::from_maybe_shared(text.slice(from..to)).ok();
+        match self.known_limit {
+            Some(known) => {
+                headers.insert(limit, known.clone());
+            }
+            None => {
+                if let Some(value) = value(start, self.limit_end) {
+                    headers.insert(limit, value);
+                }
+            }
+        }
+        if let Some(value) = value(self.limit_end, self.remaining_end) {
+            headers.insert(remaining, value);
+        }
+        if let Some(value) = value(self.remaining_end, self.reset_end) {
+            headers.insert(reset, value);
+        }
+    }
+}
+
+/// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`, for the buckets a key has;
+/// `known` holds the key's limits' values made before.
 pub(super) fn rate_headers(
     headers: &mut HeaderMap,
     requests: Option<Window>,
     tokens: Option<Window>,
+    known: &LimitValues,
 ) {
-    // Constants: `from_static` checks its name each time it runs.
-    const NAMES: [[HeaderName; 3]; 2] = [
-        [
-            HeaderName::from_static("x-ratelimit-limit-requests"),
-            HeaderName::from_static("x-ratelimit-remaining-requests"),
-            HeaderName::from_static("x-ratelimit-reset-requests"),
-        ],
-        [
-            HeaderName::from_static("x-ratelimit-limit-tokens"),
-            HeaderName::from_static("x-ratelimit-remaining-tokens"),
-            HeaderName::from_static("x-ratelimit-reset-tokens"),
-        ],
-    ];
-    let windows = [requests, tokens];
-    let count = windows.iter().flatten().count();
-    if count == 0 {
+    if requests.is_none() && tokens.is_none() {
         return;
     }
-    // Every value in one buffer, each header a slice of it: one allocation for them
-    // all (on every answer to a limited key), not one per value.
-    let mut text = BytesMut::with_capacity(count * 64);
-    let mut ends = [[0; 3]; 2];
-    let mut number = itoa::Buffer::new();
-    for (w, ends) in windows.iter().zip(&mut ends) {
-        let Some(w) = w else { continue };
-        text.extend_from_slice(number.format(w.limit).as_bytes());
-        ends[0] = text.len();
-        text.extend_from_slice(number.format(w.remaining).as_bytes());
-        ends[1] = text.len();
-        // Writing to a `BytesMut` cannot fail.
-        let _ = write_duration(&mut text, w.reset_ms);
-        ends[2] = text.len();
+    let mut values = RateValues {
+        bytes: [0; RateValues::CAPACITY],
+        len: 0,
+    };
+    let requests = requests.map(|w| WindowValues::write(&mut values, &w, &known[0]));
+    let tokens_start = values.len;
+    let tokens = tokens.map(|w| WindowValues::write(&mut values, &w, &known[1]));
+    let text = Bytes::from_owner(values);
+    headers.reserve(3 * (usize::from(requests.is_some()) + usize::from(tokens.is_some())));
+    if let Some(requests) = requests {
+        let names = [LIMIT_REQUESTS, REMAINING_REQUESTS, RESET_REQUESTS];
+        requests.insert(headers, names, &text, 0);
     }
-    let text = text.freeze();
-    headers.reserve(3 * count);
-    let mut start = 0;
-    for (names, (w, ends)) in NAMES.into_iter().zip(windows.iter().zip(ends)) {
-        if w.is_none() {
-            continue;
-        }
-        for (name, end) in names.into_iter().zip(ends) {
-            if let Ok(value) = HeaderValue::from_maybe_shared(text.slice(start..end)) {
-                headers.insert(name, value);
-            }
-            start = end;
-        }
+    if let Some(tokens) = tokens {
+        let names = [LIMIT_TOKENS, REMAINING_TOKENS, RESET_TOKENS];
+        tokens.insert(headers, names, &text, tokens_start);
     }
 }
 
@@ -160,6 +233,7 @@ pub(super) fn rate_headers(
 mod tests {
     use std::convert::Infallible;
     use std::sync::Arc;
+    use std::time::Duration;
 
     use bytes::Bytes;
     use http::{Request, Response};
@@ -327,6 +401,42 @@ mod tests {
         gw.recorder.flush().await;
         let rows = gw.rows().await;
         assert_eq!(rows.iter().filter(|r| r.status == 429).count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_change_to_a_keys_limits_holds_from_its_next_request() {
+        let gw = gateway(KeyLimits {
+            rpm: Some(100),
+            tpm: Some(10_000),
+            ..KeyLimits::default()
+        })
+        .await;
+        let (response, _) = gw.chat(CHAT).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(header(&response, "x-ratelimit-limit-requests"), "100");
+        assert_eq!(header(&response, "x-ratelimit-limit-tokens"), "10000");
+        let update = crate::storage::KeyUpdate {
+            limits: crate::storage::LimitsPatch::replacing(KeyLimits {
+                rpm: Some(7),
+                models: Some(vec!["gemma-*".into()]),
+                ..KeyLimits::default()
+            }),
+            ..Default::default()
+        };
+        gw.store
+            .update_key(&gw.key_id, &update)
+            .await
+            .unwrap()
+            .unwrap();
+        // Once the key cache reads the key again, its next request has the new limits.
+        tokio::time::sleep(crate::auth::DEFAULT_KEY_TTL + Duration::from_millis(100)).await;
+        let (response, body) = gw.chat(CHAT).await;
+        assert_eq!(response.status(), 404, "{body}");
+        assert_eq!(header(&response, "x-ratelimit-limit-requests"), "7");
+        assert!(response.headers().get("x-ratelimit-limit-tokens").is_none());
+        let (response, _) = gw.chat(r#"{"model":"gemma-3"}"#).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(header(&response, "x-ratelimit-limit-requests"), "7");
     }
 
     #[tokio::test]
@@ -606,6 +716,90 @@ mod tests {
         let rows = gw.rows().await;
         assert_eq!(rows.len(), 6);
         assert_eq!(rows.iter().filter(|r| r.prompt_tokens.is_none()).count(), 3);
+    }
+
+    #[test]
+    fn rate_headers_carry_each_window_exactly() {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        let requests = Window {
+            limit: 1_000_000_000,
+            remaining: 999_999_999,
+            reset_ms: 1,
+        };
+        let tokens = Window {
+            limit: u64::MAX,
+            remaining: u64::MAX,
+            reset_ms: u64::MAX,
+        };
+        rate_headers(&mut headers, Some(requests), Some(tokens), &[None, None]);
+        let text = |name: &str| headers[name].to_str().unwrap().to_owned();
+        assert_eq!(text("x-ratelimit-limit-requests"), "1000000000");
+        assert_eq!(text("x-ratelimit-remaining-requests"), "999999999");
+        assert_eq!(text("x-ratelimit-reset-requests"), "1ms");
+        // The longest values there are fit.
+        assert_eq!(text("x-ratelimit-limit-tokens"), u64::MAX.to_string());
+        assert_eq!(text("x-ratelimit-remaining-tokens"), u64::MAX.to_string());
+        assert_eq!(
+            text("x-ratelimit-reset-tokens"),
+            crate::limits::format_duration(u64::MAX)
+        );
+        assert!(text("x-ratelimit-reset-tokens").starts_with("5124095576030h25m"));
+        assert_eq!(headers.len(), 7);
+        // Only the windows a key has; a value already there is replaced.
+        let mut headers = HeaderMap::new();
+        headers.insert("x-ratelimit-limit-tokens", HeaderValue::from_static("1"));
+        let tokens = Window {
+            limit: 90_000,
+            remaining: 89_500,
+            reset_ms: 61_500,
+        };
+        rate_headers(&mut headers, None, Some(tokens), &[None, None]);
+        let text = |name: &str| headers[name].to_str().unwrap().to_owned();
+        assert_eq!(text("x-ratelimit-limit-tokens"), "90000");
+        assert_eq!(text("x-ratelimit-remaining-tokens"), "89500");
+        assert_eq!(text("x-ratelimit-reset-tokens"), "1m1.5s");
+        assert_eq!(headers.len(), 3);
+        rate_headers(&mut headers, None, None, &[None, None]);
+        assert_eq!(headers.len(), 3);
+        // The key's limits made before are used where the windows show them; a window
+        // showing another limit (a fallback's share of it) has its own written.
+        let known: LimitValues = [
+            Some((1000, HeaderValue::from(1000u64))),
+            Some((90_000, HeaderValue::from(90_000u64))),
+        ];
+        let requests = Window {
+            limit: 1000,
+            remaining: 10,
+            reset_ms: 0,
+        };
+        let tokens = Window {
+            limit: 45_000,
+            remaining: 1,
+            reset_ms: 30_000,
+        };
+        let mut headers = HeaderMap::new();
+        rate_headers(&mut headers, Some(requests), Some(tokens), &known);
+        let text = |name: &str| headers[name].to_str().unwrap().to_owned();
+        assert_eq!(text("x-ratelimit-limit-requests"), "1000");
+        assert_eq!(text("x-ratelimit-remaining-requests"), "10");
+        assert_eq!(text("x-ratelimit-reset-requests"), "0ms");
+        assert_eq!(text("x-ratelimit-limit-tokens"), "45000");
+        assert_eq!(text("x-ratelimit-remaining-tokens"), "1");
+        assert_eq!(text("x-ratelimit-reset-tokens"), "30s");
+        let names: Vec<_> = headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests",
+                "x-ratelimit-limit-tokens",
+                "x-ratelimit-remaining-tokens",
+                "x-ratelimit-reset-tokens",
+            ],
+            "in OpenAI's order"
+        );
     }
 
     #[test]

@@ -96,7 +96,7 @@ fn refuse<B>(err: AuthError) -> Response<AuthUsageBody<B>> {
 async fn handle<S, ReqBody, ResBody>(
     shared: Arc<Shared>,
     inner: S,
-    mut request: Request<ReqBody>,
+    request: Request<ReqBody>,
 ) -> Result<Response<AuthUsageBody<ResBody>>, S::Error>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
@@ -110,7 +110,6 @@ where
         Ok(key) => key,
         Err(err) => return Ok(refuse(err)),
     };
-    request.extensions_mut().insert(Caller::from(&*key));
 
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
@@ -140,7 +139,11 @@ where
     };
 
     let end_user = limit::end_user(plan.end_user.take(), request.headers());
-    let mut windows = None;
+    // Put in once its weight is known (a lookup less than setting it afterwards).
+    let mut caller = Caller::from(&*key);
+    // The rate windows as the admission left them, and the key's card, for the
+    // `x-ratelimit-*` headers.
+    let mut rate = None;
     // A key with no limits of its own, under no defaults, has nothing to check: no
     // allocation, no admission, no extension (every model, weight 1, as the `Caller`
     // already says).
@@ -149,13 +152,15 @@ where
         .as_ref()
         .filter(|limiter| limiter.limits_anything(&key));
     if let Some(limiter) = limiter {
-        let limits = Arc::new(limiter.effective(&key));
+        let card = limiter.card(&key);
+        let limits = &card.limits;
+        let mut windows = None;
         let tokens = limiter.estimate(plan.body_len, plan.max_tokens);
-        let admitted = match limiter.admit_now(&key, &limits, end_user.as_deref(), tokens) {
+        let admitted = match limiter.admit_now(&card, end_user.as_deref(), tokens) {
             Some(admitted) => admitted,
             // Boxed: the admission's future (a Redis call, a quota read) would otherwise
             // make this future larger, and every request's moves of it dearer.
-            None => Box::pin(limiter.admit(&key, &limits, end_user.as_deref(), tokens)).await,
+            None => Box::pin(limiter.admit(&card, end_user.as_deref(), tokens)).await,
         };
         match admitted {
             Ok(Some(admission)) => {
@@ -168,7 +173,7 @@ where
                 guard.set_end_user(end_user);
                 guard.set_status(429);
                 guard.set_no_tokens();
-                return Ok(limit::refused(&refusal));
+                return Ok(limit::refused(&refusal, &card.limit_values));
             }
         }
         // The model allow-list, after the admission: a model the key may not use is
@@ -189,7 +194,12 @@ where
             if unnamed_write || !limits.allows_model(model) {
                 let mut response = limit::model_not_found(model);
                 if let Some((requests, tokens)) = windows {
-                    limit::rate_headers(response.headers_mut(), requests, tokens);
+                    limit::rate_headers(
+                        response.headers_mut(),
+                        requests,
+                        tokens,
+                        &card.limit_values,
+                    );
                 }
                 guard.set_model(plan.model.take());
                 guard.set_end_user(end_user);
@@ -198,11 +208,11 @@ where
                 return Ok(response);
             }
         }
-        if let Some(caller) = request.extensions_mut().get_mut::<Caller>() {
-            caller.weight = limits.weight();
-        }
-        request.extensions_mut().insert(Effective(limits));
+        caller.weight = limits.weight();
+        request.extensions_mut().insert(Effective(limits.clone()));
+        rate = windows.map(|(requests, tokens)| (requests, tokens, card));
     }
+    request.extensions_mut().insert(caller);
     guard.set_end_user(end_user);
 
     // The model asked for is known now, even if the client leaves before the answer.
@@ -223,8 +233,8 @@ where
         guard.set_no_tokens();
     }
     let (mut parts, body) = response.into_parts();
-    if let Some((requests, tokens)) = windows {
-        limit::rate_headers(&mut parts.headers, requests, tokens);
+    if let Some((requests, tokens, card)) = rate {
+        limit::rate_headers(&mut parts.headers, requests, tokens, &card.limit_values);
     }
     let content_type = parts
         .headers

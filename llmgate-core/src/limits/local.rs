@@ -1,7 +1,7 @@
 //! Counters in this process: [`Limiter::local`](super::Limiter::local), and a shared
 //! limiter's fallback.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::bucket::Bucket;
 use super::{Granted, Limit, Peek, Plan, Refusal, Settled};
@@ -22,7 +22,8 @@ pub(super) struct Local {
 
 #[derive(Debug, Default)]
 struct State {
-    keys: HashMap<String, KeyEntry>,
+    /// By key id (shared with the keys' cards).
+    keys: HashMap<Arc<str>, KeyEntry>,
     end_users: usize,
     /// The count of end users at which they are pruned next.
     prune_at: usize,
@@ -128,7 +129,7 @@ impl Local {
             state.prune(now);
         }
         // One hash of the key for a key seen before (nearly every request).
-        let entry = match state.keys.get_mut(plan.key.as_str()) {
+        let entry = match state.keys.get_mut(&*plan.key) {
             Some(entry) => entry,
             None => state.keys.entry(plan.key.clone()).or_default(),
         };

@@ -38,7 +38,7 @@ mod shared;
 mod status;
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -64,6 +64,9 @@ const QUOTA_LOAD_TIMEOUT: Duration = Duration::from_secs(2);
 /// without their quota before the store is asked again: a store that hangs must not
 /// make every request wait [`QUOTA_LOAD_TIMEOUT`].
 const QUOTA_LOAD_PAUSE_MS: i64 = 10_000;
+/// Keys whose [`KeyCard`] is kept at once; past it they are all forgotten (and made
+/// again on their next request). As many as the key cache holds.
+const MAX_CARDS: usize = 100_000;
 
 /// The effective limits of the request's key, which the metering layer puts in the
 /// request's extensions when it has a [`Limiter`]: a router can list only the models
@@ -119,6 +122,8 @@ pub struct Limiter {
 
 struct Inner {
     defaults: KeyLimits,
+    /// Each key's card, by key id.
+    cards: Mutex<HashMap<String, Arc<KeyCard>>>,
     usage: Arc<dyn UsageStore>,
     estimate: AtomicU64,
     /// Until when (ms since the epoch) quota counts are not read from the store, after
@@ -137,6 +142,37 @@ type SharedCounters = shared::Shared;
 type SharedCounters = std::convert::Infallible;
 
 type Clock = Box<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+
+/// A map keyed by key ids: foldhash, several times cheaper per lookup than SipHash.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
+/// A key's `rpm` and `tpm` as the values of `x-ratelimit-limit-{requests,tokens}`, each
+/// with the limit it shows: made once per key (its [`KeyCard`]), so that an answer
+/// shares them instead of writing and checking them again.
+pub(crate) type LimitValues = [Option<(u64, http::HeaderValue)>; 2];
+
+/// What every request of a key starts from, kept between its requests: its id and its
+/// effective limits, shared (the request's [`Effective`] and its [`Plan`] hold them)
+/// instead of copied into fresh allocations each time. Made again when the key's role
+/// or limits change.
+#[derive(Debug)]
+pub(crate) struct KeyCard {
+    /// What it was made from: the card holds while the key still has these.
+    role: Role,
+    own: KeyLimits,
+    id: Arc<str>,
+    /// The limits that apply to the key ([`Limiter::effective`]).
+    pub(crate) limits: Arc<KeyLimits>,
+    /// Its `rpm` and `tpm` as the values of `x-ratelimit-limit-*`.
+    pub(crate) limit_values: LimitValues,
+}
+
+impl KeyCard {
+    /// Whether the card still holds for `key`, the key it is kept under.
+    fn holds_for(&self, key: &KeyRecord) -> bool {
+        self.role == key.role && self.own == key.limits
+    }
+}
 
 impl std::fmt::Debug for Limiter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -197,6 +233,7 @@ impl Limiter {
         Self {
             inner: Arc::new(Inner {
                 defaults,
+                cards: Mutex::default(),
                 usage,
                 estimate: AtomicU64::new(DEFAULT_ESTIMATED_COMPLETION_TOKENS),
                 quota_reads_paused_until: AtomicI64::new(0),
@@ -246,6 +283,35 @@ impl Limiter {
         }
     }
 
+    /// `key`'s card: its effective limits, kept from its last request while its role and
+    /// limits are the same (the defaults never change).
+    pub(crate) fn card(&self, key: &KeyRecord) -> Arc<KeyCard> {
+        // A panic here leaves a map of complete cards: go on.
+        let mut cards = self.inner.cards.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(card) = cards.get(key.id.as_str()) {
+            if card.holds_for(key) {
+                return card.clone();
+            }
+        }
+        let limits = self.effective(key);
+        let value = |limit: u64| Some((limit, http::HeaderValue::from(limit)));
+        let card = Arc::new(KeyCard {
+            role: key.role,
+            own: key.limits.clone(),
+            id: Arc::from(key.id.as_str()),
+            limit_values: [
+                limits.rpm.and_then(|rpm| value(rpm.into())),
+                limits.tpm.and_then(value),
+            ],
+            limits: Arc::new(limits),
+        });
+        if cards.len() >= MAX_CARDS && !cards.contains_key(key.id.as_str()) {
+            cards.clear();
+        }
+        cards.insert(key.id.clone(), card.clone());
+        card
+    }
+
     /// Whether the counters are shared by the replicas right now (false for a local
     /// limiter and while a shared one falls back).
     pub fn is_shared(&self) -> bool {
@@ -268,17 +334,11 @@ impl Limiter {
     /// What `key` (and `end_user` of it, when given) may still use, and when each limit
     /// resets. Counts nothing.
     pub async fn status(&self, key: &KeyRecord, end_user: Option<&str>) -> LimitStatus {
-        let limits = self.effective(key);
+        let card = self.card(key);
         let now = (self.inner.clock)();
-        let plan = Plan::new(
-            key,
-            &limits,
-            end_user.map(cut_end_user).map(str::to_owned),
-            0,
-            now,
-        );
+        let plan = Plan::new(&card, end_user.map(cut_end_user).map(str::to_owned), 0, now);
         let peek = self.peek(&plan).await;
-        status::build(limits, self.mode(), &plan, peek, now)
+        status::build((*card.limits).clone(), self.mode(), &plan, peek, now)
     }
 
     /// The estimated tokens of a request whose body has `body_len` bytes and asks for at
@@ -289,18 +349,17 @@ impl Limiter {
         prompt.saturating_add(completion.min(crate::storage::MAX_TOKENS_PER_REQUEST))
     }
 
-    /// Checks and counts one request of `key` under `limits` (its effective limits).
+    /// Checks and counts one request of the key of `card` (its [`card`](Self::card)).
     pub(crate) async fn admit(
         &self,
-        key: &KeyRecord,
-        limits: &KeyLimits,
+        card: &KeyCard,
         end_user: Option<&str>,
         tokens: u64,
-    ) -> Result<Option<Admission>, Box<Refusal>> {
-        if !limits.counts() {
+    ) -> Admitted {
+        if !card.limits.counts() {
             return Ok(None);
         }
-        let plan = self.plan(key, limits, end_user, tokens);
+        let plan = self.plan(card, end_user, tokens);
         #[cfg(feature = "redis")]
         let plan = match &self.inner.shared {
             None => plan,
@@ -326,18 +385,17 @@ impl Limiter {
     /// request). `None` when the request must go through `admit`.
     pub(crate) fn admit_now(
         &self,
-        key: &KeyRecord,
-        limits: &KeyLimits,
+        card: &KeyCard,
         end_user: Option<&str>,
         tokens: u64,
-    ) -> Option<Result<Option<Admission>, Box<Refusal>>> {
-        if !limits.counts() {
+    ) -> Option<Admitted> {
+        if !card.limits.counts() {
             return Some(Ok(None));
         }
         if self.inner.shared.is_some() {
             return None;
         }
-        let plan = self.plan(key, limits, end_user, tokens);
+        let plan = self.plan(card, end_user, tokens);
         if (plan.quota.is_some() || plan.user_quota.is_some())
             && self.inner.local.quotas_to_load(&plan) != (false, false)
         {
@@ -346,33 +404,30 @@ impl Limiter {
         Some(self.admit_local(plan))
     }
 
-    fn plan(
-        &self,
-        key: &KeyRecord,
-        limits: &KeyLimits,
-        end_user: Option<&str>,
-        tokens: u64,
-    ) -> Plan {
+    fn plan(&self, card: &KeyCard, end_user: Option<&str>, tokens: u64) -> Plan {
         let now = (self.inner.clock)();
+        let limits = &card.limits;
         let user = end_user
             .filter(|_| limits.per_user_rpm.is_some() || limits.per_user_quota_tokens.is_some())
             .map(str::to_owned);
-        Plan::new(key, limits, user, tokens, now)
+        Plan::new(card, user, tokens, now)
     }
 
-    fn admit_local(&self, plan: Plan) -> Result<Option<Admission>, Box<Refusal>> {
+    fn admit_local(&self, plan: Plan) -> Admitted {
         let granted = self.inner.local.admit(&plan, millis(plan.at))?;
         Ok(Some(self.admission(plan, Backend::Local, granted)))
     }
 
-    fn admission(&self, plan: Plan, backend: Backend, granted: Granted) -> Admission {
-        Admission {
+    /// Boxed where it is made: the request's usage guard keeps it boxed, and an
+    /// `Admission` is large enough that every move of it on the way there costs a copy.
+    fn admission(&self, plan: Plan, backend: Backend, granted: Granted) -> Box<Admission> {
+        Box::new(Admission {
             limiter: self.clone(),
             plan,
             backend,
             granted,
             released: false,
-        }
+        })
     }
 
     /// Reads the tokens used in the period for the quotas not yet counted locally.
@@ -466,7 +521,8 @@ pub(crate) fn cut_end_user(name: &str) -> &str {
 /// end user, the estimate.
 #[derive(Debug, Clone)]
 pub(crate) struct Plan {
-    key: String,
+    /// The key's id (shared with its card).
+    key: Arc<str>,
     user: Option<String>,
     rpm: Option<u64>,
     tpm: Option<u64>,
@@ -483,13 +539,8 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
-    fn new(
-        key: &KeyRecord,
-        limits: &KeyLimits,
-        user: Option<String>,
-        cost: u64,
-        now: DateTime<Utc>,
-    ) -> Self {
+    fn new(card: &KeyCard, user: Option<String>, cost: u64, now: DateTime<Utc>) -> Self {
+        let limits = &*card.limits;
         let period = limits.period();
         let has_user = user.is_some();
         // Calendar arithmetic only for a key with a quota.
@@ -501,7 +552,7 @@ impl Plan {
             (now, now)
         };
         Self {
-            key: key.id.clone(),
+            key: card.id.clone(),
             user,
             rpm: limits.rpm.map(u64::from),
             tpm: limits.tpm,
@@ -674,6 +725,10 @@ impl Admission {
         }
     }
 }
+
+/// What [`Limiter::admit`] answers: the request's admission (`None` when nothing counts
+/// for its key), or why it is refused.
+pub(crate) type Admitted = Result<Option<Box<Admission>>, Box<Refusal>>;
 
 /// What settling a request corrects, in tokens: the `tpm` bucket and the quotas (each
 /// positive when the request used more than it was charged at admission).

@@ -45,7 +45,28 @@ pub struct KeyLimits {
 impl KeyLimits {
     /// Whether no field is set.
     pub fn is_empty(&self) -> bool {
-        self == &KeyLimits::default()
+        // Field by field (a new field cannot be missed: the pattern names them all), not
+        // against a default: this runs on every request.
+        let KeyLimits {
+            models,
+            rpm,
+            tpm,
+            max_parallel,
+            quota_tokens,
+            quota_period,
+            weight,
+            per_user_rpm,
+            per_user_quota_tokens,
+        } = self;
+        models.is_none()
+            && rpm.is_none()
+            && tpm.is_none()
+            && max_parallel.is_none()
+            && quota_tokens.is_none()
+            && quota_period.is_none()
+            && weight.is_none()
+            && per_user_rpm.is_none()
+            && per_user_quota_tokens.is_none()
     }
 
     /// These limits, with each unset field taken from `defaults`.

@@ -38,13 +38,9 @@ impl Setup {
         *self.clock.lock().unwrap() += Duration::milliseconds(ms);
     }
 
-    async fn ask(
-        &self,
-        user: Option<&str>,
-        tokens: u64,
-    ) -> Result<Option<Admission>, Box<Refusal>> {
-        let limits = self.limiter.effective(&self.key);
-        self.limiter.admit(&self.key, &limits, user, tokens).await
+    async fn ask(&self, user: Option<&str>, tokens: u64) -> Admitted {
+        let card = self.limiter.card(&self.key);
+        self.limiter.admit(&card, user, tokens).await
     }
 }
 
@@ -211,8 +207,8 @@ async fn a_quota_counts_from_the_usage_stored_in_the_period() {
     .await
     .unwrap();
     let limiter = Limiter::local_with_clock(KeyLimits::default(), store, move || now);
-    let limits = limiter.effective(&key);
-    let ask = |user| limiter.admit(&key, &limits, user, 10);
+    let card = limiter.card(&key);
+    let ask = |user| limiter.admit(&card, user, 10);
     let refused = ask(Some("ann")).await.unwrap_err();
     assert_eq!(refused.limit, Limit::UserQuota, "ann used her 100 today");
     ask(Some("bob")).await.unwrap().unwrap().settle(Some(40));
@@ -277,15 +273,15 @@ async fn a_store_that_cannot_count_the_quota_is_asked_again_only_after_a_pause()
     });
     let mut key = KeyRecord::new("k", Role::User, &Secret::generate());
     key.limits.quota_tokens = Some(10);
-    let limits = limiter.effective(&key);
+    let card = limiter.card(&key);
     for _ in 0..5 {
         // Admitted: a store outage is no reason to refuse.
-        assert!(limiter.admit(&key, &limits, None, 100).await.is_ok());
+        assert!(limiter.admit(&card, None, 100).await.is_ok());
     }
     let asked = || store.asked.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(asked(), 1);
     *clock.lock().unwrap() += Duration::milliseconds(QUOTA_LOAD_PAUSE_MS);
-    assert!(limiter.admit(&key, &limits, None, 100).await.is_ok());
+    assert!(limiter.admit(&card, None, 100).await.is_ok());
     assert_eq!(asked(), 2);
 }
 
@@ -374,6 +370,33 @@ async fn admin_keys_ignore_the_defaults() {
 }
 
 #[test]
+fn a_keys_card_is_kept_until_its_role_or_limits_change() {
+    let defaults = KeyLimits {
+        rpm: Some(5),
+        ..KeyLimits::default()
+    };
+    let limiter = Limiter::local(defaults, Arc::new(MemoryStore::new()));
+    let mut key = KeyRecord::new("k", Role::User, &Secret::generate());
+    let first = limiter.card(&key);
+    assert_eq!(first.limits.rpm, Some(5), "the defaults");
+    assert!(Arc::ptr_eq(&first, &limiter.card(&key)), "kept");
+    // A new record of the same key (the key cache reads it again): the same card.
+    assert!(Arc::ptr_eq(&first, &limiter.card(&key.clone())));
+    key.limits.tpm = Some(100);
+    let second = limiter.card(&key);
+    assert_eq!((second.limits.rpm, second.limits.tpm), (Some(5), Some(100)));
+    key.limits.rpm = Some(7);
+    assert_eq!(limiter.card(&key).limits.rpm, Some(7));
+    // An admin key has only its own limits.
+    key.role = Role::Admin;
+    key.limits = KeyLimits::default();
+    assert!(limiter.card(&key).limits.is_empty());
+    // Another key of the same limits has its own card.
+    let other = KeyRecord::new("other", Role::User, &Secret::generate());
+    assert_eq!(&*limiter.card(&other).id, other.id);
+}
+
+#[test]
 fn the_fallback_divides_per_minute_and_parallel_limits_but_not_quotas() {
     let key = KeyRecord::new("k", Role::User, &Secret::generate());
     let limits = KeyLimits {
@@ -384,7 +407,14 @@ fn the_fallback_divides_per_minute_and_parallel_limits_but_not_quotas() {
         per_user_rpm: Some(1),
         ..KeyLimits::default()
     };
-    let plan = Plan::new(&key, &limits, Some("u".into()), 1, Utc::now()).divided(4);
+    let card = KeyCard {
+        role: key.role,
+        own: limits.clone(),
+        id: Arc::from(key.id.as_str()),
+        limits: Arc::new(limits),
+        limit_values: [None, None],
+    };
+    let plan = Plan::new(&card, Some("u".into()), 1, Utc::now()).divided(4);
     assert_eq!(plan.rpm, Some(15));
     assert_eq!(plan.tpm, Some(250));
     assert_eq!(plan.parallel, Some(1));
@@ -478,8 +508,8 @@ mod shared_counters {
         }
     }
 
-    async fn admit(limiter: &Limiter, key: &KeyRecord) -> Result<Option<Admission>, Box<Refusal>> {
-        limiter.admit(key, &limiter.effective(key), None, 10).await
+    async fn admit(limiter: &Limiter, key: &KeyRecord) -> Admitted {
+        limiter.admit(&limiter.card(key), None, 10).await
     }
 
     /// A TCP proxy to Redis that the test can stop (closing every connection) and start
@@ -649,12 +679,12 @@ mod shared_counters {
             replicas.iter().all(Limiter::is_shared)
         })
         .await;
-        let limits = replicas[0].effective(&key);
+        let card = replicas[0].card(&key);
         // 700 used: admitted at 700, 800, 900 and 1000 would be refused.
         let mut admitted = 0;
         for i in 0..10 {
             let limiter = &replicas[i % 2];
-            match limiter.admit(&key, &limits, None, 50).await {
+            match limiter.admit(&card, None, 50).await {
                 Ok(Some(admission)) => {
                     admission.settle(Some(100));
                     admitted += 1;
@@ -674,18 +704,12 @@ mod shared_counters {
             per_user_rpm: Some(2),
             ..KeyLimits::default()
         });
-        let limits = replicas[0].effective(&other_key);
-        assert!(replicas[0].admit(&other_key, &limits, ann, 1).await.is_ok());
-        assert!(replicas[1].admit(&other_key, &limits, ann, 1).await.is_ok());
-        let refused = replicas[0]
-            .admit(&other_key, &limits, ann, 1)
-            .await
-            .unwrap_err();
+        let card = replicas[0].card(&other_key);
+        assert!(replicas[0].admit(&card, ann, 1).await.is_ok());
+        assert!(replicas[1].admit(&card, ann, 1).await.is_ok());
+        let refused = replicas[0].admit(&card, ann, 1).await.unwrap_err();
         assert_eq!(refused.limit, Limit::UserRequests);
-        assert!(replicas[1]
-            .admit(&other_key, &limits, Some("bob"), 1)
-            .await
-            .is_ok());
+        assert!(replicas[1].admit(&card, Some("bob"), 1).await.is_ok());
     }
 
     #[tokio::test]
@@ -702,18 +726,14 @@ mod shared_counters {
             quota_tokens: Some(1_000_000),
             ..KeyLimits::default()
         });
-        let limits = limiter.effective(&key);
-        let long = limiter
-            .admit(&key, &limits, None, 10)
-            .await
-            .unwrap()
-            .unwrap();
+        let card = limiter.card(&key);
+        let long = limiter.admit(&card, None, 10).await.unwrap().unwrap();
         tokio::time::sleep(Duration::from_millis(1300)).await;
         // The answer used two minutes' tokens: owed in full, though the key expired.
         long.settle(Some(120_010));
         let mut refused = None;
         for _ in 0..50 {
-            match limiter.admit(&key, &limits, None, 10).await {
+            match limiter.admit(&card, None, 10).await {
                 Err(refusal) => {
                     refused = Some(refusal);
                     break;
@@ -734,8 +754,8 @@ mod shared_counters {
             quota_tokens: Some(1000),
             ..KeyLimits::default()
         });
-        let limits = limiter.effective(&other);
-        let huge = limiter.admit(&other, &limits, None, 1_000_000_000);
+        let card = limiter.card(&other);
+        let huge = limiter.admit(&card, None, 1_000_000_000);
         huge.await.unwrap().unwrap().settle(None);
         until_used(&limiter, &other, 0).await;
         let used = limiter.status(&key, None).await.quota.unwrap().used;

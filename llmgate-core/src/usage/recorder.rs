@@ -1034,8 +1034,8 @@ impl UsageGuard {
     }
 
     /// The limiter admitted the request: the guard settles it.
-    pub(crate) fn set_admission(&mut self, admission: Admission) {
-        self.admission = Some(Box::new(admission));
+    pub(crate) fn set_admission(&mut self, admission: Box<Admission>) {
+        self.admission = Some(admission);
     }
 
     /// The client has gone: the request's place in flight is free (its tokens are
