@@ -324,3 +324,92 @@ mod tests {
         assert!(started.elapsed() < Duration::from_millis(600));
     }
 }
+
+#[cfg(test)]
+mod model_tests {
+    use std::convert::Infallible;
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use http::{Request, Response};
+    use http_body_util::{BodyExt, Full};
+    use tower::{service_fn, Layer, ServiceExt};
+
+    use crate::auth::{KeyCache, KeyRecord, Role, Secret};
+    use crate::auth_usage::{AuthUsageLayer, RequestedModel, ServedModel};
+    use crate::storage::{KeyStore, MemoryStore, UsageStore};
+    use crate::usage::UsageRecorder;
+
+    /// The service inside sees the model the body names; usage goes under the name it
+    /// says served the request (an alias resolved), else under the name asked for (not
+    /// the one the answer's body gives), also when the client leaves before the answer.
+    #[tokio::test]
+    async fn the_named_model_reaches_the_service_inside_and_usage_goes_under_the_served_name() {
+        let store = Arc::new(MemoryStore::new());
+        let secret = Secret::generate();
+        let key = KeyRecord::new("alice", Role::User, &secret);
+        store.insert_key(&key, &secret.hash()).await.unwrap();
+        let (recorder, writer) = UsageRecorder::start(store.clone());
+        let layer = AuthUsageLayer::new(KeyCache::new(store.clone()), recorder.clone());
+        let model = service_fn(|request: Request<Full<Bytes>>| async move {
+            let asked = request.extensions().get::<RequestedModel>().cloned();
+            let Some(RequestedModel(name)) = asked else {
+                return Ok::<_, Infallible>(
+                    Response::builder()
+                        .status(500)
+                        .body(Full::default())
+                        .unwrap(),
+                );
+            };
+            if &*name == "hang" {
+                std::future::pending::<()>().await;
+            }
+            let body =
+                r#"{"model":"from-the-body","usage":{"prompt_tokens":1,"completion_tokens":2}}"#;
+            let mut response = Response::builder()
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from_static(body.as_bytes())))
+                .unwrap();
+            if &*name == "short" {
+                response
+                    .extensions_mut()
+                    .insert(ServedModel(Arc::from("the-full-name")));
+            }
+            Ok(response)
+        });
+        let service = layer.layer(model);
+        let send = |model: &str| {
+            let request = Request::post("/v1/chat/completions")
+                .header("authorization", format!("Bearer {}", secret.expose()))
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(format!(r#"{{"model":"{model}"}}"#))))
+                .unwrap();
+            service.clone().oneshot(request)
+        };
+        for model in ["short", "exact"] {
+            let response = send(model).await.unwrap();
+            assert_eq!(response.status(), 200, "{model}");
+            response.into_body().collect().await.unwrap();
+        }
+        // The client leaves while the model server has not answered.
+        let left = tokio::time::timeout(std::time::Duration::from_millis(100), send("hang")).await;
+        assert!(left.is_err());
+
+        recorder.flush().await;
+        let rows = store.requests(&key.id, None, 10).await.unwrap();
+        let mut recorded: Vec<_> = rows
+            .iter()
+            .map(|r| (r.model.as_deref(), r.status))
+            .collect();
+        recorded.sort();
+        assert_eq!(
+            recorded,
+            [
+                (Some("exact"), 200),
+                (Some("hang"), 499),
+                (Some("the-full-name"), 200)
+            ]
+        );
+        writer.shutdown().await;
+    }
+}
