@@ -10,6 +10,7 @@ use http_body::Body;
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use tower::{Service, ServiceExt};
 
+use super::body::Tracking;
 use super::layer::Shared;
 use super::{limit, AuthUsageBody, RequestedModel, ResponseFuture, ServedModel, UsageBody};
 use crate::auth::{now_millis, AuthError, Caller};
@@ -114,14 +115,15 @@ where
 
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
-    let mut guard = UsageGuard::new(
+    let mut tracking = Tracking::new(UsageGuard::new(
         shared.recorder.clone(),
         &key,
         method.as_str(),
         path,
         at,
         started,
-    );
+    ));
+    let guard = &mut tracking.guard;
 
     let counting = if guard.counts_tokens() {
         ForCounting::Keep
@@ -231,7 +233,7 @@ where
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let body = UsageBody::tracked(body, guard, content_type, plan);
+    let body = UsageBody::tracked(body, tracking, content_type, plan);
     if body.edits() {
         parts.headers.remove(header::CONTENT_LENGTH);
     }
