@@ -374,11 +374,13 @@ pub struct App {
 }
 
 pin_project_lite::pin_project! {
-    /// The [`App`]'s answer on its way.
+    /// The [`App`]'s answer on its way. The access log's future is boxed: unboxed, it
+    /// would make every model call's future (a few dozen bytes) as large as its own
+    /// (hundreds), and each move of it on the way to the connection that much dearer.
     pub struct AppFuture {
         #[pin]
         inner: Either<
-            <Served<Dispatch> as Service<Request>>::Future,
+            Pin<Box<<Served<Dispatch> as Service<Request>>::Future>>,
             <CatchPanic<FastGateway, AnswerPanic> as Service<Request>>::Future,
         >,
         // For a model call: counts it in `llmgate_rate_limited_total` if the limiter
@@ -436,7 +438,7 @@ impl Service<Request> for App {
         let model_call = Dispatch::is_model_call(request.uri().path());
         let inner = match &mut self.fast {
             Some(fast) if model_call => Either::Right(fast.call(request)),
-            _ => Either::Left(self.inner.call(request)),
+            _ => Either::Left(Box::pin(self.inner.call(request))),
         };
         AppFuture {
             inner,
