@@ -96,15 +96,12 @@ impl AppState {
 pub fn app(state: AppState, max_body_bytes: usize) -> App {
     let keys = state.keys.clone();
     state.metrics.set_limiter(state.limiter.clone());
-    let counted_in = state.metrics.clone();
+    let refusals_in = state.metrics.clone();
     let metered = AuthUsageLayer::new(keys.clone(), state.recorder.clone())
         .max_body_bytes(max_body_bytes)
         .limiter(state.limiter.clone());
     let router_of_models = ModelRouter::new(state.models.clone());
-    let gateway = CountRefusals {
-        inner: metered.layer(NoteCaller(router_of_models.clone())),
-        metrics: counted_in.clone(),
-    };
+    let gateway = metered.layer(NoteCaller(router_of_models.clone()));
     let admin = Router::new()
         .route("/usage", get(routes::usage::all))
         .route("/usage/rejected", get(routes::usage::rejected))
@@ -170,13 +167,10 @@ pub fn app(state: AppState, max_body_bytes: usize) -> App {
     // Nor do they need the caller noted: without the access log's layers there is no
     // span to note it in.
     App {
-        fast: (!traced_model_calls).then(|| {
-            CatchPanicLayer::custom(AnswerPanic).layer(CountRefusals {
-                inner: metered.layer(router_of_models),
-                metrics: counted_in,
-            })
-        }),
+        fast: (!traced_model_calls)
+            .then(|| CatchPanicLayer::custom(AnswerPanic).layer(metered.layer(router_of_models))),
         inner: served(dispatch),
+        metrics: refusals_in,
     }
 }
 
@@ -375,16 +369,25 @@ pub struct App {
     inner: Served<Dispatch>,
     /// Model calls past the access log's layers, when it would not show them.
     fast: Option<CatchPanic<FastGateway, AnswerPanic>>,
+    /// Where model calls the limiter refused are counted.
+    metrics: Arc<Metrics>,
 }
 
 pin_project_lite::pin_project! {
-    /// The [`App`]'s answer on its way.
+    /// The [`App`]'s answer on its way. The access log's future is boxed: unboxed, it
+    /// would make every model call's future (a few dozen bytes) as large as its own
+    /// (hundreds), and each move of it on the way to the connection that much dearer.
     pub struct AppFuture {
         #[pin]
         inner: Either<
-            <Served<Dispatch> as Service<Request>>::Future,
+            Pin<Box<<Served<Dispatch> as Service<Request>>::Future>>,
             <CatchPanic<FastGateway, AnswerPanic> as Service<Request>>::Future,
         >,
+        // For a model call: counts it in `llmgate_rate_limited_total` if the limiter
+        // refused it. Here rather than in a layer of its own around the metered proxy:
+        // a look at each answer's status is all it needs, and a layer's future would
+        // add its own poll and move of the answer to every model call.
+        refusals: Option<Arc<Metrics>>,
     }
 }
 
@@ -392,14 +395,23 @@ impl Future for AppFuture {
     type Output = Result<http::Response<AppBody>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().inner.as_pin_mut() {
+        let this = self.project();
+        let Ok(answer) = std::task::ready!(match this.inner.as_pin_mut() {
             Either::Left(traced) => traced
                 .poll(cx)
                 .map_ok(|answer| answer.map(http_body_util::Either::Left)),
             Either::Right(fast) => fast
                 .poll(cx)
                 .map_ok(|answer| answer.map(http_body_util::Either::Right)),
+        });
+        if answer.status() == http::StatusCode::TOO_MANY_REQUESTS {
+            if let (Some(Refused(reason)), Some(metrics)) =
+                (answer.extensions().get::<Refused>(), this.refusals.take())
+            {
+                metrics.rate_limited(reason);
+            }
         }
+        Poll::Ready(Ok(answer))
     }
 }
 
@@ -423,13 +435,15 @@ impl Service<Request> for App {
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
+        let model_call = Dispatch::is_model_call(request.uri().path());
         let inner = match &mut self.fast {
-            Some(fast) if Dispatch::is_model_call(request.uri().path()) => {
-                Either::Right(fast.call(request))
-            }
-            _ => Either::Left(self.inner.call(request)),
+            Some(fast) if model_call => Either::Right(fast.call(request)),
+            _ => Either::Left(Box::pin(self.inner.call(request))),
         };
-        AppFuture { inner }
+        AppFuture {
+            inner,
+            refusals: model_call.then(|| self.metrics.clone()),
+        }
     }
 }
 
@@ -448,70 +462,10 @@ impl Dispatch {
 }
 
 /// The metered proxy, sending each call to the model it names.
-type Gateway = CountRefusals<AuthUsage<NoteCaller<ModelRouter>>>;
-
-/// Counts the model calls the limiter refused (in `llmgate_rate_limited_total`), by the
-/// reason it gives them ([`Refused`]). A look at the status of each answer, nothing more
-/// for the others.
-#[derive(Clone, Debug)]
-struct CountRefusals<S> {
-    inner: S,
-    metrics: Arc<Metrics>,
-}
-
-impl<S, R, B> Service<R> for CountRefusals<S>
-where
-    S: Service<R, Response = http::Response<B>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = Counted<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: R) -> Self::Future {
-        Counted {
-            inner: self.inner.call(request),
-            metrics: Some(self.metrics.clone()),
-        }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// [`CountRefusals`]' answer on its way.
-    struct Counted<F> {
-        #[pin]
-        inner: F,
-        metrics: Option<Arc<Metrics>>,
-    }
-}
-
-impl<F, B, E> Future for Counted<F>
-where
-    F: Future<Output = Result<http::Response<B>, E>>,
-{
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let output = std::task::ready!(this.inner.poll(cx));
-        if let Ok(response) = &output {
-            if response.status() == http::StatusCode::TOO_MANY_REQUESTS {
-                if let (Some(Refused(reason)), Some(metrics)) =
-                    (response.extensions().get::<Refused>(), this.metrics.take())
-                {
-                    metrics.rate_limited(reason);
-                }
-            }
-        }
-        Poll::Ready(output)
-    }
-}
+type Gateway = AuthUsage<NoteCaller<ModelRouter>>;
 
 /// The metered proxy of model calls that skip the access log's layers.
-type FastGateway = CountRefusals<AuthUsage<ModelRouter>>;
+type FastGateway = AuthUsage<ModelRouter>;
 
 /// An answer's body: the metered proxy's, or the router's (no box for either: the
 /// panic layer boxes it once).
@@ -519,7 +473,7 @@ type DispatchBody = http_body_util::Either<AuthUsageBody<RoutedBody>, Body>;
 type GatewayResponse = http::Response<AuthUsageBody<RoutedBody>>;
 type DispatchResult = Result<http::Response<DispatchBody>, Infallible>;
 type GatewayFuture = futures_util::future::Map<
-    Counted<ResponseFuture<RoutedBody, Infallible>>,
+    ResponseFuture<RoutedBody, Infallible>,
     fn(Result<GatewayResponse, Infallible>) -> DispatchResult,
 >;
 type RouterFuture = futures_util::future::Map<

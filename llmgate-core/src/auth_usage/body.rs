@@ -43,8 +43,12 @@ impl<B> std::fmt::Debug for UsageBody<B> {
     }
 }
 
-struct Tracking {
-    guard: UsageGuard,
+/// A request's usage guard, and what its answer's body reads the usage with. The layer
+/// boxes it as soon as the key is accepted: the guard (a few hundred bytes) then stays
+/// where it is on its way from the layer's future into the body, instead of being
+/// copied at each step, and the future is that much smaller.
+pub(super) struct Tracking {
+    pub(super) guard: UsageGuard,
     extractor: Extractor,
     /// Edited SSE events waiting to go out.
     ready: VecDeque<Bytes>,
@@ -61,10 +65,11 @@ enum Extractor {
 }
 
 impl<B> UsageBody<B> {
-    /// A body whose usage is read according to its content type.
-    pub(crate) fn tracked(
+    /// A body whose usage is read according to its content type, into `tracking` (from
+    /// [`Tracking::new`]).
+    pub(super) fn tracked(
         inner: B,
-        guard: UsageGuard,
+        mut tracking: Box<Tracking>,
         content_type: &str,
         plan: RequestPlan,
     ) -> Self
@@ -78,7 +83,7 @@ impl<B> UsageBody<B> {
             } else {
                 StreamUsage::AsSent
             };
-            let text = if plan.for_counting.is_some() && guard.counts_tokens() {
+            let text = if plan.for_counting.is_some() && tracking.guard.counts_tokens() {
                 StreamText::Gather
             } else {
                 StreamText::Skip
@@ -91,16 +96,12 @@ impl<B> UsageBody<B> {
         };
         let finish_in_background = matches!(extractor, Extractor::Json(_))
             .then_some(read_rest_for_usage::<B> as ReadRest<B>);
+        tracking.extractor = extractor;
+        tracking.counting = plan.for_counting;
         Self {
             inner: Some(Box::pin(inner)),
             finish_in_background,
-            tracking: Some(Box::new(Tracking {
-                guard,
-                extractor,
-                ready: VecDeque::new(),
-                inner_done: false,
-                counting: plan.for_counting,
-            })),
+            tracking: Some(tracking),
         }
     }
 
@@ -113,6 +114,18 @@ impl<B> UsageBody<B> {
 }
 
 impl Tracking {
+    /// `guard`'s tracking, with nothing to read yet: dropped before an answer, it only
+    /// settles the guard.
+    pub(super) fn new(guard: UsageGuard) -> Box<Self> {
+        Box::new(Self {
+            guard,
+            extractor: Extractor::Nothing,
+            ready: VecDeque::new(),
+            inner_done: false,
+            counting: None,
+        })
+    }
+
     /// The inner body has ended: read its usage now.
     fn end(&mut self) {
         self.inner_done = true;
@@ -343,7 +356,7 @@ mod tests {
         let body = StreamBody::new(futures_util::stream::iter(frames));
         let tracked = UsageBody::tracked(
             body,
-            guard,
+            Tracking::new(guard),
             "application/json; charset=utf-8",
             RequestPlan::default(),
         );
@@ -367,7 +380,7 @@ mod tests {
         let json = r#"{"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}"#;
         let mut tracked = UsageBody::tracked(
             Full::new(Bytes::from_static(json.as_bytes())),
-            guard,
+            Tracking::new(guard),
             "application/json",
             RequestPlan::default(),
         );

@@ -27,27 +27,23 @@ pub(super) fn end_user(from_body: Option<String>, headers: &HeaderMap) -> Option
 }
 
 /// `X-OpenWebUI-User-Id`, else `-Email` (the first value of each, trimmed, if not
-/// empty). One pass over the headers, comparing lengths and a prefix, instead of two
-/// hashed lookups: it runs on every request, and nearly none has them.
+/// empty). One pass over the header names, comparing lengths and a prefix, instead of
+/// two hashed lookups: it runs on every request, and nearly none has them. The names
+/// alone: walking the values too costs more than the comparisons.
 fn from_headers(headers: &HeaderMap) -> Option<&str> {
+    let text = |name: &HeaderName| {
+        let value = headers.get(name)?.to_str().ok()?.trim();
+        (!value.is_empty()).then_some(value)
+    };
     let mut email = None;
-    let mut seen = (false, false);
-    for (name, value) in headers {
-        let Some(rest) = name.as_str().strip_prefix(END_USER_HEADER_PREFIX) else {
-            continue;
-        };
-        let text = || value.to_str().ok().map(str::trim).filter(|v| !v.is_empty());
-        match rest {
-            "id" if !seen.0 => {
-                seen.0 = true;
-                if let Some(id) = text() {
+    for name in headers.keys() {
+        match name.as_str().strip_prefix(END_USER_HEADER_PREFIX) {
+            Some("id") => {
+                if let Some(id) = text(name) {
                     return Some(id);
                 }
             }
-            "email" if !seen.1 => {
-                seen.1 = true;
-                email = text();
-            }
+            Some("email") => email = text(name),
             _ => {}
         }
     }

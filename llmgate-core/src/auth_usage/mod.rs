@@ -71,9 +71,10 @@ pub use service::{AuthUsage, BODY_STALL_TIMEOUT};
 
 /// The model a request names (the `model` of its JSON body, or of its multipart form),
 /// as the layer read it. The layer puts it in the request's extensions, so the service
-/// inside can pick a model server by it without reading the body again.
+/// inside can pick a model server by it without reading the body again. Shared: the
+/// request's usage record holds the same name.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RequestedModel(pub String);
+pub struct RequestedModel(pub std::sync::Arc<str>);
 
 /// The model that served a request, by its canonical name. The service inside the layer
 /// may put it in the response's extensions (a router that resolved an alias): usage is

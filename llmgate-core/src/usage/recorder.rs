@@ -65,6 +65,9 @@ enum Message {
 /// A record whose tokens the writer must still count.
 struct Pending {
     record: RequestRecord,
+    /// The record's model, still shared with the request (see [`UsageGuard`]): the writer
+    /// makes the record's copy.
+    model: Option<Arc<str>>,
     key_name: String,
     count: Option<(Arc<Value>, String)>,
     /// The limiter's count of the request, settled once its tokens are known (boxed:
@@ -563,7 +566,10 @@ impl Intake {
         let mut pending = Vec::with_capacity(messages.len());
         for message in messages.drain(..) {
             match message {
-                Message::Record(record) => pending.push(record),
+                Message::Record(mut record) => {
+                    record.record.model = record.model.take().map(|m| String::from(&*m));
+                    pending.push(record);
+                }
                 Message::Flush(done) => items.push((pending.len(), done)),
             }
         }
@@ -902,6 +908,7 @@ async fn settle_count(
         count,
         key_name,
         admission,
+        ..
     } = pending;
     if let (Some(counter), Some((request, completion))) = (counter, count) {
         match counter.count(&request, &completion).await {
@@ -933,6 +940,11 @@ fn tokens_of(record: &RequestRecord) -> Option<u64> {
 pub(crate) struct UsageGuard {
     recorder: UsageRecorder,
     record: Option<RequestRecord>,
+    /// The model, kept apart from `record` until the writer has it: the same name as the
+    /// request's [`RequestedModel`](crate::auth_usage::RequestedModel), and the
+    /// router's [`ServedModel`](crate::auth_usage::ServedModel), without a copy on the
+    /// request path.
+    model: Option<Arc<str>>,
     key_name: String,
     started: Instant,
     /// The request as JSON and the streamed text, for the token counter.
@@ -973,6 +985,7 @@ impl UsageGuard {
         Self {
             recorder,
             record: Some(record),
+            model: None,
             key_name: key.name.clone(),
             started,
             count: None,
@@ -1000,20 +1013,18 @@ impl UsageGuard {
         record.first_byte_ms = Some(elapsed);
     }
 
-    /// The model of the request, unless one is known already (a name given as `&str` is
-    /// copied only then).
-    pub(crate) fn set_model(&mut self, model: Option<impl Into<String>>) {
-        let record = self.record();
-        if record.model.is_none() {
-            record.model = model.map(Into::into);
+    /// The model of the request, unless one is known already (a name given as `&str` or
+    /// `String` is copied only then).
+    pub(crate) fn set_model(&mut self, model: Option<impl Into<Arc<str>>>) {
+        if self.model.is_none() {
+            self.model = model.map(Into::into);
         }
     }
 
     /// The model that served the request, in place of the name the client sent.
-    pub(crate) fn replace_model(&mut self, model: &str) {
-        let record = self.record();
-        if record.model.as_deref() != Some(model) {
-            record.model = Some(model.to_owned());
+    pub(crate) fn replace_model(&mut self, model: &Arc<str>) {
+        if self.model.as_deref() != Some(&**model) {
+            self.model = Some(model.clone());
         }
     }
 
@@ -1052,7 +1063,7 @@ impl UsageGuard {
     }
 
     pub(crate) fn has_model(&self) -> bool {
-        self.record.as_ref().is_some_and(|r| r.model.is_some())
+        self.model.is_some()
     }
 
     pub(crate) fn has_usage(&self) -> bool {
@@ -1084,6 +1095,7 @@ impl Drop for UsageGuard {
             let key_name = std::mem::take(&mut self.key_name);
             self.recorder.send(Pending {
                 record,
+                model: self.model.take(),
                 key_name,
                 count,
                 admission,

@@ -12,8 +12,9 @@ use super::scan;
 /// What the response side needs to know about the request.
 #[derive(Debug, Default)]
 pub(crate) struct RequestPlan {
-    /// The `model` field.
-    pub model: Option<String>,
+    /// The `model` field: shared by the usage record and the request's
+    /// [`RequestedModel`](crate::auth_usage::RequestedModel), without a copy.
+    pub model: Option<Arc<str>>,
     /// The gateway added `stream_options.include_usage` to get token counts: the usage
     /// chunk (and the `usage: null` fields) must be taken out of what the client sees.
     pub strip_stream_usage: bool,
@@ -49,7 +50,7 @@ struct StreamOptions {
 /// What the gateway reads from a request.
 #[derive(Debug, Default, PartialEq)]
 struct Fields {
-    model: Option<String>,
+    model: Option<Arc<str>>,
     streams: bool,
     asked_for_usage: bool,
     user: Option<String>,
@@ -61,7 +62,7 @@ impl Fields {
     fn of(body: &[u8]) -> Option<Self> {
         if let Ok(peek) = serde_json::from_slice::<Peek<'_>>(body) {
             return Some(Self {
-                model: peek.model.map(Cow::into_owned),
+                model: peek.model.as_deref().map(Arc::from),
                 streams: peek.stream == Some(true),
                 asked_for_usage: peek.stream_options.and_then(|o| o.include_usage) == Some(true),
                 user: peek.user.filter(|u| !u.is_empty()).map(Cow::into_owned),
@@ -73,10 +74,7 @@ impl Fields {
         // `"stream": true` does not stream past the meter.
         let value = serde_json::from_slice::<Value>(body).ok()?;
         Some(Self {
-            model: value
-                .get("model")
-                .and_then(Value::as_str)
-                .map(str::to_owned),
+            model: value.get("model").and_then(Value::as_str).map(Arc::from),
             streams: value.get("stream").is_some_and(truthy),
             asked_for_usage: value.pointer("/stream_options/include_usage")
                 == Some(&Value::Bool(true)),
@@ -146,7 +144,8 @@ pub(crate) fn inspect_request(
         // Uploads (audio transcriptions and translations) name their model in a form.
         let model = content_type
             .and_then(multipart_boundary)
-            .and_then(|boundary| multipart_model(&body, boundary));
+            .and_then(|boundary| multipart_model(&body, boundary))
+            .map(Arc::from);
         return (
             body,
             RequestPlan {

@@ -184,10 +184,7 @@ impl Service<Request<Body>> for ModelRouter {
                 )));
             }
         }
-        let requested = request
-            .extensions()
-            .get::<RequestedModel>()
-            .map(|m| m.0.as_str());
+        let requested = request.extensions().get::<RequestedModel>().map(|m| &*m.0);
         let (slot, served) = match self.registry.resolve(requested) {
             Ok(route) => (route.slot, route.served),
             Err(err) => {
