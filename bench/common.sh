@@ -46,12 +46,17 @@ bench_key() {
   "$1" keys create "${3:-bench}" --json --data-dir "$2" ${KEY_FLAGS:-} | sed -E 's/.*"key":"([^"]+)".*/\1/'
 }
 
-# wrk_script FILE KEY: a wrk script that POSTs REQUEST with the key.
+# wrk_script FILE KEY: a wrk script that POSTs REQUEST with the key, and prints the
+# 99.9th percentile of the latency (which wrk's --latency leaves out) as
+# "Latency p99.9: N.NNms".
 wrk_script() {
   cat > "$1" <<LUA
 wrk.method = "POST"
 wrk.body = '$REQUEST'
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer $2"
+function done(summary, latency, requests)
+  io.write(string.format("Latency p99.9: %.2fms\\n", latency:percentile(99.9) / 1000))
+end
 LUA
 }

@@ -157,6 +157,7 @@ field() { # file pattern
     rps) sed -nE 's/^Requests\/sec:[[:space:]]+([0-9.]+).*/\1/p' "$1" ;;
     p50) sed -nE 's/^[[:space:]]+50%[[:space:]]+([0-9.]+[a-z]+).*/\1/p' "$1" ;;
     p99) sed -nE 's/^[[:space:]]+99%[[:space:]]+([0-9.]+[a-z]+).*/\1/p' "$1" ;;
+    p999) sed -nE 's/^Latency p99\.9: ([0-9.]+ms).*/\1/p' "$1" ;;
     errors) grep -E 'Non-2xx|Socket errors' "$1" | tr '\n' ' ' ;;
   esac
 }
@@ -183,11 +184,11 @@ EXACT=no
   echo "Run: $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, workers: $WORKERS, wrk -t1 -c$CONNECTIONS -d${DURATION}s, POST /v1/chat/completions,"
   echo "median of $ROUNDS alternating rounds (all rounds, requests/s: $(for t in $TARGETS; do echo -n "$t "; for r in $(seq "$ROUNDS"); do echo -n "$(field "$WORK/$t.$r.txt" rps) "; done; done))"
   echo
-  echo "| path | requests/s | p50 | p99 | proxy CPU per request | machine CPU per request | machine idle | errors |"
-  echo "|---|---:|---:|---:|---:|---:|---:|---|"
+  echo "| path | requests/s | p50 | p99 | p99.9 | proxy CPU per request | machine CPU per request | machine idle | errors |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---|"
   for n in $TARGETS; do
     c="-"; [ "$n" != direct ] && c="$(CPU_MEDIAN "$n") µs"
-    echo "| $n | $(field "$WORK/$n.txt" rps) | $(field "$WORK/$n.txt" p50) | $(field "$WORK/$n.txt" p99) | $c | $(MACHINE_MEDIAN "$n" 1) µs | $(MACHINE_MEDIAN "$n" 2) % | $(field "$WORK/$n.txt" errors) |"
+    echo "| $n | $(field "$WORK/$n.txt" rps) | $(field "$WORK/$n.txt" p50) | $(field "$WORK/$n.txt" p99) | $(field "$WORK/$n.txt" p999) | $c | $(MACHINE_MEDIAN "$n" 1) µs | $(MACHINE_MEDIAN "$n" 2) % | $(field "$WORK/$n.txt" errors) |"
   done
   echo
   echo "llmgate / nginx requests/s: **$RATIO** (medians; bar: ≥ 0.80); round by round: $RATIOS(median **$PAIRED**)"
