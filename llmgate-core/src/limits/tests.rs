@@ -396,10 +396,46 @@ fn a_keys_card_is_kept_until_its_role_or_limits_change() {
     assert_eq!(&*limiter.card(&other).id, other.id);
 }
 
+/// A limiter whose clock stands still: buckets do not refill during a test.
+fn still_limiter(defaults: KeyLimits) -> Limiter {
+    let now = Utc.with_ymd_and_hms(2026, 12, 2, 12, 0, 0).unwrap();
+    Limiter::local_with_clock(defaults, Arc::new(MemoryStore::new()), move || now)
+}
+
+#[test]
+fn counts_are_exact_across_threads() {
+    // 8 threads at once, each trying 100 requests that it keeps in flight: exactly
+    // max_parallel are admitted each round; the requests per minute run out exactly.
+    let limiter = still_limiter(KeyLimits::default());
+    let mut key = KeyRecord::new("k", Role::User, &Secret::generate());
+    key.limits.rpm = Some(1000);
+    key.limits.max_parallel = Some(300);
+    for expected in [300, 300, 300, 100, 0] {
+        // Each thread keeps its requests in flight until every thread has counted.
+        let counted = std::sync::Barrier::new(8);
+        let admitted: usize = std::thread::scope(|s| {
+            let threads: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        let card = limiter.card(&key);
+                        let held: Vec<_> = (0..100)
+                            .filter_map(|_| limiter.admit_now(&card, None, 1)?.ok().flatten())
+                            .collect();
+                        counted.wait();
+                        held.len()
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap()).sum()
+        });
+        assert_eq!(admitted, expected);
+    }
+}
+
 #[test]
 fn the_fallback_divides_per_minute_and_parallel_limits_but_not_quotas() {
-    let key = KeyRecord::new("k", Role::User, &Secret::generate());
-    let limits = KeyLimits {
+    let mut key = KeyRecord::new("k", Role::User, &Secret::generate());
+    key.limits = KeyLimits {
         rpm: Some(60),
         tpm: Some(1000),
         max_parallel: Some(3),
@@ -407,13 +443,8 @@ fn the_fallback_divides_per_minute_and_parallel_limits_but_not_quotas() {
         per_user_rpm: Some(1),
         ..KeyLimits::default()
     };
-    let card = KeyCard {
-        role: key.role,
-        own: limits.clone(),
-        id: Arc::from(key.id.as_str()),
-        limits: Arc::new(limits),
-        limit_values: [None, None],
-    };
+    let limiter = Limiter::local(KeyLimits::default(), Arc::new(MemoryStore::new()));
+    let card = limiter.card(&key);
     let plan = Plan::new(&card, Some("u".into()), 1, Utc::now()).divided(4);
     assert_eq!(plan.rpm, Some(15));
     assert_eq!(plan.tpm, Some(250));
@@ -679,12 +710,11 @@ mod shared_counters {
             replicas.iter().all(Limiter::is_shared)
         })
         .await;
-        let card = replicas[0].card(&key);
         // 700 used: admitted at 700, 800, 900 and 1000 would be refused.
         let mut admitted = 0;
         for i in 0..10 {
             let limiter = &replicas[i % 2];
-            match limiter.admit(&card, None, 50).await {
+            match limiter.admit(&limiter.card(&key), None, 50).await {
                 Ok(Some(admission)) => {
                     admission.settle(Some(100));
                     admitted += 1;
@@ -704,12 +734,12 @@ mod shared_counters {
             per_user_rpm: Some(2),
             ..KeyLimits::default()
         });
-        let card = replicas[0].card(&other_key);
-        assert!(replicas[0].admit(&card, ann, 1).await.is_ok());
-        assert!(replicas[1].admit(&card, ann, 1).await.is_ok());
-        let refused = replicas[0].admit(&card, ann, 1).await.unwrap_err();
+        let cards = [replicas[0].card(&other_key), replicas[1].card(&other_key)];
+        assert!(replicas[0].admit(&cards[0], ann, 1).await.is_ok());
+        assert!(replicas[1].admit(&cards[1], ann, 1).await.is_ok());
+        let refused = replicas[0].admit(&cards[0], ann, 1).await.unwrap_err();
         assert_eq!(refused.limit, Limit::UserRequests);
-        assert!(replicas[1].admit(&card, Some("bob"), 1).await.is_ok());
+        assert!(replicas[1].admit(&cards[1], Some("bob"), 1).await.is_ok());
     }
 
     #[tokio::test]
