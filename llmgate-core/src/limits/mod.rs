@@ -37,8 +37,9 @@ mod settings;
 mod shared;
 mod status;
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -64,9 +65,12 @@ const QUOTA_LOAD_TIMEOUT: Duration = Duration::from_secs(2);
 /// without their quota before the store is asked again: a store that hangs must not
 /// make every request wait [`QUOTA_LOAD_TIMEOUT`].
 const QUOTA_LOAD_PAUSE_MS: i64 = 10_000;
-/// Keys whose [`KeyCard`] is kept at once; past it they are all forgotten (and made
-/// again on their next request). As many as the key cache holds.
+/// Keys whose [`KeyCard`] a thread keeps at once; past it they are all forgotten (and
+/// made again on their next request). As many as the key cache holds.
 const MAX_CARDS: usize = 100_000;
+/// Limiters whose cards a thread keeps at once (a process has one; tests make many):
+/// past it, the cards of the one it saw first are forgotten.
+const MAX_LIMITERS_PER_THREAD: usize = 4;
 
 /// The effective limits of the request's key, which the metering layer puts in the
 /// request's extensions when it has a [`Limiter`]: a router can list only the models
@@ -121,9 +125,10 @@ pub struct Limiter {
 }
 
 struct Inner {
+    /// Which limiter of the process this is: the cards each thread keeps are kept by
+    /// it, so that two limiters never share one.
+    id: u64,
     defaults: KeyLimits,
-    /// Each key's card, by key id.
-    cards: Mutex<HashMap<String, Arc<KeyCard>>>,
     usage: Arc<dyn UsageStore>,
     estimate: AtomicU64,
     /// Until when (ms since the epoch) quota counts are not read from the store, after
@@ -144,6 +149,9 @@ type SharedCounters = std::convert::Infallible;
 /// Shared with the cards, which settle requests without the limiter.
 type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
 
+/// The ids of limiters: the next one made takes this one.
+static NEXT_LIMITER_ID: AtomicU64 = AtomicU64::new(1);
+
 /// A map keyed by key ids: foldhash, several times cheaper per lookup than SipHash.
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
@@ -156,7 +164,13 @@ pub(crate) type LimitValues = [Option<(u64, http::HeaderValue)>; 2];
 /// effective limits (shared by the request's [`Effective`]), their header values, and
 /// its counters (which its [`Admission`] releases and settles through it). Made again
 /// when the key's role or limits change.
+///
+/// Each thread keeps its own cards ([`Limiter::card`]): what a request clones and drops
+/// of its card (its reference count, its limits', its header values') is then memory
+/// no other thread writes. Only the counters are the same for every thread.
 pub(crate) struct KeyCard {
+    /// The limiter that made it.
+    limiter: u64,
     /// What it was made from: the card holds while the key still has these.
     role: Role,
     own: KeyLimits,
@@ -179,6 +193,38 @@ impl std::fmt::Debug for KeyCard {
             .field("limits", &self.limits)
             .finish_non_exhaustive()
     }
+}
+
+/// A thread's cards, by limiter and key id.
+struct ThreadCards {
+    limiters: Vec<(u64, HashMap<String, Arc<KeyCard>>)>,
+}
+
+impl ThreadCards {
+    /// The cards `limiter` keeps in this thread.
+    fn of(&mut self, limiter: u64) -> &mut HashMap<String, Arc<KeyCard>> {
+        let at = match self.limiters.iter().position(|(id, _)| *id == limiter) {
+            Some(at) => at,
+            None => {
+                if self.limiters.len() >= MAX_LIMITERS_PER_THREAD {
+                    self.limiters.remove(0);
+                }
+                self.limiters.push((limiter, HashMap::default()));
+                self.limiters.len() - 1
+            }
+        };
+        &mut self.limiters[at].1
+    }
+}
+
+thread_local! {
+    /// This thread's cards: finding a key's card takes no lock, and its reference count
+    /// is this thread's alone.
+    static CARDS: RefCell<ThreadCards> = const {
+        RefCell::new(ThreadCards {
+            limiters: Vec::new(),
+        })
+    };
 }
 
 impl KeyCard {
@@ -246,8 +292,8 @@ impl Limiter {
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
+                id: NEXT_LIMITER_ID.fetch_add(1, Ordering::Relaxed),
                 defaults,
-                cards: Mutex::default(),
                 usage,
                 estimate: AtomicU64::new(DEFAULT_ESTIMATED_COMPLETION_TOKENS),
                 quota_reads_paused_until: AtomicI64::new(0),
@@ -297,28 +343,35 @@ impl Limiter {
         }
     }
 
-    /// `key`'s card: its effective limits and its counters, kept from its last request
-    /// while its role and limits are the same (the defaults never change).
+    /// `key`'s card: its effective limits and its counters, kept by this thread from
+    /// the key's last request on it while its role and limits are the same (the
+    /// defaults never change). A change is seen by every thread at once: each compares
+    /// its card with the key as the key cache has it now.
     pub(crate) fn card(&self, key: &KeyRecord) -> Arc<KeyCard> {
-        // A panic here leaves a map of complete cards: go on.
-        let mut cards = self.inner.cards.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(card) = cards.get(key.id.as_str()) {
-            if card.holds_for(key) {
-                return card.clone();
+        let kept = CARDS.try_with(|cards| {
+            let mut cards = cards.try_borrow_mut().ok()?;
+            let cards = cards.of(self.inner.id);
+            if let Some(card) = cards.get(key.id.as_str()) {
+                if card.holds_for(key) {
+                    return Some(card.clone());
+                }
             }
-        }
-        let card = self.make_card(key);
-        if cards.len() >= MAX_CARDS && !cards.contains_key(key.id.as_str()) {
-            cards.clear();
-        }
-        cards.insert(key.id.clone(), card.clone());
-        card
+            let card = self.make_card(key);
+            if cards.len() >= MAX_CARDS && !cards.contains_key(key.id.as_str()) {
+                cards.clear();
+            }
+            cards.insert(key.id.clone(), card.clone());
+            Some(card)
+        });
+        // A thread being torn down keeps no cards.
+        kept.ok().flatten().unwrap_or_else(|| self.make_card(key))
     }
 
     fn make_card(&self, key: &KeyRecord) -> Arc<KeyCard> {
         let limits = self.effective(key);
         let value = |limit: u64| Some((limit, http::HeaderValue::from(limit)));
         Arc::new(KeyCard {
+            limiter: self.inner.id,
             role: key.role,
             own: key.limits.clone(),
             id: key.id.clone(),
@@ -376,6 +429,7 @@ impl Limiter {
         end_user: Option<&str>,
         tokens: u64,
     ) -> Admitted {
+        debug_assert_eq!(card.limiter, self.inner.id, "a card of another limiter");
         if !card.limits.counts() {
             return Ok(None);
         }
@@ -410,6 +464,7 @@ impl Limiter {
         end_user: Option<&str>,
         tokens: u64,
     ) -> Option<Admitted> {
+        debug_assert_eq!(card.limiter, self.inner.id, "a card of another limiter");
         if !card.limits.counts() {
             return Some(Ok(None));
         }
@@ -541,7 +596,7 @@ pub(crate) fn cut_end_user(name: &str) -> &str {
 /// end user, the estimate.
 #[derive(Debug, Clone)]
 pub(crate) struct Plan {
-    /// The key's card: its id and its counters.
+    /// The key's card (this thread's): its id and its counters.
     card: Arc<KeyCard>,
     user: Option<String>,
     rpm: Option<u64>,
