@@ -1,7 +1,8 @@
 //! Counters in this process: [`Limiter::local`](super::Limiter::local), and a shared
 //! limiter's fallback.
 
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::bucket::Bucket;
 use super::{Granted, Limit, Peek, Plan, Refusal, Settled};
@@ -15,21 +16,34 @@ type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState
 /// not grow without bound. A forgotten quota count is read from the store again.
 pub(super) const MAX_END_USERS: usize = 100_000;
 
+/// Every key's counters. A request locks only its own key's [`KeyCounters`], which its
+/// card holds: two serving threads write the same memory only when they count the same
+/// key, and then one cache line of it.
 #[derive(Debug, Default)]
 pub(super) struct Local {
-    state: Mutex<State>,
-}
-
-#[derive(Debug, Default)]
-struct State {
-    /// By key id (shared with the keys' cards).
-    keys: HashMap<Arc<str>, KeyEntry>,
-    end_users: usize,
+    /// Each key's counters, by key id: locked only to find a key's counters (for a new
+    /// card), to prune end users and to clear.
+    keys: Mutex<HashMap<Box<str>, Arc<KeyCounters>>>,
+    /// End users counted at once, over every key (kept exact only at each prune: two
+    /// threads that add end users while a prune runs may leave it off by their number).
+    end_users: AtomicUsize,
     /// The count of end users at which they are pruned next.
-    prune_at: usize,
+    prune_at: AtomicUsize,
 }
 
+/// One key's counters, the same for every thread (each thread's card of the key holds
+/// them). Aligned to a cache line, so that no other memory shares the line its lock
+/// and buckets are on: a request writes that line and none besides.
 #[derive(Debug, Default)]
+#[repr(align(64))]
+pub(super) struct KeyCounters {
+    entry: Mutex<KeyEntry>,
+}
+
+/// `repr(C)`: what every request writes (the buckets, the requests in flight) first, on
+/// the line of the lock.
+#[derive(Debug, Default)]
+#[repr(C)]
 struct KeyEntry {
     requests: Bucket,
     tokens: Bucket,
@@ -60,36 +74,51 @@ impl Quota {
     }
 }
 
+/// Locks `mutex`: a panic while counting leaves numbers, never a broken invariant, so a
+/// poisoned lock goes on.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Local {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // A panic while counting leaves numbers, never a broken invariant: go on.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    /// The counters of the key `key_id`, made the first time it is asked for (by its
+    /// first card).
+    pub(super) fn counters(&self, key_id: &str) -> Arc<KeyCounters> {
+        let mut keys = lock(&self.keys);
+        if let Some(counters) = keys.get(key_id) {
+            return counters.clone();
+        }
+        let counters = Arc::<KeyCounters>::default();
+        keys.insert(key_id.into(), counters.clone());
+        counters
     }
 
     /// End users counted now.
-    #[cfg(test)]
     pub(super) fn end_users(&self) -> usize {
-        self.lock().end_users
+        self.end_users.load(Ordering::Relaxed)
     }
 
-    /// Forgets everything (the counters live elsewhere from now on, or start again).
+    /// Forgets every count (the counters live elsewhere from now on, or start again).
+    /// Each key's counters are emptied where they are: the keys' cards keep them.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(super) fn clear(&self) {
-        *self.lock() = State::default();
+        let keys = lock(&self.keys);
+        for counters in keys.values() {
+            *counters.lock() = KeyEntry::default();
+        }
+        self.end_users.store(0, Ordering::Relaxed);
+        self.prune_at.store(0, Ordering::Relaxed);
     }
 
     /// Whether the key's quota and the end user's must be read from the store first.
     pub(super) fn quotas_to_load(&self, plan: &Plan) -> (bool, bool) {
-        let state = self.lock();
+        let entry = plan.counters().lock();
         let start = plan.period_start_secs();
-        let entry = state.keys.get(&plan.key);
-        let key = plan.quota.is_some()
-            && entry
-                .and_then(|e| Quota::used_in(&e.quota, start))
-                .is_none();
+        let key = plan.quota.is_some() && Quota::used_in(&entry.quota, start).is_none();
         let user = match (&plan.user, plan.user_quota) {
             (Some(user), Some(_)) => entry
-                .and_then(|e| e.users.get(user))
+                .users
+                .get(user)
                 .and_then(|u| Quota::used_in(&u.quota, start))
                 .is_none(),
             _ => false,
@@ -100,14 +129,13 @@ impl Local {
     /// The tokens the store counts in the period, unless counted here already.
     pub(super) fn set_quota(&self, plan: &Plan, user: Option<&str>, used: u64) {
         let start = plan.period_start_secs();
-        let mut state = self.lock();
-        let state = &mut *state;
-        let entry = state.keys.entry(plan.key.clone()).or_default();
+        let mut entry = plan.counters().lock();
+        let entry = &mut *entry;
         let quota = match user {
             None => &mut entry.quota,
             Some(user) => {
                 if !entry.users.contains_key(user) {
-                    state.end_users += 1;
+                    self.end_users.fetch_add(1, Ordering::Relaxed);
                 }
                 &mut entry.users.entry(user.to_owned()).or_default().quota
             }
@@ -123,16 +151,11 @@ impl Local {
     /// Checks every limit of `plan` in order and counts the request only if all pass.
     pub(super) fn admit(&self, plan: &Plan, now: f64) -> Result<Granted, Box<Refusal>> {
         let start = plan.period_start_secs();
-        let mut state = self.lock();
-        let state = &mut *state;
-        if plan.user.is_some() && state.end_users >= state.prune_at.max(MAX_END_USERS) {
-            state.prune(now);
+        if plan.user.is_some() && self.end_users() >= self.prune_at().max(MAX_END_USERS) {
+            self.prune(now);
         }
-        // One hash of the key for a key seen before (nearly every request).
-        let entry = match state.keys.get_mut(&*plan.key) {
-            Some(entry) => entry,
-            None => state.keys.entry(plan.key.clone()).or_default(),
-        };
+        let mut entry = plan.counters().lock();
+        let entry = &mut *entry;
         let refuse = |limit, allowed, used, requested, retry_ms, entry: &KeyEntry| {
             let mut refusal = Refusal::new(limit, plan, allowed, used, requested, retry_ms);
             refusal.requests = plan.rpm.map(|rpm| entry.requests.window(rpm, now));
@@ -185,7 +208,7 @@ impl Local {
             plan.user_rpm.is_some() || plan.user_quota.is_some(),
         ) {
             if !entry.users.contains_key(user) {
-                state.end_users += 1;
+                self.end_users.fetch_add(1, Ordering::Relaxed);
                 entry.users.insert(user.clone(), UserEntry::default());
             }
             let user_entry = &entry.users[user];
@@ -237,11 +260,70 @@ impl Local {
         Ok(granted)
     }
 
-    /// A request counted in flight is over.
-    pub(super) fn release(&self, plan: &Plan) {
-        if let Some(entry) = self.lock().keys.get_mut(&plan.key) {
-            entry.in_flight = entry.in_flight.saturating_sub(1);
+    /// What the counters hold for `plan`.
+    pub(super) fn peek(&self, plan: &Plan, now: f64) -> Peek {
+        let start = plan.period_start_secs();
+        let entry = plan.counters().lock();
+        let user = plan.user.as_ref().and_then(|u| entry.users.get(u));
+        let empty = Bucket::default();
+        Peek {
+            requests: plan.rpm.map(|rpm| entry.requests.window(rpm, now)),
+            tokens: plan.tpm.map(|tpm| entry.tokens.window(tpm, now)),
+            in_flight: entry.in_flight,
+            quota_used: Quota::used_in(&entry.quota, start),
+            user_requests: plan
+                .user_rpm
+                .map(|rpm| user.map_or(&empty, |u| &u.requests).window(rpm, now)),
+            user_quota_used: user.and_then(|u| Quota::used_in(&u.quota, start)),
         }
+    }
+
+    fn prune_at(&self) -> usize {
+        self.prune_at.load(Ordering::Relaxed)
+    }
+
+    /// Forgets end users with nothing to remember; prunes again only once as many more
+    /// are counted, so that pruning costs O(1) per request on average. Takes the keys'
+    /// lock, then each key's in turn (never the other way round).
+    fn prune(&self, now: f64) {
+        let keys = lock(&self.keys);
+        // Another thread may have pruned while this one waited.
+        if self.end_users() < self.prune_at().max(MAX_END_USERS) {
+            return;
+        }
+        let mut kept = 0;
+        for counters in keys.values() {
+            let mut entry = counters.lock();
+            entry
+                .users
+                .retain(|_, u| !u.requests.is_full(now) || u.quota.is_some_and(|q| q.used > 0));
+            kept += entry.users.len();
+        }
+        if kept >= MAX_END_USERS {
+            // Still too many with something to remember: forget quota counts too (they
+            // are read from the store again).
+            kept = 0;
+            for counters in keys.values() {
+                let mut entry = counters.lock();
+                entry.users.retain(|_, u| !u.requests.is_full(now));
+                kept += entry.users.len();
+            }
+        }
+        self.end_users.store(kept, Ordering::Relaxed);
+        self.prune_at
+            .store((kept * 2).max(MAX_END_USERS), Ordering::Relaxed);
+    }
+}
+
+impl KeyCounters {
+    fn lock(&self) -> MutexGuard<'_, KeyEntry> {
+        lock(&self.entry)
+    }
+
+    /// A request counted in flight is over.
+    pub(super) fn release(&self) {
+        let mut entry = self.lock();
+        entry.in_flight = entry.in_flight.saturating_sub(1);
     }
 
     /// A request is over: its place in flight is free (`release`), and it used
@@ -249,10 +331,8 @@ impl Local {
     /// or fewer than its quotas counted: one lock for all of it.
     pub(super) fn settle(&self, plan: &Plan, release: bool, settled: Settled, now: f64) {
         let start = plan.period_start_secs();
-        let mut state = self.lock();
-        let Some(entry) = state.keys.get_mut(&plan.key) else {
-            return;
-        };
+        let mut entry = self.lock();
+        let entry = &mut *entry;
         if release {
             entry.in_flight = entry.in_flight.saturating_sub(1);
         }
@@ -271,55 +351,5 @@ impl Local {
         if let Some(user) = plan.user.as_ref().and_then(|u| entry.users.get_mut(u)) {
             apply(&mut user.quota);
         }
-    }
-
-    /// What the counters hold for `plan`.
-    pub(super) fn peek(&self, plan: &Plan, now: f64) -> Peek {
-        let start = plan.period_start_secs();
-        let state = self.lock();
-        let entry = state.keys.get(&plan.key);
-        let user = plan
-            .user
-            .as_ref()
-            .and_then(|u| entry.and_then(|e| e.users.get(u)));
-        let empty = Bucket::default();
-        Peek {
-            requests: plan
-                .rpm
-                .map(|rpm| entry.map_or(&empty, |e| &e.requests).window(rpm, now)),
-            tokens: plan
-                .tpm
-                .map(|tpm| entry.map_or(&empty, |e| &e.tokens).window(tpm, now)),
-            in_flight: entry.map_or(0, |e| e.in_flight),
-            quota_used: entry.and_then(|e| Quota::used_in(&e.quota, start)),
-            user_requests: plan
-                .user_rpm
-                .map(|rpm| user.map_or(&empty, |u| &u.requests).window(rpm, now)),
-            user_quota_used: user.and_then(|u| Quota::used_in(&u.quota, start)),
-        }
-    }
-}
-
-impl State {
-    /// Forgets end users with nothing to remember; prunes again only once as many more
-    /// are counted, so that pruning costs O(1) per request on average.
-    fn prune(&mut self, now: f64) {
-        let mut kept = 0;
-        for entry in self.keys.values_mut() {
-            entry
-                .users
-                .retain(|_, u| !u.requests.is_full(now) || u.quota.is_some_and(|q| q.used > 0));
-            kept += entry.users.len();
-        }
-        if kept >= MAX_END_USERS {
-            // Still too many with something to remember: forget quota counts too (they
-            // are read from the store again).
-            for entry in self.keys.values_mut() {
-                entry.users.retain(|_, u| !u.requests.is_full(now));
-            }
-            kept = self.keys.values().map(|e| e.users.len()).sum();
-        }
-        self.end_users = kept;
-        self.prune_at = (kept * 2).max(MAX_END_USERS);
     }
 }

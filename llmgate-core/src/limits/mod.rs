@@ -37,8 +37,9 @@ mod settings;
 mod shared;
 mod status;
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -51,7 +52,7 @@ pub(crate) use bucket::Window;
 
 use crate::auth::{KeyRecord, Role};
 use crate::storage::{UsageStore, MAX_END_USER_BYTES as END_USER_BYTES};
-use local::Local;
+use local::{KeyCounters, Local};
 
 /// The completion tokens a request is assumed to ask for when it sets no `max_tokens`
 /// (or `max_completion_tokens`), for the `tpm` estimate.
@@ -64,9 +65,12 @@ const QUOTA_LOAD_TIMEOUT: Duration = Duration::from_secs(2);
 /// without their quota before the store is asked again: a store that hangs must not
 /// make every request wait [`QUOTA_LOAD_TIMEOUT`].
 const QUOTA_LOAD_PAUSE_MS: i64 = 10_000;
-/// Keys whose [`KeyCard`] is kept at once; past it they are all forgotten (and made
-/// again on their next request). As many as the key cache holds.
+/// Keys whose [`KeyCard`] a thread keeps at once; past it they are all forgotten (and
+/// made again on their next request). As many as the key cache holds.
 const MAX_CARDS: usize = 100_000;
+/// Limiters whose cards a thread keeps at once (a process has one; tests make many):
+/// past it, the cards of the one it saw first are forgotten.
+const MAX_LIMITERS_PER_THREAD: usize = 4;
 
 /// The effective limits of the request's key, which the metering layer puts in the
 /// request's extensions when it has a [`Limiter`]: a router can list only the models
@@ -121,9 +125,10 @@ pub struct Limiter {
 }
 
 struct Inner {
+    /// Which limiter of the process this is: the cards each thread keeps are kept by
+    /// it, so that two limiters never share one.
+    id: u64,
     defaults: KeyLimits,
-    /// Each key's card, by key id.
-    cards: Mutex<HashMap<String, Arc<KeyCard>>>,
     usage: Arc<dyn UsageStore>,
     estimate: AtomicU64,
     /// Until when (ms since the epoch) quota counts are not read from the store, after
@@ -141,7 +146,11 @@ type SharedCounters = shared::Shared;
 #[cfg(not(feature = "redis"))]
 type SharedCounters = std::convert::Infallible;
 
-type Clock = Box<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+/// Shared with the cards, which settle requests without the limiter.
+type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+
+/// The ids of limiters: the next one made takes this one.
+static NEXT_LIMITER_ID: AtomicU64 = AtomicU64::new(1);
 
 /// A map keyed by key ids: foldhash, several times cheaper per lookup than SipHash.
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
@@ -151,20 +160,71 @@ type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState
 /// shares them instead of writing and checking them again.
 pub(crate) type LimitValues = [Option<(u64, http::HeaderValue)>; 2];
 
-/// What every request of a key starts from, kept between its requests: its id and its
-/// effective limits, shared (the request's [`Effective`] and its [`Plan`] hold them)
-/// instead of copied into fresh allocations each time. Made again when the key's role
-/// or limits change.
-#[derive(Debug)]
+/// What every request of a key starts from, kept between its requests: its id, its
+/// effective limits (shared by the request's [`Effective`]), their header values, and
+/// its counters (which its [`Admission`] releases and settles through it). Made again
+/// when the key's role or limits change.
+///
+/// Each thread keeps its own cards ([`Limiter::card`]): what a request clones and drops
+/// of its card (its reference count, its limits', its header values') is then memory
+/// no other thread writes. Only the counters are the same for every thread.
 pub(crate) struct KeyCard {
+    /// The limiter that made it.
+    limiter: u64,
     /// What it was made from: the card holds while the key still has these.
     role: Role,
     own: KeyLimits,
-    id: Arc<str>,
+    id: String,
     /// The limits that apply to the key ([`Limiter::effective`]).
     pub(crate) limits: Arc<KeyLimits>,
     /// Its `rpm` and `tpm` as the values of `x-ratelimit-limit-*`.
     pub(crate) limit_values: LimitValues,
+    /// The key's counters in this process.
+    counters: Arc<KeyCounters>,
+    /// The limiter's clock, for settling.
+    clock: Clock,
+}
+
+impl std::fmt::Debug for KeyCard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyCard")
+            .field("id", &self.id)
+            .field("role", &self.role)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A thread's cards, by limiter and key id.
+struct ThreadCards {
+    limiters: Vec<(u64, HashMap<String, Arc<KeyCard>>)>,
+}
+
+impl ThreadCards {
+    /// The cards `limiter` keeps in this thread.
+    fn of(&mut self, limiter: u64) -> &mut HashMap<String, Arc<KeyCard>> {
+        let at = match self.limiters.iter().position(|(id, _)| *id == limiter) {
+            Some(at) => at,
+            None => {
+                if self.limiters.len() >= MAX_LIMITERS_PER_THREAD {
+                    self.limiters.remove(0);
+                }
+                self.limiters.push((limiter, HashMap::default()));
+                self.limiters.len() - 1
+            }
+        };
+        &mut self.limiters[at].1
+    }
+}
+
+thread_local! {
+    /// This thread's cards: finding a key's card takes no lock, and its reference count
+    /// is this thread's alone.
+    static CARDS: RefCell<ThreadCards> = const {
+        RefCell::new(ThreadCards {
+            limiters: Vec::new(),
+        })
+    };
 }
 
 impl KeyCard {
@@ -186,7 +246,7 @@ impl std::fmt::Debug for Limiter {
 impl Limiter {
     /// In-process counters: right for one replica.
     pub fn local(defaults: KeyLimits, usage: Arc<dyn UsageStore>) -> Self {
-        Self::build(defaults, usage, Box::new(Utc::now), None)
+        Self::build(defaults, usage, Arc::new(Utc::now), None)
     }
 
     /// Counters in Redis shared by every replica. While Redis is unreachable, local
@@ -217,7 +277,7 @@ impl Limiter {
     ) -> Result<Self, LimitError> {
         let client = redis::Client::open(redis_url).map_err(LimitError::RedisUrl)?;
         let shared = shared::Shared::new(client, replicas, prefix.to_owned());
-        let limiter = Self::build(defaults, usage, Box::new(Utc::now), Some(shared));
+        let limiter = Self::build(defaults, usage, Arc::new(Utc::now), Some(shared));
         if let Some(shared) = &limiter.inner.shared {
             shared.start(Arc::downgrade(&limiter.inner));
         }
@@ -232,8 +292,8 @@ impl Limiter {
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
+                id: NEXT_LIMITER_ID.fetch_add(1, Ordering::Relaxed),
                 defaults,
-                cards: Mutex::default(),
                 usage,
                 estimate: AtomicU64::new(DEFAULT_ESTIMATED_COMPLETION_TOKENS),
                 quota_reads_paused_until: AtomicI64::new(0),
@@ -251,7 +311,7 @@ impl Limiter {
         usage: Arc<dyn UsageStore>,
         clock: impl Fn() -> DateTime<Utc> + Send + Sync + 'static,
     ) -> Self {
-        Self::build(defaults, usage, Box::new(clock), None)
+        Self::build(defaults, usage, Arc::new(clock), None)
     }
 
     /// The completion tokens assumed for a request that sets no `max_tokens`
@@ -283,33 +343,46 @@ impl Limiter {
         }
     }
 
-    /// `key`'s card: its effective limits, kept from its last request while its role and
-    /// limits are the same (the defaults never change).
+    /// `key`'s card: its effective limits and its counters, kept by this thread from
+    /// the key's last request on it while its role and limits are the same (the
+    /// defaults never change). A change is seen by every thread at once: each compares
+    /// its card with the key as the key cache has it now.
     pub(crate) fn card(&self, key: &KeyRecord) -> Arc<KeyCard> {
-        // A panic here leaves a map of complete cards: go on.
-        let mut cards = self.inner.cards.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(card) = cards.get(key.id.as_str()) {
-            if card.holds_for(key) {
-                return card.clone();
+        let kept = CARDS.try_with(|cards| {
+            let mut cards = cards.try_borrow_mut().ok()?;
+            let cards = cards.of(self.inner.id);
+            if let Some(card) = cards.get(key.id.as_str()) {
+                if card.holds_for(key) {
+                    return Some(card.clone());
+                }
             }
-        }
+            let card = self.make_card(key);
+            if cards.len() >= MAX_CARDS && !cards.contains_key(key.id.as_str()) {
+                cards.clear();
+            }
+            cards.insert(key.id.clone(), card.clone());
+            Some(card)
+        });
+        // A thread being torn down keeps no cards.
+        kept.ok().flatten().unwrap_or_else(|| self.make_card(key))
+    }
+
+    fn make_card(&self, key: &KeyRecord) -> Arc<KeyCard> {
         let limits = self.effective(key);
         let value = |limit: u64| Some((limit, http::HeaderValue::from(limit)));
-        let card = Arc::new(KeyCard {
+        Arc::new(KeyCard {
+            limiter: self.inner.id,
             role: key.role,
             own: key.limits.clone(),
-            id: Arc::from(key.id.as_str()),
+            id: key.id.clone(),
             limit_values: [
                 limits.rpm.and_then(|rpm| value(rpm.into())),
                 limits.tpm.and_then(value),
             ],
             limits: Arc::new(limits),
-        });
-        if cards.len() >= MAX_CARDS && !cards.contains_key(key.id.as_str()) {
-            cards.clear();
-        }
-        cards.insert(key.id.clone(), card.clone());
-        card
+            counters: self.inner.local.counters(&key.id),
+            clock: self.inner.clock.clone(),
+        })
     }
 
     /// Whether the counters are shared by the replicas right now (false for a local
@@ -352,10 +425,11 @@ impl Limiter {
     /// Checks and counts one request of the key of `card` (its [`card`](Self::card)).
     pub(crate) async fn admit(
         &self,
-        card: &KeyCard,
+        card: &Arc<KeyCard>,
         end_user: Option<&str>,
         tokens: u64,
     ) -> Admitted {
+        debug_assert_eq!(card.limiter, self.inner.id, "a card of another limiter");
         if !card.limits.counts() {
             return Ok(None);
         }
@@ -367,7 +441,8 @@ impl Limiter {
                 if shared.is_up() {
                     match shared.admit(&plan, self).await {
                         Ok(Ok(granted)) => {
-                            return Ok(Some(self.admission(plan, Backend::Shared, granted)))
+                            let backend = Backend::Shared(self.clone());
+                            return Ok(Some(self.admission(plan, backend, granted)));
                         }
                         Ok(Err(refusal)) => return Err(refusal),
                         Err(()) => shared.went_down(&self.inner.local),
@@ -385,10 +460,11 @@ impl Limiter {
     /// request). `None` when the request must go through `admit`.
     pub(crate) fn admit_now(
         &self,
-        card: &KeyCard,
+        card: &Arc<KeyCard>,
         end_user: Option<&str>,
         tokens: u64,
     ) -> Option<Admitted> {
+        debug_assert_eq!(card.limiter, self.inner.id, "a card of another limiter");
         if !card.limits.counts() {
             return Some(Ok(None));
         }
@@ -404,7 +480,7 @@ impl Limiter {
         Some(self.admit_local(plan))
     }
 
-    fn plan(&self, card: &KeyCard, end_user: Option<&str>, tokens: u64) -> Plan {
+    fn plan(&self, card: &Arc<KeyCard>, end_user: Option<&str>, tokens: u64) -> Plan {
         let now = (self.inner.clock)();
         let limits = &card.limits;
         let user = end_user
@@ -422,7 +498,6 @@ impl Limiter {
     /// `Admission` is large enough that every move of it on the way there costs a copy.
     fn admission(&self, plan: Plan, backend: Backend, granted: Granted) -> Box<Admission> {
         Box::new(Admission {
-            limiter: self.clone(),
             plan,
             backend,
             granted,
@@ -459,14 +534,14 @@ impl Limiter {
         let read = self
             .inner
             .usage
-            .tokens_since(&plan.key, user, plan.period_start);
+            .tokens_since(plan.key(), user, plan.period_start);
         let error = match tokio::time::timeout(QUOTA_LOAD_TIMEOUT, read).await {
             Ok(Ok(used)) => return Some(used),
             Ok(Err(err)) => err.to_string(),
             Err(_) => format!("no answer within {QUOTA_LOAD_TIMEOUT:?}"),
         };
         paused.store(now + QUOTA_LOAD_PAUSE_MS, Ordering::Relaxed);
-        tracing::warn!(key_id = %plan.key, error = %error, "cannot read the tokens used in the quota period; quotas are not checked for {} s", QUOTA_LOAD_PAUSE_MS / 1000);
+        tracing::warn!(key_id = %plan.key(), error = %error, "cannot read the tokens used in the quota period; quotas are not checked for {} s", QUOTA_LOAD_PAUSE_MS / 1000);
         None
     }
 
@@ -521,8 +596,8 @@ pub(crate) fn cut_end_user(name: &str) -> &str {
 /// end user, the estimate.
 #[derive(Debug, Clone)]
 pub(crate) struct Plan {
-    /// The key's id (shared with its card).
-    key: Arc<str>,
+    /// The key's card (this thread's): its id and its counters.
+    card: Arc<KeyCard>,
     user: Option<String>,
     rpm: Option<u64>,
     tpm: Option<u64>,
@@ -539,7 +614,7 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
-    fn new(card: &KeyCard, user: Option<String>, cost: u64, now: DateTime<Utc>) -> Self {
+    fn new(card: &Arc<KeyCard>, user: Option<String>, cost: u64, now: DateTime<Utc>) -> Self {
         let limits = &*card.limits;
         let period = limits.period();
         let has_user = user.is_some();
@@ -552,7 +627,7 @@ impl Plan {
             (now, now)
         };
         Self {
-            key: card.id.clone(),
+            card: card.clone(),
             user,
             rpm: limits.rpm.map(u64::from),
             tpm: limits.tpm,
@@ -586,6 +661,16 @@ impl Plan {
         self
     }
 
+    /// The key's id.
+    fn key(&self) -> &str {
+        &self.card.id
+    }
+
+    /// The key's counters in this process.
+    fn counters(&self) -> &KeyCounters {
+        &self.card.counters
+    }
+
     fn period_start_secs(&self) -> i64 {
         self.period_start.timestamp()
     }
@@ -617,17 +702,20 @@ pub(crate) struct Granted {
     in_flight: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where an admission was counted.
+#[derive(Debug)]
 enum Backend {
+    /// In the key's counters in this process, which its plan's card holds: no clone of
+    /// the limiter (whose reference count every thread would write).
     Local,
+    /// In Redis.
     #[cfg(feature = "redis")]
-    Shared,
+    Shared(Limiter),
 }
 
 /// A request the limiter admitted: releases its place in flight when dropped (or
 /// [`release`](Self::release)d), and settles its tokens with [`settle`](Self::settle).
 pub(crate) struct Admission {
-    limiter: Limiter,
     plan: Plan,
     backend: Backend,
     granted: Granted,
@@ -637,7 +725,7 @@ pub(crate) struct Admission {
 impl std::fmt::Debug for Admission {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Admission")
-            .field("key", &self.plan.key)
+            .field("key", &self.plan.key())
             .field("backend", &self.backend)
             .field("granted", &self.granted)
             .finish_non_exhaustive()
@@ -654,11 +742,11 @@ impl Admission {
     /// free. Its tokens may be counted later.
     pub(crate) fn release(&mut self) {
         let Some(id) = self.take_place() else { return };
-        match self.backend {
-            Backend::Local => self.limiter.inner.local.release(&self.plan),
+        match &self.backend {
+            Backend::Local => self.plan.counters().release(),
             #[cfg(feature = "redis")]
-            Backend::Shared => {
-                if let Some(shared) = &self.limiter.inner.shared {
+            Backend::Shared(limiter) => {
+                if let Some(shared) = &limiter.inner.shared {
                     shared.release(&self.plan, id);
                 }
             }
@@ -697,23 +785,22 @@ impl Admission {
                 0
             },
         };
-        match self.backend {
+        match &self.backend {
             Backend::Local => {
                 if place.is_none() && settled.is_nothing() {
                     return;
                 }
                 // The clock only for debt, which is taken from now.
                 let now = if settled.tokens > 0 {
-                    millis((self.limiter.inner.clock)())
+                    millis((plan.card.clock)())
                 } else {
                     0.0
                 };
-                let local = &self.limiter.inner.local;
-                local.settle(plan, place.is_some(), settled, now);
+                plan.counters().settle(plan, place.is_some(), settled, now);
             }
             #[cfg(feature = "redis")]
-            Backend::Shared => {
-                if let Some(shared) = &self.limiter.inner.shared {
+            Backend::Shared(limiter) => {
+                if let Some(shared) = &limiter.inner.shared {
                     if let Some(id) = place {
                         shared.release(plan, id);
                     }

@@ -290,7 +290,7 @@ impl Shared {
 
     fn keys(&self, plan: &Plan) -> [String; 6] {
         let p = &self.prefix;
-        let key = &plan.key;
+        let key = plan.key();
         let start = plan.period_start_secs();
         let user = plan.user.as_deref().unwrap_or("");
         let k = key.len();
@@ -483,7 +483,7 @@ impl Shared {
         let Some(mut connection) = self.connection() else {
             return;
         };
-        let key = format!("{}p:{}", self.prefix, plan.key);
+        let key = format!("{}p:{}", self.prefix, plan.key());
         spawn(async move {
             let mut command = redis::cmd("ZREM");
             command.arg(key).arg(id);

@@ -396,10 +396,131 @@ fn a_keys_card_is_kept_until_its_role_or_limits_change() {
     assert_eq!(&*limiter.card(&other).id, other.id);
 }
 
+/// A limiter whose clock stands still: buckets do not refill during a test.
+fn still_limiter(defaults: KeyLimits) -> Limiter {
+    let now = Utc.with_ymd_and_hms(2026, 12, 2, 12, 0, 0).unwrap();
+    Limiter::local_with_clock(defaults, Arc::new(MemoryStore::new()), move || now)
+}
+
+/// Counts one request of `key` on this thread: its card (where it is, to tell cards
+/// apart), the rpm it shows, and the requests left after it (`None`: refused).
+fn count_one(limiter: &Limiter, key: &KeyRecord) -> (usize, Option<u32>, Option<u64>) {
+    let card = limiter.card(key);
+    let admitted = limiter
+        .admit_now(&card, None, 1)
+        .expect("nothing to wait for");
+    let left = admitted
+        .ok()
+        .map(|admission| admission.unwrap().windows().0.unwrap().remaining);
+    (Arc::as_ptr(&card) as usize, card.limits.rpm, left)
+}
+
+#[test]
+fn each_thread_keeps_its_own_card_and_sees_a_change_of_limits_and_all_count_together() {
+    let limiter = still_limiter(KeyLimits::default());
+    let mut key = KeyRecord::new("k", Role::User, &Secret::generate());
+    key.limits.rpm = Some(4);
+    std::thread::scope(|s| {
+        // Another serving thread, asked to count one request of a key at a time.
+        let (ask, asked) = std::sync::mpsc::channel::<KeyRecord>();
+        let (answer, answers) = std::sync::mpsc::channel();
+        let limiter = &limiter;
+        s.spawn(move || {
+            for key in asked {
+                answer.send(count_one(limiter, &key)).unwrap();
+            }
+        });
+        let there = |key: &KeyRecord| {
+            ask.send(key.clone()).unwrap();
+            answers.recv().unwrap()
+        };
+        let (here_card, rpm, left) = count_one(limiter, &key);
+        assert_eq!((rpm, left), (Some(4), Some(3)));
+        let (there_card, rpm, left) = there(&key);
+        assert_eq!(
+            (rpm, left),
+            (Some(4), Some(2)),
+            "one bucket for both threads"
+        );
+        assert_ne!(here_card, there_card, "a card per thread");
+        let (card, _, left) = there(&key);
+        assert_eq!((card, left), (there_card, Some(1)), "kept by its thread");
+        assert_eq!(count_one(limiter, &key).0, here_card);
+        // The key's limits change (the key cache has its new record): every thread's
+        // card is made again at its next request, and the counts go on.
+        key.limits.rpm = Some(10);
+        let (card, rpm, left) = there(&key);
+        assert_ne!(card, there_card);
+        // 4 taken at 15 s each (60 s ahead), one more at 6 s: over a minute ahead.
+        assert_eq!((rpm, left), (Some(10), None), "refused: the bucket is full");
+        let (card, rpm, _) = count_one(limiter, &key);
+        assert_ne!(card, here_card);
+        assert_eq!(rpm, Some(10));
+        drop(ask);
+    });
+}
+
+#[test]
+fn two_limiters_never_share_a_card_or_a_count() {
+    let limiters: Vec<Limiter> = (1..=2 * MAX_LIMITERS_PER_THREAD as u32)
+        .map(|rpm| {
+            still_limiter(KeyLimits {
+                rpm: Some(rpm),
+                ..KeyLimits::default()
+            })
+        })
+        .collect();
+    // One key, under each limiter's defaults; on one thread, more limiters than it keeps
+    // cards of at once.
+    let key = KeyRecord::new("k", Role::User, &Secret::generate());
+    for round in 0..2 {
+        for (i, limiter) in limiters.iter().enumerate() {
+            let rpm = i as u32 + 1;
+            let (_, shown, left) = count_one(limiter, &key);
+            assert_eq!(shown, Some(rpm), "the card of its own limiter");
+            let expected = (rpm as u64).checked_sub(round + 1);
+            assert_eq!(
+                left, expected,
+                "its own counters (round {round}, rpm {rpm})"
+            );
+        }
+    }
+}
+
+#[test]
+fn counts_are_exact_across_threads() {
+    // 8 threads at once, each trying 100 requests that it keeps in flight: exactly
+    // max_parallel are admitted each round; the requests per minute run out exactly.
+    let limiter = still_limiter(KeyLimits::default());
+    let mut key = KeyRecord::new("k", Role::User, &Secret::generate());
+    key.limits.rpm = Some(1000);
+    key.limits.max_parallel = Some(300);
+    for expected in [300, 300, 300, 100, 0] {
+        // Each thread keeps its requests in flight until every thread has counted.
+        let counted = std::sync::Barrier::new(8);
+        let admitted: usize = std::thread::scope(|s| {
+            let threads: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        let card = limiter.card(&key);
+                        let held: Vec<_> = (0..100)
+                            .filter_map(|_| limiter.admit_now(&card, None, 1)?.ok().flatten())
+                            .collect();
+                        counted.wait();
+                        held.len()
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap()).sum()
+        });
+        assert_eq!(admitted, expected);
+    }
+}
+
 #[test]
 fn the_fallback_divides_per_minute_and_parallel_limits_but_not_quotas() {
-    let key = KeyRecord::new("k", Role::User, &Secret::generate());
-    let limits = KeyLimits {
+    let mut key = KeyRecord::new("k", Role::User, &Secret::generate());
+    key.limits = KeyLimits {
         rpm: Some(60),
         tpm: Some(1000),
         max_parallel: Some(3),
@@ -407,13 +528,8 @@ fn the_fallback_divides_per_minute_and_parallel_limits_but_not_quotas() {
         per_user_rpm: Some(1),
         ..KeyLimits::default()
     };
-    let card = KeyCard {
-        role: key.role,
-        own: limits.clone(),
-        id: Arc::from(key.id.as_str()),
-        limits: Arc::new(limits),
-        limit_values: [None, None],
-    };
+    let limiter = Limiter::local(KeyLimits::default(), Arc::new(MemoryStore::new()));
+    let card = limiter.card(&key);
     let plan = Plan::new(&card, Some("u".into()), 1, Utc::now()).divided(4);
     assert_eq!(plan.rpm, Some(15));
     assert_eq!(plan.tpm, Some(250));
@@ -679,12 +795,11 @@ mod shared_counters {
             replicas.iter().all(Limiter::is_shared)
         })
         .await;
-        let card = replicas[0].card(&key);
         // 700 used: admitted at 700, 800, 900 and 1000 would be refused.
         let mut admitted = 0;
         for i in 0..10 {
             let limiter = &replicas[i % 2];
-            match limiter.admit(&card, None, 50).await {
+            match limiter.admit(&limiter.card(&key), None, 50).await {
                 Ok(Some(admission)) => {
                     admission.settle(Some(100));
                     admitted += 1;
@@ -704,12 +819,12 @@ mod shared_counters {
             per_user_rpm: Some(2),
             ..KeyLimits::default()
         });
-        let card = replicas[0].card(&other_key);
-        assert!(replicas[0].admit(&card, ann, 1).await.is_ok());
-        assert!(replicas[1].admit(&card, ann, 1).await.is_ok());
-        let refused = replicas[0].admit(&card, ann, 1).await.unwrap_err();
+        let cards = [replicas[0].card(&other_key), replicas[1].card(&other_key)];
+        assert!(replicas[0].admit(&cards[0], ann, 1).await.is_ok());
+        assert!(replicas[1].admit(&cards[1], ann, 1).await.is_ok());
+        let refused = replicas[0].admit(&cards[0], ann, 1).await.unwrap_err();
         assert_eq!(refused.limit, Limit::UserRequests);
-        assert!(replicas[1].admit(&card, Some("bob"), 1).await.is_ok());
+        assert!(replicas[1].admit(&cards[1], Some("bob"), 1).await.is_ok());
     }
 
     #[tokio::test]
