@@ -46,3 +46,10 @@ median() { sort -n "$1" | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }
 echo "A $A ${ENV_A:-}"; echo "B $B ${ENV_B:-}"
 echo "requests per ${SECS} s round, median: A $(median "$WORK/a.requests")  B $(median "$WORK/b.requests")"
 echo "CPU µs per request, median (min):  A $(median "$WORK/a.cpu") ($(sort -n "$WORK/a.cpu" | head -1))  B $(median "$WORK/b.cpu") ($(sort -n "$WORK/b.cpu" | head -1))"
+# Round by round, B over A: each round runs both back to back, so its ratio is free of
+# the drift between rounds that moves the medians above.
+ratios() { paste "$WORK/b.$1" "$WORK/a.$1" | awk '{ printf "%.3f\n", $1 / $2 }' > "$WORK/ratio.$1"; }
+ratios requests; ratios cpu
+for x in requests cpu; do
+  echo "B / A $x, round by round: $(tr '\n' ' ' < "$WORK/ratio.$x")(median $(median "$WORK/ratio.$x"), $(sort -n "$WORK/ratio.$x" | head -1)–$(sort -n "$WORK/ratio.$x" | tail -1))"
+done

@@ -109,12 +109,17 @@ cpu_ticks() { local sum=0; for p in $1; do sum=$((sum + $(awk '{ print $14 + $15
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
 # The whole machine's busy and idle time (all CPUs, in clock ticks), from /proc/stat.
 machine_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6 }' /proc/stat; }
-# nginx and llmgate run back to back in each round, so that the round's ratio compares
-# them under the same conditions (the load on a shared machine drifts within seconds).
+# nginx and llmgate run back to back in each round, and so do llmgate and its limited
+# key, so that the round's ratios compare them under the same conditions (the load on a
+# shared machine drifts within seconds). Every other round runs in reverse order, so
+# that neither of a pair always comes second (after the other's load: the gateway's
+# writer still flushing, the machine's caches and clocks warmed by it).
 TARGETS="direct bare nginx llmgate limited"
+REVERSED="limited llmgate nginx bare direct"
 for t in $TARGETS; do wrk -t1 -c"$CONNECTIONS" -d2s -s "$(script_of "$t")" "$(url_of "$t")" >/dev/null; done  # warm-up
 for round in $(seq "$ROUNDS"); do
-  for t in $TARGETS; do
+  order="$TARGETS"; (( round % 2 )) || order="$REVERSED"
+  for t in $order; do
     pids="$(pids_of "$t")"; before=$(cpu_ticks "$pids"); read -r busy0 idle0 <<<"$(machine_ticks)"
     wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$(script_of "$t")" "$(url_of "$t")" > "$WORK/$t.$round.txt"
     requests=$(sed -nE 's/^[[:space:]]+([0-9]+) requests in.*/\1/p' "$WORK/$t.$round.txt")
@@ -164,7 +169,7 @@ field() { # file pattern
 median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 NGINX_RPS=$(field "$WORK/nginx.txt" rps); GATE=$(field "$WORK/llmgate.txt" rps)
 RATIO=$(awk -v g="$GATE" -v n="$NGINX_RPS" 'BEGIN { printf "%.2f", g / n }')
-# Per-round ratios, each from one nginx run and the llmgate run right after it.
+# Per-round ratios, each from one nginx run and the llmgate run next to it.
 RATIOS=$(for r in $(seq "$ROUNDS"); do
   awk -v g="$(field "$WORK/llmgate.$r.txt" rps)" -v n="$(field "$WORK/nginx.$r.txt" rps)" 'BEGIN { printf "%.2f ", g / n }'
 done)

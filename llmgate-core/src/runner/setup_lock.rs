@@ -54,11 +54,28 @@ impl Held {
 
 #[cfg(all(test, unix))]
 mod tests {
+    use std::time::{Duration, Instant};
+
     use super::*;
 
     fn try_take(lock: &Path) -> bool {
         let file = OpenOptions::new().write(true).open(lock).unwrap();
         file.try_lock().is_ok()
+    }
+
+    /// Whether the lock comes free within a few seconds. Not at once: a process that
+    /// another thread forks (here, another test starting a command) holds a copy of
+    /// every descriptor until it execs, which closes them, so the lock can stay taken
+    /// for that moment after its owners let it go.
+    async fn comes_free(lock: &Path) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !try_take(lock) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
     }
 
     #[tokio::test]
@@ -67,15 +84,15 @@ mod tests {
         let lock = dir.path().join(".x.lock");
         let held = hold(&lock, dir.path(), &|_| {}).await.unwrap();
         let mut child = held
-            .share_with(Command::new("sleep").arg("1"))
+            .share_with(Command::new("sleep").arg("60").kill_on_drop(true))
             .unwrap()
             .spawn()
             .unwrap();
         // What a SIGKILL does to the gateway's own descriptor.
         drop(held);
         assert!(!try_take(&lock), "the running command still holds the lock");
-        child.wait().await.unwrap();
-        assert!(try_take(&lock), "free once the command has ended");
+        child.kill().await.unwrap();
+        assert!(comes_free(&lock).await, "free once the command has ended");
     }
 
     #[tokio::test]
@@ -103,9 +120,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let lock = dir.path().join(".x.lock");
         let held = hold(&lock, dir.path(), &|_| {}).await.unwrap();
-        let mut model_server = Command::new("sleep").arg("1").spawn().unwrap();
+        let mut model_server = Command::new("sleep")
+            .arg("60")
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
         drop(held);
-        assert!(try_take(&lock));
-        model_server.wait().await.unwrap();
+        assert!(
+            comes_free(&lock).await,
+            "a model server started while the lock was held does not keep it"
+        );
+        model_server.kill().await.unwrap();
     }
 }
