@@ -30,6 +30,8 @@ enum Mode {
 struct Upstream {
     url: String,
     connections: Arc<AtomicUsize>,
+    /// Connections it has closed.
+    closed: Arc<AtomicUsize>,
     /// (URI, Host header) of every request.
     seen: Arc<Mutex<Vec<(String, String)>>>,
 }
@@ -39,12 +41,14 @@ async fn upstream(mode: Mode) -> Upstream {
     let url = format!("http://{}", listener.local_addr().unwrap());
     let connections = Arc::new(AtomicUsize::new(0));
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let (count, log) = (connections.clone(), seen.clone());
+    let closed = Arc::new(AtomicUsize::new(0));
+    let (count, log, closes) = (connections.clone(), seen.clone(), closed.clone());
     tokio::spawn(async move {
         loop {
             let (stream, _) = listener.accept().await.unwrap();
             count.fetch_add(1, Ordering::SeqCst);
             let log = log.clone();
+            let closes = closes.clone();
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                 let host = request
                     .headers()
@@ -82,12 +86,14 @@ async fn upstream(mode: Mode) -> Upstream {
                 } else {
                     let _ = connection.await;
                 }
+                closes.fetch_add(1, Ordering::SeqCst);
             });
         }
     });
     Upstream {
         url,
         connections,
+        closed,
         seen,
     }
 }
@@ -148,9 +154,15 @@ async fn requests_go_upstream_in_origin_form_with_the_upstreams_host() {
 async fn a_connection_the_upstream_closed_while_idle_is_replaced_without_an_error() {
     let upstream = upstream(Mode::CloseWhenIdle).await;
     let proxy = Proxy::new(ProxyConfig::new(upstream.url.parse().unwrap())).unwrap();
-    for _ in 0..5 {
+    for i in 1..=5 {
         assert_eq!(call(&proxy, "/v1/models").await.0, 200);
-        // Long enough for the upstream's close to arrive while the connection is idle.
+        // The upstream closes the connection while it is idle, and the close reaches
+        // the pool (a slow test thread must not send the next request before it does).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while upstream.closed.load(Ordering::SeqCst) < i {
+            assert!(std::time::Instant::now() < deadline, "never closed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     assert_eq!(upstream.connections.load(Ordering::SeqCst), 5);

@@ -104,14 +104,19 @@ async fn a_crashed_server_is_restarted() {
     runner.start().await.unwrap();
     let first = runner.supervisor().pid().unwrap();
     let mut states = runner.supervisor().subscribe();
-    // It crashes a second after start, then comes back on the same address.
-    states
-        .wait_for(|s| matches!(s, RunnerStatus::Restarting { .. }))
+    // It crashes half a second after it first answered, then comes back on the same
+    // address.
+    let within = Duration::from_secs(30);
+    tokio::time::timeout(
+        within,
+        states.wait_for(|s| matches!(s, RunnerStatus::Restarting { .. })),
+    )
+    .await
+    .expect("restarting")
+    .unwrap();
+    tokio::time::timeout(within, states.wait_for(|s| *s == RunnerStatus::Ready))
         .await
-        .unwrap();
-    states
-        .wait_for(|s| *s == RunnerStatus::Ready)
-        .await
+        .expect("ready again")
         .unwrap();
     let second = runner.supervisor().pid().unwrap();
     assert_ne!(first, second);

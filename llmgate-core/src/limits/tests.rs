@@ -636,10 +636,21 @@ mod shared_counters {
     }
 
     impl Proxy {
+        /// On `port` again after [`stop`](Self::stop): retried for a while, as a
+        /// process that another test forked meanwhile holds a copy of the old listener
+        /// until it execs.
         async fn start(port: u16) -> Self {
-            let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-                .await
-                .unwrap();
+            let started = Instant::now();
+            let listener = loop {
+                match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+                    Ok(listener) => break listener,
+                    Err(e) if started.elapsed() < Duration::from_secs(5) => {
+                        assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(e) => panic!("port {port}: {e}"),
+                }
+            };
             let port = listener.local_addr().unwrap().port();
             let task = tokio::spawn(async move {
                 let mut connections = tokio::task::JoinSet::new();
@@ -828,6 +839,7 @@ mod shared_counters {
     }
 
     #[tokio::test]
+    #[ignore = "needs Redis"]
     async fn in_redis_debt_settled_after_the_bucket_expired_is_owed_and_unknown_counts_are_0_on_quotas(
     ) {
         let store: Arc<MemoryStore> = Arc::new(MemoryStore::new());

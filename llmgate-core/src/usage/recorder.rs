@@ -1664,8 +1664,12 @@ mod tests {
             stored(&store).await.len() >= 100 + MAX_BATCH
         })
         .await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(store.outages.load(SeqCst) > 0);
+        // The next chunk's write fails: by then the first chunk's place in the file is
+        // saved, so the rest of the file is what is left.
+        eventually("the store fails again", async || {
+            store.outages.load(SeqCst) > 0
+        })
+        .await;
         assert_eq!(recorder.queued(), 0, "nothing moved from disk to memory");
         let mut everywhere = stored(&store).await;
         everywhere.extend(on_disk(dir.path()));
