@@ -1659,6 +1659,7 @@ mod tests {
         let (dir, store, recorder, writer, counts) = spilled_while_down(SENT).await;
         // Back for the queue and the first chunk only.
         *store.budget.lock().unwrap() = Some(100 + MAX_BATCH);
+        let outages = store.outages.load(SeqCst);
         store.down.store(false, SeqCst);
         eventually("the first chunk is written", async || {
             stored(&store).await.len() >= 100 + MAX_BATCH
@@ -1667,7 +1668,7 @@ mod tests {
         // The next chunk's write fails: by then the first chunk's place in the file is
         // saved, so the rest of the file is what is left.
         eventually("the store fails again", async || {
-            store.outages.load(SeqCst) > 0
+            store.outages.load(SeqCst) > outages
         })
         .await;
         assert_eq!(recorder.queued(), 0, "nothing moved from disk to memory");
@@ -1703,6 +1704,7 @@ mod tests {
         const SENT: u64 = MAX_BATCH as u64 + 1_000;
         let (dir, store, _recorder, writer, _) = spilled_while_down(SENT).await;
         *store.budget.lock().unwrap() = Some(100 + MAX_BATCH);
+        let outages = store.outages.load(SeqCst);
         store.down.store(false, SeqCst);
         eventually("the first chunk is written", async || {
             stored(&store).await.len() >= 100 + MAX_BATCH
