@@ -1112,3 +1112,85 @@ async fn a_nul_model_and_absurd_usage_do_not_stop_recording_in_postgres() {
 async fn a_nul_model_and_absurd_usage_do_not_stop_recording_in_sqlite() {
     hostile_values_do_not_stop_recording(None).await;
 }
+
+/// Whether `pid` is a process still running (a zombie, dead but not yet reaped, is not).
+#[cfg(target_os = "linux")]
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        let state = stat.rsplit_once(')').map(|(_, rest)| rest.trim_start());
+        !matches!(state.and_then(|s| s.chars().next()), None | Some('Z' | 'X'))
+    })
+}
+
+/// An llmgate killed outright (SIGKILL, as the OOM killer does) cannot stop its model
+/// servers: they must not live on, holding the model's memory and the port, while the
+/// next llmgate starts others.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn model_servers_go_when_llmgate_is_killed() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("server.pid");
+    // A `llama-server` that says its pid and never becomes ready.
+    let server = dir.path().join("llama-server");
+    std::fs::write(
+        &server,
+        format!(
+            "#!/bin/sh\necho $$ > '{}'\nexec sleep 300\n",
+            pid_file.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&server, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let model = dir.path().join("model.gguf");
+    std::fs::File::create(&model)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let config = dir.path().join("llmgate.toml");
+    let quoted = |p: &Path| serde_json::to_string(&p.to_string_lossy()).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "llama_server = {}\n\n[[models]]\nname = \"m\"\nsource = {}\nrunner = \"llama-server\"\npreload = true\n",
+            quoted(&server),
+            quoted(&model)
+        ),
+    )
+    .unwrap();
+    let mut command = Command::new(BIN);
+    command
+        .arg("--config")
+        .arg(&config)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env("LLMGATE_LOG", "warn")
+        .env_remove("LLMGATE_ADMIN_KEY")
+        .stderr(Stdio::inherit());
+    let mut gateway = start(command, Duration::from_secs(20)).await.child;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let pid: u32 = loop {
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "the model server never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(running(pid));
+    gateway.start_kill().unwrap(); // SIGKILL
+    gateway.wait().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while running(pid) {
+        if Instant::now() > deadline {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            panic!("the model server outlived llmgate");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

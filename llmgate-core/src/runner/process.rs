@@ -309,6 +309,8 @@ fn spawn(shared: &Arc<Shared>, launch: &Launch) -> std::io::Result<Child> {
     // then stops the server in order, instead of killing both at once.
     #[cfg(unix)]
     command.process_group(0);
+    #[cfg(target_os = "linux")]
+    die_with_this_thread(&mut command);
     let mut child = command.spawn()?;
     *shared.pid.lock().unwrap() = child.id();
     shared.push_line(format!(
@@ -323,6 +325,30 @@ fn spawn(shared: &Arc<Shared>, launch: &Launch) -> std::io::Result<Child> {
         tokio::spawn(capture(shared.clone(), err));
     }
     Ok(child)
+}
+
+/// Has `command`'s process killed when the thread that starts it ends, so that a server
+/// never outlives an llmgate killed outright (SIGKILL, the OOM killer), holding its
+/// memory and port while the next llmgate starts another. The thread is a runtime's
+/// (this runs in the supervising task), and a runtime's threads end only with it, when
+/// `kill_on_drop` stops the server anyway.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn die_with_this_thread(command: &mut Command) {
+    let starter = std::process::id();
+    // SAFETY: the closure runs in the child between fork and exec, where only
+    // async-signal-safe calls may be made: prctl(2) and getppid(2) are plain system
+    // calls, and nothing here allocates or takes a lock.
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+            // Gone before the line above took effect: the child has another parent.
+            if nix::unistd::getppid().as_raw() as u32 != starter {
+                return Err(std::io::Error::other("llmgate has exited"));
+            }
+            Ok(())
+        });
+    }
 }
 
 async fn capture(shared: Arc<Shared>, stream: impl AsyncRead + Unpin) {

@@ -1704,7 +1704,6 @@ mod tests {
         const SENT: u64 = MAX_BATCH as u64 + 1_000;
         let (dir, store, _recorder, writer, _) = spilled_while_down(SENT).await;
         *store.budget.lock().unwrap() = Some(100 + MAX_BATCH);
-        let outages = store.outages.load(SeqCst);
         store.down.store(false, SeqCst);
         eventually("the first chunk is written", async || {
             stored(&store).await.len() >= 100 + MAX_BATCH
