@@ -1136,7 +1136,7 @@ async fn model_servers_go_when_llmgate_is_killed() {
     std::fs::write(
         &server,
         format!(
-            "#!/bin/sh\necho $$ > '{}'\nexec sleep 300\n",
+            "#!/bin/sh\necho $$ > '{}'\nexec sleep 60\n",
             pid_file.display()
         ),
     )
@@ -1185,10 +1185,14 @@ async fn model_servers_go_when_llmgate_is_killed() {
     let deadline = Instant::now() + Duration::from_secs(10);
     while running(pid) {
         if Instant::now() > deadline {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            // Still the stand-in (its pid not taken by another process meanwhile).
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "sleep" {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
             panic!("the model server outlived llmgate");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -370,7 +370,11 @@ mod tests {
             stall_limited(std::future::pending::<()>(), stall).await,
             Err(())
         );
-        assert_eq!(started.elapsed(), stall);
+        let took = started.elapsed();
+        assert!(
+            took >= stall && took <= stall + Duration::from_millis(1),
+            "{took:?}"
+        );
     }
 }
 

@@ -331,7 +331,9 @@ fn spawn(shared: &Arc<Shared>, launch: &Launch) -> std::io::Result<Child> {
 /// never outlives an llmgate killed outright (SIGKILL, the OOM killer), holding its
 /// memory and port while the next llmgate starts another. The thread is a runtime's
 /// (this runs in the supervising task), and a runtime's threads end only with it, when
-/// `kill_on_drop` stops the server anyway.
+/// `kill_on_drop` stops the server anyway. (Not so for a worker that a task took over
+/// with `block_in_place`, which llmgate never uses: that thread may end later, taking
+/// the servers it started with it.)
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
 fn die_with_this_thread(command: &mut Command) {
@@ -343,8 +345,9 @@ fn die_with_this_thread(command: &mut Command) {
         command.pre_exec(move || {
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
             // Gone before the line above took effect: the child has another parent.
+            // (An errno, not a message: nothing may allocate here.)
             if nix::unistd::getppid().as_raw() as u32 != starter {
-                return Err(std::io::Error::other("llmgate has exited"));
+                return Err(nix::errno::Errno::ESRCH.into());
             }
             Ok(())
         });
