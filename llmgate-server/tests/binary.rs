@@ -1148,13 +1148,12 @@ async fn model_servers_go_when_llmgate_is_killed() {
         .set_len(1 << 20)
         .unwrap();
     let config = dir.path().join("llmgate.toml");
-    let quoted = |p: &Path| serde_json::to_string(&p.to_string_lossy()).unwrap();
     std::fs::write(
         &config,
         format!(
             "llama_server = {}\n\n[[models]]\nname = \"m\"\nsource = {}\nrunner = \"llama-server\"\npreload = true\n",
-            quoted(&server),
-            quoted(&model)
+            common::toml_string(&server),
+            common::toml_string(&model)
         ),
     )
     .unwrap();

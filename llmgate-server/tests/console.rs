@@ -15,7 +15,7 @@ use tokio::process::Command;
 
 mod common;
 
-use common::{start, BIN};
+use common::{start, toml_string, BIN};
 
 #[tokio::test]
 #[ignore = "needs Node.js, Chromium and `npm ci` in tests/browser; scripts/test installs them"]
@@ -95,9 +95,4 @@ async fn the_console_works_in_a_real_browser() {
     );
     eprintln!("{report}");
     assert!(output.status.success(), "browser tests failed:\n{report}");
-}
-
-/// `path` as a TOML basic string.
-fn toml_string(path: &Path) -> String {
-    serde_json::to_string(&path.to_string_lossy()).unwrap()
 }

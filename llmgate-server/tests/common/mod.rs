@@ -278,3 +278,8 @@ pub fn fake_llama_cpp_env(root: &Path) {
     });
     std::fs::write(env.join("llmgate-env.json"), marker.to_string()).unwrap();
 }
+
+/// `path` as a TOML basic string, for the config files the tests write.
+pub fn toml_string(path: &Path) -> String {
+    serde_json::to_string(&path.to_string_lossy()).unwrap()
+}
