@@ -3,7 +3,6 @@
 
 pub mod allocator;
 pub mod app;
-pub mod background;
 pub mod cli;
 pub mod commands;
 pub mod console;
@@ -93,9 +92,8 @@ pub fn main_with_args(args: Vec<std::ffi::OsString>) -> i32 {
     };
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if cli.command.gateway().is_some() {
-        // The gateway serves requests on threads of its own (`http::serve_on_loops`)
-        // and writes usage on another (`background`); this runtime runs the rest:
-        // accepting, model servers, Redis.
+        // The gateway serves requests on threads of its own (`http::serve_on_loops`);
+        // this runtime runs the rest: accepting, the usage writer, model servers.
         runtime.worker_threads(1);
     } else if let Some(workers) = config.workers.filter(|&n| n > 0) {
         // `serve` and `up` have refused 0 already; for other commands a 0 in the file is ignored.
@@ -109,7 +107,7 @@ pub fn main_with_args(args: Vec<std::ffi::OsString>) -> i32 {
         }
     };
     if cli.command.gateway().is_some() {
-        // This runtime's work follows the requests: the access log, Redis's replies.
+        // This runtime's work follows the requests: the usage writer, the access log.
         runtime.spawn(allocator::give_back_freed_memory_when_quiet(
             http::requests_begun,
         ));

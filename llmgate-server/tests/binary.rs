@@ -466,92 +466,10 @@ async fn workers_sets_how_many_threads_serve_requests() {
             expected,
             "{env:?}"
         );
-        // The rest (accepting, model servers) runs on one Tokio worker, the usage
-        // writer on a thread of its own.
+        // The rest (accepting, the usage writer) runs on one Tokio worker.
         assert_eq!(threads_named(pid, "tokio-r").len(), 1, "{env:?}");
-        assert_eq!(threads_named(pid, "llmgate-usage").len(), 1, "{env:?}");
         terminate(server).await;
     }
-}
-
-/// A thread's nice value, from `/proc/PID/task/TID/stat` (its 19th field; the name
-/// before it is in parentheses and may hold spaces).
-#[cfg(target_os = "linux")]
-fn nice_of(task: &Path) -> i32 {
-    let stat = std::fs::read_to_string(task.join("stat")).unwrap();
-    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
-    // Fields from the 3rd on: the nice value is the 19th field of the line.
-    after_name.split(' ').nth(16).unwrap().parse().unwrap()
-}
-
-/// Writing usage (the writer's thread, SQLite's threads) yields to serving: on a small
-/// machine a serving thread woken for a request otherwise waits for a core behind a
-/// batch of inserts, which was most of the gateway's p99 over nginx's at one connection
-/// (docs/benchmarks.md). The threads that serve and the one that accepts keep the
-/// priority llmgate started with.
-#[cfg(target_os = "linux")]
-#[tokio::test]
-async fn usage_is_written_below_the_priority_requests_are_served_at() {
-    let upstream = MockUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let server = serve(dir.path(), &upstream.url, &[]).await;
-    let key = server.created_admin_key.clone().unwrap();
-    let client = reqwest::Client::new();
-    for _ in 0..3 {
-        let answer = client
-            .post(format!("{}/v1/chat/completions", server.url))
-            .bearer_auth(&key)
-            .json(&chat())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(answer.status(), 200);
-    }
-    // Written: the usage shows the three requests (the writer and SQLite have worked).
-    let me = client
-        .get(format!("{}/v1/me/usage", server.url))
-        .bearer_auth(&key);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let usage: Value = me
-            .try_clone()
-            .unwrap()
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if usage.to_string().contains("\"requests\":3") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "usage never written: {usage}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let pid = server.child.id().unwrap();
-    let started_at = nice_of(Path::new(&format!("/proc/{pid}/task/{pid}")));
-    let serving = threads_named(pid, "llmgate-serve-");
-    assert!(!serving.is_empty());
-    for task in &serving {
-        assert_eq!(nice_of(task), started_at, "a serving thread {task:?}");
-    }
-    let background: Vec<_> = ["llmgate-usage", "llmgate-sqlite-"]
-        .iter()
-        .flat_map(|name| threads_named(pid, name))
-        .collect();
-    assert!(
-        threads_named(pid, "llmgate-usage").len() == 1
-            && !threads_named(pid, "llmgate-sqlite-").is_empty(),
-        "no usage writer's or SQLite's thread: {background:?}"
-    );
-    for task in &background {
-        let nice = nice_of(task);
-        assert!(
-            nice >= started_at.max(10),
-            "{task:?} runs at nice {nice}, llmgate started at {started_at}"
-        );
-    }
-    terminate(server).await;
 }
 
 /// The mappings of a running process that `pred` picks from its `/proc/PID/smaps`: each

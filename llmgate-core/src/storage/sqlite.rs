@@ -20,38 +20,6 @@ use super::{
 };
 use crate::auth::{KeyHash, KeyRecord};
 
-/// The name of the threads of [`SqliteStore::open_in_background`]'s connections (the
-/// kernel keeps 15 bytes of a thread's name: this, and the connection's number).
-const THREAD_PREFIX: &str = "llmgate-sqlite-";
-
-/// Raises the nice value of each thread of this process whose name starts with
-/// `prefix` to `nice`, leaving those already at `nice` or above; a thread that cannot be
-/// changed keeps its value (the store works the same, only at the old priority).
-fn lower_threads(prefix: &str, nice: i32) {
-    #[cfg(target_os = "linux")]
-    {
-        use rustix::process::{getpriority_process, setpriority_process, Pid};
-        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-            return;
-        };
-        for task in tasks.flatten() {
-            let named = std::fs::read_to_string(task.path().join("comm"))
-                .is_ok_and(|name| name.starts_with(prefix.get(..15).unwrap_or(prefix)));
-            let tid = task.file_name().to_str().and_then(|id| id.parse().ok());
-            let Some(tid) = tid.filter(|_| named).and_then(Pid::from_raw) else {
-                continue;
-            };
-            if getpriority_process(Some(tid)).is_ok_and(|now| now < nice) {
-                if let Err(err) = setpriority_process(Some(tid), nice) {
-                    tracing::debug!(error = %err, "cannot lower a SQLite thread's priority");
-                }
-            }
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = (prefix, nice);
-}
-
 /// SQLite's SQL.
 fn statements() -> &'static Statements {
     static STATEMENTS: OnceLock<Statements> = OnceLock::new();
@@ -126,57 +94,29 @@ fn private_file(path: &Path) -> Result<(), StorageError> {
 impl SqliteStore {
     /// Opens (creating if needed) the database file and applies migrations.
     pub async fn open(path: &Path) -> Result<Self, StorageError> {
-        Self::connect(Self::file_options(path)?, 4, None).await
-    }
-
-    /// As [`open`](Self::open), with every thread that runs one of its connections
-    /// (SQLite's work is done on a thread per connection) at a nice value of at least
-    /// `nice`, from the moment the connection is made. A server that answers requests
-    /// on other threads keeps its tail latency from the store's bursts of writing: on a
-    /// machine with few cores, a thread woken for a request otherwise waits for a core
-    /// behind a batch of inserts (docs/benchmarks.md). Raising a nice value needs no
-    /// privilege. Linux only; elsewhere the same as `open`.
-    pub async fn open_in_background(path: &Path, nice: i32) -> Result<Self, StorageError> {
-        Self::connect(Self::file_options(path)?, 4, Some(nice)).await
-    }
-
-    fn file_options(path: &Path) -> Result<SqliteConnectOptions, StorageError> {
         private_file(path)?;
-        Ok(SqliteConnectOptions::new()
+        let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(5))
-            .foreign_keys(true))
+            .foreign_keys(true);
+        Self::connect(options, 4).await
     }
 
     /// A private in-memory database, for tests.
     pub async fn in_memory() -> Result<Self, StorageError> {
         let options = SqliteConnectOptions::from_str("sqlite::memory:")?;
         // One connection: each in-memory connection would be its own database.
-        Self::connect(options, 1, None).await
+        Self::connect(options, 1).await
     }
 
-    async fn connect(
-        options: SqliteConnectOptions,
-        max: u32,
-        nice: Option<i32>,
-    ) -> Result<Self, StorageError> {
-        let mut pool = SqlitePoolOptions::new().max_connections(max);
-        let mut options = options;
-        if let Some(nice) = nice {
-            options = options.thread_name(|id| format!("{THREAD_PREFIX}{id}"));
-            // Runs as each connection is made, before anything uses it: its thread is
-            // there to be found by its name.
-            pool = pool.after_connect(move |_, _| {
-                Box::pin(async move {
-                    lower_threads(THREAD_PREFIX, nice);
-                    Ok(())
-                })
-            });
-        }
-        let pool = pool.connect_with(options).await?;
+    async fn connect(options: SqliteConnectOptions, max: u32) -> Result<Self, StorageError> {
+        let pool = SqlitePoolOptions::new()
+            .max_connections(max)
+            .connect_with(options)
+            .await?;
         sqlx::migrate!("./migrations/sqlite")
             .run(&pool)
             .await

@@ -58,7 +58,7 @@ pub async fn open_store(config: &GatewayConfig) -> Result<Arc<dyn Storage>, Open
             .map_err(OpenStoreError::Postgres);
     }
     let path = config.database_path();
-    SqliteStore::open_in_background(&path, crate::background::BACKGROUND_NICE)
+    SqliteStore::open(&path)
         .await
         .map(|store| Arc::new(store) as Arc<dyn Storage>)
         .map_err(|source| OpenStoreError::Sqlite { path, source })

@@ -7,7 +7,7 @@ use llmgate_core::auth::{KeyCache, KeyRecord, Role, Secret};
 use llmgate_core::config::GatewayConfig;
 use llmgate_core::limits::Limiter;
 use llmgate_core::storage::{KeyStore, Storage, StorageError, UsageStore};
-use llmgate_core::usage::RecorderOptions;
+use llmgate_core::usage::{RecorderOptions, UsageRecorder};
 
 use super::OpenStoreError;
 use crate::app::{app, AppState};
@@ -62,8 +62,8 @@ pub enum ServeError {
         /// What the client library said.
         reason: String,
     },
-    /// The serving threads or the usage writer's thread could not start.
-    #[error("cannot start the gateway's threads")]
+    /// The serving threads could not start.
+    #[error("cannot start the threads that serve requests")]
     Threads(#[source] std::io::Error),
 }
 
@@ -136,10 +136,7 @@ async fn serve(
         queue_max: usize::try_from(config.usage_queue_max).unwrap_or(usize::MAX),
         data_dir: Some(config.data_dir.clone()),
     };
-    let (recorder, writer, usage_thread) =
-        crate::background::start_usage_writer(store.clone(), options)
-            .await
-            .map_err(ServeError::Threads)?;
+    let (recorder, writer) = UsageRecorder::start_with(store.clone(), options);
     let keys = KeyCache::with_ttl(
         store.clone(),
         Duration::from_millis(config.key_cache_ttl_ms),
@@ -181,7 +178,6 @@ async fn serve(
         .map_err(ServeError::Threads)?;
     tracing::info!("shutting down: writing queued usage");
     writer.shutdown().await;
-    drop(usage_thread);
     Ok(())
 }
 
